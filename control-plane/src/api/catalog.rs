@@ -1,0 +1,111 @@
+//! `/images`, `/ssh-keys` and `/hosts`: the catalogues around machines.
+
+use super::extract::{ApiJson, ApiPath, Caller};
+use super::params::{AddSshKeyParams, RegisterImageParams};
+use super::problem::Problem;
+use super::views::{HostList, HostView, ImageList, ImageView, SshKeyList, SshKeyView};
+use crate::app::images::RegisterImage;
+use crate::app::App;
+use crate::error::Result;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Every image.
+#[utoipa::path(get, path = "/images", tag = "images", security(("bearer" = [])),
+    responses((status = 200, body = ImageList), (status = 401, body = Problem)))]
+pub async fn image_list(
+    State(app): State<Arc<App>>,
+    Caller(_who): Caller,
+) -> Result<Json<ImageList>> {
+    let items = app
+        .image_list()
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    Ok(Json(ImageList { items }))
+}
+
+/// Register an image (administrators).
+#[utoipa::path(post, path = "/images", tag = "images", request_body = RegisterImageParams,
+    security(("bearer" = [])),
+    responses((status = 201, body = ImageView), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn image_register(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiJson(p): ApiJson<RegisterImageParams>,
+) -> Result<(StatusCode, Json<ImageView>)> {
+    let image = app
+        .image_register(
+            who,
+            RegisterImage {
+                name: p.name,
+                source: p.source,
+                format: p.format,
+                sha256: p.sha256,
+                boot: p.boot,
+            },
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(image.into())))
+}
+
+/// Your saved SSH keys.
+#[utoipa::path(get, path = "/ssh-keys", tag = "ssh-keys", security(("bearer" = [])),
+    responses((status = 200, body = SshKeyList), (status = 401, body = Problem)))]
+pub async fn ssh_key_list(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+) -> Result<Json<SshKeyList>> {
+    let items = app
+        .ssh_key_list(who)
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    Ok(Json(SshKeyList { items }))
+}
+
+/// Save an SSH key under a name that machines can reference.
+#[utoipa::path(post, path = "/ssh-keys", tag = "ssh-keys", request_body = AddSshKeyParams,
+    security(("bearer" = [])),
+    responses((status = 201, body = SshKeyView), (status = 401, body = Problem),
+        (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn ssh_key_add(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiJson(p): ApiJson<AddSshKeyParams>,
+) -> Result<(StatusCode, Json<SshKeyView>)> {
+    let key = app.ssh_key_add(who, &p.name, &p.public_key).await?;
+    Ok((StatusCode::CREATED, Json(key.into())))
+}
+
+/// Forget a saved key; machines created with it keep it.
+#[utoipa::path(delete, path = "/ssh-keys/{id}", tag = "ssh-keys", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 204), (status = 401, body = Problem), (status = 404, body = Problem)))]
+pub async fn ssh_key_delete(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode> {
+    app.ssh_key_delete(who, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Hypervisor hosts (administrators).
+#[utoipa::path(get, path = "/hosts", tag = "hosts", security(("bearer" = [])),
+    responses((status = 200, body = HostList), (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn host_list(State(app): State<Arc<App>>, Caller(who): Caller) -> Result<Json<HostList>> {
+    let items: Vec<HostView> = app
+        .host_list(who)
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    Ok(Json(HostList { items }))
+}

@@ -1,0 +1,253 @@
+//! `/machines`: create (idempotent), list (keyset pages), read, lifecycle actions, delete,
+//! events, console.
+
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::params::{CreateMachineParams, ListMachinesQuery, PageQuery};
+use super::problem::Problem;
+use super::views::{EventPage, MachinePage, MachineView};
+use crate::app::idempotency::request_hash;
+use crate::app::machines::CreateMachine;
+use crate::app::{App, Principal};
+use crate::error::{Error, Result};
+use crate::model::{Action, MachineId, MachineStatus};
+use crate::store::idempotency::StoredResponse;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use std::sync::Arc;
+
+const MACHINES_CURSOR: &str = "machines";
+const EVENTS_CURSOR: &str = "events";
+
+/// Page size: 1–200, default 50.
+fn page_limit(limit: Option<i64>) -> Result<i64> {
+    match limit {
+        None => Ok(50),
+        Some(n) if (1..=200).contains(&n) => Ok(n),
+        Some(_) => Err(Error::BadRequest("limit must be between 1 and 200".into())),
+    }
+}
+
+fn accepted(stored: StoredResponse, replayed: bool) -> Response {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::ACCEPTED);
+    let mut response = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        stored.body,
+    )
+        .into_response();
+    if let Some(location) = stored.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+async fn create_once(app: &App, who: Principal, p: CreateMachineParams) -> Result<StoredResponse> {
+    let machine = app
+        .machine_create(
+            who,
+            CreateMachine {
+                hostname: p.hostname,
+                image: p.image,
+                vcpus: p.vcpus,
+                memory_mib: p.memory_mib,
+                disk_gib: p.disk_gib,
+                ssh_keys: p.ssh_keys,
+                user_data: p.user_data,
+            },
+        )
+        .await?;
+    let location = format!("/api/v1/machines/{}", machine.id);
+    let body = serde_json::to_string(&MachineView::from(machine))
+        .map_err(|e| Error::Internal(format!("machine view to JSON: {e}")))?;
+    Ok(StoredResponse {
+        status: StatusCode::ACCEPTED.as_u16(),
+        body,
+        location: Some(location),
+    })
+}
+
+/// Ask for a machine. Answers at once with the machine `pending`.
+#[utoipa::path(post, path = "/machines", tag = "machines", request_body = CreateMachineParams,
+    params(("Idempotency-Key" = Option<String>, Header, description = "retry-safe key, kept 24 h")),
+    security(("bearer" = [])),
+    responses((status = 202, body = MachineView, headers(("Location" = String))),
+        (status = 401, body = Problem), (status = 403, body = Problem, description = "quota exceeded"),
+        (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn create(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    headers: HeaderMap,
+    ApiJson(p): ApiJson<CreateMachineParams>,
+) -> Result<Response> {
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| Error::BadRequest("Idempotency-Key must be visible ASCII".into()))?,
+        ),
+    };
+    let Some(key) = key else {
+        return Ok(accepted(create_once(&app, who, p).await?, false));
+    };
+    let canonical =
+        serde_json::to_vec(&p).map_err(|e| Error::Internal(format!("canonical request: {e}")))?;
+    let hash = request_hash(&canonical);
+    let (stored, replayed) = app
+        .idempotent(who, key, &hash, create_once(&app, who, p))
+        .await?;
+    Ok(accepted(stored, replayed))
+}
+
+/// Your machines (all machines for an administrator), newest first.
+#[utoipa::path(get, path = "/machines", tag = "machines", params(ListMachinesQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = MachinePage), (status = 400, body = Problem), (status = 401, body = Problem)))]
+pub async fn list(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiQuery(q): ApiQuery<ListMachinesQuery>,
+) -> Result<Json<MachinePage>> {
+    let limit = page_limit(q.limit)?;
+    let status = q
+        .status
+        .map(|s| s.parse::<MachineStatus>())
+        .transpose()
+        .map_err(|e| Error::BadRequest(format!("status: {e}")))?;
+    let before = q
+        .cursor
+        .map(|c| app.cursors.decode(MACHINES_CURSOR, &c))
+        .transpose()?;
+    let (rows, more) = app.machine_list(who, status, before, limit).await?;
+    let next_cursor = match (more, rows.last()) {
+        (true, Some(last)) => Some(app.cursors.encode(MACHINES_CURSOR, last.seq)),
+        _ => None,
+    };
+    Ok(Json(MachinePage {
+        items: rows.into_iter().map(MachineView::from).collect(),
+        next_cursor,
+    }))
+}
+
+/// One machine.
+#[utoipa::path(get, path = "/machines/{id}", tag = "machines", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, body = MachineView), (status = 401, body = Problem), (status = 404, body = Problem)))]
+pub async fn get(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<MachineId>,
+) -> Result<Json<MachineView>> {
+    Ok(Json(app.machine_get(who, id).await?.into()))
+}
+
+async fn act(app: &App, who: Principal, id: MachineId, action: Action) -> Result<Response> {
+    let machine = app.machine_request(who, id, action).await?;
+    Ok((StatusCode::ACCEPTED, Json(MachineView::from(machine))).into_response())
+}
+
+/// Start a stopped machine.
+#[utoipa::path(post, path = "/machines/{id}/start", tag = "machines", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 202, body = MachineView), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn start(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<MachineId>,
+) -> Result<Response> {
+    act(&app, who, id, Action::Start).await
+}
+
+/// Stop a running machine (gracefully, then forced).
+#[utoipa::path(post, path = "/machines/{id}/stop", tag = "machines", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 202, body = MachineView), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn stop(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<MachineId>,
+) -> Result<Response> {
+    act(&app, who, id, Action::Stop).await
+}
+
+/// Reboot a running machine.
+#[utoipa::path(post, path = "/machines/{id}/reboot", tag = "machines", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 202, body = MachineView), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn reboot(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<MachineId>,
+) -> Result<Response> {
+    act(&app, who, id, Action::Reboot).await
+}
+
+/// Delete a machine; it leaves the lists once deleted, and its hostname is free again.
+#[utoipa::path(delete, path = "/machines/{id}", tag = "machines", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 202, body = MachineView), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<MachineId>,
+) -> Result<Response> {
+    act(&app, who, id, Action::Delete).await
+}
+
+/// The machine's log, oldest first.
+#[utoipa::path(get, path = "/machines/{id}/events", tag = "machines",
+    params(("id" = String, Path), PageQuery), security(("bearer" = [])),
+    responses((status = 200, body = EventPage), (status = 401, body = Problem), (status = 404, body = Problem)))]
+pub async fn events(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<MachineId>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<Json<EventPage>> {
+    let limit = page_limit(q.limit)?;
+    let after = q
+        .cursor
+        .map(|c| app.cursors.decode(EVENTS_CURSOR, &c))
+        .transpose()?;
+    let (rows, more) = app.machine_events(who, id, after, limit).await?;
+    let next_cursor = match (more, rows.last()) {
+        (true, Some(last)) => Some(app.cursors.encode(EVENTS_CURSOR, last.seq)),
+        _ => None,
+    };
+    Ok(Json(EventPage {
+        items: rows.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+/// The tail of the machine's serial console (text/plain).
+#[utoipa::path(get, path = "/machines/{id}/console", tag = "machines", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, body = String, content_type = "text/plain"), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn console(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<MachineId>,
+) -> Result<Response> {
+    let machine = app.machine_get(who, id).await?;
+    match machine.host_name {
+        None => Err(Error::Conflict(
+            "the machine is not on a host yet, so it has no console".into(),
+        )),
+        // Reading the console from the agent arrives with provisioning.
+        Some(_) => Err(Error::Conflict(
+            "console streaming is not available yet".into(),
+        )),
+    }
+}

@@ -1,0 +1,203 @@
+//! The HTTP edge: routes, the gateway layers (request id, access log, metrics, problem
+//! documents, CORS, timeouts, body limits) and the OpenAPI document. Handlers only translate
+//! between HTTP and `app`.
+
+pub mod catalog;
+pub mod extract;
+pub mod health;
+pub mod machines;
+pub mod params;
+pub mod problem;
+pub mod sessions;
+pub mod views;
+
+use crate::app::App;
+use axum::http::{HeaderName, HeaderValue, Method, Request};
+use axum::routing::{get, post};
+use axum::{middleware, Router};
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+/// Largest request body accepted (the API's bodies are small; user_data is at most 64 KiB).
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Origins allowed to call the API from a browser; empty sends no CORS headers.
+    pub cors_origins: Vec<HeaderValue>,
+    /// Requests running longer are answered 408 and dropped.
+    pub request_timeout: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            cors_origins: Vec::new(),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document of `/api/v1`, generated from the handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "SkyGate API", description = "Tenant API of the SkyGate VM control plane."),
+    servers((url = "/api/v1")),
+    paths(
+        sessions::register, sessions::login, sessions::refresh, sessions::logout,
+        sessions::profile, sessions::profile_update,
+        machines::create, machines::list, machines::get, machines::start, machines::stop,
+        machines::reboot, machines::delete, machines::events, machines::console,
+        catalog::image_list, catalog::image_register,
+        catalog::ssh_key_list, catalog::ssh_key_add, catalog::ssh_key_delete,
+        catalog::host_list,
+    ),
+    components(schemas(problem::Problem)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "auth", description = "Accounts and sessions"),
+        (name = "machines", description = "Virtual machines"),
+        (name = "images", description = "Guest images"),
+        (name = "ssh-keys", description = "Saved SSH public keys"),
+        (name = "hosts", description = "Hypervisor hosts (administrators)"),
+    )
+)]
+#[derive(Debug)]
+pub struct ApiDoc;
+
+/// The document as served and as checked in (pretty JSON, trailing newline).
+pub fn openapi_json() -> String {
+    let mut text = ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    text.push('\n');
+    text
+}
+
+async fn serve_openapi() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi_json(),
+    )
+}
+
+fn api_routes() -> Router<Arc<App>> {
+    use axum::routing::delete as del;
+    Router::new()
+        .route("/auth/register", post(sessions::register))
+        .route("/auth/login", post(sessions::login))
+        .route("/auth/refresh", post(sessions::refresh))
+        .route("/auth/logout", post(sessions::logout))
+        .route(
+            "/auth/profile",
+            get(sessions::profile).patch(sessions::profile_update),
+        )
+        .route("/machines", post(machines::create).get(machines::list))
+        .route(
+            "/machines/{id}",
+            get(machines::get).delete(machines::delete),
+        )
+        .route("/machines/{id}/start", post(machines::start))
+        .route("/machines/{id}/stop", post(machines::stop))
+        .route("/machines/{id}/reboot", post(machines::reboot))
+        .route("/machines/{id}/events", get(machines::events))
+        .route("/machines/{id}/console", get(machines::console))
+        .route(
+            "/images",
+            get(catalog::image_list).post(catalog::image_register),
+        )
+        .route(
+            "/ssh-keys",
+            get(catalog::ssh_key_list).post(catalog::ssh_key_add),
+        )
+        .route("/ssh-keys/{id}", del(catalog::ssh_key_delete))
+        .route("/hosts", get(catalog::host_list))
+        .route("/openapi.json", get(serve_openapi))
+}
+
+fn cors(settings: &HttpSettings) -> CorsLayer {
+    if settings.cors_origins.is_empty() {
+        return CorsLayer::new();
+    }
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(settings.cors_origins.clone()))
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([
+            axum::http::header::LOCATION,
+            axum::http::header::RETRY_AFTER,
+            HeaderName::from_static("x-request-id"),
+        ])
+        .max_age(Duration::from_secs(600))
+}
+
+/// The whole HTTP application.
+pub fn router(app: Arc<App>, settings: &HttpSettings) -> Router {
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let access_log = TraceLayer::new_for_http()
+        .make_span_with(|req: &Request<_>| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            // Path only: query strings may carry cursors, and headers carry tokens.
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        })
+        .on_response(DefaultOnResponse::new().level(Level::INFO))
+        .on_failure(DefaultOnFailure::new().level(Level::WARN));
+    Router::new()
+        .nest("/api/v1", api_routes())
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(
+                    x_request_id.clone(),
+                    MakeRequestUuid,
+                ))
+                .layer(PropagateRequestIdLayer::new(x_request_id))
+                .layer(access_log)
+                .layer(middleware::from_fn(problem::normalize))
+                .layer(middleware::from_fn(crate::metrics::track))
+                .layer(cors(settings))
+                .layer(TimeoutLayer::with_status_code(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    settings.request_timeout,
+                ))
+                .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT)),
+        )
+        .with_state(app)
+}

@@ -1,0 +1,99 @@
+//! `/auth`: register, login, refresh, logout, profile.
+
+use super::extract::{ApiJson, Caller};
+use super::params::{LoginParams, ProfilePatch, RefreshParams, RegisterParams};
+use super::problem::Problem;
+use super::views::{TokenPairView, UserView};
+use crate::app::sessions::{ProfileChange, TokenPair};
+use crate::app::App;
+use crate::error::Result;
+use auth::Role;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::Json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+impl From<TokenPair> for TokenPairView {
+    fn from(t: TokenPair) -> Self {
+        Self {
+            access_token: t.access_token,
+            refresh_token: t.refresh_token,
+            token_type: "Bearer".to_owned(),
+            expires_in: t.expires_in,
+        }
+    }
+}
+
+/// Create an account.
+#[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterParams,
+    responses((status = 201, body = UserView), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn register(
+    State(app): State<Arc<App>>,
+    ApiJson(p): ApiJson<RegisterParams>,
+) -> Result<(StatusCode, Json<UserView>)> {
+    let user = app
+        .register(&p.username, &p.email, &p.password, Role::User)
+        .await?;
+    Ok((StatusCode::CREATED, Json(user.into())))
+}
+
+/// Log in with username and password.
+#[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginParams,
+    responses((status = 200, body = TokenPairView), (status = 401, body = Problem), (status = 429, body = Problem)))]
+pub async fn login(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(p): ApiJson<LoginParams>,
+) -> Result<Json<TokenPairView>> {
+    let pair = app.login(peer.ip(), &p.username, &p.password).await?;
+    Ok(Json(pair.into()))
+}
+
+/// Trade a refresh token for a new pair; the presented token is spent.
+#[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshParams,
+    responses((status = 200, body = TokenPairView), (status = 401, body = Problem)))]
+pub async fn refresh(
+    State(app): State<Arc<App>>,
+    ApiJson(p): ApiJson<RefreshParams>,
+) -> Result<Json<TokenPairView>> {
+    Ok(Json(app.refresh(&p.refresh_token).await?.into()))
+}
+
+/// End the session (refresh-token family) the token belongs to.
+#[utoipa::path(post, path = "/auth/logout", tag = "auth", request_body = RefreshParams,
+    security(("bearer" = [])),
+    responses((status = 204), (status = 401, body = Problem)))]
+pub async fn logout(
+    State(app): State<Arc<App>>,
+    Caller(_who): Caller,
+    ApiJson(p): ApiJson<RefreshParams>,
+) -> Result<StatusCode> {
+    app.logout(&p.refresh_token).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's account.
+#[utoipa::path(get, path = "/auth/profile", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, body = UserView), (status = 401, body = Problem)))]
+pub async fn profile(State(app): State<Arc<App>>, Caller(who): Caller) -> Result<Json<UserView>> {
+    Ok(Json(app.profile(who).await?.into()))
+}
+
+/// Change e-mail or password; a new password ends every other session.
+#[utoipa::path(patch, path = "/auth/profile", tag = "auth", request_body = ProfilePatch,
+    security(("bearer" = [])),
+    responses((status = 200, body = UserView), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 422, body = Problem)))]
+pub async fn profile_update(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiJson(p): ApiJson<ProfilePatch>,
+) -> Result<Json<UserView>> {
+    let change = ProfileChange {
+        email: p.email,
+        password: p.password,
+        current_password: p.current_password,
+    };
+    Ok(Json(app.profile_update(who, change).await?.into()))
+}

@@ -1,0 +1,235 @@
+//! Response bodies of the public API, built from store records (which never leave the app).
+
+use crate::model::{DesiredState, MachineStatus};
+use crate::store::{
+    hosts::HostRecord, images::ImageRecord, machines::EventRecord, machines::MachineRecord,
+    ssh_keys::SshKeyRecord, users::UserRecord,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub id: String,
+    pub username: String,
+    pub email: String,
+    /// `user` or `admin`.
+    pub role: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<UserRecord> for UserView {
+    fn from(u: UserRecord) -> Self {
+        Self {
+            id: u.id.to_string(),
+            username: u.username,
+            email: u.email,
+            role: u.role.as_str().to_owned(),
+            created_at: u.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenPairView {
+    pub access_token: String,
+    pub refresh_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds until the access token expires.
+    pub expires_in: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PortView {
+    pub guest: u16,
+    pub host_ip: String,
+    pub host_port: u16,
+    pub proto: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct NetworkView {
+    pub addresses: Vec<String>,
+    pub ports: Vec<PortView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MachineView {
+    pub id: String,
+    pub owner_id: String,
+    pub hostname: String,
+    pub status: MachineStatus,
+    pub desired_state: DesiredState,
+    /// Image name.
+    pub image: String,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+    /// Name of the host the machine is placed on, once placed.
+    pub host: Option<String>,
+    pub network: NetworkView,
+    pub failure_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<MachineRecord> for MachineView {
+    fn from(m: MachineRecord) -> Self {
+        Self {
+            id: m.id.to_string(),
+            owner_id: m.owner_id.to_string(),
+            hostname: m.hostname,
+            status: m.status,
+            desired_state: m.desired,
+            image: m.image_name,
+            vcpus: m.vcpus,
+            memory_mib: m.memory_mib,
+            disk_gib: m.disk_gib,
+            host: m.host_name,
+            network: m
+                .network
+                .and_then(|n| serde_json::from_value(n).ok())
+                .unwrap_or_default(),
+            failure_reason: m.failure_reason,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MachinePage {
+    pub items: Vec<MachineView>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EventView {
+    pub action: String,
+    pub status: MachineStatus,
+    pub message: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<EventRecord> for EventView {
+    fn from(e: EventRecord) -> Self {
+        Self {
+            action: e.action,
+            status: e.status,
+            message: e.message,
+            created_at: e.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EventPage {
+    pub items: Vec<EventView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ImageView {
+    pub id: String,
+    pub name: String,
+    pub source: String,
+    pub format: String,
+    pub sha256: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub boot: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<ImageRecord> for ImageView {
+    fn from(i: ImageRecord) -> Self {
+        Self {
+            id: i.id.to_string(),
+            name: i.name,
+            source: i.source,
+            format: i.format,
+            sha256: i.sha256,
+            boot: i.boot,
+            created_at: i.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ImageList {
+    pub items: Vec<ImageView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SshKeyView {
+    pub id: String,
+    pub name: String,
+    pub public_key: String,
+    /// `SHA256:...`, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<SshKeyRecord> for SshKeyView {
+    fn from(k: SshKeyRecord) -> Self {
+        Self {
+            id: k.id.to_string(),
+            name: k.name,
+            public_key: k.public_key,
+            fingerprint: k.fingerprint,
+            created_at: k.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SshKeyList {
+    pub items: Vec<SshKeyView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CapacityView {
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HostView {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    /// `ready`, `cordoned` or `unreachable`.
+    pub state: String,
+    /// `kvm` or `qemu`.
+    pub hypervisor: String,
+    pub capacity: CapacityView,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<HostRecord> for HostView {
+    fn from(h: HostRecord) -> Self {
+        Self {
+            id: h.id,
+            name: h.name,
+            address: h.grpc_address,
+            state: h.state,
+            hypervisor: h.hypervisor,
+            capacity: CapacityView {
+                vcpus: h.vcpus,
+                memory_mib: h.memory_mib,
+                disk_gib: h.disk_gib,
+            },
+            last_heartbeat_at: h.last_heartbeat_at,
+            created_at: h.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HostList {
+    pub items: Vec<HostView>,
+}

@@ -1,0 +1,97 @@
+//! Idempotency-Key handling for creating requests: run once, answer the same to every retry.
+
+use super::{App, Principal, IDEMPOTENCY_LOCK, IDEMPOTENCY_RETENTION};
+use crate::error::{Error, Result};
+use crate::store::idempotency::{Claim, StoredResponse};
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+use std::future::Future;
+
+/// Longest key accepted; keys are client-chosen (UUIDs in practice).
+pub const MAX_KEY_LEN: usize = 255;
+
+/// Checks a client's Idempotency-Key: 1–255 visible ASCII characters.
+pub fn validate_key(key: &str) -> Result<()> {
+    if (1..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+        )))
+    }
+}
+
+/// Hex SHA-256 of a request's canonical form, to tell "same request" from "same key reused".
+pub fn request_hash(canonical: &[u8]) -> String {
+    hex::encode(Sha256::digest(canonical))
+}
+
+impl App {
+    /// Runs `work` at most once per `(caller, key)`: a retry with the same request hash gets
+    /// the stored answer (`true` = replayed), another hash is 422, a retry while the first is
+    /// still running is 409. If `work` fails, the key is released so a retry runs afresh.
+    pub async fn idempotent<F>(
+        &self,
+        who: Principal,
+        key: &str,
+        hash: &str,
+        work: F,
+    ) -> Result<(StoredResponse, bool)>
+    where
+        F: Future<Output = Result<StoredResponse>>,
+    {
+        validate_key(key)?;
+        let claim = self
+            .store
+            .idempotency_claim(
+                who.user_id,
+                key,
+                hash,
+                Utc::now(),
+                IDEMPOTENCY_LOCK,
+                IDEMPOTENCY_RETENTION,
+            )
+            .await?;
+        match claim {
+            Claim::Replay(stored) => Ok((stored, true)),
+            Claim::InFlight => Err(Error::IdempotencyInFlight),
+            Claim::Mismatch => Err(Error::IdempotencyMismatch),
+            Claim::Claimed => match work.await {
+                Ok(response) => {
+                    self.store
+                        .idempotency_complete(who.user_id, key, &response)
+                        .await?;
+                    Ok((response, false))
+                }
+                Err(e) => {
+                    if let Err(release) = self.store.idempotency_release(who.user_id, key).await {
+                        tracing::warn!(error = %release, "could not release idempotency key");
+                    }
+                    Err(e)
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_bounded_visible_ascii() {
+        assert!(validate_key("3f1c2d8e-9a7b-4c1d-8e2f-0a1b2c3d4e5f").is_ok());
+        assert!(validate_key(&"k".repeat(255)).is_ok());
+        assert!(validate_key("").is_err());
+        assert!(validate_key(&"k".repeat(256)).is_err());
+        assert!(validate_key("has space").is_err());
+        assert!(validate_key("ключ").is_err());
+    }
+
+    #[test]
+    fn hash_distinguishes_requests() {
+        assert_eq!(request_hash(b"{\"a\":1}"), request_hash(b"{\"a\":1}"));
+        assert_ne!(request_hash(b"{\"a\":1}"), request_hash(b"{\"a\":2}"));
+        assert_eq!(request_hash(b"").len(), 64);
+    }
+}

@@ -1,0 +1,209 @@
+//! The image catalogue: administrators register images, everyone lists them.
+
+use super::{App, Principal};
+use crate::error::{Error, Result};
+use crate::store::images::ImageRecord;
+
+/// Disk formats an image may have; `kernel` boots a kernel and initrd directly.
+pub const IMAGE_FORMATS: [&str; 3] = ["qcow2", "raw", "kernel"];
+
+/// A registration request, as received.
+#[derive(Debug, Clone)]
+pub struct RegisterImage {
+    pub name: String,
+    pub source: String,
+    pub format: String,
+    pub sha256: Option<String>,
+    pub boot: Option<serde_json::Value>,
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn is_image_url(s: &str) -> bool {
+    ["file:///", "http://", "https://"]
+        .iter()
+        .any(|p| s.starts_with(p) && s.len() > p.len())
+        && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Checks a registration; the agents fetch from `source`, so only file and HTTP(S) URLs pass.
+pub fn validate(req: &RegisterImage) -> Result<()> {
+    let name_ok = (1..=63).contains(&req.name.len())
+        && req.name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
+        })
+        && req.name.as_bytes()[0].is_ascii_alphanumeric();
+    if !name_ok {
+        return Err(Error::Invalid(
+            "name must be 1 to 63 characters of a-z, 0-9, '-', '.', '_', starting with a letter or digit"
+                .into(),
+        ));
+    }
+    if !is_image_url(&req.source) || req.source.len() > 2048 {
+        return Err(Error::Invalid(
+            "source must be a file:///, http:// or https:// URL".into(),
+        ));
+    }
+    if !IMAGE_FORMATS.contains(&req.format.as_str()) {
+        return Err(Error::Invalid(format!(
+            "format must be one of {}",
+            IMAGE_FORMATS.join(", ")
+        )));
+    }
+    if let Some(sum) = &req.sha256 {
+        if !is_sha256_hex(sum) {
+            return Err(Error::Invalid(
+                "sha256 must be 64 lowercase hex digits".into(),
+            ));
+        }
+    }
+    match (&req.boot, req.format.as_str()) {
+        (None, "kernel") => Err(Error::Invalid(
+            "format kernel needs boot: {kernel, initrd, cmdline}".into(),
+        )),
+        (Some(boot), _) => validate_boot(boot),
+        (None, _) => Ok(()),
+    }
+}
+
+/// `boot` is `{kernel, initrd?, cmdline?, kernel_sha256?, initrd_sha256?}`.
+fn validate_boot(boot: &serde_json::Value) -> Result<()> {
+    let invalid = |m: &str| Err(Error::Invalid(format!("boot: {m}")));
+    let Some(obj) = boot.as_object() else {
+        return invalid("must be an object");
+    };
+    for (k, v) in obj {
+        let Some(s) = v.as_str() else {
+            return invalid(&format!("{k} must be a string"));
+        };
+        match k.as_str() {
+            "kernel" | "initrd" if !is_image_url(s) => {
+                return invalid(&format!("{k} must be a file:///, http:// or https:// URL"))
+            }
+            "kernel_sha256" | "initrd_sha256" if !is_sha256_hex(s) => {
+                return invalid(&format!("{k} must be 64 lowercase hex digits"))
+            }
+            "cmdline" if s.len() > 4096 => return invalid("cmdline is too long"),
+            "kernel" | "initrd" | "kernel_sha256" | "initrd_sha256" | "cmdline" => {}
+            other => return invalid(&format!("unknown field {other}")),
+        }
+    }
+    if !obj.contains_key("kernel") {
+        return invalid("kernel is required");
+    }
+    Ok(())
+}
+
+impl App {
+    pub async fn image_register(&self, who: Principal, req: RegisterImage) -> Result<ImageRecord> {
+        who.require_admin()?;
+        validate(&req)?;
+        self.store
+            .image_create(
+                &req.name,
+                &req.source,
+                &req.format,
+                req.sha256.as_deref(),
+                req.boot.as_ref(),
+            )
+            .await
+    }
+
+    pub async fn image_list(&self) -> Result<Vec<ImageRecord>> {
+        self.store.image_list().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn req() -> RegisterImage {
+        RegisterImage {
+            name: "debian-12".into(),
+            source: "https://images.example/debian-12.qcow2".into(),
+            format: "qcow2".into(),
+            sha256: Some("a".repeat(64)),
+            boot: None,
+        }
+    }
+
+    #[test]
+    fn a_plain_qcow2_image_is_valid() {
+        assert!(validate(&req()).is_ok());
+    }
+
+    #[test]
+    fn bad_fields_are_refused() {
+        let bad = [
+            RegisterImage {
+                name: "Debian".into(),
+                ..req()
+            },
+            RegisterImage {
+                name: "-x".into(),
+                ..req()
+            },
+            RegisterImage {
+                source: "ftp://x/y".into(),
+                ..req()
+            },
+            RegisterImage {
+                source: "file:///a b".into(),
+                ..req()
+            },
+            RegisterImage {
+                format: "vmdk".into(),
+                ..req()
+            },
+            RegisterImage {
+                sha256: Some("A".repeat(64)),
+                ..req()
+            },
+            RegisterImage {
+                format: "kernel".into(),
+                ..req()
+            },
+            RegisterImage {
+                boot: Some(json!({"initrd": "file:///i"})),
+                ..req()
+            },
+            RegisterImage {
+                boot: Some(json!({"kernel": "x"})),
+                ..req()
+            },
+            RegisterImage {
+                boot: Some(json!({"kernel": "file:///k", "extra": "1"})),
+                ..req()
+            },
+            RegisterImage {
+                boot: Some(json!("file:///k")),
+                ..req()
+            },
+        ];
+        for b in bad {
+            assert!(validate(&b).is_err(), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn a_kernel_image_needs_boot_details() {
+        let ok = RegisterImage {
+            format: "kernel".into(),
+            sha256: None,
+            boot: Some(json!({
+                "kernel": "file:///var/lib/images/vmlinuz",
+                "initrd": "file:///var/lib/images/initrd.img",
+                "cmdline": "console=ttyS0",
+                "kernel_sha256": "b".repeat(64),
+            })),
+            ..req()
+        };
+        assert!(validate(&ok).is_ok());
+    }
+}

@@ -1,0 +1,182 @@
+//! Machines: create (validated, within quota), read, list, lifecycle requests, delete.
+//! Until hosts exist (provisioning is a later stage) machines stay `pending`, and a delete
+//! completes at once because there is nothing on a hypervisor to clean up.
+
+use super::{App, Principal};
+use crate::error::{Error, Result};
+use crate::model::machine_state::Action;
+use crate::model::ssh_key::SshPublicKey;
+use crate::model::{Hostname, MachineId, MachineStatus};
+use crate::store::machines::{EventRecord, MachineRecord, NewMachine, Visibility};
+use auth::Role;
+
+/// Largest user_data accepted, in bytes (cloud-init's own practical limit is of this order).
+pub const MAX_USER_DATA_BYTES: usize = 64 * 1024;
+/// Most SSH keys one machine may carry.
+pub const MAX_SSH_KEYS: usize = 32;
+
+/// A tenant's request for a machine, as received.
+#[derive(Debug, Clone)]
+pub struct CreateMachine {
+    pub hostname: String,
+    pub image: String,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+    /// Each entry is an OpenSSH public key or the name of one of the tenant's saved keys.
+    pub ssh_keys: Vec<String>,
+    pub user_data: Option<String>,
+}
+
+fn visibility(who: Principal) -> Visibility {
+    match who.role {
+        Role::Admin => Visibility::All,
+        Role::User => Visibility::Owner(who.user_id),
+    }
+}
+
+fn check_range(what: &str, value: i64, min: i64, max: i64) -> Result<()> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{what} must be between {min} and {max}"
+        )))
+    }
+}
+
+impl App {
+    /// Validates and records a new machine in `pending`.
+    pub async fn machine_create(
+        &self,
+        who: Principal,
+        req: CreateMachine,
+    ) -> Result<MachineRecord> {
+        let hostname = Hostname::parse(&req.hostname).map_err(|e| Error::Invalid(e.to_string()))?;
+        let l = self.settings.machine_limits;
+        check_range("vcpus", req.vcpus, 1, l.max_vcpus)?;
+        check_range(
+            "memory_mib",
+            req.memory_mib,
+            l.min_memory_mib,
+            l.max_memory_mib,
+        )?;
+        check_range("disk_gib", req.disk_gib, 1, l.max_disk_gib)?;
+        if let Some(data) = &req.user_data {
+            if data.len() > MAX_USER_DATA_BYTES {
+                return Err(Error::Invalid(format!(
+                    "user_data must be at most {MAX_USER_DATA_BYTES} bytes"
+                )));
+            }
+        }
+        if req.ssh_keys.len() > MAX_SSH_KEYS {
+            return Err(Error::Invalid(format!("at most {MAX_SSH_KEYS} ssh_keys")));
+        }
+        let mut ssh_keys = Vec::with_capacity(req.ssh_keys.len());
+        for entry in &req.ssh_keys {
+            ssh_keys.push(self.resolve_ssh_key(who, entry).await?);
+        }
+        let image = self
+            .store
+            .image_by_name(&req.image)
+            .await?
+            .ok_or_else(|| Error::Invalid(format!("image '{}' does not exist", req.image)))?;
+        let new = NewMachine {
+            owner_id: who.user_id,
+            hostname,
+            image_id: image.id,
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+            disk_gib: req.disk_gib,
+            ssh_keys,
+            user_data: req.user_data,
+        };
+        let machine = self
+            .store
+            .machine_create(&new, &self.settings.quota)
+            .await?;
+        tracing::info!(machine_id = %machine.id, owner = %who.user_id, "machine created");
+        Ok(machine)
+    }
+
+    /// A literal OpenSSH key, or a saved key of the caller's by name.
+    async fn resolve_ssh_key(&self, who: Principal, entry: &str) -> Result<String> {
+        if let Ok(key) = SshPublicKey::parse(entry) {
+            return Ok(key.as_openssh().to_owned());
+        }
+        let looks_literal = entry.trim_start().starts_with("ssh-") || entry.contains(' ');
+        if !looks_literal {
+            if let Some(saved) = self.store.ssh_key_by_name(who.user_id, entry).await? {
+                return Ok(saved.public_key);
+            }
+        }
+        Err(Error::Invalid(format!(
+            "ssh_keys: '{}' is neither an OpenSSH public key nor the name of one of your keys",
+            entry.chars().take(40).collect::<String>()
+        )))
+    }
+
+    pub async fn machine_get(&self, who: Principal, id: MachineId) -> Result<MachineRecord> {
+        self.store
+            .machine_get(id, visibility(who))
+            .await?
+            .ok_or(Error::NotFound("machine"))
+    }
+
+    /// One page, newest first. Returns the page and whether more follow.
+    pub async fn machine_list(
+        &self,
+        who: Principal,
+        status: Option<MachineStatus>,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<(Vec<MachineRecord>, bool)> {
+        let mut rows = self
+            .store
+            .machine_list(visibility(who), status, before_seq, limit + 1)
+            .await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok((rows, more))
+    }
+
+    /// start / stop / reboot / delete. Without a host, a delete finishes at once.
+    pub async fn machine_request(
+        &self,
+        who: Principal,
+        id: MachineId,
+        action: Action,
+    ) -> Result<MachineRecord> {
+        let machine = self
+            .store
+            .machine_request(id, visibility(who), action)
+            .await?;
+        if action == Action::Delete && machine.host_name.is_none() {
+            self.store
+                .machine_observe(
+                    id,
+                    MachineStatus::Deleting,
+                    MachineStatus::Deleted,
+                    "delete",
+                    "deleted; it was never placed on a host, so nothing was left to clean up",
+                )
+                .await?;
+        }
+        Ok(machine)
+    }
+
+    /// A page of the machine's log, oldest first, and whether more follow.
+    pub async fn machine_events(
+        &self,
+        who: Principal,
+        id: MachineId,
+        after_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<(Vec<EventRecord>, bool)> {
+        self.machine_get(who, id).await?;
+        let mut rows = self.store.machine_events(id, after_seq, limit + 1).await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok((rows, more))
+    }
+}

@@ -1,0 +1,143 @@
+//! Use-cases: what the API may ask of SkyGate. Handlers translate HTTP to calls here; the
+//! decisions (validation, authorisation, rate limits, quotas) are made here; SQL is in `store`.
+
+pub mod cursor;
+pub mod hosts;
+pub mod idempotency;
+pub mod images;
+pub mod machines;
+pub mod sessions;
+pub mod ssh_keys;
+
+use crate::error::{Error, Result};
+use crate::model::{Quota, UserId};
+use crate::store::Store;
+use auth::token::AccessTokenIssuer;
+use auth::Role;
+use chrono::Duration;
+use governor::{DefaultKeyedRateLimiter, Quota as RateQuota, RateLimiter};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+
+/// Bounds on one machine's size; requests outside them are 422.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineLimits {
+    pub max_vcpus: i64,
+    pub min_memory_mib: i64,
+    pub max_memory_mib: i64,
+    pub max_disk_gib: i64,
+}
+
+impl Default for MachineLimits {
+    fn default() -> Self {
+        Self {
+            max_vcpus: 32,
+            min_memory_mib: 64,
+            max_memory_mib: 256 * 1024,
+            max_disk_gib: 2048,
+        }
+    }
+}
+
+/// Login throttling: per client address in memory, per account in the database.
+#[derive(Debug, Clone, Copy)]
+pub struct LoginLimits {
+    /// Login attempts one client address may make per minute (a burst of that size).
+    pub per_ip_per_minute: u32,
+    /// Failed logins one account may take within `failure_window` before it is paused.
+    pub max_failures: i64,
+    pub failure_window: Duration,
+}
+
+impl Default for LoginLimits {
+    fn default() -> Self {
+        Self {
+            per_ip_per_minute: 30,
+            max_failures: 10,
+            failure_window: Duration::minutes(15),
+        }
+    }
+}
+
+/// Tunables of the use-cases, set from flags.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Settings {
+    pub machine_limits: MachineLimits,
+    pub quota: Quota,
+    pub login: LoginLimits,
+}
+
+/// `iss` and `aud` of SkyGate access tokens.
+pub const TOKEN_ISSUER: &str = "skygate-control-plane";
+pub const TOKEN_AUDIENCE: &str = "skygate-api";
+
+/// How long an Idempotency-Key is remembered, and how long a claim waits for its holder.
+pub const IDEMPOTENCY_RETENTION: Duration = Duration::hours(24);
+pub const IDEMPOTENCY_LOCK: Duration = Duration::seconds(60);
+
+/// Who is calling: the authenticated user behind an access token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: UserId,
+    pub role: Role,
+}
+
+impl Principal {
+    /// 403 unless the caller is an administrator.
+    pub fn require_admin(&self) -> Result<()> {
+        match self.role {
+            Role::Admin => Ok(()),
+            Role::User => Err(Error::Forbidden("this needs the admin role")),
+        }
+    }
+}
+
+/// The application: the store, the token machinery and the settings, shared by all requests.
+pub struct App {
+    pub store: Store,
+    pub tokens: AccessTokenIssuer,
+    pub settings: Settings,
+    pub cursors: cursor::CursorCodec,
+    login_per_ip: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("store", &self.store)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// `secret` is the server secret the access tokens are signed with; cursors derive theirs.
+    pub fn new(store: Store, secret: &[u8], settings: Settings) -> Result<Self> {
+        let tokens = AccessTokenIssuer::new(secret, TOKEN_ISSUER, TOKEN_AUDIENCE)?;
+        tokens.self_test()?;
+        let per_minute =
+            NonZeroU32::new(settings.login.per_ip_per_minute).unwrap_or(NonZeroU32::MIN);
+        Ok(Self {
+            store,
+            tokens,
+            settings,
+            cursors: cursor::CursorCodec::new(secret),
+            login_per_ip: RateLimiter::keyed(RateQuota::per_minute(per_minute)),
+        })
+    }
+
+    /// Periodic housekeeping: expired idempotency keys, login windows and refresh tokens.
+    pub async fn purge_expired(&self) -> Result<u64> {
+        let now = chrono::Utc::now();
+        let a = self
+            .store
+            .idempotency_purge(now, IDEMPOTENCY_RETENTION)
+            .await?;
+        let b = self
+            .store
+            .sessions_purge_expired(now, self.settings.login.failure_window)
+            .await?;
+        self.login_per_ip.retain_recent();
+        Ok(a + b)
+    }
+}

@@ -1,0 +1,42 @@
+//! Tenants' saved SSH keys, which machines may reference by name.
+
+use super::{App, Principal};
+use crate::error::{Error, Result};
+use crate::model::ssh_key::SshPublicKey;
+use crate::store::ssh_keys::SshKeyRecord;
+use uuid::Uuid;
+
+impl App {
+    pub async fn ssh_key_add(
+        &self,
+        who: Principal,
+        name: &str,
+        public_key: &str,
+    ) -> Result<SshKeyRecord> {
+        let name_ok = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
+        if !name_ok {
+            return Err(Error::Invalid(
+                "name must be 1 to 64 characters of letters, digits, '-', '_', '.', '@'".into(),
+            ));
+        }
+        let key = SshPublicKey::parse(public_key).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.store
+            .ssh_key_create(who.user_id, name, key.as_openssh(), key.fingerprint())
+            .await
+    }
+
+    pub async fn ssh_key_list(&self, who: Principal) -> Result<Vec<SshKeyRecord>> {
+        self.store.ssh_key_list(who.user_id).await
+    }
+
+    pub async fn ssh_key_delete(&self, who: Principal, id: Uuid) -> Result<()> {
+        if self.store.ssh_key_delete(who.user_id, id).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound("ssh key"))
+        }
+    }
+}

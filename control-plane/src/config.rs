@@ -1,0 +1,177 @@
+//! Command-line flags and environment variables (API.md, "Running it"), turned into settings.
+
+use crate::api::HttpSettings;
+use crate::app::{LoginLimits, MachineLimits, Settings};
+use crate::model::Quota;
+use axum::http::HeaderValue;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `skygate-control-plane`: the SkyGate control plane.
+#[derive(Debug, Parser)]
+#[command(name = "skygate-control-plane", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the REST API (and, later, the scheduler, workers and reconciler).
+    Serve(ServeArgs),
+    /// Administrative tasks against the same database.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create an administrator account.
+    Create(AdminCreateArgs),
+}
+
+/// Where the database is and how to reach it; shared by `serve` and `admin`.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// `sqlite://PATH` or `postgres://...`; default: a SQLite file in the data dir.
+    #[arg(long, env = "SKYGATE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// State lives here: the SQLite file and the generated JWT secret.
+    #[arg(long, env = "SKYGATE_DATA_DIR", default_value = "/var/lib/skygate")]
+    pub data_dir: PathBuf,
+    /// Database connections per pool.
+    #[arg(long, env = "SKYGATE_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+}
+
+impl DatabaseArgs {
+    /// The configured URL, or the embedded SQLite file in the data dir.
+    pub fn url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("skygate.db").display()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// REST API listen address.
+    #[arg(long, env = "SKYGATE_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// gRPC listen address for host agents (used once agents register).
+    #[arg(long, env = "SKYGATE_GRPC_ADDR", default_value = "127.0.0.1:9090")]
+    pub grpc_addr: SocketAddr,
+    /// HS256 secret for access tokens (at least 32 bytes); generated on first start if absent.
+    #[arg(long, env = "SKYGATE_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Shared secret host agents join with.
+    #[arg(long, env = "SKYGATE_AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
+    /// Access log and diagnostics format.
+    #[arg(long, env = "SKYGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Browser origins allowed by CORS (comma-separated); none by default.
+    #[arg(long, env = "SKYGATE_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Seconds before a request is abandoned with 408.
+    #[arg(long, env = "SKYGATE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+    /// Largest vCPU count of one machine.
+    #[arg(long, env = "SKYGATE_MAX_VCPUS", default_value_t = MachineLimits::default().max_vcpus)]
+    pub max_vcpus: i64,
+    /// Largest memory of one machine, MiB.
+    #[arg(long, env = "SKYGATE_MAX_MEMORY_MIB", default_value_t = MachineLimits::default().max_memory_mib)]
+    pub max_memory_mib: i64,
+    /// Largest disk of one machine, GiB.
+    #[arg(long, env = "SKYGATE_MAX_DISK_GIB", default_value_t = MachineLimits::default().max_disk_gib)]
+    pub max_disk_gib: i64,
+    /// Per-user quota: machines (not deleted).
+    #[arg(long, env = "SKYGATE_QUOTA_MACHINES", default_value_t = Quota::default().max_machines)]
+    pub quota_machines: i64,
+    /// Per-user quota: vCPUs over all machines.
+    #[arg(long, env = "SKYGATE_QUOTA_VCPUS", default_value_t = Quota::default().max_vcpus)]
+    pub quota_vcpus: i64,
+    /// Per-user quota: memory over all machines, MiB.
+    #[arg(long, env = "SKYGATE_QUOTA_MEMORY_MIB", default_value_t = Quota::default().max_memory_mib)]
+    pub quota_memory_mib: i64,
+    /// Login attempts per client address per minute.
+    #[arg(long, env = "SKYGATE_LOGIN_PER_IP_PER_MINUTE", default_value_t = LoginLimits::default().per_ip_per_minute)]
+    pub login_per_ip_per_minute: u32,
+    /// Failed logins per account before it is paused for the rest of the window.
+    #[arg(long, env = "SKYGATE_LOGIN_MAX_FAILURES", default_value_t = LoginLimits::default().max_failures)]
+    pub login_max_failures: i64,
+    /// Length of the failed-login window, seconds.
+    #[arg(long, env = "SKYGATE_LOGIN_FAILURE_WINDOW_SECS", default_value_t = 900)]
+    pub login_failure_window_secs: i64,
+}
+
+impl ServeArgs {
+    /// Where the JWT secret lives: the flag, or `jwt-secret` in the data dir.
+    pub fn jwt_secret_path(&self) -> PathBuf {
+        self.jwt_secret_file
+            .clone()
+            .unwrap_or_else(|| self.db.data_dir.join("jwt-secret"))
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings {
+            machine_limits: MachineLimits {
+                max_vcpus: self.max_vcpus,
+                max_memory_mib: self.max_memory_mib,
+                max_disk_gib: self.max_disk_gib,
+                ..MachineLimits::default()
+            },
+            quota: Quota {
+                max_machines: self.quota_machines,
+                max_vcpus: self.quota_vcpus,
+                max_memory_mib: self.quota_memory_mib,
+            },
+            login: LoginLimits {
+                per_ip_per_minute: self.login_per_ip_per_minute,
+                max_failures: self.login_max_failures,
+                failure_window: chrono::Duration::seconds(self.login_failure_window_secs),
+            },
+        }
+    }
+
+    /// Gateway settings; an origin that is not a valid header value is an error.
+    pub fn http_settings(&self) -> anyhow::Result<HttpSettings> {
+        let cors_origins = self
+            .cors_origins
+            .iter()
+            .filter(|o| !o.is_empty())
+            .map(|o| {
+                HeaderValue::from_str(o).map_err(|_| anyhow::anyhow!("invalid CORS origin {o:?}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(HttpSettings {
+            cors_origins,
+            request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AdminCreateArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    #[arg(long)]
+    pub username: String,
+    #[arg(long)]
+    pub email: String,
+    /// Read the password from standard input (the only way: never on the command line).
+    #[arg(long, required = true)]
+    pub password_stdin: bool,
+}

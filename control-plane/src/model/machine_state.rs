@@ -1,0 +1,344 @@
+//! The machine lifecycle as a pure state machine: what a tenant may ask in each status, and
+//! which observed transitions workers and the reconciler may record (DESIGN.md, "VM lifecycle").
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use utoipa::ToSchema;
+
+/// What SkyGate knows about a machine right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineStatus {
+    Pending,
+    Provisioning,
+    Running,
+    Stopping,
+    Stopped,
+    Starting,
+    Rebooting,
+    Deleting,
+    Deleted,
+    Failed,
+}
+
+/// What the tenant asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    Running,
+    Stopped,
+    Deleted,
+}
+
+/// A tenant's lifecycle request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Start,
+    Stop,
+    Reboot,
+    Delete,
+}
+
+/// The outcome of an accepted request: the status and desired state to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub status: MachineStatus,
+    pub desired: DesiredState,
+}
+
+/// Why a request makes no sense in the machine's current status (answered as 409).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {action} a machine that is {status}{hint}")]
+pub struct ActionRefused {
+    pub action: Action,
+    pub status: MachineStatus,
+    hint: &'static str,
+}
+
+impl MachineStatus {
+    /// Every status, in lifecycle order (for metrics and validation).
+    pub const ALL: [MachineStatus; 10] = [
+        Self::Pending,
+        Self::Provisioning,
+        Self::Running,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Starting,
+        Self::Rebooting,
+        Self::Deleting,
+        Self::Deleted,
+        Self::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Provisioning => "provisioning",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::Rebooting => "rebooting",
+            Self::Deleting => "deleting",
+            Self::Deleted => "deleted",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Not yet on a hypervisor: a stop or start only changes what will be built.
+    fn is_unprovisioned(self) -> bool {
+        matches!(self, Self::Pending | Self::Provisioning)
+    }
+}
+
+impl DesiredState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Deleted => "deleted",
+        }
+    }
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::Reboot => "reboot",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// Decides a tenant's request against the current status and desired state.
+///
+/// Requests during a transition (`starting`, `stopping`, `rebooting`) are refused rather than
+/// queued: the tenant retries once the machine settles, which keeps one workflow per machine.
+pub fn request(
+    action: Action,
+    status: MachineStatus,
+    desired: DesiredState,
+) -> Result<Transition, ActionRefused> {
+    use MachineStatus as S;
+    let refuse = |hint: &'static str| ActionRefused {
+        action,
+        status,
+        hint,
+    };
+    let to = |status, desired| Ok(Transition { status, desired });
+    if matches!(status, S::Deleting | S::Deleted) {
+        return Err(refuse(""));
+    }
+    match action {
+        Action::Delete => to(S::Deleting, DesiredState::Deleted),
+        Action::Start => match status {
+            S::Stopped => to(S::Starting, DesiredState::Running),
+            s if s.is_unprovisioned() && desired == DesiredState::Stopped => {
+                to(status, DesiredState::Running)
+            }
+            S::Failed => Err(refuse(": delete it and create it again")),
+            S::Stopping => Err(refuse(": wait until it is stopped")),
+            _ => Err(refuse(": it is already running or about to run")),
+        },
+        Action::Stop => match status {
+            S::Running => to(S::Stopping, DesiredState::Stopped),
+            s if s.is_unprovisioned() && desired == DesiredState::Running => {
+                to(status, DesiredState::Stopped)
+            }
+            S::Starting | S::Rebooting => Err(refuse(": wait until it is running")),
+            S::Failed => Err(refuse(": delete it and create it again")),
+            _ => Err(refuse(": it is already stopped or about to stop")),
+        },
+        Action::Reboot => match status {
+            S::Running => to(S::Rebooting, DesiredState::Running),
+            _ => Err(refuse(": only a running machine can reboot")),
+        },
+    }
+}
+
+/// Whether a worker or the reconciler may record `from -> to` as an observed transition.
+pub fn can_transition(from: MachineStatus, to: MachineStatus) -> bool {
+    use MachineStatus as S;
+    match (from, to) {
+        (S::Deleted, _) => false,
+        (S::Deleting, S::Deleted) => true,
+        (S::Deleting, _) => false,
+        (_, S::Deleting) => true,
+        (S::Pending, S::Provisioning | S::Failed) => true,
+        (S::Provisioning, S::Running | S::Stopped | S::Failed) => true,
+        (S::Running, S::Stopping | S::Rebooting | S::Stopped | S::Failed) => true,
+        (S::Stopping, S::Stopped | S::Failed) => true,
+        (S::Stopped, S::Starting | S::Running | S::Failed) => true,
+        (S::Starting, S::Running | S::Stopped | S::Failed) => true,
+        (S::Rebooting, S::Running | S::Stopped | S::Failed) => true,
+        _ => false,
+    }
+}
+
+impl fmt::Display for MachineStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A status or desired-state string that is not one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown state '{0}'")]
+pub struct UnknownState(pub String);
+
+impl FromStr for MachineStatus {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+impl FromStr for DesiredState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Running, Self::Stopped, Self::Deleted]
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DesiredState as D;
+    use MachineStatus as S;
+
+    #[test]
+    fn status_text_round_trips() {
+        for s in S::ALL {
+            assert_eq!(s.as_str().parse::<S>().unwrap(), s);
+        }
+        assert!("runnin".parse::<S>().is_err());
+        for d in [D::Running, D::Stopped, D::Deleted] {
+            assert_eq!(d.as_str().parse::<D>().unwrap(), d);
+        }
+    }
+
+    #[test]
+    fn tenant_requests_follow_the_table() {
+        let ok = |a, s, d, ts, td| {
+            assert_eq!(
+                request(a, s, d),
+                Ok(Transition {
+                    status: ts,
+                    desired: td
+                }),
+                "{a:?} in {s:?}/{d:?}"
+            )
+        };
+        ok(
+            Action::Stop,
+            S::Running,
+            D::Running,
+            S::Stopping,
+            D::Stopped,
+        );
+        ok(
+            Action::Start,
+            S::Stopped,
+            D::Stopped,
+            S::Starting,
+            D::Running,
+        );
+        ok(
+            Action::Reboot,
+            S::Running,
+            D::Running,
+            S::Rebooting,
+            D::Running,
+        );
+        ok(Action::Stop, S::Pending, D::Running, S::Pending, D::Stopped);
+        ok(
+            Action::Start,
+            S::Pending,
+            D::Stopped,
+            S::Pending,
+            D::Running,
+        );
+        ok(
+            Action::Stop,
+            S::Provisioning,
+            D::Running,
+            S::Provisioning,
+            D::Stopped,
+        );
+        for s in S::ALL {
+            if !matches!(s, S::Deleting | S::Deleted) {
+                ok(Action::Delete, s, D::Running, S::Deleting, D::Deleted);
+            }
+        }
+    }
+
+    #[test]
+    fn nonsense_requests_are_refused() {
+        let refused = |a, s, d| assert!(request(a, s, d).is_err(), "{a:?} in {s:?}/{d:?}");
+        refused(Action::Start, S::Running, D::Running);
+        refused(Action::Start, S::Pending, D::Running);
+        refused(Action::Start, S::Stopping, D::Stopped);
+        refused(Action::Start, S::Failed, D::Running);
+        refused(Action::Stop, S::Stopped, D::Stopped);
+        refused(Action::Stop, S::Pending, D::Stopped);
+        refused(Action::Stop, S::Starting, D::Running);
+        refused(Action::Reboot, S::Stopped, D::Stopped);
+        refused(Action::Reboot, S::Pending, D::Running);
+        for a in [Action::Start, Action::Stop, Action::Reboot, Action::Delete] {
+            refused(a, S::Deleting, D::Deleted);
+            refused(a, S::Deleted, D::Deleted);
+        }
+    }
+
+    #[test]
+    fn refusal_message_names_action_and_status() {
+        let err = request(Action::Reboot, S::Stopped, D::Stopped).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot reboot a machine that is stopped: only a running machine can reboot"
+        );
+    }
+
+    #[test]
+    fn observed_transitions_follow_the_lifecycle() {
+        assert!(can_transition(S::Pending, S::Provisioning));
+        assert!(can_transition(S::Provisioning, S::Running));
+        assert!(can_transition(S::Running, S::Stopping));
+        assert!(can_transition(S::Stopping, S::Stopped));
+        assert!(can_transition(S::Stopped, S::Starting));
+        assert!(can_transition(S::Starting, S::Running));
+        assert!(can_transition(S::Rebooting, S::Running));
+        assert!(can_transition(S::Failed, S::Deleting));
+        assert!(can_transition(S::Deleting, S::Deleted));
+        assert!(!can_transition(S::Pending, S::Running));
+        assert!(!can_transition(S::Deleted, S::Pending));
+        assert!(!can_transition(S::Deleting, S::Running));
+        assert!(!can_transition(S::Failed, S::Running));
+        assert!(!can_transition(S::Stopped, S::Rebooting));
+        // Every tenant-accepted request is also a legal observed transition (or no change).
+        for s in S::ALL {
+            for d in [D::Running, D::Stopped] {
+                for a in [Action::Start, Action::Stop, Action::Reboot, Action::Delete] {
+                    if let Ok(t) = request(a, s, d) {
+                        assert!(t.status == s || can_transition(s, t.status), "{a:?} {s:?}");
+                    }
+                }
+            }
+        }
+    }
+}

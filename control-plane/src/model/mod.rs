@@ -1,0 +1,12 @@
+//! Pure domain types and rules: ids, hostnames, machine states, SSH keys. No I/O in here.
+
+pub mod hostname;
+pub mod ids;
+pub mod machine_state;
+pub mod quota;
+pub mod ssh_key;
+
+pub use hostname::Hostname;
+pub use ids::{ImageId, MachineId, UserId};
+pub use machine_state::{Action, DesiredState, MachineStatus, Transition};
+pub use quota::{Quota, Usage};

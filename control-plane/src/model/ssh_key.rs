@@ -1,0 +1,73 @@
+//! OpenSSH public keys as tenants paste them: parsed, so garbage never reaches a guest.
+
+use ssh_key::{HashAlg, PublicKey};
+
+/// A parsed OpenSSH public key, normalised to `algorithm base64 [comment]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshPublicKey {
+    openssh: String,
+    fingerprint: String,
+}
+
+/// The text is not an OpenSSH public key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not an OpenSSH public key (expected e.g. 'ssh-ed25519 AAAA... comment')")]
+pub struct InvalidSshKey;
+
+impl SshPublicKey {
+    /// Parses one `authorized_keys`-style line; options before the key are not accepted.
+    pub fn parse(text: &str) -> Result<Self, InvalidSshKey> {
+        let text = text.trim();
+        if text.contains('\n') {
+            return Err(InvalidSshKey);
+        }
+        let key = PublicKey::from_openssh(text).map_err(|_| InvalidSshKey)?;
+        let openssh = key.to_openssh().map_err(|_| InvalidSshKey)?;
+        Ok(Self {
+            fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
+            openssh,
+        })
+    }
+
+    /// The key in OpenSSH text form.
+    pub fn as_openssh(&self) -> &str {
+        &self.openssh
+    }
+
+    /// `SHA256:...`, as `ssh-keygen -l` prints it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED25519: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHHMwgk2GeZHV5tJNdEm1PU426kKnbe2RG0vww37WOHz alice@laptop";
+
+    #[test]
+    fn parses_an_ed25519_key_and_fingerprints_it() {
+        let key = SshPublicKey::parse(&format!("  {ED25519}\n")).unwrap();
+        assert_eq!(key.as_openssh(), ED25519);
+        assert!(key.fingerprint().starts_with("SHA256:"));
+    }
+
+    #[test]
+    fn rejects_garbage_and_injection() {
+        assert_eq!(SshPublicKey::parse(""), Err(InvalidSshKey));
+        assert_eq!(
+            SshPublicKey::parse("ssh-ed25519 not-base64"),
+            Err(InvalidSshKey)
+        );
+        assert_eq!(
+            SshPublicKey::parse(&format!("{ED25519}\nssh-rsa AAAA evil")),
+            Err(InvalidSshKey)
+        );
+        assert_eq!(
+            SshPublicKey::parse(&format!("command=\"rm -rf /\" {ED25519}")),
+            Err(InvalidSshKey)
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! Idempotency keys for `POST /machines`: the first request with a key claims it, its answer
+//! is stored, and retries with the same key and body get that answer back.
+
+use super::{is_unique_violation, to_micros, Store};
+use crate::error::Result;
+use crate::model::UserId;
+use chrono::{DateTime, Duration, Utc};
+use sqlx::Row;
+
+/// A stored answer to replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: String,
+    pub location: Option<String>,
+}
+
+/// What claiming a key found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This request owns the key now and must complete or release it.
+    Claimed,
+    /// The key was used with this body before and finished: answer the same.
+    Replay(StoredResponse),
+    /// The key's first request is still running.
+    InFlight,
+    /// The key was used with a different body.
+    Mismatch,
+}
+
+impl Store {
+    /// Claims `(user, key)` for a request whose body hashes to `request_hash`. A claim whose
+    /// holder has not finished within `lock_for` (it crashed) may be taken over; a key older
+    /// than `retention` is forgotten and reusable.
+    pub async fn idempotency_claim(
+        &self,
+        user: UserId,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+        lock_for: Duration,
+        retention: Duration,
+    ) -> Result<Claim> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "SELECT request_hash, response_status, response_body, response_location, \
+             locked_until, created_at FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+        )
+        .bind(user.to_string())
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let lock_until = to_micros(now + lock_for);
+        let Some(row) = row else {
+            let res = sqlx::query(
+                "INSERT INTO idempotency_keys (user_id, key, request_hash, locked_until, created_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(user.to_string())
+            .bind(key)
+            .bind(request_hash)
+            .bind(lock_until)
+            .bind(to_micros(now))
+            .execute(&mut *tx)
+            .await;
+            return match res {
+                Ok(_) => {
+                    tx.commit().await?;
+                    Ok(Claim::Claimed)
+                }
+                // A concurrent first request inserted it between our read and our write.
+                Err(e) if is_unique_violation(&e) => Ok(Claim::InFlight),
+                Err(e) => Err(e.into()),
+            };
+        };
+        let created_at: i64 = row.try_get("created_at")?;
+        let expired = created_at <= to_micros(now - retention);
+        let stored_hash: String = row.try_get("request_hash")?;
+        let status: Option<i64> = row.try_get("response_status")?;
+        let locked_until: Option<i64> = row.try_get("locked_until")?;
+        if !expired {
+            if stored_hash != request_hash {
+                return Ok(Claim::Mismatch);
+            }
+            if let Some(status) = status {
+                return Ok(Claim::Replay(StoredResponse {
+                    status: u16::try_from(status).unwrap_or(500),
+                    body: row
+                        .try_get::<Option<String>, _>("response_body")?
+                        .unwrap_or_default(),
+                    location: row.try_get("response_location")?,
+                }));
+            }
+            if locked_until.is_some_and(|l| l > to_micros(now)) {
+                return Ok(Claim::InFlight);
+            }
+        }
+        sqlx::query(
+            "UPDATE idempotency_keys SET request_hash = $1, response_status = NULL, \
+             response_body = NULL, response_location = NULL, locked_until = $2, created_at = $3 \
+             WHERE user_id = $4 AND key = $5",
+        )
+        .bind(request_hash)
+        .bind(lock_until)
+        .bind(to_micros(now))
+        .bind(user.to_string())
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Claim::Claimed)
+    }
+
+    /// Stores the answer for a claimed key.
+    pub async fn idempotency_complete(
+        &self,
+        user: UserId,
+        key: &str,
+        response: &StoredResponse,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_status = $1, response_body = $2, \
+             response_location = $3, locked_until = NULL WHERE user_id = $4 AND key = $5",
+        )
+        .bind(i64::from(response.status))
+        .bind(&response.body)
+        .bind(response.location.as_deref())
+        .bind(user.to_string())
+        .bind(key)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Gives a claimed key up without an answer (the request failed on our side), so that
+    /// the client's retry runs afresh.
+    pub async fn idempotency_release(&self, user: UserId, key: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 \
+             AND response_status IS NULL",
+        )
+        .bind(user.to_string())
+        .bind(key)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Housekeeping: forgets keys older than `retention`.
+    pub async fn idempotency_purge(&self, now: DateTime<Utc>, retention: Duration) -> Result<u64> {
+        let res = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= $1")
+            .bind(to_micros(now - retention))
+            .execute(&self.write)
+            .await?;
+        Ok(res.rows_affected())
+    }
+}

@@ -1,0 +1,94 @@
+//! Guest images: the `images` table.
+
+use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
+use crate::error::{Error, Result};
+use crate::model::ImageId;
+use chrono::{DateTime, Utc};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+/// A stored image. `boot` is the direct-kernel-boot description as JSON, if any.
+#[derive(Debug, Clone)]
+pub struct ImageRecord {
+    pub id: ImageId,
+    pub name: String,
+    pub source: String,
+    pub format: String,
+    pub sha256: Option<String>,
+    pub boot: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+fn from_row(row: &AnyRow) -> Result<ImageRecord> {
+    let boot: Option<String> = row.try_get("boot")?;
+    Ok(ImageRecord {
+        id: parse_col(&row.try_get::<String, _>("id")?, "images.id")?,
+        name: row.try_get("name")?,
+        source: row.try_get("source")?,
+        format: row.try_get("format")?,
+        sha256: row.try_get("sha256")?,
+        boot: boot
+            .map(|b| serde_json::from_str(&b))
+            .transpose()
+            .map_err(|e| Error::Internal(format!("bad images.boot: {e}")))?,
+        created_at: from_micros(row.try_get("created_at")?),
+    })
+}
+
+const COLUMNS: &str = "id, name, source, format, sha256, boot, created_at";
+
+impl Store {
+    /// Registers an image; 409 when the name is taken.
+    pub async fn image_create(
+        &self,
+        name: &str,
+        source: &str,
+        format: &str,
+        sha256: Option<&str>,
+        boot: Option<&serde_json::Value>,
+    ) -> Result<ImageRecord> {
+        let id = ImageId::new();
+        let res = sqlx::query(
+            "INSERT INTO images (id, name, source, format, sha256, boot, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(id.to_string())
+        .bind(name)
+        .bind(source)
+        .bind(format)
+        .bind(sha256)
+        .bind(boot.map(|b| b.to_string()))
+        .bind(to_micros(Utc::now()))
+        .execute(&self.write)
+        .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(Error::Conflict(format!(
+                    "an image named '{name}' already exists"
+                )))
+            }
+            other => {
+                other?;
+            }
+        }
+        self.image_by_name(name)
+            .await?
+            .ok_or(Error::NotFound("image"))
+    }
+
+    pub async fn image_by_name(&self, name: &str) -> Result<Option<ImageRecord>> {
+        let sql = format!("SELECT {COLUMNS} FROM images WHERE name = $1");
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Every image, by name. Catalogues stay small, so there is no paging.
+    pub async fn image_list(&self) -> Result<Vec<ImageRecord>> {
+        let sql = format!("SELECT {COLUMNS} FROM images ORDER BY name");
+        let rows = sqlx::query(&sql).fetch_all(&self.read).await?;
+        rows.iter().map(from_row).collect()
+    }
+}

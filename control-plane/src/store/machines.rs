@@ -1,0 +1,401 @@
+//! Machines and their event log: the `vms` and `vm_events` tables. Every status change is
+//! written together with its event row in one transaction.
+
+use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
+use crate::error::{Error, Result};
+use crate::model::machine_state::{self, Action};
+use crate::model::{
+    DesiredState, Hostname, ImageId, MachineId, MachineStatus, Quota, Usage, UserId,
+};
+use chrono::{DateTime, Utc};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+/// A stored machine (not deleted, unless a caller asked for history).
+#[derive(Debug, Clone)]
+pub struct MachineRecord {
+    /// Strictly increasing creation order; the keyset for pagination.
+    pub seq: i64,
+    pub id: MachineId,
+    pub owner_id: UserId,
+    pub hostname: String,
+    pub status: MachineStatus,
+    pub desired: DesiredState,
+    pub host_name: Option<String>,
+    pub image_name: String,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+    pub ssh_keys: Vec<String>,
+    pub user_data: Option<String>,
+    pub network: Option<serde_json::Value>,
+    pub failure_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A validated request for a new machine.
+#[derive(Debug, Clone)]
+pub struct NewMachine {
+    pub owner_id: UserId,
+    pub hostname: Hostname,
+    pub image_id: ImageId,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+    pub ssh_keys: Vec<String>,
+    pub user_data: Option<String>,
+}
+
+/// One line of a machine's log.
+#[derive(Debug, Clone)]
+pub struct EventRecord {
+    pub seq: i64,
+    pub action: String,
+    pub status: MachineStatus,
+    pub message: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Which machines a caller may see: a tenant its own, an administrator all.
+#[derive(Debug, Clone, Copy)]
+pub enum Visibility {
+    Owner(UserId),
+    All,
+}
+
+impl Visibility {
+    fn owner(&self) -> Option<String> {
+        match self {
+            Visibility::Owner(u) => Some(u.to_string()),
+            Visibility::All => None,
+        }
+    }
+}
+
+const SELECT: &str = "SELECT v.seq, v.id, v.owner_id, v.hostname, v.status, v.desired_state, \
+    h.name AS host_name, i.name AS image_name, v.vcpus, v.memory_mib, v.disk_gib, v.ssh_keys, \
+    v.user_data, v.network, v.failure_reason, v.created_at, v.updated_at \
+    FROM vms v JOIN images i ON i.id = v.image_id LEFT JOIN hosts h ON h.id = v.host_id";
+
+fn json_col<T: serde::de::DeserializeOwned>(text: Option<String>, col: &str) -> Result<Option<T>> {
+    text.map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| Error::Internal(format!("bad JSON in {col}: {e}")))
+}
+
+fn from_row(row: &AnyRow) -> Result<MachineRecord> {
+    Ok(MachineRecord {
+        seq: row.try_get("seq")?,
+        id: parse_col(&row.try_get::<String, _>("id")?, "vms.id")?,
+        owner_id: parse_col(&row.try_get::<String, _>("owner_id")?, "vms.owner_id")?,
+        hostname: row.try_get("hostname")?,
+        status: parse_col(&row.try_get::<String, _>("status")?, "vms.status")?,
+        desired: parse_col(
+            &row.try_get::<String, _>("desired_state")?,
+            "vms.desired_state",
+        )?,
+        host_name: row.try_get("host_name")?,
+        image_name: row.try_get("image_name")?,
+        vcpus: row.try_get("vcpus")?,
+        memory_mib: row.try_get("memory_mib")?,
+        disk_gib: row.try_get("disk_gib")?,
+        ssh_keys: json_col(row.try_get("ssh_keys")?, "vms.ssh_keys")?.unwrap_or_default(),
+        user_data: row.try_get("user_data")?,
+        network: json_col(row.try_get("network")?, "vms.network")?,
+        failure_reason: row.try_get("failure_reason")?,
+        created_at: from_micros(row.try_get("created_at")?),
+        updated_at: from_micros(row.try_get("updated_at")?),
+    })
+}
+
+async fn event_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    id: MachineId,
+    action: &str,
+    status: MachineStatus,
+    message: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO vm_events (vm_id, action, status, message, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id.to_string())
+    .bind(action)
+    .bind(status.as_str())
+    .bind(message)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn live_by_hostname_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    owner: UserId,
+    hostname: &str,
+) -> Result<Option<MachineId>> {
+    let row = sqlx::query(
+        "SELECT id FROM vms WHERE owner_id = $1 AND hostname = $2 AND deleted_at IS NULL",
+    )
+    .bind(owner.to_string())
+    .bind(hostname)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.map(|r| parse_col(&r.try_get::<String, _>("id")?, "vms.id"))
+        .transpose()
+}
+
+impl Store {
+    /// Creates a machine in `pending`, within the owner's quota and with a hostname unique
+    /// among the owner's live machines, and writes its first event.
+    pub async fn machine_create(&self, new: &NewMachine, quota: &Quota) -> Result<MachineRecord> {
+        let now = to_micros(Utc::now());
+        let id = MachineId::new();
+        let owner = new.owner_id.to_string();
+        let mut tx = self.begin_write().await?;
+        // Serialises this owner's creations on PostgreSQL (a row lock; a no-op write on
+        // SQLite, whose single writer serialises already), so quota checks cannot race.
+        sqlx::query("UPDATE users SET updated_at = updated_at WHERE id = $1")
+            .bind(&owner)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(existing) =
+            live_by_hostname_in_txn(&mut tx, new.owner_id, new.hostname.as_str()).await?
+        {
+            return Err(Error::HostnameTaken {
+                hostname: new.hostname.to_string(),
+                existing,
+            });
+        }
+        let usage = sqlx::query(
+            "SELECT COUNT(*) AS machines, CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
+             CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib \
+             FROM vms WHERE owner_id = $1 AND deleted_at IS NULL",
+        )
+        .bind(&owner)
+        .fetch_one(&mut *tx)
+        .await?;
+        let current = Usage {
+            machines: usage.try_get("machines")?,
+            vcpus: usage.try_get("vcpus")?,
+            memory_mib: usage.try_get("memory_mib")?,
+        };
+        let asked = Usage {
+            machines: 1,
+            vcpus: new.vcpus,
+            memory_mib: new.memory_mib,
+        };
+        quota.admits(current, asked).map_err(Error::QuotaExceeded)?;
+        let keys = serde_json::to_string(&new.ssh_keys)
+            .map_err(|e| Error::Internal(format!("ssh keys to JSON: {e}")))?;
+        let res = sqlx::query(
+            "INSERT INTO vms (id, owner_id, hostname, status, desired_state, image_id, vcpus, \
+             memory_mib, disk_gib, ssh_keys, user_data, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
+        )
+        .bind(id.to_string())
+        .bind(&owner)
+        .bind(new.hostname.as_str())
+        .bind(MachineStatus::Pending.as_str())
+        .bind(DesiredState::Running.as_str())
+        .bind(new.image_id.to_string())
+        .bind(new.vcpus)
+        .bind(new.memory_mib)
+        .bind(new.disk_gib)
+        .bind(keys)
+        .bind(new.user_data.as_deref())
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        if let Err(e) = res {
+            // Only reachable if the lock above were bypassed; still answer 409, not 500.
+            if is_unique_violation(&e) {
+                return Err(Error::Conflict(format!(
+                    "a machine named '{}' already exists",
+                    new.hostname
+                )));
+            }
+            return Err(e.into());
+        }
+        event_in_txn(
+            &mut tx,
+            id,
+            "create",
+            MachineStatus::Pending,
+            "machine requested; waiting for a host",
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.machine_get(id, Visibility::All)
+            .await?
+            .ok_or(Error::NotFound("machine"))
+    }
+
+    /// A live (not deleted) machine the caller may see.
+    pub async fn machine_get(
+        &self,
+        id: MachineId,
+        who: Visibility,
+    ) -> Result<Option<MachineRecord>> {
+        let sql = format!(
+            "{SELECT} WHERE v.id = $1 AND v.deleted_at IS NULL AND ($2 IS NULL OR v.owner_id = $2)"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .bind(who.owner())
+            .fetch_optional(self.reader())
+            .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Newest first, strictly older than `before_seq` when given, at most `limit`.
+    pub async fn machine_list(
+        &self,
+        who: Visibility,
+        status: Option<MachineStatus>,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<MachineRecord>> {
+        let sql = format!(
+            "{SELECT} WHERE v.deleted_at IS NULL AND ($1 IS NULL OR v.owner_id = $1) \
+             AND ($2 IS NULL OR v.status = $2) AND ($3 IS NULL OR v.seq < $3) \
+             ORDER BY v.seq DESC LIMIT $4"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(who.owner())
+            .bind(status.map(MachineStatus::as_str))
+            .bind(before_seq)
+            .bind(limit)
+            .fetch_all(self.reader())
+            .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// Applies a tenant's request through the state machine; 409 when it makes no sense now.
+    pub async fn machine_request(
+        &self,
+        id: MachineId,
+        who: Visibility,
+        action: Action,
+    ) -> Result<MachineRecord> {
+        let now = to_micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "SELECT status, desired_state FROM vms \
+             WHERE id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR owner_id = $2)",
+        )
+        .bind(id.to_string())
+        .bind(who.owner())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(Error::NotFound("machine"))?;
+        let status: MachineStatus = parse_col(&row.try_get::<String, _>("status")?, "status")?;
+        let desired: DesiredState =
+            parse_col(&row.try_get::<String, _>("desired_state")?, "desired_state")?;
+        let t = machine_state::request(action, status, desired)
+            .map_err(|e| Error::Conflict(e.to_string()))?;
+        sqlx::query(
+            "UPDATE vms SET status = $1, desired_state = $2, updated_at = $3, \
+             generation = generation + 1 WHERE id = $4",
+        )
+        .bind(t.status.as_str())
+        .bind(t.desired.as_str())
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        let message = format!("{action} requested");
+        event_in_txn(&mut tx, id, action.as_str(), t.status, &message, now).await?;
+        tx.commit().await?;
+        self.machine_get(id, who)
+            .await?
+            .ok_or(Error::NotFound("machine"))
+    }
+
+    /// Records an observed transition (worker, reconciler) if the lifecycle allows it and the
+    /// machine is still in `from`; returns whether it was applied. Reaching `deleted` also
+    /// stamps `deleted_at`, which frees the hostname.
+    pub async fn machine_observe(
+        &self,
+        id: MachineId,
+        from: MachineStatus,
+        to: MachineStatus,
+        action: &str,
+        message: &str,
+    ) -> Result<bool> {
+        if !machine_state::can_transition(from, to) {
+            return Err(Error::Internal(format!(
+                "illegal transition {from} -> {to}"
+            )));
+        }
+        let now = to_micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let res = sqlx::query(
+            "UPDATE vms SET status = $1, updated_at = $2, \
+             deleted_at = CASE WHEN $1 = 'deleted' THEN $2 ELSE deleted_at END \
+             WHERE id = $3 AND status = $4 AND deleted_at IS NULL",
+        )
+        .bind(to.as_str())
+        .bind(now)
+        .bind(id.to_string())
+        .bind(from.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if res.rows_affected() == 0 {
+            return Ok(false);
+        }
+        event_in_txn(&mut tx, id, action, to, message, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// A machine's log, oldest first, after `after_seq` when given. Deleted machines have none
+    /// to show (they are gone for the tenant).
+    pub async fn machine_events(
+        &self,
+        id: MachineId,
+        after_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<EventRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, action, status, message, created_at FROM vm_events \
+             WHERE vm_id = $1 AND ($2 IS NULL OR seq > $2) ORDER BY seq LIMIT $3",
+        )
+        .bind(id.to_string())
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventRecord {
+                    seq: r.try_get("seq")?,
+                    action: r.try_get("action")?,
+                    status: parse_col(&r.try_get::<String, _>("status")?, "vm_events.status")?,
+                    message: r.try_get("message")?,
+                    created_at: from_micros(r.try_get("created_at")?),
+                })
+            })
+            .collect()
+    }
+
+    /// Live machines per status, for metrics.
+    pub async fn machine_count_by_status(&self) -> Result<Vec<(MachineStatus, i64)>> {
+        let rows = sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM vms WHERE deleted_at IS NULL GROUP BY status",
+        )
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    parse_col(&r.try_get::<String, _>("status")?, "status")?,
+                    r.try_get("n")?,
+                ))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,166 @@
+//! The only place with SQL. One store over two back ends: SQLite (embedded default) and
+//! PostgreSQL (several control-plane replicas).
+//!
+//! Both back ends run the same statements through sqlx's `Any` driver: the schema keeps to
+//! the common subset (UUIDs as text, times as Unix microseconds, `$n` placeholders, which
+//! SQLite also understands), and each back end has its own migration files beside this module.
+//! The price is that PostgreSQL columns are plainer than they could be; the gain is one
+//! implementation and one test suite instead of two that drift apart.
+
+pub mod hosts;
+pub mod idempotency;
+pub mod images;
+pub mod machines;
+pub mod sessions;
+pub mod ssh_keys;
+pub mod users;
+
+use crate::error::{Error, Result};
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyPool, Executor, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator =
+    sqlx::migrate!("src/store/migrations/postgres");
+
+/// Which database the store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// Reads. On SQLite (WAL) readers never block the writer.
+    read: AnyPool,
+    /// Writes. On SQLite this pool has one connection: SQLite allows one writer at a time, and
+    /// queueing here is kinder than `SQLITE_BUSY`. On PostgreSQL it is the same pool as `read`.
+    write: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://PATH` or `postgres://...`), creating a SQLite file if absent.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(Error::Invalid(
+                "database URL must start with sqlite:// or postgres://".into(),
+            ));
+        };
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_owned(),
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        let pool = |max: u32| {
+            AnyPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(Duration::from_secs(10))
+                .after_connect(move |conn, _meta| {
+                    Box::pin(async move {
+                        if backend == Backend::Sqlite {
+                            // Foreign keys are off by default in SQLite; WAL lets reads run
+                            // beside the writer; busy_timeout covers other processes (admin CLI).
+                            conn.execute(
+                                "PRAGMA foreign_keys = ON; PRAGMA journal_mode = WAL; \
+                                 PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+                            )
+                            .await?;
+                        }
+                        Ok(())
+                    })
+                })
+                .connect_with(options.clone())
+        };
+        let (read, write) = match backend {
+            Backend::Sqlite => {
+                // The writer connects first so that it creates the file and switches to WAL.
+                let write = pool(1).await?;
+                (pool(max_connections).await?, write)
+            }
+            Backend::Postgres => {
+                let p = pool(max_connections).await?;
+                (p.clone(), p)
+            }
+        };
+        Ok(Self {
+            read,
+            write,
+            backend,
+        })
+    }
+
+    /// Applies the back end's pending migrations.
+    pub async fn migrate(&self) -> Result<()> {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator.run(&self.write).await?;
+        Ok(())
+    }
+
+    /// Whether the database answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes both pools (tests, shutdown).
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+
+    /// Starts a write transaction. On SQLite it takes the write lock up front (`IMMEDIATE`) so
+    /// a read-then-write never fails half-way with `SQLITE_BUSY`.
+    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.write.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.write.begin().await?,
+        })
+    }
+
+    pub(crate) fn reader(&self) -> &AnyPool {
+        &self.read
+    }
+}
+
+/// Now, as stored: Unix microseconds.
+pub(crate) fn to_micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// A stored time back as a `DateTime`; out-of-range values (never written by us) clamp.
+pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(us).single().unwrap_or_default()
+}
+
+/// Whether `e` is a unique-constraint violation (on either back end).
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Parses a stored text column into a domain type; a bad value is corruption, not user error.
+pub(crate) fn parse_col<T: FromStr>(value: &str, column: &str) -> Result<T> {
+    value
+        .parse()
+        .map_err(|_| Error::Internal(format!("bad value in column {column}: {value:?}")))
+}

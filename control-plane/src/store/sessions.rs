@@ -1,0 +1,236 @@
+//! Sessions: refresh-token families (rotation, reuse detection) and the per-account count of
+//! failed logins that rate limiting reads (kept here so it holds across replicas).
+
+use super::{from_micros, to_micros, Store};
+use crate::error::Result;
+use crate::model::UserId;
+use auth::refresh::{self, RefreshDecision, RefreshRecord};
+use chrono::{DateTime, Duration, Utc};
+use sqlx::Row;
+use uuid::Uuid;
+
+/// The family a new refresh token joins: a fresh one at login, the old one on rotation.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    pub id: Uuid,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What presenting a refresh token led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// The token was spent and the new one stored in its family.
+    Rotated { user_id: UserId },
+    /// No such token.
+    Unknown,
+    /// Past its idle or absolute expiry.
+    Expired,
+    /// A spent or revoked token came back: its whole family is now revoked.
+    ReuseDetected,
+}
+
+impl Store {
+    /// Stores a new refresh token (only its hash) in `family`.
+    pub async fn refresh_token_insert(
+        &self,
+        user_id: UserId,
+        token_hash: &str,
+        family: Family,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO refresh_tokens (id, user_id, family_id, family_created_at, token_hash, \
+             expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(user_id.to_string())
+        .bind(family.id.to_string())
+        .bind(to_micros(family.created_at))
+        .bind(token_hash)
+        .bind(to_micros(refresh::expires_at(now, family.created_at)))
+        .bind(to_micros(now))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Spends the token whose hash is `presented_hash` and stores `new_hash` in its family, in
+    /// one transaction. Of several concurrent calls with one token exactly one rotates: the
+    /// spend is a conditional update, and the losers see reuse.
+    pub async fn refresh_token_rotate(
+        &self,
+        presented_hash: &str,
+        new_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RefreshOutcome> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "SELECT id, user_id, family_id, family_created_at, created_at, revoked_at, replaced_by \
+             FROM refresh_tokens WHERE token_hash = $1",
+        )
+        .bind(presented_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(RefreshOutcome::Unknown);
+        };
+        let id: String = row.try_get("id")?;
+        let user_id: UserId = super::parse_col(&row.try_get::<String, _>("user_id")?, "user_id")?;
+        let family_id: String = row.try_get("family_id")?;
+        let family_created_at = from_micros(row.try_get("family_created_at")?);
+        let record = RefreshRecord {
+            created_at: from_micros(row.try_get("created_at")?),
+            family_created_at,
+            revoked_at: row
+                .try_get::<Option<i64>, _>("revoked_at")?
+                .map(from_micros),
+            replaced: row.try_get::<Option<String>, _>("replaced_by")?.is_some(),
+        };
+        let mut decision = refresh::decide(&record, now);
+        let new_id = Uuid::new_v4().to_string();
+        if decision == RefreshDecision::Rotate {
+            let spent = sqlx::query(
+                "UPDATE refresh_tokens SET replaced_by = $1 \
+                 WHERE id = $2 AND replaced_by IS NULL AND revoked_at IS NULL",
+            )
+            .bind(&new_id)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            if spent.rows_affected() == 0 {
+                // Another request spent it between our read and our write.
+                decision = RefreshDecision::Reuse;
+            }
+        }
+        let outcome = match decision {
+            RefreshDecision::Rotate => {
+                sqlx::query(
+                    "INSERT INTO refresh_tokens (id, user_id, family_id, family_created_at, \
+                     token_hash, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(&new_id)
+                .bind(user_id.to_string())
+                .bind(&family_id)
+                .bind(to_micros(family_created_at))
+                .bind(new_hash)
+                .bind(to_micros(refresh::expires_at(now, family_created_at)))
+                .bind(to_micros(now))
+                .execute(&mut *tx)
+                .await?;
+                RefreshOutcome::Rotated { user_id }
+            }
+            RefreshDecision::Reuse => {
+                revoke_family_in_txn(&mut tx, &family_id, now).await?;
+                RefreshOutcome::ReuseDetected
+            }
+            RefreshDecision::Expired => RefreshOutcome::Expired,
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Revokes the family of the token with this hash (logout). Unknown tokens are ignored:
+    /// logging out twice is not an error.
+    pub async fn refresh_family_revoke_by_token(
+        &self,
+        token_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<UserId>> {
+        let mut tx = self.begin_write().await?;
+        let row =
+            sqlx::query("SELECT user_id, family_id FROM refresh_tokens WHERE token_hash = $1")
+                .bind(token_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let family_id: String = row.try_get("family_id")?;
+        revoke_family_in_txn(&mut tx, &family_id, now).await?;
+        tx.commit().await?;
+        Ok(Some(super::parse_col(
+            &row.try_get::<String, _>("user_id")?,
+            "user_id",
+        )?))
+    }
+
+    /// Failed logins for `username` in the current window, and when that window began.
+    pub async fn login_failures(&self, username: &str) -> Result<Option<(DateTime<Utc>, i64)>> {
+        let row =
+            sqlx::query("SELECT window_start, failures FROM login_failures WHERE username = $1")
+                .bind(username)
+                .fetch_optional(&self.read)
+                .await?;
+        row.map(|r| {
+            Ok((
+                from_micros(r.try_get("window_start")?),
+                r.try_get("failures")?,
+            ))
+        })
+        .transpose()
+    }
+
+    /// Counts one failed login; a window older than `window` starts over at one.
+    pub async fn login_failure_record(
+        &self,
+        username: &str,
+        now: DateTime<Utc>,
+        window: Duration,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO login_failures (username, window_start, failures) VALUES ($1, $2, 1) \
+             ON CONFLICT (username) DO UPDATE SET \
+               failures = CASE WHEN login_failures.window_start <= $3 THEN 1 \
+                               ELSE login_failures.failures + 1 END, \
+               window_start = CASE WHEN login_failures.window_start <= $3 THEN $2 \
+                                   ELSE login_failures.window_start END",
+        )
+        .bind(username)
+        .bind(to_micros(now))
+        .bind(to_micros(now - window))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets failed logins after a success.
+    pub async fn login_failures_clear(&self, username: &str) -> Result<()> {
+        sqlx::query("DELETE FROM login_failures WHERE username = $1")
+            .bind(username)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Housekeeping: drops failure windows and refresh tokens that can no longer matter.
+    pub async fn sessions_purge_expired(
+        &self,
+        now: DateTime<Utc>,
+        window: Duration,
+    ) -> Result<u64> {
+        let a = sqlx::query("DELETE FROM login_failures WHERE window_start <= $1")
+            .bind(to_micros(now - window))
+            .execute(&self.write)
+            .await?;
+        let b = sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= $1")
+            .bind(to_micros(now))
+            .execute(&self.write)
+            .await?;
+        Ok(a.rows_affected() + b.rows_affected())
+    }
+}
+
+async fn revoke_family_in_txn(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    family_id: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(to_micros(now))
+    .bind(family_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! The binary as an operator runs it: `serve` with nothing but a data dir, and
+//! `admin create --password-stdin` against the same database.
+
+use crate::common::PASSWORD;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_skygate-control-plane");
+
+/// Kills the server by pid when the test ends, however it ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_ready(base: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status() == StatusCode::OK {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("control plane did not become ready");
+}
+
+#[tokio::test]
+async fn serve_and_admin_create_work_on_a_bare_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("state");
+    // The first administrator, created before the server ever ran.
+    let mut admin = Command::new(BIN)
+        .args([
+            "admin",
+            "create",
+            "--username",
+            "root",
+            "--email",
+            "root@example.com",
+            "--password-stdin",
+        ])
+        .env("SKYGATE_DATA_DIR", &data_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(admin.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+    let out = admin.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(PASSWORD));
+
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let server = Server(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--http-addr",
+                &format!("127.0.0.1:{port}"),
+                "--log-format",
+                "json",
+            ])
+            .env("SKYGATE_DATA_DIR", &data_dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(&base).await;
+    let secret = std::fs::metadata(data_dir.join("jwt-secret")).unwrap();
+    assert_eq!(secret.permissions().mode() & 0o777, 0o600);
+    assert!(data_dir.join("skygate.db").exists());
+
+    let client = reqwest::Client::new();
+    let login: Value = client
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({"username": "root", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"].as_str().unwrap();
+    let me: Value = client
+        .get(format!("{base}/api/v1/auth/profile"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["role"], "admin");
+
+    // Stop it by pid with SIGTERM: a clean exit, and no secret in the access log.
+    let pid = server.0.id();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut server = server;
+    let exit = server.0.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(
+        log.contains("\"status\":200")
+            || log.contains("status=200")
+            || log.contains("\"status\":\"200\""),
+        "{log}"
+    );
+    assert!(
+        !log.contains(PASSWORD) && !log.contains(token),
+        "secrets in the log"
+    );
+
+    // A second admin with a taken username fails cleanly.
+    let mut again = Command::new(BIN)
+        .args([
+            "admin",
+            "create",
+            "--username",
+            "root",
+            "--email",
+            "other@example.com",
+            "--password-stdin",
+        ])
+        .env("SKYGATE_DATA_DIR", &data_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(again.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+    let out = again.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("taken"));
+}

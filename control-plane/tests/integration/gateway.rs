@@ -1,0 +1,196 @@
+//! Gateway concerns: request ids, problem documents for framework errors, CORS, health,
+//! metrics, and the OpenAPI document (fresh in the repo, and every route in it guarded).
+
+use crate::both_stores;
+use crate::common::{problem, Backend, TestApp};
+use control_plane::api::HttpSettings;
+use control_plane::app::Settings;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+both_stores!(
+    every_response_carries_a_request_id,
+    unknown_routes_and_methods_are_problems,
+    readiness_and_metrics_report_the_store,
+);
+
+async fn every_response_carries_a_request_id(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    let res = t.req(Method::GET, "/healthz").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let generated = res.headers()["x-request-id"].to_str().unwrap();
+    assert!(generated.parse::<uuid::Uuid>().is_ok(), "{generated}");
+    let res = t
+        .req(Method::GET, "/machines")
+        .header("x-request-id", "client-chosen-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "client-chosen-42");
+    let body = problem(res, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(body["request_id"], "client-chosen-42");
+    t.stop().await;
+}
+
+async fn unknown_routes_and_methods_are_problems(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    problem(
+        t.req(Method::GET, "/api/v1/nothing-here")
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    problem(
+        t.req(Method::GET, "/nope").send().await.unwrap(),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let res = t.req(Method::PUT, "/machines").send().await.unwrap();
+    assert!(res.headers().contains_key("allow"));
+    problem(res, StatusCode::METHOD_NOT_ALLOWED).await;
+    t.stop().await;
+}
+
+async fn readiness_and_metrics_report_the_store(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    t.create_machine(&ann, "web").await;
+    assert_eq!(
+        t.req(Method::GET, "/readyz").send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    let text = t
+        .req(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("skygate_http_requests_total{")
+                && l.contains("route=\"/api/v1/machines\"")
+                && l.contains("status=\"202\"")),
+        "{text}"
+    );
+    assert!(
+        text.contains("skygate_http_request_duration_seconds_bucket{"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "skygate_machines{status=\"pending\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "skygate_machines{status=\"running\"} 0"),
+        "{text}"
+    );
+    // With the database gone, the process is alive but not ready.
+    t.store.close().await;
+    assert_eq!(
+        t.req(Method::GET, "/healthz")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    problem(
+        t.req(Method::GET, "/readyz").send().await.unwrap(),
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn cors_allows_only_configured_origins() {
+    let http = HttpSettings {
+        cors_origins: vec!["https://console.example".parse().unwrap()],
+        ..HttpSettings::default()
+    };
+    let t = TestApp::spawn_with(Backend::Sqlite, Settings::default(), http).await;
+    let preflight = |origin: &'static str| {
+        t.req(Method::OPTIONS, "/machines")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let ok = preflight("https://console.example").await.unwrap();
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://console.example"
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+    t.stop().await;
+}
+
+const OPENAPI_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+
+/// The checked-in document must match the code. Regenerate with
+/// `SKYGATE_UPDATE_OPENAPI=1 cargo test -p control-plane --test integration openapi`.
+#[tokio::test]
+async fn openapi_document_is_fresh_and_served() {
+    let generated = control_plane::api::openapi_json();
+    if std::env::var_os("SKYGATE_UPDATE_OPENAPI").is_some() {
+        std::fs::write(OPENAPI_PATH, &generated).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(OPENAPI_PATH).unwrap_or_default();
+    assert!(
+        checked_in == generated,
+        "control-plane/openapi.json is stale: rerun with SKYGATE_UPDATE_OPENAPI=1"
+    );
+    let t = TestApp::spawn(Backend::Sqlite).await;
+    let served = t
+        .req(Method::GET, "/openapi.json")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(served, generated);
+    t.stop().await;
+}
+
+/// Driven by the document: every operation but register, login and refresh refuses a caller
+/// without a token, with 401 and a problem document.
+#[tokio::test]
+async fn every_route_but_register_login_refresh_rejects_anonymous_callers() {
+    let doc: Value = serde_json::from_str(&control_plane::api::openapi_json()).unwrap();
+    let public = ["/auth/register", "/auth/login", "/auth/refresh"];
+    let t = TestApp::spawn(Backend::Sqlite).await;
+    let mut checked = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let concrete = path.replace("{id}", &uuid::Uuid::new_v4().to_string());
+        for method in ops.as_object().unwrap().keys() {
+            let method: Method = method.to_uppercase().parse().unwrap();
+            let res = t
+                .req(method.clone(), &concrete)
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            if public.contains(&path.as_str()) {
+                assert_ne!(res.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+            } else {
+                problem(res, StatusCode::UNAUTHORIZED).await;
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 18, "only {checked} operations checked");
+    t.stop().await;
+}

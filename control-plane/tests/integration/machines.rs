@@ -1,0 +1,563 @@
+//! Machines: create, read, lifecycle requests, delete, validation, hostname uniqueness,
+//! tenant isolation, idempotency keys and quotas.
+
+use crate::both_stores;
+use crate::common::{machine_body, problem, Backend, TestApp, ED25519};
+use control_plane::api::HttpSettings;
+use control_plane::app::Settings;
+use control_plane::model::Quota;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+both_stores!(
+    create_read_list_and_delete_a_machine,
+    machine_input_is_validated,
+    duplicate_hostname_names_the_existing_machine_and_frees_after_delete,
+    tenants_never_see_each_others_machines,
+    lifecycle_requests_follow_the_state_machine,
+    idempotency_key_replays_refuses_mismatch_and_in_flight,
+    quotas_limit_what_a_tenant_holds,
+    concurrent_creates_never_exceed_the_quota,
+);
+
+async fn create_read_list_and_delete_a_machine(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let res = t
+        .as_user(&ann, Method::POST, "/machines")
+        .json(
+            &json!({"hostname": "web-1", "image": "tiny", "vcpus": 2, "memory_mib": 512,
+                      "disk_gib": 10, "ssh_keys": [ED25519], "user_data": "#cloud-config\n"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let location = res.headers()["location"].to_str().unwrap().to_owned();
+    let m: Value = res.json().await.unwrap();
+    let id = m["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/api/v1/machines/{id}"));
+    assert_eq!(m["status"], "pending");
+    assert_eq!(m["desired_state"], "running");
+    assert_eq!(m["hostname"], "web-1");
+    assert_eq!(m["image"], "tiny");
+    assert_eq!(
+        (
+            m["vcpus"].as_i64(),
+            m["memory_mib"].as_i64(),
+            m["disk_gib"].as_i64()
+        ),
+        (Some(2), Some(512), Some(10))
+    );
+    assert_eq!(m["host"], Value::Null);
+    assert_eq!(m["network"], json!({"addresses": [], "ports": []}));
+    assert_eq!(m["failure_reason"], Value::Null);
+
+    let got: Value = t
+        .as_user(&ann, Method::GET, &location)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got, m);
+    let list: Value = t
+        .as_user(&ann, Method::GET, "/machines")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert_eq!(list["items"][0]["id"], id.as_str());
+    assert_eq!(list["next_cursor"], Value::Null);
+
+    let res = t
+        .as_user(&ann, Method::DELETE, &location)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let deleting: Value = res.json().await.unwrap();
+    assert_eq!(deleting["status"], "deleting");
+    assert_eq!(deleting["desired_state"], "deleted");
+    problem(
+        t.as_user(&ann, Method::GET, &location)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let list: Value = t
+        .as_user(&ann, Method::GET, "/machines")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"], json!([]));
+
+    // The log survives in the database: create, delete requested, deleted.
+    let events = t
+        .store
+        .machine_events(id.parse().unwrap(), None, 10)
+        .await
+        .unwrap();
+    let trail: Vec<_> = events
+        .iter()
+        .map(|e| (e.action.as_str(), e.status.as_str()))
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            ("create", "pending"),
+            ("delete", "deleting"),
+            ("delete", "deleted")
+        ]
+    );
+    t.stop().await;
+}
+
+async fn machine_input_is_validated(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let huge_user_data = "x".repeat(64 * 1024 + 1);
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"hostname": "Web_1"}), "hostname"),
+        (json!({"hostname": "-web"}), "hostname"),
+        (json!({"hostname": "a".repeat(64)}), "hostname"),
+        (json!({"vcpus": 0}), "vcpus"),
+        (json!({"vcpus": 1000}), "vcpus"),
+        (json!({"memory_mib": 1}), "memory_mib"),
+        (json!({"disk_gib": 0}), "disk_gib"),
+        (json!({"disk_gib": 1_000_000}), "disk_gib"),
+        (json!({"image": "nope"}), "image"),
+        (json!({"user_data": huge_user_data}), "user_data"),
+        (json!({"ssh_keys": ["ssh-rsa not-a-key"]}), "ssh_keys"),
+        (json!({"ssh_keys": ["no-such-saved-key"]}), "ssh_keys"),
+        (json!({"memory_mb": 256}), "memory_mb"),
+        (json!({"vcpus": "two"}), "vcpus"),
+    ];
+    for (patch, mentions) in cases {
+        let mut body = machine_body("web");
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let res = t
+            .as_user(&ann, Method::POST, "/machines")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let p = problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(
+            p["detail"].as_str().unwrap().contains(mentions),
+            "{mentions}: {p}"
+        );
+    }
+    // Malformed JSON, wrong media type, oversized body: problems too, never 500.
+    let res = t
+        .as_user(&ann, Method::POST, "/machines")
+        .header("content-type", "application/json")
+        .body("{\"hostname\": ")
+        .send()
+        .await
+        .unwrap();
+    problem(res, StatusCode::BAD_REQUEST).await;
+    let res = t
+        .as_user(&ann, Method::POST, "/machines")
+        .header("content-type", "text/plain")
+        .body("hostname=web")
+        .send()
+        .await
+        .unwrap();
+    problem(res, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+    let res = t
+        .as_user(&ann, Method::POST, "/machines")
+        .header("content-type", "application/json")
+        .body(format!(
+            "{{\"user_data\": \"{}\"}}",
+            "x".repeat(2 * 1024 * 1024)
+        ))
+        .send()
+        .await
+        .unwrap();
+    problem(res, StatusCode::PAYLOAD_TOO_LARGE).await;
+
+    // A saved key may be referenced by name.
+    let res = t
+        .as_user(&ann, Method::POST, "/ssh-keys")
+        .json(&json!({"name": "laptop", "public_key": ED25519}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let mut body = machine_body("web");
+    body["ssh_keys"] = json!(["laptop"]);
+    let res = t
+        .as_user(&ann, Method::POST, "/machines")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let m: Value = res.json().await.unwrap();
+    let rec = t
+        .store
+        .machine_get(
+            m["id"].as_str().unwrap().parse().unwrap(),
+            control_plane::store::machines::Visibility::All,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.ssh_keys, vec![ED25519.to_owned()]);
+    t.stop().await;
+}
+
+async fn duplicate_hostname_names_the_existing_machine_and_frees_after_delete(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let bob = t.user("bob").await;
+    let first: Value = t.create_machine(&ann, "web").await.json().await.unwrap();
+    let p = problem(t.create_machine(&ann, "web").await, StatusCode::CONFLICT).await;
+    assert_eq!(p["existing_machine_id"], first["id"]);
+    assert!(p["detail"].as_str().unwrap().contains("'web'"));
+    // Another tenant may use the same name.
+    assert_eq!(
+        t.create_machine(&bob, "web").await.status(),
+        StatusCode::ACCEPTED
+    );
+    let path = format!("/machines/{}", first["id"].as_str().unwrap());
+    assert_eq!(
+        t.as_user(&ann, Method::DELETE, &path)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    let again: Value = t.create_machine(&ann, "web").await.json().await.unwrap();
+    assert_ne!(again["id"], first["id"]);
+    t.stop().await;
+}
+
+async fn tenants_never_see_each_others_machines(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let bob = t.user("bob").await;
+    let root = t.admin("root").await;
+    let m: Value = t.create_machine(&ann, "secret").await.json().await.unwrap();
+    let id = m["id"].as_str().unwrap();
+    for (method, path) in [
+        (Method::GET, format!("/machines/{id}")),
+        (Method::GET, format!("/machines/{id}/events")),
+        (Method::GET, format!("/machines/{id}/console")),
+        (Method::POST, format!("/machines/{id}/start")),
+        (Method::POST, format!("/machines/{id}/stop")),
+        (Method::POST, format!("/machines/{id}/reboot")),
+        (Method::DELETE, format!("/machines/{id}")),
+    ] {
+        let res = t.as_user(&bob, method.clone(), &path).send().await.unwrap();
+        problem(res, StatusCode::NOT_FOUND).await;
+    }
+    let bobs: Value = t
+        .as_user(&bob, Method::GET, "/machines")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bobs["items"], json!([]));
+    // Administrators see every tenant's machines.
+    let all: Value = t
+        .as_user(&root, Method::GET, "/machines")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["items"][0]["id"], id);
+    let res = t
+        .as_user(&root, Method::GET, &format!("/machines/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // Still there for its owner.
+    let res = t
+        .as_user(&ann, Method::GET, &format!("/machines/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    t.stop().await;
+}
+
+async fn lifecycle_requests_follow_the_state_machine(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let m: Value = t.create_machine(&ann, "web").await.json().await.unwrap();
+    let id = m["id"].as_str().unwrap();
+    let act = |action: &str| {
+        t.as_user(&ann, Method::POST, &format!("/machines/{id}/{action}"))
+            .send()
+    };
+
+    // Pending: a stop changes what will be built, a second stop makes no sense.
+    let res = act("stop").await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["desired_state"].as_str()),
+        (Some("pending"), Some("stopped"))
+    );
+    let p = problem(act("stop").await.unwrap(), StatusCode::CONFLICT).await;
+    assert!(p["detail"]
+        .as_str()
+        .unwrap()
+        .contains("cannot stop a machine that is pending"));
+    problem(act("reboot").await.unwrap(), StatusCode::CONFLICT).await;
+    let v: Value = act("start").await.unwrap().json().await.unwrap();
+    assert_eq!(v["desired_state"], "running");
+    problem(act("start").await.unwrap(), StatusCode::CONFLICT).await;
+    problem(act("hibernate").await.unwrap(), StatusCode::NOT_FOUND).await;
+
+    let events: Value = t
+        .as_user(&ann, Method::GET, &format!("/machines/{id}/events"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let actions: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["create", "stop", "start"]);
+    assert!(events["items"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("waiting for a host"));
+    // Not on a host: no console yet, and it says so.
+    let p = problem(
+        t.as_user(&ann, Method::GET, &format!("/machines/{id}/console"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("not on a host"));
+    t.stop().await;
+}
+
+async fn idempotency_key_replays_refuses_mismatch_and_in_flight(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let bob = t.user("bob").await;
+    let post = |who, key: &str, body: Value| {
+        t.as_user(who, Method::POST, "/machines")
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+    };
+    let first = post(&ann, "key-1", machine_body("web")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let location = first.headers()["location"].clone();
+    let first: Value = first.json().await.unwrap();
+    // Same key, same body (keys in another order): the first answer again, no second machine.
+    let reordered =
+        json!({"disk_gib": 1, "memory_mib": 256, "vcpus": 1, "image": "tiny", "hostname": "web"});
+    let again = post(&ann, "key-1", reordered).await.unwrap();
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    assert_eq!(again.headers()["location"], location);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    let list: Value = t
+        .as_user(&ann, Method::GET, "/machines")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    // Same key, other body: refused.
+    problem(
+        post(&ann, "key-1", machine_body("db")).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    // Keys are per user.
+    assert_eq!(
+        post(&bob, "key-1", machine_body("web"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    // A failed first attempt does not burn the key.
+    problem(
+        post(&ann, "key-2", machine_body("web")).await.unwrap(),
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(
+        post(&ann, "key-2", machine_body("api"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    // A key whose first request is still running: 409.
+    let ann_id: Value = t
+        .as_user(&ann, Method::GET, "/auth/profile")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let params: control_plane::api::params::CreateMachineParams =
+        serde_json::from_value(machine_body("x")).unwrap();
+    let in_flight_hash =
+        control_plane::app::idempotency::request_hash(&serde_json::to_vec(&params).unwrap());
+    let claim = t
+        .store
+        .idempotency_claim(
+            ann_id["id"].as_str().unwrap().parse().unwrap(),
+            "key-3",
+            &in_flight_hash,
+            chrono::Utc::now(),
+            chrono::Duration::seconds(60),
+            chrono::Duration::hours(24),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim, control_plane::store::idempotency::Claim::Claimed);
+    problem(
+        post(&ann, "key-3", machine_body("x")).await.unwrap(),
+        StatusCode::CONFLICT,
+    )
+    .await;
+    // Malformed keys are refused.
+    problem(
+        post(&ann, "", machine_body("y")).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    problem(
+        post(&ann, &"k".repeat(300), machine_body("y"))
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    t.stop().await;
+}
+
+async fn quotas_limit_what_a_tenant_holds(backend: Backend) {
+    let settings = Settings {
+        quota: Quota {
+            max_machines: 2,
+            max_vcpus: 3,
+            max_memory_mib: 4096,
+        },
+        ..Settings::default()
+    };
+    let t = TestApp::spawn_with(backend, settings, HttpSettings::default()).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let mut big = machine_body("big");
+    big["vcpus"] = json!(3);
+    assert_eq!(
+        t.as_user(&ann, Method::POST, "/machines")
+            .json(&big)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    let p = problem(
+        t.create_machine(&ann, "one-more").await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    assert!(
+        p["detail"].as_str().unwrap().contains("vCPUs limit is 3"),
+        "{p}"
+    );
+    assert_eq!(p["type"], "urn:skygate:problem:quota-exceeded");
+    // Freeing capacity frees quota.
+    let list: Value = t
+        .as_user(&ann, Method::GET, "/machines")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = list["items"][0]["id"].as_str().unwrap();
+    t.as_user(&ann, Method::DELETE, &format!("/machines/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        t.create_machine(&ann, "a").await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        t.create_machine(&ann, "b").await.status(),
+        StatusCode::ACCEPTED
+    );
+    let p = problem(t.create_machine(&ann, "c").await, StatusCode::FORBIDDEN).await;
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("machines limit is 2"),
+        "{p}"
+    );
+    t.stop().await;
+}
+
+async fn concurrent_creates_never_exceed_the_quota(backend: Backend) {
+    let settings = Settings {
+        quota: Quota {
+            max_machines: 3,
+            ..Quota::default()
+        },
+        ..Settings::default()
+    };
+    let t = TestApp::spawn_with(backend, settings, HttpSettings::default()).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let names: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
+    let results = futures::future::join_all(names.iter().map(|n| t.create_machine(&ann, n))).await;
+    let accepted = results
+        .iter()
+        .filter(|r| r.status() == StatusCode::ACCEPTED)
+        .count();
+    assert_eq!(accepted, 3);
+    assert!(results
+        .iter()
+        .all(|r| r.status() == StatusCode::ACCEPTED || r.status() == StatusCode::FORBIDDEN));
+    t.stop().await;
+}

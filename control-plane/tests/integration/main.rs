@@ -1,0 +1,15 @@
+//! Black-box tests of the control plane over real HTTP on 127.0.0.1, each run against both
+//! stores (SQLite and PostgreSQL). One binary, one file per resource.
+
+// Test code: a panic is how an assertion fails, harness helpers included.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+mod catalog;
+mod cli;
+mod gateway;
+mod machines;
+mod pagination;
+mod sessions;
+mod store;
