@@ -13,6 +13,7 @@ pub mod views;
 
 use crate::app::App;
 use axum::http::{HeaderName, HeaderValue, Method, Request};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{middleware, Router};
 use std::sync::Arc;
@@ -28,6 +29,23 @@ use utoipa::{Modify, OpenApi};
 
 /// Largest request body accepted (the API's bodies are small; user_data is at most 64 KiB).
 pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// Refuses a body announced larger than `BODY_LIMIT` from its Content-Length alone, before
+/// reading any of it; chunked bodies are cut off by `DefaultBodyLimit` as they are read.
+async fn reject_oversized(
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return axum::http::StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    }
+    next.run(req).await
+}
 
 /// Gateway settings.
 #[derive(Debug, Clone)]
@@ -100,7 +118,7 @@ pub fn openapi_json() -> String {
     text
 }
 
-async fn serve_openapi() -> impl axum::response::IntoResponse {
+async fn serve_openapi() -> impl IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         openapi_json(),
@@ -197,6 +215,7 @@ pub fn router(app: Arc<App>, settings: &HttpSettings) -> Router {
                     axum::http::StatusCode::REQUEST_TIMEOUT,
                     settings.request_timeout,
                 ))
+                .layer(middleware::from_fn(reject_oversized))
                 .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT)),
         )
         .with_state(app)

@@ -252,6 +252,9 @@ impl Store {
     }
 
     /// Newest first, strictly older than `before_seq` when given, at most `limit`.
+    ///
+    /// The statement names only the filters in use (rather than `$n IS NULL OR ...`), so both
+    /// back ends plan it against the `(owner_id, seq)` index even with cached prepared plans.
     pub async fn machine_list(
         &self,
         who: Visibility,
@@ -259,18 +262,38 @@ impl Store {
         before_seq: Option<i64>,
         limit: i64,
     ) -> Result<Vec<MachineRecord>> {
+        let mut filters = vec!["v.deleted_at IS NULL".to_owned()];
+        let mut n = 0;
+        let mut param = || {
+            n += 1;
+            format!("${n}")
+        };
+        let owner = who.owner();
+        if owner.is_some() {
+            filters.push(format!("v.owner_id = {}", param()));
+        }
+        if status.is_some() {
+            filters.push(format!("v.status = {}", param()));
+        }
+        if before_seq.is_some() {
+            filters.push(format!("v.seq < {}", param()));
+        }
         let sql = format!(
-            "{SELECT} WHERE v.deleted_at IS NULL AND ($1 IS NULL OR v.owner_id = $1) \
-             AND ($2 IS NULL OR v.status = $2) AND ($3 IS NULL OR v.seq < $3) \
-             ORDER BY v.seq DESC LIMIT $4"
+            "{SELECT} WHERE {} ORDER BY v.seq DESC LIMIT {}",
+            filters.join(" AND "),
+            param()
         );
-        let rows = sqlx::query(&sql)
-            .bind(who.owner())
-            .bind(status.map(MachineStatus::as_str))
-            .bind(before_seq)
-            .bind(limit)
-            .fetch_all(self.reader())
-            .await?;
+        let mut query = sqlx::query(&sql);
+        if let Some(owner) = owner {
+            query = query.bind(owner);
+        }
+        if let Some(status) = status {
+            query = query.bind(status.as_str());
+        }
+        if let Some(seq) = before_seq {
+            query = query.bind(seq);
+        }
+        let rows = query.bind(limit).fetch_all(self.reader()).await?;
         rows.iter().map(from_row).collect()
     }
 

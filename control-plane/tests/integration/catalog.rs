@@ -59,14 +59,7 @@ async fn admins_register_images_and_everyone_lists_them(backend: Backend) {
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
-    let list: Value = t
-        .as_user(&ann, Method::GET, "/images")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = t.get_json(&ann, "/images").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
     assert_eq!(list["items"][0]["name"], "tiny");
     t.stop().await;
@@ -103,14 +96,7 @@ async fn ssh_keys_are_per_user(backend: Backend) {
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
-    let bobs: Value = t
-        .as_user(&bob, Method::GET, "/ssh-keys")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bobs: Value = t.get_json(&bob, "/ssh-keys").await;
     assert_eq!(bobs["items"], json!([]));
     let path = format!("/ssh-keys/{}", key["id"].as_str().unwrap());
     problem(
@@ -126,14 +112,7 @@ async fn ssh_keys_are_per_user(backend: Backend) {
             .status(),
         StatusCode::NO_CONTENT
     );
-    let anns: Value = t
-        .as_user(&ann, Method::GET, "/ssh-keys")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let anns: Value = t.get_json(&ann, "/ssh-keys").await;
     assert_eq!(anns["items"], json!([]));
     t.stop().await;
 }

@@ -29,6 +29,28 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// `admin create --username root --password-stdin`, fed PASSWORD on standard input.
+fn admin_create(data_dir: &std::path::Path, email: &str) -> std::process::Output {
+    let mut admin = Command::new(BIN)
+        .args([
+            "admin",
+            "create",
+            "--username",
+            "root",
+            "--email",
+            email,
+            "--password-stdin",
+        ])
+        .env("SKYGATE_DATA_DIR", data_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(admin.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+    admin.wait_with_output().unwrap()
+}
+
 async fn wait_ready(base: &str) {
     let client = reqwest::Client::new();
     for _ in 0..100 {
@@ -47,24 +69,7 @@ async fn serve_and_admin_create_work_on_a_bare_data_dir() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("state");
     // The first administrator, created before the server ever ran.
-    let mut admin = Command::new(BIN)
-        .args([
-            "admin",
-            "create",
-            "--username",
-            "root",
-            "--email",
-            "root@example.com",
-            "--password-stdin",
-        ])
-        .env("SKYGATE_DATA_DIR", &data_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(admin.stdin.take().unwrap(), "{PASSWORD}").unwrap();
-    let out = admin.wait_with_output().unwrap();
+    let out = admin_create(&data_dir, "root@example.com");
     assert!(
         out.status.success(),
         "{}",
@@ -140,24 +145,7 @@ async fn serve_and_admin_create_work_on_a_bare_data_dir() {
     );
 
     // A second admin with a taken username fails cleanly.
-    let mut again = Command::new(BIN)
-        .args([
-            "admin",
-            "create",
-            "--username",
-            "root",
-            "--email",
-            "other@example.com",
-            "--password-stdin",
-        ])
-        .env("SKYGATE_DATA_DIR", &data_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(again.stdin.take().unwrap(), "{PASSWORD}").unwrap();
-    let out = again.wait_with_output().unwrap();
+    let out = admin_create(&data_dir, "other@example.com");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("taken"));
 }

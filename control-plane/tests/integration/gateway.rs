@@ -194,3 +194,18 @@ async fn every_route_but_register_login_refresh_rejects_anonymous_callers() {
     assert!(checked >= 18, "only {checked} operations checked");
     t.stop().await;
 }
+
+/// A request that outlives the timeout is answered 408 and abandoned whole: registration
+/// hashes the password (argon2, tens of milliseconds) before it writes, so nothing is stored.
+#[tokio::test]
+async fn slow_requests_time_out_with_a_problem_and_leave_nothing_behind() {
+    let http = HttpSettings {
+        request_timeout: std::time::Duration::from_millis(1),
+        ..HttpSettings::default()
+    };
+    let t = TestApp::spawn_with(Backend::Sqlite, Settings::default(), http).await;
+    problem(t.register("ann").await, StatusCode::REQUEST_TIMEOUT).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(t.store.user_by_username("ann").await.unwrap().is_none());
+    t.stop().await;
+}

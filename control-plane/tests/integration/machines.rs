@@ -54,23 +54,9 @@ async fn create_read_list_and_delete_a_machine(backend: Backend) {
     assert_eq!(m["network"], json!({"addresses": [], "ports": []}));
     assert_eq!(m["failure_reason"], Value::Null);
 
-    let got: Value = t
-        .as_user(&ann, Method::GET, &location)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: Value = t.get_json(&ann, &location).await;
     assert_eq!(got, m);
-    let list: Value = t
-        .as_user(&ann, Method::GET, "/machines")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = t.get_json(&ann, "/machines").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
     assert_eq!(list["items"][0]["id"], id.as_str());
     assert_eq!(list["next_cursor"], Value::Null);
@@ -92,14 +78,7 @@ async fn create_read_list_and_delete_a_machine(backend: Backend) {
         StatusCode::NOT_FOUND,
     )
     .await;
-    let list: Value = t
-        .as_user(&ann, Method::GET, "/machines")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = t.get_json(&ann, "/machines").await;
     assert_eq!(list["items"], json!([]));
 
     // The log survives in the database: create, delete requested, deleted.
@@ -178,17 +157,16 @@ async fn machine_input_is_validated(backend: Backend) {
         .await
         .unwrap();
     problem(res, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
-    let res = t
-        .as_user(&ann, Method::POST, "/machines")
-        .header("content-type", "application/json")
-        .body(format!(
-            "{{\"user_data\": \"{}\"}}",
-            "x".repeat(2 * 1024 * 1024)
-        ))
-        .send()
-        .await
-        .unwrap();
-    problem(res, StatusCode::PAYLOAD_TOO_LARGE).await;
+    // Refused from the announced length alone, before the body is read.
+    let (status, content_type, body) = t
+        .announce_oversized_post(&ann, "/api/v1/machines", 2 << 20)
+        .await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (413, "application/problem+json")
+    );
+    assert_eq!(body["status"], 413);
+    assert!(!body["request_id"].as_str().unwrap().is_empty());
 
     // A saved key may be referenced by name.
     let res = t
@@ -269,24 +247,10 @@ async fn tenants_never_see_each_others_machines(backend: Backend) {
         let res = t.as_user(&bob, method.clone(), &path).send().await.unwrap();
         problem(res, StatusCode::NOT_FOUND).await;
     }
-    let bobs: Value = t
-        .as_user(&bob, Method::GET, "/machines")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bobs: Value = t.get_json(&bob, "/machines").await;
     assert_eq!(bobs["items"], json!([]));
     // Administrators see every tenant's machines.
-    let all: Value = t
-        .as_user(&root, Method::GET, "/machines")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Value = t.get_json(&root, "/machines").await;
     assert_eq!(all["items"][0]["id"], id);
     let res = t
         .as_user(&root, Method::GET, &format!("/machines/{id}"))
@@ -334,14 +298,7 @@ async fn lifecycle_requests_follow_the_state_machine(backend: Backend) {
     problem(act("start").await.unwrap(), StatusCode::CONFLICT).await;
     problem(act("hibernate").await.unwrap(), StatusCode::NOT_FOUND).await;
 
-    let events: Value = t
-        .as_user(&ann, Method::GET, &format!("/machines/{id}/events"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events: Value = t.get_json(&ann, &format!("/machines/{id}/events")).await;
     let actions: Vec<&str> = events["items"]
         .as_array()
         .unwrap()
@@ -389,14 +346,7 @@ async fn idempotency_key_replays_refuses_mismatch_and_in_flight(backend: Backend
     assert_eq!(again.headers()["location"], location);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(again.json::<Value>().await.unwrap(), first);
-    let list: Value = t
-        .as_user(&ann, Method::GET, "/machines")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = t.get_json(&ann, "/machines").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
     // Same key, other body: refused.
     problem(
@@ -426,14 +376,7 @@ async fn idempotency_key_replays_refuses_mismatch_and_in_flight(backend: Backend
         StatusCode::ACCEPTED
     );
     // A key whose first request is still running: 409.
-    let ann_id: Value = t
-        .as_user(&ann, Method::GET, "/auth/profile")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ann_id: Value = t.get_json(&ann, "/auth/profile").await;
     let params: control_plane::api::params::CreateMachineParams =
         serde_json::from_value(machine_body("x")).unwrap();
     let in_flight_hash =
@@ -506,14 +449,7 @@ async fn quotas_limit_what_a_tenant_holds(backend: Backend) {
     );
     assert_eq!(p["type"], "urn:skygate:problem:quota-exceeded");
     // Freeing capacity frees quota.
-    let list: Value = t
-        .as_user(&ann, Method::GET, "/machines")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = t.get_json(&ann, "/machines").await;
     let id = list["items"][0]["id"].as_str().unwrap();
     t.as_user(&ann, Method::DELETE, &format!("/machines/{id}"))
         .send()

@@ -13,13 +13,7 @@ both_stores!(
 );
 
 async fn page(t: &TestApp, who: &Session, query: &str) -> Value {
-    let res = t
-        .as_user(who, Method::GET, &format!("/machines?{query}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    res.json().await.unwrap()
+    t.get_json(who, &format!("/machines?{query}")).await
 }
 
 async fn pages_walk_newest_first_without_skips_or_doubles_during_churn(backend: Backend) {

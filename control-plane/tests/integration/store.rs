@@ -19,20 +19,24 @@ async fn migrations_apply_once_and_are_idempotent(backend: Backend) {
     t.store.migrate().await.unwrap();
     t.store.migrate().await.unwrap();
     t.store.ping().await.unwrap();
+    if backend == Backend::Sqlite {
+        // WAL is a property of the file: a fresh connection sees it.
+        use sqlx::{Connection, Row};
+        let mut conn = sqlx::SqliteConnection::connect(&t.db.url).await.unwrap();
+        let mode: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(mode, "wal");
+    }
     t.stop().await;
 }
 
 async fn idempotency_keys_are_kept_a_day_and_stale_claims_are_taken_over(backend: Backend) {
     let t = TestApp::spawn(backend).await;
     let ann = t.user("ann").await;
-    let me: Value = t
-        .as_user(&ann, reqwest::Method::GET, "/auth/profile")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = t.get_json(&ann, "/auth/profile").await;
     let user = me["id"].as_str().unwrap().parse().unwrap();
     let (lock, keep) = (Duration::seconds(60), Duration::hours(24));
     let t0 = Utc::now();

@@ -188,6 +188,68 @@ impl TestApp {
         self.req(method, path).bearer_auth(&who.access)
     }
 
+    /// GET as `who`, asserting 200, and the JSON body.
+    pub async fn get_json(&self, who: &Session, path: &str) -> Value {
+        let res = self.as_user(who, Method::GET, path).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "GET {path}");
+        res.json().await.unwrap()
+    }
+
+    /// POSTs a request head announcing `content_length` bytes of JSON, sends only a few of
+    /// them, and reads the answer over a raw socket. A server that refuses by the announced
+    /// length answers at once; a client streaming the whole body could instead race the
+    /// server's early close, so reqwest is not used here. Returns status, content type, body.
+    pub async fn announce_oversized_post(
+        &self,
+        who: &Session,
+        path: &str,
+        content_length: usize,
+    ) -> (u16, String, Value) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.base.trim_start_matches("http://");
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: {content_length}\r\n\r\n{{\"user_data\": \"",
+            who.access
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = conn.read(&mut buf).await.unwrap_or(0);
+                raw.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&raw);
+                let complete = text.split_once("\r\n\r\n").is_some_and(|(h, b)| {
+                    h.lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(|v| v.trim().parse::<usize>().unwrap())
+                        })
+                        .is_some_and(|len| b.len() >= len)
+                });
+                if n == 0 || complete {
+                    break;
+                }
+            }
+        });
+        read.await.expect("no answer to an oversized request");
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let content_type = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-type: ")
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        (status, content_type, serde_json::from_str(body).unwrap())
+    }
+
     pub async fn register(&self, username: &str) -> Response {
         self.req(Method::POST, "/auth/register")
             .json(&json!({"username": username, "email": format!("{username}@example.com"), "password": PASSWORD}))
