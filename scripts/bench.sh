@@ -38,6 +38,12 @@ token=$(python3 scripts/bench-seed.py 127.0.0.1 "$port" "$admin_password" "$MACH
 end=$(date +%s.%N)
 python3 -c "print(f'seeded {$MACHINES} machines in {$end - $start:.1f} s ({$MACHINES / ($end - $start):.0f} creates/s, one connection)')"
 
+if [[ -n "${BENCH_DATABASE_URL:-}" ]]; then
+  # Fresh statistics, as autovacuum would have gathered by now (it is off on some test
+  # machines, and a planner that believes the table empty picks a poor plan).
+  psql -q "$BENCH_DATABASE_URL" -c "ANALYZE"
+fi
+
 cat >"$work/login.lua" <<'LUA'
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"

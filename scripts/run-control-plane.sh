@@ -15,4 +15,4 @@ if [[ -z "${SKYGATE_DATA_DIR:-}" ]]; then
     export SKYGATE_DATA_DIR="$HOME/.local/share/skygate"
   fi
 fi
-exec target/release/skygate-control-plane serve "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/skygate-control-plane" serve "$@"
