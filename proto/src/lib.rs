@@ -1,7 +1,19 @@
-//! SkyGate's gRPC contract (`skygate.agent.v1`) between the control plane and host agents.
-//!
-//! The .proto files and the tonic/prost code generated from them land with the host agent
-//! (issue 3). Until then this crate only fixes the package name both sides will agree on.
+//! SkyGate's gRPC contract between the control plane and host agents: the `.proto` files under
+//! `proto/` and the tonic/prost code generated from them at build time.
+
+/// `skygate.agent.v1`: the host agent service, its client and its messages.
+pub mod agent {
+    /// Version 1 of the host agent contract.
+    #[allow(
+        missing_docs,
+        missing_debug_implementations,
+        unused_qualifications,
+        clippy::all
+    )]
+    pub mod v1 {
+        tonic::include_proto!("skygate.agent.v1");
+    }
+}
 
 /// The protobuf package of the host agent service; bumped only with a breaking wire change.
 pub const AGENT_PACKAGE: &str = "skygate.agent.v1";
