@@ -5,12 +5,13 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::params::{CreateMachineParams, ListMachinesQuery, PageQuery};
 use super::problem::Problem;
 use super::views::{EventPage, MachinePage, MachineView};
-use crate::app::idempotency::request_hash;
+use crate::app::idempotency::{request_hash, KeyedStart};
 use crate::app::machines::CreateMachine;
 use crate::app::{App, Principal};
 use crate::error::{Error, Result};
 use crate::model::{Action, MachineId, MachineStatus};
-use crate::store::idempotency::StoredResponse;
+use crate::store::idempotency::{ClaimedKey, StoredResponse};
+use crate::store::machines::MachineRecord;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -48,29 +49,27 @@ fn accepted(stored: StoredResponse, replayed: bool) -> Response {
     response
 }
 
-async fn create_once(app: &App, who: Principal, p: CreateMachineParams) -> Result<StoredResponse> {
-    let machine = app
-        .machine_create(
-            who,
-            CreateMachine {
-                hostname: p.hostname,
-                image: p.image,
-                vcpus: p.vcpus,
-                memory_mib: p.memory_mib,
-                disk_gib: p.disk_gib,
-                ssh_keys: p.ssh_keys,
-                user_data: p.user_data,
-            },
-        )
-        .await?;
-    let location = format!("/api/v1/machines/{}", machine.id);
-    let body = serde_json::to_string(&MachineView::from(machine))
+/// The 202 answer for a created machine, as stored for Idempotency-Key replays.
+fn render_created(machine: &MachineRecord) -> Result<StoredResponse> {
+    let body = serde_json::to_string(&MachineView::from(machine.clone()))
         .map_err(|e| Error::Internal(format!("machine view to JSON: {e}")))?;
     Ok(StoredResponse {
         status: StatusCode::ACCEPTED.as_u16(),
         body,
-        location: Some(location),
+        location: Some(format!("/api/v1/machines/{}", machine.id)),
     })
+}
+
+fn create_request(p: CreateMachineParams) -> CreateMachine {
+    CreateMachine {
+        hostname: p.hostname,
+        image: p.image,
+        vcpus: p.vcpus,
+        memory_mib: p.memory_mib,
+        disk_gib: p.disk_gib,
+        ssh_keys: p.ssh_keys,
+        user_data: p.user_data,
+    }
 }
 
 /// Ask for a machine. Answers at once with the machine `pending`.
@@ -94,15 +93,33 @@ pub async fn create(
         ),
     };
     let Some(key) = key else {
-        return Ok(accepted(create_once(&app, who, p).await?, false));
+        let machine = app.machine_create(who, create_request(p), None).await?;
+        return Ok(accepted(render_created(&machine)?, false));
     };
     let canonical =
         serde_json::to_vec(&p).map_err(|e| Error::Internal(format!("canonical request: {e}")))?;
-    let hash = request_hash(&canonical);
-    let (stored, replayed) = app
-        .idempotent(who, key, &hash, create_once(&app, who, p))
-        .await?;
-    Ok(accepted(stored, replayed))
+    let claim_id = match app
+        .idempotency_start(who, key, &request_hash(&canonical))
+        .await?
+    {
+        KeyedStart::Replay(stored) => return Ok(accepted(stored, true)),
+        KeyedStart::Run { claim_id } => claim_id,
+    };
+    let claimed = ClaimedKey {
+        user: who.user_id,
+        key,
+        claim_id: &claim_id,
+    };
+    match app
+        .machine_create(who, create_request(p), Some((claimed, &render_created)))
+        .await
+    {
+        Ok(machine) => Ok(accepted(render_created(&machine)?, false)),
+        Err(e) => {
+            app.idempotency_abandon(who, key, &claim_id).await;
+            Err(e)
+        }
+    }
 }
 
 /// Your machines (all machines for an administrator), newest first.

@@ -19,6 +19,7 @@ use axum::{middleware, Router};
 use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
@@ -43,6 +44,28 @@ async fn reject_oversized(
         .and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > BODY_LIMIT as u64) {
         return axum::http::StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    }
+    next.run(req).await
+}
+
+/// Longest client-chosen request id kept; longer or odd ones are replaced by a fresh UUID.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Drops a client's `x-request-id` that is too long or has characters outside
+/// `[A-Za-z0-9._:-]`, so that what reaches logs and responses stays bounded and plain.
+async fn sanitize_request_id(
+    mut req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let ok = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= MAX_REQUEST_ID
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(c))
+    };
+    if req.headers().get("x-request-id").is_some_and(|v| !ok(v)) {
+        req.headers_mut().remove("x-request-id");
     }
     next.run(req).await
 }
@@ -202,6 +225,7 @@ pub fn router(app: Arc<App>, settings: &HttpSettings) -> Router {
         .route("/metrics", get(health::metrics))
         .layer(
             ServiceBuilder::new()
+                .layer(middleware::from_fn(sanitize_request_id))
                 .layer(SetRequestIdLayer::new(
                     x_request_id.clone(),
                     MakeRequestUuid,
@@ -209,6 +233,9 @@ pub fn router(app: Arc<App>, settings: &HttpSettings) -> Router {
                 .layer(PropagateRequestIdLayer::new(x_request_id))
                 .layer(access_log)
                 .layer(middleware::from_fn(problem::normalize))
+                // A bug that panics answers 500 (as a problem, with the request id) instead
+                // of dropping the connection.
+                .layer(CatchPanicLayer::new())
                 .layer(middleware::from_fn(crate::metrics::track))
                 .layer(cors(settings))
                 .layer(TimeoutLayer::with_status_code(

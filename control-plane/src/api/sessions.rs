@@ -27,11 +27,14 @@ impl From<TokenPair> for TokenPairView {
 
 /// Create an account.
 #[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterParams,
-    responses((status = 201, body = UserView), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = UserView), (status = 409, body = Problem), (status = 422, body = Problem),
+        (status = 429, body = Problem)))]
 pub async fn register(
     State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(p): ApiJson<RegisterParams>,
 ) -> Result<(StatusCode, Json<UserView>)> {
+    app.throttle_credentials(peer.ip())?;
     let user = app
         .register(&p.username, &p.email, &p.password, Role::User)
         .await?;
@@ -66,10 +69,10 @@ pub async fn refresh(
     responses((status = 204), (status = 401, body = Problem)))]
 pub async fn logout(
     State(app): State<Arc<App>>,
-    Caller(_who): Caller,
+    Caller(who): Caller,
     ApiJson(p): ApiJson<RefreshParams>,
 ) -> Result<StatusCode> {
-    app.logout(&p.refresh_token).await?;
+    app.logout(who, &p.refresh_token).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -87,9 +90,13 @@ pub async fn profile(State(app): State<Arc<App>>, Caller(who): Caller) -> Result
         (status = 403, body = Problem), (status = 422, body = Problem)))]
 pub async fn profile_update(
     State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Caller(who): Caller,
     ApiJson(p): ApiJson<ProfilePatch>,
 ) -> Result<Json<UserView>> {
+    // It checks a password: the same throttle as logins, so a stolen access token is not a
+    // free oracle for the current password.
+    app.throttle_credentials(peer.ip())?;
     let change = ProfileChange {
         email: p.email,
         password: p.password,

@@ -5,7 +5,6 @@ use crate::error::{Error, Result};
 use crate::store::idempotency::{Claim, StoredResponse};
 use chrono::Utc;
 use sha2::{Digest, Sha256};
-use std::future::Future;
 
 /// Longest key accepted; keys are client-chosen (UUIDs in practice).
 pub const MAX_KEY_LEN: usize = 255;
@@ -26,20 +25,24 @@ pub fn request_hash(canonical: &[u8]) -> String {
     hex::encode(Sha256::digest(canonical))
 }
 
+/// What a request carrying an Idempotency-Key may do.
+#[derive(Debug)]
+pub enum KeyedStart {
+    /// Run it, completing `claim_id` together with the work.
+    Run { claim_id: String },
+    /// Answer what the first request answered.
+    Replay(StoredResponse),
+}
+
 impl App {
-    /// Runs `work` at most once per `(caller, key)`: a retry with the same request hash gets
-    /// the stored answer (`true` = replayed), another hash is 422, a retry while the first is
-    /// still running is 409. If `work` fails, the key is released so a retry runs afresh.
-    pub async fn idempotent<F>(
+    /// Claims `key` for a request hashing to `hash`: a retry of a finished request replays its
+    /// answer, another body with the same key is 422, a retry while the first still runs 409.
+    pub async fn idempotency_start(
         &self,
         who: Principal,
         key: &str,
         hash: &str,
-        work: F,
-    ) -> Result<(StoredResponse, bool)>
-    where
-        F: Future<Output = Result<StoredResponse>>,
-    {
+    ) -> Result<KeyedStart> {
         validate_key(key)?;
         let claim = self
             .store
@@ -53,23 +56,21 @@ impl App {
             )
             .await?;
         match claim {
-            Claim::Replay(stored) => Ok((stored, true)),
+            Claim::Claimed { claim_id } => Ok(KeyedStart::Run { claim_id }),
+            Claim::Replay(stored) => Ok(KeyedStart::Replay(stored)),
             Claim::InFlight => Err(Error::IdempotencyInFlight),
             Claim::Mismatch => Err(Error::IdempotencyMismatch),
-            Claim::Claimed => match work.await {
-                Ok(response) => {
-                    self.store
-                        .idempotency_complete(who.user_id, key, &response)
-                        .await?;
-                    Ok((response, false))
-                }
-                Err(e) => {
-                    if let Err(release) = self.store.idempotency_release(who.user_id, key).await {
-                        tracing::warn!(error = %release, "could not release idempotency key");
-                    }
-                    Err(e)
-                }
-            },
+        }
+    }
+
+    /// Gives the key up after the work failed, so that a corrected retry runs afresh.
+    pub async fn idempotency_abandon(&self, who: Principal, key: &str, claim_id: &str) {
+        if let Err(e) = self
+            .store
+            .idempotency_release(who.user_id, key, claim_id)
+            .await
+        {
+            tracing::warn!(error = %e, "could not release idempotency key");
         }
     }
 }

@@ -30,13 +30,18 @@ fn is_image_url(s: &str) -> bool {
         && !s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-/// Checks a registration; the agents fetch from `source`, so only file and HTTP(S) URLs pass.
-pub fn validate(req: &RegisterImage) -> Result<()> {
-    let name_ok = (1..=63).contains(&req.name.len())
-        && req.name.bytes().all(|b| {
+/// Image names: 1–63 of `[a-z0-9._-]`, starting with a letter or digit.
+pub fn is_image_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
         })
-        && req.name.as_bytes()[0].is_ascii_alphanumeric();
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// Checks a registration; the agents fetch from `source`, so only file and HTTP(S) URLs pass.
+pub fn validate(req: &RegisterImage) -> Result<()> {
+    let name_ok = is_image_name(&req.name);
     if !name_ok {
         return Err(Error::Invalid(
             "name must be 1 to 63 characters of a-z, 0-9, '-', '.', '_', starting with a letter or digit"

@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 use crate::model::machine_state::Action;
 use crate::model::ssh_key::SshPublicKey;
 use crate::model::{Hostname, MachineId, MachineStatus};
-use crate::store::machines::{EventRecord, MachineRecord, NewMachine, Visibility};
+use crate::store::idempotency::ClaimedKey;
+use crate::store::machines::{EventRecord, MachineRecord, NewMachine, Render, Visibility};
 use auth::Role;
 
 /// Largest user_data accepted, in bytes (cloud-init's own practical limit is of this order).
@@ -46,11 +47,13 @@ fn check_range(what: &str, value: i64, min: i64, max: i64) -> Result<()> {
 }
 
 impl App {
-    /// Validates and records a new machine in `pending`.
+    /// Validates and records a new machine in `pending`. With a claimed Idempotency-Key, the
+    /// answer `render` makes is stored in the same transaction as the machine.
     pub async fn machine_create(
         &self,
         who: Principal,
         req: CreateMachine,
+        idempotency: Option<(ClaimedKey<'_>, &Render)>,
     ) -> Result<MachineRecord> {
         let hostname = Hostname::parse(&req.hostname).map_err(|e| Error::Invalid(e.to_string()))?;
         let l = self.settings.machine_limits;
@@ -63,6 +66,11 @@ impl App {
         )?;
         check_range("disk_gib", req.disk_gib, 1, l.max_disk_gib)?;
         if let Some(data) = &req.user_data {
+            if data.contains('\0') {
+                return Err(Error::Invalid(
+                    "user_data must not contain NUL characters".into(),
+                ));
+            }
             if data.len() > MAX_USER_DATA_BYTES {
                 return Err(Error::Invalid(format!(
                     "user_data must be at most {MAX_USER_DATA_BYTES} bytes"
@@ -76,11 +84,18 @@ impl App {
         for entry in &req.ssh_keys {
             ssh_keys.push(self.resolve_ssh_key(who, entry).await?);
         }
+        let unknown_image = || {
+            let shown: String = req.image.chars().take(64).collect();
+            Error::Invalid(format!("image '{shown}' does not exist"))
+        };
+        if !super::images::is_image_name(&req.image) {
+            return Err(unknown_image());
+        }
         let image = self
             .store
             .image_by_name(&req.image)
             .await?
-            .ok_or_else(|| Error::Invalid(format!("image '{}' does not exist", req.image)))?;
+            .ok_or_else(unknown_image)?;
         let new = NewMachine {
             owner_id: who.user_id,
             hostname,
@@ -93,7 +108,7 @@ impl App {
         };
         let machine = self
             .store
-            .machine_create(&new, &self.settings.quota)
+            .machine_create(&new, &self.settings.quota, idempotency)
             .await?;
         tracing::info!(machine_id = %machine.id, owner = %who.user_id, "machine created");
         Ok(machine)
@@ -104,8 +119,7 @@ impl App {
         if let Ok(key) = SshPublicKey::parse(entry) {
             return Ok(key.as_openssh().to_owned());
         }
-        let looks_literal = entry.trim_start().starts_with("ssh-") || entry.contains(' ');
-        if !looks_literal {
+        if super::ssh_keys::is_key_name(entry) {
             if let Some(saved) = self.store.ssh_key_by_name(who.user_id, entry).await? {
                 return Ok(saved.public_key);
             }
@@ -147,22 +161,9 @@ impl App {
         id: MachineId,
         action: Action,
     ) -> Result<MachineRecord> {
-        let machine = self
-            .store
+        self.store
             .machine_request(id, visibility(who), action)
-            .await?;
-        if action == Action::Delete && machine.host_name.is_none() {
-            self.store
-                .machine_observe(
-                    id,
-                    MachineStatus::Deleting,
-                    MachineStatus::Deleted,
-                    "delete",
-                    "deleted; it was never placed on a host, so nothing was left to clean up",
-                )
-                .await?;
-        }
-        Ok(machine)
+            .await
     }
 
     /// A page of the machine's log, oldest first, and whether more follow.

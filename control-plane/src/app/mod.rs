@@ -67,6 +67,12 @@ pub struct Settings {
     pub login: LoginLimits,
 }
 
+/// Concurrent argon2 computations: two per core keeps every core busy without queueing
+/// hundreds of 19 MiB hashes.
+fn argon2_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get() * 2)
+}
+
 /// `iss` and `aud` of SkyGate access tokens.
 pub const TOKEN_ISSUER: &str = "skygate-control-plane";
 pub const TOKEN_AUDIENCE: &str = "skygate-api";
@@ -98,7 +104,11 @@ pub struct App {
     pub tokens: AccessTokenIssuer,
     pub settings: Settings,
     pub cursors: cursor::CursorCodec,
-    login_per_ip: DefaultKeyedRateLimiter<IpAddr>,
+    /// Password attempts (login, register, password checks) per client address.
+    credentials_per_ip: DefaultKeyedRateLimiter<IpAddr>,
+    /// Bounds concurrent argon2 work (19 MiB and tens of ms each), so a burst of requests
+    /// queues instead of exhausting memory through the blocking pool.
+    argon2_slots: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for App {
@@ -122,8 +132,39 @@ impl App {
             tokens,
             settings,
             cursors: cursor::CursorCodec::new(secret),
-            login_per_ip: RateLimiter::keyed(RateQuota::per_minute(per_minute)),
+            credentials_per_ip: RateLimiter::keyed(RateQuota::per_minute(per_minute)),
+            argon2_slots: tokio::sync::Semaphore::new(argon2_parallelism()),
         })
+    }
+
+    /// 429 when `client` has made too many password attempts lately.
+    pub fn throttle_credentials(&self, client: IpAddr) -> Result<()> {
+        self.credentials_per_ip
+            .check_key(&client)
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                    &governor::clock::DefaultClock::default(),
+                ));
+                Error::RateLimited {
+                    retry_after_secs: wait.as_secs().max(1),
+                }
+            })
+    }
+
+    /// Runs argon2 work on the blocking pool, at most `argon2_parallelism()` at a time.
+    pub(crate) async fn argon2<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let _slot = self
+            .argon2_slots
+            .acquire()
+            .await
+            .map_err(|_| Error::Internal("argon2 slots closed".into()))?;
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| Error::Internal(format!("argon2 task failed: {e}")))
     }
 
     /// Periodic housekeeping: expired idempotency keys, login windows and refresh tokens.
@@ -137,7 +178,7 @@ impl App {
             .store
             .sessions_purge_expired(now, self.settings.login.failure_window)
             .await?;
-        self.login_per_ip.retain_recent();
+        self.credentials_per_ip.retain_recent();
         Ok(a + b)
     }
 }

@@ -3,6 +3,7 @@
 
 use super::{App, Principal};
 use crate::error::{Error, Result};
+use crate::model::UserId;
 use crate::store::sessions::{Family, RefreshOutcome};
 use crate::store::users::{NewUser, UserRecord, UserUpdate};
 use auth::password::{self, PasswordCheck};
@@ -61,13 +62,6 @@ pub fn validate_email(email: &str) -> Result<()> {
     Ok(())
 }
 
-/// Argon2 is deliberately slow: keep it off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))
-}
-
 impl App {
     /// Creates an account with the given role (tenants register as users; the admin CLI
     /// creates administrators).
@@ -82,7 +76,9 @@ impl App {
         validate_email(email)?;
         password::check_policy(password)?;
         let password = password.to_owned();
-        let hash = blocking(move || password::hash_password(&password)).await??;
+        let hash = self
+            .argon2(move || password::hash_password(&password))
+            .await??;
         self.store
             .user_create(NewUser {
                 username,
@@ -94,75 +90,78 @@ impl App {
     }
 
     /// Checks credentials and opens a session. Throttled per client address and per account;
-    /// an unknown user costs the same time and gets the same answer as a wrong password.
+    /// an unknown user (or a name that cannot be one) costs the same time and gets the same
+    /// answer as a wrong password.
     pub async fn login(&self, client: IpAddr, username: &str, password: &str) -> Result<TokenPair> {
-        if let Err(not_until) = self.login_per_ip.check_key(&client) {
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                &governor::clock::DefaultClock::default(),
-            ));
-            return Err(Error::RateLimited {
-                retry_after_secs: wait.as_secs().max(1),
-            });
+        self.throttle_credentials(client)?;
+        if validate_username(username).is_err() {
+            // Never stored or looked up: such a name cannot exist, and junk of any size or
+            // content must not reach the failure table.
+            let password = password.to_owned();
+            self.argon2(move || password::verify_dummy(&password))
+                .await?;
+            return Err(Error::BadCredentials);
         }
         let now = Utc::now();
         let limits = self.settings.login;
-        if let Some((window_start, failures)) = self.store.login_failures(username).await? {
+        let (window_start, attempts) = self
+            .store
+            .login_attempt_record(username, now, limits.failure_window)
+            .await?;
+        if attempts > limits.max_failures {
             let window_end = window_start + limits.failure_window;
-            if failures >= limits.max_failures && window_end > now {
-                let secs = (window_end - now).num_seconds().max(1);
-                return Err(Error::RateLimited {
-                    retry_after_secs: u64::try_from(secs).unwrap_or(1),
-                });
-            }
+            let secs = (window_end - now).num_seconds().max(1);
+            return Err(Error::RateLimited {
+                retry_after_secs: u64::try_from(secs).unwrap_or(1),
+            });
         }
         let user = self.store.user_by_username(username).await?;
-        let check = {
-            let password = password.to_owned();
-            let stored = user.as_ref().map(|u| u.password_hash.clone());
-            blocking(move || match stored {
-                Some(hash) => password::verify_password(&password, &hash),
+        let stored = user.as_ref().map(|u| u.password_hash.clone());
+        let attempt = password.to_owned();
+        let check = self
+            .argon2(move || match stored {
+                Some(hash) => password::verify_password(&attempt, &hash),
                 None => {
-                    password::verify_dummy(&password);
+                    password::verify_dummy(&attempt);
                     Ok(PasswordCheck::Invalid)
                 }
             })
-            .await??
-        };
+            .await??;
         let (user, needs_rehash) = match (user, check) {
             (Some(user), PasswordCheck::Valid { needs_rehash }) => (user, needs_rehash),
-            _ => {
-                self.store
-                    .login_failure_record(username, now, limits.failure_window)
-                    .await?;
-                return Err(Error::BadCredentials);
-            }
+            _ => return Err(Error::BadCredentials),
         };
         if needs_rehash {
             let password = password.to_owned();
-            let hash = blocking(move || password::hash_password(&password)).await??;
-            self.store.user_rehash_password(user.id, &hash).await?;
+            let hash = self
+                .argon2(move || password::hash_password(&password))
+                .await??;
+            self.store
+                .user_rehash_password(user.id, &user.password_hash, &hash)
+                .await?;
         }
         self.store.login_failures_clear(username).await?;
         let family = Family {
             id: Uuid::new_v4(),
             created_at: now,
         };
-        self.open_session(&user, family).await
-    }
-
-    async fn open_session(&self, user: &UserRecord, family: Family) -> Result<TokenPair> {
-        let now = Utc::now();
         let refresh = RefreshToken::generate();
         self.store
             .refresh_token_insert(user.id, &refresh.hash(), family, now)
             .await?;
-        self.access_pair(user, refresh)
+        self.access_pair(user.id, user.role, user.session_version, refresh)
     }
 
-    fn access_pair(&self, user: &UserRecord, refresh: RefreshToken) -> Result<TokenPair> {
-        let (access_token, _) =
-            self.tokens
-                .issue(user.id.0, user.role, user.session_version, Utc::now())?;
+    fn access_pair(
+        &self,
+        user: UserId,
+        role: Role,
+        session_version: i64,
+        refresh: RefreshToken,
+    ) -> Result<TokenPair> {
+        let (access_token, _) = self
+            .tokens
+            .issue(user.0, role, session_version, Utc::now())?;
         Ok(TokenPair {
             access_token,
             refresh_token: refresh.as_str().to_owned(),
@@ -178,14 +177,11 @@ impl App {
             .refresh_token_rotate(&hash_refresh_token(presented), &new.hash(), Utc::now())
             .await?;
         match outcome {
-            RefreshOutcome::Rotated { user_id } => {
-                let user = self
-                    .store
-                    .user_get(user_id)
-                    .await?
-                    .ok_or(Error::Unauthenticated("invalid refresh token"))?;
-                self.access_pair(&user, new)
-            }
+            RefreshOutcome::Rotated {
+                user_id,
+                role,
+                session_version,
+            } => self.access_pair(user_id, role, session_version, new),
             RefreshOutcome::ReuseDetected => {
                 tracing::warn!("refresh token reuse detected; its session family is revoked");
                 Err(Error::Unauthenticated("invalid refresh token"))
@@ -196,10 +192,11 @@ impl App {
         }
     }
 
-    /// Ends the session the refresh token belongs to; unknown tokens are not an error.
-    pub async fn logout(&self, presented: &str) -> Result<()> {
+    /// Ends the caller's session that the refresh token belongs to; unknown tokens (and other
+    /// users') are not an error and change nothing.
+    pub async fn logout(&self, who: Principal, presented: &str) -> Result<()> {
         self.store
-            .refresh_family_revoke_by_token(&hash_refresh_token(presented), Utc::now())
+            .refresh_family_revoke_by_token(who.user_id, &hash_refresh_token(presented), Utc::now())
             .await?;
         Ok(())
     }
@@ -243,14 +240,18 @@ impl App {
         if let Some(new) = &change.password {
             password::check_policy(new)?;
         }
-        let stored = user.password_hash.clone();
-        let current = change.current_password.clone();
-        let check = blocking(move || password::verify_password(&current, &stored)).await??;
+        let (current, stored) = (change.current_password.clone(), user.password_hash.clone());
+        let check = self
+            .argon2(move || password::verify_password(&current, &stored))
+            .await??;
         if check == PasswordCheck::Invalid {
             return Err(Error::Forbidden("current_password is wrong"));
         }
-        let password_hash = match change.password {
-            Some(new) => Some(blocking(move || password::hash_password(&new)).await??),
+        let password_hash = match &change.password {
+            Some(new) => {
+                let new = new.clone();
+                Some(self.argon2(move || password::hash_password(&new)).await??)
+            }
             None => None,
         };
         self.store
@@ -265,7 +266,7 @@ impl App {
     }
 }
 
-impl From<Uuid> for crate::model::UserId {
+impl From<Uuid> for UserId {
     fn from(u: Uuid) -> Self {
         Self(u)
     }

@@ -6,6 +6,14 @@ use crate::model::ssh_key::SshPublicKey;
 use crate::store::ssh_keys::SshKeyRecord;
 use uuid::Uuid;
 
+/// Saved-key names: 1–64 of letters, digits, `-`, `_`, `.`, `@`.
+pub fn is_key_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+}
+
 impl App {
     pub async fn ssh_key_add(
         &self,
@@ -13,10 +21,7 @@ impl App {
         name: &str,
         public_key: &str,
     ) -> Result<SshKeyRecord> {
-        let name_ok = (1..=64).contains(&name.len())
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
+        let name_ok = is_key_name(name);
         if !name_ok {
             return Err(Error::Invalid(
                 "name must be 1 to 64 characters of letters, digits, '-', '_', '.', '@'".into(),

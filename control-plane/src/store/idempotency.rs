@@ -5,7 +5,8 @@ use super::{is_unique_violation, to_micros, Store};
 use crate::error::Result;
 use crate::model::UserId;
 use chrono::{DateTime, Duration, Utc};
-use sqlx::Row;
+use sqlx::{Any, Row, Transaction};
+use uuid::Uuid;
 
 /// A stored answer to replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,8 +19,8 @@ pub struct StoredResponse {
 /// What claiming a key found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// This request owns the key now and must complete or release it.
-    Claimed,
+    /// This request owns the key now (as `claim_id`) and must complete or release it.
+    Claimed { claim_id: String },
     /// The key was used with this body before and finished: answer the same.
     Replay(StoredResponse),
     /// The key's first request is still running.
@@ -43,7 +44,7 @@ impl Store {
     ) -> Result<Claim> {
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
-            "SELECT request_hash, response_status, response_body, response_location, \
+            "SELECT request_hash, claim_id, response_status, response_body, response_location, \
              locked_until, created_at FROM idempotency_keys WHERE user_id = $1 AND key = $2",
         )
         .bind(user.to_string())
@@ -51,14 +52,16 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let lock_until = to_micros(now + lock_for);
+        let claim_id = Uuid::new_v4().to_string();
         let Some(row) = row else {
             let res = sqlx::query(
-                "INSERT INTO idempotency_keys (user_id, key, request_hash, locked_until, created_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO idempotency_keys (user_id, key, request_hash, claim_id, locked_until, \
+                 created_at) VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(user.to_string())
             .bind(key)
             .bind(request_hash)
+            .bind(&claim_id)
             .bind(lock_until)
             .bind(to_micros(now))
             .execute(&mut *tx)
@@ -66,7 +69,7 @@ impl Store {
             return match res {
                 Ok(_) => {
                     tx.commit().await?;
-                    Ok(Claim::Claimed)
+                    Ok(Claim::Claimed { claim_id })
                 }
                 // A concurrent first request inserted it between our read and our write.
                 Err(e) if is_unique_violation(&e) => Ok(Claim::InFlight),
@@ -95,52 +98,40 @@ impl Store {
                 return Ok(Claim::InFlight);
             }
         }
-        sqlx::query(
-            "UPDATE idempotency_keys SET request_hash = $1, response_status = NULL, \
-             response_body = NULL, response_location = NULL, locked_until = $2, created_at = $3 \
-             WHERE user_id = $4 AND key = $5",
+        // Take over an expired key or a dead holder's claim; compare-and-swap on the claim we
+        // saw, so of two retries racing here only one wins.
+        let seen_claim: String = row.try_get("claim_id")?;
+        let taken = sqlx::query(
+            "UPDATE idempotency_keys SET request_hash = $1, claim_id = $2, response_status = NULL, \
+             response_body = NULL, response_location = NULL, locked_until = $3, created_at = $4 \
+             WHERE user_id = $5 AND key = $6 AND claim_id = $7",
         )
         .bind(request_hash)
+        .bind(&claim_id)
         .bind(lock_until)
         .bind(to_micros(now))
         .bind(user.to_string())
         .bind(key)
+        .bind(&seen_claim)
         .execute(&mut *tx)
         .await?;
+        if taken.rows_affected() == 0 {
+            return Ok(Claim::InFlight);
+        }
         tx.commit().await?;
-        Ok(Claim::Claimed)
-    }
-
-    /// Stores the answer for a claimed key.
-    pub async fn idempotency_complete(
-        &self,
-        user: UserId,
-        key: &str,
-        response: &StoredResponse,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE idempotency_keys SET response_status = $1, response_body = $2, \
-             response_location = $3, locked_until = NULL WHERE user_id = $4 AND key = $5",
-        )
-        .bind(i64::from(response.status))
-        .bind(&response.body)
-        .bind(response.location.as_deref())
-        .bind(user.to_string())
-        .bind(key)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        Ok(Claim::Claimed { claim_id })
     }
 
     /// Gives a claimed key up without an answer (the request failed on our side), so that
     /// the client's retry runs afresh.
-    pub async fn idempotency_release(&self, user: UserId, key: &str) -> Result<()> {
+    pub async fn idempotency_release(&self, user: UserId, key: &str, claim_id: &str) -> Result<()> {
         sqlx::query(
-            "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 \
+            "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND claim_id = $3 \
              AND response_status IS NULL",
         )
         .bind(user.to_string())
         .bind(key)
+        .bind(claim_id)
         .execute(&self.write)
         .await?;
         Ok(())
@@ -154,4 +145,39 @@ impl Store {
             .await?;
         Ok(res.rows_affected())
     }
+}
+
+/// A claimed key to complete in the same transaction as the work it guards, so that the work
+/// and its stored answer commit together or not at all.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimedKey<'a> {
+    pub user: UserId,
+    pub key: &'a str,
+    pub claim_id: &'a str,
+}
+
+/// Stores the answer for a claimed key inside `tx`. Fails with `IdempotencyInFlight` (and so
+/// rolls the work back) if the claim was taken over meanwhile by a retry that found us dead.
+pub(crate) async fn complete_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    claimed: ClaimedKey<'_>,
+    response: &StoredResponse,
+) -> Result<()> {
+    let done = sqlx::query(
+        "UPDATE idempotency_keys SET response_status = $1, response_body = $2, \
+         response_location = $3, locked_until = NULL \
+         WHERE user_id = $4 AND key = $5 AND claim_id = $6 AND response_status IS NULL",
+    )
+    .bind(i64::from(response.status))
+    .bind(&response.body)
+    .bind(response.location.as_deref())
+    .bind(claimed.user.to_string())
+    .bind(claimed.key)
+    .bind(claimed.claim_id)
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(crate::error::Error::IdempotencyInFlight);
+    }
+    Ok(())
 }

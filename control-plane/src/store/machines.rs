@@ -1,6 +1,7 @@
 //! Machines and their event log: the `vms` and `vm_events` tables. Every status change is
 //! written together with its event row in one transaction.
 
+use super::idempotency::{complete_in_txn, ClaimedKey, StoredResponse};
 use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
 use crate::error::{Error, Result};
 use crate::model::machine_state::{self, Action};
@@ -46,6 +47,9 @@ pub struct NewMachine {
     pub ssh_keys: Vec<String>,
     pub user_data: Option<String>,
 }
+
+/// Turns the created machine into the answer an Idempotency-Key replays.
+pub type Render = dyn Fn(&MachineRecord) -> Result<StoredResponse> + Send + Sync;
 
 /// One line of a machine's log.
 #[derive(Debug, Clone)]
@@ -149,8 +153,14 @@ async fn live_by_hostname_in_txn(
 
 impl Store {
     /// Creates a machine in `pending`, within the owner's quota and with a hostname unique
-    /// among the owner's live machines, and writes its first event.
-    pub async fn machine_create(&self, new: &NewMachine, quota: &Quota) -> Result<MachineRecord> {
+    /// among the owner's live machines, and writes its first event. With an Idempotency-Key,
+    /// the answer `render` makes is stored in the same transaction.
+    pub async fn machine_create(
+        &self,
+        new: &NewMachine,
+        quota: &Quota,
+        idempotency: Option<(ClaimedKey<'_>, &Render)>,
+    ) -> Result<MachineRecord> {
         let now = to_micros(Utc::now());
         let id = MachineId::new();
         let owner = new.owner_id.to_string();
@@ -228,10 +238,18 @@ impl Store {
             now,
         )
         .await?;
+        let sql = format!("{SELECT} WHERE v.id = $1");
+        let created = from_row(
+            &sqlx::query(&sql)
+                .bind(id.to_string())
+                .fetch_one(&mut *tx)
+                .await?,
+        )?;
+        if let Some((claimed, render)) = idempotency {
+            complete_in_txn(&mut tx, claimed, &render(&created)?).await?;
+        }
         tx.commit().await?;
-        self.machine_get(id, Visibility::All)
-            .await?
-            .ok_or(Error::NotFound("machine"))
+        Ok(created)
     }
 
     /// A live (not deleted) machine the caller may see.
@@ -298,6 +316,12 @@ impl Store {
     }
 
     /// Applies a tenant's request through the state machine; 409 when it makes no sense now.
+    /// Returns the machine as the request left it.
+    ///
+    /// The write is a compare-and-swap on `generation`, so two concurrent requests cannot both
+    /// pass the state machine against the same status (the loser gets 409). A delete of a
+    /// machine that was never placed on a host completes in the same transaction: there is
+    /// nothing on a hypervisor to clean up, and no crash can leave it half-deleted.
     pub async fn machine_request(
         &self,
         id: MachineId,
@@ -307,7 +331,7 @@ impl Store {
         let now = to_micros(Utc::now());
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
-            "SELECT status, desired_state FROM vms \
+            "SELECT status, desired_state, generation, host_id FROM vms \
              WHERE id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR owner_id = $2)",
         )
         .bind(id.to_string())
@@ -318,24 +342,57 @@ impl Store {
         let status: MachineStatus = parse_col(&row.try_get::<String, _>("status")?, "status")?;
         let desired: DesiredState =
             parse_col(&row.try_get::<String, _>("desired_state")?, "desired_state")?;
+        let generation: i64 = row.try_get("generation")?;
+        let placed = row.try_get::<Option<String>, _>("host_id")?.is_some();
         let t = machine_state::request(action, status, desired)
             .map_err(|e| Error::Conflict(e.to_string()))?;
-        sqlx::query(
+        let swapped = sqlx::query(
             "UPDATE vms SET status = $1, desired_state = $2, updated_at = $3, \
-             generation = generation + 1 WHERE id = $4",
+             generation = generation + 1 \
+             WHERE id = $4 AND generation = $5 AND deleted_at IS NULL",
         )
         .bind(t.status.as_str())
         .bind(t.desired.as_str())
         .bind(now)
         .bind(id.to_string())
+        .bind(generation)
         .execute(&mut *tx)
         .await?;
+        if swapped.rows_affected() == 0 {
+            return Err(Error::Conflict(
+                "the machine changed while this request was handled; look at it and retry".into(),
+            ));
+        }
         let message = format!("{action} requested");
         event_in_txn(&mut tx, id, action.as_str(), t.status, &message, now).await?;
+        let sql = format!("{SELECT} WHERE v.id = $1");
+        let requested = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        let requested = from_row(&requested)?;
+        if action == Action::Delete && !placed {
+            sqlx::query(
+                "UPDATE vms SET status = $1, deleted_at = $2, updated_at = $2, \
+                 generation = generation + 1 WHERE id = $3",
+            )
+            .bind(MachineStatus::Deleted.as_str())
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            event_in_txn(
+                &mut tx,
+                id,
+                "delete",
+                MachineStatus::Deleted,
+                "deleted; it was never placed on a host, so nothing was left to clean up",
+                now,
+            )
+            .await?;
+        }
         tx.commit().await?;
-        self.machine_get(id, who)
-            .await?
-            .ok_or(Error::NotFound("machine"))
+        Ok(requested)
     }
 
     /// Records an observed transition (worker, reconciler) if the lifecycle allows it and the

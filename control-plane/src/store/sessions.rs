@@ -19,8 +19,14 @@ pub struct Family {
 /// What presenting a refresh token led to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefreshOutcome {
-    /// The token was spent and the new one stored in its family.
-    Rotated { user_id: UserId },
+    /// The token was spent and the new one stored in its family. Role and session version
+    /// are read in the same transaction, so an access token issued from them cannot outlive
+    /// a password change that raced this refresh.
+    Rotated {
+        user_id: UserId,
+        role: auth::Role,
+        session_version: i64,
+    },
     /// No such token.
     Unknown,
     /// Past its idle or absolute expiry.
@@ -86,6 +92,16 @@ impl Store {
                 .map(from_micros),
             replaced: row.try_get::<Option<String>, _>("replaced_by")?.is_some(),
         };
+        // Lock the user row first: a password change updates it before revoking tokens, so
+        // the two serialise and a rotation cannot slip a token past the revocation.
+        sqlx::query("UPDATE users SET updated_at = updated_at WHERE id = $1")
+            .bind(user_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let user = sqlx::query("SELECT role, session_version FROM users WHERE id = $1")
+            .bind(user_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
         let mut decision = refresh::decide(&record, now);
         let new_id = Uuid::new_v4().to_string();
         if decision == RefreshDecision::Rotate {
@@ -117,7 +133,11 @@ impl Store {
                 .bind(to_micros(now))
                 .execute(&mut *tx)
                 .await?;
-                RefreshOutcome::Rotated { user_id }
+                RefreshOutcome::Rotated {
+                    user_id,
+                    role: super::parse_col(&user.try_get::<String, _>("role")?, "users.role")?,
+                    session_version: user.try_get("session_version")?,
+                }
             }
             RefreshDecision::Reuse => {
                 revoke_family_in_txn(&mut tx, &family_id, now).await?;
@@ -129,19 +149,23 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Revokes the family of the token with this hash (logout). Unknown tokens are ignored:
-    /// logging out twice is not an error.
+    /// Revokes the family of `user`'s token with this hash (logout). Unknown tokens, and
+    /// other users' tokens, are ignored: logging out twice is not an error, and one user
+    /// cannot end another's session.
     pub async fn refresh_family_revoke_by_token(
         &self,
+        user: UserId,
         token_hash: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<UserId>> {
         let mut tx = self.begin_write().await?;
-        let row =
-            sqlx::query("SELECT user_id, family_id FROM refresh_tokens WHERE token_hash = $1")
-                .bind(token_hash)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row = sqlx::query(
+            "SELECT user_id, family_id FROM refresh_tokens WHERE token_hash = $1 AND user_id = $2",
+        )
+        .bind(token_hash)
+        .bind(user.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(row) = row else {
             return Ok(None);
         };
@@ -154,43 +178,34 @@ impl Store {
         )?))
     }
 
-    /// Failed logins for `username` in the current window, and when that window began.
-    pub async fn login_failures(&self, username: &str) -> Result<Option<(DateTime<Utc>, i64)>> {
-        let row =
-            sqlx::query("SELECT window_start, failures FROM login_failures WHERE username = $1")
-                .bind(username)
-                .fetch_optional(&self.read)
-                .await?;
-        row.map(|r| {
-            Ok((
-                from_micros(r.try_get("window_start")?),
-                r.try_get("failures")?,
-            ))
-        })
-        .transpose()
-    }
-
-    /// Counts one failed login; a window older than `window` starts over at one.
-    pub async fn login_failure_record(
+    /// Counts one login attempt against `username` before its password is checked, and
+    /// returns the attempts in the current window and when that window began. A window older
+    /// than `window` starts over at one. Counting first, in one statement, means concurrent
+    /// guesses cannot all slip under the limit; a success clears the count afterwards.
+    pub async fn login_attempt_record(
         &self,
         username: &str,
         now: DateTime<Utc>,
         window: Duration,
-    ) -> Result<()> {
-        sqlx::query(
+    ) -> Result<(DateTime<Utc>, i64)> {
+        let row = sqlx::query(
             "INSERT INTO login_failures (username, window_start, failures) VALUES ($1, $2, 1) \
              ON CONFLICT (username) DO UPDATE SET \
                failures = CASE WHEN login_failures.window_start <= $3 THEN 1 \
                                ELSE login_failures.failures + 1 END, \
                window_start = CASE WHEN login_failures.window_start <= $3 THEN $2 \
-                                   ELSE login_failures.window_start END",
+                                   ELSE login_failures.window_start END \
+             RETURNING window_start, failures",
         )
         .bind(username)
         .bind(to_micros(now))
         .bind(to_micros(now - window))
-        .execute(&self.write)
+        .fetch_one(&self.write)
         .await?;
-        Ok(())
+        Ok((
+            from_micros(row.try_get("window_start")?),
+            row.try_get("failures")?,
+        ))
     }
 
     /// Forgets failed logins after a success.
@@ -212,8 +227,10 @@ impl Store {
             .bind(to_micros(now - window))
             .execute(&self.write)
             .await?;
-        let b = sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= $1")
-            .bind(to_micros(now))
+        // Whole families only, once past their absolute expiry: a spent token must stay
+        // recognisable as long as its family lives, or replaying it would not revoke the family.
+        let b = sqlx::query("DELETE FROM refresh_tokens WHERE family_created_at <= $1")
+            .bind(to_micros(now - refresh::REFRESH_ABSOLUTE_TTL))
             .execute(&self.write)
             .await?;
         Ok(a.rows_affected() + b.rows_affected())

@@ -114,11 +114,18 @@ impl Store {
         row.as_ref().map(from_row).transpose()
     }
 
-    /// Replaces the password hash without touching sessions (transparent rehash at login).
-    pub async fn user_rehash_password(&self, id: UserId, password_hash: &str) -> Result<()> {
-        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
-            .bind(password_hash)
+    /// Replaces the password hash without touching sessions (transparent rehash at login),
+    /// unless the hash changed meanwhile: a concurrent password change wins.
+    pub async fn user_rehash_password(
+        &self,
+        id: UserId,
+        old_hash: &str,
+        new_hash: &str,
+    ) -> Result<()> {
+        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2 AND password_hash = $3")
+            .bind(new_hash)
             .bind(id.to_string())
+            .bind(old_hash)
             .execute(&self.write)
             .await?;
         Ok(())

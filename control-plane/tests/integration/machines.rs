@@ -18,7 +18,101 @@ both_stores!(
     idempotency_key_replays_refuses_mismatch_and_in_flight,
     quotas_limit_what_a_tenant_holds,
     concurrent_creates_never_exceed_the_quota,
+    concurrent_stop_and_delete_never_undo_a_delete,
+    hostile_strings_are_refused_not_500,
 );
+
+async fn concurrent_stop_and_delete_never_undo_a_delete(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    for round in 0..5 {
+        let m: Value = t
+            .create_machine(&ann, &format!("race{round}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let id = m["id"].as_str().unwrap();
+        let stop = t
+            .as_user(&ann, Method::POST, &format!("/machines/{id}/stop"))
+            .send();
+        let delete = t
+            .as_user(&ann, Method::DELETE, &format!("/machines/{id}"))
+            .send();
+        let (stop, delete) = tokio::join!(stop, delete);
+        let (stop, delete) = (stop.unwrap().status(), delete.unwrap().status());
+        assert!(
+            matches!(
+                stop,
+                StatusCode::ACCEPTED | StatusCode::CONFLICT | StatusCode::NOT_FOUND
+            ),
+            "{stop}"
+        );
+        if delete == StatusCode::ACCEPTED {
+            let res = t
+                .as_user(&ann, Method::GET, &format!("/machines/{id}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                res.status(),
+                StatusCode::NOT_FOUND,
+                "an accepted delete was undone"
+            );
+        } else {
+            assert_eq!(delete, StatusCode::CONFLICT);
+        }
+    }
+    t.stop().await;
+}
+
+async fn hostile_strings_are_refused_not_500(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    for username in ["ann\u{0}", &"x".repeat(10_000)] {
+        problem(
+            t.login(username, "whatever it is").await,
+            StatusCode::UNAUTHORIZED,
+        )
+        .await;
+    }
+    for (field, value) in [
+        ("image", json!("tiny\u{0}")),
+        ("image", json!("t".repeat(5000))),
+        ("ssh_keys", json!(["laptop\u{0}"])),
+        ("user_data", json!("#cloud-config\u{0}")),
+        ("hostname", json!("web\u{0}")),
+    ] {
+        let mut body = machine_body("web");
+        body[field] = value;
+        let res = t
+            .as_user(&ann, Method::POST, "/machines")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+    }
+    let res = t
+        .as_user(&ann, Method::POST, "/ssh-keys")
+        .json(&json!({"name": "k\u{0}", "public_key": ED25519}))
+        .send()
+        .await
+        .unwrap();
+    problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+    // A client's request id that is too long or odd is replaced, not echoed.
+    let res = t
+        .as_user(&ann, Method::GET, "/machines")
+        .header("x-request-id", "x".repeat(500))
+        .send()
+        .await
+        .unwrap();
+    let id = res.headers()["x-request-id"].to_str().unwrap();
+    assert!(id.parse::<uuid::Uuid>().is_ok(), "{id}");
+    t.stop().await;
+}
 
 async fn create_read_list_and_delete_a_machine(backend: Backend) {
     let t = TestApp::spawn(backend).await;
@@ -247,6 +341,16 @@ async fn tenants_never_see_each_others_machines(backend: Backend) {
         let res = t.as_user(&bob, method.clone(), &path).send().await.unwrap();
         problem(res, StatusCode::NOT_FOUND).await;
     }
+    let untouched: Value = t.get_json(&ann, &format!("/machines/{id}")).await;
+    assert_eq!(
+        (
+            untouched["status"].as_str(),
+            untouched["desired_state"].as_str()
+        ),
+        (Some("pending"), Some("running"))
+    );
+    let events: Value = t.get_json(&ann, &format!("/machines/{id}/events")).await;
+    assert_eq!(events["items"].as_array().unwrap().len(), 1, "{events}");
     let bobs: Value = t.get_json(&bob, "/machines").await;
     assert_eq!(bobs["items"], json!([]));
     // Administrators see every tenant's machines.
@@ -393,7 +497,10 @@ async fn idempotency_key_replays_refuses_mismatch_and_in_flight(backend: Backend
         )
         .await
         .unwrap();
-    assert_eq!(claim, control_plane::store::idempotency::Claim::Claimed);
+    assert!(matches!(
+        claim,
+        control_plane::store::idempotency::Claim::Claimed { .. }
+    ));
     problem(
         post(&ann, "key-3", machine_body("x")).await.unwrap(),
         StatusCode::CONFLICT,

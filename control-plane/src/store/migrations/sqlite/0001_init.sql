@@ -106,6 +106,8 @@ CREATE TABLE idempotency_keys (
     user_id         TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     key             TEXT NOT NULL,
     request_hash    TEXT NOT NULL,
+    -- Which request holds the key: completion and release only act on their own claim.
+    claim_id        TEXT NOT NULL,
     response_status BIGINT,
     response_body   TEXT,
     response_location TEXT,
