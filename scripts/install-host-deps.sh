@@ -25,6 +25,8 @@ PACKAGES=(
     genisoimage openssh-client
     # image.json is written (build.sh) and read (boot-test.sh) with jq.
     jq
+    # virt-xml-validate (libvirt schema checks of generated domain XML) runs xmllint.
+    libxml2-utils
 )
 
 # Run a command silently; print its captured output only if it fails.
