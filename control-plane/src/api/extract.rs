@@ -99,6 +99,8 @@ impl FromRequestParts<Arc<App>> for Caller {
             .ok_or(Error::Unauthenticated(
                 "expected 'Authorization: Bearer <token>'",
             ))?;
-        app.authenticate(token).await.map(Caller)
+        let caller = app.authenticate(token).await?;
+        tracing::Span::current().record("user", tracing::field::display(caller.user_id));
+        Ok(Caller(caller))
     }
 }

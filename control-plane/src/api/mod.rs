@@ -213,8 +213,26 @@ pub fn router(app: Arc<App>, settings: &HttpSettings) -> Router {
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default();
-            // Path only: query strings may carry cursors, and headers carry tokens.
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            let route = req
+                .extensions()
+                .get::<axum::extract::MatchedPath>()
+                .map_or("unmatched", |p| p.as_str());
+            let client = req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip().to_string())
+                .unwrap_or_default();
+            // Path only: query strings may carry cursors, and headers carry tokens. `user` is
+            // filled in by the `Caller` extractor once the token is checked.
+            tracing::info_span!(
+                "request",
+                method = %req.method(),
+                path = %req.uri().path(),
+                route,
+                client,
+                request_id = %id,
+                user = tracing::field::Empty,
+            )
         })
         .on_response(DefaultOnResponse::new().level(Level::INFO))
         .on_failure(DefaultOnFailure::new().level(Level::WARN));

@@ -143,6 +143,19 @@ async fn serve_and_admin_create_work_on_a_bare_data_dir() {
         !log.contains(PASSWORD) && !log.contains(token),
         "secrets in the log"
     );
+    // The access log names the route template, the client and the authenticated user.
+    let profile_line = log
+        .lines()
+        .find(|l| l.contains("\"route\":\"/api/v1/auth/profile\"") && l.contains("finished"))
+        .unwrap_or_else(|| panic!("no access log line for the profile route: {log}"));
+    assert!(
+        profile_line.contains(me["id"].as_str().unwrap()),
+        "{profile_line}"
+    );
+    assert!(
+        profile_line.contains("\"client\":\"127.0.0.1\""),
+        "{profile_line}"
+    );
 
     // A second admin with a taken username fails cleanly.
     let out = admin_create(&data_dir, "other@example.com");
