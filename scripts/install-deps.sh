@@ -15,7 +15,9 @@ if [[ "$(id -u)" -ne 0 ]]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 
 missing=()
-for pkg in build-essential pkg-config ca-certificates curl; do
+# qemu-utils (qemu-img), genisoimage (genisoimage, isoinfo), util-linux (prlimit) and busybox
+# (the tiny guest's awk, used by the seed tests when present): host-agent tests.
+for pkg in build-essential pkg-config ca-certificates curl qemu-utils genisoimage util-linux busybox; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
 done
 
