@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test run (what CI runs): installs what is missing, checks formatting and lints,
-# builds and boots the tiny guest image, then runs every test of the workspace. Needs root. Integration tests start real servers on 127.0.0.1
-# and use PostgreSQL at SKYGATE_TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/postgres).
+# The whole test run (what CI runs), as root: installs what is missing, checks formatting and
+# lints, builds and boots the tiny guest image, then runs every test of the workspace.
+# Integration tests start real servers on 127.0.0.1 and use PostgreSQL at
+# SKYGATE_TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/postgres).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,8 +16,10 @@ echo "== guest image: build images/tiny and boot it under libvirt to SSH" >&2
 # Real QEMU through libvirt (TCG here), reached only through a port on 127.0.0.1. Runs before
 # the Rust suites so that their summary is the run's closing line.
 scripts/install-host-deps.sh
-images/tiny/build.sh /var/lib/skygate-images/tiny
-images/tiny/boot-test.sh /var/lib/skygate-images/tiny
+image_dir=/var/lib/skygate-images/tiny
+mkdir -p "$image_dir"
+images/tiny/build.sh "$image_dir"
+images/tiny/boot-test.sh "$image_dir"
 
 echo "== tests" >&2
 if cargo nextest --version >/dev/null 2>&1; then
