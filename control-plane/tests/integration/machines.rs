@@ -2,7 +2,7 @@
 //! tenant isolation, idempotency keys and quotas.
 
 use crate::both_stores;
-use crate::common::{machine_body, problem, Backend, TestApp, ED25519};
+use crate::common::{idempotency_hash, machine_body, problem, Backend, TestApp, ED25519};
 use control_plane::api::HttpSettings;
 use control_plane::app::Settings;
 use control_plane::model::Quota;
@@ -481,10 +481,7 @@ async fn idempotency_key_replays_refuses_mismatch_and_in_flight(backend: Backend
     );
     // A key whose first request is still running: 409.
     let ann_id: Value = t.get_json(&ann, "/auth/profile").await;
-    let params: control_plane::api::params::CreateMachineParams =
-        serde_json::from_value(machine_body("x")).unwrap();
-    let in_flight_hash =
-        control_plane::app::idempotency::request_hash(&serde_json::to_vec(&params).unwrap());
+    let in_flight_hash = idempotency_hash(&machine_body("x"));
     let claim = t
         .store
         .idempotency_claim(

@@ -2,7 +2,7 @@
 //! observed transitions with their events.
 
 use crate::both_stores;
-use crate::common::{machine_body, Backend, TestApp};
+use crate::common::{idempotency_hash, machine_body, Backend, TestApp};
 use chrono::{Duration, Utc};
 use control_plane::model::MachineStatus;
 use control_plane::store::idempotency::Claim;
@@ -73,9 +73,7 @@ async fn idempotency_keys_are_kept_a_day_and_stale_claims_are_taken_over(backend
         .await
         .unwrap();
     assert_eq!(res.status(), reqwest::StatusCode::ACCEPTED);
-    let params: control_plane::api::params::CreateMachineParams =
-        serde_json::from_value(machine_body("web")).unwrap();
-    let hash = control_plane::app::idempotency::request_hash(&serde_json::to_vec(&params).unwrap());
+    let hash = idempotency_hash(&machine_body("web"));
     let now = Utc::now();
     let at = |d| s.idempotency_claim(user, "day", &hash, now + d, lock, keep);
     assert!(matches!(at(Duration::hours(23)).await.unwrap(), Claim::Replay(r) if r.status == 202));
@@ -98,15 +96,7 @@ async fn observed_transitions_are_checked_and_logged(backend: Backend) {
     let t = TestApp::spawn(backend).await;
     t.tiny_image().await;
     let ann = t.user("ann").await;
-    let m: Value = t
-        .as_user(&ann, reqwest::Method::POST, "/machines")
-        .json(&machine_body("web"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let m: Value = t.create_machine(&ann, "web").await.json().await.unwrap();
     let id = m["id"].as_str().unwrap().parse().unwrap();
     let s = &t.store;
     use MachineStatus as S;

@@ -330,6 +330,13 @@ pub fn machine_body(hostname: &str) -> Value {
     json!({"hostname": hostname, "image": "tiny", "vcpus": 1, "memory_mib": 256, "disk_gib": 1})
 }
 
+/// The hash the server binds an Idempotency-Key to for this POST /machines body.
+pub fn idempotency_hash(body: &Value) -> String {
+    let params: control_plane::api::params::CreateMachineParams =
+        serde_json::from_value(body.clone()).unwrap();
+    control_plane::app::idempotency::request_hash(&serde_json::to_vec(&params).unwrap())
+}
+
 /// A logged-in user's tokens.
 #[derive(Debug, Clone)]
 pub struct Session {
