@@ -15,9 +15,11 @@ if [[ "$(id -u)" -ne 0 ]]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 
 missing=()
-# qemu-utils (qemu-img), genisoimage (genisoimage, isoinfo), util-linux (prlimit) and busybox
-# (the tiny guest's awk, used by the seed tests when present): host-agent tests.
-for pkg in build-essential pkg-config ca-certificates curl qemu-utils genisoimage util-linux busybox; do
+# For the host-agent tests: qemu-utils (qemu-img), genisoimage (genisoimage, isoinfo),
+# util-linux (prlimit) and busybox-static (the guest's awk, for the seed tests). Not plain
+# busybox: it conflicts with busybox-static, which install-host-deps.sh installs too, and the
+# two scripts would swap them on every run.
+for pkg in build-essential pkg-config ca-certificates curl qemu-utils genisoimage util-linux busybox-static; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
 done
 
