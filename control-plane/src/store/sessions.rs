@@ -157,25 +157,22 @@ impl Store {
         user: UserId,
         token_hash: &str,
         now: DateTime<Utc>,
-    ) -> Result<Option<UserId>> {
+    ) -> Result<()> {
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
-            "SELECT user_id, family_id FROM refresh_tokens WHERE token_hash = $1 AND user_id = $2",
+            "SELECT family_id FROM refresh_tokens WHERE token_hash = $1 AND user_id = $2",
         )
         .bind(token_hash)
         .bind(user.to_string())
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
-            return Ok(None);
+            return Ok(());
         };
         let family_id: String = row.try_get("family_id")?;
         revoke_family_in_txn(&mut tx, &family_id, now).await?;
         tx.commit().await?;
-        Ok(Some(super::parse_col(
-            &row.try_get::<String, _>("user_id")?,
-            "user_id",
-        )?))
+        Ok(())
     }
 
     /// Counts one login attempt against `username` before its password is checked, and
