@@ -1,8 +1,15 @@
-//! SkyGate host agent library: the pieces of the agent that are pure logic and tested without
-//! a hypervisor. The `skygate-host-agent` binary (main.rs) wires them to libvirt and gRPC.
+//! SkyGate host agent library. Pure logic (domain XML, seeds, specs, hypervisor choice) is
+//! tested without a hypervisor; the I/O edges sit behind small traits (`DiskTool`,
+//! `Hypervisor`). The `skygate-host-agent` binary (main.rs) wires them to libvirt and gRPC.
 
 pub mod disks;
 pub mod domain_xml;
+pub mod error;
+pub mod events;
+pub mod hypervisor;
 pub mod images;
+pub mod machines;
 pub mod paths;
+pub mod ports;
+pub mod probe;
 pub mod seed;

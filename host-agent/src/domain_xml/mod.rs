@@ -131,6 +131,9 @@ pub struct DomainSpec {
     pub hostname: String,
     /// Spec generation, stored in the metadata so the agent can refuse stale specs.
     pub generation: u64,
+    /// Size of the overlay in GiB, stored in the metadata so the agent can report what the
+    /// host's machines are sized for after a restart.
+    pub disk_gib: u64,
     /// `kvm` or `qemu` (TCG).
     pub hypervisor: HypervisorKind,
     /// Number of vCPUs, at least 1.
@@ -530,6 +533,12 @@ fn render_metadata(w: &mut XmlWriter, spec: &DomainSpec, c: &Checked<'_>) -> io:
                 &format!("{METADATA_PREFIX}:hostname"),
                 &[],
                 &spec.hostname,
+            )?;
+            text_element(
+                w,
+                &format!("{METADATA_PREFIX}:disk-gib"),
+                &[],
+                &spec.disk_gib.to_string(),
             )
         })
     })
@@ -648,6 +657,53 @@ fn mac_address(uuid: Uuid) -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[13], b[14], b[15])
 }
 
+/// The port forwards of a domain's user-mode NIC, read back from its XML (the `-netdev user`
+/// argument of `<qemu:commandline>`): what the agent reports as the machine's ports and keeps
+/// when it redefines the domain. Empty for bridged and libvirt-network domains.
+pub fn read_user_forwards(xml: &str) -> Result<Vec<PortForward>, MetadataError> {
+    let mut reader = NsReader::from_str(xml);
+    let mut out = Vec::new();
+    loop {
+        let (ns, event) = reader.read_resolved_event()?;
+        let (Event::Start(e) | Event::Empty(e)) = event else {
+            if matches!(event, Event::Eof) {
+                return Ok(out);
+            }
+            continue;
+        };
+        let qemu = matches!(ns, ResolveResult::Bound(Namespace(n)) if n == QEMU_NAMESPACE);
+        if !qemu || e.local_name().as_ref() != "arg" {
+            continue;
+        }
+        let Some(value) = e.try_get_attribute("value")? else {
+            continue;
+        };
+        let value = value
+            .normalized_value(quick_xml::XmlVersion::default())
+            .map_err(|e| MetadataError::Xml(e.into()))?;
+        let Some(rest) = value.strip_prefix("user,") else {
+            continue;
+        };
+        for part in rest.split(',') {
+            if let Some(fwd) = part.strip_prefix("hostfwd=tcp:") {
+                out.push(parse_hostfwd(fwd).ok_or_else(|| MetadataError::BadForward(part.into()))?);
+            }
+        }
+    }
+}
+
+/// `127.0.0.1:2222-:22` → the forward; `None` for anything else.
+fn parse_hostfwd(s: &str) -> Option<PortForward> {
+    let (host, guest) = s.split_once('-')?;
+    let (host_ip, host_port) = host.rsplit_once(':')?;
+    let guest_port = guest.strip_prefix(':')?;
+    Some(PortForward {
+        host_ip: host_ip.parse().ok()?,
+        host_port: host_port.parse().ok()?,
+        guest_port: guest_port.parse().ok()?,
+    })
+}
+
 /// SkyGate's metadata as read back from a defined domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineMetadata {
@@ -657,6 +713,8 @@ pub struct MachineMetadata {
     pub generation: u64,
     /// The hostname at that generation.
     pub hostname: String,
+    /// The overlay size in GiB (absent in definitions written before it was recorded).
+    pub disk_gib: Option<u64>,
 }
 
 /// Why [`MachineMetadata::from_xml`] failed.
@@ -680,6 +738,15 @@ pub enum MetadataError {
     /// `generation` is not a decimal u64.
     #[error("skygate metadata generation is not an unsigned integer: {0}")]
     InvalidGeneration(#[source] std::num::ParseIntError),
+    /// A `hostfwd` of the user-mode NIC is not `tcp:IP:PORT-:PORT`.
+    #[error("unreadable port forward {0:?}")]
+    BadForward(String),
+    /// An attribute could not be read.
+    #[error("malformed attribute: {0}")]
+    Attr(#[from] quick_xml::events::attributes::AttrError),
+    /// `disk-gib` is not a decimal u64.
+    #[error("skygate metadata disk-gib is not an unsigned integer: {0}")]
+    InvalidDiskSize(#[source] std::num::ParseIntError),
 }
 
 impl MachineMetadata {
@@ -747,6 +814,10 @@ impl MachineMetadata {
                 .parse()
                 .map_err(MetadataError::InvalidGeneration)?,
             hostname: fields.hostname.ok_or(MetadataError::Missing("hostname"))?,
+            disk_gib: fields
+                .disk_gib
+                .map(|v| v.trim().parse().map_err(MetadataError::InvalidDiskSize))
+                .transpose()?,
         })
     }
 }
@@ -757,6 +828,7 @@ struct MetadataFields {
     id: Option<String>,
     generation: Option<String>,
     hostname: Option<String>,
+    disk_gib: Option<String>,
 }
 
 impl MetadataFields {
@@ -766,6 +838,7 @@ impl MetadataFields {
             "id" => Some(("id", &mut self.id)),
             "generation" => Some(("generation", &mut self.generation)),
             "hostname" => Some(("hostname", &mut self.hostname)),
+            "disk-gib" => Some(("disk-gib", &mut self.disk_gib)),
             _ => None,
         }
     }

@@ -20,6 +20,7 @@ fn tcg_kernel_user_seed() -> DomainSpec {
         uuid: MACHINE_ID,
         hostname: "tiny-check".into(),
         generation: 3,
+        disk_gib: 1,
         hypervisor: HypervisorKind::Qemu,
         vcpus: 1,
         memory_mib: 256,
@@ -551,6 +552,7 @@ fn metadata_round_trips() {
             id: MACHINE_ID,
             generation: 3,
             hostname: "tiny-check".into(),
+            disk_gib: Some(1),
         }
     );
 }
@@ -571,6 +573,7 @@ fn metadata_is_matched_by_namespace_not_prefix() {
             id: MACHINE_ID,
             generation: 42,
             hostname: "a&b\u{e9}".into(),
+            disk_gib: None,
         }
     );
 }
@@ -589,6 +592,7 @@ fn metadata_from_virdomaingetmetadata_output() {
             id: MACHINE_ID,
             generation: 5,
             hostname: "dx <check> & \"more\"".into(),
+            disk_gib: None,
         }
     );
     // Unqualified look-alikes inside a full domain XML are not ours.
@@ -754,6 +758,7 @@ fn any_spec() -> impl Strategy<Value = DomainSpec> {
                 uuid: Uuid::from_u128(uuid),
                 hostname,
                 generation,
+                disk_gib: generation % 1000,
                 hypervisor: if kvm {
                     HypervisorKind::Kvm
                 } else {
@@ -778,6 +783,7 @@ fn benign_twin(spec: &DomainSpec) -> DomainSpec {
         uuid: MACHINE_ID,
         hostname: "benign".into(),
         generation: 1,
+        disk_gib: 1,
         hypervisor: spec.hypervisor,
         vcpus: 1,
         memory_mib: 256,
@@ -827,6 +833,7 @@ fn check_round_trip(spec: &DomainSpec, doc: &str) -> Result<(), TestCaseError> {
             id: spec.uuid,
             generation: spec.generation,
             hostname: spec.hostname.clone(),
+            disk_gib: Some(spec.disk_gib),
         }
     );
     let path = |p: &PathBuf| p.to_str().unwrap_or_default().to_owned();
@@ -928,4 +935,47 @@ fn libvirt_schema_accepts_generated_xml() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn user_forwards_read_back_from_the_xml_they_were_written_to() {
+    let spec = tcg_kernel_user_seed();
+    let NetworkAttachment::User { forwards } = &spec.network else {
+        unreachable!("fixture uses user networking")
+    };
+    let xml = spec.to_xml().unwrap();
+    assert_eq!(&read_user_forwards(&xml).unwrap(), forwards);
+    // Bridged domains have none.
+    assert_eq!(
+        read_user_forwards(&kvm_disk_bridge().to_xml().unwrap()).unwrap(),
+        vec![]
+    );
+}
+
+#[test]
+fn user_forwards_ignore_unrelated_arguments_and_refuse_garbage() {
+    let doc = |arg: &str| {
+        format!(
+            "<domain xmlns:q='http://libvirt.org/schemas/domain/qemu/1.0'><q:commandline>\
+             <q:arg value='-netdev'/><q:arg value='{arg}'/></q:commandline></domain>"
+        )
+    };
+    assert_eq!(
+        read_user_forwards(&doc("user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22")).unwrap(),
+        vec![PortForward {
+            host_ip: LOOPBACK,
+            host_port: 2222,
+            guest_port: 22
+        }]
+    );
+    assert_eq!(read_user_forwards(&doc("tap,id=net0")).unwrap(), vec![]);
+    assert!(read_user_forwards(&doc("user,id=net0,hostfwd=tcp:nowhere:1-:22")).is_err());
+    // Unqualified `arg` elements are not QEMU's.
+    assert_eq!(
+        read_user_forwards(
+            "<domain><arg value='user,id=net0,hostfwd=tcp:127.0.0.1:1-:2'/></domain>"
+        )
+        .unwrap(),
+        vec![]
+    );
 }

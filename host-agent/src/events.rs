@@ -1,0 +1,176 @@
+//! The agent's event log: every observed change of a machine's phase, numbered. Kept in
+//! memory (a bounded ring) and fanned out to WatchEvents streams; a client that reconnects
+//! with the last sequence it saw gets what followed, as far as the ring still holds it. After
+//! an agent restart numbering starts again and the control plane reconciles from ListVms
+//! (the agent keeps no state of its own).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::machines::VmPhase;
+
+/// How many events the ring keeps for late subscribers.
+pub const DEFAULT_RETAINED: usize = 4096;
+
+/// One change of a machine's phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineEvent {
+    /// Increases by one per event, from 1.
+    pub sequence: u64,
+    /// The machine.
+    pub machine_id: Uuid,
+    /// Its new phase.
+    pub phase: VmPhase,
+    /// Why, for people.
+    pub reason: String,
+    /// When the agent saw it, in milliseconds since the Unix epoch.
+    pub at_unix_ms: i64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    next_sequence: u64,
+    retained: VecDeque<MachineEvent>,
+    last_phase: HashMap<Uuid, VmPhase>,
+}
+
+/// The event log. Publishing deduplicates: a phase equal to the last one recorded for that
+/// machine is not an event, so the poller and the operations can both report freely.
+#[derive(Debug)]
+pub struct EventLog {
+    inner: Mutex<Inner>,
+    capacity: usize,
+    tx: broadcast::Sender<MachineEvent>,
+}
+
+impl EventLog {
+    /// A log retaining the last `capacity` events.
+    pub fn new(capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(16));
+        EventLog {
+            inner: Mutex::new(Inner {
+                next_sequence: 1,
+                retained: VecDeque::new(),
+                last_phase: HashMap::new(),
+            }),
+            capacity: capacity.max(1),
+            tx,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that `machine_id` is now in `phase`; returns the event unless nothing changed.
+    pub fn observe(&self, machine_id: Uuid, phase: VmPhase, reason: &str) -> Option<MachineEvent> {
+        let mut inner = self.lock();
+        if inner.last_phase.get(&machine_id) == Some(&phase) {
+            return None;
+        }
+        if phase == VmPhase::Absent {
+            inner.last_phase.remove(&machine_id);
+        } else {
+            inner.last_phase.insert(machine_id, phase);
+        }
+        let event = MachineEvent {
+            sequence: inner.next_sequence,
+            machine_id,
+            phase,
+            reason: reason.to_owned(),
+            at_unix_ms: now_unix_ms(),
+        };
+        inner.next_sequence += 1;
+        if inner.retained.len() == self.capacity {
+            inner.retained.pop_front();
+        }
+        inner.retained.push_back(event.clone());
+        // Sent under the lock so subscribers see sequence order; no receivers is fine.
+        let _ = self.tx.send(event.clone());
+        Some(event)
+    }
+
+    /// Seeds the last known phase without emitting an event (start-up: what already exists
+    /// is the baseline, not news).
+    pub fn baseline(&self, machine_id: Uuid, phase: VmPhase) {
+        self.lock().last_phase.insert(machine_id, phase);
+    }
+
+    /// Machines whose last recorded phase is not `Absent`.
+    pub fn known_machines(&self) -> Vec<Uuid> {
+        self.lock().last_phase.keys().copied().collect()
+    }
+
+    /// The retained events after `after_sequence`, and a receiver for everything later. Taken
+    /// under one lock, so nothing falls between the two.
+    pub fn subscribe(
+        &self,
+        after_sequence: u64,
+    ) -> (Vec<MachineEvent>, broadcast::Receiver<MachineEvent>) {
+        let inner = self.lock();
+        let backlog = inner
+            .retained
+            .iter()
+            .filter(|e| e.sequence > after_sequence)
+            .cloned()
+            .collect();
+        (backlog, self.tx.subscribe())
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_changes_and_drops_repeats() {
+        let log = EventLog::new(8);
+        let id = Uuid::new_v4();
+        assert_eq!(
+            log.observe(id, VmPhase::Stopped, "defined")
+                .map(|e| e.sequence),
+            Some(1)
+        );
+        assert!(log.observe(id, VmPhase::Stopped, "again").is_none());
+        assert_eq!(
+            log.observe(id, VmPhase::Running, "started")
+                .map(|e| e.sequence),
+            Some(2)
+        );
+        log.baseline(id, VmPhase::Crashed);
+        assert!(log
+            .observe(id, VmPhase::Crashed, "seen by poller")
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn resumes_after_a_sequence_and_then_follows_live() {
+        let log = EventLog::new(2);
+        let id = Uuid::new_v4();
+        log.observe(id, VmPhase::Stopped, "a");
+        log.observe(id, VmPhase::Running, "b");
+        log.observe(id, VmPhase::Stopped, "c");
+        // Capacity 2: event 1 is forgotten.
+        let (backlog, mut rx) = log.subscribe(0);
+        assert_eq!(
+            backlog.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        let (backlog, _) = log.subscribe(2);
+        assert_eq!(backlog.iter().map(|e| e.sequence).collect::<Vec<_>>(), [3]);
+        log.observe(id, VmPhase::Absent, "deleted");
+        let live = rx.recv().await.unwrap();
+        assert_eq!((live.sequence, live.phase), (4, VmPhase::Absent));
+    }
+}

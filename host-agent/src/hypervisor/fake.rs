@@ -1,0 +1,234 @@
+//! [`FakeHypervisor`]: an in-memory [`Hypervisor`] for tests that inject faults (a failing
+//! define, a start that errors, a guest that ignores ACPI, a QEMU that dies). Not used by the
+//! agent binary.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use super::{DomainPhase, DomainStatus, HostFacts, Hypervisor, HypervisorError};
+use crate::domain_xml::MachineMetadata;
+
+/// The fake's operations, for failure injection and call counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HypervisorOp {
+    /// [`Hypervisor::list`] and [`Hypervisor::get`].
+    Read,
+    /// [`Hypervisor::define`].
+    Define,
+    /// [`Hypervisor::start`].
+    Start,
+    /// [`Hypervisor::shutdown`].
+    Shutdown,
+    /// [`Hypervisor::destroy`].
+    Destroy,
+    /// [`Hypervisor::undefine`].
+    Undefine,
+}
+
+#[derive(Debug, Clone)]
+struct FakeDomain {
+    xml: String,
+    phase: DomainPhase,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    domains: BTreeMap<String, FakeDomain>,
+    failures: HashMap<HypervisorOp, u32>,
+    calls: HashMap<HypervisorOp, u32>,
+    ignore_acpi: bool,
+}
+
+/// An in-memory hypervisor with failure injection.
+#[derive(Debug, Default)]
+pub struct FakeHypervisor {
+    state: Mutex<FakeState>,
+}
+
+impl FakeHypervisor {
+    /// An empty fake whose guests obey ACPI shutdown at once.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        // A panicking test thread must not hide the fake's state from the assertions.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the next `times` calls of `op` fail.
+    pub fn fail_next(&self, op: HypervisorOp, times: u32) {
+        self.lock().failures.insert(op, times);
+    }
+
+    /// How often `op` was called (failed calls included).
+    pub fn calls(&self, op: HypervisorOp) -> u32 {
+        self.lock().calls.get(&op).copied().unwrap_or(0)
+    }
+
+    /// Guests ignore the ACPI power button from now on (as the tiny image does).
+    pub fn ignore_acpi(&self) {
+        self.lock().ignore_acpi = true;
+    }
+
+    /// Simulates QEMU dying under a running domain.
+    pub fn crash(&self, name: &str) {
+        if let Some(d) = self.lock().domains.get_mut(name) {
+            d.phase = DomainPhase::Crashed;
+        }
+    }
+
+    /// Names of every defined domain.
+    pub fn domain_names(&self) -> Vec<String> {
+        self.lock().domains.keys().cloned().collect()
+    }
+
+    fn enter(
+        &self,
+        op: HypervisorOp,
+    ) -> Result<std::sync::MutexGuard<'_, FakeState>, HypervisorError> {
+        let mut st = self.lock();
+        *st.calls.entry(op).or_default() += 1;
+        if let Some(n) = st.failures.get_mut(&op) {
+            if *n > 0 {
+                *n -= 1;
+                return Err(HypervisorError::Failed {
+                    op: "fake",
+                    message: format!("injected failure of {op:?}"),
+                });
+            }
+        }
+        Ok(st)
+    }
+}
+
+/// The text of the first `<tag ...>text</tag>` in `xml`; good enough for the XML this crate
+/// writes, which is all the fake ever sees.
+fn element_text<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
+    let start = xml.find(&format!("<{tag}"))?;
+    let body = &xml[start..];
+    let open_end = body.find('>')? + 1;
+    let close = body.find(&format!("</{tag}>"))?;
+    body.get(open_end..close)
+}
+
+fn domain_status(name: &str, d: &FakeDomain) -> DomainStatus {
+    DomainStatus {
+        name: name.to_owned(),
+        phase: d.phase,
+        xml: d.xml.clone(),
+        vcpus: element_text(&d.xml, "vcpu")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0),
+        memory_kib: element_text(&d.xml, "memory")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0),
+    }
+}
+
+impl Hypervisor for FakeHypervisor {
+    fn host_facts(&self) -> Result<HostFacts, HypervisorError> {
+        let _st = self.enter(HypervisorOp::Read)?;
+        Ok(HostFacts {
+            libvirt_version: "0.0.0-fake".into(),
+            cpus: 8,
+            memory_kib: 16 << 20,
+            offers_kvm: false,
+            offers_qemu: true,
+        })
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<DomainStatus>, HypervisorError> {
+        let st = self.enter(HypervisorOp::Read)?;
+        Ok(st
+            .domains
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(n, d)| domain_status(n, d))
+            .collect())
+    }
+
+    fn get(&self, name: &str) -> Result<Option<DomainStatus>, HypervisorError> {
+        let st = self.enter(HypervisorOp::Read)?;
+        Ok(st.domains.get(name).map(|d| domain_status(name, d)))
+    }
+
+    fn define(&self, xml: &str) -> Result<(), HypervisorError> {
+        let mut st = self.enter(HypervisorOp::Define)?;
+        let name = element_text(xml, "name")
+            .ok_or_else(|| HypervisorError::Failed {
+                op: "define",
+                message: "no <name>".into(),
+            })?
+            .to_owned();
+        MachineMetadata::from_xml(xml).map_err(|e| HypervisorError::Failed {
+            op: "define",
+            message: e.to_string(),
+        })?;
+        let phase = st
+            .domains
+            .get(&name)
+            .map_or(DomainPhase::Stopped, |d| d.phase);
+        st.domains.insert(
+            name,
+            FakeDomain {
+                xml: xml.to_owned(),
+                phase,
+            },
+        );
+        Ok(())
+    }
+
+    fn start(&self, name: &str) -> Result<(), HypervisorError> {
+        let mut st = self.enter(HypervisorOp::Start)?;
+        let d = st
+            .domains
+            .get_mut(name)
+            .ok_or_else(|| HypervisorError::NoDomain(name.to_owned()))?;
+        if d.phase == DomainPhase::Running {
+            return Err(HypervisorError::Failed {
+                op: "start",
+                message: "domain is already running".into(),
+            });
+        }
+        d.phase = DomainPhase::Running;
+        Ok(())
+    }
+
+    fn shutdown(&self, name: &str) -> Result<(), HypervisorError> {
+        let mut st = self.enter(HypervisorOp::Shutdown)?;
+        let ignore = st.ignore_acpi;
+        let d = st
+            .domains
+            .get_mut(name)
+            .ok_or_else(|| HypervisorError::NoDomain(name.to_owned()))?;
+        if d.phase == DomainPhase::Running && !ignore {
+            d.phase = DomainPhase::Stopped;
+        }
+        Ok(())
+    }
+
+    fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
+        let mut st = self.enter(HypervisorOp::Destroy)?;
+        if let Some(d) = st.domains.get_mut(name) {
+            d.phase = DomainPhase::Stopped;
+        }
+        Ok(())
+    }
+
+    fn undefine(&self, name: &str) -> Result<(), HypervisorError> {
+        let mut st = self.enter(HypervisorOp::Undefine)?;
+        if st
+            .domains
+            .get(name)
+            .is_some_and(|d| d.phase == DomainPhase::Running)
+        {
+            return Err(HypervisorError::Failed {
+                op: "undefine",
+                message: "domain is running".into(),
+            });
+        }
+        st.domains.remove(name);
+        Ok(())
+    }
+}
