@@ -2,6 +2,8 @@
 //! tested without a hypervisor; the I/O edges sit behind small traits (`DiskTool`,
 //! `Hypervisor`). The `skygate-host-agent` binary (main.rs) wires them to libvirt and gRPC.
 
+pub mod auth;
+pub mod config;
 pub mod disks;
 pub mod domain_xml;
 pub mod error;
@@ -13,3 +15,5 @@ pub mod paths;
 pub mod ports;
 pub mod probe;
 pub mod seed;
+pub mod server;
+pub mod service;

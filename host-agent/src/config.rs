@@ -1,0 +1,90 @@
+//! The agent's flags (each also an environment variable where API.md gives one).
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::machines::{CreateStep, NetworkMode};
+use crate::ports::PortRange;
+use crate::probe::HypervisorChoice;
+
+/// Flags of `skygate-host-agent`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "skygate-host-agent", version, about)]
+pub struct AgentArgs {
+    /// Address the gRPC server listens on (port 0 picks a free port, printed at start).
+    #[arg(long, env = "SKYGATE_AGENT_LISTEN", default_value = "127.0.0.1:9091")]
+    pub listen: String,
+    /// Address the control plane dials to reach this agent (used by registration).
+    #[arg(long, env = "SKYGATE_AGENT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// gRPC URL of the control plane (used by registration).
+    #[arg(long, env = "SKYGATE_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// Shared secret: every call must carry `authorization: Bearer <token>`. Prefer the
+    /// environment variable; a flag shows in the process list.
+    #[arg(long, env = "SKYGATE_AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
+    /// Host name reported to the control plane (default: the system host name).
+    #[arg(long, env = "SKYGATE_AGENT_NAME")]
+    pub name: Option<String>,
+    /// Image cache, overlays, seeds and console logs live here.
+    #[arg(long, env = "SKYGATE_AGENT_DATA_DIR", default_value = "/var/lib/skygate-agent")]
+    pub data_dir: PathBuf,
+    /// libvirt connection URI.
+    #[arg(long, env = "SKYGATE_AGENT_LIBVIRT_URI", default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+    /// `user`, `libvirt:NAME` or `bridge:NAME`.
+    #[arg(long, env = "SKYGATE_AGENT_NETWORK", default_value = "user")]
+    pub network: NetworkMode,
+    /// Only domains named `<prefix><uuid>` are ever touched.
+    #[arg(long, env = "SKYGATE_AGENT_DOMAIN_PREFIX", default_value = "skygate-")]
+    pub domain_prefix: String,
+    /// `auto` uses KVM only when kvm_intel/kvm_amd is loaded and libvirt offers kvm.
+    #[arg(long, env = "SKYGATE_AGENT_HYPERVISOR", value_enum, default_value = "auto")]
+    pub hypervisor: HypervisorChoice,
+    /// With `--network user`: host address forwarded ports listen on.
+    #[arg(long, env = "SKYGATE_AGENT_FORWARD_ADDRESS", default_value = "127.0.0.1")]
+    pub forward_address: Ipv4Addr,
+    /// With `--network user`: host ports forwarded ports are taken from.
+    #[arg(long, env = "SKYGATE_AGENT_FORWARD_PORTS", default_value = "20000-29999")]
+    pub forward_ports: PortRange,
+    /// How long StopVm waits for the guest's ACPI shutdown before forcing it off, when the
+    /// call does not say.
+    #[arg(long, env = "SKYGATE_AGENT_GRACEFUL_TIMEOUT_SECS", default_value_t = 30)]
+    pub graceful_timeout_secs: u64,
+    /// How often domains are polled for changes (crashes, guest power-offs); events reach
+    /// watchers within this interval.
+    #[arg(long, env = "SKYGATE_AGENT_POLL_INTERVAL_MS", default_value_t = 2000)]
+    pub poll_interval_ms: u64,
+    /// PEM certificate chain: serve TLS.
+    #[arg(long, env = "SKYGATE_AGENT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SKYGATE_AGENT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "SKYGATE_AGENT_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "SKYGATE_AGENT_LOG_JSON")]
+    pub log_json: bool,
+    /// Test only: sleep forever before this creation step so a test can kill the agent
+    /// there.
+    #[arg(long, env = "SKYGATE_AGENT_TEST_PAUSE_BEFORE", value_enum, hide = true)]
+    pub test_pause_before: Option<CreateStep>,
+}
+
+impl AgentArgs {
+    /// The network mode with the forward address and range applied.
+    pub fn network_mode(&self) -> NetworkMode {
+        match &self.network {
+            NetworkMode::User { .. } => NetworkMode::User {
+                address: self.forward_address,
+                ports: self.forward_ports.clone(),
+            },
+            other => other.clone(),
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Start-up and serving: connect libvirt, choose the accelerator, sweep leftovers, start the
+//! poller, then serve HostAgent (bearer-authenticated) and grpc.health.v1 over TCP, with TLS
+//! or mutual TLS when certificate files are configured.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::agent::v1::host_agent_server::HostAgentServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::auth::BearerAuth;
+use crate::config::AgentArgs;
+use crate::disks::QemuImg;
+use crate::events::{EventLog, DEFAULT_RETAINED};
+use crate::hypervisor::{blocking, Hypervisor, LibvirtHypervisor};
+use crate::images::ImageCache;
+use crate::machines::{MachineManager, ManagerConfig};
+use crate::paths::DataDir;
+use crate::probe::{choose_hypervisor, AcceleratorProbe};
+use crate::service::{HostAgentService, HostIdentity};
+
+/// Largest request the agent decodes (a spec with user data is well under this).
+const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Why the agent could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Configuration is incomplete or contradictory.
+    #[error("{0}")]
+    Config(String),
+    /// A certificate or key file could not be read.
+    #[error("{path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something the agent needs failed at start-up.
+    #[error(transparent)]
+    Agent(#[from] crate::error::AgentError),
+    /// The listener or the transport failed.
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Binding the listen address failed.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Certificate files for TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle; when set, clients must present a certificate it signed.
+    pub client_ca: Option<PathBuf>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, StartError> {
+    std::fs::read(path).map_err(|source| StartError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Serves `service` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    service: HostAgentService,
+    token: &str,
+    tls: Option<&TlsFiles>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let mut builder = Server::builder().timeout(Duration::from_secs(3600));
+    if let Some(tls) = tls {
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        if let Some(ca) = &tls.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        builder = builder.tls_config(config)?;
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<HostAgentServer<HostAgentService>>()
+        .await;
+    let agent = HostAgentServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    builder
+        // Health is deliberately unauthenticated: probes (grpc_health_probe, load balancers)
+        // carry no credentials, and it reveals only "serving".
+        .add_service(health_service)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            agent,
+            BearerAuth::new(token),
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Runs the agent as configured until SIGINT or SIGTERM.
+pub async fn run(args: AgentArgs) -> Result<(), StartError> {
+    let token = args
+        .agent_token
+        .clone()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| StartError::Config("--agent-token (SKYGATE_AGENT_TOKEN) is required".into()))?;
+    if args.domain_prefix.is_empty() {
+        return Err(StartError::Config(
+            "--domain-prefix must not be empty: the agent would own every domain".into(),
+        ));
+    }
+    let tls = args.tls_cert.clone().zip(args.tls_key.clone()).map(|(cert, key)| TlsFiles {
+        cert,
+        key,
+        client_ca: args.tls_client_ca.clone(),
+    });
+    let data = DataDir::new(&args.data_dir)
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    data.prepare().map_err(crate::error::AgentError::from)?;
+
+    let uri = args.libvirt_uri.clone();
+    let hv: Arc<dyn Hypervisor> = Arc::new(
+        tokio::task::spawn_blocking(move || LibvirtHypervisor::connect(&uri))
+            .await
+            .map_err(|e| StartError::Config(e.to_string()))?
+            .map_err(crate::error::AgentError::from)?,
+    );
+    let facts = blocking(&hv, |hv| hv.host_facts())
+        .await
+        .map_err(crate::error::AgentError::from)?;
+    let probe = AcceleratorProbe::read(
+        Path::new("/sys/module"),
+        facts.offers_kvm,
+        facts.offers_qemu,
+    );
+    let kind = choose_hypervisor(args.hypervisor, probe)
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    tracing::info!(
+        hypervisor = kind.as_str(),
+        libvirt = %facts.libvirt_version,
+        ?probe,
+        "accelerator chosen"
+    );
+
+    let events = Arc::new(EventLog::new(DEFAULT_RETAINED));
+    let images = ImageCache::new(data.clone()).map_err(crate::error::AgentError::from)?;
+    let manager = Arc::new(MachineManager::new(
+        Arc::clone(&hv),
+        Arc::new(QemuImg::new()),
+        images,
+        data.clone(),
+        ManagerConfig {
+            domain_prefix: args.domain_prefix.clone(),
+            hypervisor_kind: kind,
+            network: args.network_mode(),
+            graceful_timeout: Duration::from_secs(args.graceful_timeout_secs),
+            pause_before: args.test_pause_before,
+        },
+        Arc::clone(&events),
+    ));
+    let removed = manager.sweep().await?;
+    let owned = manager.list().await?;
+    tracing::info!(
+        domains = owned.len(),
+        removed_leftovers = removed.len(),
+        "inventory taken"
+    );
+
+    let poller = tokio::spawn(poll_forever(
+        Arc::clone(&manager),
+        Duration::from_millis(args.poll_interval_ms.max(100)),
+    ));
+
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: args.listen.clone(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: args.listen.clone(),
+        source,
+    })?;
+    let host = HostIdentity {
+        name: args.name.clone().unwrap_or_else(system_hostname),
+        hypervisor: kind,
+        disk_gib: disk_capacity_gib(data.root()),
+    };
+    // Tests and scripts wait for this line (with the real port when --listen used port 0).
+    tracing::info!(
+        listen = %local,
+        tls = tls.is_some(),
+        mutual_tls = tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        "skygate-host-agent listening"
+    );
+    let service = HostAgentService::new(manager, events, host);
+    let result = serve(listener, service, &token, tls.as_ref(), shutdown_signal()).await;
+    poller.abort();
+    result
+}
+
+async fn poll_forever(manager: Arc<MachineManager>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = manager.poll_once().await {
+            // libvirtd down or restarting: the next tick reconnects.
+            tracing::warn!(error = %e, "polling domains failed");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+fn system_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// Size of the file system holding the data directory, in GiB (0 when unknown).
+fn disk_capacity_gib(path: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(path)
+        .map(|s| (s.blocks() as u64).saturating_mul(s.fragment_size() as u64) >> 30)
+        .unwrap_or(0)
+}

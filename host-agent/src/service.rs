@@ -1,0 +1,288 @@
+//! The `skygate.agent.v1.HostAgent` gRPC service: converts wire messages to the manager's
+//! types and back. Validation errors become INVALID_ARGUMENT; everything else maps through
+//! [`AgentError`]'s one `Status` conversion.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::agent::v1 as pb;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::disks::DiskFormat;
+use crate::domain_xml::HypervisorKind;
+use crate::error::AgentError;
+use crate::events::{EventLog, MachineEvent};
+use crate::hypervisor::blocking;
+use crate::machines::{
+    parse_machine_id, DesiredPower, ImagePlan, MachineManager, MachineSpec, SourceFile, SpecError,
+    VmPhase, VmState,
+};
+
+/// Host capacity the agent advertises (before issue 4's overcommit flags, the host itself).
+#[derive(Debug, Clone)]
+pub struct HostIdentity {
+    /// Name reported to the control plane.
+    pub name: String,
+    /// The accelerator in use.
+    pub hypervisor: HypervisorKind,
+    /// Disk capacity of the data directory's file system, in GiB.
+    pub disk_gib: u64,
+}
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct HostAgentService {
+    manager: Arc<MachineManager>,
+    events: Arc<EventLog>,
+    host: HostIdentity,
+}
+
+impl HostAgentService {
+    /// A service over `manager`, streaming from `events`.
+    pub fn new(manager: Arc<MachineManager>, events: Arc<EventLog>, host: HostIdentity) -> Self {
+        HostAgentService {
+            manager,
+            events,
+            host,
+        }
+    }
+}
+
+fn invalid(field: &'static str, reason: &str) -> Status {
+    Status::from(AgentError::InvalidSpec(SpecError {
+        field,
+        reason: reason.into(),
+    }))
+}
+
+fn source(url: String, sha256: String) -> SourceFile {
+    SourceFile { url, sha256 }
+}
+
+/// Wire spec → validated spec.
+pub fn spec_from_wire(spec: Option<pb::VmSpec>) -> Result<MachineSpec, Status> {
+    let spec = spec.ok_or_else(|| invalid("spec", "is required"))?;
+    let image = spec.image.ok_or_else(|| invalid("image", "is required"))?;
+    let format = pb::DiskFormat::try_from(image.format)
+        .map_err(|_| invalid("image.format", "unknown format"))?;
+    let plan = match format {
+        pb::DiskFormat::Qcow2 | pb::DiskFormat::Raw => ImagePlan::Disk {
+            base: source(image.url, image.sha256),
+            format: if format == pb::DiskFormat::Qcow2 {
+                DiskFormat::Qcow2
+            } else {
+                DiskFormat::Raw
+            },
+        },
+        pb::DiskFormat::Kernel => {
+            let k = image
+                .kernel_boot
+                .ok_or_else(|| invalid("image.kernel_boot", "is required for format kernel"))?;
+            ImagePlan::Kernel {
+                kernel: source(k.kernel_url, k.kernel_sha256),
+                initrd: (!k.initrd_url.is_empty())
+                    .then(|| source(k.initrd_url, k.initrd_sha256)),
+                cmdline: k.cmdline,
+            }
+        }
+        pb::DiskFormat::Unspecified => return Err(invalid("image.format", "is required")),
+    };
+    let desired = match pb::PowerState::try_from(spec.desired_power) {
+        Ok(pb::PowerState::Running) => DesiredPower::Running,
+        Ok(pb::PowerState::Stopped) => DesiredPower::Stopped,
+        _ => return Err(invalid("desired_power", "must be RUNNING or STOPPED")),
+    };
+    Ok(MachineSpec {
+        id: parse_machine_id(&spec.machine_id).map_err(AgentError::from)?,
+        generation: spec.generation,
+        hostname: spec.hostname,
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        disk_gib: spec.disk_gib,
+        image: plan,
+        ssh_keys: spec.ssh_authorized_keys,
+        user_data: spec.user_data,
+        desired,
+    })
+}
+
+fn phase_to_wire(p: VmPhase) -> pb::VmPhase {
+    match p {
+        VmPhase::Absent => pb::VmPhase::Absent,
+        VmPhase::Stopped => pb::VmPhase::Stopped,
+        VmPhase::Running => pb::VmPhase::Running,
+        VmPhase::Paused => pb::VmPhase::Paused,
+        VmPhase::ShuttingDown => pb::VmPhase::ShuttingDown,
+        VmPhase::Crashed => pb::VmPhase::Crashed,
+    }
+}
+
+fn state_to_wire(s: VmState) -> pb::VmState {
+    pb::VmState {
+        machine_id: s.id.to_string(),
+        generation: s.generation,
+        phase: phase_to_wire(s.phase) as i32,
+        domain_name: s.domain_name,
+        network: Some(pb::VmNetwork {
+            addresses: s.addresses,
+            ports: s
+                .forwards
+                .into_iter()
+                .map(|f| pb::PortForward {
+                    guest_port: f.guest_port.into(),
+                    host_ip: f.host_ip.to_string(),
+                    host_port: f.host_port.into(),
+                    proto: "tcp".into(),
+                })
+                .collect(),
+        }),
+        message: s.message,
+    }
+}
+
+fn event_to_wire(e: MachineEvent) -> pb::VmEvent {
+    pb::VmEvent {
+        sequence: e.sequence,
+        machine_id: e.machine_id.to_string(),
+        phase: phase_to_wire(e.phase) as i32,
+        reason: e.reason,
+        at_unix_ms: e.at_unix_ms,
+    }
+}
+
+fn machine_id(raw: &str) -> Result<uuid::Uuid, Status> {
+    Ok(parse_machine_id(raw).map_err(AgentError::from)?)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::VmEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::host_agent_server::HostAgent for HostAgentService {
+    async fn get_host_info(
+        &self,
+        _: Request<pb::GetHostInfoRequest>,
+    ) -> Result<Response<pb::HostInfo>, Status> {
+        let facts = blocking(self.manager.hypervisor(), |hv| hv.host_facts())
+            .await
+            .map_err(AgentError::from)?;
+        let vms = self.manager.list().await?;
+        let allocated = pb::Capacity {
+            vcpus: vms.iter().map(|v| v.vcpus).sum(),
+            memory_mib: vms.iter().map(|v| v.memory_mib).sum(),
+            disk_gib: vms.iter().map(|v| v.disk_gib).sum(),
+        };
+        Ok(Response::new(pb::HostInfo {
+            name: self.host.name.clone(),
+            hypervisor: match self.host.hypervisor {
+                HypervisorKind::Kvm => pb::HypervisorKind::Kvm,
+                HypervisorKind::Qemu => pb::HypervisorKind::Qemu,
+            } as i32,
+            capacity: Some(pb::Capacity {
+                vcpus: facts.cpus,
+                memory_mib: facts.memory_kib / 1024,
+                disk_gib: self.host.disk_gib,
+            }),
+            allocated: Some(allocated),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            libvirt_version: facts.libvirt_version,
+            domain_prefix: self.manager.config().domain_prefix.clone(),
+            vm_count: u32::try_from(vms.len()).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn ensure_vm(
+        &self,
+        request: Request<pb::EnsureVmRequest>,
+    ) -> Result<Response<pb::VmState>, Status> {
+        let spec = spec_from_wire(request.into_inner().spec)?;
+        let state = self.manager.ensure(spec).await?;
+        Ok(Response::new(state_to_wire(state)))
+    }
+
+    async fn start_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::VmState>, Status> {
+        let id = machine_id(&request.into_inner().machine_id)?;
+        Ok(Response::new(state_to_wire(self.manager.start(id).await?)))
+    }
+
+    async fn stop_vm(
+        &self,
+        request: Request<pb::StopVmRequest>,
+    ) -> Result<Response<pb::VmState>, Status> {
+        let req = request.into_inner();
+        let id = machine_id(&req.machine_id)?;
+        let timeout = (req.graceful_timeout_secs > 0)
+            .then(|| Duration::from_secs(req.graceful_timeout_secs.min(3600).into()));
+        Ok(Response::new(state_to_wire(
+            self.manager.stop(id, timeout).await?,
+        )))
+    }
+
+    async fn reboot_vm(
+        &self,
+        request: Request<pb::VmRef>,
+    ) -> Result<Response<pb::VmState>, Status> {
+        let id = machine_id(&request.into_inner().machine_id)?;
+        Ok(Response::new(state_to_wire(self.manager.reboot(id).await?)))
+    }
+
+    async fn delete_vm(
+        &self,
+        request: Request<pb::VmRef>,
+    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let id = machine_id(&request.into_inner().machine_id)?;
+        let existed = self.manager.delete(id).await?;
+        Ok(Response::new(pb::DeleteVmResponse { existed }))
+    }
+
+    async fn get_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::VmState>, Status> {
+        let id = machine_id(&request.into_inner().machine_id)?;
+        Ok(Response::new(state_to_wire(self.manager.state_of(id).await?)))
+    }
+
+    async fn list_vms(
+        &self,
+        _: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let vms = self.manager.list().await?;
+        Ok(Response::new(pb::ListVmsResponse {
+            vms: vms.into_iter().map(state_to_wire).collect(),
+        }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let after = request.into_inner().after_sequence;
+        let (backlog, rx) = self.events.subscribe(after);
+        let last_backlog = backlog.last().map_or(after, |e| e.sequence);
+        let live = BroadcastStream::new(rx).filter_map(move |item| match item {
+            // Already delivered from the backlog.
+            Ok(e) if e.sequence <= last_backlog => None,
+            Ok(e) => Some(Ok(event_to_wire(e))),
+            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(Status::aborted(format!(
+                "event stream fell {n} events behind; reconnect with the last sequence seen"
+            )))),
+        });
+        let stream = tokio_stream::iter(backlog.into_iter().map(|e| Ok(event_to_wire(e))))
+            .chain(live);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_console(
+        &self,
+        request: Request<pb::GetConsoleRequest>,
+    ) -> Result<Response<pb::ConsoleTail>, Status> {
+        let req = request.into_inner();
+        let id = machine_id(&req.machine_id)?;
+        let max = (req.max_bytes > 0).then_some(u64::from(req.max_bytes));
+        let (data, truncated) = self.manager.console(id, max).await?;
+        Ok(Response::new(pb::ConsoleTail { data, truncated }))
+    }
+}
