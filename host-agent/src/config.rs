@@ -30,10 +30,18 @@ pub struct AgentArgs {
     #[arg(long, env = "SKYGATE_AGENT_NAME")]
     pub name: Option<String>,
     /// Image cache, overlays, seeds and console logs live here.
-    #[arg(long, env = "SKYGATE_AGENT_DATA_DIR", default_value = "/var/lib/skygate-agent")]
+    #[arg(
+        long,
+        env = "SKYGATE_AGENT_DATA_DIR",
+        default_value = "/var/lib/skygate-agent"
+    )]
     pub data_dir: PathBuf,
     /// libvirt connection URI.
-    #[arg(long, env = "SKYGATE_AGENT_LIBVIRT_URI", default_value = "qemu:///system")]
+    #[arg(
+        long,
+        env = "SKYGATE_AGENT_LIBVIRT_URI",
+        default_value = "qemu:///system"
+    )]
     pub libvirt_uri: String,
     /// `user`, `libvirt:NAME` or `bridge:NAME`.
     #[arg(long, env = "SKYGATE_AGENT_NETWORK", default_value = "user")]
@@ -42,17 +50,34 @@ pub struct AgentArgs {
     #[arg(long, env = "SKYGATE_AGENT_DOMAIN_PREFIX", default_value = "skygate-")]
     pub domain_prefix: String,
     /// `auto` uses KVM only when kvm_intel/kvm_amd is loaded and libvirt offers kvm.
-    #[arg(long, env = "SKYGATE_AGENT_HYPERVISOR", value_enum, default_value = "auto")]
+    #[arg(
+        long,
+        env = "SKYGATE_AGENT_HYPERVISOR",
+        value_enum,
+        default_value = "auto"
+    )]
     pub hypervisor: HypervisorChoice,
     /// With `--network user`: host address forwarded ports listen on.
-    #[arg(long, env = "SKYGATE_AGENT_FORWARD_ADDRESS", default_value = "127.0.0.1")]
+    #[arg(
+        long,
+        env = "SKYGATE_AGENT_FORWARD_ADDRESS",
+        default_value = "127.0.0.1"
+    )]
     pub forward_address: Ipv4Addr,
     /// With `--network user`: host ports forwarded ports are taken from.
-    #[arg(long, env = "SKYGATE_AGENT_FORWARD_PORTS", default_value = "20000-29999")]
+    #[arg(
+        long,
+        env = "SKYGATE_AGENT_FORWARD_PORTS",
+        default_value = "20000-29999"
+    )]
     pub forward_ports: PortRange,
     /// How long StopVm waits for the guest's ACPI shutdown before forcing it off, when the
     /// call does not say.
-    #[arg(long, env = "SKYGATE_AGENT_GRACEFUL_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(
+        long,
+        env = "SKYGATE_AGENT_GRACEFUL_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
     pub graceful_timeout_secs: u64,
     /// How often domains are polled for changes (crashes, guest power-offs); events reach
     /// watchers within this interval.

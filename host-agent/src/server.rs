@@ -97,8 +97,7 @@ pub async fn serve(
     health
         .set_serving::<HostAgentServer<HostAgentService>>()
         .await;
-    let agent = HostAgentServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let agent = HostAgentServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
     builder
         // Health is deliberately unauthenticated: probes (grpc_health_probe, load balancers)
         // carry no credentials, and it reveals only "serving".
@@ -118,19 +117,24 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
         .agent_token
         .clone()
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| StartError::Config("--agent-token (SKYGATE_AGENT_TOKEN) is required".into()))?;
+        .ok_or_else(|| {
+            StartError::Config("--agent-token (SKYGATE_AGENT_TOKEN) is required".into())
+        })?;
     if args.domain_prefix.is_empty() {
         return Err(StartError::Config(
             "--domain-prefix must not be empty: the agent would own every domain".into(),
         ));
     }
-    let tls = args.tls_cert.clone().zip(args.tls_key.clone()).map(|(cert, key)| TlsFiles {
-        cert,
-        key,
-        client_ca: args.tls_client_ca.clone(),
-    });
-    let data = DataDir::new(&args.data_dir)
-        .map_err(|e| StartError::Config(e.to_string()))?;
+    let tls = args
+        .tls_cert
+        .clone()
+        .zip(args.tls_key.clone())
+        .map(|(cert, key)| TlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca.clone(),
+        });
+    let data = DataDir::new(&args.data_dir).map_err(|e| StartError::Config(e.to_string()))?;
     data.prepare().map_err(crate::error::AgentError::from)?;
 
     let uri = args.libvirt_uri.clone();
@@ -148,8 +152,8 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
         facts.offers_kvm,
         facts.offers_qemu,
     );
-    let kind = choose_hypervisor(args.hypervisor, probe)
-        .map_err(|e| StartError::Config(e.to_string()))?;
+    let kind =
+        choose_hypervisor(args.hypervisor, probe).map_err(|e| StartError::Config(e.to_string()))?;
     tracing::info!(
         hypervisor = kind.as_str(),
         libvirt = %facts.libvirt_version,

@@ -84,8 +84,7 @@ pub fn spec_from_wire(spec: Option<pb::VmSpec>) -> Result<MachineSpec, Status> {
                 .ok_or_else(|| invalid("image.kernel_boot", "is required for format kernel"))?;
             ImagePlan::Kernel {
                 kernel: source(k.kernel_url, k.kernel_sha256),
-                initrd: (!k.initrd_url.is_empty())
-                    .then(|| source(k.initrd_url, k.initrd_sha256)),
+                initrd: (!k.initrd_url.is_empty()).then(|| source(k.initrd_url, k.initrd_sha256)),
                 cmdline: k.cmdline,
             }
         }
@@ -240,7 +239,9 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
 
     async fn get_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::VmState>, Status> {
         let id = machine_id(&request.into_inner().machine_id)?;
-        Ok(Response::new(state_to_wire(self.manager.state_of(id).await?)))
+        Ok(Response::new(state_to_wire(
+            self.manager.state_of(id).await?,
+        )))
     }
 
     async fn list_vms(
@@ -270,8 +271,8 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
                 "event stream fell {n} events behind; reconnect with the last sequence seen"
             )))),
         });
-        let stream = tokio_stream::iter(backlog.into_iter().map(|e| Ok(event_to_wire(e))))
-            .chain(live);
+        let stream =
+            tokio_stream::iter(backlog.into_iter().map(|e| Ok(event_to_wire(e)))).chain(live);
         Ok(Response::new(Box::pin(stream)))
     }
 

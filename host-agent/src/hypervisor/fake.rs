@@ -120,9 +120,10 @@ fn domain_status(name: &str, d: &FakeDomain) -> DomainStatus {
         vcpus: element_text(&d.xml, "vcpu")
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0),
+        // The domain XML states memory in MiB.
         memory_kib: element_text(&d.xml, "memory")
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0),
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(0, |mib| mib * 1024),
     }
 }
 

@@ -1,1 +1,424 @@
+//! Manager tests over the fake hypervisor (faults injected at each step) with the real
+//! qemu-img, genisoimage and image cache on a temporary data directory.
 
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::*;
+use crate::disks::QemuImg;
+use crate::hypervisor::{FakeHypervisor, HypervisorOp};
+
+const PREFIX: &str = "skygate-unit-";
+
+struct Harness {
+    _tmp: tempfile::TempDir,
+    data: DataDir,
+    fake: Arc<FakeHypervisor>,
+    events: Arc<EventLog>,
+    manager: MachineManager,
+    kernel: SourceFile,
+}
+
+fn file_source(dir: &Path, name: &str, bytes: &[u8]) -> SourceFile {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    SourceFile {
+        url: format!("file://{}", path.display()),
+        sha256: hex::encode(Sha256::digest(bytes)),
+    }
+}
+
+fn harness_with(graceful: Duration) -> Harness {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = DataDir::new(tmp.path().join("data")).unwrap();
+    data.prepare().unwrap();
+    let kernel = file_source(tmp.path(), "vmlinuz", b"not really a kernel");
+    let fake = Arc::new(FakeHypervisor::new());
+    let events = Arc::new(EventLog::new(64));
+    let manager = MachineManager::new(
+        fake.clone(),
+        Arc::new(QemuImg::new()),
+        ImageCache::new(data.clone()).unwrap(),
+        data.clone(),
+        ManagerConfig {
+            domain_prefix: PREFIX.into(),
+            hypervisor_kind: HypervisorKind::Qemu,
+            network: NetworkMode::User {
+                address: std::net::Ipv4Addr::LOCALHOST,
+                ports: "21000-21999".parse().unwrap(),
+            },
+            graceful_timeout: graceful,
+            pause_before: None,
+        },
+        events.clone(),
+    );
+    Harness {
+        _tmp: tmp,
+        data,
+        fake,
+        events,
+        manager,
+        kernel,
+    }
+}
+
+fn harness() -> Harness {
+    harness_with(Duration::from_secs(5))
+}
+
+impl Harness {
+    fn spec(&self, id: Uuid, generation: u64, desired: DesiredPower) -> MachineSpec {
+        MachineSpec {
+            id,
+            generation,
+            hostname: "unit-1".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            disk_gib: 1,
+            image: ImagePlan::Kernel {
+                kernel: self.kernel.clone(),
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+            },
+            ssh_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 unit@test".into()],
+            user_data: None,
+            desired,
+        }
+    }
+
+    fn files_exist(&self, id: Uuid) -> bool {
+        self.data.machine_dir(id).exists()
+    }
+
+    fn phases(&self, id: Uuid) -> Vec<VmPhase> {
+        self.events
+            .subscribe(0)
+            .0
+            .into_iter()
+            .filter(|e| e.machine_id == id)
+            .map(|e| e.phase)
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn ensure_builds_files_and_one_domain_and_repeating_it_changes_nothing() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    let state = h
+        .manager
+        .ensure(h.spec(id, 1, DesiredPower::Running))
+        .await
+        .unwrap();
+    assert_eq!(state.phase, VmPhase::Running);
+    assert_eq!(state.generation, 1);
+    assert_eq!(state.domain_name, format!("{PREFIX}{id}"));
+    assert_eq!(state.forwards.len(), 1);
+    assert_eq!(state.forwards[0].guest_port, 22);
+    assert!((21000..=21999).contains(&state.forwards[0].host_port));
+    assert_eq!(state.addresses, vec!["127.0.0.1".to_string()]);
+    assert_eq!((state.vcpus, state.memory_mib, state.disk_gib), (2, 256, 1));
+    for f in [h.data.overlay(id), h.data.seed(id)] {
+        assert!(f.is_file(), "{f:?} missing");
+    }
+    let again = h
+        .manager
+        .ensure(h.spec(id, 1, DesiredPower::Running))
+        .await
+        .unwrap();
+    assert_eq!(again, state);
+    assert_eq!(h.fake.calls(HypervisorOp::Define), 1);
+    assert_eq!(h.fake.calls(HypervisorOp::Start), 1);
+    assert_eq!(h.fake.domain_names(), vec![format!("{PREFIX}{id}")]);
+    assert_eq!(h.phases(id), [VmPhase::Stopped, VmPhase::Running]);
+}
+
+#[tokio::test]
+async fn older_generations_are_refused_and_newer_ones_redefine_keeping_the_port() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    let first = h
+        .manager
+        .ensure(h.spec(id, 2, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    let err = h
+        .manager
+        .ensure(h.spec(id, 1, DesiredPower::Stopped))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        AgentError::StaleGeneration {
+            requested: 1,
+            applied: 2
+        }
+    ));
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let mut newer = h.spec(id, 3, DesiredPower::Stopped);
+    newer.hostname = "renamed".into();
+    let third = h.manager.ensure(newer).await.unwrap();
+    assert_eq!(third.generation, 3);
+    assert_eq!(third.forwards, first.forwards);
+    assert_eq!(h.fake.calls(HypervisorOp::Define), 2);
+}
+
+#[tokio::test]
+async fn concurrent_ensures_of_one_machine_define_it_once() {
+    let h = Arc::new(harness());
+    let id = Uuid::new_v4();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let h = Arc::clone(&h);
+            tokio::spawn(async move {
+                h.manager
+                    .ensure(h.spec(id, 1, DesiredPower::Running))
+                    .await
+                    .map(|s| s.phase)
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), VmPhase::Running);
+    }
+    assert_eq!(h.fake.calls(HypervisorOp::Define), 1);
+    assert_eq!(h.fake.calls(HypervisorOp::Start), 1);
+}
+
+#[tokio::test]
+async fn machines_get_distinct_ports() {
+    let h = harness();
+    let a = h
+        .manager
+        .ensure(h.spec(Uuid::new_v4(), 1, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    let b = h
+        .manager
+        .ensure(h.spec(Uuid::new_v4(), 1, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    assert_ne!(a.forwards[0].host_port, b.forwards[0].host_port);
+}
+
+#[tokio::test]
+async fn a_failed_define_leaves_files_that_a_retry_reuses_or_the_sweep_removes() {
+    let h = harness();
+    let (retried, abandoned) = (Uuid::new_v4(), Uuid::new_v4());
+    for id in [retried, abandoned] {
+        h.fake.fail_next(HypervisorOp::Define, 1);
+        let err = h
+            .manager
+            .ensure(h.spec(id, 1, DesiredPower::Running))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AgentError::Hypervisor(_)), "{err}");
+        assert!(h.files_exist(id));
+    }
+    assert!(h.fake.domain_names().is_empty());
+    let state = h
+        .manager
+        .ensure(h.spec(retried, 1, DesiredPower::Running))
+        .await
+        .unwrap();
+    assert_eq!(state.phase, VmPhase::Running);
+    // At the next start-up only the abandoned machine's files go.
+    assert_eq!(h.manager.sweep().await.unwrap(), vec![abandoned]);
+    assert!(!h.files_exist(abandoned));
+    assert!(h.files_exist(retried));
+}
+
+#[tokio::test]
+async fn a_failed_start_is_finished_by_the_retry_without_redefining() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.fake.fail_next(HypervisorOp::Start, 1);
+    assert!(h
+        .manager
+        .ensure(h.spec(id, 1, DesiredPower::Running))
+        .await
+        .is_err());
+    assert_eq!(
+        h.manager.state_of(id).await.unwrap().phase,
+        VmPhase::Stopped
+    );
+    let state = h
+        .manager
+        .ensure(h.spec(id, 1, DesiredPower::Running))
+        .await
+        .unwrap();
+    assert_eq!(state.phase, VmPhase::Running);
+    assert_eq!(h.fake.calls(HypervisorOp::Define), 1);
+}
+
+#[tokio::test]
+async fn stop_is_graceful_when_the_guest_obeys_and_forced_when_it_does_not() {
+    let h = harness_with(Duration::from_millis(600));
+    let (obeys, ignores) = (Uuid::new_v4(), Uuid::new_v4());
+    for id in [obeys, ignores] {
+        h.manager
+            .ensure(h.spec(id, 1, DesiredPower::Running))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        h.manager.stop(obeys, None).await.unwrap().phase,
+        VmPhase::Stopped
+    );
+    assert_eq!(h.fake.calls(HypervisorOp::Destroy), 0);
+    h.fake.ignore_acpi();
+    let started = Instant::now();
+    assert_eq!(
+        h.manager.stop(ignores, None).await.unwrap().phase,
+        VmPhase::Stopped
+    );
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert_eq!(h.fake.calls(HypervisorOp::Destroy), 1);
+    let reasons: Vec<String> = h
+        .events
+        .subscribe(0)
+        .0
+        .into_iter()
+        .map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "shut down by the guest"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.starts_with("forced off")),
+        "{reasons:?}"
+    );
+    // Stopping a stopped machine is a no-op; starting brings it back with its files.
+    assert_eq!(
+        h.manager.stop(ignores, None).await.unwrap().phase,
+        VmPhase::Stopped
+    );
+    assert_eq!(
+        h.manager.start(ignores).await.unwrap().phase,
+        VmPhase::Running
+    );
+    assert!(h.data.overlay(ignores).is_file() && h.data.seed(ignores).is_file());
+}
+
+#[tokio::test]
+async fn reboot_power_cycles_a_running_machine_and_refuses_a_stopped_one() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    assert!(matches!(
+        h.manager.reboot(id).await,
+        Err(AgentError::NotRunning(_))
+    ));
+    h.manager.start(id).await.unwrap();
+    assert_eq!(h.manager.reboot(id).await.unwrap().phase, VmPhase::Running);
+    assert_eq!(
+        h.phases(id),
+        [
+            VmPhase::Stopped,
+            VmPhase::Running,
+            VmPhase::Stopped,
+            VmPhase::Running
+        ]
+    );
+}
+
+#[tokio::test]
+async fn delete_removes_domain_and_files_and_is_idempotent_even_after_a_fault() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Running))
+        .await
+        .unwrap();
+    h.fake.fail_next(HypervisorOp::Undefine, 1);
+    assert!(h.manager.delete(id).await.is_err());
+    assert!(h.manager.delete(id).await.unwrap());
+    assert!(h.fake.domain_names().is_empty());
+    assert!(!h.files_exist(id));
+    assert!(!h.manager.delete(id).await.unwrap());
+    assert_eq!(h.manager.state_of(id).await.unwrap().phase, VmPhase::Absent);
+    assert_eq!(h.phases(id).last(), Some(&VmPhase::Absent));
+    assert!(matches!(
+        h.manager.start(id).await,
+        Err(AgentError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_crash_is_reported_by_the_poller_and_a_start_recovers() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Running))
+        .await
+        .unwrap();
+    h.manager.poll_once().await.unwrap();
+    h.fake.crash(&h.manager.domain_name(id));
+    h.manager.poll_once().await.unwrap();
+    let last = h.events.subscribe(0).0.pop().unwrap();
+    assert_eq!((last.machine_id, last.phase), (id, VmPhase::Crashed));
+    assert!(last.reason.contains("QEMU exited"), "{}", last.reason);
+    assert!(h
+        .manager
+        .state_of(id)
+        .await
+        .unwrap()
+        .message
+        .contains("QEMU"));
+    assert_eq!(h.manager.start(id).await.unwrap().phase, VmPhase::Running);
+}
+
+#[tokio::test]
+async fn only_domains_named_prefix_plus_uuid_are_ours() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    // Another agent with a longer prefix on the same host.
+    let other = h
+        .manager
+        .domain_name(id)
+        .replacen(PREFIX, &format!("{PREFIX}b-"), 1);
+    let xml = h.fake.get(&h.manager.domain_name(id)).unwrap().unwrap().xml;
+    h.fake
+        .define(&xml.replace(&h.manager.domain_name(id), &other))
+        .unwrap();
+    let listed: Vec<Uuid> = h
+        .manager
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(listed, vec![id]);
+}
+
+#[tokio::test]
+async fn console_returns_the_tail_and_says_when_it_cut() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    assert_eq!(h.manager.console(id, None).await.unwrap(), (vec![], false));
+    std::fs::write(h.data.console_log(id), b"booting\nskygate-tiny: ready\n").unwrap();
+    let (tail, truncated) = h.manager.console(id, Some(6)).await.unwrap();
+    assert_eq!((tail.as_slice(), truncated), (&b"ready\n"[..], true));
+    let (all, truncated) = h.manager.console(id, None).await.unwrap();
+    assert!(all.starts_with(b"booting") && !truncated);
+    assert!(matches!(
+        h.manager.console(Uuid::new_v4(), None).await,
+        Err(AgentError::NotFound(_))
+    ));
+}
