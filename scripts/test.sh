@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh --postgres
+# Before the first build: the host agent links libvirt (libvirt-dev, pkg-config), and its
+# tests drive the real libvirtd this starts.
+scripts/install-host-deps.sh
 
 echo "== cargo fmt" >&2
 cargo fmt --all -- --check
@@ -14,8 +17,8 @@ echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== guest image: build images/tiny and boot it under libvirt to SSH" >&2
 # Real QEMU through libvirt (TCG here), reached only through a port on 127.0.0.1. Runs before
-# the Rust suites so that their summary is the run's closing line.
-scripts/install-host-deps.sh
+# the Rust suites so that their summary is the run's closing line. The agent's libvirt tests
+# boot this image too.
 image_dir=/var/lib/skygate-images/tiny
 mkdir -p "$image_dir"
 images/tiny/build.sh "$image_dir"

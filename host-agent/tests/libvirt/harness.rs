@@ -1,0 +1,348 @@
+//! The harness of the real-libvirt tests: libvirtd started when it is not running, the agent
+//! binary run as a child process on a port it picks, a domain prefix and data directory per
+//! test, and cleanup (agent killed by pid, our domains destroyed and undefined, files
+//! removed) even when the test fails.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use proto::agent::v1 as pb;
+use proto::agent::v1::host_agent_client::HostAgentClient;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const URI: &str = "qemu:///system";
+
+/// One libvirt test at a time in this process: they share libvirtd (one restarts it) and
+/// two TCG guests at once would starve the 2-core CI machine. nextest (one process per test)
+/// serialises them through the `libvirt` test group in .config/nextest.toml.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn virsh(args: &[&str]) -> std::io::Result<std::process::Output> {
+    Command::new("virsh").arg("-c").arg(URI).args(args).output()
+}
+
+fn libvirtd_answers() -> bool {
+    virsh(&["version"]).is_ok_and(|o| o.status.success())
+}
+
+/// Starts virtlogd and libvirtd (without systemd, as HOST-NOTES.md describes) unless
+/// libvirtd already answers, then waits for it.
+pub fn ensure_libvirtd() {
+    if libvirtd_answers() {
+        return;
+    }
+    std::fs::create_dir_all("/var/log/libvirt").expect("create /var/log/libvirt");
+    std::fs::create_dir_all("/run/libvirt").expect("create /run/libvirt");
+    // `-d` daemonises; an already-running virtlogd makes the first fail harmlessly.
+    let _ = Command::new("virtlogd")
+        .arg("-d")
+        .stderr(Stdio::null())
+        .status();
+    let status = Command::new("libvirtd")
+        .arg("-d")
+        .status()
+        .expect("libvirtd is not installed: run scripts/install-host-deps.sh");
+    assert!(status.success(), "libvirtd -d failed: {status}");
+    wait_until(
+        Duration::from_secs(30),
+        "libvirtd to answer",
+        libvirtd_answers,
+    );
+}
+
+/// Polls `f` every 100 ms until it holds or `timeout` passes (then panics naming `what`).
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The tiny image built by images/tiny/build.sh (scripts/test.sh builds it).
+pub fn tiny_image() -> pb::ImageSource {
+    let path = std::env::var("SKYGATE_TINY_IMAGE_JSON")
+        .unwrap_or_else(|_| "/var/lib/skygate-images/tiny/image.json".into());
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("{path}: {e}; build it with images/tiny/build.sh (scripts/test.sh does)")
+    });
+    let json: serde_json::Value = serde_json::from_str(&text).expect("image.json is JSON");
+    let boot = &json["boot"];
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    pb::ImageSource {
+        name: "tiny".into(),
+        url: String::new(),
+        format: pb::DiskFormat::Kernel as i32,
+        sha256: String::new(),
+        kernel_boot: Some(pb::KernelBoot {
+            kernel_url: s(&boot["kernel"]),
+            kernel_sha256: s(&boot["kernel_sha256"]),
+            initrd_url: s(&boot["initrd"]),
+            initrd_sha256: s(&boot["initrd_sha256"]),
+            cmdline: s(&boot["cmdline"]),
+        }),
+    }
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Client = HostAgentClient<InterceptedService<Channel, Bearer>>;
+
+/// A running agent process and what it logged.
+pub struct Agent {
+    child: Child,
+    pub addr: SocketAddr,
+    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl Agent {
+    /// Waits for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let (lock, cvar) = &*self.lines;
+        let deadline = Instant::now() + timeout;
+        let mut lines = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "agent never logged {needle:?}; it logged:\n{}",
+                lines.join("\n")
+            );
+            lines = cvar
+                .wait_timeout(lines, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// kill -9, then reap.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test's agent setup: data dir, prefix, token; cleans up everything with its prefix.
+pub struct Fixture {
+    _serial: MutexGuard<'static, ()>,
+    pub tmp: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub prefix: String,
+    token: String,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        ensure_libvirtd();
+        // Under /var/tmp, not /tmp: QEMU (user libvirt-qemu) must traverse every ancestor.
+        let tmp = tempfile::Builder::new()
+            .prefix("skygate-agent-test-")
+            .tempdir_in("/var/tmp")
+            .expect("temp dir");
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod temp dir");
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        Fixture {
+            _serial: serial,
+            data_dir: tmp.path().join("data"),
+            tmp,
+            prefix: format!("skygate-test-{}-", &tag[..8]),
+            token: format!("token-{tag}"),
+        }
+    }
+
+    /// Starts the agent with extra environment variables; waits until it listens.
+    pub fn start_agent(&self, env: &[(&str, &str)]) -> Agent {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_skygate-host-agent"));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-json",
+            "--hypervisor",
+            "auto",
+        ])
+        .arg("--data-dir")
+        .arg(&self.data_dir)
+        .args(["--domain-prefix", &self.prefix, "--libvirt-uri", URI])
+        .args(["--graceful-timeout-secs", "3", "--poll-interval-ms", "1000"])
+        .env("SKYGATE_AGENT_TOKEN", &self.token)
+        .env_remove("SKYGATE_AGENT_TEST_PAUSE_BEFORE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn skygate-host-agent");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = Arc::new((Mutex::new(Vec::<String>::new()), Condvar::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let (lock, cvar) = &*sink;
+                lock.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                cvar.notify_all();
+            }
+        });
+        let mut agent = Agent {
+            child,
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            lines,
+        };
+        let line = agent.wait_for_log("skygate-host-agent listening", Duration::from_secs(60));
+        let json: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+        agent.addr = json["fields"]["listen"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no listen address in {line}"));
+        agent
+    }
+
+    pub async fn client(&self, agent: &Agent) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", agent.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect to agent");
+        let value = format!("Bearer {}", self.token)
+            .parse()
+            .expect("ascii token");
+        HostAgentClient::with_interceptor(channel, Bearer(value))
+    }
+
+    /// Names of the libvirt domains with this test's prefix.
+    pub fn domains(&self) -> Vec<String> {
+        let out = virsh(&["list", "--all", "--name"]).expect("virsh list");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|n| n.starts_with(&self.prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn machine_dir(&self, id: uuid::Uuid) -> PathBuf {
+        self.data_dir.join("machines").join(id.to_string())
+    }
+
+    pub fn spec(
+        &self,
+        id: uuid::Uuid,
+        generation: u64,
+        hostname: &str,
+        key: Option<&str>,
+        power: pb::PowerState,
+    ) -> pb::VmSpec {
+        pb::VmSpec {
+            machine_id: id.to_string(),
+            generation,
+            hostname: hostname.into(),
+            vcpus: 1,
+            memory_mib: 256,
+            disk_gib: 1,
+            image: Some(tiny_image()),
+            ssh_authorized_keys: key.map(|k| vec![k.to_owned()]).unwrap_or_default(),
+            user_data: None,
+            desired_power: power as i32,
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Only ever domains with this test's own prefix.
+        for name in self.domains() {
+            let _ = virsh(&["destroy", &name]);
+            let _ = virsh(&["undefine", &name]);
+        }
+    }
+}
+
+/// An ed25519 key pair in `dir`: (private key path, public key line).
+pub fn ssh_key(dir: &Path) -> (PathBuf, String) {
+    let key = dir.join("id_ed25519");
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "agent-test", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(status.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+    (key, public.trim().to_owned())
+}
+
+/// Runs `hostname` over ssh through the forwarded port until it answers; returns the answer.
+pub fn ssh_hostname(key: &Path, port: u32, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = String::new();
+    while Instant::now() < deadline {
+        let out = Command::new("ssh")
+            .arg("-i")
+            .arg(key)
+            .args(["-p", &port.to_string()])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=5",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .args(["root@127.0.0.1", "hostname"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ssh");
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        }
+        last_err = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("ssh to 127.0.0.1:{port} did not answer within {timeout:?}: {last_err}");
+}
+
+/// The pid of a running domain's QEMU, from libvirt's pid file.
+pub fn qemu_pid(domain: &str) -> i32 {
+    let path = format!("/run/libvirt/qemu/{domain}.pid");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .parse()
+        .expect("pid")
+}

@@ -1,0 +1,408 @@
+//! The host agent against a real libvirtd, driven over gRPC as the control plane will: real
+//! QEMU domains (TCG here, KVM where the host has it) booting the tiny image, SSH through the
+//! forwarded port, crashes, agent kill -9 mid-create, and a libvirtd restart.
+
+mod harness;
+
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use harness::{qemu_pid, ssh_hostname, ssh_key, virsh, wait_until, Fixture};
+use proto::agent::v1 as pb;
+use tokio_stream::StreamExt;
+use uuid::Uuid;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn phase(state: &pb::VmState) -> pb::VmPhase {
+    pb::VmPhase::try_from(state.phase).unwrap_or(pb::VmPhase::Unspecified)
+}
+
+fn ssh_port(state: &pb::VmState) -> u32 {
+    let ports = &state.network.as_ref().expect("network").ports;
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(
+        (ports[0].guest_port, ports[0].host_ip.as_str()),
+        (22, "127.0.0.1")
+    );
+    ports[0].host_port
+}
+
+fn vm(id: Uuid) -> pb::VmRef {
+    pb::VmRef {
+        machine_id: id.to_string(),
+    }
+}
+
+fn inode(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{path:?}: {e}"))
+        .ino()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothing() {
+    let fx = Fixture::new();
+    let agent = fx.start_agent(&[]);
+    let mut client = fx.client(&agent).await;
+    let (key, public) = ssh_key(fx.tmp.path());
+    let id = Uuid::new_v4();
+    let spec = fx.spec(id, 1, "lifecycle-1", Some(&public), pb::PowerState::Running);
+
+    let t0 = Instant::now();
+    let state = client
+        .ensure_vm(pb::EnsureVmRequest { spec: Some(spec) })
+        .await
+        .expect("EnsureVm")
+        .into_inner();
+    let to_running = t0.elapsed();
+    assert_eq!(phase(&state), pb::VmPhase::Running);
+    assert_eq!(state.generation, 1);
+    assert_eq!(state.domain_name, format!("{}{id}", fx.prefix));
+    let port = ssh_port(&state);
+    assert_eq!(ssh_hostname(&key, port, BOOT_TIMEOUT), "lifecycle-1");
+    let to_ssh = t0.elapsed();
+    println!("EnsureVm -> running: {to_running:?}; EnsureVm -> ssh answered: {to_ssh:?}");
+
+    let dir = fx.machine_dir(id);
+    let (overlay, seed, console) = (
+        dir.join("disk.qcow2"),
+        dir.join("seed.iso"),
+        dir.join("console.log"),
+    );
+    let (overlay_ino, seed_ino) = (inode(&overlay), inode(&seed));
+    assert!(console.is_file());
+    let tail = client
+        .get_console(pb::GetConsoleRequest {
+            machine_id: id.to_string(),
+            max_bytes: 0,
+        })
+        .await
+        .expect("GetConsole")
+        .into_inner();
+    assert!(
+        String::from_utf8_lossy(&tail.data).contains("SKYGATE-READY hostname=lifecycle-1"),
+        "console: {}",
+        String::from_utf8_lossy(&tail.data)
+    );
+
+    // The tiny image ignores ACPI: the stop is forced after the graceful timeout.
+    let stopped = client
+        .stop_vm(pb::StopVmRequest {
+            machine_id: id.to_string(),
+            graceful_timeout_secs: 2,
+        })
+        .await
+        .expect("StopVm")
+        .into_inner();
+    assert_eq!(phase(&stopped), pb::VmPhase::Stopped);
+    assert_eq!(
+        virsh(&["domstate", &state.domain_name]).unwrap().stdout,
+        b"shut off\n\n"
+    );
+    assert_eq!(
+        (inode(&overlay), inode(&seed)),
+        (overlay_ino, seed_ino),
+        "disk and seed kept"
+    );
+
+    let started = client.start_vm(vm(id)).await.expect("StartVm").into_inner();
+    assert_eq!(phase(&started), pb::VmPhase::Running);
+    assert_eq!(
+        ssh_port(&started),
+        port,
+        "the forwarded port survives a stop"
+    );
+    assert_eq!(ssh_hostname(&key, port, BOOT_TIMEOUT), "lifecycle-1");
+
+    let qemu_before = qemu_pid(&state.domain_name);
+    let rebooted = client
+        .reboot_vm(vm(id))
+        .await
+        .expect("RebootVm")
+        .into_inner();
+    assert_eq!(phase(&rebooted), pb::VmPhase::Running);
+    assert_ne!(
+        qemu_pid(&state.domain_name),
+        qemu_before,
+        "a power cycle, not a no-op"
+    );
+    assert_eq!(ssh_hostname(&key, port, BOOT_TIMEOUT), "lifecycle-1");
+
+    let deleted = client
+        .delete_vm(vm(id))
+        .await
+        .expect("DeleteVm")
+        .into_inner();
+    assert!(deleted.existed);
+    assert!(fx.domains().is_empty(), "domain left: {:?}", fx.domains());
+    assert!(!dir.exists(), "machine files left in {dir:?}");
+    let absent = client.get_vm(vm(id)).await.expect("GetVm").into_inner();
+    assert_eq!(phase(&absent), pb::VmPhase::Absent);
+    assert!(
+        !client
+            .delete_vm(vm(id))
+            .await
+            .expect("DeleteVm again")
+            .into_inner()
+            .existed
+    );
+    let listed = client
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .expect("ListVms")
+        .into_inner();
+    assert!(listed.vms.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_twice_gives_one_domain_and_older_generations_are_refused() {
+    let fx = Fixture::new();
+    let agent = fx.start_agent(&[]);
+    let mut client = fx.client(&agent).await;
+    let id = Uuid::new_v4();
+    let ensure = |generation, host: &str| pb::EnsureVmRequest {
+        spec: Some(fx.spec(id, generation, host, None, pb::PowerState::Stopped)),
+    };
+    let first = client
+        .ensure_vm(ensure(2, "twice"))
+        .await
+        .expect("EnsureVm")
+        .into_inner();
+    let second = client
+        .ensure_vm(ensure(2, "twice"))
+        .await
+        .expect("EnsureVm again")
+        .into_inner();
+    assert_eq!(first, second);
+    assert_eq!(phase(&first), pb::VmPhase::Stopped);
+    assert_eq!(fx.domains(), vec![first.domain_name.clone()]);
+
+    let stale = client
+        .ensure_vm(ensure(1, "twice"))
+        .await
+        .expect_err("older generation");
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+    let newer = client
+        .ensure_vm(ensure(3, "renamed"))
+        .await
+        .expect("newer")
+        .into_inner();
+    assert_eq!((newer.generation, ssh_port(&newer)), (3, ssh_port(&first)));
+    let xml = virsh(&["dumpxml", "--inactive", &first.domain_name])
+        .unwrap()
+        .stdout;
+    assert!(String::from_utf8_lossy(&xml).contains("<title>renamed</title>"));
+    assert_eq!(fx.domains().len(), 1);
+
+    let info = client
+        .get_host_info(pb::GetHostInfoRequest {})
+        .await
+        .expect("GetHostInfo")
+        .into_inner();
+    assert_eq!(
+        (info.vm_count, info.domain_prefix.as_str()),
+        (1, fx.prefix.as_str())
+    );
+    let allocated = info.allocated.expect("allocated");
+    assert_eq!(
+        (allocated.vcpus, allocated.memory_mib, allocated.disk_gib),
+        (1, 256, 1)
+    );
+    assert!(info
+        .capacity
+        .is_some_and(|c| c.vcpus >= 1 && c.memory_mib > 0));
+    let kind = pb::HypervisorKind::try_from(info.hypervisor).expect("kind");
+    let hardware_kvm = ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| std::path::Path::new("/sys/module").join(m).exists());
+    assert_eq!(
+        kind,
+        if hardware_kvm {
+            pb::HypervisorKind::Kvm
+        } else {
+            pb::HypervisorKind::Qemu
+        }
+    );
+
+    assert!(
+        client
+            .delete_vm(vm(id))
+            .await
+            .expect("DeleteVm")
+            .into_inner()
+            .existed
+    );
+    assert!(fx.domains().is_empty());
+}
+
+/// kill -9 of the agent before each creation step, then a restart and a retried EnsureVm:
+/// one domain, no stray files, and deletion leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_create_then_restart_converges_without_leftovers() {
+    let fx = Fixture::new();
+    for step in ["disk", "seed", "define", "start"] {
+        let id = Uuid::new_v4();
+        let request = pb::EnsureVmRequest {
+            spec: Some(fx.spec(id, 1, "crashy", None, pb::PowerState::Running)),
+        };
+        let paused = fx.start_agent(&[("SKYGATE_AGENT_TEST_PAUSE_BEFORE", step)]);
+        let mut client = fx.client(&paused).await;
+        let call = tokio::spawn({
+            let request = request.clone();
+            async move { client.ensure_vm(request).await }
+        });
+        paused.wait_for_log("test pause", Duration::from_secs(60));
+        paused.kill9();
+        assert!(
+            call.await.expect("join").is_err(),
+            "{step}: the call dies with the agent"
+        );
+        let defined = step == "start";
+        assert_eq!(
+            fx.domains().len(),
+            usize::from(defined),
+            "{step}: domains after kill -9"
+        );
+
+        let agent = fx.start_agent(&[]);
+        // The restart removed files no domain owns; a defined domain keeps its files.
+        assert_eq!(
+            fx.machine_dir(id).exists(),
+            defined,
+            "{step}: files after restart"
+        );
+        let mut client = fx.client(&agent).await;
+        let state = client
+            .ensure_vm(request)
+            .await
+            .expect("retried EnsureVm")
+            .into_inner();
+        assert_eq!(phase(&state), pb::VmPhase::Running, "{step}");
+        assert_eq!(fx.domains(), vec![state.domain_name.clone()], "{step}");
+        assert!(
+            client
+                .delete_vm(vm(id))
+                .await
+                .expect("DeleteVm")
+                .into_inner()
+                .existed
+        );
+        assert!(
+            fx.domains().is_empty() && !fx.machine_dir(id).exists(),
+            "{step}: leftovers"
+        );
+        drop(agent);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_qemu_is_reported_within_10_s_and_can_be_started_again() {
+    let fx = Fixture::new();
+    let agent = fx.start_agent(&[]);
+    let mut client = fx.client(&agent).await;
+    let id = Uuid::new_v4();
+    let state = client
+        .ensure_vm(pb::EnsureVmRequest {
+            spec: Some(fx.spec(id, 1, "doomed", None, pb::PowerState::Running)),
+        })
+        .await
+        .expect("EnsureVm")
+        .into_inner();
+    let mut events = client
+        .watch_events(pb::WatchEventsRequest { after_sequence: 0 })
+        .await
+        .expect("WatchEvents")
+        .into_inner();
+    let pid = qemu_pid(&state.domain_name);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill qemu");
+    let killed_at = Instant::now();
+    let crashed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(event) = events.next().await {
+            let event = event.expect("event");
+            if event.machine_id == id.to_string() && event.phase == pb::VmPhase::Crashed as i32 {
+                return event;
+            }
+        }
+        panic!("event stream ended");
+    })
+    .await
+    .expect("a CRASHED event within 10 s");
+    println!(
+        "QEMU killed -> CRASHED event: {:?} ({})",
+        killed_at.elapsed(),
+        crashed.reason
+    );
+    let now = client.get_vm(vm(id)).await.expect("GetVm").into_inner();
+    assert_eq!(phase(&now), pb::VmPhase::Crashed);
+    assert!(!now.message.is_empty());
+    let restarted = client.start_vm(vm(id)).await.expect("StartVm").into_inner();
+    assert_eq!(phase(&restarted), pb::VmPhase::Running);
+    assert!(
+        client
+            .delete_vm(vm(id))
+            .await
+            .expect("DeleteVm")
+            .into_inner()
+            .existed
+    );
+}
+
+/// libvirtd restarts under a running agent; the agent reconnects and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_survives_a_libvirtd_restart() {
+    let fx = Fixture::new();
+    let agent = fx.start_agent(&[]);
+    let mut client = fx.client(&agent).await;
+    let id = Uuid::new_v4();
+    client
+        .ensure_vm(pb::EnsureVmRequest {
+            spec: Some(fx.spec(id, 1, "steady", None, pb::PowerState::Stopped)),
+        })
+        .await
+        .expect("EnsureVm");
+
+    let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid")
+        .expect("libvirtd pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let libvirtd = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(libvirtd, nix::sys::signal::Signal::SIGTERM).expect("stop libvirtd");
+    wait_until(Duration::from_secs(30), "libvirtd to exit", || {
+        nix::sys::signal::kill(libvirtd, None).is_err()
+    });
+    // While it is down the agent says so instead of hanging.
+    let down = client
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .expect_err("libvirtd is down");
+    assert_eq!(down.code(), tonic::Code::Unavailable, "{down:?}");
+    harness::ensure_libvirtd();
+
+    let listed = client
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .expect("ListVms after restart")
+        .into_inner();
+    assert_eq!(listed.vms.len(), 1);
+    let started = client
+        .start_vm(vm(id))
+        .await
+        .expect("StartVm after restart")
+        .into_inner();
+    assert_eq!(phase(&started), pb::VmPhase::Running);
+    assert!(
+        client
+            .delete_vm(vm(id))
+            .await
+            .expect("DeleteVm")
+            .into_inner()
+            .existed
+    );
+    assert!(fx.domains().is_empty());
+}
