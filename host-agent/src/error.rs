@@ -62,6 +62,9 @@ pub enum AgentError {
     /// No port left to forward.
     #[error(transparent)]
     Ports(#[from] PortsExhausted),
+    /// WatchEvents cannot resume where asked.
+    #[error(transparent)]
+    Resume(#[from] crate::events::ResumeError),
     /// Reading or removing a machine's files failed.
     #[error("{path}: {source}")]
     Io {
@@ -109,6 +112,7 @@ impl AgentError {
                 Code::Internal
             }
             AgentError::Ports(_) => Code::ResourceExhausted,
+            AgentError::Resume(_) => Code::OutOfRange,
         }
     }
 }

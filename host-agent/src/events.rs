@@ -16,6 +16,33 @@ use crate::machines::VmPhase;
 /// How many events the ring keeps for late subscribers.
 pub const DEFAULT_RETAINED: usize = 4096;
 
+/// Why a watch cannot resume where the client asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeError {
+    /// The sequence is ahead of this agent's numbering.
+    #[error(
+        "sequence {requested} was never issued by this agent (its latest is {latest}; it has \
+         restarted since?): resync with ListVms and watch from 0"
+    )]
+    NeverIssued {
+        /// What the client asked for.
+        requested: u64,
+        /// The latest sequence issued.
+        latest: u64,
+    },
+    /// The events right after the sequence have left the ring.
+    #[error(
+        "events after {requested} are no longer retained (the oldest is {oldest}): resync \
+         with ListVms and watch from 0"
+    )]
+    Forgotten {
+        /// What the client asked for.
+        requested: u64,
+        /// The oldest retained sequence.
+        oldest: u64,
+    },
+}
+
 /// One change of a machine's phase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineEvent {
@@ -106,19 +133,37 @@ impl EventLog {
     }
 
     /// The retained events after `after_sequence`, and a receiver for everything later. Taken
-    /// under one lock, so nothing falls between the two.
+    /// under one lock, so nothing falls between the two. A client must not silently miss
+    /// events: resuming after a sequence this agent never issued (it restarted and numbers
+    /// from 1 again) or after one whose successors are no longer retained is an error telling
+    /// it to resync (ListVms) and watch from 0.
     pub fn subscribe(
         &self,
         after_sequence: u64,
-    ) -> (Vec<MachineEvent>, broadcast::Receiver<MachineEvent>) {
+    ) -> Result<(Vec<MachineEvent>, broadcast::Receiver<MachineEvent>), ResumeError> {
         let inner = self.lock();
+        let latest = inner.next_sequence - 1;
+        if after_sequence > latest {
+            return Err(ResumeError::NeverIssued {
+                requested: after_sequence,
+                latest,
+            });
+        }
+        if let Some(oldest) = inner.retained.front().map(|e| e.sequence) {
+            if after_sequence > 0 && after_sequence + 1 < oldest {
+                return Err(ResumeError::Forgotten {
+                    requested: after_sequence,
+                    oldest,
+                });
+            }
+        }
         let backlog = inner
             .retained
             .iter()
             .filter(|e| e.sequence > after_sequence)
             .cloned()
             .collect();
-        (backlog, self.tx.subscribe())
+        Ok((backlog, self.tx.subscribe()))
     }
 }
 
@@ -162,15 +207,34 @@ mod tests {
         log.observe(id, VmPhase::Running, "b");
         log.observe(id, VmPhase::Stopped, "c");
         // Capacity 2: event 1 is forgotten.
-        let (backlog, mut rx) = log.subscribe(0);
+        let (backlog, mut rx) = log.subscribe(0).unwrap();
         assert_eq!(
             backlog.iter().map(|e| e.sequence).collect::<Vec<_>>(),
             [2, 3]
         );
-        let (backlog, _) = log.subscribe(2);
+        let (backlog, _) = log.subscribe(2).unwrap();
         assert_eq!(backlog.iter().map(|e| e.sequence).collect::<Vec<_>>(), [3]);
+        assert!(log.subscribe(3).unwrap().0.is_empty());
+        // Event 1 is gone but a client that saw it misses nothing.
+        assert_eq!(log.subscribe(1).unwrap().0.len(), 2);
         log.observe(id, VmPhase::Absent, "deleted");
         let live = rx.recv().await.unwrap();
         assert_eq!((live.sequence, live.phase), (4, VmPhase::Absent));
+        // Now event 2 is gone too: resuming after 1 would skip it unnoticed.
+        assert_eq!(
+            log.subscribe(1).unwrap_err(),
+            ResumeError::Forgotten {
+                requested: 1,
+                oldest: 3
+            }
+        );
+        // A client that saw sequence 500 from an earlier run of the agent.
+        assert_eq!(
+            log.subscribe(500).unwrap_err(),
+            ResumeError::NeverIssued {
+                requested: 500,
+                latest: 4
+            }
+        );
     }
 }

@@ -256,6 +256,6 @@ fn system_hostname() -> String {
 /// Size of the file system holding the data directory, in GiB (0 when unknown).
 fn disk_capacity_gib(path: &Path) -> u64 {
     nix::sys::statvfs::statvfs(path)
-        .map(|s| (s.blocks() as u64).saturating_mul(s.fragment_size() as u64) >> 30)
+        .map(|s| s.blocks().saturating_mul(s.fragment_size()) >> 30)
         .unwrap_or(0)
 }

@@ -261,7 +261,7 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
-        let (backlog, rx) = self.events.subscribe(after);
+        let (backlog, rx) = self.events.subscribe(after).map_err(AgentError::from)?;
         let last_backlog = backlog.last().map_or(after, |e| e.sequence);
         let live = BroadcastStream::new(rx).filter_map(move |item| match item {
             // Already delivered from the backlog.

@@ -137,6 +137,7 @@ ln -s ../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "${ROOT}/lib64/ld-linux-x86-6
 # `modprobe --show-depends`. Only what the boot path needs is copied:
 #   virtio_pci (transport) virtio_net virtio_rng (entropy for host keys)
 #   virtio_blk, virtio_scsi + sr_mod + isofs (NoCloud seed on a CD-ROM)
+#   button + evdev (the ACPI power button as /dev/input/event*, for acpid)
 # ata_piix (IDE CD-ROM on the i440fx machine) goes to a separate list that
 # the init only loads when no seed turned up on virtio.
 depmod -b "${STAGE}" "${KVER}"
@@ -148,7 +149,7 @@ module_order() {
             awk '$1 == "insmod" { print $2 }' | sed "s|^${MODROOT}/||"
     done | awk '!seen[$0]++'
 }
-module_order virtio_pci virtio_net virtio_rng virtio_blk virtio_scsi sr_mod isofs >"${WORK}/order"
+module_order virtio_pci virtio_net virtio_rng virtio_blk virtio_scsi sr_mod isofs button evdev >"${WORK}/order"
 module_order ata_piix sr_mod isofs | grep -vxF -f "${WORK}/order" >"${WORK}/order.ide" || true
 OUTMOD=${ROOT}/lib/modules/${KVER}
 mkdir -p "${OUTMOD}"
@@ -175,6 +176,11 @@ cat >"${ROOT}/etc/inittab" <<'EOF'
 ::ctrlaltdel:/bin/reboot
 ::shutdown:/bin/umount -a -r
 EOF
+# ACPI power button (virsh shutdown, the agent's graceful StopVm): busybox acpid's built-in
+# tables map KEY_POWER to the action PWRF/00000080, run from /etc/acpi.
+mkdir -p "${ROOT}/etc/acpi/PWRF"
+printf '#!/bin/sh\nexec /bin/poweroff\n' >"${ROOT}/etc/acpi/PWRF/00000080"
+chmod 0755 "${ROOT}/etc/acpi/PWRF/00000080"
 install -m 0755 "${HERE}/init" "${ROOT}/init"
 install -m 0755 "${HERE}/udhcpc.script" "${ROOT}/etc/udhcpc.script"
 

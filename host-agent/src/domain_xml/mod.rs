@@ -680,7 +680,7 @@ pub fn read_user_forwards(xml: &str) -> Result<Vec<PortForward>, MetadataError> 
         };
         let value = value
             .normalized_value(quick_xml::XmlVersion::default())
-            .map_err(|e| MetadataError::Xml(e.into()))?;
+            .map_err(MetadataError::Xml)?;
         let Some(rest) = value.strip_prefix("user,") else {
             continue;
         };

@@ -96,6 +96,7 @@ impl Harness {
     fn phases(&self, id: Uuid) -> Vec<VmPhase> {
         self.events
             .subscribe(0)
+            .unwrap()
             .0
             .into_iter()
             .filter(|e| e.machine_id == id)
@@ -280,6 +281,7 @@ async fn stop_is_graceful_when_the_guest_obeys_and_forced_when_it_does_not() {
     let reasons: Vec<String> = h
         .events
         .subscribe(0)
+        .unwrap()
         .0
         .into_iter()
         .map(|e| e.reason)
@@ -362,7 +364,7 @@ async fn a_crash_is_reported_by_the_poller_and_a_start_recovers() {
     h.manager.poll_once().await.unwrap();
     h.fake.crash(&h.manager.domain_name(id));
     h.manager.poll_once().await.unwrap();
-    let last = h.events.subscribe(0).0.pop().unwrap();
+    let last = h.events.subscribe(0).unwrap().0.pop().unwrap();
     assert_eq!((last.machine_id, last.phase), (id, VmPhase::Crashed));
     assert!(last.reason.contains("QEMU exited"), "{}", last.reason);
     assert!(h

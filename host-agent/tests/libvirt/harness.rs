@@ -3,6 +3,9 @@
 //! test, and cleanup (agent killed by pid, our domains destroyed and undefined, files
 //! removed) even when the test fails.
 
+// A harness step that fails is the test failing: panicking with the reason is the point.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -303,6 +306,12 @@ pub fn ssh_key(dir: &Path) -> (PathBuf, String) {
 
 /// Runs `hostname` over ssh through the forwarded port until it answers; returns the answer.
 pub fn ssh_hostname(key: &Path, port: u32, timeout: Duration) -> String {
+    ssh_run(key, port, "hostname", timeout)
+}
+
+/// Runs `command` as root over ssh through the forwarded port, retrying until it succeeds;
+/// returns its output.
+pub fn ssh_run(key: &Path, port: u32, command: &str, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     let mut last_err = String::new();
     while Instant::now() < deadline {
@@ -324,7 +333,7 @@ pub fn ssh_hostname(key: &Path, port: u32, timeout: Duration) -> String {
                 "-o",
                 "LogLevel=ERROR",
             ])
-            .args(["root@127.0.0.1", "hostname"])
+            .args(["root@127.0.0.1", command])
             .stdin(Stdio::null())
             .output()
             .expect("run ssh");

@@ -2,12 +2,15 @@
 //! QEMU domains (TCG here, KVM where the host has it) booting the tiny image, SSH through the
 //! forwarded port, crashes, agent kill -9 mid-create, and a libvirtd restart.
 
+// Helpers outside #[test] functions assert too.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod harness;
 
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
-use harness::{qemu_pid, ssh_hostname, ssh_key, virsh, wait_until, Fixture};
+use harness::{qemu_pid, ssh_hostname, ssh_key, ssh_run, virsh, wait_until, Fixture};
 use proto::agent::v1 as pb;
 use tokio_stream::StreamExt;
 use uuid::Uuid;
@@ -32,6 +35,42 @@ fn vm(id: Uuid) -> pb::VmRef {
     pb::VmRef {
         machine_id: id.to_string(),
     }
+}
+
+/// A WatchEvents stream that starts after everything already recorded: the backlog of a
+/// stream from 0 is drained (it arrives at once), and a second stream resumes after it.
+async fn watch_from_now(client: &mut harness::Client) -> tonic::Streaming<pb::VmEvent> {
+    let mut all = client
+        .watch_events(pb::WatchEventsRequest { after_sequence: 0 })
+        .await
+        .expect("WatchEvents")
+        .into_inner();
+    let mut last = 0;
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(300), all.next()).await {
+        last = event.expect("event").sequence;
+    }
+    client
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: last,
+        })
+        .await
+        .expect("WatchEvents")
+        .into_inner()
+}
+
+/// The reason of the next STOPPED event of machine `id`.
+async fn next_stop_reason(events: &mut tonic::Streaming<pb::VmEvent>, id: Uuid) -> String {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(event) = events.next().await {
+            let event = event.expect("event");
+            if event.machine_id == id.to_string() && event.phase == pb::VmPhase::Stopped as i32 {
+                return event.reason;
+            }
+        }
+        panic!("event stream ended")
+    })
+    .await
+    .expect("a STOPPED event")
 }
 
 fn inode(path: &std::path::Path) -> u64 {
@@ -86,16 +125,23 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
         String::from_utf8_lossy(&tail.data)
     );
 
-    // The tiny image ignores ACPI: the stop is forced after the graceful timeout.
+    let mut events = watch_from_now(&mut client).await;
+    // The tiny image's acpid powers off on the ACPI button: a graceful stop.
+    let t_stop = Instant::now();
     let stopped = client
         .stop_vm(pb::StopVmRequest {
             machine_id: id.to_string(),
-            graceful_timeout_secs: 2,
+            graceful_timeout_secs: 30,
         })
         .await
         .expect("StopVm")
         .into_inner();
+    println!("graceful StopVm: {:?}", t_stop.elapsed());
     assert_eq!(phase(&stopped), pb::VmPhase::Stopped);
+    assert_eq!(
+        next_stop_reason(&mut events, id).await,
+        "shut down by the guest"
+    );
     assert_eq!(
         virsh(&["domstate", &state.domain_name]).unwrap().stdout,
         b"shut off\n\n"
@@ -113,6 +159,22 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
         port,
         "the forwarded port survives a stop"
     );
+    assert_eq!(ssh_hostname(&key, port, BOOT_TIMEOUT), "lifecycle-1");
+
+    // A guest that ignores the button is forced off after the timeout.
+    ssh_run(&key, port, "killall acpid", BOOT_TIMEOUT);
+    let forced = client
+        .stop_vm(pb::StopVmRequest {
+            machine_id: id.to_string(),
+            graceful_timeout_secs: 2,
+        })
+        .await
+        .expect("StopVm")
+        .into_inner();
+    assert_eq!(phase(&forced), pb::VmPhase::Stopped);
+    let reason = next_stop_reason(&mut events, id).await;
+    assert!(reason.starts_with("forced off"), "{reason}");
+    client.start_vm(vm(id)).await.expect("StartVm");
     assert_eq!(ssh_hostname(&key, port, BOOT_TIMEOUT), "lifecycle-1");
 
     let qemu_before = qemu_pid(&state.domain_name);
