@@ -1,0 +1,210 @@
+//! Boot timing of the tiny image through the agent versus by hand with virsh, for the README.
+//!
+//! Starts `skygate-host-agent` (the binary next to this example) on 127.0.0.1 with its own
+//! data dir and domain prefix, then per run: EnsureVm (desired RUNNING) → time until the call
+//! returns running, and until `ssh hostname` answers through the forwarded port; StopVm;
+//! `virsh start` of that very domain → time until virsh returns and until ssh answers;
+//! DeleteVm. Prints each run and the medians. Needs root, libvirtd, ssh and the tiny image.
+//!
+//! cargo run --release -p host-agent --example boot_timing -- [RUNS]
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::agent::v1 as pb;
+use proto::agent::v1::host_agent_client::HostAgentClient;
+
+const TOKEN: &str = "boot-timing";
+
+fn ssh_until_answers(key: &std::path::Path, port: u32) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ok = Command::new("ssh")
+            .arg("-i")
+            .arg(key)
+            .args(["-p", &port.to_string(), "-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
+            .args([
+                "-o",
+                "ConnectTimeout=1",
+                "-o",
+                "LogLevel=ERROR",
+                "root@127.0.0.1",
+                "hostname",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ssh never answered on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .map_or(3, |r| r.parse().expect("RUNS"));
+    let image_json = std::env::var("SKYGATE_TINY_IMAGE_JSON")
+        .unwrap_or_else(|_| "/var/lib/skygate-images/tiny/image.json".into());
+    let image: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&image_json).expect("image.json")).unwrap();
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    let boot = &image["boot"];
+    let source = pb::ImageSource {
+        name: "tiny".into(),
+        format: pb::DiskFormat::Kernel as i32,
+        kernel_boot: Some(pb::KernelBoot {
+            kernel_url: s(&boot["kernel"]),
+            kernel_sha256: s(&boot["kernel_sha256"]),
+            initrd_url: s(&boot["initrd"]),
+            initrd_sha256: s(&boot["initrd_sha256"]),
+            cmdline: s(&boot["cmdline"]),
+        }),
+        ..Default::default()
+    };
+
+    let tmp = tempfile::Builder::new()
+        .prefix("skygate-boot-timing-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let key = tmp.path().join("id_ed25519");
+    assert!(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+
+    let agent_bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("skygate-host-agent");
+    let mut agent = Command::new(&agent_bin)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-json",
+            "--domain-prefix",
+            "skygate-timing-",
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .env("SKYGATE_AGENT_TOKEN", TOKEN)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("{agent_bin:?}: {e} (cargo build --release -p host-agent first)")
+        });
+    let mut addr = None;
+    for line in BufReader::new(agent.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("skygate-host-agent listening") {
+            let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+            addr = Some(s(&json["fields"]["listen"]));
+            break;
+        }
+    }
+    let addr = addr.expect("agent exited before listening");
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse().unwrap();
+    let mut client = HostAgentClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", bearer.clone());
+        Ok(r)
+    });
+
+    let (mut agent_running, mut agent_ssh, mut virsh_running, mut virsh_ssh) =
+        (vec![], vec![], vec![], vec![]);
+    for run in 1..=runs {
+        let id = uuid::Uuid::new_v4();
+        let spec = pb::VmSpec {
+            machine_id: id.to_string(),
+            generation: 1,
+            hostname: format!("timing-{run}"),
+            vcpus: 1,
+            memory_mib: 256,
+            disk_gib: 1,
+            image: Some(source.clone()),
+            ssh_authorized_keys: vec![public.trim().to_owned()],
+            user_data: None,
+            desired_power: pb::PowerState::Running as i32,
+        };
+        let t0 = Instant::now();
+        let state = client
+            .ensure_vm(pb::EnsureVmRequest { spec: Some(spec) })
+            .await
+            .unwrap()
+            .into_inner();
+        let running = t0.elapsed().as_secs_f64();
+        let port = state.network.as_ref().unwrap().ports[0].host_port;
+        let ssh = ssh_until_answers(&key, port)
+            .duration_since(t0)
+            .as_secs_f64();
+        client
+            .stop_vm(pb::StopVmRequest {
+                machine_id: id.to_string(),
+                graceful_timeout_secs: 30,
+            })
+            .await
+            .unwrap();
+        let t1 = Instant::now();
+        let started = Command::new("virsh")
+            .args(["-c", "qemu:///system", "start", &state.domain_name])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(started.success());
+        let by_hand = t1.elapsed().as_secs_f64();
+        let by_hand_ssh = ssh_until_answers(&key, port)
+            .duration_since(t1)
+            .as_secs_f64();
+        client
+            .delete_vm(pb::VmRef {
+                machine_id: id.to_string(),
+            })
+            .await
+            .unwrap();
+        println!(
+            "run {run}: EnsureVm→running {running:.2} s, →ssh {ssh:.2} s | virsh start→running {by_hand:.2} s, →ssh {by_hand_ssh:.2} s"
+        );
+        agent_running.push(running);
+        agent_ssh.push(ssh);
+        virsh_running.push(by_hand);
+        virsh_ssh.push(by_hand_ssh);
+    }
+    let (a, b) = (median(agent_ssh), median(virsh_ssh));
+    println!(
+        "median of {runs}: EnsureVm→running {:.2} s, EnsureVm→ssh {a:.2} s; virsh start→running {:.2} s, virsh start→ssh {b:.2} s; ratio (ssh) {:.2}",
+        median(agent_running),
+        median(virsh_running),
+        a / b
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
