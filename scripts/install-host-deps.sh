@@ -21,8 +21,9 @@ PACKAGES=(
     libvirt-dev pkg-config
     # images/tiny/build.sh: guest userland, initramfs packing, module deps.
     busybox-static dropbear-bin cpio kmod
-    # NoCloud seed ISO (genisoimage) and ssh for boot tests.
-    genisoimage openssh-client
+    # NoCloud seed ISO (genisoimage) and ssh for boot tests; boot-test.sh finds a free port
+    # with ss.
+    genisoimage openssh-client iproute2
     # image.json is written (build.sh) and read (boot-test.sh) with jq.
     jq
     # virt-xml-validate (libvirt schema checks of generated domain XML) runs xmllint.

@@ -11,6 +11,19 @@ scripts/install-deps.sh --postgres
 # tests drive the real libvirtd this starts.
 scripts/install-host-deps.sh
 
+# Domains a killed test run may have left running (only the tests' own prefixes), now and
+# at the end whatever happens.
+remove_test_domains() {
+  local name
+  for name in $(virsh -c qemu:///system list --all --name 2>/dev/null |
+      grep -E '^skygate-(test|imgtest|timing)-' || true); do
+    virsh -c qemu:///system destroy "$name" >/dev/null 2>&1 || true
+    virsh -c qemu:///system undefine "$name" >/dev/null 2>&1 || true
+  done
+}
+remove_test_domains
+trap remove_test_domains EXIT
+
 echo "== cargo fmt" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
@@ -19,6 +32,10 @@ echo "== guest image: build images/tiny and boot it under libvirt to SSH" >&2
 # Real QEMU through libvirt (TCG here), reached only through a port on 127.0.0.1. Runs before
 # the Rust suites so that their summary is the run's closing line. The agent's libvirt tests
 # boot this image too.
+# build.sh resolves the kernel package from apt's lists: refresh lists older than a day.
+if [[ -z $(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 2>/dev/null | head -n 1) ]]; then
+  apt-get update -qq
+fi
 image_dir=/var/lib/skygate-images/tiny
 mkdir -p "$image_dir"
 images/tiny/build.sh "$image_dir"

@@ -133,11 +133,8 @@ async fn main() {
         .connect()
         .await
         .unwrap();
-    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse().unwrap();
-    let mut client = HostAgentClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", bearer.clone());
-        Ok(r)
-    });
+    let mut client =
+        HostAgentClient::with_interceptor(channel, proto::bearer::BearerToken::new(TOKEN).unwrap());
 
     let (mut agent_running, mut agent_ssh, mut virsh_running, mut virsh_ssh) =
         (vec![], vec![], vec![], vec![]);

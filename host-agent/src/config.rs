@@ -76,12 +76,18 @@ pub struct AgentArgs {
     #[arg(
         long,
         env = "SKYGATE_AGENT_GRACEFUL_TIMEOUT_SECS",
-        default_value_t = 30
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
     )]
     pub graceful_timeout_secs: u64,
     /// How often domains are polled for changes (crashes, guest power-offs); events reach
     /// watchers within this interval.
-    #[arg(long, env = "SKYGATE_AGENT_POLL_INTERVAL_MS", default_value_t = 2000)]
+    #[arg(
+        long,
+        env = "SKYGATE_AGENT_POLL_INTERVAL_MS",
+        default_value_t = 2000,
+        value_parser = clap::value_parser!(u64).range(100..=60_000)
+    )]
     pub poll_interval_ms: u64,
     /// PEM certificate chain: serve TLS.
     #[arg(long, env = "SKYGATE_AGENT_TLS_CERT", requires = "tls_key")]
@@ -92,6 +98,21 @@ pub struct AgentArgs {
     /// PEM CA bundle: require client certificates signed by it (mutual TLS).
     #[arg(long, env = "SKYGATE_AGENT_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// vCPUs to offer before overcommit (default: the host's CPUs).
+    #[arg(long, env = "SKYGATE_AGENT_CAPACITY_VCPUS")]
+    pub capacity_vcpus: Option<u32>,
+    /// Memory to offer before overcommit, in MiB (default: the host's memory).
+    #[arg(long, env = "SKYGATE_AGENT_CAPACITY_MEMORY_MIB")]
+    pub capacity_memory_mib: Option<u64>,
+    /// Disk to offer, in GiB (default: the size of the data directory's file system).
+    #[arg(long, env = "SKYGATE_AGENT_CAPACITY_DISK_GIB")]
+    pub capacity_disk_gib: Option<u64>,
+    /// vCPUs offered per CPU.
+    #[arg(long, env = "SKYGATE_AGENT_CPU_OVERCOMMIT", default_value = "4.0", value_parser = crate::registration::parse_ratio)]
+    pub cpu_overcommit: f64,
+    /// Memory offered per MiB of memory.
+    #[arg(long, env = "SKYGATE_AGENT_MEMORY_OVERCOMMIT", default_value = "1.0", value_parser = crate::registration::parse_ratio)]
+    pub memory_overcommit: f64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SKYGATE_AGENT_LOG_JSON")]
     pub log_json: bool,

@@ -127,6 +127,11 @@ impl EventLog {
         self.lock().last_phase.insert(machine_id, phase);
     }
 
+    /// The last phase recorded for `machine_id` (`None`: never seen or absent).
+    pub fn last_phase(&self, machine_id: Uuid) -> Option<VmPhase> {
+        self.lock().last_phase.get(&machine_id).copied()
+    }
+
     /// Machines whose last recorded phase is not `Absent`.
     pub fn known_machines(&self) -> Vec<Uuid> {
         self.lock().last_phase.keys().copied().collect()

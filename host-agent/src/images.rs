@@ -60,7 +60,9 @@ pub enum ImageError {
         reason: String,
     },
     /// The fetched bytes hash to something else. Nothing was kept.
-    #[error("image {url:?} has sha256 {actual}, expected {expected}")]
+    // The actual digest is logged, not returned: it would tell a caller the hash of any file
+    // the agent can read.
+    #[error("image {url:?} does not match its sha256 {expected}")]
     DigestMismatch {
         /// The source.
         url: String,
@@ -212,6 +214,7 @@ impl ImageCache {
         out.sync_all().await.map_err(io_err(temp.path()))?;
         drop(out);
         if actual != *digest {
+            tracing::warn!(url = %spec.url, expected = %digest.as_str(), actual = %actual.as_str(), "image digest mismatch");
             return Err(ImageError::DigestMismatch {
                 url: spec.url.clone(),
                 expected: digest.clone(),
@@ -236,6 +239,20 @@ impl ImageCache {
         path: &Path,
         out: &mut tokio::fs::File,
     ) -> Result<(Sha256Digest, u64), ImageError> {
+        // Only regular files: opening a FIFO would block until a writer appears (a hang), and
+        // a device such as /dev/zero would stream until the size limit.
+        let meta = tokio::fs::metadata(path)
+            .await
+            .map_err(|source| ImageError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if !meta.is_file() {
+            return Err(ImageError::BadUrl {
+                url: url.to_owned(),
+                reason: "not a regular file".into(),
+            });
+        }
         let mut input = tokio::fs::File::open(path)
             .await
             .map_err(|source| ImageError::Io {
@@ -416,6 +433,29 @@ mod tests {
 
     fn sha256_hex(bytes: &[u8]) -> String {
         hex::encode(Sha256::digest(bytes))
+    }
+
+    #[tokio::test]
+    async fn a_file_source_that_is_not_a_regular_file_is_refused_not_waited_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("pipe");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let cache = cache(tmp.path());
+        for path in [fifo.as_path(), Path::new("/dev/zero"), tmp.path()] {
+            let spec = ImageSourceSpec {
+                url: format!("file://{}", path.display()),
+                sha256: "a".repeat(64),
+                format: ImageFileKind::Kernel,
+            };
+            let err = tokio::time::timeout(Duration::from_secs(5), cache.ensure(&spec))
+                .await
+                .expect("no hang")
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("not a regular file"),
+                "{path:?}: {err}"
+            );
+        }
     }
 
     fn cache(tmp: &Path) -> ImageCache {

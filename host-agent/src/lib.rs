@@ -2,7 +2,6 @@
 //! tested without a hypervisor; the I/O edges sit behind small traits (`DiskTool`,
 //! `Hypervisor`). The `skygate-host-agent` binary (main.rs) wires them to libvirt and gRPC.
 
-pub mod auth;
 pub mod config;
 pub mod disks;
 pub mod domain_xml;
@@ -14,6 +13,7 @@ pub mod machines;
 pub mod paths;
 pub mod ports;
 pub mod probe;
+pub mod registration;
 pub mod seed;
 pub mod server;
 pub mod service;

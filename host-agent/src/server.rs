@@ -12,7 +12,6 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::auth::BearerAuth;
 use crate::config::AgentArgs;
 use crate::disks::QemuImg;
 use crate::events::{EventLog, DEFAULT_RETAINED};
@@ -21,7 +20,9 @@ use crate::images::ImageCache;
 use crate::machines::{MachineManager, ManagerConfig};
 use crate::paths::DataDir;
 use crate::probe::{choose_hypervisor, AcceleratorProbe};
-use crate::service::{HostAgentService, HostIdentity};
+use crate::registration::{self, CapacityPolicy, Registration};
+use crate::service::{hypervisor_to_wire, HostAgentService, HostIdentity};
+use proto::bearer::BearerAuth;
 
 /// Largest request the agent decodes (a spec with user data is well under this).
 const MAX_MESSAGE_BYTES: usize = 4 << 20;
@@ -76,7 +77,12 @@ fn read(path: &Path) -> Result<Vec<u8>, StartError> {
     })
 }
 
-/// Serves `service` on `listener` until `shutdown` completes.
+/// How long in-flight calls may finish after a shutdown signal before the server stops
+/// waiting for them.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Serves `service` on `listener` until `shutdown` completes, then ends watch streams and
+/// lets other calls finish for up to [`DRAIN`].
 pub async fn serve(
     listener: TcpListener,
     service: HostAgentService,
@@ -84,6 +90,8 @@ pub async fn serve(
     tls: Option<&TlsFiles>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
+    let (down_tx, down_rx) = tokio::sync::watch::channel(false);
+    let service = service.with_shutdown(down_rx.clone());
     let mut builder = Server::builder().timeout(Duration::from_secs(3600));
     if let Some(tls) = tls {
         let mut config =
@@ -98,7 +106,8 @@ pub async fn serve(
         .set_serving::<HostAgentServer<HostAgentService>>()
         .await;
     let agent = HostAgentServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    builder
+    let mut drained = down_rx.clone();
+    let server = builder
         // Health is deliberately unauthenticated: probes (grpc_health_probe, load balancers)
         // carry no credentials, and it reveals only "serving".
         .add_service(health_service)
@@ -106,8 +115,17 @@ pub async fn serve(
             agent,
             BearerAuth::new(token),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            let _ = down_tx.send(true);
+        });
+    tokio::select! {
+        served = server => served?,
+        () = async move {
+            let _ = drained.wait_for(|down| *down).await;
+            tokio::time::sleep(DRAIN).await;
+        } => tracing::warn!(drain = ?DRAIN, "calls still running at shutdown were abandoned"),
+    }
     Ok(())
 }
 
@@ -200,11 +218,36 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
         addr: args.listen.clone(),
         source,
     })?;
+    let capacity = CapacityPolicy {
+        vcpus: args.capacity_vcpus.unwrap_or(facts.cpus),
+        memory_mib: args.capacity_memory_mib.unwrap_or(facts.memory_kib / 1024),
+        disk_gib: args
+            .capacity_disk_gib
+            .unwrap_or_else(|| disk_capacity_gib(data.root())),
+        cpu_overcommit: args.cpu_overcommit,
+        memory_overcommit: args.memory_overcommit,
+    }
+    .advertised();
     let host = HostIdentity {
         name: args.name.clone().unwrap_or_else(system_hostname),
         hypervisor: kind,
-        disk_gib: disk_capacity_gib(data.root()),
+        capacity,
     };
+    let registration = args.control_plane.clone().map(|control_plane| {
+        tokio::spawn(registration::run(Registration {
+            control_plane,
+            token: token.clone(),
+            request: proto::controlplane::v1::RegisterRequest {
+                name: host.name.clone(),
+                // The bound address (the real port when --listen used port 0).
+                address: args.advertise.clone().unwrap_or_else(|| local.to_string()),
+                capacity: Some(capacity),
+                hypervisor: hypervisor_to_wire(kind) as i32,
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                domain_prefix: args.domain_prefix.clone(),
+            },
+        }))
+    });
     // Tests and scripts wait for this line (with the real port when --listen used port 0).
     tracing::info!(
         listen = %local,
@@ -215,6 +258,9 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
     let service = HostAgentService::new(manager, events, host);
     let result = serve(listener, service, &token, tls.as_ref(), shutdown_signal()).await;
     poller.abort();
+    if let Some(r) = registration {
+        r.abort();
+    }
     result
 }
 

@@ -22,15 +22,23 @@ use crate::machines::{
     VmPhase, VmState,
 };
 
-/// Host capacity the agent advertises (before issue 4's overcommit flags, the host itself).
+/// Who this host is and what it offers.
 #[derive(Debug, Clone)]
 pub struct HostIdentity {
     /// Name reported to the control plane.
     pub name: String,
     /// The accelerator in use.
     pub hypervisor: HypervisorKind,
-    /// Disk capacity of the data directory's file system, in GiB.
-    pub disk_gib: u64,
+    /// What the host offers, after overcommit.
+    pub capacity: pb::Capacity,
+}
+
+/// The wire form of an accelerator.
+pub fn hypervisor_to_wire(kind: HypervisorKind) -> pb::HypervisorKind {
+    match kind {
+        HypervisorKind::Kvm => pb::HypervisorKind::Kvm,
+        HypervisorKind::Qemu => pb::HypervisorKind::Qemu,
+    }
 }
 
 /// The service.
@@ -39,6 +47,9 @@ pub struct HostAgentService {
     manager: Arc<MachineManager>,
     events: Arc<EventLog>,
     host: HostIdentity,
+    /// Turns true when the server shuts down: open WatchEvents streams end then, or the
+    /// server would wait for them forever.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl HostAgentService {
@@ -48,7 +59,14 @@ impl HostAgentService {
             manager,
             events,
             host,
+            shutdown: tokio::sync::watch::channel(false).1,
         }
+    }
+
+    /// Ends streams when `shutdown` turns true.
+    pub fn with_shutdown(mut self, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 }
 
@@ -176,15 +194,8 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
         };
         Ok(Response::new(pb::HostInfo {
             name: self.host.name.clone(),
-            hypervisor: match self.host.hypervisor {
-                HypervisorKind::Kvm => pb::HypervisorKind::Kvm,
-                HypervisorKind::Qemu => pb::HypervisorKind::Qemu,
-            } as i32,
-            capacity: Some(pb::Capacity {
-                vcpus: facts.cpus,
-                memory_mib: facts.memory_kib / 1024,
-                disk_gib: self.host.disk_gib,
-            }),
+            hypervisor: hypervisor_to_wire(self.host.hypervisor) as i32,
+            capacity: Some(self.host.capacity),
             allocated: Some(allocated),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             libvirt_version: facts.libvirt_version,
@@ -271,8 +282,14 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
                 "event stream fell {n} events behind; reconnect with the last sequence seen"
             )))),
         });
-        let stream =
-            tokio_stream::iter(backlog.into_iter().map(|e| Ok(event_to_wire(e)))).chain(live);
+        let events = tokio_stream::iter(backlog.into_iter().map(|e| Ok(event_to_wire(e))))
+            .chain(live)
+            .map(Some);
+        // `None` marks shutdown; the stream ends there.
+        let stop = tokio_stream::wrappers::WatchStream::new(self.shutdown.clone())
+            .filter(|down| *down)
+            .map(|_| None);
+        let stream = events.merge(stop).map_while(|item| item);
         Ok(Response::new(Box::pin(stream)))
     }
 

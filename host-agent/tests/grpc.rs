@@ -108,7 +108,11 @@ impl Agent {
             HostIdentity {
                 name: "grpc-test-host".into(),
                 hypervisor: HypervisorKind::Qemu,
-                disk_gib: 100,
+                capacity: pb::Capacity {
+                    vcpus: 16,
+                    memory_mib: 8192,
+                    disk_gib: 100,
+                },
             },
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -654,4 +658,26 @@ async fn mutual_tls_server_serves_only_clients_with_a_certificate_from_its_ca() 
     assert_transport_refuses(agent.endpoint("http"), "plaintext client", None).await;
 
     agent.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_watch_streams_instead_of_waiting_for_them() {
+    let agent = Agent::start(None).await;
+    let mut client = agent.client().await;
+    let mut stream = client
+        .watch_events(pb::WatchEventsRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    // The client and its stream stay open: a control plane watching forever.
+    let started = std::time::Instant::now();
+    agent.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let end = tokio::time::timeout(WAIT, stream.message()).await.unwrap();
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    drop(client);
 }

@@ -1,6 +1,8 @@
 //! SkyGate's gRPC contract between the control plane and host agents: the `.proto` files under
 //! `proto/` and the tonic/prost code generated from them at build time.
 
+pub mod bearer;
+
 /// `skygate.agent.v1`: the host agent service, its client and its messages.
 pub mod agent {
     /// Version 1 of the host agent contract.
@@ -12,6 +14,21 @@ pub mod agent {
     )]
     pub mod v1 {
         tonic::include_proto!("skygate.agent.v1");
+    }
+}
+
+/// `skygate.controlplane.v1`: what agents call on the control plane (registration,
+/// heartbeats).
+pub mod controlplane {
+    /// Version 1 of the registry contract.
+    #[allow(
+        missing_docs,
+        missing_debug_implementations,
+        unused_qualifications,
+        clippy::all
+    )]
+    pub mod v1 {
+        tonic::include_proto!("skygate.controlplane.v1");
     }
 }
 

@@ -36,6 +36,9 @@ struct FakeState {
     domains: BTreeMap<String, FakeDomain>,
     failures: HashMap<HypervisorOp, u32>,
     calls: HashMap<HypervisorOp, u32>,
+    delays: HashMap<HypervisorOp, std::time::Duration>,
+    in_flight: u32,
+    max_in_flight: u32,
     ignore_acpi: bool,
 }
 
@@ -66,6 +69,17 @@ impl FakeHypervisor {
         self.lock().calls.get(&op).copied().unwrap_or(0)
     }
 
+    /// Makes every call of `op` take `delay` (outside the fake's lock, as a slow libvirt call
+    /// would), to widen race windows in tests.
+    pub fn delay(&self, op: HypervisorOp, delay: std::time::Duration) {
+        self.lock().delays.insert(op, delay);
+    }
+
+    /// The most calls that were ever in progress at once.
+    pub fn max_in_flight(&self) -> u32 {
+        self.lock().max_in_flight
+    }
+
     /// Guests ignore the ACPI power button from now on (as the tiny image does).
     pub fn ignore_acpi(&self) {
         self.lock().ignore_acpi = true;
@@ -87,7 +101,17 @@ impl FakeHypervisor {
         &self,
         op: HypervisorOp,
     ) -> Result<std::sync::MutexGuard<'_, FakeState>, HypervisorError> {
+        let delay = {
+            let mut st = self.lock();
+            st.in_flight += 1;
+            st.max_in_flight = st.max_in_flight.max(st.in_flight);
+            st.delays.get(&op).copied()
+        };
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         let mut st = self.lock();
+        st.in_flight -= 1;
         *st.calls.entry(op).or_default() += 1;
         if let Some(n) = st.failures.get_mut(&op) {
             if *n > 0 {

@@ -20,12 +20,39 @@ pub struct LibvirtHypervisor {
     conn: Mutex<Option<Connect>>,
 }
 
+/// Seconds between keepalive probes, and unanswered probes before libvirt closes the
+/// connection: a hung libvirtd fails calls after about 20 s instead of blocking them forever.
+const KEEPALIVE_INTERVAL_SECS: i32 = 5;
+const KEEPALIVE_COUNT: u32 = 3;
+
+/// libvirt's default event loop, run on its own thread once per process. Keepalive needs it.
+fn start_event_loop() -> Result<(), HypervisorError> {
+    static STARTED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            virt::event::event_register_default_impl().map_err(|e| e.message().to_owned())?;
+            std::thread::Builder::new()
+                .name("libvirt-events".into())
+                .spawn(|| loop {
+                    if let Err(e) = virt::event::event_run_default_impl() {
+                        tracing::warn!(error = e.message(), "libvirt event loop iteration failed");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                })
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(HypervisorError::Unreachable)
+}
+
 impl LibvirtHypervisor {
     /// A hypervisor at `uri` (e.g. `qemu:///system`). Connects now, so a wrong URI or a
     /// stopped daemon is reported at start-up; later calls reconnect on their own.
     pub fn connect(uri: &str) -> Result<Self, HypervisorError> {
         // libvirt's default error handler prints every error to stderr; ours are returned.
         virt::error::clear_error_callback();
+        start_event_loop()?;
         let hv = LibvirtHypervisor {
             uri: uri.to_owned(),
             conn: Mutex::new(None),
@@ -34,37 +61,40 @@ impl LibvirtHypervisor {
         Ok(hv)
     }
 
-    /// Runs `f` with a live connection. When the connection is broken (libvirtd restarted)
-    /// it is reopened and `f` retried once.
+    /// A live connection: the current one, or a new one when there is none or it died.
+    /// The lock is held only for this, never during a call, so a slow call (a define, a
+    /// destroy of a stuck QEMU) does not hold up the others.
+    fn connection(&self, fresh: bool) -> Result<Connect, HypervisorError> {
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if fresh || slot.as_ref().is_none_or(|c| !c.is_alive().unwrap_or(false)) {
+            // Dropping a dead connection releases our reference; libvirt frees it.
+            *slot = None;
+            let conn = Connect::open(Some(&self.uri))
+                .map_err(|e| HypervisorError::Unreachable(e.message().to_owned()))?;
+            if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_SECS, KEEPALIVE_COUNT) {
+                tracing::warn!(error = e.message(), "libvirt keepalive not enabled");
+            }
+            *slot = Some(conn);
+        }
+        slot.clone()
+            .ok_or_else(|| HypervisorError::Unreachable("no connection".into()))
+    }
+
+    /// Runs `f` with a live connection. When the connection turns out broken (libvirtd
+    /// restarted) it is reopened and `f` retried once.
     fn with_conn<T>(
         &self,
         f: impl Fn(&Connect) -> Result<T, VirtError>,
     ) -> Result<T, HypervisorError> {
-        let mut slot = self
-            .conn
-            .lock()
-            .map_err(|_| HypervisorError::Unreachable("connection lock poisoned".into()))?;
-        for attempt in 0..2 {
-            if slot.as_ref().is_none_or(|c| !c.is_alive().unwrap_or(false)) {
-                // Dropping a dead connection closes our reference; libvirt frees it.
-                *slot = None;
-                let conn = Connect::open(Some(&self.uri))
-                    .map_err(|e| HypervisorError::Unreachable(e.message().to_owned()))?;
-                *slot = Some(conn);
+        let conn = self.connection(false)?;
+        match f(&conn) {
+            Err(e) if is_connection_error(&e) => {
+                drop(conn);
+                let conn = self.connection(true)?;
+                f(&conn).map_err(classify)
             }
-            let Some(conn) = slot.as_ref() else {
-                continue;
-            };
-            match f(conn) {
-                Err(e) if attempt == 0 && is_connection_error(&e) => *slot = None,
-                Err(e) => return Err(classify(e)),
-                Ok(v) => return Ok(v),
-            }
+            other => other.map_err(classify),
         }
-        Err(HypervisorError::Unreachable(format!(
-            "{} stayed unreachable after reconnecting",
-            self.uri
-        )))
     }
 
     fn with_domain<T>(
@@ -168,7 +198,9 @@ impl Hypervisor for LibvirtHypervisor {
                     Ok(s) => out.push(s),
                     // Undefined between the listing and the lookup: it is gone.
                     Err(e) if e.code().is(ErrorNumber::NoDomain) => {}
-                    Err(e) => return Err(e),
+                    Err(e) if is_connection_error(&e) => return Err(e),
+                    // One unreadable domain must not hide all the others.
+                    Err(e) => tracing::warn!(domain = %name, error = e.message(), "skipping a domain libvirt cannot describe"),
                 }
             }
             Ok(out)

@@ -35,6 +35,10 @@ use crate::paths::{DataDir, ImageFileKind};
 use crate::ports::pick_port;
 use crate::seed::{write_seed_iso, SeedSpec};
 
+/// Present in a machine directory while a creation or deletion is under way: what the
+/// start-up sweep may remove when no domain owns the directory.
+pub const INCOMPLETE_MARKER: &str = ".incomplete";
+
 /// The guest port forwarded for SSH.
 const SSH_PORT: u16 = 22;
 /// How often a stop polls the domain while waiting for the guest to power off.
@@ -85,7 +89,9 @@ pub struct MachineManager {
     events: Arc<EventLog>,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     /// Ports picked by creations that have not defined their domain yet.
-    reserved_ports: tokio::sync::Mutex<HashSet<u16>>,
+    reserved_ports: Arc<Mutex<HashSet<u16>>>,
+    /// Serialises picking a port (list claimed ports, probe, reserve) between creations.
+    port_pick: tokio::sync::Mutex<()>,
 }
 
 impl MachineManager {
@@ -106,7 +112,8 @@ impl MachineManager {
             cfg,
             events,
             locks: Mutex::new(HashMap::new()),
-            reserved_ports: tokio::sync::Mutex::new(HashSet::new()),
+            reserved_ports: Arc::new(Mutex::new(HashSet::new())),
+            port_pick: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -130,14 +137,25 @@ impl MachineManager {
         let rest = name.strip_prefix(&self.cfg.domain_prefix)?;
         // Exactly the hyphenated form we write, so `skygate-` never claims `skygate-a-<uuid>`
         // of another agent with a longer prefix.
-        (rest.len() == 36)
-            .then(|| Uuid::parse_str(rest).ok())
-            .flatten()
+        Uuid::parse_str(rest)
+            .ok()
+            .filter(|id| id.hyphenated().to_string() == rest)
     }
 
     fn machine_lock(&self, id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(locks.entry(id).or_default())
+    }
+
+    /// Drops machine `id`'s lock from the map unless someone else holds or waits for it (they
+    /// cloned the `Arc`): removing it then would let a newcomer get a second, unrelated lock
+    /// for the same machine and run beside them.
+    fn forget_lock(&self, id: Uuid, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Ours and the map's.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(&id);
+        }
     }
 
     async fn pause_point(&self, step: CreateStep) {
@@ -147,9 +165,12 @@ impl MachineManager {
         }
     }
 
-    /// Removes what an interrupted creation or deletion left: machine directories without a
-    /// domain of ours. Run once at start-up, before serving. Also baselines the event log
-    /// with what exists, so the first poll reports changes, not the inventory.
+    /// Removes what an interrupted creation or deletion left: machine directories that carry
+    /// the [`INCOMPLETE_MARKER`] and have no domain of ours. A directory without a domain and
+    /// without the marker is kept and reported: it belongs to a machine this agent cannot see
+    /// (another `--domain-prefix` or `--libvirt-uri`), and deleting a tenant's disk on a
+    /// configuration slip could not be undone. Run once at start-up, before serving. Also
+    /// baselines the event log with what exists, so the first poll reports changes.
     pub async fn sweep(&self) -> Result<Vec<Uuid>, AgentError> {
         let prefix = self.cfg.domain_prefix.clone();
         let domains = blocking(&self.hv, move |hv| hv.list(&prefix)).await?;
@@ -176,10 +197,20 @@ impl MachineManager {
             else {
                 continue;
             };
-            if !owned.contains(&id) {
+            if owned.contains(&id) {
+                continue;
+            }
+            if entry.path().join(INCOMPLETE_MARKER).exists() {
                 remove_dir_if_present(&entry.path())?;
                 tracing::info!(machine = %id, "removed files of an interrupted create or delete");
                 removed.push(id);
+            } else {
+                tracing::warn!(
+                    machine = %id,
+                    dir = %entry.path().display(),
+                    "machine files without a domain of this agent; kept (another domain \
+                     prefix or libvirt URI?)"
+                );
             }
         }
         Ok(removed)
@@ -210,17 +241,21 @@ impl MachineManager {
                     source,
                 })?;
         }
-        self.build(&spec, &name, kept_forwards).await?;
-        let defined = if existing.is_some() {
-            "redefined"
-        } else {
-            "defined"
-        };
-        self.events.observe(
-            spec.id,
-            VmPhase::Stopped,
-            &format!("{defined} at generation {}", spec.generation),
-        );
+        if let Err(e) = self.build(&spec, &name, kept_forwards).await {
+            if existing.is_none() {
+                // Nothing was defined: leave no files behind either (a retry rebuilds them;
+                // the image cache keeps the download).
+                remove_dir_if_present(&self.data.machine_dir(spec.id))?;
+            }
+            return Err(e);
+        }
+        if existing.is_none() {
+            self.events.observe(
+                spec.id,
+                VmPhase::Stopped,
+                &format!("defined at generation {}", spec.generation),
+            );
+        }
         self.converge_power(spec.id, &name, spec.desired).await
     }
 
@@ -233,7 +268,8 @@ impl MachineManager {
     ) -> Result<(), AgentError> {
         self.pause_point(CreateStep::Image).await;
         let boot = self.fetch_image(&spec.image).await?;
-        self.data.prepare_machine(spec.id)?;
+        let dir = self.data.prepare_machine(spec.id)?;
+        write_marker(&dir, "create")?;
         let overlay = self.data.overlay(spec.id);
         self.pause_point(CreateStep::Disk).await;
         match &spec.image {
@@ -267,11 +303,10 @@ impl MachineManager {
         let network = match &self.cfg.network {
             NetworkMode::User { address, ports } => {
                 let forwards = if kept_forwards.is_empty() {
-                    let mut reserved = self.reserved_ports.lock().await;
-                    let claimed = self.claimed_ports(&reserved).await?;
+                    let _picking = self.port_pick.lock().await;
+                    let claimed = self.claimed_ports().await?;
                     let port = pick_port(ports, *address, &claimed, spec.id.as_u128() as u64)?;
-                    reserved.insert(port);
-                    reservation = Some(port);
+                    reservation = Some(PortReservation::new(&self.reserved_ports, port));
                     vec![PortForward {
                         host_ip: *address,
                         host_port: port,
@@ -302,20 +337,18 @@ impl MachineManager {
         }
         .to_xml()?;
         self.pause_point(CreateStep::Define).await;
-        let defined = blocking(&self.hv, move |hv| hv.define(&xml)).await;
-        if let Some(port) = reservation {
-            // Defined or not, the port is no longer in flight: the domain's XML claims it now.
-            self.reserved_ports.lock().await.remove(&port);
-        }
-        defined?;
+        blocking(&self.hv, move |hv| hv.define(&xml)).await?;
+        // Defined: the domain's XML claims the port from now on.
+        drop(reservation);
+        remove_marker(&dir)?;
         Ok(())
     }
 
     /// Ports claimed by our domains' definitions plus in-flight reservations.
-    async fn claimed_ports(&self, reserved: &HashSet<u16>) -> Result<HashSet<u16>, AgentError> {
+    async fn claimed_ports(&self) -> Result<HashSet<u16>, AgentError> {
         let prefix = self.cfg.domain_prefix.clone();
         let domains = blocking(&self.hv, move |hv| hv.list(&prefix)).await?;
-        let mut claimed = reserved.clone();
+        let mut claimed = lock_ports(&self.reserved_ports).clone();
         for d in domains {
             // A definition we cannot read claims nothing we could know of; QEMU would then
             // fail to start on a clash and say so.
@@ -446,16 +479,21 @@ impl MachineManager {
         let _guard = lock.lock().await;
         let name = self.domain_name(id);
         let status = self.require_status(id, &name).await?;
-        if matches!(
-            status.phase,
-            DomainPhase::Running | DomainPhase::ShuttingDown | DomainPhase::Paused
-        ) {
-            self.stop_domain(id, &name, timeout.unwrap_or(self.cfg.graceful_timeout))
-                .await?;
-        } else if status.phase == DomainPhase::Crashed {
-            // Shut off already; acknowledge so the machine reads as stopped from now on.
-            self.events
-                .observe(id, VmPhase::Stopped, "stopped after a crash");
+        match status.phase {
+            DomainPhase::Running | DomainPhase::ShuttingDown => {
+                self.stop_domain(id, &name, timeout.unwrap_or(self.cfg.graceful_timeout))
+                    .await?;
+            }
+            // A paused guest cannot see the ACPI button: waiting would only waste the timeout.
+            DomainPhase::Paused => {
+                let n = name.clone();
+                blocking(&self.hv, move |hv| hv.destroy(&n)).await?;
+                self.events
+                    .observe(id, VmPhase::Stopped, "forced off: the machine was paused");
+            }
+            // A crashed domain is shut off already; libvirt keeps saying "crashed" until its
+            // next start, and so does the agent.
+            DomainPhase::Stopped | DomainPhase::Crashed => {}
         }
         self.state_of(id).await
     }
@@ -483,6 +521,11 @@ impl MachineManager {
         let _guard = lock.lock().await;
         let name = self.domain_name(id);
         let had_domain = self.get_status(&name).await?.is_some();
+        let dir = self.data.machine_dir(id);
+        if had_domain && dir.is_dir() {
+            // Should this process die between undefine and rm, the sweep finishes the job.
+            write_marker(&dir, "delete")?;
+        }
         if had_domain {
             let n = name.clone();
             blocking(&self.hv, move |hv| {
@@ -491,15 +534,18 @@ impl MachineManager {
             })
             .await?;
         }
-        let had_files = remove_dir_if_present(&self.data.machine_dir(id))?;
+        // Overlays can be large: unlink them off the async workers.
+        let had_files = tokio::task::spawn_blocking(move || remove_dir_if_present(&dir))
+            .await
+            .map_err(|e| AgentError::Io {
+                path: "machine directory".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
         if had_domain || had_files {
             self.events.observe(id, VmPhase::Absent, "deleted");
         }
         drop(_guard);
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.forget_lock(id, lock);
         Ok(had_domain || had_files)
     }
 
@@ -556,28 +602,40 @@ impl MachineManager {
     }
 
     /// One poll: reports every phase change of our domains (and disappearances) as events.
+    /// A machine whose phase differs from the last one recorded is looked at again under its
+    /// lock; a machine busy with an operation is skipped (the operation reports its own
+    /// changes, and a poll must not interleave stale observations with them).
     pub async fn poll_once(&self) -> Result<(), AgentError> {
         let states = self.list().await?;
-        let seen: HashSet<Uuid> = states.iter().map(|s| s.id).collect();
+        let mut seen = HashSet::new();
         for s in &states {
-            let reason = match s.phase {
-                VmPhase::Crashed => "the domain's QEMU exited unexpectedly",
-                _ => "observed",
-            };
-            if let Some(e) = self.events.observe(s.id, s.phase, reason) {
-                tracing::info!(machine = %e.machine_id, phase = ?e.phase, reason, "machine changed");
+            seen.insert(s.id);
+            if self.events.last_phase(s.id) != Some(s.phase) {
+                self.recheck(s.id).await?;
             }
         }
         for id in self.events.known_machines() {
             if !seen.contains(&id) {
-                // Locked so a delete in progress reports its own "deleted" first.
-                let lock = self.machine_lock(id);
-                let _guard = lock.lock().await;
-                if self.get_status(&self.domain_name(id)).await?.is_none() {
-                    self.events
-                        .observe(id, VmPhase::Absent, "the domain disappeared");
-                }
+                self.recheck(id).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Observes one machine's phase under its lock, unless an operation holds the lock.
+    async fn recheck(&self, id: Uuid) -> Result<(), AgentError> {
+        let lock = self.machine_lock(id);
+        let Ok(_guard) = lock.try_lock() else {
+            return Ok(());
+        };
+        let state = self.state_of(id).await?;
+        let reason = match state.phase {
+            VmPhase::Crashed => "the domain's QEMU exited unexpectedly",
+            VmPhase::Absent => "the domain disappeared",
+            _ => "observed",
+        };
+        if let Some(e) = self.events.observe(id, state.phase, reason) {
+            tracing::info!(machine = %e.machine_id, phase = ?e.phase, reason, "machine changed");
         }
         Ok(())
     }
@@ -630,6 +688,47 @@ impl MachineManager {
 struct FetchedImage {
     base: Option<std::path::PathBuf>,
     source: BootSource,
+}
+
+fn write_marker(dir: &std::path::Path, what: &str) -> Result<(), AgentError> {
+    let path = dir.join(INCOMPLETE_MARKER);
+    std::fs::write(&path, what).map_err(|e| io_err(&path, e))
+}
+
+fn remove_marker(dir: &std::path::Path) -> Result<(), AgentError> {
+    let path = dir.join(INCOMPLETE_MARKER);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(&path, e)),
+    }
+}
+
+fn lock_ports(ports: &Mutex<HashSet<u16>>) -> std::sync::MutexGuard<'_, HashSet<u16>> {
+    ports.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A port picked for a domain not defined yet; released when dropped, whether the creation
+/// defined the domain, failed or was cancelled.
+struct PortReservation {
+    ports: Arc<Mutex<HashSet<u16>>>,
+    port: u16,
+}
+
+impl PortReservation {
+    fn new(ports: &Arc<Mutex<HashSet<u16>>>, port: u16) -> Self {
+        lock_ports(ports).insert(port);
+        PortReservation {
+            ports: Arc::clone(ports),
+            port,
+        }
+    }
+}
+
+impl Drop for PortReservation {
+    fn drop(&mut self) {
+        lock_ports(&self.ports).remove(&self.port);
+    }
 }
 
 fn phase_of(p: DomainPhase) -> VmPhase {

@@ -206,30 +206,80 @@ async fn machines_get_distinct_ports() {
 }
 
 #[tokio::test]
-async fn a_failed_define_leaves_files_that_a_retry_reuses_or_the_sweep_removes() {
+async fn a_failed_first_define_leaves_no_files_and_a_retry_builds_the_machine() {
     let h = harness();
-    let (retried, abandoned) = (Uuid::new_v4(), Uuid::new_v4());
-    for id in [retried, abandoned] {
-        h.fake.fail_next(HypervisorOp::Define, 1);
-        let err = h
-            .manager
-            .ensure(h.spec(id, 1, DesiredPower::Running))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, AgentError::Hypervisor(_)), "{err}");
-        assert!(h.files_exist(id));
-    }
+    let id = Uuid::new_v4();
+    h.fake.fail_next(HypervisorOp::Define, 1);
+    let err = h
+        .manager
+        .ensure(h.spec(id, 1, DesiredPower::Running))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Hypervisor(_)), "{err}");
+    assert!(!h.files_exist(id));
     assert!(h.fake.domain_names().is_empty());
     let state = h
         .manager
-        .ensure(h.spec(retried, 1, DesiredPower::Running))
+        .ensure(h.spec(id, 1, DesiredPower::Running))
         .await
         .unwrap();
     assert_eq!(state.phase, VmPhase::Running);
-    // At the next start-up only the abandoned machine's files go.
-    assert_eq!(h.manager.sweep().await.unwrap(), vec![abandoned]);
-    assert!(!h.files_exist(abandoned));
-    assert!(h.files_exist(retried));
+    assert!(!h.data.machine_dir(id).join(INCOMPLETE_MARKER).exists());
+}
+
+#[tokio::test]
+async fn the_sweep_removes_interrupted_work_and_keeps_files_it_cannot_account_for() {
+    let h = harness();
+    let (interrupted, foreign, owned) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    h.manager
+        .ensure(h.spec(owned, 1, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    // What a kill -9 between the seed and the define leaves.
+    let dir = h.data.prepare_machine(interrupted).unwrap();
+    std::fs::write(dir.join("disk.qcow2"), b"half").unwrap();
+    std::fs::write(dir.join(INCOMPLETE_MARKER), b"create").unwrap();
+    // A machine of another domain prefix (an operator's slip): its disk must survive.
+    let dir = h.data.prepare_machine(foreign).unwrap();
+    std::fs::write(dir.join("disk.qcow2"), b"tenant data").unwrap();
+    assert_eq!(h.manager.sweep().await.unwrap(), vec![interrupted]);
+    assert!(!h.files_exist(interrupted));
+    assert!(h.data.overlay(foreign).is_file());
+    assert!(h.data.overlay(owned).is_file());
+}
+
+#[tokio::test]
+async fn operations_queued_behind_a_delete_still_run_one_at_a_time() {
+    let h = Arc::new(harness());
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    h.fake
+        .delay(HypervisorOp::Undefine, Duration::from_millis(300));
+    h.fake
+        .delay(HypervisorOp::Define, Duration::from_millis(300));
+    let delete = tokio::spawn({
+        let h = Arc::clone(&h);
+        async move { h.manager.delete(id).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let ensures: Vec<_> = (0..2)
+        .map(|_| {
+            let h = Arc::clone(&h);
+            tokio::spawn(
+                async move { h.manager.ensure(h.spec(id, 2, DesiredPower::Stopped)).await },
+            )
+        })
+        .collect();
+    assert!(delete.await.unwrap().unwrap());
+    for e in ensures {
+        assert_eq!(e.await.unwrap().unwrap().generation, 2);
+    }
+    // Never two hypervisor calls at once for this one machine.
+    assert_eq!(h.fake.max_in_flight(), 1);
+    assert_eq!(h.fake.calls(HypervisorOp::Define), 2);
 }
 
 #[tokio::test]

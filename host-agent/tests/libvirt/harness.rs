@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use proto::agent::v1 as pb;
 use proto::agent::v1::host_agent_client::HostAgentClient;
-use tonic::metadata::MetadataValue;
+use proto::bearer::BearerToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -97,18 +97,7 @@ pub fn tiny_image() -> pb::ImageSource {
     }
 }
 
-/// Adds the bearer token to every call.
-#[derive(Clone)]
-pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-pub type Client = HostAgentClient<InterceptedService<Channel, Bearer>>;
+pub type Client = HostAgentClient<InterceptedService<Channel, BearerToken>>;
 
 /// A running agent process and what it logged.
 pub struct Agent {
@@ -237,16 +226,22 @@ impl Fixture {
             .connect()
             .await
             .expect("connect to agent");
-        let value = format!("Bearer {}", self.token)
-            .parse()
-            .expect("ascii token");
-        HostAgentClient::with_interceptor(channel, Bearer(value))
+        HostAgentClient::with_interceptor(channel, BearerToken::new(&self.token).expect("token"))
     }
 
     /// Names of the libvirt domains with this test's prefix.
     pub fn domains(&self) -> Vec<String> {
         let out = virsh(&["list", "--all", "--name"]).expect("virsh list");
-        String::from_utf8_lossy(&out.stdout)
+        assert!(
+            out.status.success(),
+            "virsh list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.ours(&out.stdout)
+    }
+
+    fn ours(&self, listing: &[u8]) -> Vec<String> {
+        String::from_utf8_lossy(listing)
             .lines()
             .map(str::trim)
             .filter(|n| n.starts_with(&self.prefix))
@@ -282,9 +277,26 @@ impl Fixture {
 }
 
 impl Drop for Fixture {
+    /// Never panics (a panic while unwinding aborts the test binary): every step is best
+    /// effort. A test that failed with libvirtd down gets it back first, so its domains can be
+    /// found and the next test has a daemon.
     fn drop(&mut self) {
+        if !libvirtd_answers() {
+            let _ = Command::new("virtlogd")
+                .arg("-d")
+                .stderr(Stdio::null())
+                .status();
+            let _ = Command::new("libvirtd").arg("-d").status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !libvirtd_answers() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        let listing = virsh(&["list", "--all", "--name"])
+            .map(|o| o.stdout)
+            .unwrap_or_default();
         // Only ever domains with this test's own prefix.
-        for name in self.domains() {
+        for name in self.ours(&listing) {
             let _ = virsh(&["destroy", &name]);
             let _ = virsh(&["undefine", &name]);
         }

@@ -303,7 +303,7 @@ async fn ensure_twice_gives_one_domain_and_older_generations_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_create_then_restart_converges_without_leftovers() {
     let fx = Fixture::new();
-    for step in ["disk", "seed", "define", "start"] {
+    for step in ["image", "disk", "seed", "define", "start"] {
         let id = Uuid::new_v4();
         let request = pb::EnsureVmRequest {
             spec: Some(fx.spec(id, 1, "crashy", None, pb::PowerState::Running)),

@@ -1,0 +1,159 @@
+//! Joining the control plane: register (name, address, capacity, hypervisor) at start and
+//! heartbeat at the interval the control plane asks for; register again when it forgets the
+//! host (NOT_FOUND) and keep retrying, with backoff, while it is unreachable. The agent serves
+//! HostAgent whether or not the control plane answers.
+
+use std::time::Duration;
+
+use proto::agent::v1 as agent_pb;
+use proto::bearer::BearerToken;
+use proto::controlplane::v1 as pb;
+use proto::controlplane::v1::agent_registry_client::AgentRegistryClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// How long to wait between attempts while the control plane does not answer, at most.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Capacity before overcommit, and the ratios applied to it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CapacityPolicy {
+    /// Physical (or configured) vCPUs.
+    pub vcpus: u32,
+    /// Physical (or configured) memory.
+    pub memory_mib: u64,
+    /// Disk for overlays.
+    pub disk_gib: u64,
+    /// vCPUs offered per physical CPU.
+    pub cpu_overcommit: f64,
+    /// Memory offered per MiB of RAM.
+    pub memory_overcommit: f64,
+}
+
+impl CapacityPolicy {
+    /// What the host offers to the scheduler: base × ratio, rounded down. Ratios are
+    /// validated at start-up (finite, > 0).
+    pub fn advertised(&self) -> agent_pb::Capacity {
+        let scale = |v: f64, r: f64| (v * r).floor().max(0.0);
+        agent_pb::Capacity {
+            vcpus: scale(f64::from(self.vcpus), self.cpu_overcommit).min(f64::from(u32::MAX))
+                as u32,
+            memory_mib: scale(self.memory_mib as f64, self.memory_overcommit) as u64,
+            disk_gib: self.disk_gib,
+        }
+    }
+}
+
+/// Checks an overcommit ratio from the command line.
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if r.is_finite() && r > 0.0 && r <= 64.0 {
+        Ok(r)
+    } else {
+        Err(format!("{s:?}: a ratio must be above 0 and at most 64"))
+    }
+}
+
+/// Everything the loop needs.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// `http://host:port` of the control plane's gRPC endpoint.
+    pub control_plane: String,
+    /// The shared agent token.
+    pub token: String,
+    /// What to register.
+    pub request: pb::RegisterRequest,
+}
+
+/// Registers, then heartbeats forever (until the task is dropped).
+pub async fn run(reg: Registration) {
+    let bearer = match BearerToken::new(&reg.token) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "not registering");
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match session(&reg, &bearer).await {
+            Ok(()) => backoff = Duration::from_millis(250),
+            Err(status) => {
+                tracing::warn!(
+                    control_plane = %reg.control_plane,
+                    code = ?status.code(),
+                    message = status.message(),
+                    "registration with the control plane failed; retrying"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// One registration and its heartbeats; returns Ok when the control plane forgot the host
+/// (register again at once), Err on any other failure.
+async fn session(reg: &Registration, bearer: &BearerToken) -> Result<(), tonic::Status> {
+    let channel = Channel::from_shared(reg.control_plane.clone())
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = AgentRegistryClient::with_interceptor(channel, bearer.clone());
+    let registered = client.register(reg.request.clone()).await?.into_inner();
+    let every = Duration::from_secs(u64::from(registered.heartbeat_interval_secs.clamp(1, 300)));
+    tracing::info!(host_id = %registered.host_id, interval = ?every, "registered with the control plane");
+    loop {
+        tokio::time::sleep(every).await;
+        let beat = client
+            .heartbeat(pb::HeartbeatRequest {
+                host_id: registered.host_id.clone(),
+                capacity: reg.request.capacity,
+            })
+            .await;
+        match beat {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {
+                tracing::warn!("the control plane no longer knows this host; registering again");
+                return Ok(());
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overcommit_scales_cpu_and_memory_but_not_disk() {
+        let p = CapacityPolicy {
+            vcpus: 2,
+            memory_mib: 1000,
+            disk_gib: 50,
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.5,
+        };
+        assert_eq!(
+            p.advertised(),
+            agent_pb::Capacity {
+                vcpus: 8,
+                memory_mib: 1500,
+                disk_gib: 50
+            }
+        );
+    }
+
+    #[test]
+    fn ratios_must_be_positive_and_finite() {
+        assert_eq!(parse_ratio("4"), Ok(4.0));
+        assert_eq!(parse_ratio("0.5"), Ok(0.5));
+        for bad in ["0", "-1", "inf", "NaN", "x", "65"] {
+            assert!(parse_ratio(bad).is_err(), "{bad}");
+        }
+    }
+}
