@@ -3,6 +3,8 @@
 use crate::api::HttpSettings;
 use crate::app::{LoginLimits, MachineLimits, Settings};
 use crate::model::Quota;
+use crate::server::ProvisioningConfig;
+use crate::workflows::WorkflowSettings;
 use axum::http::HeaderValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
@@ -19,8 +21,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the REST API (and, later, the scheduler, workers and reconciler).
-    Serve(ServeArgs),
+    /// Run the REST API, the agent registry, the workflows and the host monitor.
+    Serve(Box<ServeArgs>),
     /// Administrative tasks against the same database.
     Admin {
         #[command(subcommand)]
@@ -70,7 +72,7 @@ pub struct ServeArgs {
     /// REST API listen address.
     #[arg(long, env = "SKYGATE_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
-    /// gRPC listen address for host agents (used once agents register).
+    /// gRPC listen address where host agents register (served when --agent-token is set).
     #[arg(long, env = "SKYGATE_GRPC_ADDR", default_value = "127.0.0.1:9090")]
     pub grpc_addr: SocketAddr,
     /// HS256 secret for access tokens (at least 32 bytes); generated on first start if absent.
@@ -109,6 +111,28 @@ pub struct ServeArgs {
     /// Login attempts per client address per minute.
     #[arg(long, env = "SKYGATE_LOGIN_PER_IP_PER_MINUTE", default_value_t = LoginLimits::default().per_ip_per_minute)]
     pub login_per_ip_per_minute: u32,
+    /// Workflow workers in this process.
+    #[arg(long, env = "SKYGATE_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub workers: u64,
+    /// Seconds a claimed task is held without renewal; a crashed control plane's tasks are
+    /// taken over after this.
+    #[arg(long, env = "SKYGATE_TASK_LEASE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub task_lease_secs: u64,
+    /// Seconds a machine may wait for capacity before it fails.
+    #[arg(long, env = "SKYGATE_PLACEMENT_TIMEOUT_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub placement_timeout_secs: u64,
+    /// Seconds any other transitional status may last before the machine fails.
+    #[arg(long, env = "SKYGATE_TRANSITION_TIMEOUT_SECS", default_value_t = 900, value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub transition_timeout_secs: u64,
+    /// Seconds between agent heartbeats (told to agents when they register).
+    #[arg(long, env = "SKYGATE_HEARTBEAT_INTERVAL_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub heartbeat_interval_secs: u64,
+    /// Seconds without a heartbeat after which a host is unreachable.
+    #[arg(long, env = "SKYGATE_HOST_UNREACHABLE_AFTER_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub host_unreachable_after_secs: u64,
+    /// Seconds a stop waits for the guest before the agent forces it off.
+    #[arg(long, env = "SKYGATE_STOP_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stop_timeout_secs: u64,
     /// Failed logins per account before it is paused for the rest of the window.
     #[arg(long, env = "SKYGATE_LOGIN_MAX_FAILURES", default_value_t = LoginLimits::default().max_failures)]
     pub login_max_failures: i64,
@@ -144,6 +168,24 @@ impl ServeArgs {
                 failure_window: chrono::Duration::seconds(self.login_failure_window_secs),
             },
         }
+    }
+
+    /// The agent link and workflows, when an agent token is configured.
+    pub fn provisioning(&self) -> Option<ProvisioningConfig> {
+        let token = self.agent_token.clone().filter(|t| !t.is_empty())?;
+        Some(ProvisioningConfig {
+            grpc_addr: self.grpc_addr,
+            agent_token: token,
+            workflows: WorkflowSettings {
+                workers: usize::try_from(self.workers).unwrap_or(4),
+                lease: Duration::from_secs(self.task_lease_secs),
+                placement_timeout: Duration::from_secs(self.placement_timeout_secs),
+                transition_timeout: Duration::from_secs(self.transition_timeout_secs),
+                heartbeat_interval: Duration::from_secs(self.heartbeat_interval_secs),
+                unreachable_after: Duration::from_secs(self.host_unreachable_after_secs),
+                stop_timeout: Duration::from_secs(self.stop_timeout_secs),
+            },
+        })
     }
 
     /// Gateway settings; an origin that is not a valid header value is an error.

@@ -1,6 +1,7 @@
 //! SkyGate control plane: the REST API (`api`), use-cases (`app`), pure domain rules
 //! (`model`) and the database (`store`). `main.rs` is a thin command-line shell around it.
 
+pub mod agents;
 pub mod api;
 pub mod app;
 pub mod config;
@@ -9,5 +10,6 @@ pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod store;
+pub mod workflows;
 
 pub use error::{Error, Result};

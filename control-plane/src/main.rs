@@ -38,8 +38,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.settings(),
         &args.http_settings()?,
         args.http_addr,
+        args.provisioning().as_ref(),
     )
     .await?;
+    match running.grpc_addr {
+        Some(grpc) => tracing::info!(%grpc, "agent registry listening; workflows running"),
+        None => tracing::warn!(
+            "no --agent-token (SKYGATE_AGENT_TOKEN): agents cannot register and machines stay pending"
+        ),
+    }
     tracing::info!(addr = %running.addr, backend = ?running.app.store.backend(), "control plane listening");
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -88,7 +95,7 @@ async fn admin_create(args: AdminCreateArgs) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Admin {
             command: AdminCommand::Create(args),
         } => admin_create(args).await,

@@ -1,15 +1,22 @@
 //! Start-up and shutdown: open the store, run migrations, load the secret, serve HTTP until
 //! a signal, with housekeeping in the background.
 
+use crate::agents::{AgentClients, RegistryService};
 use crate::api::{self, HttpSettings};
 use crate::app::{App, Settings};
 use crate::store::Store;
+use crate::workflows::worker::Workers;
+use crate::workflows::{monitor, WorkflowSettings};
 use anyhow::Context;
+use proto::bearer::{BearerAuth, BearerToken};
+use proto::controlplane::v1::agent_registry_server::AgentRegistryServer;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 /// Opens the database (creating the data dir for SQLite) and applies migrations.
 pub async fn open_store(url: &str, data_dir: &Path, max_connections: u32) -> anyhow::Result<Store> {
@@ -24,31 +31,92 @@ pub async fn open_store(url: &str, data_dir: &Path, max_connections: u32) -> any
     Ok(store)
 }
 
-/// A running HTTP server; dropping the handle does not stop it, `shutdown` does.
+/// How the control plane talks to agents: where it serves the registry, the shared token,
+/// and the workflows' timing.
+#[derive(Debug, Clone)]
+pub struct ProvisioningConfig {
+    pub grpc_addr: SocketAddr,
+    pub agent_token: String,
+    pub workflows: WorkflowSettings,
+}
+
+/// A running control plane; dropping the handle does not stop it, `shutdown` does.
 #[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where agents register (when provisioning is configured).
+    pub grpc_addr: Option<SocketAddr>,
     pub app: Arc<App>,
     shutdown: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish, and waits.
+    /// Stops accepting, lets in-flight requests finish, and waits. Workers stop where they
+    /// are: their tasks' leases run out and the next start takes them over.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
+        for b in &self.background {
+            b.abort();
+        }
         self.task.await.context("server task")??;
         Ok(())
     }
 }
 
-/// Binds `addr` and serves the API; housekeeping runs every few minutes beside it.
+/// Serves the agent registry and starts the workers and the host monitor.
+async fn start_provisioning(
+    store: &Store,
+    config: &ProvisioningConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, Vec<tokio::task::JoinHandle<()>>)> {
+    let token = BearerToken::new(&config.agent_token).context("--agent-token")?;
+    let listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding {}", config.grpc_addr))?;
+    let grpc_addr = listener.local_addr()?;
+    let registry = InterceptedService::new(
+        AgentRegistryServer::new(RegistryService::new(
+            store.clone(),
+            config.workflows.heartbeat_interval,
+        )),
+        BearerAuth::new(&config.agent_token),
+    );
+    let grpc = tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(registry)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop.changed().await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "agent registry stopped");
+        }
+    });
+    let workers = Arc::new(Workers::new(
+        store.clone(),
+        Arc::new(AgentClients::new(token)),
+        config.workflows.clone(),
+    ));
+    let mut handles = workers.spawn();
+    handles.push(grpc);
+    handles.push(tokio::spawn(monitor::run(
+        store.clone(),
+        config.workflows.clone(),
+    )));
+    Ok((grpc_addr, handles))
+}
+
+/// Binds `addr` and serves the API; housekeeping runs every few minutes beside it. With
+/// `provisioning`, also serves the agent registry and runs the workflows.
 pub async fn start(
     store: Store,
     secret: &[u8],
     settings: Settings,
     http: &HttpSettings,
     addr: SocketAddr,
+    provisioning: Option<&ProvisioningConfig>,
 ) -> anyhow::Result<Running> {
     // Install the metrics recorder before the first request records anything.
     crate::metrics::handle();
@@ -59,6 +127,13 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let router = api::router(app.clone(), http);
     let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let (grpc_addr, background) = match provisioning {
+        Some(config) => {
+            let (grpc, handles) = start_provisioning(&app.store, config, rx.clone()).await?;
+            (Some(grpc), handles)
+        }
+        None => (None, Vec::new()),
+    };
     let housekeeping = {
         let app = app.clone();
         let mut rx = rx.clone();
@@ -90,8 +165,10 @@ pub async fn start(
     });
     Ok(Running {
         addr,
+        grpc_addr,
         app,
         shutdown: tx,
         task,
+        background,
     })
 }

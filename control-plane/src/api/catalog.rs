@@ -1,9 +1,9 @@
-//! `/images`, `/ssh-keys` and `/hosts`: the catalogues around machines.
+//! `/images` and `/ssh-keys`: the catalogues around machines.
 
 use super::extract::{ApiJson, ApiPath, Caller};
 use super::params::{AddSshKeyParams, RegisterImageParams};
 use super::problem::Problem;
-use super::views::{HostList, HostView, ImageList, ImageView, SshKeyList, SshKeyView};
+use super::views::{ImageList, ImageView, SshKeyList, SshKeyView};
 use crate::app::images::RegisterImage;
 use crate::app::App;
 use crate::error::Result;
@@ -95,17 +95,4 @@ pub async fn ssh_key_delete(
 ) -> Result<StatusCode> {
     app.ssh_key_delete(who, id).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Hypervisor hosts (administrators).
-#[utoipa::path(get, path = "/hosts", tag = "hosts", security(("bearer" = [])),
-    responses((status = 200, body = HostList), (status = 401, body = Problem), (status = 403, body = Problem)))]
-pub async fn host_list(State(app): State<Arc<App>>, Caller(who): Caller) -> Result<Json<HostList>> {
-    let items: Vec<HostView> = app
-        .host_list(who)
-        .await?
-        .into_iter()
-        .map(Into::into)
-        .collect();
-    Ok(Json(HostList { items }))
 }

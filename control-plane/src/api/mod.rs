@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod extract;
 pub mod health;
+pub mod hosts;
 pub mod machines;
 pub mod params;
 pub mod problem;
@@ -117,7 +118,7 @@ impl Modify for BearerAuth {
         machines::reboot, machines::delete, machines::events, machines::console,
         catalog::image_list, catalog::image_register,
         catalog::ssh_key_list, catalog::ssh_key_add, catalog::ssh_key_delete,
-        catalog::host_list,
+        hosts::host_list, hosts::cordon, hosts::uncordon, hosts::delete,
     ),
     components(schemas(problem::Problem)),
     modifiers(&BearerAuth),
@@ -178,7 +179,10 @@ fn api_routes() -> Router<Arc<App>> {
             get(catalog::ssh_key_list).post(catalog::ssh_key_add),
         )
         .route("/ssh-keys/{id}", del(catalog::ssh_key_delete))
-        .route("/hosts", get(catalog::host_list))
+        .route("/hosts", get(hosts::host_list))
+        .route("/hosts/{id}", del(hosts::delete))
+        .route("/hosts/{id}/cordon", post(hosts::cordon))
+        .route("/hosts/{id}/uncordon", post(hosts::uncordon))
         .route("/openapi.json", get(serve_openapi))
 }
 

@@ -200,29 +200,55 @@ pub struct CapacityView {
 pub struct HostView {
     pub id: String,
     pub name: String,
+    /// Where the control plane reaches the host's agent.
     pub address: String,
-    /// `ready`, `cordoned` or `unreachable`.
+    /// `unreachable` (no heartbeat lately), else `cordoned` (takes no new machines), else
+    /// `ready`.
     pub state: String,
+    pub cordoned: bool,
     /// `kvm` or `qemu`.
     pub hypervisor: String,
+    /// What the host offers (after its agent's overcommit ratios).
     pub capacity: CapacityView,
+    /// What its live machines are sized for.
+    pub allocated: CapacityView,
+    /// Live machines placed on it.
+    pub machines: i64,
+    pub agent_version: String,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
 }
 
+impl From<crate::model::scheduler::Resources> for CapacityView {
+    fn from(r: crate::model::scheduler::Resources) -> Self {
+        Self {
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+            disk_gib: r.disk_gib,
+        }
+    }
+}
+
 impl From<HostRecord> for HostView {
     fn from(h: HostRecord) -> Self {
+        let state = if h.state != "ready" {
+            h.state.clone()
+        } else if h.cordoned {
+            "cordoned".to_owned()
+        } else {
+            "ready".to_owned()
+        };
         Self {
             id: h.id,
             name: h.name,
             address: h.grpc_address,
-            state: h.state,
+            state,
+            cordoned: h.cordoned,
             hypervisor: h.hypervisor,
-            capacity: CapacityView {
-                vcpus: h.vcpus,
-                memory_mib: h.memory_mib,
-                disk_gib: h.disk_gib,
-            },
+            capacity: h.capacity.into(),
+            allocated: h.allocated.into(),
+            machines: h.machines,
+            agent_version: h.agent_version,
             last_heartbeat_at: h.last_heartbeat_at,
             created_at: h.created_at,
         }

@@ -4,6 +4,7 @@ pub mod hostname;
 pub mod ids;
 pub mod machine_state;
 pub mod quota;
+pub mod scheduler;
 pub mod ssh_key;
 
 pub use hostname::Hostname;

@@ -1,52 +1,299 @@
-//! Hypervisor hosts: the `hosts` table. Agents register here once provisioning exists; until
-//! then the table is read, and empty.
+//! Hypervisor hosts: the `hosts` table. Agents register (keyed by name, so a restarted agent
+//! keeps its identity and machines) and heartbeat; a host that stops heartbeating becomes
+//! `unreachable`. What a host has allocated is not stored: it is the sum of the live machines
+//! placed on it, computed in the same transaction that places the next one.
 
-use super::{from_micros, Store};
-use crate::error::Result;
+use super::{from_micros, to_micros, Backend, Store};
+use crate::error::{Error, Result};
+use crate::model::scheduler::{HostCandidate, Resources};
 use chrono::{DateTime, Utc};
-use sqlx::Row;
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
 
-/// A registered host as stored.
+/// A registered host as stored, with what its live machines are sized for.
 #[derive(Debug, Clone)]
 pub struct HostRecord {
     pub id: String,
     pub name: String,
     pub grpc_address: String,
+    /// `ready` or `unreachable` (reachability only; see `cordoned`).
     pub state: String,
+    pub cordoned: bool,
     pub hypervisor: String,
-    pub vcpus: i64,
-    pub memory_mib: i64,
-    pub disk_gib: i64,
+    pub agent_version: String,
+    pub domain_prefix: String,
+    pub capacity: Resources,
+    pub allocated: Resources,
+    pub machines: i64,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+}
+
+/// What an agent says about itself when it registers.
+#[derive(Debug, Clone)]
+pub struct HostRegistration {
+    pub name: String,
+    pub grpc_address: String,
+    pub hypervisor: String,
+    pub agent_version: String,
+    pub domain_prefix: String,
+    pub capacity: Resources,
+}
+
+/// Machines that hold a host's capacity: placed and not deleted.
+const ALLOCATIONS: &str = "SELECT host_id, COUNT(*) AS machines, \
+    CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
+    CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib, \
+    CAST(COALESCE(SUM(disk_gib), 0) AS BIGINT) AS disk_gib \
+    FROM vms WHERE host_id IS NOT NULL AND deleted_at IS NULL GROUP BY host_id";
+
+const SELECT: &str = "SELECT h.id, h.name, h.grpc_address, h.state, h.cordoned, h.hypervisor, \
+    h.agent_version, h.domain_prefix, h.vcpus, h.memory_mib, h.disk_gib, h.last_heartbeat_at, \
+    h.created_at, COALESCE(a.machines, 0) AS machines, COALESCE(a.vcpus, 0) AS used_vcpus, \
+    COALESCE(a.memory_mib, 0) AS used_memory_mib, COALESCE(a.disk_gib, 0) AS used_disk_gib \
+    FROM hosts h LEFT JOIN (";
+
+fn select_sql(tail: &str) -> String {
+    format!("{SELECT}{ALLOCATIONS}) a ON a.host_id = h.id {tail}")
+}
+
+fn from_row(r: &AnyRow) -> Result<HostRecord> {
+    Ok(HostRecord {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        grpc_address: r.try_get("grpc_address")?,
+        state: r.try_get("state")?,
+        cordoned: r.try_get::<i64, _>("cordoned")? != 0,
+        hypervisor: r.try_get("hypervisor")?,
+        agent_version: r.try_get("agent_version")?,
+        domain_prefix: r.try_get("domain_prefix")?,
+        capacity: Resources {
+            vcpus: r.try_get("vcpus")?,
+            memory_mib: r.try_get("memory_mib")?,
+            disk_gib: r.try_get("disk_gib")?,
+        },
+        allocated: Resources {
+            vcpus: r.try_get("used_vcpus")?,
+            memory_mib: r.try_get("used_memory_mib")?,
+            disk_gib: r.try_get("used_disk_gib")?,
+        },
+        machines: r.try_get("machines")?,
+        last_heartbeat_at: r
+            .try_get::<Option<i64>, _>("last_heartbeat_at")?
+            .map(from_micros),
+        created_at: from_micros(r.try_get("created_at")?),
+    })
+}
+
+impl HostRecord {
+    /// The scheduler's view of this host.
+    pub fn candidate(&self) -> HostCandidate {
+        HostCandidate {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            reachable: self.state == "ready",
+            cordoned: self.cordoned,
+            capacity: self.capacity,
+            allocated: self.allocated,
+        }
+    }
+}
+
+/// Every host with its allocation, inside a placement transaction. On PostgreSQL the host rows
+/// are locked first, so two control-plane replicas placing at once take turns and never both
+/// spend the same free capacity; SQLite's single writer already serialises them.
+pub(crate) async fn hosts_for_placement(
+    tx: &mut Transaction<'static, Any>,
+    backend: Backend,
+) -> Result<Vec<HostRecord>> {
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT id FROM hosts ORDER BY id FOR UPDATE")
+            .fetch_all(&mut **tx)
+            .await?;
+    }
+    let rows = sqlx::query(&select_sql("ORDER BY h.name"))
+        .fetch_all(&mut **tx)
+        .await?;
+    rows.iter().map(from_row).collect()
 }
 
 impl Store {
     /// Every host, by name.
     pub async fn host_list(&self) -> Result<Vec<HostRecord>> {
-        let rows = sqlx::query(
-            "SELECT id, name, grpc_address, state, hypervisor, vcpus, memory_mib, disk_gib, \
-             last_heartbeat_at, created_at FROM hosts ORDER BY name",
+        let rows = sqlx::query(&select_sql("ORDER BY h.name"))
+            .fetch_all(self.reader())
+            .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// One host.
+    pub async fn host_get(&self, id: &str) -> Result<Option<HostRecord>> {
+        let row = sqlx::query(&select_sql("WHERE h.id = $1"))
+            .bind(id)
+            .fetch_optional(self.reader())
+            .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Registers a host or, when one with this name exists, updates it (address, capacity,
+    /// versions) and marks it ready; its id, cordon and machines are kept.
+    pub async fn host_register(&self, reg: &HostRegistration) -> Result<String> {
+        let now = to_micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let existing: Option<String> = sqlx::query("SELECT id FROM hosts WHERE name = $1")
+            .bind(&reg.name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get("id"))
+            .transpose()?;
+        let id = match existing {
+            Some(id) => {
+                sqlx::query(
+                    "UPDATE hosts SET grpc_address = $1, hypervisor = $2, agent_version = $3, \
+                     domain_prefix = $4, vcpus = $5, memory_mib = $6, disk_gib = $7, \
+                     state = 'ready', last_heartbeat_at = $8, updated_at = $8 WHERE id = $9",
+                )
+                .bind(&reg.grpc_address)
+                .bind(&reg.hypervisor)
+                .bind(&reg.agent_version)
+                .bind(&reg.domain_prefix)
+                .bind(reg.capacity.vcpus)
+                .bind(reg.capacity.memory_mib)
+                .bind(reg.capacity.disk_gib)
+                .bind(now)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+                id
+            }
+            None => {
+                let id = uuid::Uuid::now_v7().to_string();
+                sqlx::query(
+                    "INSERT INTO hosts (id, name, grpc_address, state, hypervisor, vcpus, \
+                     memory_mib, disk_gib, last_heartbeat_at, created_at, agent_version, \
+                     domain_prefix, updated_at, cordoned) \
+                     VALUES ($1, $2, $3, 'ready', $4, $5, $6, $7, $8, $8, $9, $10, $8, 0)",
+                )
+                .bind(&id)
+                .bind(&reg.name)
+                .bind(&reg.grpc_address)
+                .bind(&reg.hypervisor)
+                .bind(reg.capacity.vcpus)
+                .bind(reg.capacity.memory_mib)
+                .bind(reg.capacity.disk_gib)
+                .bind(now)
+                .bind(&reg.agent_version)
+                .bind(&reg.domain_prefix)
+                .execute(&mut *tx)
+                .await?;
+                id
+            }
+        };
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Records a heartbeat (and the capacity it reports); the host is ready again. Returns
+    /// `(found, was_unreachable)`.
+    pub async fn host_heartbeat(&self, id: &str, capacity: Resources) -> Result<(bool, bool)> {
+        let now = to_micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let state: Option<String> = sqlx::query("SELECT state FROM hosts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get("state"))
+            .transpose()?;
+        let Some(state) = state else {
+            return Ok((false, false));
+        };
+        sqlx::query(
+            "UPDATE hosts SET state = 'ready', last_heartbeat_at = $1, updated_at = $1, \
+             vcpus = $2, memory_mib = $3, disk_gib = $4 WHERE id = $5",
         )
-        .fetch_all(self.reader())
+        .bind(now)
+        .bind(capacity.vcpus)
+        .bind(capacity.memory_mib)
+        .bind(capacity.disk_gib)
+        .bind(id)
+        .execute(&mut *tx)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(HostRecord {
-                    id: r.try_get("id")?,
-                    name: r.try_get("name")?,
-                    grpc_address: r.try_get("grpc_address")?,
-                    state: r.try_get("state")?,
-                    hypervisor: r.try_get("hypervisor")?,
-                    vcpus: r.try_get("vcpus")?,
-                    memory_mib: r.try_get("memory_mib")?,
-                    disk_gib: r.try_get("disk_gib")?,
-                    last_heartbeat_at: r
-                        .try_get::<Option<i64>, _>("last_heartbeat_at")?
-                        .map(from_micros),
-                    created_at: from_micros(r.try_get("created_at")?),
-                })
-            })
-            .collect()
+        tx.commit().await?;
+        Ok((true, state == "unreachable"))
+    }
+
+    /// Marks ready hosts whose last heartbeat is older than `before` unreachable; returns
+    /// their ids and names.
+    pub async fn host_mark_unreachable(
+        &self,
+        before: DateTime<Utc>,
+    ) -> Result<Vec<(String, String)>> {
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(
+            "SELECT id, name FROM hosts WHERE state = 'ready' \
+             AND (last_heartbeat_at IS NULL OR last_heartbeat_at < $1)",
+        )
+        .bind(to_micros(before))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut names = Vec::new();
+        for r in &rows {
+            let id: String = r.try_get("id")?;
+            sqlx::query(
+                "UPDATE hosts SET state = 'unreachable', updated_at = $1 \
+                 WHERE id = $2 AND state = 'ready'",
+            )
+            .bind(to_micros(Utc::now()))
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            names.push((id, r.try_get("name")?));
+        }
+        tx.commit().await?;
+        Ok(names)
+    }
+
+    /// Cordons (no new machines) or uncordons a host.
+    pub async fn host_set_cordoned(&self, id: &str, cordoned: bool) -> Result<HostRecord> {
+        let res = sqlx::query("UPDATE hosts SET cordoned = $1, updated_at = $2 WHERE id = $3")
+            .bind(i64::from(cordoned))
+            .bind(to_micros(Utc::now()))
+            .bind(id)
+            .execute(&self.write)
+            .await?;
+        if res.rows_affected() == 0 {
+            return Err(Error::NotFound("host"));
+        }
+        self.host_get(id).await?.ok_or(Error::NotFound("host"))
+    }
+
+    /// Forgets a host, refused while live machines are placed on it. Deleted machines keep
+    /// their history; their host reference is cleared.
+    pub async fn host_delete(&self, id: &str) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let live: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM vms WHERE host_id = $1 AND deleted_at IS NULL")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
+        if live > 0 {
+            return Err(Error::Conflict(format!(
+                "{live} machine(s) still live on this host: delete or move them first"
+            )));
+        }
+        sqlx::query("UPDATE vms SET host_id = NULL WHERE host_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let res = sqlx::query("DELETE FROM hosts WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if res.rows_affected() == 0 {
+            return Err(Error::NotFound("host"));
+        }
+        tx.commit().await?;
+        Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! written together with its event row in one transaction.
 
 use super::idempotency::{complete_in_txn, ClaimedKey, StoredResponse};
+use super::tasks::{enqueue_in_txn, TaskKind};
 use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
 use crate::error::{Error, Result};
 use crate::model::machine_state::{self, Action};
@@ -113,7 +114,7 @@ fn from_row(row: &AnyRow) -> Result<MachineRecord> {
     })
 }
 
-async fn event_in_txn(
+pub(crate) async fn event_in_txn(
     tx: &mut Transaction<'static, Any>,
     id: MachineId,
     action: &str,
@@ -202,8 +203,9 @@ impl Store {
             .map_err(|e| Error::Internal(format!("ssh keys to JSON: {e}")))?;
         let res = sqlx::query(
             "INSERT INTO vms (id, owner_id, hostname, status, desired_state, image_id, vcpus, \
-             memory_mib, disk_gib, ssh_keys, user_data, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
+             memory_mib, disk_gib, ssh_keys, user_data, created_at, updated_at, \
+             status_changed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $12)",
         )
         .bind(id.to_string())
         .bind(&owner)
@@ -238,6 +240,7 @@ impl Store {
             now,
         )
         .await?;
+        enqueue_in_txn(&mut tx, id, TaskKind::Provision, now).await?;
         let sql = format!("{SELECT} WHERE v.id = $1");
         let created = from_row(
             &sqlx::query(&sql)
@@ -348,6 +351,7 @@ impl Store {
             .map_err(|e| Error::Conflict(e.to_string()))?;
         let swapped = sqlx::query(
             "UPDATE vms SET status = $1, desired_state = $2, updated_at = $3, \
+             status_changed_at = CASE WHEN status = $1 THEN status_changed_at ELSE $3 END, \
              generation = generation + 1 \
              WHERE id = $4 AND generation = $5 AND deleted_at IS NULL",
         )
@@ -365,6 +369,18 @@ impl Store {
         }
         let message = format!("{action} requested");
         event_in_txn(&mut tx, id, action.as_str(), t.status, &message, now).await?;
+        // The workflow that carries the request out, unless the machine was never built (a
+        // start or stop of a pending machine only changes what its provisioning will build).
+        let task = match (action, t.status) {
+            (Action::Start, MachineStatus::Starting) => Some(TaskKind::Start),
+            (Action::Stop, MachineStatus::Stopping) => Some(TaskKind::Stop),
+            (Action::Reboot, MachineStatus::Rebooting) => Some(TaskKind::Reboot),
+            (Action::Delete, _) if placed => Some(TaskKind::Delete),
+            _ => None,
+        };
+        if let Some(kind) = task {
+            enqueue_in_txn(&mut tx, id, kind, now).await?;
+        }
         let sql = format!("{SELECT} WHERE v.id = $1");
         let requested = sqlx::query(&sql)
             .bind(id.to_string())
@@ -374,7 +390,7 @@ impl Store {
         if action == Action::Delete && !placed {
             sqlx::query(
                 "UPDATE vms SET status = $1, deleted_at = $2, updated_at = $2, \
-                 generation = generation + 1 WHERE id = $3",
+                 status_changed_at = $2, generation = generation + 1 WHERE id = $3",
             )
             .bind(MachineStatus::Deleted.as_str())
             .bind(now)
@@ -414,7 +430,7 @@ impl Store {
         let now = to_micros(Utc::now());
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
-            "UPDATE vms SET status = $1, updated_at = $2, \
+            "UPDATE vms SET status = $1, updated_at = $2, status_changed_at = $2, \
              deleted_at = CASE WHEN $1 = 'deleted' THEN $2 ELSE deleted_at END \
              WHERE id = $3 AND status = $4 AND deleted_at IS NULL",
         )

@@ -11,8 +11,10 @@ pub mod hosts;
 pub mod idempotency;
 pub mod images;
 pub mod machines;
+pub mod provisioning;
 pub mod sessions;
 pub mod ssh_keys;
+pub mod tasks;
 pub mod users;
 
 use crate::error::{Error, Result};

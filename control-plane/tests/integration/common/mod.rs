@@ -150,6 +150,7 @@ impl TestApp {
             settings,
             &http,
             "127.0.0.1:0".parse().unwrap(),
+            None,
         )
         .await
         .unwrap();

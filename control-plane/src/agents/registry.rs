@@ -1,0 +1,144 @@
+//! `skygate.controlplane.v1.AgentRegistry`: agents register (name, address, capacity) and
+//! heartbeat. Validation here keeps garbage out of the hosts table; the store does the rest.
+
+use crate::model::scheduler::Resources;
+use crate::store::hosts::HostRegistration;
+use crate::store::Store;
+use proto::agent::v1 as agent_pb;
+use proto::controlplane::v1 as pb;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct RegistryService {
+    store: Store,
+    heartbeat_interval: Duration,
+}
+
+impl RegistryService {
+    pub fn new(store: Store, heartbeat_interval: Duration) -> Self {
+        Self {
+            store,
+            heartbeat_interval,
+        }
+    }
+}
+
+fn internal(e: crate::Error) -> Status {
+    tracing::error!(error = ?e, "registry store call failed");
+    Status::internal("the control plane could not record this")
+}
+
+fn capacity(c: Option<agent_pb::Capacity>) -> Result<Resources, Status> {
+    let c = c.ok_or_else(|| Status::invalid_argument("capacity is required"))?;
+    let to_i64 = |v: u64, what: &str| {
+        i64::try_from(v)
+            .map_err(|_| Status::invalid_argument(format!("capacity {what} is too large")))
+    };
+    Ok(Resources {
+        vcpus: i64::from(c.vcpus),
+        memory_mib: to_i64(c.memory_mib, "memory_mib")?,
+        disk_gib: to_i64(c.disk_gib, "disk_gib")?,
+    })
+}
+
+/// A host name: 1-63 characters of `[A-Za-z0-9._-]`.
+fn valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// `host:port` with a port; a name or an IP address before it.
+fn valid_address(address: &str) -> bool {
+    address.len() <= 255
+        && address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        })
+        && !address.chars().any(|c| c.is_whitespace() || c == '/')
+}
+
+#[tonic::async_trait]
+impl pb::agent_registry_server::AgentRegistry for RegistryService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = request.into_inner();
+        if !valid_name(&r.name) {
+            return Err(Status::invalid_argument(
+                "name must be 1-63 characters of letters, digits, '.', '_' and '-'",
+            ));
+        }
+        if !valid_address(&r.address) {
+            return Err(Status::invalid_argument("address must be host:port"));
+        }
+        let hypervisor = match agent_pb::HypervisorKind::try_from(r.hypervisor) {
+            Ok(agent_pb::HypervisorKind::Kvm) => "kvm",
+            Ok(agent_pb::HypervisorKind::Qemu) => "qemu",
+            _ => return Err(Status::invalid_argument("hypervisor must be KVM or QEMU")),
+        };
+        let reg = HostRegistration {
+            name: r.name.clone(),
+            grpc_address: r.address,
+            hypervisor: hypervisor.into(),
+            agent_version: r.agent_version.chars().take(64).collect(),
+            domain_prefix: r.domain_prefix.chars().take(64).collect(),
+            capacity: capacity(r.capacity)?,
+        };
+        let host_id = self.store.host_register(&reg).await.map_err(internal)?;
+        tracing::info!(host = %r.name, %host_id, address = %reg.grpc_address, "agent registered");
+        Ok(Response::new(pb::RegisterResponse {
+            host_id,
+            heartbeat_interval_secs: u32::try_from(self.heartbeat_interval.as_secs())
+                .unwrap_or(u32::MAX)
+                .max(1),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let capacity = capacity(r.capacity)?;
+        let (found, was_unreachable) = self
+            .store
+            .host_heartbeat(&r.host_id, capacity)
+            .await
+            .map_err(internal)?;
+        if !found {
+            return Err(Status::not_found("no such host: register again"));
+        }
+        if was_unreachable {
+            tracing::info!(host_id = %r.host_id, "host is reachable again");
+            self.store
+                .machine_note_on_host(&r.host_id, "reconcile", "its host is reachable again")
+                .await
+                .map_err(internal)?;
+        }
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_addresses_are_checked() {
+        assert!(valid_name("host-1.example"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name(&"a".repeat(64)));
+        assert!(valid_address("127.0.0.1:9091"));
+        assert!(valid_address("agent.example:443"));
+        assert!(valid_address("[::1]:9091"));
+        assert!(!valid_address("127.0.0.1"));
+        assert!(!valid_address("127.0.0.1:0"));
+        assert!(!valid_address("http://x:1"));
+        assert!(!valid_address(":9091"));
+    }
+}

@@ -1,0 +1,66 @@
+//! `/hosts`: hypervisor hosts, for administrators. Hosts appear when their agent registers.
+
+use super::extract::{ApiPath, Caller};
+use super::problem::Problem;
+use super::views::{HostList, HostView};
+use crate::app::App;
+use crate::error::Result;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Hypervisor hosts with their capacity, allocation, state and last heartbeat.
+#[utoipa::path(get, path = "/hosts", tag = "hosts", security(("bearer" = [])),
+    responses((status = 200, body = HostList), (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn host_list(State(app): State<Arc<App>>, Caller(who): Caller) -> Result<Json<HostList>> {
+    let items: Vec<HostView> = app
+        .host_list(who)
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    Ok(Json(HostList { items }))
+}
+
+/// Stop placing new machines on a host; those already there stay.
+#[utoipa::path(post, path = "/hosts/{id}/cordon", tag = "hosts", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, body = HostView), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn cordon(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<HostView>> {
+    Ok(Json(app.host_set_cordoned(who, id, true).await?.into()))
+}
+
+/// Let the scheduler place machines on a host again.
+#[utoipa::path(post, path = "/hosts/{id}/uncordon", tag = "hosts", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, body = HostView), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn uncordon(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<HostView>> {
+    Ok(Json(app.host_set_cordoned(who, id, false).await?.into()))
+}
+
+/// Forget a host; refused (409) while live machines are placed on it. A host whose agent is
+/// still running registers again at its next heartbeat.
+#[utoipa::path(delete, path = "/hosts/{id}", tag = "hosts", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 204), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode> {
+    app.host_delete(who, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,261 @@
+//! Placement: a pure function from a machine's size and the hosts' capacities and allocations
+//! to a host, or the reasons no host fits. Filters first (reachable, not cordoned, fits vCPU,
+//! memory and disk), then a spreading weigher: the host left with the most headroom on its
+//! tightest resource wins, so machines spread out instead of packing the first host.
+
+use std::fmt;
+
+/// vCPU, memory and disk of a machine, or of what a host offers or has allocated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+}
+
+impl Resources {
+    fn minus(self, other: Resources) -> Resources {
+        Resources {
+            vcpus: self.vcpus - other.vcpus,
+            memory_mib: self.memory_mib - other.memory_mib,
+            disk_gib: self.disk_gib - other.disk_gib,
+        }
+    }
+}
+
+/// A host as the scheduler sees it. `capacity` already includes overcommit (the agent
+/// advertises it so).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCandidate {
+    pub id: String,
+    pub name: String,
+    pub reachable: bool,
+    pub cordoned: bool,
+    pub capacity: Resources,
+    pub allocated: Resources,
+}
+
+/// Why one host was passed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Unreachable,
+    Cordoned,
+    NotEnoughVcpus,
+    NotEnoughMemory,
+    NotEnoughDisk,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Rejection::Unreachable => "unreachable",
+            Rejection::Cordoned => "cordoned",
+            Rejection::NotEnoughVcpus => "not enough free vCPUs",
+            Rejection::NotEnoughMemory => "not enough free memory",
+            Rejection::NotEnoughDisk => "not enough free disk",
+        })
+    }
+}
+
+/// The chosen host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementDecision {
+    pub host_id: String,
+    pub host_name: String,
+}
+
+/// No host fits; says why, host by host, for the machine's event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoPlacement {
+    pub rejections: Vec<(String, Rejection)>,
+}
+
+impl fmt::Display for NoPlacement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.rejections.is_empty() {
+            return f.write_str("no hosts are registered");
+        }
+        f.write_str("no host has room: ")?;
+        for (i, (host, why)) in self.rejections.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{host}: {why}")?;
+        }
+        Ok(())
+    }
+}
+
+fn reject(host: &HostCandidate, need: Resources) -> Option<Rejection> {
+    let free = host.capacity.minus(host.allocated);
+    if !host.reachable {
+        Some(Rejection::Unreachable)
+    } else if host.cordoned {
+        Some(Rejection::Cordoned)
+    } else if free.vcpus < need.vcpus {
+        Some(Rejection::NotEnoughVcpus)
+    } else if free.memory_mib < need.memory_mib {
+        Some(Rejection::NotEnoughMemory)
+    } else if free.disk_gib < need.disk_gib {
+        Some(Rejection::NotEnoughDisk)
+    } else {
+        None
+    }
+}
+
+/// The fraction of the tightest resource left free after placing `need`, in parts per
+/// million (integers keep the choice exact and deterministic).
+fn headroom_ppm(host: &HostCandidate, need: Resources) -> i64 {
+    let left = host.capacity.minus(host.allocated).minus(need);
+    let ppm = |left: i64, cap: i64| {
+        if cap <= 0 {
+            0
+        } else {
+            left.saturating_mul(1_000_000) / cap
+        }
+    };
+    ppm(left.vcpus, host.capacity.vcpus)
+        .min(ppm(left.memory_mib, host.capacity.memory_mib))
+        .min(ppm(left.disk_gib, host.capacity.disk_gib))
+}
+
+/// Places a machine of size `need` on one of `hosts`. Ties go to the host whose name sorts
+/// first, so the same inputs always give the same answer.
+pub fn place(need: Resources, hosts: &[HostCandidate]) -> Result<PlacementDecision, NoPlacement> {
+    let mut rejections = Vec::new();
+    let mut best: Option<(&HostCandidate, i64)> = None;
+    for host in hosts {
+        if let Some(why) = reject(host, need) {
+            rejections.push((host.name.clone(), why));
+            continue;
+        }
+        let score = headroom_ppm(host, need);
+        let better = match best {
+            None => true,
+            Some((b, s)) => score > s || (score == s && host.name < b.name),
+        };
+        if better {
+            best = Some((host, score));
+        }
+    }
+    match best {
+        Some((h, _)) => Ok(PlacementDecision {
+            host_id: h.id.clone(),
+            host_name: h.name.clone(),
+        }),
+        None => {
+            rejections.sort_by(|a, b| a.0.cmp(&b.0));
+            Err(NoPlacement { rejections })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn res(vcpus: i64, memory_mib: i64, disk_gib: i64) -> Resources {
+        Resources {
+            vcpus,
+            memory_mib,
+            disk_gib,
+        }
+    }
+
+    fn host(name: &str, cap: Resources, used: Resources) -> HostCandidate {
+        HostCandidate {
+            id: format!("id-{name}"),
+            name: name.into(),
+            reachable: true,
+            cordoned: false,
+            capacity: cap,
+            allocated: used,
+        }
+    }
+
+    #[test]
+    fn spreads_to_the_host_with_most_headroom() {
+        let hosts = [
+            host("a", res(4, 1024, 10), res(2, 512, 2)),
+            host("b", res(4, 1024, 10), res(0, 0, 0)),
+            host("c", res(8, 512, 10), res(0, 0, 0)),
+        ];
+        // b keeps 3/4 of vCPUs and memory; c keeps only half its memory.
+        assert_eq!(place(res(1, 256, 1), &hosts).unwrap().host_name, "b");
+    }
+
+    #[test]
+    fn filters_say_why_each_host_was_passed_over() {
+        let mut down = host("a", res(8, 8192, 100), res(0, 0, 0));
+        down.reachable = false;
+        let mut cordoned = host("b", res(8, 8192, 100), res(0, 0, 0));
+        cordoned.cordoned = true;
+        let hosts = [
+            down,
+            cordoned,
+            host("c", res(1, 8192, 100), res(1, 0, 0)),
+            host("d", res(8, 256, 100), res(0, 0, 0)),
+            host("e", res(8, 8192, 1), res(0, 0, 0)),
+        ];
+        let err = place(res(1, 512, 2), &hosts).unwrap_err();
+        assert_eq!(
+            err.rejections,
+            vec![
+                ("a".into(), Rejection::Unreachable),
+                ("b".into(), Rejection::Cordoned),
+                ("c".into(), Rejection::NotEnoughVcpus),
+                ("d".into(), Rejection::NotEnoughMemory),
+                ("e".into(), Rejection::NotEnoughDisk),
+            ]
+        );
+        assert!(err.to_string().contains("c: not enough free vCPUs"));
+        assert_eq!(
+            place(res(1, 1, 1), &[]).unwrap_err().to_string(),
+            "no hosts are registered"
+        );
+    }
+
+    #[test]
+    fn an_exact_fit_is_a_fit_and_ties_go_by_name() {
+        let hosts = [
+            host("z", res(2, 512, 2), res(1, 256, 1)),
+            host("y", res(2, 512, 2), res(1, 256, 1)),
+        ];
+        assert_eq!(place(res(1, 256, 1), &hosts).unwrap().host_name, "y");
+    }
+
+    proptest! {
+        /// Whatever the inputs, a placement never oversubscribes the chosen host and never
+        /// picks a host that a filter rejects.
+        #[test]
+        fn never_oversubscribes(
+            need in (1i64..8, 1i64..4096, 1i64..50),
+            hosts in proptest::collection::vec(
+                ((1i64..16, 1i64..16384, 1i64..200), (0i64..16, 0i64..16384, 0i64..200), any::<bool>(), any::<bool>()),
+                0..6,
+            ),
+        ) {
+            let need = res(need.0, need.1, need.2);
+            let hosts: Vec<HostCandidate> = hosts
+                .into_iter()
+                .enumerate()
+                .map(|(i, (cap, used, reachable, cordoned))| HostCandidate {
+                    reachable,
+                    cordoned,
+                    ..host(&format!("h{i}"), res(cap.0, cap.1, cap.2), res(used.0, used.1, used.2))
+                })
+                .collect();
+            match place(need, &hosts) {
+                Ok(d) => {
+                    let h = hosts.iter().find(|h| h.id == d.host_id).unwrap();
+                    prop_assert!(h.reachable && !h.cordoned);
+                    prop_assert!(h.allocated.vcpus + need.vcpus <= h.capacity.vcpus);
+                    prop_assert!(h.allocated.memory_mib + need.memory_mib <= h.capacity.memory_mib);
+                    prop_assert!(h.allocated.disk_gib + need.disk_gib <= h.capacity.disk_gib);
+                }
+                Err(e) => prop_assert_eq!(e.rejections.len(), hosts.len()),
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! What the workers and the reconciler write: placement (with the capacity reservation in the
+//! same transaction), settled outcomes from agents, failures and notes. Every status change is
+//! a compare-and-swap on the status the writer expected, with its event, in one transaction.
+
+use super::hosts::hosts_for_placement;
+use super::machines::event_in_txn;
+use super::{from_micros, parse_col, to_micros, Store};
+use crate::error::{Error, Result};
+use crate::model::scheduler::{self, NoPlacement, Resources};
+use crate::model::{DesiredState, MachineId, MachineStatus};
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+
+/// Everything a worker needs to act on one machine.
+#[derive(Debug, Clone)]
+pub struct TaskMachine {
+    pub id: MachineId,
+    pub status: MachineStatus,
+    pub desired: DesiredState,
+    pub generation: i64,
+    pub status_changed_at: DateTime<Utc>,
+    pub hostname: String,
+    pub size: Resources,
+    pub ssh_keys: Vec<String>,
+    pub user_data: Option<String>,
+    pub host: Option<TaskHost>,
+    pub image: TaskImage,
+}
+
+/// The host a machine is placed on.
+#[derive(Debug, Clone)]
+pub struct TaskHost {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub reachable: bool,
+}
+
+/// The machine's image as registered.
+#[derive(Debug, Clone)]
+pub struct TaskImage {
+    pub name: String,
+    pub source: String,
+    pub format: String,
+    pub sha256: Option<String>,
+    pub boot: Option<serde_json::Value>,
+}
+
+/// What placement did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Placed now (or earlier) on this host.
+    Placed { host_name: String },
+    /// Nothing fits; the machine stays pending.
+    NoRoom(NoPlacement),
+    /// The machine is no longer pending (deleted, failed, placed by someone else...).
+    NotPending,
+}
+
+impl Store {
+    /// The machine a task acts on, deleted ones included (a late task must see that).
+    pub async fn machine_for_task(&self, id: MachineId) -> Result<Option<TaskMachine>> {
+        let row = sqlx::query(
+            "SELECT v.id, v.status, v.desired_state, v.generation, v.status_changed_at, \
+             v.hostname, v.vcpus, v.memory_mib, v.disk_gib, v.ssh_keys, v.user_data, \
+             h.id AS host_id, h.name AS host_name, h.grpc_address, h.state AS host_state, \
+             i.name AS image_name, i.source, i.format, i.sha256, i.boot \
+             FROM vms v JOIN images i ON i.id = v.image_id LEFT JOIN hosts h ON h.id = v.host_id \
+             WHERE v.id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(self.reader())
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let json = |col: &str, text: Option<String>| -> Result<Option<serde_json::Value>> {
+            text.map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|e| Error::Internal(format!("bad JSON in {col}: {e}")))
+        };
+        let host = match r.try_get::<Option<String>, _>("host_id")? {
+            Some(id) => Some(TaskHost {
+                id,
+                name: r.try_get("host_name")?,
+                address: r.try_get("grpc_address")?,
+                reachable: r.try_get::<String, _>("host_state")? == "ready",
+            }),
+            None => None,
+        };
+        let keys = json("vms.ssh_keys", r.try_get("ssh_keys")?)?;
+        Ok(Some(TaskMachine {
+            id,
+            status: parse_col(&r.try_get::<String, _>("status")?, "vms.status")?,
+            desired: parse_col(
+                &r.try_get::<String, _>("desired_state")?,
+                "vms.desired_state",
+            )?,
+            generation: r.try_get("generation")?,
+            status_changed_at: from_micros(r.try_get("status_changed_at")?),
+            hostname: r.try_get("hostname")?,
+            size: Resources {
+                vcpus: r.try_get("vcpus")?,
+                memory_mib: r.try_get("memory_mib")?,
+                disk_gib: r.try_get("disk_gib")?,
+            },
+            ssh_keys: keys
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| Error::Internal(format!("bad vms.ssh_keys: {e}")))?
+                .unwrap_or_default(),
+            user_data: r.try_get("user_data")?,
+            host,
+            image: TaskImage {
+                name: r.try_get("image_name")?,
+                source: r.try_get("source")?,
+                format: r.try_get("format")?,
+                sha256: r.try_get("sha256")?,
+                boot: json("images.boot", r.try_get("boot")?)?,
+            },
+        }))
+    }
+
+    /// Places a pending machine: runs the scheduler over every host's capacity and live
+    /// allocations and, when a host fits, records the host and `provisioning` in the same
+    /// transaction (the reservation). Hosts are locked for the transaction on PostgreSQL.
+    pub async fn machine_place(&self, id: MachineId) -> Result<Placement> {
+        let now = to_micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "SELECT status, host_id, vcpus, memory_mib, disk_gib FROM vms \
+             WHERE id = $1 AND deleted_at IS NULL",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Placement::NotPending);
+        };
+        let status: MachineStatus = parse_col(&row.try_get::<String, _>("status")?, "status")?;
+        if status != MachineStatus::Pending
+            || row.try_get::<Option<String>, _>("host_id")?.is_some()
+        {
+            return Ok(Placement::NotPending);
+        }
+        let need = Resources {
+            vcpus: row.try_get("vcpus")?,
+            memory_mib: row.try_get("memory_mib")?,
+            disk_gib: row.try_get("disk_gib")?,
+        };
+        let hosts = hosts_for_placement(&mut tx, self.backend()).await?;
+        let candidates: Vec<_> = hosts.iter().map(|h| h.candidate()).collect();
+        let decision = match scheduler::place(need, &candidates) {
+            Ok(d) => d,
+            Err(no) => return Ok(Placement::NoRoom(no)),
+        };
+        sqlx::query(
+            "UPDATE vms SET host_id = $1, status = $2, status_changed_at = $3, updated_at = $3 \
+             WHERE id = $4 AND status = 'pending'",
+        )
+        .bind(&decision.host_id)
+        .bind(MachineStatus::Provisioning.as_str())
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        let message = format!("placed on host {}", decision.host_name);
+        event_in_txn(
+            &mut tx,
+            id,
+            "schedule",
+            MachineStatus::Provisioning,
+            &message,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Placement::Placed {
+            host_name: decision.host_name,
+        })
+    }
+
+    /// Records what an agent did: `from` → `to` (if the machine is still in `from`), with the
+    /// machine's network when given. Reaching `deleted` stamps `deleted_at`, which frees the
+    /// hostname and the host capacity. Returns whether it applied.
+    pub async fn machine_settle(
+        &self,
+        id: MachineId,
+        from: MachineStatus,
+        to: MachineStatus,
+        network: Option<&serde_json::Value>,
+        action: &str,
+        message: &str,
+    ) -> Result<bool> {
+        let now = to_micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let res = sqlx::query(
+            "UPDATE vms SET status = $1, status_changed_at = $2, updated_at = $2, \
+             network = COALESCE($3, network), failure_reason = NULL, \
+             deleted_at = CASE WHEN $1 = 'deleted' THEN $2 ELSE deleted_at END \
+             WHERE id = $4 AND status = $5 AND deleted_at IS NULL",
+        )
+        .bind(to.as_str())
+        .bind(now)
+        .bind(network.map(|n| n.to_string()))
+        .bind(id.to_string())
+        .bind(from.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if res.rows_affected() == 0 {
+            return Ok(false);
+        }
+        event_in_txn(&mut tx, id, action, to, message, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Marks a machine failed with a named reason (from any live status but `failed`).
+    pub async fn machine_fail(&self, id: MachineId, action: &str, reason: &str) -> Result<bool> {
+        let now = to_micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let res = sqlx::query(
+            "UPDATE vms SET status = 'failed', failure_reason = $1, status_changed_at = $2, \
+             updated_at = $2 WHERE id = $3 AND deleted_at IS NULL AND status <> 'failed'",
+        )
+        .bind(reason)
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if res.rows_affected() == 0 {
+            return Ok(false);
+        }
+        event_in_txn(&mut tx, id, action, MachineStatus::Failed, reason, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Writes an event without a status change, unless the machine's last event already says
+    /// exactly this (a worker retrying every few seconds must not flood the log).
+    pub async fn machine_note(&self, id: MachineId, action: &str, message: &str) -> Result<()> {
+        let now = to_micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query("SELECT status FROM vms WHERE id = $1 AND deleted_at IS NULL")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(()) };
+        let status: MachineStatus = parse_col(&row.try_get::<String, _>("status")?, "status")?;
+        let last: Option<String> =
+            sqlx::query("SELECT message FROM vm_events WHERE vm_id = $1 ORDER BY seq DESC LIMIT 1")
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get("message"))
+                .transpose()?;
+        if last.as_deref() != Some(message) {
+            event_in_txn(&mut tx, id, action, status, message, now).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Writes an event to every live machine on a host (it went away, it came back).
+    pub async fn machine_note_on_host(
+        &self,
+        host_id: &str,
+        action: &str,
+        message: &str,
+    ) -> Result<()> {
+        let rows = sqlx::query("SELECT id FROM vms WHERE host_id = $1 AND deleted_at IS NULL")
+            .bind(host_id)
+            .fetch_all(self.reader())
+            .await?;
+        for r in rows {
+            let id: MachineId = parse_col(&r.try_get::<String, _>("id")?, "vms.id")?;
+            self.machine_note(id, action, message).await?;
+        }
+        Ok(())
+    }
+}

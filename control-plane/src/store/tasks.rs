@@ -1,0 +1,200 @@
+//! The durable work queue: one `tasks` row per lifecycle action, written in the transaction
+//! that accepts the action. Workers claim a due task with a lease; a worker that dies simply
+//! lets its lease run out and another (or the restarted one) takes the task over. Every step
+//! a task performs is idempotent, so running a step twice is harmless.
+//!
+//! Claiming: PostgreSQL picks with `FOR UPDATE SKIP LOCKED`, so replicas never wait on each
+//! other's rows; SQLite has one writer, which serialises claims by itself. A task is not
+//! claimed while another task of the same machine holds a live lease: one action per machine
+//! at a time.
+
+use super::{from_micros, to_micros, Backend, Store};
+use crate::error::{Error, Result};
+use crate::model::MachineId;
+use chrono::{DateTime, Duration, Utc};
+use sqlx::{Any, Row, Transaction};
+use std::fmt;
+use std::str::FromStr;
+
+/// What a task does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskKind {
+    Provision,
+    Start,
+    Stop,
+    Reboot,
+    Delete,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Provision => "provision",
+            TaskKind::Start => "start",
+            TaskKind::Stop => "stop",
+            TaskKind::Reboot => "reboot",
+            TaskKind::Delete => "delete",
+        }
+    }
+}
+
+impl fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        [
+            TaskKind::Provision,
+            TaskKind::Start,
+            TaskKind::Stop,
+            TaskKind::Reboot,
+            TaskKind::Delete,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| Error::Internal(format!("unknown task kind {s:?}")))
+    }
+}
+
+/// A claimed task.
+#[derive(Debug, Clone)]
+pub struct TaskRecord {
+    pub id: String,
+    pub vm_id: MachineId,
+    pub kind: TaskKind,
+    /// Including this one.
+    pub attempts: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// How a task attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskOutcome {
+    /// Finished (including "nothing left to do").
+    Done,
+    /// Gave up; the machine was marked failed with the reason.
+    Failed(String),
+    /// Try again after a delay (a transient error, or waiting for capacity).
+    Retry {
+        after: std::time::Duration,
+        error: String,
+    },
+}
+
+/// Queues a task inside the transaction that accepted the action.
+pub(crate) async fn enqueue_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    vm_id: MachineId,
+    kind: TaskKind,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO tasks (id, vm_id, kind, state, attempts, run_after, created_at, updated_at) \
+         VALUES ($1, $2, $3, 'queued', 0, $4, $4, $4)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(vm_id.to_string())
+    .bind(kind.as_str())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Claims the most overdue claimable task for `owner` until `now + lease`.
+    pub async fn task_claim(&self, owner: &str, lease: Duration) -> Result<Option<TaskRecord>> {
+        let now = to_micros(Utc::now());
+        let until = now + lease.num_microseconds().unwrap_or(i64::MAX / 4);
+        let lock = match self.backend() {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE tasks SET lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1, \
+             updated_at = $3 \
+             WHERE id = (SELECT t.id FROM tasks t WHERE t.state = 'queued' AND t.run_after <= $3 \
+               AND (t.lease_expires_at IS NULL OR t.lease_expires_at < $3) \
+               AND NOT EXISTS (SELECT 1 FROM tasks o WHERE o.vm_id = t.vm_id AND o.id <> t.id \
+                 AND o.state = 'queued' AND o.lease_expires_at >= $3) \
+               ORDER BY t.run_after, t.created_at LIMIT 1 {lock}) \
+             RETURNING id, vm_id, kind, attempts, created_at"
+        );
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(&sql)
+            .bind(owner)
+            .bind(until)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        row.map(|r| {
+            Ok(TaskRecord {
+                id: r.try_get("id")?,
+                vm_id: super::parse_col(&r.try_get::<String, _>("vm_id")?, "tasks.vm_id")?,
+                kind: r.try_get::<String, _>("kind")?.parse()?,
+                attempts: r.try_get("attempts")?,
+                created_at: from_micros(r.try_get("created_at")?),
+            })
+        })
+        .transpose()
+    }
+
+    /// Extends a lease this owner still holds; false when it lost the task (a takeover).
+    pub async fn task_extend(&self, id: &str, owner: &str, lease: Duration) -> Result<bool> {
+        let until = to_micros(Utc::now() + lease);
+        let res = sqlx::query(
+            "UPDATE tasks SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 \
+             AND state = 'queued'",
+        )
+        .bind(until)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Records an attempt's outcome, if this owner still holds the task.
+    pub async fn task_finish(&self, id: &str, owner: &str, outcome: &TaskOutcome) -> Result<bool> {
+        let now = Utc::now();
+        let (state, run_after, error) = match outcome {
+            TaskOutcome::Done => ("done", now, None),
+            TaskOutcome::Failed(e) => ("failed", now, Some(e.as_str())),
+            TaskOutcome::Retry { after, error } => (
+                "queued",
+                now + Duration::from_std(*after).unwrap_or_else(|_| Duration::seconds(30)),
+                Some(error.as_str()),
+            ),
+        };
+        let res = sqlx::query(
+            "UPDATE tasks SET state = $1, run_after = $2, last_error = COALESCE($3, last_error), \
+             lease_owner = NULL, lease_expires_at = NULL, updated_at = $4 \
+             WHERE id = $5 AND lease_owner = $6",
+        )
+        .bind(state)
+        .bind(to_micros(run_after))
+        .bind(error)
+        .bind(to_micros(now))
+        .bind(id)
+        .bind(owner)
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Tasks still queued for a machine (tests and diagnostics).
+    pub async fn task_pending_count(&self, vm_id: MachineId) -> Result<i64> {
+        Ok(
+            sqlx::query("SELECT COUNT(*) AS n FROM tasks WHERE vm_id = $1 AND state = 'queued'")
+                .bind(vm_id.to_string())
+                .fetch_one(self.reader())
+                .await?
+                .try_get("n")?,
+        )
+    }
+}

@@ -1,0 +1,45 @@
+//! Durable workflows: workers that claim tasks (store::tasks) and drive agents until each
+//! machine reaches what its tenant asked for, and the host monitor. Everything here can be
+//! killed at any point: the task row and the machine's status say what remains, and every
+//! step (placing, EnsureVm, StartVm, ..., DeleteVm) is idempotent.
+
+pub mod monitor;
+pub mod policy;
+pub mod spec;
+pub mod worker;
+
+use std::time::Duration;
+
+/// Timing of the workflows (flags of `serve`).
+#[derive(Debug, Clone)]
+pub struct WorkflowSettings {
+    /// Concurrent workers in this process.
+    pub workers: usize,
+    /// How long a claimed task is ours without renewal; a crashed worker's tasks are taken
+    /// over after this.
+    pub lease: Duration,
+    /// How long a machine may wait in `pending` for capacity before it fails.
+    pub placement_timeout: Duration,
+    /// How long any other transitional status may last before the machine fails.
+    pub transition_timeout: Duration,
+    /// How often agents heartbeat, and how often hosts are checked.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a host is unreachable.
+    pub unreachable_after: Duration,
+    /// Graceful stop before the agent forces a machine off.
+    pub stop_timeout: Duration,
+}
+
+impl Default for WorkflowSettings {
+    fn default() -> Self {
+        Self {
+            workers: 4,
+            lease: Duration::from_secs(30),
+            placement_timeout: Duration::from_secs(600),
+            transition_timeout: Duration::from_secs(900),
+            heartbeat_interval: Duration::from_secs(5),
+            unreachable_after: Duration::from_secs(20),
+            stop_timeout: Duration::from_secs(30),
+        }
+    }
+}

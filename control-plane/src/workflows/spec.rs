@@ -1,0 +1,180 @@
+//! The agent's `VmSpec` for a machine, from what the control plane stores. Pure.
+
+use crate::model::DesiredState;
+use crate::store::provisioning::{TaskImage, TaskMachine};
+use proto::agent::v1 as pb;
+
+/// Why a machine cannot be turned into a spec (the machine fails with this reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("image {image}: {reason}")]
+pub struct SpecProblem {
+    pub image: String,
+    pub reason: String,
+}
+
+fn image_source(image: &TaskImage) -> Result<pb::ImageSource, SpecProblem> {
+    let problem = |reason: &str| SpecProblem {
+        image: image.name.clone(),
+        reason: reason.into(),
+    };
+    let text = |key: &str| {
+        image
+            .boot
+            .as_ref()
+            .and_then(|b| b.get(key))
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    match image.format.as_str() {
+        "kernel" => {
+            let kernel_sha256 = text("kernel_sha256");
+            if kernel_sha256.is_empty() {
+                return Err(problem(
+                    "boot.kernel_sha256 is required to verify the kernel",
+                ));
+            }
+            let initrd_url = text("initrd");
+            let initrd_sha256 = text("initrd_sha256");
+            if !initrd_url.is_empty() && initrd_sha256.is_empty() {
+                return Err(problem(
+                    "boot.initrd_sha256 is required to verify the initrd",
+                ));
+            }
+            Ok(pb::ImageSource {
+                name: image.name.clone(),
+                url: String::new(),
+                format: pb::DiskFormat::Kernel as i32,
+                sha256: String::new(),
+                kernel_boot: Some(pb::KernelBoot {
+                    kernel_url: text("kernel"),
+                    kernel_sha256,
+                    initrd_url,
+                    initrd_sha256,
+                    cmdline: text("cmdline"),
+                }),
+            })
+        }
+        "qcow2" | "raw" => {
+            let sha256 = image
+                .sha256
+                .clone()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| problem("sha256 is required to verify the disk"))?;
+            Ok(pb::ImageSource {
+                name: image.name.clone(),
+                url: image.source.clone(),
+                format: if image.format == "qcow2" {
+                    pb::DiskFormat::Qcow2
+                } else {
+                    pb::DiskFormat::Raw
+                } as i32,
+                sha256,
+                kernel_boot: None,
+            })
+        }
+        other => Err(problem(&format!("unknown format {other:?}"))),
+    }
+}
+
+/// The spec for `m`, with its power as the tenant wants it now.
+pub fn vm_spec(m: &TaskMachine) -> Result<pb::VmSpec, SpecProblem> {
+    let u32_of = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+    let u64_of = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok(pb::VmSpec {
+        machine_id: m.id.to_string(),
+        generation: u64_of(m.generation),
+        hostname: m.hostname.clone(),
+        vcpus: u32_of(m.size.vcpus),
+        memory_mib: u64_of(m.size.memory_mib),
+        disk_gib: u64_of(m.size.disk_gib),
+        image: Some(image_source(&m.image)?),
+        ssh_authorized_keys: m.ssh_keys.clone(),
+        user_data: m.user_data.clone(),
+        desired_power: match m.desired {
+            DesiredState::Running => pb::PowerState::Running,
+            DesiredState::Stopped | DesiredState::Deleted => pb::PowerState::Stopped,
+        } as i32,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::scheduler::Resources;
+    use crate::model::{MachineId, MachineStatus};
+    use serde_json::json;
+
+    fn machine(image: TaskImage) -> TaskMachine {
+        TaskMachine {
+            id: MachineId::new(),
+            status: MachineStatus::Provisioning,
+            desired: DesiredState::Stopped,
+            generation: 3,
+            status_changed_at: chrono::Utc::now(),
+            hostname: "web-1".into(),
+            size: Resources {
+                vcpus: 2,
+                memory_mib: 512,
+                disk_gib: 4,
+            },
+            ssh_keys: vec!["ssh-ed25519 AAAA k".into()],
+            user_data: Some("#cloud-config\n".into()),
+            host: None,
+            image,
+        }
+    }
+
+    #[test]
+    fn a_kernel_image_becomes_a_kernel_boot_spec() {
+        let m = machine(TaskImage {
+            name: "tiny".into(),
+            source: "file:///i/".into(),
+            format: "kernel".into(),
+            sha256: None,
+            boot: Some(
+                json!({"kernel": "file:///i/vmlinuz", "kernel_sha256": "a".repeat(64),
+                "initrd": "file:///i/initrd.img", "initrd_sha256": "b".repeat(64),
+                "cmdline": "console=ttyS0"}),
+            ),
+        });
+        let spec = vm_spec(&m).unwrap();
+        assert_eq!(spec.generation, 3);
+        assert_eq!(spec.desired_power, pb::PowerState::Stopped as i32);
+        assert_eq!((spec.vcpus, spec.memory_mib, spec.disk_gib), (2, 512, 4));
+        let image = spec.image.unwrap();
+        assert_eq!(image.format, pb::DiskFormat::Kernel as i32);
+        let k = image.kernel_boot.unwrap();
+        assert_eq!(k.initrd_url, "file:///i/initrd.img");
+        assert_eq!(k.cmdline, "console=ttyS0");
+    }
+
+    #[test]
+    fn unverifiable_images_are_refused_with_a_reason() {
+        let disk = TaskImage {
+            name: "deb".into(),
+            source: "https://example.invalid/d.qcow2".into(),
+            format: "qcow2".into(),
+            sha256: None,
+            boot: None,
+        };
+        assert!(vm_spec(&machine(disk.clone()))
+            .unwrap_err()
+            .to_string()
+            .contains("sha256 is required"));
+        let ok = vm_spec(&machine(TaskImage {
+            sha256: Some("c".repeat(64)),
+            ..disk
+        }))
+        .unwrap();
+        assert_eq!(ok.image.unwrap().format, pb::DiskFormat::Qcow2 as i32);
+        let kernel = TaskImage {
+            name: "k".into(),
+            source: "file:///k/".into(),
+            format: "kernel".into(),
+            sha256: None,
+            boot: Some(json!({"kernel": "file:///k/vmlinuz"})),
+        };
+        assert!(vm_spec(&machine(kernel)).is_err());
+    }
+}

@@ -1,0 +1,363 @@
+//! Workers: claim a due task, renew its lease while working, carry it out one idempotent step
+//! at a time, record the outcome. A task that finds its machine no longer in the status it
+//! was made for (deleted meanwhile, failed, superseded) ends as done without touching it.
+
+use super::policy::{self, ErrorClass};
+use super::spec::vm_spec;
+use super::WorkflowSettings;
+use crate::agents::AgentClients;
+use crate::model::MachineStatus;
+use crate::store::provisioning::{Placement, TaskMachine};
+use crate::store::tasks::{TaskKind, TaskOutcome, TaskRecord};
+use crate::store::Store;
+use proto::agent::v1 as pb;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long an idle worker sleeps before looking for work again.
+const IDLE: Duration = Duration::from_millis(500);
+
+/// Everything a worker needs; shared by the pool.
+#[derive(Debug)]
+pub struct Workers {
+    store: Store,
+    agents: Arc<AgentClients>,
+    settings: WorkflowSettings,
+    /// This process's identity in task leases.
+    owner: String,
+}
+
+type Step = Result<TaskOutcome, crate::Error>;
+
+impl Workers {
+    pub fn new(store: Store, agents: Arc<AgentClients>, settings: WorkflowSettings) -> Self {
+        let owner = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        Self {
+            store,
+            agents,
+            settings,
+            owner,
+        }
+    }
+
+    /// Runs `settings.workers` loops until the returned handles are aborted.
+    pub fn spawn(self: Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..self.settings.workers.max(1))
+            .map(|_| {
+                let w = Arc::clone(&self);
+                tokio::spawn(async move { w.run().await })
+            })
+            .collect()
+    }
+
+    async fn run(&self) {
+        loop {
+            match self.run_once().await {
+                Ok(true) => {}
+                Ok(false) => tokio::time::sleep(IDLE).await,
+                Err(e) => {
+                    tracing::warn!(error = ?e, "worker could not claim or finish a task");
+                    tokio::time::sleep(IDLE).await;
+                }
+            }
+        }
+    }
+
+    /// Claims and runs one task; false when there was nothing to do.
+    pub async fn run_once(&self) -> Result<bool, crate::Error> {
+        let lease = chrono::Duration::from_std(self.settings.lease)
+            .unwrap_or_else(|_| chrono::Duration::seconds(30));
+        let Some(task) = self.store.task_claim(&self.owner, lease).await? else {
+            return Ok(false);
+        };
+        let renew = {
+            let store = self.store.clone();
+            let (id, owner) = (task.id.clone(), self.owner.clone());
+            let every = self.settings.lease / 3;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match store.task_extend(&id, &owner, lease).await {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => tracing::warn!(error = ?e, task = %id, "lease renewal failed"),
+                    }
+                }
+            })
+        };
+        let outcome = match self.execute(&task).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = ?e, task = %task.id, "task step failed");
+                TaskOutcome::Retry {
+                    after: policy::backoff(task.attempts),
+                    error: "the control plane's database failed during this step".into(),
+                }
+            }
+        };
+        renew.abort();
+        tracing::info!(task = %task.id, kind = %task.kind, machine = %task.vm_id,
+            attempt = task.attempts, ?outcome, "task attempt finished");
+        if !self
+            .store
+            .task_finish(&task.id, &self.owner, &outcome)
+            .await?
+        {
+            tracing::warn!(task = %task.id, "lost the task's lease before finishing; another worker has it");
+        }
+        Ok(true)
+    }
+
+    async fn execute(&self, task: &TaskRecord) -> Step {
+        let Some(m) = self.store.machine_for_task(task.vm_id).await? else {
+            return Ok(TaskOutcome::Done);
+        };
+        if let Some(limit) = policy::deadline(m.status, &self.settings) {
+            let age = (chrono::Utc::now() - m.status_changed_at)
+                .to_std()
+                .unwrap_or_default();
+            if age > limit {
+                let reason = format!(
+                    "timed out: {} for more than {} s",
+                    m.status,
+                    limit.as_secs()
+                );
+                self.store
+                    .machine_fail(m.id, task.kind.as_str(), &reason)
+                    .await?;
+                return Ok(TaskOutcome::Failed(reason));
+            }
+        }
+        match task.kind {
+            TaskKind::Provision => self.provision(task, m).await,
+            TaskKind::Start => {
+                self.power(task, m, MachineStatus::Starting, MachineStatus::Running)
+                    .await
+            }
+            TaskKind::Stop => {
+                self.power(task, m, MachineStatus::Stopping, MachineStatus::Stopped)
+                    .await
+            }
+            TaskKind::Reboot => {
+                self.power(task, m, MachineStatus::Rebooting, MachineStatus::Running)
+                    .await
+            }
+            TaskKind::Delete => self.delete(task, m).await,
+        }
+    }
+
+    async fn provision(&self, task: &TaskRecord, mut m: TaskMachine) -> Step {
+        if m.status == MachineStatus::Pending {
+            match self.store.machine_place(m.id).await? {
+                Placement::Placed { .. } | Placement::NotPending => {
+                    match self.store.machine_for_task(m.id).await? {
+                        Some(again) => m = again,
+                        None => return Ok(TaskOutcome::Done),
+                    }
+                }
+                Placement::NoRoom(why) => {
+                    let note = format!("waiting for capacity: {why}");
+                    self.store.machine_note(m.id, "schedule", &note).await?;
+                    return Ok(TaskOutcome::Retry {
+                        after: Duration::from_secs(2),
+                        error: note,
+                    });
+                }
+            }
+        }
+        if m.status != MachineStatus::Provisioning {
+            return Ok(TaskOutcome::Done);
+        }
+        let Some(host) = m.host.clone() else {
+            return Err(crate::Error::Internal("provisioning without a host".into()));
+        };
+        if !host.reachable {
+            return self.wait_for_host(task, &m, &host.name).await;
+        }
+        let spec = match vm_spec(&m) {
+            Ok(s) => s,
+            Err(problem) => return self.fail(task, &m, &problem.to_string()).await,
+        };
+        let mut client = self.client(&host.address)?;
+        let mut request = tonic::Request::new(pb::EnsureVmRequest { spec: Some(spec) });
+        // Fetching a multi-GiB image can take a while; the deadline covers the worst case.
+        request.set_timeout(self.settings.transition_timeout);
+        match client.ensure_vm(request).await {
+            Ok(state) => {
+                let state = state.into_inner();
+                let to = if state.phase == pb::VmPhase::Running as i32 {
+                    MachineStatus::Running
+                } else {
+                    MachineStatus::Stopped
+                };
+                let message = format!("provisioned on host {}; {}", host.name, to);
+                self.store
+                    .machine_settle(
+                        m.id,
+                        MachineStatus::Provisioning,
+                        to,
+                        Some(&network(&state)),
+                        "provision",
+                        &message,
+                    )
+                    .await?;
+                Ok(TaskOutcome::Done)
+            }
+            Err(status) => self.agent_error(task, &m, &host.name, status).await,
+        }
+    }
+
+    /// Start, stop and reboot: one agent call from `during` to `to`.
+    async fn power(
+        &self,
+        task: &TaskRecord,
+        m: TaskMachine,
+        during: MachineStatus,
+        to: MachineStatus,
+    ) -> Step {
+        if m.status != during {
+            return Ok(TaskOutcome::Done);
+        }
+        let Some(host) = m.host.clone() else {
+            return self.fail(task, &m, "the machine has no host").await;
+        };
+        if !host.reachable {
+            return self.wait_for_host(task, &m, &host.name).await;
+        }
+        let mut client = self.client(&host.address)?;
+        let id = m.id.to_string();
+        let result = match task.kind {
+            TaskKind::Start => {
+                let mut r = tonic::Request::new(pb::VmRef { machine_id: id });
+                r.set_timeout(Duration::from_secs(120));
+                client.start_vm(r).await
+            }
+            TaskKind::Stop => {
+                let graceful = self.settings.stop_timeout;
+                let mut r = tonic::Request::new(pb::StopVmRequest {
+                    machine_id: id,
+                    graceful_timeout_secs: u32::try_from(graceful.as_secs()).unwrap_or(u32::MAX),
+                });
+                r.set_timeout(graceful + Duration::from_secs(60));
+                client.stop_vm(r).await
+            }
+            _ => {
+                let mut r = tonic::Request::new(pb::VmRef { machine_id: id });
+                r.set_timeout(self.settings.stop_timeout + Duration::from_secs(120));
+                client.reboot_vm(r).await
+            }
+        };
+        match result {
+            Ok(state) => {
+                let state = state.into_inner();
+                let message = format!("{} on host {}", to, host.name);
+                self.store
+                    .machine_settle(
+                        m.id,
+                        during,
+                        to,
+                        Some(&network(&state)),
+                        task.kind.as_str(),
+                        &message,
+                    )
+                    .await?;
+                Ok(TaskOutcome::Done)
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let reason = format!("its domain is gone from host {}", host.name);
+                self.fail(task, &m, &reason).await
+            }
+            Err(status) => self.agent_error(task, &m, &host.name, status).await,
+        }
+    }
+
+    async fn delete(&self, task: &TaskRecord, m: TaskMachine) -> Step {
+        if m.status != MachineStatus::Deleting {
+            return Ok(TaskOutcome::Done);
+        }
+        if let Some(host) = m.host.clone() {
+            if !host.reachable {
+                return self.wait_for_host(task, &m, &host.name).await;
+            }
+            let mut client = self.client(&host.address)?;
+            let mut r = tonic::Request::new(pb::VmRef {
+                machine_id: m.id.to_string(),
+            });
+            r.set_timeout(Duration::from_secs(120));
+            if let Err(status) = client.delete_vm(r).await {
+                return self.agent_error(task, &m, &host.name, status).await;
+            }
+        }
+        self.store
+            .machine_settle(
+                m.id,
+                MachineStatus::Deleting,
+                MachineStatus::Deleted,
+                None,
+                "delete",
+                "deleted; nothing left on the host",
+            )
+            .await?;
+        Ok(TaskOutcome::Done)
+    }
+
+    fn client(&self, address: &str) -> Result<crate::agents::clients::AgentClient, crate::Error> {
+        self.agents
+            .client(address)
+            .map_err(|s| crate::Error::Internal(s.message().to_owned()))
+    }
+
+    async fn wait_for_host(&self, task: &TaskRecord, m: &TaskMachine, host: &str) -> Step {
+        let note = format!("waiting for host {host}, which is unreachable");
+        self.store
+            .machine_note(m.id, task.kind.as_str(), &note)
+            .await?;
+        Ok(TaskOutcome::Retry {
+            after: Duration::from_secs(5),
+            error: note,
+        })
+    }
+
+    async fn fail(&self, task: &TaskRecord, m: &TaskMachine, reason: &str) -> Step {
+        self.store
+            .machine_fail(m.id, task.kind.as_str(), reason)
+            .await?;
+        Ok(TaskOutcome::Failed(reason.to_owned()))
+    }
+
+    async fn agent_error(
+        &self,
+        task: &TaskRecord,
+        m: &TaskMachine,
+        host: &str,
+        status: tonic::Status,
+    ) -> Step {
+        let what = format!(
+            "host {host} answered {:?}: {}",
+            status.code(),
+            status.message()
+        );
+        match policy::classify(status.code()) {
+            ErrorClass::Permanent => self.fail(task, m, &what).await,
+            ErrorClass::Transient => Ok(TaskOutcome::Retry {
+                after: policy::backoff(task.attempts),
+                error: what,
+            }),
+        }
+    }
+}
+
+/// The machine's network as the API shows it: `{addresses, ports: [{guest, host_ip,
+/// host_port, proto}]}`.
+pub fn network(state: &pb::VmState) -> serde_json::Value {
+    let net = state.network.clone().unwrap_or_default();
+    serde_json::json!({
+        "addresses": net.addresses,
+        "ports": net.ports.iter().map(|p| serde_json::json!({
+            "guest": p.guest_port,
+            "host_ip": p.host_ip,
+            "host_port": p.host_port,
+            "proto": p.proto,
+        })).collect::<Vec<_>>(),
+    })
+}
