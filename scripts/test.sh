@@ -16,7 +16,7 @@ scripts/install-host-deps.sh
 remove_test_domains() {
   local name
   for name in $(virsh -c qemu:///system list --all --name 2>/dev/null |
-      grep -E '^skygate-(test|imgtest|timing)-' || true); do
+      grep -E '^skygate-(test|imgtest|timing|e2e)-' || true); do
     virsh -c qemu:///system destroy "$name" >/dev/null 2>&1 || true
     virsh -c qemu:///system undefine "$name" >/dev/null 2>&1 || true
   done

@@ -68,10 +68,10 @@ impl Running {
 /// Serves the agent registry and starts the workers and the host monitor.
 async fn start_provisioning(
     store: &Store,
+    agents: Arc<AgentClients>,
     config: &ProvisioningConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, Vec<tokio::task::JoinHandle<()>>)> {
-    let token = BearerToken::new(&config.agent_token).context("--agent-token")?;
     let listener = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("binding {}", config.grpc_addr))?;
@@ -96,7 +96,7 @@ async fn start_provisioning(
     });
     let workers = Arc::new(Workers::new(
         store.clone(),
-        Arc::new(AgentClients::new(token)),
+        agents,
         config.workflows.clone(),
     ));
     let mut handles = workers.spawn();
@@ -120,7 +120,12 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     // Install the metrics recorder before the first request records anything.
     crate::metrics::handle();
-    let app = Arc::new(App::new(store, secret, settings).context("token self-test")?);
+    let mut app = App::new(store, secret, settings).context("token self-test")?;
+    if let Some(config) = provisioning {
+        let token = BearerToken::new(&config.agent_token).context("--agent-token")?;
+        app = app.with_agents(Arc::new(AgentClients::new(token)));
+    }
+    let app = Arc::new(app);
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
@@ -129,7 +134,9 @@ pub async fn start(
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let (grpc_addr, background) = match provisioning {
         Some(config) => {
-            let (grpc, handles) = start_provisioning(&app.store, config, rx.clone()).await?;
+            let agents = app.agents.clone().context("agent clients")?;
+            let (grpc, handles) =
+                start_provisioning(&app.store, agents, config, rx.clone()).await?;
             (Some(grpc), handles)
         }
         None => (None, Vec::new()),

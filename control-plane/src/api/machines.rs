@@ -257,14 +257,10 @@ pub async fn console(
     Caller(who): Caller,
     ApiPath(id): ApiPath<MachineId>,
 ) -> Result<Response> {
-    let machine = app.machine_get(who, id).await?;
-    match machine.host_name {
-        None => Err(Error::Conflict(
-            "the machine is not on a host yet, so it has no console".into(),
-        )),
-        // Reading the console from the agent arrives with provisioning.
-        Some(_) => Err(Error::Conflict(
-            "console streaming is not available yet".into(),
-        )),
-    }
+    let tail = app.machine_console(who, id).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        String::from_utf8_lossy(&tail).into_owned(),
+    )
+        .into_response())
 }

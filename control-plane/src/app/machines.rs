@@ -180,4 +180,42 @@ impl App {
         rows.truncate(usize::try_from(limit).unwrap_or(0));
         Ok((rows, more))
     }
+
+    /// The tail of a machine's serial console, read from its host's agent.
+    pub async fn machine_console(&self, who: Principal, id: MachineId) -> Result<Vec<u8>> {
+        self.machine_get(who, id).await?;
+        let m = self
+            .store
+            .machine_for_task(id)
+            .await?
+            .ok_or(Error::NotFound("machine"))?;
+        let Some(host) = m.host else {
+            return Err(Error::Conflict(
+                "the machine is not on a host yet, so it has no console".into(),
+            ));
+        };
+        let agents = self.agents.as_ref().ok_or(Error::Unavailable(
+            "this control plane has no agent token configured",
+        ))?;
+        let mut client = agents
+            .client(&host.address)
+            .map_err(|e| Error::Internal(e.message().to_owned()))?;
+        let mut request = tonic::Request::new(proto::agent::v1::GetConsoleRequest {
+            machine_id: id.to_string(),
+            max_bytes: 64 * 1024,
+        });
+        request.set_timeout(std::time::Duration::from_secs(10));
+        match client.get_console(request).await {
+            Ok(tail) => Ok(tail.into_inner().data),
+            Err(s) if s.code() == tonic::Code::NotFound => Err(Error::Conflict(
+                "the machine has no domain on its host (yet)".into(),
+            )),
+            Err(s) => {
+                tracing::warn!(host = %host.name, code = ?s.code(), message = s.message(), "console read failed");
+                Err(Error::Unavailable(
+                    "the machine's host did not answer; try again",
+                ))
+            }
+        }
+    }
 }

@@ -109,6 +109,8 @@ pub struct App {
     /// Bounds concurrent argon2 work (19 MiB and tens of ms each), so a burst of requests
     /// queues instead of exhausting memory through the blocking pool.
     argon2_slots: tokio::sync::Semaphore,
+    /// Clients for host agents (reading consoles); absent without an agent token.
+    pub agents: Option<std::sync::Arc<crate::agents::AgentClients>>,
 }
 
 impl std::fmt::Debug for App {
@@ -134,7 +136,14 @@ impl App {
             cursors: cursor::CursorCodec::new(secret),
             credentials_per_ip: RateLimiter::keyed(RateQuota::per_minute(per_minute)),
             argon2_slots: tokio::sync::Semaphore::new(argon2_parallelism()),
+            agents: None,
         })
+    }
+
+    /// Lets the API reach agents (the console) through `agents`.
+    pub fn with_agents(mut self, agents: std::sync::Arc<crate::agents::AgentClients>) -> Self {
+        self.agents = Some(agents);
+        self
     }
 
     /// 429 when `client` has made too many password attempts lately.
