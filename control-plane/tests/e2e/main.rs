@@ -102,3 +102,218 @@ async fn a_tenant_creates_a_machine_reaches_it_over_ssh_and_nothing_is_left_afte
     assert_eq!(events["items"].as_array().map(Vec::len), Some(0));
     assert_eq!(cluster.host("a").await["allocated"]["vcpus"], 0);
 }
+
+fn vcpus(n: u32) -> Capacity {
+    Capacity {
+        vcpus: n,
+        memory_mib: 2048,
+        disk_gib: 20,
+    }
+}
+
+/// The machine's latest event messages, newest last.
+async fn event_messages(cluster: &Cluster, token: &str, id: &str) -> Vec<String> {
+    let (_, page) = cluster
+        .call("GET", &format!("/machines/{id}/events"), Some(token), None)
+        .await;
+    page["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|e| e["message"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_follows_capacity_skips_cordoned_hosts_and_waits_for_room() {
+    let mut cluster = Cluster::start().await;
+    cluster.add_agent("a", vcpus(1)).await;
+    cluster.add_agent("b", vcpus(1)).await;
+    cluster.add_agent("c", vcpus(2)).await;
+    cluster.register_tiny_image().await;
+    let tenant = cluster.tenant("placer").await;
+    let admin = cluster.admin.clone();
+
+    let c_id = cluster.host("c").await["id"].as_str().unwrap().to_owned();
+    let (status, c) = cluster
+        .call("POST", &format!("/hosts/{c_id}/cordon"), Some(&admin), None)
+        .await;
+    assert_eq!(
+        (status, c["state"].as_str()),
+        (200, Some("cordoned")),
+        "{c}"
+    );
+
+    // a and b take one machine each; cordoned c takes none.
+    let m1 = cluster.create_machine(&tenant, "m1", 1, None).await;
+    let m2 = cluster.create_machine(&tenant, "m2", 1, None).await;
+    let mut hosts = Vec::new();
+    for id in [&m1, &m2] {
+        let m = cluster.wait_status(&tenant, id, "running", BOOT).await;
+        hosts.push(m["host"].as_str().unwrap().to_owned());
+    }
+    hosts.sort();
+    assert_eq!(hosts, ["a", "b"]);
+
+    // Nothing has room: m3 waits, and says why.
+    let m3 = cluster.create_machine(&tenant, "m3", 1, None).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let waiting = cluster
+        .call("GET", &format!("/machines/{m3}"), Some(&tenant), None)
+        .await
+        .1;
+    assert_eq!(waiting["status"], "pending", "{waiting}");
+    let notes = event_messages(&cluster, &tenant, &m3).await;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("waiting for capacity") && n.contains("c: cordoned")),
+        "{notes:?}"
+    );
+
+    // Uncordoned, c takes it.
+    let (status, _) = cluster
+        .call(
+            "POST",
+            &format!("/hosts/{c_id}/uncordon"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let m = cluster.wait_status(&tenant, &m3, "running", BOOT).await;
+    assert_eq!(m["host"], "c");
+
+    // Two vCPUs fit nowhere now (c has one left); deleting m3 makes room on c.
+    let m4 = cluster.create_machine(&tenant, "m4", 2, None).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        cluster
+            .call("GET", &format!("/machines/{m4}"), Some(&tenant), None)
+            .await
+            .1["status"],
+        "pending"
+    );
+    let (status, refused) = cluster
+        .call("DELETE", &format!("/hosts/{c_id}"), Some(&admin), None)
+        .await;
+    assert_eq!(
+        status, 409,
+        "a host with live machines cannot be deleted: {refused}"
+    );
+    cluster
+        .call("DELETE", &format!("/machines/{m3}"), Some(&tenant), None)
+        .await;
+    let m = cluster.wait_status(&tenant, &m4, "running", BOOT).await;
+    assert_eq!(m["host"], "c");
+
+    // Never more than a host offers.
+    for name in ["a", "b", "c"] {
+        let h = cluster.host(name).await;
+        assert!(
+            h["allocated"]["vcpus"].as_i64() <= h["capacity"]["vcpus"].as_i64(),
+            "{h}"
+        );
+        assert_eq!(
+            cluster.domains_of(name).len() as i64,
+            h["machines"].as_i64().unwrap(),
+            "{h}"
+        );
+    }
+    for id in [&m1, &m2, &m4] {
+        cluster
+            .call("DELETE", &format!("/machines/{id}"), Some(&tenant), None)
+            .await;
+    }
+    for id in [&m1, &m2, &m4] {
+        cluster
+            .wait_machine(&tenant, id, "gone", BOOT, |m| m["status"] == 404)
+            .await;
+    }
+    assert!(
+        cluster.all_domains().is_empty(),
+        "{:?}",
+        cluster.all_domains()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_control_plane_and_of_an_agent_leaves_no_doubled_or_orphaned_domain() {
+    let mut cluster = Cluster::start().await;
+    cluster.add_agent("a", vcpus(8)).await;
+    cluster.register_tiny_image().await;
+    let tenant = cluster.tenant("crashy").await;
+
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(
+                cluster
+                    .create_machine(&tenant, &format!("k{i}"), 1, None)
+                    .await,
+            );
+        }
+        ids
+    };
+    // Mid-provisioning: some machines placed, some EnsureVm calls in flight.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let http = cluster.http_addr();
+    cluster.kill_control_plane();
+    cluster.start_control_plane(&http);
+    for id in &ids {
+        cluster.wait_status(&tenant, id, "running", BOOT).await;
+    }
+    let mut domains = cluster.domains_of("a");
+    domains.sort();
+    let mut expected: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{}{id}", cluster.agent_prefix("a")))
+        .collect();
+    expected.sort();
+    assert_eq!(
+        domains, expected,
+        "one domain per machine, none doubled or orphaned"
+    );
+    assert_eq!(cluster.machine_dirs_of("a").len(), 3);
+
+    // The agent dies: its host turns unreachable and the machines say so; QEMU lives on.
+    cluster.kill_agent(0);
+    cluster
+        .wait_for_host("a", "unreachable", Duration::from_secs(30))
+        .await;
+    let notes = event_messages(&cluster, &tenant, &ids[0]).await;
+    assert!(notes.iter().any(|n| n.contains("unreachable")), "{notes:?}");
+    cluster.start_agent(0, vcpus(8)).await;
+    cluster
+        .wait_for_host("a", "ready", Duration::from_secs(30))
+        .await;
+    let mut after = cluster.domains_of("a");
+    after.sort();
+    assert_eq!(after, expected);
+    for id in &ids {
+        let m = cluster
+            .call("GET", &format!("/machines/{id}"), Some(&tenant), None)
+            .await
+            .1;
+        assert_eq!(m["status"], "running", "{m}");
+    }
+    for id in &ids {
+        cluster
+            .call("DELETE", &format!("/machines/{id}"), Some(&tenant), None)
+            .await;
+    }
+    for id in &ids {
+        cluster
+            .wait_machine(&tenant, id, "gone", BOOT, |m| m["status"] == 404)
+            .await;
+    }
+    assert!(
+        cluster.all_domains().is_empty(),
+        "{:?}",
+        cluster.all_domains()
+    );
+    assert!(cluster.machine_dirs_of("a").is_empty());
+}
