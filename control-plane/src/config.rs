@@ -133,6 +133,12 @@ pub struct ServeArgs {
     /// Seconds a stop waits for the guest before the agent forces it off.
     #[arg(long, env = "SKYGATE_STOP_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub stop_timeout_secs: u64,
+    /// Seconds between reconciliation passes over every host.
+    #[arg(long, env = "SKYGATE_RECONCILE_INTERVAL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub reconcile_interval_secs: u64,
+    /// Seconds a domain no machine owns must be seen before it is removed.
+    #[arg(long, env = "SKYGATE_ORPHAN_GRACE_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub orphan_grace_secs: u64,
     /// Failed logins per account before it is paused for the rest of the window.
     #[arg(long, env = "SKYGATE_LOGIN_MAX_FAILURES", default_value_t = LoginLimits::default().max_failures)]
     pub login_max_failures: i64,
@@ -184,6 +190,8 @@ impl ServeArgs {
                 heartbeat_interval: Duration::from_secs(self.heartbeat_interval_secs),
                 unreachable_after: Duration::from_secs(self.host_unreachable_after_secs),
                 stop_timeout: Duration::from_secs(self.stop_timeout_secs),
+                reconcile_interval: Duration::from_secs(self.reconcile_interval_secs),
+                orphan_grace: Duration::from_secs(self.orphan_grace_secs),
             },
         })
     }

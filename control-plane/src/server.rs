@@ -5,6 +5,7 @@ use crate::agents::{AgentClients, RegistryService};
 use crate::api::{self, HttpSettings};
 use crate::app::{App, Settings};
 use crate::store::Store;
+use crate::workflows::reconciler::Reconciler;
 use crate::workflows::worker::Workers;
 use crate::workflows::{monitor, WorkflowSettings};
 use anyhow::Context;
@@ -96,11 +97,17 @@ async fn start_provisioning(
     });
     let workers = Arc::new(Workers::new(
         store.clone(),
+        Arc::clone(&agents),
+        config.workflows.clone(),
+    ));
+    let reconciler = Arc::new(Reconciler::new(
+        store.clone(),
         agents,
         config.workflows.clone(),
     ));
     let mut handles = workers.spawn();
     handles.push(grpc);
+    handles.push(tokio::spawn(reconciler.run()));
     handles.push(tokio::spawn(monitor::run(
         store.clone(),
         config.workflows.clone(),

@@ -276,4 +276,78 @@ impl Store {
         }
         Ok(())
     }
+
+    /// Live machines placed on a host, with their status.
+    pub async fn machines_on_host(&self, host_id: &str) -> Result<Vec<(MachineId, MachineStatus)>> {
+        let rows =
+            sqlx::query("SELECT id, status FROM vms WHERE host_id = $1 AND deleted_at IS NULL")
+                .bind(host_id)
+                .fetch_all(self.reader())
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    parse_col(&r.try_get::<String, _>("id")?, "vms.id")?,
+                    parse_col(&r.try_get::<String, _>("status")?, "vms.status")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// A reconciler's repair: `from` → `to` with the desired state set to match (if the
+    /// machine is still in `from`; a tenant's request meanwhile wins). `failed` records the
+    /// message as the failure reason. Returns whether it applied.
+    pub async fn machine_reconcile(
+        &self,
+        id: MachineId,
+        from: MachineStatus,
+        to: MachineStatus,
+        desired: Option<DesiredState>,
+        message: &str,
+    ) -> Result<bool> {
+        let now = to_micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let res = sqlx::query(
+            "UPDATE vms SET status = $1, desired_state = COALESCE($2, desired_state), \
+             failure_reason = CASE WHEN $1 = 'failed' THEN $3 ELSE failure_reason END, \
+             status_changed_at = $4, updated_at = $4, generation = generation + 1 \
+             WHERE id = $5 AND status = $6 AND deleted_at IS NULL",
+        )
+        .bind(to.as_str())
+        .bind(desired.map(DesiredState::as_str))
+        .bind(message)
+        .bind(now)
+        .bind(id.to_string())
+        .bind(from.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if res.rows_affected() == 0 {
+            return Ok(false);
+        }
+        event_in_txn(&mut tx, id, "reconcile", to, message, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// An event on a machine in whatever state, deleted included (the removal of an orphaned
+    /// domain of a deleted machine is recorded on it). Unknown ids are ignored.
+    pub async fn machine_event_any(
+        &self,
+        id: MachineId,
+        action: &str,
+        message: &str,
+    ) -> Result<()> {
+        let now = to_micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query("SELECT status FROM vms WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(r) = row {
+            let status: MachineStatus = parse_col(&r.try_get::<String, _>("status")?, "status")?;
+            event_in_txn(&mut tx, id, action, status, message, now).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
 }

@@ -3,8 +3,10 @@
 //! killed at any point: the task row and the machine's status say what remains, and every
 //! step (placing, EnsureVm, StartVm, ..., DeleteVm) is idempotent.
 
+pub mod drift;
 pub mod monitor;
 pub mod policy;
+pub mod reconciler;
 pub mod spec;
 pub mod worker;
 
@@ -28,6 +30,10 @@ pub struct WorkflowSettings {
     pub unreachable_after: Duration,
     /// Graceful stop before the agent forces a machine off.
     pub stop_timeout: Duration,
+    /// How often every host's domains are compared with the database.
+    pub reconcile_interval: Duration,
+    /// How long an unowned domain must be seen before it is removed.
+    pub orphan_grace: Duration,
 }
 
 impl Default for WorkflowSettings {
@@ -40,6 +46,8 @@ impl Default for WorkflowSettings {
             heartbeat_interval: Duration::from_secs(5),
             unreachable_after: Duration::from_secs(20),
             stop_timeout: Duration::from_secs(30),
+            reconcile_interval: Duration::from_secs(30),
+            orphan_grace: Duration::from_secs(120),
         }
     }
 }

@@ -231,7 +231,13 @@ impl Cluster {
                 "--task-lease-secs",
                 "5",
             ])
-            .args(["--stop-timeout-secs", "10"])
+            .args([
+                "--stop-timeout-secs",
+                "10",
+                "--reconcile-interval-secs",
+                "2",
+            ])
+            .args(["--orphan-grace-secs", "4"])
             .env("SKYGATE_AGENT_TOKEN", &self.token);
         let proc = Proc::spawn(cmd);
         let grpc = proc.wait_for_log("agent registry listening", Duration::from_secs(30));
@@ -291,6 +297,31 @@ impl Cluster {
         if let Some(mut p) = self.agents[index].1.take() {
             p.kill9();
         }
+    }
+
+    /// A HostAgent client for agent `name`, as the control plane itself would call it.
+    pub async fn agent_client(
+        &self,
+        name: &str,
+    ) -> proto::agent::v1::host_agent_client::HostAgentClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            proto::bearer::BearerToken,
+        >,
+    > {
+        let address = self.host(name).await["address"]
+            .as_str()
+            .expect("address")
+            .to_owned();
+        let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect to agent");
+        proto::agent::v1::host_agent_client::HostAgentClient::with_interceptor(
+            channel,
+            proto::bearer::BearerToken::new(&self.token).expect("token"),
+        )
     }
 
     pub fn agent_prefix(&self, name: &str) -> String {

@@ -317,3 +317,103 @@ async fn kill_9_of_the_control_plane_and_of_an_agent_leaves_no_doubled_or_orphan
     );
     assert!(cluster.machine_dirs_of("a").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_notices_a_dead_domain_and_removes_an_orphan() {
+    let mut cluster = Cluster::start().await;
+    cluster.add_agent("a", vcpus(4)).await;
+    cluster.register_tiny_image().await;
+    let tenant = cluster.tenant("recon").await;
+    let id = cluster.create_machine(&tenant, "victim", 1, None).await;
+    cluster.wait_status(&tenant, &id, "running", BOOT).await;
+
+    // Its QEMU dies: the machine reads stopped within seconds, and its log says why.
+    let domain = format!("{}{id}", cluster.agent_prefix("a"));
+    let pid: i32 = std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid"))
+        .expect("qemu pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill qemu");
+    let killed = Instant::now();
+    let m = cluster
+        .wait_status(&tenant, &id, "stopped", Duration::from_secs(30))
+        .await;
+    println!("QEMU killed -> machine stopped: {:?}", killed.elapsed());
+    assert_eq!(m["desired_state"], "stopped");
+    let notes = event_messages(&cluster, &tenant, &id).await;
+    assert!(
+        notes.iter().any(|n| n.contains("exited unexpectedly")),
+        "{notes:?}"
+    );
+    let (status, _) = cluster
+        .call(
+            "POST",
+            &format!("/machines/{id}/start"),
+            Some(&tenant),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202);
+    cluster.wait_status(&tenant, &id, "running", BOOT).await;
+
+    // A domain with the agent's prefix that no machine owns (what a crash between an agent's
+    // define and the control plane's record could leave) is removed after the grace period.
+    let stray = uuid::Uuid::new_v4();
+    let mut agent = cluster.agent_client("a").await;
+    let image: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string("/var/lib/skygate-images/tiny/image.json").expect("image.json"),
+    )
+    .unwrap();
+    let text = |k: &str| image["boot"][k].as_str().unwrap_or_default().to_owned();
+    agent
+        .ensure_vm(proto::agent::v1::EnsureVmRequest {
+            spec: Some(proto::agent::v1::VmSpec {
+                machine_id: stray.to_string(),
+                generation: 1,
+                hostname: "stray".into(),
+                vcpus: 1,
+                memory_mib: 128,
+                disk_gib: 1,
+                image: Some(proto::agent::v1::ImageSource {
+                    name: "tiny".into(),
+                    format: proto::agent::v1::DiskFormat::Kernel as i32,
+                    kernel_boot: Some(proto::agent::v1::KernelBoot {
+                        kernel_url: text("kernel"),
+                        kernel_sha256: text("kernel_sha256"),
+                        initrd_url: text("initrd"),
+                        initrd_sha256: text("initrd_sha256"),
+                        cmdline: text("cmdline"),
+                    }),
+                    ..Default::default()
+                }),
+                ssh_authorized_keys: vec![],
+                user_data: None,
+                desired_power: proto::agent::v1::PowerState::Stopped as i32,
+            }),
+        })
+        .await
+        .expect("a stray domain");
+    assert_eq!(cluster.domains_of("a").len(), 2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.domains_of("a").len() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "orphan never removed: {:?}",
+            cluster.domains_of("a")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(cluster.domains_of("a"), vec![domain]);
+    assert_eq!(
+        cluster
+            .call("GET", &format!("/machines/{id}"), Some(&tenant), None)
+            .await
+            .1["status"],
+        "running"
+    );
+}
