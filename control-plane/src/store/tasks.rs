@@ -187,6 +187,14 @@ impl Store {
         Ok(res.rows_affected() == 1)
     }
 
+    /// Queues a task on its own (operators re-driving a machine; tests running a step twice).
+    pub async fn task_enqueue(&self, vm_id: MachineId, kind: TaskKind) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        enqueue_in_txn(&mut tx, vm_id, kind, to_micros(Utc::now())).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Tasks still queued for a machine (tests and diagnostics).
     pub async fn task_pending_count(&self, vm_id: MachineId) -> Result<i64> {
         Ok(

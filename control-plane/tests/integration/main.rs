@@ -11,5 +11,6 @@ mod cli;
 mod gateway;
 mod machines;
 mod pagination;
+mod provisioning;
 mod sessions;
 mod store;

@@ -5,7 +5,7 @@
 
 use control_plane::api::HttpSettings;
 use control_plane::app::Settings;
-use control_plane::server::{self, Running};
+use control_plane::server::{self, ProvisioningConfig, Running};
 use control_plane::store::Store;
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
@@ -129,6 +129,8 @@ pub struct TestApp {
     pub app: Arc<control_plane::app::App>,
     running: Option<Running>,
     pub db: Arc<TestDb>,
+    /// Where agents register, when the server runs provisioning.
+    pub grpc: Option<std::net::SocketAddr>,
 }
 
 impl TestApp {
@@ -143,6 +145,27 @@ impl TestApp {
 
     /// Another server on the same database: a second replica.
     pub async fn spawn_on(db: Arc<TestDb>, settings: Settings, http: HttpSettings) -> Self {
+        Self::spawn_full(db, settings, http, None).await
+    }
+
+    /// A server that also serves the agent registry and runs the workflows.
+    pub async fn spawn_provisioning(backend: Backend, config: ProvisioningConfig) -> Self {
+        let db = Arc::new(TestDb::new(backend).await);
+        Self::spawn_full(
+            db,
+            Settings::default(),
+            HttpSettings::default(),
+            Some(config),
+        )
+        .await
+    }
+
+    pub async fn spawn_full(
+        db: Arc<TestDb>,
+        settings: Settings,
+        http: HttpSettings,
+        provisioning: Option<ProvisioningConfig>,
+    ) -> Self {
         let store = server::open_store(&db.url, db.dir.path(), 8).await.unwrap();
         let running = server::start(
             store.clone(),
@@ -150,7 +173,7 @@ impl TestApp {
             settings,
             &http,
             "127.0.0.1:0".parse().unwrap(),
-            None,
+            provisioning.as_ref(),
         )
         .await
         .unwrap();
@@ -159,6 +182,7 @@ impl TestApp {
             client: Client::builder().build().unwrap(),
             store,
             app: running.app.clone(),
+            grpc: running.grpc_addr,
             running: Some(running),
             db,
         }

@@ -1,0 +1,396 @@
+//! Workflows under injected faults: an in-process agent (the real gRPC service, manager,
+//! qemu-img and seed writer) over the fake hypervisor registers with the control plane, and
+//! each hypervisor step fails once in turn. Every machine still reaches what its tenant asked
+//! for, running a step twice changes nothing, and nothing is left after a delete.
+
+use crate::both_stores;
+use crate::common::{Backend, TestApp};
+use control_plane::model::MachineId;
+use control_plane::server::ProvisioningConfig;
+use control_plane::store::tasks::TaskKind;
+use control_plane::workflows::WorkflowSettings;
+use host_agent::disks::QemuImg;
+use host_agent::domain_xml::HypervisorKind;
+use host_agent::events::EventLog;
+use host_agent::hypervisor::{FakeHypervisor, HypervisorOp};
+use host_agent::images::ImageCache;
+use host_agent::machines::{MachineManager, ManagerConfig, NetworkMode};
+use host_agent::paths::DataDir;
+use host_agent::registration::{self, Registration};
+use host_agent::service::{HostAgentService, HostIdentity};
+use proto::agent::v1 as pb;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "workflow-test-agent-token";
+
+/// An in-process agent over the fake hypervisor, registered with the control plane.
+struct FakeHost {
+    tmp: tempfile::TempDir,
+    fake: Arc<FakeHypervisor>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl FakeHost {
+    async fn start(grpc: std::net::SocketAddr, name: &str, vcpus: u32) -> FakeHost {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::new(tmp.path().join("data")).unwrap();
+        data.prepare().unwrap();
+        let fake = Arc::new(FakeHypervisor::new());
+        let events = Arc::new(EventLog::new(256));
+        let manager = MachineManager::new(
+            fake.clone(),
+            Arc::new(QemuImg::new()),
+            ImageCache::new(data.clone()).unwrap(),
+            data,
+            ManagerConfig {
+                domain_prefix: format!("skygate-wf-{name}-"),
+                hypervisor_kind: HypervisorKind::Qemu,
+                network: NetworkMode::User {
+                    address: std::net::Ipv4Addr::LOCALHOST,
+                    ports: "23000-23999".parse().unwrap(),
+                },
+                graceful_timeout: Duration::from_secs(1),
+                pause_before: None,
+            },
+            events.clone(),
+        );
+        let capacity = pb::Capacity {
+            vcpus,
+            memory_mib: 8192,
+            disk_gib: 100,
+        };
+        let service = HostAgentService::new(
+            Arc::new(manager),
+            events,
+            HostIdentity {
+                name: name.into(),
+                hypervisor: HypervisorKind::Qemu,
+                capacity,
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let _ =
+                host_agent::server::serve(listener, service, TOKEN, None, std::future::pending())
+                    .await;
+        });
+        let joining = tokio::spawn(registration::run(Registration {
+            control_plane: format!("http://{grpc}"),
+            token: TOKEN.into(),
+            request: proto::controlplane::v1::RegisterRequest {
+                name: name.into(),
+                address,
+                capacity: Some(capacity),
+                hypervisor: pb::HypervisorKind::Qemu as i32,
+                agent_version: "test".into(),
+                domain_prefix: format!("skygate-wf-{name}-"),
+            },
+        }));
+        FakeHost {
+            tmp,
+            fake,
+            tasks: vec![server, joining],
+        }
+    }
+
+    fn machine_dirs(&self) -> usize {
+        std::fs::read_dir(self.tmp.path().join("data/machines"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for FakeHost {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn config() -> ProvisioningConfig {
+    ProvisioningConfig {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        agent_token: TOKEN.into(),
+        workflows: WorkflowSettings {
+            workers: 2,
+            lease: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
+            stop_timeout: Duration::from_secs(1),
+            reconcile_interval: Duration::from_secs(1),
+            ..WorkflowSettings::default()
+        },
+    }
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn status_of(app: &TestApp, who: &crate::common::Session, id: &str) -> Value {
+    let res = app
+        .as_user(who, Method::GET, &format!("/machines/{id}"))
+        .send()
+        .await
+        .unwrap();
+    if res.status() == StatusCode::NOT_FOUND {
+        return json!("gone");
+    }
+    res.json::<Value>().await.unwrap()["status"].clone()
+}
+
+async fn faults_at_every_step_still_converge_and_steps_run_twice_change_nothing(backend: Backend) {
+    let app = TestApp::spawn_provisioning(backend, config()).await;
+    let host = FakeHost::start(app.grpc.unwrap(), "wf", 8).await;
+    let admin = app.admin("root").await;
+    wait_for("the host to register", async || {
+        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "ready"
+    })
+    .await;
+
+    let kernel = b"a kernel for the fake hypervisor";
+    let kernel_path = host.tmp.path().join("vmlinuz");
+    std::fs::write(&kernel_path, kernel).unwrap();
+    let image = json!({"name": "fake", "source": format!("file://{}", kernel_path.display()),
+        "format": "kernel", "boot": {"kernel": format!("file://{}", kernel_path.display()),
+        "kernel_sha256": hex::encode(Sha256::digest(kernel)), "cmdline": "console=ttyS0"}});
+    let res = app
+        .as_user(&admin, Method::POST, "/images")
+        .json(&image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+
+    // Provisioning: the define fails once, then the start fails once.
+    host.fake.fail_next(HypervisorOp::Define, 1);
+    let tenant = app.user("wf-tenant").await;
+    let res = app
+        .as_user(&tenant, Method::POST, "/machines")
+        .json(&json!({"hostname": "wf-1", "image": "fake", "vcpus": 1, "memory_mib": 128, "disk_gib": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let id = res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for("a define attempt", async || {
+        host.fake.calls(HypervisorOp::Define) >= 1
+    })
+    .await;
+    host.fake.fail_next(HypervisorOp::Start, 1);
+    wait_for("running", async || {
+        status_of(&app, &tenant, &id).await == "running"
+    })
+    .await;
+    assert_eq!(host.fake.domain_names().len(), 1);
+    assert_eq!(host.machine_dirs(), 1);
+    let (defines, starts) = (
+        host.fake.calls(HypervisorOp::Define),
+        host.fake.calls(HypervisorOp::Start),
+    );
+    assert!(defines >= 2, "the failed define was retried: {defines}");
+
+    // Provisioning again (a duplicated task): nothing changes.
+    let machine: MachineId = id.parse().unwrap();
+    app.store
+        .task_enqueue(machine, TaskKind::Provision)
+        .await
+        .unwrap();
+    wait_for("the duplicate task", async || {
+        app.store.task_pending_count(machine).await.unwrap() == 0
+    })
+    .await;
+    assert_eq!(host.fake.calls(HypervisorOp::Define), defines);
+    assert_eq!(host.fake.calls(HypervisorOp::Start), starts);
+    assert_eq!(status_of(&app, &tenant, &id).await, "running");
+
+    // Stop: the shutdown fails once.
+    host.fake.fail_next(HypervisorOp::Shutdown, 1);
+    let res = app
+        .as_user(&tenant, Method::POST, &format!("/machines/{id}/stop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    wait_for("stopped", async || {
+        status_of(&app, &tenant, &id).await == "stopped"
+    })
+    .await;
+    // Stopping again through a duplicated task changes nothing.
+    app.store
+        .task_enqueue(machine, TaskKind::Stop)
+        .await
+        .unwrap();
+    wait_for("the duplicate stop", async || {
+        app.store.task_pending_count(machine).await.unwrap() == 0
+    })
+    .await;
+    assert_eq!(status_of(&app, &tenant, &id).await, "stopped");
+
+    // Delete: the undefine fails once; the retry finishes; a second delete is harmless.
+    host.fake.fail_next(HypervisorOp::Undefine, 1);
+    let res = app
+        .as_user(&tenant, Method::DELETE, &format!("/machines/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    wait_for("deleted", async || {
+        status_of(&app, &tenant, &id).await == "gone"
+    })
+    .await;
+    assert!(host.fake.calls(HypervisorOp::Undefine) >= 2);
+    app.store
+        .task_enqueue(machine, TaskKind::Delete)
+        .await
+        .unwrap();
+    wait_for("the duplicate delete", async || {
+        app.store.task_pending_count(machine).await.unwrap() == 0
+    })
+    .await;
+    assert!(
+        host.fake.domain_names().is_empty(),
+        "{:?}",
+        host.fake.domain_names()
+    );
+    assert_eq!(host.machine_dirs(), 0);
+    let hosts = app.get_json(&admin, "/hosts").await;
+    assert_eq!(hosts["items"][0]["allocated"]["vcpus"], 0);
+    drop(host);
+    app.stop().await;
+}
+
+async fn a_silent_host_turns_unreachable_and_only_an_admin_may_forget_it(backend: Backend) {
+    let mut cfg = config();
+    cfg.workflows.unreachable_after = Duration::from_secs(2);
+    let app = TestApp::spawn_provisioning(backend, cfg).await;
+    let host = FakeHost::start(app.grpc.unwrap(), "quiet", 8).await;
+    let admin = app.admin("root").await;
+    wait_for("the host to register", async || {
+        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "ready"
+    })
+    .await;
+    let h = app.get_json(&admin, "/hosts").await["items"][0].clone();
+    assert_eq!(h["capacity"]["vcpus"], 8);
+    assert_eq!(h["hypervisor"], "qemu");
+    let id = h["id"].as_str().unwrap().to_owned();
+    // The agent goes silent: unreachable after two seconds.
+    drop(host);
+    wait_for("unreachable", async || {
+        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "unreachable"
+    })
+    .await;
+    // Nothing lives there, so an administrator may forget it; a stranger may not.
+    let tenant = app.user("nosy").await;
+    let res = app
+        .as_user(&tenant, Method::DELETE, &format!("/hosts/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let res = app
+        .as_user(&admin, Method::DELETE, &format!("/hosts/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.get_json(&admin, "/hosts").await["items"]
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
+    app.stop().await;
+}
+
+async fn two_replicas_placing_at_once_never_oversubscribe_a_host(backend: Backend) {
+    let first = TestApp::spawn_provisioning(backend, config()).await;
+    let second = TestApp::spawn_full(
+        first.db.clone(),
+        Default::default(),
+        Default::default(),
+        Some(config()),
+    )
+    .await;
+    let host = FakeHost::start(first.grpc.unwrap(), "small", 3).await;
+    let admin = first.admin("root").await;
+    wait_for("the host to register", async || {
+        first.get_json(&admin, "/hosts").await["items"][0]["state"] == "ready"
+    })
+    .await;
+    let kernel = b"kernel";
+    let kernel_path = host.tmp.path().join("vmlinuz");
+    std::fs::write(&kernel_path, kernel).unwrap();
+    let url = format!("file://{}", kernel_path.display());
+    let image = json!({"name": "fake", "source": url, "format": "kernel",
+        "boot": {"kernel": url, "kernel_sha256": hex::encode(Sha256::digest(kernel))}});
+    let res = first
+        .as_user(&admin, Method::POST, "/images")
+        .json(&image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let tenant = first.user("busy").await;
+    // Six one-vCPU machines at once, half through each replica: the host offers three.
+    let creates = (0..6).map(|i| {
+        let app = if i % 2 == 0 { &first } else { &second };
+        app.as_user(&tenant, Method::POST, "/machines")
+            .json(&json!({"hostname": format!("r{i}"), "image": "fake", "vcpus": 1, "memory_mib": 128, "disk_gib": 1}))
+            .send()
+    });
+    let mut ids = Vec::new();
+    for res in futures::future::join_all(creates).await {
+        let res = res.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        ids.push(
+            res.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    wait_for("three machines running", async || {
+        let mut running = 0;
+        for id in &ids {
+            running += usize::from(status_of(&first, &tenant, id).await == "running");
+        }
+        running == 3
+    })
+    .await;
+    // The rest keep waiting for capacity; the host is exactly full.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut pending = 0;
+    for id in &ids {
+        pending += usize::from(status_of(&first, &tenant, id).await == "pending");
+    }
+    assert_eq!(pending, 3);
+    let h = first.get_json(&admin, "/hosts").await["items"][0].clone();
+    assert_eq!(
+        (h["allocated"]["vcpus"].as_i64(), h["machines"].as_i64()),
+        (Some(3), Some(3)),
+        "{h}"
+    );
+    assert_eq!(host.fake.domain_names().len(), 3);
+    drop(host);
+    second.stop().await;
+    first.stop().await;
+}
+
+both_stores!(
+    two_replicas_placing_at_once_never_oversubscribe_a_host,
+    faults_at_every_step_still_converge_and_steps_run_twice_change_nothing,
+    a_silent_host_turns_unreachable_and_only_an_admin_may_forget_it,
+);
