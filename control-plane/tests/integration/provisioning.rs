@@ -389,7 +389,63 @@ async fn two_replicas_placing_at_once_never_oversubscribe_a_host(backend: Backen
     first.stop().await;
 }
 
+async fn a_machine_nothing_can_hold_fails_at_the_placement_deadline_with_the_reason(
+    backend: Backend,
+) {
+    let mut cfg = config();
+    cfg.workflows.placement_timeout = Duration::from_secs(2);
+    let app = TestApp::spawn_provisioning(backend, cfg).await;
+    let admin = app.admin("root").await;
+    let image = json!({"name": "img", "source": "file:///nowhere/disk.qcow2", "format": "qcow2",
+        "sha256": "a".repeat(64)});
+    let res = app
+        .as_user(&admin, Method::POST, "/images")
+        .json(&image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let tenant = app.user("patient").await;
+    let res = app
+        .as_user(&tenant, Method::POST, "/machines")
+        .json(&json!({"hostname": "never", "image": "img", "vcpus": 1, "memory_mib": 128, "disk_gib": 1}))
+        .send()
+        .await
+        .unwrap();
+    let id = res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for("failed", async || {
+        status_of(&app, &tenant, &id).await == "failed"
+    })
+    .await;
+    let m = app.get_json(&tenant, &format!("/machines/{id}")).await;
+    let reason = m["failure_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("timed out") && reason.contains("pending"),
+        "{m}"
+    );
+    let events = app
+        .get_json(&tenant, &format!("/machines/{id}/events"))
+        .await;
+    let messages: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("waiting for capacity: no hosts are registered")),
+        "{messages:?}"
+    );
+    app.stop().await;
+}
+
 both_stores!(
+    a_machine_nothing_can_hold_fails_at_the_placement_deadline_with_the_reason,
     two_replicas_placing_at_once_never_oversubscribe_a_host,
     faults_at_every_step_still_converge_and_steps_run_twice_change_nothing,
     a_silent_host_turns_unreachable_and_only_an_admin_may_forget_it,
