@@ -122,6 +122,9 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// How long finished tasks stay for diagnostics before housekeeping removes them.
+const TASK_RETENTION: Duration = Duration::days(7);
+
 impl App {
     /// `secret` is the server secret the access tokens are signed with; cursors derive theirs.
     pub fn new(store: Store, secret: &[u8], settings: Settings) -> Result<Self> {
@@ -187,7 +190,8 @@ impl App {
             .store
             .sessions_purge_expired(now, self.settings.login.failure_window)
             .await?;
+        let c = self.store.task_purge_finished(now - TASK_RETENTION).await?;
         self.credentials_per_ip.retain_recent();
-        Ok(a + b)
+        Ok(a + b + c)
     }
 }

@@ -195,6 +195,16 @@ impl Store {
         Ok(())
     }
 
+    /// Removes finished (done or failed) tasks last touched before `before`; returns how many.
+    pub async fn task_purge_finished(&self, before: DateTime<Utc>) -> Result<u64> {
+        let res =
+            sqlx::query("DELETE FROM tasks WHERE state IN ('done', 'failed') AND updated_at < $1")
+                .bind(to_micros(before))
+                .execute(&self.write)
+                .await?;
+        Ok(res.rows_affected())
+    }
+
     /// Tasks still queued for a machine (tests and diagnostics).
     pub async fn task_pending_count(&self, vm_id: MachineId) -> Result<i64> {
         Ok(

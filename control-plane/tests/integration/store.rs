@@ -12,7 +12,75 @@ both_stores!(
     migrations_apply_once_and_are_idempotent,
     idempotency_keys_are_kept_a_day_and_stale_claims_are_taken_over,
     observed_transitions_are_checked_and_logged,
+    tasks_are_leased_to_one_owner_and_purged_once_finished,
 );
+
+async fn tasks_are_leased_to_one_owner_and_purged_once_finished(backend: Backend) {
+    use control_plane::store::tasks::{TaskKind, TaskOutcome};
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let m: Value = t.create_machine(&ann, "web").await.json().await.unwrap();
+    let id = m["id"].as_str().unwrap().parse().unwrap();
+    let s = &t.store;
+    // The creation queued its provision task in the same transaction.
+    assert_eq!(s.task_pending_count(id).await.unwrap(), 1);
+    let lease = Duration::seconds(30);
+    let task = s
+        .task_claim("one", lease)
+        .await
+        .unwrap()
+        .expect("a due task");
+    assert_eq!(
+        (task.vm_id, task.kind, task.attempts),
+        (id, TaskKind::Provision, 1)
+    );
+    // Leased: nobody else gets it, nor another task of the same machine.
+    s.task_enqueue(id, TaskKind::Delete).await.unwrap();
+    assert!(s.task_claim("two", lease).await.unwrap().is_none());
+    // Only the holder may finish or extend it.
+    assert!(!s
+        .task_finish(&task.id, "two", &TaskOutcome::Done)
+        .await
+        .unwrap());
+    assert!(s.task_extend(&task.id, "one", lease).await.unwrap());
+    assert!(s
+        .task_finish(&task.id, "one", &TaskOutcome::Done)
+        .await
+        .unwrap());
+    // An expired lease is taken over.
+    let next = s
+        .task_claim("two", Duration::milliseconds(1))
+        .await
+        .unwrap()
+        .expect("delete");
+    assert_eq!(next.kind, TaskKind::Delete);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let again = s
+        .task_claim("three", lease)
+        .await
+        .unwrap()
+        .expect("taken over");
+    assert_eq!((again.id.as_str(), again.attempts), (next.id.as_str(), 2));
+    assert!(!s
+        .task_finish(&next.id, "two", &TaskOutcome::Done)
+        .await
+        .unwrap());
+    assert!(s
+        .task_finish(&again.id, "three", &TaskOutcome::Failed("gave up".into()))
+        .await
+        .unwrap());
+    // Finished tasks go with housekeeping; queued ones never do.
+    s.task_enqueue(id, TaskKind::Stop).await.unwrap();
+    assert_eq!(
+        s.task_purge_finished(Utc::now() + Duration::seconds(1))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(s.task_pending_count(id).await.unwrap(), 1);
+    t.stop().await;
+}
 
 async fn migrations_apply_once_and_are_idempotent(backend: Backend) {
     let t = TestApp::spawn(backend).await;
