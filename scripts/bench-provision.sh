@@ -18,15 +18,29 @@ TMP=$(mktemp -d)
 trap 'rm -rf "${TMP}"' EXIT
 
 now() { date +%s.%N; }
+die() { echo "bench-provision: $*" >&2; exit 1; }
+# wait_status ID STATUS: polls (60 s at most) and stops on `failed`.
+wait_status() {
+  local deadline=$((SECONDS + 60)) status
+  while :; do
+    status=$(curl -sS "${API}/machines/$1" -H "authorization: Bearer ${TOKEN}" | jq -r .status)
+    [[ ${status} == "$2" ]] && return 0
+    [[ ${status} == failed ]] && die "machine $1 failed: $(curl -sS "${API}/machines/$1" -H "authorization: Bearer ${TOKEN}" | jq -r .failure_reason)"
+    ((SECONDS < deadline)) || die "machine $1 never became $2 (is ${status})"
+    sleep 0.05
+  done
+}
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 json() { curl -sS -H 'content-type: application/json' "$@"; }
 login() { json "${API}/auth/login" -d "{\"username\":\"$1\",\"password\":\"$2\"}" | jq -r .access_token; }
 median() { sort -n | awk '{ v[NR] = $1 } END { printf "%.2f", v[int((NR + 1) / 2)] }'; }
 ssh_until() {
-  until ssh -i "${TMP}/key" -p "$1" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+  local deadline=$((SECONDS + 120))
+  until ((SECONDS > deadline)) || ssh -i "${TMP}/key" -p "$1" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
       -o BatchMode=yes -o ConnectTimeout=1 -o LogLevel=ERROR root@127.0.0.1 hostname >/dev/null 2>&1; do
     sleep 0.1
   done
+  ((SECONDS <= deadline)) || die "ssh on port $1 never answered"
 }
 
 echo "${ADMIN_PASSWORD}" | "${CP}" admin create --username bench-admin --email bench-admin@example.com \
@@ -45,9 +59,8 @@ for run in $(seq 1 "${RUNS}"); do
   t0=$(now)
   id=$(json "${API}/machines" -H "authorization: Bearer ${TOKEN}" -d "{\"hostname\":\"${host}\",
     \"image\":\"tiny\",\"vcpus\":1,\"memory_mib\":256,\"disk_gib\":1,\"ssh_keys\":[\"${KEY}\"]}" | jq -r .id)
-  until [[ $(curl -sS "${API}/machines/${id}" -H "authorization: Bearer ${TOKEN}" | jq -r .status) == running ]]; do
-    sleep 0.05
-  done
+  [[ ${id} != null && -n ${id} ]] || die "POST /machines failed"
+  wait_status "${id}" running
   running=$(since "${t0}")
   machine=$(curl -sS "${API}/machines/${id}" -H "authorization: Bearer ${TOKEN}")
   port=$(jq '.network.ports[0].host_port' <<<"${machine}")
@@ -56,9 +69,7 @@ for run in $(seq 1 "${RUNS}"); do
 
   # The same domain, by hand.
   json -X POST "${API}/machines/${id}/stop" -H "authorization: Bearer ${TOKEN}" >/dev/null
-  until [[ $(curl -sS "${API}/machines/${id}" -H "authorization: Bearer ${TOKEN}" | jq -r .status) == stopped ]]; do
-    sleep 0.1
-  done
+  wait_status "${id}" stopped
   domain=$(virsh -c qemu:///system list --all --name | grep -- "${id}" | head -n 1)
   t1=$(now)
   virsh -c qemu:///system start "${domain}" >/dev/null
@@ -69,7 +80,9 @@ for run in $(seq 1 "${RUNS}"); do
   echo "run ${run}: POST→running ${running} s, POST→ssh ${to_ssh} s | virsh start→ssh ${by_hand} s"
   echo "${running}" >>"${TMP}/running"; echo "${to_ssh}" >>"${TMP}/ssh"; echo "${by_hand}" >>"${TMP}/virsh"
   # Let the reconciler see the hand-started domain and the delete finish before the next run.
+  deadline=$((SECONDS + 60))
   until [[ $(curl -sS -o /dev/null -w '%{http_code}' "${API}/machines/${id}" -H "authorization: Bearer ${TOKEN}") == 404 ]]; do
+    ((SECONDS < deadline)) || die "machine ${id} was never deleted"
     sleep 0.2
   done
 done

@@ -80,6 +80,8 @@ fi
 
 mkdir -p "${DIR}"
 chmod 0755 "${DIR}"
+# Whatever is left of a partly running cluster goes before a fresh start.
+stop_all
 TOKEN_FILE=${DIR}/agent-token
 if [[ ! -s ${TOKEN_FILE} ]]; then
   (umask 077 && head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"${TOKEN_FILE}")

@@ -176,10 +176,21 @@ impl ServeArgs {
         }
     }
 
-    /// The agent link and workflows, when an agent token is configured.
-    pub fn provisioning(&self) -> Option<ProvisioningConfig> {
-        let token = self.agent_token.clone().filter(|t| !t.is_empty())?;
-        Some(ProvisioningConfig {
+    /// The agent link and workflows, when an agent token is configured. Hosts must get at
+    /// least two heartbeats into the unreachable window, or they would flap.
+    pub fn provisioning(&self) -> anyhow::Result<Option<ProvisioningConfig>> {
+        let Some(token) = self.agent_token.clone().filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        if self.host_unreachable_after_secs < 2 * self.heartbeat_interval_secs {
+            anyhow::bail!(
+                "--host-unreachable-after-secs ({}) must be at least twice \
+                 --heartbeat-interval-secs ({})",
+                self.host_unreachable_after_secs,
+                self.heartbeat_interval_secs
+            );
+        }
+        Ok(Some(ProvisioningConfig {
             grpc_addr: self.grpc_addr,
             agent_token: token,
             workflows: WorkflowSettings {
@@ -193,7 +204,7 @@ impl ServeArgs {
                 reconcile_interval: Duration::from_secs(self.reconcile_interval_secs),
                 orphan_grace: Duration::from_secs(self.orphan_grace_secs),
             },
-        })
+        }))
     }
 
     /// Gateway settings; an origin that is not a valid header value is an error.

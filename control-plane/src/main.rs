@@ -38,7 +38,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.settings(),
         &args.http_settings()?,
         args.http_addr,
-        args.provisioning().as_ref(),
+        args.provisioning()?.as_ref(),
     )
     .await?;
     match running.grpc_addr {

@@ -81,6 +81,7 @@ async fn start_provisioning(
         AgentRegistryServer::new(RegistryService::new(
             store.clone(),
             config.workflows.heartbeat_interval,
+            config.workflows.unreachable_after,
         )),
         BearerAuth::new(&config.agent_token),
     );

@@ -14,13 +14,15 @@ use tonic::{Request, Response, Status};
 pub struct RegistryService {
     store: Store,
     heartbeat_interval: Duration,
+    unreachable_after: Duration,
 }
 
 impl RegistryService {
-    pub fn new(store: Store, heartbeat_interval: Duration) -> Self {
+    pub fn new(store: Store, heartbeat_interval: Duration, unreachable_after: Duration) -> Self {
         Self {
             store,
             heartbeat_interval,
+            unreachable_after,
         }
     }
 }
@@ -88,8 +90,29 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
             domain_prefix: r.domain_prefix.chars().take(64).collect(),
             capacity: capacity(r.capacity)?,
         };
-        let host_id = self.store.host_register(&reg).await.map_err(internal)?;
+        // Two live agents claiming one name would point the host at the wrong hypervisor (and
+        // the reconciler would judge one's machines by the other's domains): a different
+        // domain prefix under a name that heartbeated lately is refused. A restarted agent
+        // (same prefix, maybe a new port) is the same host.
+        if let Some(existing) = self.store.host_by_name(&reg.name).await.map_err(internal)? {
+            let fresh = existing.last_heartbeat_at.is_some_and(|t| {
+                (chrono::Utc::now() - t).to_std().unwrap_or_default() < self.unreachable_after
+            });
+            if existing.state == "ready" && fresh && existing.domain_prefix != reg.domain_prefix {
+                return Err(Status::already_exists(format!(
+                    "host {} is registered by a live agent with another domain prefix",
+                    reg.name
+                )));
+            }
+        }
+        let (host_id, was_unreachable) = self.store.host_register(&reg).await.map_err(internal)?;
         tracing::info!(host = %r.name, %host_id, address = %reg.grpc_address, "agent registered");
+        if was_unreachable {
+            self.store
+                .machine_note_on_host(&host_id, "reconcile", "its host is reachable again")
+                .await
+                .map_err(internal)?;
+        }
         Ok(Response::new(pb::RegisterResponse {
             host_id,
             heartbeat_interval_secs: u32::try_from(self.heartbeat_interval.as_secs())

@@ -69,6 +69,9 @@ pub struct MachineView {
     pub disk_gib: i64,
     /// Name of the host the machine is placed on, once placed.
     pub host: Option<String>,
+    /// Whether that host answers: `ready` or `unreachable` (then the machine's status is the
+    /// last one known).
+    pub host_state: Option<String>,
     pub network: NetworkView,
     pub failure_reason: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -88,6 +91,7 @@ impl From<MachineRecord> for MachineView {
             memory_mib: m.memory_mib,
             disk_gib: m.disk_gib,
             host: m.host_name,
+            host_state: m.host_state,
             network: m
                 .network
                 .and_then(|n| serde_json::from_value(n).ok())

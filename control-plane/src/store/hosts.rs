@@ -135,18 +135,30 @@ impl Store {
         row.as_ref().map(from_row).transpose()
     }
 
+    /// A host by name.
+    pub async fn host_by_name(&self, name: &str) -> Result<Option<HostRecord>> {
+        let row = sqlx::query(&select_sql("WHERE h.name = $1"))
+            .bind(name)
+            .fetch_optional(self.reader())
+            .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
     /// Registers a host or, when one with this name exists, updates it (address, capacity,
-    /// versions) and marks it ready; its id, cordon and machines are kept.
-    pub async fn host_register(&self, reg: &HostRegistration) -> Result<String> {
+    /// versions) and marks it ready; its id, cordon and machines are kept. Returns the id and
+    /// whether the host was unreachable before.
+    pub async fn host_register(&self, reg: &HostRegistration) -> Result<(String, bool)> {
         let now = to_micros(Utc::now());
         let mut tx = self.begin_write().await?;
-        let existing: Option<String> = sqlx::query("SELECT id FROM hosts WHERE name = $1")
-            .bind(&reg.name)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.try_get("id"))
-            .transpose()?;
-        let id = match existing {
+        let existing: Option<(String, String)> =
+            sqlx::query("SELECT id, state FROM hosts WHERE name = $1")
+                .bind(&reg.name)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| Ok::<_, sqlx::Error>((r.try_get("id")?, r.try_get("state")?)))
+                .transpose()?;
+        let was_unreachable = existing.as_ref().is_some_and(|(_, s)| s == "unreachable");
+        let id = match existing.map(|(id, _)| id) {
             Some(id) => {
                 sqlx::query(
                     "UPDATE hosts SET grpc_address = $1, hypervisor = $2, agent_version = $3, \
@@ -190,7 +202,7 @@ impl Store {
             }
         };
         tx.commit().await?;
-        Ok(id)
+        Ok((id, was_unreachable))
     }
 
     /// Records a heartbeat (and the capacity it reports); the host is ready again. Returns
@@ -222,35 +234,24 @@ impl Store {
         Ok((true, state == "unreachable"))
     }
 
-    /// Marks ready hosts whose last heartbeat is older than `before` unreachable; returns
-    /// their ids and names.
+    /// Marks ready hosts whose last heartbeat is older than `before` unreachable, in one
+    /// statement (a heartbeat landing meanwhile is not overwritten, and of two replicas only
+    /// one reports each host); returns their ids and names.
     pub async fn host_mark_unreachable(
         &self,
         before: DateTime<Utc>,
     ) -> Result<Vec<(String, String)>> {
-        let mut tx = self.begin_write().await?;
         let rows = sqlx::query(
-            "SELECT id, name FROM hosts WHERE state = 'ready' \
-             AND (last_heartbeat_at IS NULL OR last_heartbeat_at < $1)",
+            "UPDATE hosts SET state = 'unreachable', updated_at = $1 WHERE state = 'ready' \
+             AND (last_heartbeat_at IS NULL OR last_heartbeat_at < $2) RETURNING id, name",
         )
+        .bind(to_micros(Utc::now()))
         .bind(to_micros(before))
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.write)
         .await?;
-        let mut names = Vec::new();
-        for r in &rows {
-            let id: String = r.try_get("id")?;
-            sqlx::query(
-                "UPDATE hosts SET state = 'unreachable', updated_at = $1 \
-                 WHERE id = $2 AND state = 'ready'",
-            )
-            .bind(to_micros(Utc::now()))
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
-            names.push((id, r.try_get("name")?));
-        }
-        tx.commit().await?;
-        Ok(names)
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("name")?)))
+            .collect()
     }
 
     /// Cordons (no new machines) or uncordons a host.
@@ -271,6 +272,14 @@ impl Store {
     /// their history; their host reference is cleared.
     pub async fn host_delete(&self, id: &str) -> Result<()> {
         let mut tx = self.begin_write().await?;
+        if self.backend() == Backend::Postgres {
+            // Placement locks host rows too: no machine lands here between the count and the
+            // delete.
+            sqlx::query("SELECT id FROM hosts WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
         let live: i64 =
             sqlx::query("SELECT COUNT(*) AS n FROM vms WHERE host_id = $1 AND deleted_at IS NULL")
                 .bind(id)
@@ -282,7 +291,7 @@ impl Store {
                 "{live} machine(s) still live on this host: delete or move them first"
             )));
         }
-        sqlx::query("UPDATE vms SET host_id = NULL WHERE host_id = $1")
+        sqlx::query("UPDATE vms SET host_id = NULL WHERE host_id = $1 AND deleted_at IS NOT NULL")
             .bind(id)
             .execute(&mut *tx)
             .await?;

@@ -24,6 +24,8 @@ pub struct MachineRecord {
     pub status: MachineStatus,
     pub desired: DesiredState,
     pub host_name: Option<String>,
+    /// `ready` or `unreachable`, once placed.
+    pub host_state: Option<String>,
     pub image_name: String,
     pub vcpus: i64,
     pub memory_mib: i64,
@@ -79,7 +81,7 @@ impl Visibility {
 }
 
 const SELECT: &str = "SELECT v.seq, v.id, v.owner_id, v.hostname, v.status, v.desired_state, \
-    h.name AS host_name, i.name AS image_name, v.vcpus, v.memory_mib, v.disk_gib, v.ssh_keys, \
+    h.name AS host_name, h.state AS host_state, i.name AS image_name, v.vcpus, v.memory_mib, v.disk_gib, v.ssh_keys, \
     v.user_data, v.network, v.failure_reason, v.created_at, v.updated_at \
     FROM vms v JOIN images i ON i.id = v.image_id LEFT JOIN hosts h ON h.id = v.host_id";
 
@@ -101,6 +103,7 @@ fn from_row(row: &AnyRow) -> Result<MachineRecord> {
             "vms.desired_state",
         )?,
         host_name: row.try_get("host_name")?,
+        host_state: row.try_get("host_state")?,
         image_name: row.try_get("image_name")?,
         vcpus: row.try_get("vcpus")?,
         memory_mib: row.try_get("memory_mib")?,
@@ -353,13 +356,14 @@ impl Store {
             "UPDATE vms SET status = $1, desired_state = $2, updated_at = $3, \
              status_changed_at = CASE WHEN status = $1 THEN status_changed_at ELSE $3 END, \
              generation = generation + 1 \
-             WHERE id = $4 AND generation = $5 AND deleted_at IS NULL",
+             WHERE id = $4 AND generation = $5 AND status = $6 AND deleted_at IS NULL",
         )
         .bind(t.status.as_str())
         .bind(t.desired.as_str())
         .bind(now)
         .bind(id.to_string())
         .bind(generation)
+        .bind(status.as_str())
         .execute(&mut *tx)
         .await?;
         if swapped.rows_affected() == 0 {
@@ -431,6 +435,7 @@ impl Store {
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
             "UPDATE vms SET status = $1, updated_at = $2, status_changed_at = $2, \
+             generation = generation + 1, \
              deleted_at = CASE WHEN $1 = 'deleted' THEN $2 ELSE deleted_at END \
              WHERE id = $3 AND status = $4 AND deleted_at IS NULL",
         )

@@ -152,9 +152,9 @@ impl Store {
             Ok(d) => d,
             Err(no) => return Ok(Placement::NoRoom(no)),
         };
-        sqlx::query(
-            "UPDATE vms SET host_id = $1, status = $2, status_changed_at = $3, updated_at = $3 \
-             WHERE id = $4 AND status = 'pending'",
+        let placed = sqlx::query(
+            "UPDATE vms SET host_id = $1, status = $2, status_changed_at = $3, updated_at = $3, \
+             generation = generation + 1 WHERE id = $4 AND status = 'pending' AND host_id IS NULL",
         )
         .bind(&decision.host_id)
         .bind(MachineStatus::Provisioning.as_str())
@@ -162,6 +162,10 @@ impl Store {
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;
+        if placed.rows_affected() == 0 {
+            // Placed by a duplicate task elsewhere, or moved by a request meanwhile.
+            return Ok(Placement::NotPending);
+        }
         let message = format!("placed on host {}", decision.host_name);
         event_in_txn(
             &mut tx,
@@ -178,13 +182,17 @@ impl Store {
         })
     }
 
-    /// Records what an agent did: `from` → `to` (if the machine is still in `from`), with the
-    /// machine's network when given. Reaching `deleted` stamps `deleted_at`, which frees the
+    /// Records what an agent did: `from` → `to` if the machine is still in `from` at
+    /// `generation` (the row the worker acted on: a tenant's request meanwhile, such as a stop
+    /// during provisioning, makes this a no-op and the worker acts again), with the machine's
+    /// network when given. Reaching `deleted` stamps `deleted_at`, which frees the
     /// hostname and the host capacity. Returns whether it applied.
+    #[allow(clippy::too_many_arguments)]
     pub async fn machine_settle(
         &self,
         id: MachineId,
         from: MachineStatus,
+        generation: i64,
         to: MachineStatus,
         network: Option<&serde_json::Value>,
         action: &str,
@@ -195,14 +203,16 @@ impl Store {
         let res = sqlx::query(
             "UPDATE vms SET status = $1, status_changed_at = $2, updated_at = $2, \
              network = COALESCE($3, network), failure_reason = NULL, \
+             generation = generation + 1, \
              deleted_at = CASE WHEN $1 = 'deleted' THEN $2 ELSE deleted_at END \
-             WHERE id = $4 AND status = $5 AND deleted_at IS NULL",
+             WHERE id = $4 AND status = $5 AND generation = $6 AND deleted_at IS NULL",
         )
         .bind(to.as_str())
         .bind(now)
         .bind(network.map(|n| n.to_string()))
         .bind(id.to_string())
         .bind(from.as_str())
+        .bind(generation)
         .execute(&mut *tx)
         .await?;
         if res.rows_affected() == 0 {
@@ -213,17 +223,28 @@ impl Store {
         Ok(true)
     }
 
-    /// Marks a machine failed with a named reason (from any live status but `failed`).
-    pub async fn machine_fail(&self, id: MachineId, action: &str, reason: &str) -> Result<bool> {
+    /// Marks a machine failed with a named reason, if it is still in `from` at `generation`
+    /// (a stale deadline check or agent answer cannot fail a machine that moved on).
+    pub async fn machine_fail(
+        &self,
+        id: MachineId,
+        from: MachineStatus,
+        generation: i64,
+        action: &str,
+        reason: &str,
+    ) -> Result<bool> {
         let now = to_micros(Utc::now());
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
             "UPDATE vms SET status = 'failed', failure_reason = $1, status_changed_at = $2, \
-             updated_at = $2 WHERE id = $3 AND deleted_at IS NULL AND status <> 'failed'",
+             updated_at = $2, generation = generation + 1 \
+             WHERE id = $3 AND deleted_at IS NULL AND status = $4 AND generation = $5",
         )
         .bind(reason)
         .bind(now)
         .bind(id.to_string())
+        .bind(from.as_str())
+        .bind(generation)
         .execute(&mut *tx)
         .await?;
         if res.rows_affected() == 0 {
@@ -277,30 +298,38 @@ impl Store {
         Ok(())
     }
 
-    /// Live machines placed on a host, with their status.
-    pub async fn machines_on_host(&self, host_id: &str) -> Result<Vec<(MachineId, MachineStatus)>> {
-        let rows =
-            sqlx::query("SELECT id, status FROM vms WHERE host_id = $1 AND deleted_at IS NULL")
-                .bind(host_id)
-                .fetch_all(self.reader())
-                .await?;
+    /// Live machines placed on a host, with their status and generation.
+    pub async fn machines_on_host(
+        &self,
+        host_id: &str,
+    ) -> Result<Vec<(MachineId, MachineStatus, i64)>> {
+        let rows = sqlx::query(
+            "SELECT id, status, generation FROM vms WHERE host_id = $1 AND deleted_at IS NULL",
+        )
+        .bind(host_id)
+        .fetch_all(self.reader())
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok((
                     parse_col(&r.try_get::<String, _>("id")?, "vms.id")?,
                     parse_col(&r.try_get::<String, _>("status")?, "vms.status")?,
+                    r.try_get("generation")?,
                 ))
             })
             .collect()
     }
 
-    /// A reconciler's repair: `from` → `to` with the desired state set to match (if the
-    /// machine is still in `from`; a tenant's request meanwhile wins). `failed` records the
-    /// message as the failure reason. Returns whether it applied.
+    /// A reconciler's repair: `from` → `to` with the desired state set to match, if the
+    /// machine is still in `from` at the `generation` the reconciler read *before* it asked
+    /// the host (whatever a workflow or a tenant did since wins). `failed` records the message
+    /// as the failure reason. Returns whether it applied.
+    #[allow(clippy::too_many_arguments)]
     pub async fn machine_reconcile(
         &self,
         id: MachineId,
         from: MachineStatus,
+        generation: i64,
         to: MachineStatus,
         desired: Option<DesiredState>,
         message: &str,
@@ -311,7 +340,7 @@ impl Store {
             "UPDATE vms SET status = $1, desired_state = COALESCE($2, desired_state), \
              failure_reason = CASE WHEN $1 = 'failed' THEN $3 ELSE failure_reason END, \
              status_changed_at = $4, updated_at = $4, generation = generation + 1 \
-             WHERE id = $5 AND status = $6 AND deleted_at IS NULL",
+             WHERE id = $5 AND status = $6 AND generation = $7 AND deleted_at IS NULL",
         )
         .bind(to.as_str())
         .bind(desired.map(DesiredState::as_str))
@@ -319,6 +348,7 @@ impl Store {
         .bind(now)
         .bind(id.to_string())
         .bind(from.as_str())
+        .bind(generation)
         .execute(&mut *tx)
         .await?;
         if res.rows_affected() == 0 {
@@ -349,5 +379,33 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Machines whose transitional status has outlasted its deadline, with the status and
+    /// generation to fail them from. `limits` says how long each status may last.
+    pub async fn machines_past_deadline(
+        &self,
+        limits: &[(MachineStatus, chrono::Duration)],
+    ) -> Result<Vec<(MachineId, MachineStatus, i64)>> {
+        let now = Utc::now();
+        let mut out = Vec::new();
+        for (status, limit) in limits {
+            let rows = sqlx::query(
+                "SELECT id, generation FROM vms WHERE status = $1 AND deleted_at IS NULL \
+                 AND status_changed_at < $2",
+            )
+            .bind(status.as_str())
+            .bind(to_micros(now - *limit))
+            .fetch_all(self.reader())
+            .await?;
+            for r in rows {
+                out.push((
+                    parse_col(&r.try_get::<String, _>("id")?, "vms.id")?,
+                    *status,
+                    r.try_get("generation")?,
+                ));
+            }
+        }
+        Ok(out)
     }
 }

@@ -16,6 +16,10 @@ use sqlx::{Any, Row, Transaction};
 use std::fmt;
 use std::str::FromStr;
 
+/// Another queued task of the same machine (`t`) holding a live lease at `$1`.
+const OTHER_LIVE_LEASE: &str = "SELECT 1 FROM tasks o WHERE o.vm_id = t.vm_id AND o.id <> t.id \
+    AND o.state = 'queued' AND o.lease_expires_at >= $1";
+
 /// What a task does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TaskKind {
@@ -107,60 +111,104 @@ pub(crate) async fn enqueue_in_txn(
 
 impl Store {
     /// Claims the most overdue claimable task for `owner` until `now + lease`.
+    ///
+    /// On PostgreSQL the pick skips rows other replicas hold (`FOR UPDATE SKIP LOCKED`), then
+    /// locks the machine's row and checks again, in a fresh statement, that no other task of
+    /// that machine holds a live lease: two replicas picking two tasks of one machine at once
+    /// take turns there, and the second finds the first's lease.
     pub async fn task_claim(&self, owner: &str, lease: Duration) -> Result<Option<TaskRecord>> {
         let now = to_micros(Utc::now());
         let until = now + lease.num_microseconds().unwrap_or(i64::MAX / 4);
-        let lock = match self.backend() {
-            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
-            Backend::Sqlite => "",
-        };
-        let sql = format!(
-            "UPDATE tasks SET lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1, \
-             updated_at = $3 \
-             WHERE id = (SELECT t.id FROM tasks t WHERE t.state = 'queued' AND t.run_after <= $3 \
-               AND (t.lease_expires_at IS NULL OR t.lease_expires_at < $3) \
-               AND NOT EXISTS (SELECT 1 FROM tasks o WHERE o.vm_id = t.vm_id AND o.id <> t.id \
-                 AND o.state = 'queued' AND o.lease_expires_at >= $3) \
-               ORDER BY t.run_after, t.created_at LIMIT 1 {lock}) \
-             RETURNING id, vm_id, kind, attempts, created_at"
+        let postgres = self.backend() == Backend::Postgres;
+        let pick = format!(
+            "SELECT t.id, t.vm_id FROM tasks t WHERE t.state = 'queued' AND t.run_after <= $1 \
+             AND (t.lease_expires_at IS NULL OR t.lease_expires_at < $1) \
+             AND NOT EXISTS ({OTHER_LIVE_LEASE}) \
+             ORDER BY t.run_after, t.created_at LIMIT 1 {}",
+            if postgres {
+                "FOR UPDATE OF t SKIP LOCKED"
+            } else {
+                ""
+            }
         );
         let mut tx = self.begin_write().await?;
-        let row = sqlx::query(&sql)
-            .bind(owner)
-            .bind(until)
+        let Some(picked) = sqlx::query(&pick)
             .bind(now)
             .fetch_optional(&mut *tx)
+            .await?
+        else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let (id, vm_id): (String, String) = (picked.try_get("id")?, picked.try_get("vm_id")?);
+        if postgres {
+            sqlx::query("SELECT id FROM vms WHERE id = $1 FOR UPDATE")
+                .bind(&vm_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let busy = sqlx::query(&format!(
+                "SELECT 1 AS busy FROM tasks t WHERE t.id = $2 AND EXISTS ({OTHER_LIVE_LEASE})"
+            ))
+            .bind(now)
+            .bind(&id)
+            .fetch_optional(&mut *tx)
             .await?;
+            if busy.is_some() {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+        }
+        let row = sqlx::query(
+            "UPDATE tasks SET lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1, \
+             updated_at = $3 WHERE id = $4 RETURNING id, vm_id, kind, attempts, created_at",
+        )
+        .bind(owner)
+        .bind(until)
+        .bind(now)
+        .bind(&id)
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
-        row.map(|r| {
-            Ok(TaskRecord {
-                id: r.try_get("id")?,
-                vm_id: super::parse_col(&r.try_get::<String, _>("vm_id")?, "tasks.vm_id")?,
-                kind: r.try_get::<String, _>("kind")?.parse()?,
-                attempts: r.try_get("attempts")?,
-                created_at: from_micros(r.try_get("created_at")?),
-            })
-        })
-        .transpose()
+        Ok(Some(TaskRecord {
+            id: row.try_get("id")?,
+            vm_id: super::parse_col(&row.try_get::<String, _>("vm_id")?, "tasks.vm_id")?,
+            kind: row.try_get::<String, _>("kind")?.parse()?,
+            attempts: row.try_get("attempts")?,
+            created_at: from_micros(row.try_get("created_at")?),
+        }))
     }
 
-    /// Extends a lease this owner still holds; false when it lost the task (a takeover).
-    pub async fn task_extend(&self, id: &str, owner: &str, lease: Duration) -> Result<bool> {
+    /// Extends a lease this owner still holds for this attempt (`attempts` fences off a
+    /// worker of the same process whose lease was taken over); false when it lost the task.
+    pub async fn task_extend(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: i64,
+        lease: Duration,
+    ) -> Result<bool> {
         let until = to_micros(Utc::now() + lease);
         let res = sqlx::query(
             "UPDATE tasks SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 \
-             AND state = 'queued'",
+             AND attempts = $4 AND state = 'queued'",
         )
         .bind(until)
         .bind(id)
         .bind(owner)
+        .bind(attempt)
         .execute(&self.write)
         .await?;
         Ok(res.rows_affected() == 1)
     }
 
-    /// Records an attempt's outcome, if this owner still holds the task.
-    pub async fn task_finish(&self, id: &str, owner: &str, outcome: &TaskOutcome) -> Result<bool> {
+    /// Records an attempt's outcome, if this owner still holds the task for this attempt.
+    pub async fn task_finish(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: i64,
+        outcome: &TaskOutcome,
+    ) -> Result<bool> {
         let now = Utc::now();
         let (state, run_after, error) = match outcome {
             TaskOutcome::Done => ("done", now, None),
@@ -174,7 +222,7 @@ impl Store {
         let res = sqlx::query(
             "UPDATE tasks SET state = $1, run_after = $2, last_error = COALESCE($3, last_error), \
              lease_owner = NULL, lease_expires_at = NULL, updated_at = $4 \
-             WHERE id = $5 AND lease_owner = $6",
+             WHERE id = $5 AND lease_owner = $6 AND attempts = $7",
         )
         .bind(state)
         .bind(to_micros(run_after))
@@ -182,6 +230,7 @@ impl Store {
         .bind(to_micros(now))
         .bind(id)
         .bind(owner)
+        .bind(attempt)
         .execute(&self.write)
         .await?;
         Ok(res.rows_affected() == 1)

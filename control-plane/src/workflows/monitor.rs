@@ -1,13 +1,20 @@
-//! The host monitor: a host whose agent has not heartbeated for `unreachable_after` becomes
-//! `unreachable` (the scheduler skips it, its machines' logs say so); its next heartbeat makes
-//! it `ready` again (the registry writes that).
+//! The monitor: a host whose agent has not heartbeated for `unreachable_after` becomes
+//! `unreachable` (the scheduler skips it, its machines' logs say so; its next heartbeat makes
+//! it `ready` again, the registry writes that), and a machine whose transitional status has
+//! outlasted its deadline fails with the reason, whether or not a task is still working on it.
 
-use super::WorkflowSettings;
+use super::{policy, WorkflowSettings};
+use crate::model::MachineStatus;
 use crate::store::Store;
 
 /// Checks hosts every heartbeat interval until aborted.
 pub async fn run(store: Store, settings: WorkflowSettings) {
-    let mut tick = tokio::time::interval(settings.heartbeat_interval);
+    // Often enough that a silent host is noticed within half the window after it.
+    let every = settings
+        .heartbeat_interval
+        .min(settings.unreachable_after / 2)
+        .max(std::time::Duration::from_millis(200));
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -31,6 +38,23 @@ pub async fn check_once(store: &Store, settings: &WorkflowSettings) -> crate::Re
             settings.unreachable_after.as_secs()
         );
         store.machine_note_on_host(&id, "reconcile", &note).await?;
+    }
+    let limits: Vec<_> = MachineStatus::ALL
+        .into_iter()
+        .filter_map(|s| {
+            let limit = policy::deadline(s, settings)?;
+            Some((s, chrono::Duration::from_std(limit).ok()?))
+        })
+        .collect();
+    for (id, status, generation) in store.machines_past_deadline(&limits).await? {
+        let limit = policy::deadline(status, settings).unwrap_or_default();
+        let reason = policy::timeout_reason(status, limit);
+        if store
+            .machine_fail(id, status, generation, "deadline", &reason)
+            .await?
+        {
+            tracing::warn!(machine = %id, %status, "machine failed its deadline");
+        }
     }
     Ok(())
 }

@@ -18,6 +18,11 @@ pub fn deadline(status: MachineStatus, s: &WorkflowSettings) -> Option<Duration>
     }
 }
 
+/// The failure reason of a machine that outlasted `limit` in `status`.
+pub fn timeout_reason(status: MachineStatus, limit: Duration) -> String {
+    format!("timed out: {status} for more than {} s", limit.as_secs())
+}
+
 /// What to do about an agent's error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {

@@ -80,8 +80,12 @@ impl Reconciler {
         }
     }
 
-    /// Compares one host's domains with its machines and repairs the drift.
+    /// Compares one host's domains with its machines and repairs the drift. The machines are
+    /// read *before* the host is asked, and every repair is a compare-and-swap on the
+    /// generation read here: a workflow that settles meanwhile makes the repair a no-op
+    /// instead of being judged against a listing older than its result.
     pub async fn pass_host(&self, host: &HostRecord) -> crate::Result<()> {
+        let known = self.known_machines(&host.id).await?;
         let mut client = self
             .agents
             .client(&host.grpc_address)
@@ -97,13 +101,8 @@ impl Reconciler {
             .iter()
             .filter_map(|v| Some((Uuid::parse_str(&v.machine_id).ok()?, actual_of(v.phase)?)))
             .collect();
-        let machines: Vec<(Uuid, MachineStatus)> = self
-            .store
-            .machines_on_host(&host.id)
-            .await?
-            .into_iter()
-            .map(|(id, s)| (id.0, s))
-            .collect();
+        let machines: Vec<(Uuid, MachineStatus)> =
+            known.iter().map(|(id, (s, _))| (*id, *s)).collect();
         let repairs = {
             let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
             let seen = orphans.entry(host.id.clone()).or_default();
@@ -116,18 +115,43 @@ impl Reconciler {
                 self.settings.orphan_grace,
             )
         };
-        for repair in repairs {
-            self.apply(host, repair).await?;
-        }
+        self.apply_all(host, repairs, &known).await;
         Ok(())
+    }
+
+    async fn known_machines(
+        &self,
+        host_id: &str,
+    ) -> crate::Result<HashMap<Uuid, (MachineStatus, i64)>> {
+        Ok(self
+            .store
+            .machines_on_host(host_id)
+            .await?
+            .into_iter()
+            .map(|(id, status, generation)| (id.0, (status, generation)))
+            .collect())
+    }
+
+    /// Applies each repair; one that fails is logged and the rest still run.
+    async fn apply_all(
+        &self,
+        host: &HostRecord,
+        repairs: Vec<Repair>,
+        known: &HashMap<Uuid, (MachineStatus, i64)>,
+    ) {
+        for repair in repairs {
+            if let Err(e) = self.apply(host, repair, known).await {
+                tracing::warn!(host = %host.name, error = ?e, "a repair failed");
+            }
+        }
     }
 
     /// Looks at one machine after its agent reported a change. The event only says *that*
     /// something changed: the decision uses the domain's state now (GetVm), so an old event
     /// replayed from the agent's backlog cannot undo a newer truth.
     async fn check_machine(&self, host: &HostRecord, id: Uuid) -> crate::Result<()> {
-        let machines = self.store.machines_on_host(&host.id).await?;
-        let Some((_, status)) = machines.into_iter().find(|(m, _)| m.0 == id) else {
+        let known = self.known_machines(&host.id).await?;
+        let Some(&(status, _)) = known.get(&id) else {
             // Not a live machine here: orphans are the periodic pass's business.
             return Ok(());
         };
@@ -159,20 +183,25 @@ impl Reconciler {
             Instant::now(),
             Duration::MAX,
         );
-        for repair in repairs {
-            self.apply(host, repair).await?;
-        }
+        self.apply_all(host, repairs, &known).await;
         Ok(())
     }
 
-    async fn apply(&self, host: &HostRecord, repair: Repair) -> crate::Result<()> {
+    async fn apply(
+        &self,
+        host: &HostRecord,
+        repair: Repair,
+        known: &HashMap<Uuid, (MachineStatus, i64)>,
+    ) -> crate::Result<()> {
         use MachineStatus as S;
+        let generation = |id: &Uuid| known.get(id).map_or(-1, |(_, g)| *g);
         match repair {
             Repair::MarkStopped { id, reason } => {
                 self.store
                     .machine_reconcile(
                         MachineId(id),
                         S::Running,
+                        generation(&id),
                         S::Stopped,
                         Some(DesiredState::Stopped),
                         &reason,
@@ -185,6 +214,7 @@ impl Reconciler {
                     .machine_reconcile(
                         MachineId(id),
                         S::Stopped,
+                        generation(&id),
                         S::Running,
                         Some(DesiredState::Running),
                         &message,
@@ -192,14 +222,17 @@ impl Reconciler {
                     .await?;
             }
             Repair::MarkFailed { id, reason } => {
-                for from in [S::Running, S::Stopped] {
-                    if self
-                        .store
-                        .machine_reconcile(MachineId(id), from, S::Failed, None, &reason)
-                        .await?
-                    {
-                        break;
-                    }
+                if let Some(&(from, generation)) = known.get(&id) {
+                    self.store
+                        .machine_reconcile(
+                            MachineId(id),
+                            from,
+                            generation,
+                            S::Failed,
+                            None,
+                            &reason,
+                        )
+                        .await?;
                 }
             }
             Repair::RemoveOrphan { id } => {

@@ -14,6 +14,16 @@ use proto::agent::v1 as pb;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Aborts the task when dropped: a lease renewer must not outlive the step it renews (a
+/// cancelled or panicking worker would otherwise keep its lease forever).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How long an idle worker sleeps before looking for work again.
 const IDLE: Duration = Duration::from_millis(500);
 
@@ -70,37 +80,48 @@ impl Workers {
         let Some(task) = self.store.task_claim(&self.owner, lease).await? else {
             return Ok(false);
         };
-        let renew = {
+        // Renews the lease while the step runs; if the lease is lost (this process stalled
+        // past it and another worker took over), the step is abandoned at its next await.
+        let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<()>();
+        let _renew = AbortOnDrop(tokio::spawn({
             let store = self.store.clone();
-            let (id, owner) = (task.id.clone(), self.owner.clone());
+            let (id, owner, attempt) = (task.id.clone(), self.owner.clone(), task.attempts);
             let every = self.settings.lease / 3;
-            tokio::spawn(async move {
+            async move {
                 loop {
                     tokio::time::sleep(every).await;
-                    match store.task_extend(&id, &owner, lease).await {
+                    match store.task_extend(&id, &owner, attempt, lease).await {
                         Ok(true) => {}
-                        Ok(false) => break,
+                        Ok(false) => {
+                            let _ = lost_tx.send(());
+                            break;
+                        }
                         Err(e) => tracing::warn!(error = ?e, task = %id, "lease renewal failed"),
                     }
                 }
-            })
-        };
-        let outcome = match self.execute(&task).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!(error = ?e, task = %task.id, "task step failed");
-                TaskOutcome::Retry {
-                    after: policy::backoff(task.attempts),
-                    error: "the control plane's database failed during this step".into(),
+            }
+        }));
+        let outcome = tokio::select! {
+            step = self.execute(&task) => match step {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(error = ?e, task = %task.id, "task step failed");
+                    TaskOutcome::Retry {
+                        after: policy::backoff(task.attempts),
+                        error: "the control plane's database failed during this step".into(),
+                    }
                 }
+            },
+            _ = &mut lost => {
+                tracing::warn!(task = %task.id, "lost the task's lease; abandoning the step");
+                return Ok(true);
             }
         };
-        renew.abort();
         tracing::info!(task = %task.id, kind = %task.kind, machine = %task.vm_id,
             attempt = task.attempts, ?outcome, "task attempt finished");
         if !self
             .store
-            .task_finish(&task.id, &self.owner, &outcome)
+            .task_finish(&task.id, &self.owner, task.attempts, &outcome)
             .await?
         {
             tracing::warn!(task = %task.id, "lost the task's lease before finishing; another worker has it");
@@ -117,13 +138,9 @@ impl Workers {
                 .to_std()
                 .unwrap_or_default();
             if age > limit {
-                let reason = format!(
-                    "timed out: {} for more than {} s",
-                    m.status,
-                    limit.as_secs()
-                );
+                let reason = policy::timeout_reason(m.status, limit);
                 self.store
-                    .machine_fail(m.id, task.kind.as_str(), &reason)
+                    .machine_fail(m.id, m.status, m.generation, task.kind.as_str(), &reason)
                     .await?;
                 return Ok(TaskOutcome::Failed(reason));
             }
@@ -195,13 +212,14 @@ impl Workers {
                     .machine_settle(
                         m.id,
                         MachineStatus::Provisioning,
+                        m.generation,
                         to,
                         Some(&network(&state)),
                         "provision",
                         &message,
                     )
-                    .await?;
-                Ok(TaskOutcome::Done)
+                    .await
+                    .map(|settled| again_unless(settled, "provisioning"))
             }
             Err(status) => self.agent_error(task, &m, &host.name, status).await,
         }
@@ -255,13 +273,14 @@ impl Workers {
                     .machine_settle(
                         m.id,
                         during,
+                        m.generation,
                         to,
                         Some(&network(&state)),
                         task.kind.as_str(),
                         &message,
                     )
-                    .await?;
-                Ok(TaskOutcome::Done)
+                    .await
+                    .map(|settled| again_unless(settled, during.as_str()))
             }
             Err(status) if status.code() == tonic::Code::NotFound => {
                 let reason = format!("its domain is gone from host {}", host.name);
@@ -292,6 +311,7 @@ impl Workers {
             .machine_settle(
                 m.id,
                 MachineStatus::Deleting,
+                m.generation,
                 MachineStatus::Deleted,
                 None,
                 "delete",
@@ -320,7 +340,7 @@ impl Workers {
 
     async fn fail(&self, task: &TaskRecord, m: &TaskMachine, reason: &str) -> Step {
         self.store
-            .machine_fail(m.id, task.kind.as_str(), reason)
+            .machine_fail(m.id, m.status, m.generation, task.kind.as_str(), reason)
             .await?;
         Ok(TaskOutcome::Failed(reason.to_owned()))
     }
@@ -343,6 +363,20 @@ impl Workers {
                 after: policy::backoff(task.attempts),
                 error: what,
             }),
+        }
+    }
+}
+
+/// After an agent call: done when the outcome was recorded; otherwise the machine changed
+/// while the agent worked (a tenant's stop during provisioning, say), and the next attempt
+/// re-reads it and acts on what it is now (or ends, if it left `what`).
+fn again_unless(settled: bool, what: &str) -> TaskOutcome {
+    if settled {
+        TaskOutcome::Done
+    } else {
+        TaskOutcome::Retry {
+            after: Duration::from_millis(200),
+            error: format!("the machine changed while it was {what}; acting on it again"),
         }
     }
 }

@@ -286,10 +286,20 @@ async fn kill_9_of_the_control_plane_and_of_an_agent_leaves_no_doubled_or_orphan
         .await;
     let notes = event_messages(&cluster, &tenant, &ids[0]).await;
     assert!(notes.iter().any(|n| n.contains("unreachable")), "{notes:?}");
+    let m = cluster
+        .call("GET", &format!("/machines/{}", ids[0]), Some(&tenant), None)
+        .await
+        .1;
+    assert_eq!(m["host_state"], "unreachable", "{m}");
     cluster.start_agent(0, vcpus(8)).await;
     cluster
         .wait_for_host("a", "ready", Duration::from_secs(30))
         .await;
+    let notes = event_messages(&cluster, &tenant, &ids[0]).await;
+    assert!(
+        notes.iter().any(|n| n.contains("reachable again")),
+        "{notes:?}"
+    );
     let mut after = cluster.domains_of("a");
     after.sort();
     assert_eq!(after, expected);

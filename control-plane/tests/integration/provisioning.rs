@@ -444,7 +444,214 @@ async fn a_machine_nothing_can_hold_fails_at_the_placement_deadline_with_the_rea
     app.stop().await;
 }
 
+/// Registers a fake host and a fake kernel image; returns the host, the admin and a tenant.
+async fn cluster_with_image(
+    app: &TestApp,
+    name: &str,
+) -> (FakeHost, crate::common::Session, crate::common::Session) {
+    let host = FakeHost::start(app.grpc.unwrap(), name, 8).await;
+    let admin = app.admin("root").await;
+    wait_for("the host to register", async || {
+        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "ready"
+    })
+    .await;
+    let kernel = b"kernel";
+    let kernel_path = host.tmp.path().join("vmlinuz");
+    std::fs::write(&kernel_path, kernel).unwrap();
+    let url = format!("file://{}", kernel_path.display());
+    let image = json!({"name": "fake", "source": url, "format": "kernel",
+        "boot": {"kernel": url, "kernel_sha256": hex::encode(Sha256::digest(kernel))}});
+    let res = app
+        .as_user(&admin, Method::POST, "/images")
+        .json(&image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let tenant = app.user(&format!("{name}-tenant")).await;
+    (host, admin, tenant)
+}
+
+async fn create(app: &TestApp, tenant: &crate::common::Session, hostname: &str) -> String {
+    let res = app
+        .as_user(tenant, Method::POST, "/machines")
+        .json(&json!({"hostname": hostname, "image": "fake", "vcpus": 1, "memory_mib": 128, "disk_gib": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn a_stop_during_provisioning_is_honoured(backend: Backend) {
+    let app = TestApp::spawn_provisioning(backend, config()).await;
+    let (host, _admin, tenant) = cluster_with_image(&app, "slow").await;
+    // The agent takes a while to define: the tenant changes its mind meanwhile.
+    host.fake
+        .delay(HypervisorOp::Define, Duration::from_millis(1500));
+    let id = create(&app, &tenant, "fickle").await;
+    wait_for("provisioning", async || {
+        status_of(&app, &tenant, &id).await == "provisioning"
+    })
+    .await;
+    let res = app
+        .as_user(&tenant, Method::POST, &format!("/machines/{id}/stop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    wait_for("stopped", async || {
+        status_of(&app, &tenant, &id).await == "stopped"
+    })
+    .await;
+    let m = app.get_json(&tenant, &format!("/machines/{id}")).await;
+    assert_eq!(m["desired_state"], "stopped");
+    let domain = host.fake.domain_names().pop().expect("one domain");
+    use host_agent::hypervisor::{DomainPhase, Hypervisor};
+    assert_eq!(
+        host.fake.get(&domain).unwrap().unwrap().phase,
+        DomainPhase::Stopped
+    );
+    app.stop().await;
+}
+
+async fn an_action_on_an_unreachable_host_fails_at_its_deadline(backend: Backend) {
+    let mut cfg = config();
+    cfg.workflows.unreachable_after = Duration::from_secs(2);
+    cfg.workflows.transition_timeout = Duration::from_secs(3);
+    let app = TestApp::spawn_provisioning(backend, cfg).await;
+    let (host, admin, tenant) = cluster_with_image(&app, "doomed").await;
+    let id = create(&app, &tenant, "stranded").await;
+    wait_for("running", async || {
+        status_of(&app, &tenant, &id).await == "running"
+    })
+    .await;
+    drop(host);
+    wait_for("unreachable", async || {
+        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "unreachable"
+    })
+    .await;
+    let res = app
+        .as_user(&tenant, Method::POST, &format!("/machines/{id}/stop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    wait_for("failed", async || {
+        status_of(&app, &tenant, &id).await == "failed"
+    })
+    .await;
+    let m = app.get_json(&tenant, &format!("/machines/{id}")).await;
+    assert!(
+        m["failure_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("timed out: stopping"),
+        "{m}"
+    );
+    let events = app
+        .get_json(&tenant, &format!("/machines/{id}/events"))
+        .await;
+    let messages: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        messages.iter().any(|m| m.contains("is unreachable")),
+        "{messages:?}"
+    );
+    app.stop().await;
+}
+
+async fn registration_checks_the_token_and_what_agents_claim(backend: Backend) {
+    use proto::controlplane::v1::agent_registry_client::AgentRegistryClient;
+    use proto::controlplane::v1::RegisterRequest;
+    let app = TestApp::spawn_provisioning(backend, config()).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.grpc.unwrap()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = |name: &str, prefix: &str| RegisterRequest {
+        name: name.into(),
+        address: "127.0.0.1:9999".into(),
+        capacity: Some(pb::Capacity {
+            vcpus: 1,
+            memory_mib: 512,
+            disk_gib: 1,
+        }),
+        hypervisor: pb::HypervisorKind::Qemu as i32,
+        agent_version: "t".into(),
+        domain_prefix: prefix.into(),
+    };
+    let mut wrong = AgentRegistryClient::with_interceptor(
+        channel.clone(),
+        proto::bearer::BearerToken::new("not the token").unwrap(),
+    );
+    let err = wrong.register(request("h1", "p-")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let mut client = AgentRegistryClient::with_interceptor(
+        channel,
+        proto::bearer::BearerToken::new(TOKEN).unwrap(),
+    );
+    for bad in [
+        request("", "p-"),
+        request("a b", "p-"),
+        RegisterRequest {
+            address: "nowhere".into(),
+            ..request("h1", "p-")
+        },
+        RegisterRequest {
+            capacity: None,
+            ..request("h1", "p-")
+        },
+        RegisterRequest {
+            hypervisor: 0,
+            ..request("h1", "p-")
+        },
+    ] {
+        let err = client.register(bad).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    }
+    let first = client
+        .register(request("h1", "p-"))
+        .await
+        .unwrap()
+        .into_inner();
+    // The same agent again (a restart): the same host.
+    let again = client
+        .register(request("h1", "p-"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.host_id, again.host_id);
+    // Another live agent claiming the name with another prefix: refused.
+    let err = client.register(request("h1", "q-")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    let err = client
+        .heartbeat(proto::controlplane::v1::HeartbeatRequest {
+            host_id: uuid::Uuid::new_v4().to_string(),
+            capacity: Some(pb::Capacity {
+                vcpus: 1,
+                memory_mib: 1,
+                disk_gib: 1,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    app.stop().await;
+}
+
 both_stores!(
+    a_stop_during_provisioning_is_honoured,
+    an_action_on_an_unreachable_host_fails_at_its_deadline,
+    registration_checks_the_token_and_what_agents_claim,
     a_machine_nothing_can_hold_fails_at_the_placement_deadline_with_the_reason,
     two_replicas_placing_at_once_never_oversubscribe_a_host,
     faults_at_every_step_still_converge_and_steps_run_twice_change_nothing,

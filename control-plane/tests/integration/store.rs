@@ -40,34 +40,36 @@ async fn tasks_are_leased_to_one_owner_and_purged_once_finished(backend: Backend
     assert!(s.task_claim("two", lease).await.unwrap().is_none());
     // Only the holder may finish or extend it.
     assert!(!s
-        .task_finish(&task.id, "two", &TaskOutcome::Done)
+        .task_finish(&task.id, "two", 1, &TaskOutcome::Done)
         .await
         .unwrap());
-    assert!(s.task_extend(&task.id, "one", lease).await.unwrap());
+    assert!(s.task_extend(&task.id, "one", 1, lease).await.unwrap());
     assert!(s
-        .task_finish(&task.id, "one", &TaskOutcome::Done)
+        .task_finish(&task.id, "one", 1, &TaskOutcome::Done)
         .await
         .unwrap());
-    // An expired lease is taken over.
+    // An expired lease is taken over, even by the same owner (another worker loop of the
+    // same process): the attempt number fences the first one off.
     let next = s
-        .task_claim("two", Duration::milliseconds(1))
+        .task_claim("same", Duration::milliseconds(1))
         .await
         .unwrap()
         .expect("delete");
     assert_eq!(next.kind, TaskKind::Delete);
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let again = s
-        .task_claim("three", lease)
+        .task_claim("same", lease)
         .await
         .unwrap()
         .expect("taken over");
     assert_eq!((again.id.as_str(), again.attempts), (next.id.as_str(), 2));
+    assert!(!s.task_extend(&next.id, "same", 1, lease).await.unwrap());
     assert!(!s
-        .task_finish(&next.id, "two", &TaskOutcome::Done)
+        .task_finish(&next.id, "same", 1, &TaskOutcome::Done)
         .await
         .unwrap());
     assert!(s
-        .task_finish(&again.id, "three", &TaskOutcome::Failed("gave up".into()))
+        .task_finish(&again.id, "same", 2, &TaskOutcome::Failed("gave up".into()))
         .await
         .unwrap());
     // Finished tasks go with housekeeping; queued ones never do.
