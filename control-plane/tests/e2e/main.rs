@@ -427,3 +427,112 @@ async fn the_reconciler_notices_a_dead_domain_and_removes_an_orphan() {
         "running"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_takes_a_tenant_from_login_to_an_ssh_session() {
+    let mut cluster = Cluster::start().await;
+    cluster.add_agent("a", SMALL).await;
+    cluster.register_tiny_image().await;
+    cluster.tenant("clara").await;
+    let (key, public) = ssh_key(cluster.tmp.path());
+    let pubfile = cluster.tmp.path().join("id_ed25519.pub");
+    let config = cluster.tmp.path().join("cli-config");
+    let skygate = |args: &[&str], stdin: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skygate"))
+            .args(args)
+            .env("SKYGATE_API", &cluster.http)
+            .env("SKYGATE_CONFIG_DIR", &config)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("skygate");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "skygate {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    skygate(
+        &["login", "-u", "clara", "--password-stdin"],
+        "correct horse battery staple",
+    );
+    assert!(public.starts_with("ssh-ed25519"));
+    let created = skygate(
+        &[
+            "machines",
+            "create",
+            "cli-vm",
+            "--image",
+            "tiny",
+            "--memory-mib",
+            "256",
+            "--disk-gib",
+            "1",
+            "--ssh-key",
+            pubfile.to_str().unwrap(),
+            "--wait",
+        ],
+        "",
+    );
+    assert!(
+        created.contains("running") && created.contains("port:"),
+        "{created}"
+    );
+    // `skygate machines ssh` runs the system ssh against the forwarded port.
+    let deadline = Instant::now() + BOOT;
+    let answer = loop {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_skygate"))
+            .args([
+                "machines",
+                "ssh",
+                "cli-vm",
+                "-i",
+                key.to_str().unwrap(),
+                "--",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=5",
+                "-o",
+                "LogLevel=ERROR",
+                "hostname",
+            ])
+            .env("SKYGATE_API", &cluster.http)
+            .env("SKYGATE_CONFIG_DIR", &config)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(answer, "cli-vm");
+    let console = skygate(&["machines", "console", "cli-vm"], "");
+    assert!(
+        console.contains("SKYGATE-READY hostname=cli-vm"),
+        "{console}"
+    );
+    skygate(&["machines", "stop", "cli-vm", "--wait"], "");
+    skygate(&["machines", "delete", "cli-vm", "--wait"], "");
+    assert!(cluster.all_domains().is_empty());
+}

@@ -13,4 +13,5 @@ mod machines;
 mod pagination;
 mod provisioning;
 mod sessions;
+mod skygate_cli;
 mod store;

@@ -1,0 +1,570 @@
+//! `skygate`: the command-line client of the SkyGate API. Every failure is one line on
+//! stderr (with the request id when the server gave one) and a non-zero exit status.
+
+// Printing is what a command-line client is for.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod output;
+mod session;
+
+use std::io::{IsTerminal, Read, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use output::{print_rows, Output};
+use session::{fail, Api, CliError, CliResult};
+
+/// SkyGate command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "skygate", version, about)]
+struct Cli {
+    /// API base URL (default: the one you logged in to, else http://127.0.0.1:8080).
+    #[arg(long, env = "SKYGATE_API", global = true)]
+    api: Option<String>,
+    /// How to print results.
+    #[arg(long, short, value_enum, default_value = "table", global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Log in and keep the session in the config dir (~/.config/skygate, mode 0600).
+    Login {
+        #[arg(long, short)]
+        username: String,
+        /// Read the password from standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Create an account (then log in).
+    Register {
+        #[arg(long, short)]
+        username: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// End the session (revokes its refresh tokens).
+    Logout,
+    /// Virtual machines.
+    #[command(subcommand)]
+    Machines(MachinesCmd),
+    /// Saved SSH public keys.
+    #[command(subcommand, name = "ssh-keys")]
+    SshKeys(SshKeysCmd),
+    /// Guest images.
+    #[command(subcommand)]
+    Images(ImagesCmd),
+    /// Hypervisor hosts (administrators).
+    #[command(subcommand)]
+    Hosts(HostsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum MachinesCmd {
+    /// Ask for a new machine.
+    Create {
+        hostname: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long, default_value_t = 512)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 10)]
+        disk_gib: u64,
+        /// An OpenSSH public key, a file holding one, or the name of a saved key (repeatable).
+        #[arg(long = "ssh-key")]
+        ssh_keys: Vec<String>,
+        /// A cloud-init user-data file.
+        #[arg(long)]
+        user_data: Option<std::path::PathBuf>,
+        /// Follow the machine until it runs.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Your machines (all of them for administrators).
+    List {
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// One machine, by id or hostname.
+    Show { machine: String },
+    Start {
+        machine: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    Stop {
+        machine: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    Reboot {
+        machine: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    Delete {
+        machine: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The machine's log.
+    Events { machine: String },
+    /// The tail of the machine's serial console.
+    Console { machine: String },
+    /// Run the system ssh against the machine's forwarded port (extra arguments after --).
+    Ssh {
+        machine: String,
+        /// Log in as this user.
+        #[arg(long, short, default_value = "root")]
+        user: String,
+        /// Private key to use.
+        #[arg(long, short = 'i')]
+        identity: Option<std::path::PathBuf>,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SshKeysCmd {
+    List,
+    /// Save a public key (text or a file) under a name.
+    Add {
+        name: String,
+        key: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImagesCmd {
+    List,
+    /// Register an image from a JSON body such as images/tiny/build.sh writes (admin).
+    Register {
+        file: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostsCmd {
+    List,
+    Cordon { host: String },
+    Uncordon { host: String },
+    Delete { host: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Target {
+    Running,
+    Stopped,
+    Gone,
+}
+
+fn read_password(from_stdin: bool) -> CliResult<String> {
+    let password = if from_stdin || !std::io::stdin().is_terminal() {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| CliError(format!("reading the password: {e}")))?;
+        s.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        rpassword::prompt_password("password: ")
+            .map_err(|e| CliError(format!("reading the password: {e}")))?
+    };
+    if password.is_empty() {
+        return fail("the password is empty");
+    }
+    Ok(password)
+}
+
+/// A key given on the command line: key text, a file with one, or a saved key's name.
+fn key_argument(arg: &str) -> String {
+    let path = std::path::Path::new(arg);
+    if !arg.starts_with("ssh-") && !arg.starts_with("ecdsa-") && path.is_file() {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text.trim().to_owned();
+        }
+    }
+    arg.to_owned()
+}
+
+/// A machine's id from an id or a hostname (the caller's own machines).
+async fn machine_id(api: &mut Api, machine: &str) -> CliResult<String> {
+    if uuid::Uuid::parse_str(machine).is_ok() {
+        return Ok(machine.to_owned());
+    }
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/machines?limit=200&cursor={c}"),
+            None => "/machines?limit=200".to_owned(),
+        };
+        let page = api.call(Method::GET, &path, None).await?;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        if let Some(m) = items.iter().find(|m| m["hostname"] == machine) {
+            return Ok(m["id"].as_str().unwrap_or_default().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return fail(format!("no machine named {machine:?}")),
+        }
+    }
+}
+
+/// Polls the machine until it reaches `target`, showing its status as it goes; fails when
+/// it fails.
+async fn wait_for(api: &mut Api, id: &str, target: Target) -> CliResult<Value> {
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last = String::new();
+    let spinner = ['|', '/', '-', '\\'];
+    let mut tick = 0usize;
+    loop {
+        let machine = match api
+            .call(Method::GET, &format!("/machines/{id}"), None)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if target == Target::Gone && e.0.contains("HTTP 404") => {
+                if tty {
+                    eprintln!();
+                }
+                return Ok(Value::Null);
+            }
+            Err(e) => return Err(e),
+        };
+        let status = machine["status"].as_str().unwrap_or("?").to_owned();
+        if status == "failed" {
+            if tty {
+                eprintln!();
+            }
+            return fail(format!(
+                "machine {id} failed: {}",
+                machine["failure_reason"]
+                    .as_str()
+                    .unwrap_or("no reason given")
+            ));
+        }
+        let done = match target {
+            Target::Running => status == "running",
+            Target::Stopped => status == "stopped",
+            Target::Gone => false,
+        };
+        if tty {
+            eprint!(
+                "\r{} {status:<12} {:>5.1} s",
+                spinner[tick % spinner.len()],
+                started.elapsed().as_secs_f64()
+            );
+            let _ = std::io::stderr().flush();
+        } else if status != last {
+            eprintln!("{status} after {:.1} s", started.elapsed().as_secs_f64());
+        }
+        if done {
+            if tty {
+                eprintln!();
+            }
+            return Ok(machine);
+        }
+        last = status;
+        tick += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn run(cli: Cli) -> CliResult<()> {
+    let out = cli.output;
+    let mut api = Api::new(cli.api)?;
+    match cli.command {
+        Command::Login {
+            username,
+            password_stdin,
+        } => {
+            let password = read_password(password_stdin)?;
+            api.login(&username, &password).await?;
+            eprintln!("logged in to {} as {username}", api.base);
+        }
+        Command::Register {
+            username,
+            email,
+            password_stdin,
+        } => {
+            let password = read_password(password_stdin)?;
+            let user = api
+                .anonymous(
+                    Method::POST,
+                    "/auth/register",
+                    Some(json!({"username": username, "email": email, "password": password})),
+                )
+                .await?;
+            output::print_one(out, &user, &["id", "username", "email", "role"]);
+        }
+        Command::Logout => {
+            api.logout().await?;
+            eprintln!("logged out");
+        }
+        Command::Machines(cmd) => machines(&mut api, out, cmd).await?,
+        Command::SshKeys(cmd) => match cmd {
+            SshKeysCmd::List => {
+                let keys = api.call(Method::GET, "/ssh-keys", None).await?;
+                print_rows(out, &keys["items"], &["id", "name", "fingerprint"]);
+            }
+            SshKeysCmd::Add { name, key } => {
+                let body = json!({"name": name, "public_key": key_argument(&key)});
+                let key = api.call(Method::POST, "/ssh-keys", Some(body)).await?;
+                output::print_one(out, &key, &["id", "name", "fingerprint"]);
+            }
+            SshKeysCmd::Delete { id } => {
+                api.call(Method::DELETE, &format!("/ssh-keys/{id}"), None)
+                    .await?;
+            }
+        },
+        Command::Images(cmd) => match cmd {
+            ImagesCmd::List => {
+                let images = api.call(Method::GET, "/images", None).await?;
+                print_rows(out, &images["items"], &["name", "format", "source"]);
+            }
+            ImagesCmd::Register { file } => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| CliError(format!("{}: {e}", file.display())))?;
+                let body: Value = serde_json::from_str(&text)
+                    .map_err(|e| CliError(format!("{}: not JSON: {e}", file.display())))?;
+                let image = api.call(Method::POST, "/images", Some(body)).await?;
+                output::print_one(out, &image, &["id", "name", "format", "source"]);
+            }
+        },
+        Command::Hosts(cmd) => {
+            let columns = ["name", "state", "hypervisor", "machines", "address"];
+            match cmd {
+                HostsCmd::List => {
+                    let hosts = api.call(Method::GET, "/hosts", None).await?;
+                    print_rows(out, &hosts["items"], &columns);
+                }
+                HostsCmd::Cordon { host } => {
+                    let id = host_id(&mut api, &host).await?;
+                    let h = api
+                        .call(Method::POST, &format!("/hosts/{id}/cordon"), None)
+                        .await?;
+                    output::print_one(out, &h, &columns);
+                }
+                HostsCmd::Uncordon { host } => {
+                    let id = host_id(&mut api, &host).await?;
+                    let h = api
+                        .call(Method::POST, &format!("/hosts/{id}/uncordon"), None)
+                        .await?;
+                    output::print_one(out, &h, &columns);
+                }
+                HostsCmd::Delete { host } => {
+                    let id = host_id(&mut api, &host).await?;
+                    api.call(Method::DELETE, &format!("/hosts/{id}"), None)
+                        .await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A host's id from an id or a name.
+async fn host_id(api: &mut Api, host: &str) -> CliResult<String> {
+    if uuid::Uuid::parse_str(host).is_ok() {
+        return Ok(host.to_owned());
+    }
+    let hosts = api.call(Method::GET, "/hosts", None).await?;
+    hosts["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|h| h["name"] == host))
+        .and_then(|h| h["id"].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| CliError(format!("no host named {host:?}")))
+}
+
+const MACHINE_COLUMNS: [&str; 6] = ["id", "hostname", "status", "host", "vcpus", "memory_mib"];
+
+async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()> {
+    match cmd {
+        MachinesCmd::Create {
+            hostname,
+            image,
+            vcpus,
+            memory_mib,
+            disk_gib,
+            ssh_keys,
+            user_data,
+            wait,
+        } => {
+            let mut body = json!({"hostname": hostname, "image": image, "vcpus": vcpus,
+                "memory_mib": memory_mib, "disk_gib": disk_gib});
+            if !ssh_keys.is_empty() {
+                body["ssh_keys"] =
+                    json!(ssh_keys.iter().map(|k| key_argument(k)).collect::<Vec<_>>());
+            }
+            if let Some(path) = user_data {
+                body["user_data"] = json!(std::fs::read_to_string(&path)
+                    .map_err(|e| CliError(format!("{}: {e}", path.display())))?);
+            }
+            let mut machine = api.call(Method::POST, "/machines", Some(body)).await?;
+            if wait {
+                let id = machine["id"].as_str().unwrap_or_default().to_owned();
+                machine = wait_for(api, &id, Target::Running).await?;
+            }
+            output::print_machine(out, &machine);
+        }
+        MachinesCmd::List { status } => {
+            let mut items = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut path = String::from("/machines?limit=200");
+                if let Some(s) = &status {
+                    path.push_str(&format!("&status={s}"));
+                }
+                if let Some(c) = &cursor {
+                    path.push_str(&format!("&cursor={c}"));
+                }
+                let page = api.call(Method::GET, &path, None).await?;
+                items.extend(page["items"].as_array().cloned().unwrap_or_default());
+                match page["next_cursor"].as_str() {
+                    Some(c) => cursor = Some(c.to_owned()),
+                    None => break,
+                }
+            }
+            print_rows(out, &Value::Array(items), &MACHINE_COLUMNS);
+        }
+        MachinesCmd::Show { machine } => {
+            let id = machine_id(api, &machine).await?;
+            let m = api
+                .call(Method::GET, &format!("/machines/{id}"), None)
+                .await?;
+            output::print_machine(out, &m);
+        }
+        MachinesCmd::Start { machine, wait } => {
+            action(api, out, &machine, "start", wait.then_some(Target::Running)).await?
+        }
+        MachinesCmd::Stop { machine, wait } => {
+            action(api, out, &machine, "stop", wait.then_some(Target::Stopped)).await?
+        }
+        MachinesCmd::Reboot { machine, wait } => {
+            action(
+                api,
+                out,
+                &machine,
+                "reboot",
+                wait.then_some(Target::Running),
+            )
+            .await?
+        }
+        MachinesCmd::Delete { machine, wait } => {
+            let id = machine_id(api, &machine).await?;
+            let m = api
+                .call(Method::DELETE, &format!("/machines/{id}"), None)
+                .await?;
+            if wait {
+                wait_for(api, &id, Target::Gone).await?;
+                eprintln!("deleted");
+            } else {
+                output::print_machine(out, &m);
+            }
+        }
+        MachinesCmd::Events { machine } => {
+            let id = machine_id(api, &machine).await?;
+            let page = api
+                .call(
+                    Method::GET,
+                    &format!("/machines/{id}/events?limit=200"),
+                    None,
+                )
+                .await?;
+            print_rows(
+                out,
+                &page["items"],
+                &["created_at", "action", "status", "message"],
+            );
+        }
+        MachinesCmd::Console { machine } => {
+            let id = machine_id(api, &machine).await?;
+            let text = api
+                .call_text(Method::GET, &format!("/machines/{id}/console"), None)
+                .await?;
+            print!("{text}");
+        }
+        MachinesCmd::Ssh {
+            machine,
+            user,
+            identity,
+            args,
+        } => {
+            let id = machine_id(api, &machine).await?;
+            let m = api
+                .call(Method::GET, &format!("/machines/{id}"), None)
+                .await?;
+            let Some(port) = m["network"]["ports"]
+                .as_array()
+                .and_then(|ports| ports.iter().find(|p| p["guest"] == 22))
+            else {
+                return fail(format!(
+                    "machine {machine} has no forwarded ssh port (status {})",
+                    m["status"].as_str().unwrap_or("?")
+                ));
+            };
+            let mut cmd = std::process::Command::new("ssh");
+            cmd.args(["-p", &port["host_port"].to_string()]);
+            if let Some(i) = identity {
+                cmd.arg("-i").arg(i);
+            }
+            cmd.arg(format!(
+                "{user}@{}",
+                port["host_ip"].as_str().unwrap_or("127.0.0.1")
+            ));
+            cmd.args(args);
+            let status = cmd
+                .status()
+                .map_err(|e| CliError(format!("cannot run ssh: {e}")))?;
+            if !status.success() {
+                return fail(format!("ssh exited with {status}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn action(
+    api: &mut Api,
+    out: Output,
+    machine: &str,
+    verb: &str,
+    wait: Option<Target>,
+) -> CliResult<()> {
+    let id = machine_id(api, machine).await?;
+    let mut m = api
+        .call(Method::POST, &format!("/machines/{id}/{verb}"), None)
+        .await?;
+    if let Some(target) = wait {
+        m = wait_for(api, &id, target).await?;
+    }
+    output::print_machine(out, &m);
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("skygate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
