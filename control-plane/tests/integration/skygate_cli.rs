@@ -61,8 +61,24 @@ impl Cli {
 async fn the_cli_logs_in_manages_machines_and_reports_failures_in_one_line(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.tiny_image().await;
-    assert_eq!(app.register("cli-user").await.status(), 201);
     let cli = Cli::new(&app);
+    let out = cli.run(
+        &[
+            "register",
+            "-u",
+            "cli-user",
+            "--email",
+            "cli@example.com",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cli-user"));
 
     // Not logged in yet: a clear line, a failure status.
     let out = cli.run(&["machines", "list"], None);
