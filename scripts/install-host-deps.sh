@@ -84,12 +84,17 @@ running() {
     pgrep -x "${name}" >/dev/null 2>&1
 }
 
-# virtlogd first: libvirtd's QEMU driver connects to it when starting guests.
-if ! running virtlogd /var/run/virtlogd.pid; then
-    quiet virtlogd -d
-fi
-if ! running libvirtd /var/run/libvirtd.pid; then
-    quiet libvirtd -d
+# virtlogd first: libvirtd's QEMU driver connects to it when starting guests. Where systemd
+# runs (a real host, the Vagrant VM) it owns the daemons and their sockets.
+if [[ -d /run/systemd/system ]]; then
+    quiet systemctl start virtlogd.socket libvirtd.service
+else
+    if ! running virtlogd /var/run/virtlogd.pid; then
+        quiet virtlogd -d
+    fi
+    if ! running libvirtd /var/run/libvirtd.pid; then
+        quiet libvirtd -d
+    fi
 fi
 
 # libvirtd daemonises before its socket is ready; wait (bounded) for an answer.
