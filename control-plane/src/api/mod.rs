@@ -149,6 +149,22 @@ async fn serve_openapi() -> impl IntoResponse {
     )
 }
 
+/// The API browser (`/api/v1/docs`): one self-contained page that renders `openapi.json`.
+/// Its content security policy forbids loading anything from another origin.
+async fn serve_docs() -> impl IntoResponse {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; base-uri 'none'; form-action 'none'",
+            ),
+        ],
+        include_str!("docs.html"),
+    )
+}
+
 fn api_routes() -> Router<Arc<App>> {
     use axum::routing::delete as del;
     Router::new()
@@ -184,6 +200,7 @@ fn api_routes() -> Router<Arc<App>> {
         .route("/hosts/{id}/cordon", post(hosts::cordon))
         .route("/hosts/{id}/uncordon", post(hosts::uncordon))
         .route("/openapi.json", get(serve_openapi))
+        .route("/docs", get(serve_docs))
 }
 
 fn cors(settings: &HttpSettings) -> CorsLayer {

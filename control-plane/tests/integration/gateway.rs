@@ -164,6 +164,33 @@ async fn openapi_document_is_fresh_and_served() {
     t.stop().await;
 }
 
+/// The API browser: served without a token, rendering the served document, and unable to
+/// load anything from another origin (no external URL in it, and a CSP that forbids it).
+#[tokio::test]
+async fn the_api_browser_is_served_self_contained() {
+    let t = TestApp::spawn(Backend::Sqlite).await;
+    let res = t.req(Method::GET, "/docs").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let csp = res.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"),
+        "{csp}"
+    );
+    let page = res.text().await.unwrap();
+    assert!(page.contains("fetch(\"openapi.json\")"));
+    for external in ["http://", "https://", "//cdn", "<script src", "<link"] {
+        assert!(!page.contains(external), "the page refers to {external}");
+    }
+    t.stop().await;
+}
+
 /// Driven by the document: every operation but register, login and refresh refuses a caller
 /// without a token, with 401 and a problem document.
 #[tokio::test]
