@@ -1,5 +1,6 @@
 //! Command-line flags and environment variables (API.md, "Running it"), turned into settings.
 
+use crate::agents::clients::AgentTls;
 use crate::api::HttpSettings;
 use crate::app::{LoginLimits, MachineLimits, Settings};
 use crate::model::Quota;
@@ -133,6 +134,15 @@ pub struct ServeArgs {
     /// Seconds a stop waits for the guest before the agent forces it off.
     #[arg(long, env = "SKYGATE_STOP_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub stop_timeout_secs: u64,
+    /// PEM CA bundle that signed the agents' certificates: call agents over TLS.
+    #[arg(long, env = "SKYGATE_AGENT_CA")]
+    pub agent_ca: Option<PathBuf>,
+    /// PEM certificate the control plane presents to agents (mutual TLS).
+    #[arg(long, env = "SKYGATE_AGENT_CLIENT_CERT", requires_all = ["agent_client_key", "agent_ca"])]
+    pub agent_client_cert: Option<PathBuf>,
+    /// PEM key of `--agent-client-cert`.
+    #[arg(long, env = "SKYGATE_AGENT_CLIENT_KEY", requires = "agent_client_cert")]
+    pub agent_client_key: Option<PathBuf>,
     /// Seconds between reconciliation passes over every host.
     #[arg(long, env = "SKYGATE_RECONCILE_INTERVAL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub reconcile_interval_secs: u64,
@@ -190,7 +200,20 @@ impl ServeArgs {
                 self.heartbeat_interval_secs
             );
         }
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+        let agent_tls = match &self.agent_ca {
+            Some(ca) => Some(AgentTls {
+                ca: read(ca)?,
+                identity: match (&self.agent_client_cert, &self.agent_client_key) {
+                    (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                    _ => None,
+                },
+            }),
+            None => None,
+        };
         Ok(Some(ProvisioningConfig {
+            agent_tls,
             grpc_addr: self.grpc_addr,
             agent_token: token,
             workflows: WorkflowSettings {

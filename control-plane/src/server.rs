@@ -1,6 +1,7 @@
 //! Start-up and shutdown: open the store, run migrations, load the secret, serve HTTP until
 //! a signal, with housekeeping in the background.
 
+use crate::agents::clients::AgentTls;
 use crate::agents::{AgentClients, RegistryService};
 use crate::api::{self, HttpSettings};
 use crate::app::{App, Settings};
@@ -39,6 +40,8 @@ pub struct ProvisioningConfig {
     pub grpc_addr: SocketAddr,
     pub agent_token: String,
     pub workflows: WorkflowSettings,
+    /// TLS (and mutual TLS) when calling agents.
+    pub agent_tls: Option<AgentTls>,
 }
 
 /// A running control plane; dropping the handle does not stop it, `shutdown` does.
@@ -131,7 +134,7 @@ pub async fn start(
     let mut app = App::new(store, secret, settings).context("token self-test")?;
     if let Some(config) = provisioning {
         let token = BearerToken::new(&config.agent_token).context("--agent-token")?;
-        app = app.with_agents(Arc::new(AgentClients::new(token)));
+        app = app.with_agents(Arc::new(AgentClients::new(token, config.agent_tls.clone())));
     }
     let app = Arc::new(app);
     let listener = TcpListener::bind(addr)

@@ -7,22 +7,41 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// A HostAgent client that presents the agent token.
 pub type AgentClient = HostAgentClient<InterceptedService<Channel, BearerToken>>;
+
+/// TLS towards agents: the CA that signed their certificates and, for mutual TLS, the
+/// control plane's own certificate and key (PEM).
+#[derive(Clone)]
+pub struct AgentTls {
+    pub ca: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for AgentTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentTls")
+            .field("mutual", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
 
 /// The pool.
 #[derive(Debug)]
 pub struct AgentClients {
     token: BearerToken,
+    tls: Option<AgentTls>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl AgentClients {
-    pub fn new(token: BearerToken) -> Self {
+    /// Plain HTTP/2 to agents unless `tls` is given (then https, verified against its CA).
+    pub fn new(token: BearerToken, tls: Option<AgentTls>) -> Self {
         Self {
             token,
+            tls,
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -33,12 +52,23 @@ impl AgentClients {
         let channel = match channels.get(address) {
             Some(c) => c.clone(),
             None => {
-                let endpoint = Endpoint::from_shared(format!("http://{address}"))
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
                     .map_err(|e| {
                         tonic::Status::invalid_argument(format!("agent address {address:?}: {e}"))
                     })?
                     .connect_timeout(Duration::from_secs(5))
                     .tcp_keepalive(Some(Duration::from_secs(30)));
+                if let Some(tls) = &self.tls {
+                    let mut config =
+                        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca));
+                    if let Some((cert, key)) = &tls.identity {
+                        config = config.identity(Identity::from_pem(cert, key));
+                    }
+                    endpoint = endpoint.tls_config(config).map_err(|e| {
+                        tonic::Status::invalid_argument(format!("agent TLS settings: {e}"))
+                    })?;
+                }
                 let channel = endpoint.connect_lazy();
                 channels.insert(address.to_owned(), channel.clone());
                 channel

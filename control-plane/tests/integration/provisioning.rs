@@ -36,6 +36,15 @@ struct FakeHost {
 
 impl FakeHost {
     async fn start(grpc: std::net::SocketAddr, name: &str, vcpus: u32) -> FakeHost {
+        Self::start_with_tls(grpc, name, vcpus, None).await
+    }
+
+    async fn start_with_tls(
+        grpc: std::net::SocketAddr,
+        name: &str,
+        vcpus: u32,
+        tls: Option<host_agent::server::TlsFiles>,
+    ) -> FakeHost {
         let tmp = tempfile::tempdir().unwrap();
         let data = DataDir::new(tmp.path().join("data")).unwrap();
         data.prepare().unwrap();
@@ -75,9 +84,14 @@ impl FakeHost {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let server = tokio::spawn(async move {
-            let _ =
-                host_agent::server::serve(listener, service, TOKEN, None, std::future::pending())
-                    .await;
+            let _ = host_agent::server::serve(
+                listener,
+                service,
+                TOKEN,
+                tls.as_ref(),
+                std::future::pending(),
+            )
+            .await;
         });
         let joining = tokio::spawn(registration::run(Registration {
             control_plane: format!("http://{grpc}"),
@@ -117,6 +131,7 @@ fn config() -> ProvisioningConfig {
     ProvisioningConfig {
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         agent_token: TOKEN.into(),
+        agent_tls: None,
         workflows: WorkflowSettings {
             workers: 2,
             lease: Duration::from_secs(5),
@@ -648,7 +663,89 @@ async fn registration_checks_the_token_and_what_agents_claim(backend: Backend) {
     app.stop().await;
 }
 
+/// A CA, an agent certificate for 127.0.0.1 and a control-plane client certificate, in PEM.
+fn test_pki(
+    dir: &std::path::Path,
+) -> (
+    host_agent::server::TlsFiles,
+    control_plane::agents::clients::AgentTls,
+) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "SkyGate test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: &[&str], usage| {
+        let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+        p.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(
+        &["127.0.0.1", "localhost"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) = leaf(&["control-plane"], ExtendedKeyUsagePurpose::ClientAuth);
+    let write = |name: &str, pem: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    let files = host_agent::server::TlsFiles {
+        cert: write("agent.pem", &server_cert),
+        key: write("agent-key.pem", &server_key),
+        client_ca: Some(write("ca.pem", &ca.pem())),
+    };
+    let tls = control_plane::agents::clients::AgentTls {
+        ca: ca.pem().into_bytes(),
+        identity: Some((client_cert.into_bytes(), client_key.into_bytes())),
+    };
+    (files, tls)
+}
+
+async fn machines_are_driven_over_mutual_tls_when_configured(backend: Backend) {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let (agent_files, control_plane_tls) = test_pki(pki_dir.path());
+    let mut cfg = config();
+    cfg.agent_tls = Some(control_plane_tls);
+    let app = TestApp::spawn_provisioning(backend, cfg).await;
+    let host = FakeHost::start_with_tls(app.grpc.unwrap(), "secure", 8, Some(agent_files)).await;
+    let admin = app.admin("root").await;
+    wait_for("the host to register", async || {
+        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "ready"
+    })
+    .await;
+    let kernel_path = host.tmp.path().join("vmlinuz");
+    std::fs::write(&kernel_path, b"kernel").unwrap();
+    let url = format!("file://{}", kernel_path.display());
+    let image = json!({"name": "fake", "source": url, "format": "kernel",
+        "boot": {"kernel": url, "kernel_sha256": hex::encode(Sha256::digest(b"kernel"))}});
+    let res = app
+        .as_user(&admin, Method::POST, "/images")
+        .json(&image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let tenant = app.user("tls-tenant").await;
+    let id = create(&app, &tenant, "over-tls").await;
+    wait_for("running", async || {
+        status_of(&app, &tenant, &id).await == "running"
+    })
+    .await;
+    assert_eq!(host.fake.domain_names().len(), 1);
+    app.stop().await;
+}
+
 both_stores!(
+    machines_are_driven_over_mutual_tls_when_configured,
     a_stop_during_provisioning_is_honoured,
     an_action_on_an_unreachable_host_fails_at_its_deadline,
     registration_checks_the_token_and_what_agents_claim,
