@@ -68,8 +68,9 @@ pub fn print_one(out: Output, item: &Value, columns: &[&str]) {
     match out {
         Output::Json => println!("{}", serde_json::to_string_pretty(item).unwrap_or_default()),
         Output::Table => {
+            let width = columns.iter().map(|c| c.len() + 1).max().unwrap_or(0);
             for c in columns {
-                println!("{:<12} {}", format!("{c}:"), cell(&item[*c]));
+                println!("{:<width$} {}", format!("{c}:"), cell(&item[*c]));
             }
         }
     }
@@ -94,7 +95,7 @@ pub fn print_machine(out: Output, m: &Value) {
         if let Some(ports) = m["network"]["ports"].as_array() {
             for p in ports {
                 println!(
-                    "{:<12} {}:{} -> {}",
+                    "{:<15} {}:{} -> {}",
                     "port:",
                     cell(&p["host_ip"]),
                     cell(&p["host_port"]),
