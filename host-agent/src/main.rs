@@ -2,13 +2,17 @@
 //! gRPC server until SIGINT/SIGTERM.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use host_agent::config::AgentArgs;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// How long exiting waits for hypervisor calls still running on the blocking pool. A libvirt
+/// call stuck on an unresponsive daemon must not keep a stopped agent alive.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
     let args = AgentArgs::parse();
     let filter = EnvFilter::try_from_env("SKYGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -20,7 +24,19 @@ async fn main() -> ExitCode {
     } else {
         logs.init();
     }
-    match host_agent::server::run(args).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(host_agent::server::run(args));
+    runtime.shutdown_timeout(EXIT_GRACE);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "skygate-host-agent stopped");
