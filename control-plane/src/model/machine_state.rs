@@ -165,6 +165,9 @@ pub fn can_transition(from: MachineStatus, to: MachineStatus) -> bool {
     match (from, to) {
         (S::Deleted, _) => false,
         (S::Deleting, S::Deleted) => true,
+        // A delete that outlasts its deadline (its host never answers): the tenant may
+        // delete again.
+        (S::Deleting, S::Failed) => true,
         (S::Deleting, _) => false,
         (_, S::Deleting) => true,
         (S::Pending, S::Provisioning | S::Failed) => true,
@@ -325,6 +328,7 @@ mod tests {
         assert!(can_transition(S::Rebooting, S::Running));
         assert!(can_transition(S::Failed, S::Deleting));
         assert!(can_transition(S::Deleting, S::Deleted));
+        assert!(can_transition(S::Deleting, S::Failed));
         assert!(!can_transition(S::Pending, S::Running));
         assert!(!can_transition(S::Deleted, S::Pending));
         assert!(!can_transition(S::Deleting, S::Running));

@@ -415,44 +415,6 @@ impl Store {
         Ok(requested)
     }
 
-    /// Records an observed transition (worker, reconciler) if the lifecycle allows it and the
-    /// machine is still in `from`; returns whether it was applied. Reaching `deleted` also
-    /// stamps `deleted_at`, which frees the hostname.
-    pub async fn machine_observe(
-        &self,
-        id: MachineId,
-        from: MachineStatus,
-        to: MachineStatus,
-        action: &str,
-        message: &str,
-    ) -> Result<bool> {
-        if !machine_state::can_transition(from, to) {
-            return Err(Error::Internal(format!(
-                "illegal transition {from} -> {to}"
-            )));
-        }
-        let now = to_micros(Utc::now());
-        let mut tx = self.begin_write().await?;
-        let res = sqlx::query(
-            "UPDATE vms SET status = $1, updated_at = $2, status_changed_at = $2, \
-             generation = generation + 1, \
-             deleted_at = CASE WHEN $1 = 'deleted' THEN $2 ELSE deleted_at END \
-             WHERE id = $3 AND status = $4 AND deleted_at IS NULL",
-        )
-        .bind(to.as_str())
-        .bind(now)
-        .bind(id.to_string())
-        .bind(from.as_str())
-        .execute(&mut *tx)
-        .await?;
-        if res.rows_affected() == 0 {
-            return Ok(false);
-        }
-        event_in_txn(&mut tx, id, action, to, message, now).await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
     /// A machine's log, oldest first, after `after_seq` when given. Deleted machines have none
     /// to show (they are gone for the tenant).
     pub async fn machine_events(

@@ -6,6 +6,7 @@ use super::hosts::hosts_for_placement;
 use super::machines::event_in_txn;
 use super::{from_micros, parse_col, to_micros, Store};
 use crate::error::{Error, Result};
+use crate::model::machine_state;
 use crate::model::scheduler::{self, NoPlacement, Resources};
 use crate::model::{DesiredState, MachineId, MachineStatus};
 use chrono::{DateTime, Utc};
@@ -44,6 +45,18 @@ pub struct TaskImage {
     pub format: String,
     pub sha256: Option<String>,
     pub boot: Option<serde_json::Value>,
+}
+
+/// Every writer of an observed status change goes through the lifecycle's table first: a
+/// transition it does not allow is a bug, not something to write.
+fn check_transition(from: MachineStatus, to: MachineStatus) -> Result<()> {
+    if machine_state::can_transition(from, to) {
+        Ok(())
+    } else {
+        Err(Error::Internal(format!(
+            "illegal transition {from} -> {to}"
+        )))
+    }
 }
 
 /// What placement did.
@@ -198,6 +211,7 @@ impl Store {
         action: &str,
         message: &str,
     ) -> Result<bool> {
+        check_transition(from, to)?;
         let now = to_micros(Utc::now());
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
@@ -233,6 +247,7 @@ impl Store {
         action: &str,
         reason: &str,
     ) -> Result<bool> {
+        check_transition(from, MachineStatus::Failed)?;
         let now = to_micros(Utc::now());
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
@@ -334,6 +349,7 @@ impl Store {
         desired: Option<DesiredState>,
         message: &str,
     ) -> Result<bool> {
+        check_transition(from, to)?;
         let now = to_micros(Utc::now());
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(

@@ -165,41 +165,11 @@ async fn status_of(app: &TestApp, who: &crate::common::Session, id: &str) -> Val
 
 async fn faults_at_every_step_still_converge_and_steps_run_twice_change_nothing(backend: Backend) {
     let app = TestApp::spawn_provisioning(backend, config()).await;
-    let host = FakeHost::start(app.grpc.unwrap(), "wf", 8).await;
-    let admin = app.admin("root").await;
-    wait_for("the host to register", async || {
-        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "ready"
-    })
-    .await;
-
-    let kernel = b"a kernel for the fake hypervisor";
-    let kernel_path = host.tmp.path().join("vmlinuz");
-    std::fs::write(&kernel_path, kernel).unwrap();
-    let image = json!({"name": "fake", "source": format!("file://{}", kernel_path.display()),
-        "format": "kernel", "boot": {"kernel": format!("file://{}", kernel_path.display()),
-        "kernel_sha256": hex::encode(Sha256::digest(kernel)), "cmdline": "console=ttyS0"}});
-    let res = app
-        .as_user(&admin, Method::POST, "/images")
-        .json(&image)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::CREATED);
+    let (host, admin, tenant) = cluster_with_image(&app, "wf").await;
 
     // Provisioning: the define fails once, then the start fails once.
     host.fake.fail_next(HypervisorOp::Define, 1);
-    let tenant = app.user("wf-tenant").await;
-    let res = app
-        .as_user(&tenant, Method::POST, "/machines")
-        .json(&json!({"hostname": "wf-1", "image": "fake", "vcpus": 1, "memory_mib": 128, "disk_gib": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::ACCEPTED);
-    let id = res.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = create(&app, &tenant, "wf-1").await;
     wait_for("a define attempt", async || {
         host.fake.calls(HypervisorOp::Define) >= 1
     })
@@ -340,25 +310,7 @@ async fn two_replicas_placing_at_once_never_oversubscribe_a_host(backend: Backen
     )
     .await;
     let host = FakeHost::start(first.grpc.unwrap(), "small", 3).await;
-    let admin = first.admin("root").await;
-    wait_for("the host to register", async || {
-        first.get_json(&admin, "/hosts").await["items"][0]["state"] == "ready"
-    })
-    .await;
-    let kernel = b"kernel";
-    let kernel_path = host.tmp.path().join("vmlinuz");
-    std::fs::write(&kernel_path, kernel).unwrap();
-    let url = format!("file://{}", kernel_path.display());
-    let image = json!({"name": "fake", "source": url, "format": "kernel",
-        "boot": {"kernel": url, "kernel_sha256": hex::encode(Sha256::digest(kernel))}});
-    let res = first
-        .as_user(&admin, Method::POST, "/images")
-        .json(&image)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::CREATED);
-    let tenant = first.user("busy").await;
+    let (admin, tenant) = ready_with_image(&first, &host, "small").await;
     // Six one-vCPU machines at once, half through each replica: the host offers three.
     let creates = (0..6).map(|i| {
         let app = if i % 2 == 0 { &first } else { &second };
@@ -459,18 +411,30 @@ async fn a_machine_nothing_can_hold_fails_at_the_placement_deadline_with_the_rea
     app.stop().await;
 }
 
-/// Registers a fake host and a fake kernel image; returns the host, the admin and a tenant.
+/// Starts a fake host and registers a fake kernel image; returns the host, the admin and a
+/// tenant.
 async fn cluster_with_image(
     app: &TestApp,
     name: &str,
 ) -> (FakeHost, crate::common::Session, crate::common::Session) {
     let host = FakeHost::start(app.grpc.unwrap(), name, 8).await;
+    let (admin, tenant) = ready_with_image(app, &host, name).await;
+    (host, admin, tenant)
+}
+
+/// Waits for `host` to register, registers a fake kernel image from its directory, and makes
+/// an administrator and a tenant.
+async fn ready_with_image(
+    app: &TestApp,
+    host: &FakeHost,
+    name: &str,
+) -> (crate::common::Session, crate::common::Session) {
     let admin = app.admin("root").await;
     wait_for("the host to register", async || {
         app.get_json(&admin, "/hosts").await["items"][0]["state"] == "ready"
     })
     .await;
-    let kernel = b"kernel";
+    let kernel = b"a kernel for the fake hypervisor";
     let kernel_path = host.tmp.path().join("vmlinuz");
     std::fs::write(&kernel_path, kernel).unwrap();
     let url = format!("file://{}", kernel_path.display());
@@ -484,7 +448,7 @@ async fn cluster_with_image(
         .unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     let tenant = app.user(&format!("{name}-tenant")).await;
-    (host, admin, tenant)
+    (admin, tenant)
 }
 
 async fn create(app: &TestApp, tenant: &crate::common::Session, hostname: &str) -> String {
@@ -717,24 +681,7 @@ async fn machines_are_driven_over_mutual_tls_when_configured(backend: Backend) {
     cfg.agent_tls = Some(control_plane_tls);
     let app = TestApp::spawn_provisioning(backend, cfg).await;
     let host = FakeHost::start_with_tls(app.grpc.unwrap(), "secure", 8, Some(agent_files)).await;
-    let admin = app.admin("root").await;
-    wait_for("the host to register", async || {
-        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "ready"
-    })
-    .await;
-    let kernel_path = host.tmp.path().join("vmlinuz");
-    std::fs::write(&kernel_path, b"kernel").unwrap();
-    let url = format!("file://{}", kernel_path.display());
-    let image = json!({"name": "fake", "source": url, "format": "kernel",
-        "boot": {"kernel": url, "kernel_sha256": hex::encode(Sha256::digest(b"kernel"))}});
-    let res = app
-        .as_user(&admin, Method::POST, "/images")
-        .json(&image)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::CREATED);
-    let tenant = app.user("tls-tenant").await;
+    let (_admin, tenant) = ready_with_image(&app, &host, "secure").await;
     let id = create(&app, &tenant, "over-tls").await;
     wait_for("running", async || {
         status_of(&app, &tenant, &id).await == "running"

@@ -170,17 +170,30 @@ async fn observed_transitions_are_checked_and_logged(backend: Backend) {
     let id = m["id"].as_str().unwrap().parse().unwrap();
     let s = &t.store;
     use MachineStatus as S;
+    let generation =
+        |m: Option<control_plane::store::provisioning::TaskMachine>| m.unwrap().generation;
+    let g = generation(s.machine_for_task(id).await.unwrap());
     assert!(
-        s.machine_observe(id, S::Pending, S::Running, "test", "observed in a test")
-            .await
-            .is_err(),
+        s.machine_settle(
+            id,
+            S::Pending,
+            g,
+            S::Running,
+            None,
+            "test",
+            "observed in a test"
+        )
+        .await
+        .is_err(),
         "illegal"
     );
     assert!(s
-        .machine_observe(
+        .machine_settle(
             id,
             S::Pending,
+            g,
             S::Provisioning,
+            None,
             "test",
             "observed in a test"
         )
@@ -188,20 +201,25 @@ async fn observed_transitions_are_checked_and_logged(backend: Backend) {
         .unwrap());
     // A stale writer that still believes the machine is pending changes nothing.
     assert!(!s
-        .machine_observe(
+        .machine_settle(
             id,
             S::Pending,
+            g,
             S::Provisioning,
+            None,
             "test",
             "observed in a test"
         )
         .await
         .unwrap());
+    let g = generation(s.machine_for_task(id).await.unwrap());
     assert!(s
-        .machine_observe(
+        .machine_settle(
             id,
             S::Provisioning,
+            g,
             S::Running,
+            None,
             "test",
             "observed in a test"
         )
