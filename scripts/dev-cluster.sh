@@ -69,8 +69,7 @@ if [[ -f ${PIDS} ]] && awk '{print $2}' "${PIDS}" | while read -r p; do alive "$
   exit 0
 fi
 
-scripts/install-deps.sh
-scripts/install-host-deps.sh
+scripts/install-deps.sh --host
 cargo build --release --locked -p control-plane -p host-agent
 IMAGE_DIR=/var/lib/skygate-images/tiny
 if [[ ! -f ${IMAGE_DIR}/image.json ]]; then

@@ -6,10 +6,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/install-deps.sh --postgres
-# Before the first build: the host agent links libvirt (libvirt-dev, pkg-config), and its
-# tests drive the real libvirtd this starts.
-scripts/install-host-deps.sh
+# The install's own test first (CI, or SKYGATE_TEST_INSTALL=1): it breaks QEMU's packages the
+# ways new machines came, and checks that the install below repairs them.
+if [[ ${SKYGATE_TEST_INSTALL:-${CI:+1}} == 1 ]]; then
+  echo "== install: scripts/test-install.sh" >&2
+  scripts/test-install.sh
+fi
+# One apt transaction for everything (build tools, QEMU, libvirt, PostgreSQL), every command
+# checked to run, libvirtd and PostgreSQL started. Before the first build: the host agent links
+# libvirt, and its tests drive the real libvirtd.
+scripts/install-deps.sh --host --postgres
 
 # Domains a killed test run may have left running (only the tests' own prefixes), now and
 # at the end whatever happens.

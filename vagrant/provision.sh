@@ -12,8 +12,7 @@ if ! command -v cargo >/dev/null 2>&1 && [[ ! -x /root/.cargo/bin/cargo ]]; then
 fi
 export PATH=/root/.cargo/bin:$PATH
 
-scripts/install-deps.sh
-scripts/install-host-deps.sh
+scripts/install-deps.sh --host
 export CARGO_TARGET_DIR=/var/tmp/skygate-target
 cargo build --release --locked -p control-plane -p host-agent
 install -m 0755 "$CARGO_TARGET_DIR"/release/{skygate-control-plane,skygate-host-agent,skygate} /usr/local/bin/
