@@ -65,6 +65,16 @@ pub enum AgentError {
     /// WatchEvents cannot resume where asked.
     #[error(transparent)]
     Resume(#[from] crate::events::ResumeError),
+    /// A step of creating or starting a machine failed; the tenant reads which, and why, in
+    /// the machine's events.
+    #[error("{step} failed")]
+    Step {
+        /// The step.
+        step: crate::machines::CreateStep,
+        /// Why.
+        #[source]
+        source: Box<AgentError>,
+    },
     /// Reading or removing a machine's files failed.
     #[error("{path}: {source}")]
     Io {
@@ -113,6 +123,7 @@ impl AgentError {
             }
             AgentError::Ports(_) => Code::ResourceExhausted,
             AgentError::Resume(_) => Code::OutOfRange,
+            AgentError::Step { source, .. } => source.code(),
         }
     }
 }
@@ -131,6 +142,13 @@ impl From<AgentError> for Status {
             }
             source = s.source();
         }
-        Status::new(e.code(), message)
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if let AgentError::Step { step, .. } = &e {
+            metadata.insert(
+                proto::STEP_METADATA,
+                tonic::metadata::MetadataValue::from_static(step.as_str()),
+            );
+        }
+        Status::with_metadata(e.code(), message, metadata)
     }
 }

@@ -34,3 +34,8 @@ pub mod controlplane {
 
 /// The protobuf package of the host agent service; bumped only with a breaking wire change.
 pub const AGENT_PACKAGE: &str = "skygate.agent.v1";
+
+/// gRPC metadata on a HostAgent error: the step of creating or starting a machine that failed
+/// (`image`, `disk`, `seed`, `define`, `start`). Present only when the agent ran that step and it
+/// failed; its absence means the call never got that far (an outage, a refusal, a race).
+pub const STEP_METADATA: &str = "skygate-step";

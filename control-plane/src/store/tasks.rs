@@ -72,6 +72,8 @@ pub struct TaskRecord {
     pub kind: TaskKind,
     /// Including this one.
     pub attempts: i64,
+    /// Attempts before this one whose agent step failed ([`TaskOutcome::StepFailed`]).
+    pub step_failures: i64,
     pub created_at: DateTime<Utc>,
 }
 
@@ -84,6 +86,12 @@ pub enum TaskOutcome {
     Failed(String),
     /// Try again after a delay (a transient error, or waiting for capacity).
     Retry {
+        after: std::time::Duration,
+        error: String,
+    },
+    /// An agent ran a step of the task and it failed: try again after a delay, counting it
+    /// toward the task's bound on step failures.
+    StepFailed {
         after: std::time::Duration,
         error: String,
     },
@@ -160,7 +168,8 @@ impl Store {
         }
         let row = sqlx::query(
             "UPDATE tasks SET lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1, \
-             updated_at = $3 WHERE id = $4 RETURNING id, vm_id, kind, attempts, created_at",
+             updated_at = $3 WHERE id = $4 \
+             RETURNING id, vm_id, kind, attempts, step_failures, created_at",
         )
         .bind(owner)
         .bind(until)
@@ -174,6 +183,7 @@ impl Store {
             vm_id: super::parse_col(&row.try_get::<String, _>("vm_id")?, "tasks.vm_id")?,
             kind: row.try_get::<String, _>("kind")?.parse()?,
             attempts: row.try_get("attempts")?,
+            step_failures: row.try_get("step_failures")?,
             created_at: from_micros(row.try_get("created_at")?),
         }))
     }
@@ -210,18 +220,23 @@ impl Store {
         outcome: &TaskOutcome,
     ) -> Result<bool> {
         let now = Utc::now();
-        let (state, run_after, error) = match outcome {
-            TaskOutcome::Done => ("done", now, None),
-            TaskOutcome::Failed(e) => ("failed", now, Some(e.as_str())),
-            TaskOutcome::Retry { after, error } => (
-                "queued",
-                now + Duration::from_std(*after).unwrap_or_else(|_| Duration::seconds(30)),
-                Some(error.as_str()),
-            ),
+        let later = |after: &std::time::Duration| {
+            now + Duration::from_std(*after).unwrap_or_else(|_| Duration::seconds(30))
+        };
+        let (state, run_after, error, step_failed) = match outcome {
+            TaskOutcome::Done => ("done", now, None, 0_i64),
+            TaskOutcome::Failed(e) => ("failed", now, Some(e.as_str()), 0),
+            TaskOutcome::Retry { after, error } => {
+                ("queued", later(after), Some(error.as_str()), 0)
+            }
+            TaskOutcome::StepFailed { after, error } => {
+                ("queued", later(after), Some(error.as_str()), 1)
+            }
         };
         let res = sqlx::query(
             "UPDATE tasks SET state = $1, run_after = $2, last_error = COALESCE($3, last_error), \
-             lease_owner = NULL, lease_expires_at = NULL, updated_at = $4 \
+             lease_owner = NULL, lease_expires_at = NULL, updated_at = $4, \
+             step_failures = step_failures + $8 \
              WHERE id = $5 AND lease_owner = $6 AND attempts = $7",
         )
         .bind(state)
@@ -231,6 +246,7 @@ impl Store {
         .bind(id)
         .bind(owner)
         .bind(attempt)
+        .bind(step_failed)
         .execute(&self.write)
         .await?;
         Ok(res.rows_affected() == 1)

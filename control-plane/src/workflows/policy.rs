@@ -47,6 +47,48 @@ pub fn classify(code: Code) -> ErrorClass {
     }
 }
 
+/// How many times an agent step (fetch image, create disk, write seed, define, start) may fail
+/// before the machine fails with the step's reason. A step that failed five times in about
+/// fifteen seconds (1 + 2 + 4 + 8 s apart) is broken, not flaky, and the tenant learns it
+/// then instead of at the transition deadline minutes later. Outages (the host not answering)
+/// are not step failures: those wait for the host until the deadline.
+pub const MAX_STEP_FAILURES: i64 = 5;
+
+/// After the `failures`-th failure of a step: how long until the next try, or `None` to give
+/// up.
+pub fn step_retry(failures: i64) -> Option<Duration> {
+    (failures < MAX_STEP_FAILURES).then(|| backoff(failures))
+}
+
+/// Agent text as a tenant may read it: absolute paths (the agent's data dir, tool locations)
+/// are cut to their last component, which is all a tenant needs to recognise the file.
+/// A path starts with `/` at the start of the text or after a space, quote, `=`, `(` or `[`
+/// (so the `//` of a URL is left alone) and runs to the next space, quote, `)`, `]` or `,`.
+pub fn tenant_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut prev: Option<char> = None;
+    while let Some(c) = rest.chars().next() {
+        let starts_path =
+            c == '/' && prev.is_none_or(|p| matches!(p, ' ' | '"' | '\'' | '=' | '(' | '['));
+        if starts_path {
+            let end = rest
+                .find(|ch: char| ch.is_whitespace() || matches!(ch, '"' | '\'' | ')' | ']' | ','))
+                .unwrap_or(rest.len());
+            let path = &rest[..end];
+            let last = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+            out.push_str(if last.is_empty() { "/" } else { last });
+            prev = path.chars().last();
+            rest = &rest[end..];
+        } else {
+            out.push(c);
+            prev = Some(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    out
+}
+
 /// Wait before attempt `attempts + 1`: 1 s, 2 s, 4 s ... capped at 30 s.
 pub fn backoff(attempts: i64) -> Duration {
     let exp = u32::try_from(attempts.clamp(1, 6) - 1).unwrap_or(0);
@@ -83,6 +125,37 @@ mod tests {
         assert_eq!(classify(Code::Unavailable), ErrorClass::Transient);
         assert_eq!(classify(Code::DeadlineExceeded), ErrorClass::Transient);
         assert_eq!(classify(Code::FailedPrecondition), ErrorClass::Transient);
+    }
+
+    #[test]
+    fn a_step_is_retried_four_times_then_given_up() {
+        let waits: Vec<Option<u64>> = (1..=6)
+            .map(|f| step_retry(f).map(|d| d.as_secs()))
+            .collect();
+        assert_eq!(waits, [Some(1), Some(2), Some(4), Some(8), None, None]);
+    }
+
+    #[test]
+    fn tenant_text_keeps_file_names_and_drops_host_paths() {
+        let cases = [
+            (
+                "create disk failed: cannot run \"/usr/bin/prlimit\": No such file or directory",
+                "create disk failed: cannot run \"prlimit\": No such file or directory",
+            ),
+            (
+                "qemu-img create -f qcow2 -b /var/lib/skygate/images/ab12.qcow2 /var/lib/skygate/machines/x/disk.qcow2 1G failed",
+                "qemu-img create -f qcow2 -b ab12.qcow2 disk.qcow2 1G failed",
+            ),
+            ("Cannot access storage file '/srv/a b/disk' (as uid:64055)", "Cannot access storage file 'a b/disk' (as uid:64055)"),
+            ("GET http://images.example/tiny/kernel: 404", "GET http://images.example/tiny/kernel: 404"),
+            ("path=/var/lib/x, then (/tmp/y)", "path=x, then (y)"),
+            ("/", "/"),
+            ("", ""),
+            ("no paths here", "no paths here"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(tenant_text(input), want, "{input}");
+        }
     }
 
     #[test]

@@ -345,6 +345,15 @@ impl Workers {
         Ok(TaskOutcome::Failed(reason.to_owned()))
     }
 
+    /// What an agent's error means for the task, written where the tenant reads it: every
+    /// attempt that failed leaves an event naming the step and the cause (host paths cut), so
+    /// a machine never sits in a transitional status without saying why.
+    ///
+    /// - A refusal (the request as such is wrong) fails the machine at once.
+    /// - A failed step (the agent ran it; `proto::STEP_METADATA` names it) is retried
+    ///   [`policy::MAX_STEP_FAILURES`] times in all, then the machine fails with its reason.
+    /// - Anything else (the host not answering, a race) is retried until the status's
+    ///   deadline.
     async fn agent_error(
         &self,
         task: &TaskRecord,
@@ -352,18 +361,43 @@ impl Workers {
         host: &str,
         status: tonic::Status,
     ) -> Step {
-        let what = format!(
-            "host {host} answered {:?}: {}",
-            status.code(),
-            status.message()
-        );
-        match policy::classify(status.code()) {
-            ErrorClass::Permanent => self.fail(task, m, &what).await,
-            ErrorClass::Transient => Ok(TaskOutcome::Retry {
-                after: policy::backoff(task.attempts),
-                error: what,
-            }),
+        let said = policy::tenant_text(status.message());
+        tracing::warn!(task = %task.id, machine = %m.id, host, code = ?status.code(),
+            message = status.message(), "agent call failed");
+        if policy::classify(status.code()) == ErrorClass::Permanent {
+            return self
+                .fail(task, m, &format!("host {host} refused it: {said}"))
+                .await;
         }
+        let action = task.kind.as_str();
+        if status.metadata().contains_key(proto::STEP_METADATA) {
+            let failures = task.step_failures + 1;
+            let what = format!("{said} (host {host})");
+            return match policy::step_retry(failures) {
+                Some(after) => {
+                    let note = format!(
+                        "{what}; attempt {failures} of {}, trying again in {} s",
+                        policy::MAX_STEP_FAILURES,
+                        after.as_secs()
+                    );
+                    self.store.machine_note(m.id, action, &note).await?;
+                    Ok(TaskOutcome::StepFailed { after, error: what })
+                }
+                None => {
+                    let reason = format!("{what}; gave up after {failures} attempts");
+                    self.fail(task, m, &reason).await
+                }
+            };
+        }
+        let what = format!(
+            "host {host} did not complete it ({:?}: {said}); trying again",
+            status.code()
+        );
+        self.store.machine_note(m.id, action, &what).await?;
+        Ok(TaskOutcome::Retry {
+            after: policy::backoff(task.attempts),
+            error: what,
+        })
     }
 }
 

@@ -45,6 +45,16 @@ impl FakeHost {
         vcpus: u32,
         tls: Option<host_agent::server::TlsFiles>,
     ) -> FakeHost {
+        Self::start_with(grpc, name, vcpus, tls, QemuImg::new()).await
+    }
+
+    async fn start_with(
+        grpc: std::net::SocketAddr,
+        name: &str,
+        vcpus: u32,
+        tls: Option<host_agent::server::TlsFiles>,
+        disks: QemuImg,
+    ) -> FakeHost {
         let tmp = tempfile::tempdir().unwrap();
         let data = DataDir::new(tmp.path().join("data")).unwrap();
         data.prepare().unwrap();
@@ -52,7 +62,7 @@ impl FakeHost {
         let events = Arc::new(EventLog::new(256));
         let manager = MachineManager::new(
             fake.clone(),
-            Arc::new(QemuImg::new()),
+            Arc::new(disks),
             ImageCache::new(data.clone()).unwrap(),
             data,
             ManagerConfig {
@@ -465,6 +475,114 @@ async fn create(app: &TestApp, tenant: &crate::common::Session, hostname: &str) 
         .to_owned()
 }
 
+/// Polls the tenant's view of machine `id` until `done` holds for it, at most `limit`; on
+/// timeout the panic names what it waited for and shows the machine and its events as last
+/// seen.
+async fn wait_for_machine(
+    app: &TestApp,
+    who: &crate::common::Session,
+    id: &str,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&Value, &[Value]) -> bool,
+) -> (Value, Vec<Value>) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let machine = app.get_json(who, &format!("/machines/{id}")).await;
+        let events = app
+            .get_json(who, &format!("/machines/{id}/events?limit=200"))
+            .await["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if done(&machine, &events) {
+            return (machine, events);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}; last seen: {machine:#} with events {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// qemu-img missing on the agent (its program points nowhere): within seconds the tenant reads
+/// which step failed and why, with no host path in it; after the bounded retries the machine
+/// is `failed` with that reason, and nothing is left on the host.
+async fn a_failing_agent_step_reaches_the_tenant_then_fails_the_machine(backend: Backend) {
+    let app = TestApp::spawn_provisioning(backend, config()).await;
+    let missing = "/nonexistent/skygate-test/qemu-img";
+    let host = FakeHost::start_with(
+        app.grpc.unwrap(),
+        "broken",
+        8,
+        None,
+        QemuImg::new().with_program(missing),
+    )
+    .await;
+    let (_admin, tenant) = ready_with_image(&app, &host, "broken").await;
+    let started = Instant::now();
+    let id = create(&app, &tenant, "no-disk").await;
+
+    let step_event = |e: &Value| {
+        let m = e["message"].as_str().unwrap_or("");
+        m.contains("create disk failed") && m.contains("qemu-img") && m.contains("attempt 1 of 5")
+    };
+    let (_, events) = wait_for_machine(
+        &app,
+        &tenant,
+        &id,
+        "an event naming the failed disk step",
+        Duration::from_secs(10),
+        |_, events| events.iter().any(step_event),
+    )
+    .await;
+    let first = events.iter().find(|e| step_event(e)).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the first failure took {:?} to show",
+        started.elapsed()
+    );
+    let text = first["message"].as_str().unwrap();
+    assert!(
+        !text.contains("/nonexistent"),
+        "a host path reached the tenant: {text}"
+    );
+    assert!(text.contains("host broken"), "{text}");
+
+    let (machine, events) = wait_for_machine(
+        &app,
+        &tenant,
+        &id,
+        "status failed after the bounded retries",
+        Duration::from_secs(40),
+        |m, _| m["status"] == "failed",
+    )
+    .await;
+    let reason = machine["failure_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("create disk failed")
+            && reason.contains("qemu-img")
+            && reason.contains("gave up after 5 attempts"),
+        "{reason}"
+    );
+    assert!(!reason.contains("/nonexistent"), "{reason}");
+    let retries = events
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("create disk failed")
+        })
+        .count();
+    assert!(retries >= 5, "one event per attempt: {events:#?}");
+    assert_eq!(host.fake.calls(HypervisorOp::Define), 0);
+    assert_eq!(host.machine_dirs(), 0, "the failed attempts left files");
+    drop(host);
+    app.stop().await;
+}
+
 async fn a_stop_during_provisioning_is_honoured(backend: Backend) {
     let app = TestApp::spawn_provisioning(backend, config()).await;
     let (host, _admin, tenant) = cluster_with_image(&app, "slow").await;
@@ -692,6 +810,7 @@ async fn machines_are_driven_over_mutual_tls_when_configured(backend: Backend) {
 }
 
 both_stores!(
+    a_failing_agent_step_reaches_the_tenant_then_fails_the_machine,
     machines_are_driven_over_mutual_tls_when_configured,
     a_stop_during_provisioning_is_honoured,
     an_action_on_an_unreachable_host_fails_at_its_deadline,

@@ -47,7 +47,8 @@ const STOP_POLL: Duration = Duration::from_millis(250);
 pub const DEFAULT_CONSOLE_BYTES: u64 = 64 << 10;
 const MAX_CONSOLE_BYTES: u64 = 1 << 20;
 
-/// The steps of creating a machine, in order; named for the test-only pause hook.
+/// The steps of creating a machine, in order: named in the errors they fail with (what the
+/// tenant reads in the machine's events) and by the test-only pause hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CreateStep {
     /// Before fetching the image.
@@ -60,6 +61,52 @@ pub enum CreateStep {
     Define,
     /// Before starting it.
     Start,
+}
+
+impl CreateStep {
+    /// The step's id on the wire (the `skygate-step` gRPC metadata).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CreateStep::Image => "image",
+            CreateStep::Disk => "disk",
+            CreateStep::Seed => "seed",
+            CreateStep::Define => "define",
+            CreateStep::Start => "start",
+        }
+    }
+}
+
+impl std::fmt::Display for CreateStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CreateStep::Image => "fetch image",
+            CreateStep::Disk => "create disk",
+            CreateStep::Seed => "write seed",
+            CreateStep::Define => "define domain",
+            CreateStep::Start => "start domain",
+        })
+    }
+}
+
+/// Names the step an error happened in, unless the error is not the step's own: the
+/// hypervisor being unreachable is the host's outage (retried until it answers), and a stale
+/// generation is a race between requests, not a failing step.
+trait InStep<T> {
+    fn in_step(self, step: CreateStep) -> Result<T, AgentError>;
+}
+
+impl<T, E: Into<AgentError>> InStep<T> for Result<T, E> {
+    fn in_step(self, step: CreateStep) -> Result<T, AgentError> {
+        self.map_err(|e| match e.into() {
+            e @ (AgentError::Hypervisor(crate::hypervisor::HypervisorError::Unreachable(_))
+            | AgentError::StaleGeneration { .. }
+            | AgentError::Step { .. }) => e,
+            e => AgentError::Step {
+                step,
+                source: Box::new(e),
+            },
+        })
+    }
 }
 
 /// How the manager is set up.
@@ -267,26 +314,20 @@ impl MachineManager {
         kept_forwards: Vec<PortForward>,
     ) -> Result<(), AgentError> {
         self.pause_point(CreateStep::Image).await;
-        let boot = self.fetch_image(&spec.image).await?;
-        let dir = self.data.prepare_machine(spec.id)?;
-        write_marker(&dir, "create")?;
+        let boot = self
+            .fetch_image(&spec.image)
+            .await
+            .in_step(CreateStep::Image)?;
+        let dir = self
+            .data
+            .prepare_machine(spec.id)
+            .in_step(CreateStep::Disk)?;
+        write_marker(&dir, "create").in_step(CreateStep::Disk)?;
         let overlay = self.data.overlay(spec.id);
         self.pause_point(CreateStep::Disk).await;
-        match &spec.image {
-            ImagePlan::Disk { format, .. } => {
-                let base = boot.base.as_deref().ok_or_else(|| {
-                    AgentError::InvalidSpec(SpecError {
-                        field: "image",
-                        reason: "no base disk".into(),
-                    })
-                })?;
-                self.disks.check_base(base, *format).await?;
-                self.disks
-                    .create_overlay(base, *format, &overlay, spec.disk_gib)
-                    .await?;
-            }
-            ImagePlan::Kernel { .. } => self.disks.create_blank(&overlay, spec.disk_gib).await?,
-        }
+        self.make_disk(spec, &boot, &overlay)
+            .await
+            .in_step(CreateStep::Disk)?;
         self.pause_point(CreateStep::Seed).await;
         let seed = self.data.seed(spec.id);
         write_seed_iso(
@@ -298,7 +339,50 @@ impl MachineManager {
             },
             &seed,
         )
-        .await?;
+        .await
+        .in_step(CreateStep::Seed)?;
+        self.define(spec, name, boot, overlay, seed, kept_forwards)
+            .await
+            .in_step(CreateStep::Define)?;
+        remove_marker(&dir)?;
+        Ok(())
+    }
+
+    /// The machine's overlay (or blank disk for a kernel boot).
+    async fn make_disk(
+        &self,
+        spec: &MachineSpec,
+        boot: &FetchedImage,
+        overlay: &std::path::Path,
+    ) -> Result<(), AgentError> {
+        match &spec.image {
+            ImagePlan::Disk { format, .. } => {
+                let base = boot.base.as_deref().ok_or_else(|| {
+                    AgentError::InvalidSpec(SpecError {
+                        field: "image",
+                        reason: "no base disk".into(),
+                    })
+                })?;
+                self.disks.check_base(base, *format).await?;
+                self.disks
+                    .create_overlay(base, *format, overlay, spec.disk_gib)
+                    .await?;
+            }
+            ImagePlan::Kernel { .. } => self.disks.create_blank(overlay, spec.disk_gib).await?,
+        }
+        Ok(())
+    }
+
+    /// Picks the forwarded port (or keeps the old ones), renders the XML and defines it.
+    async fn define(
+        &self,
+        spec: &MachineSpec,
+        name: &str,
+        boot: FetchedImage,
+        overlay: std::path::PathBuf,
+        seed: std::path::PathBuf,
+        kept_forwards: Vec<PortForward>,
+    ) -> Result<(), AgentError> {
         let mut reservation = None;
         let network = match &self.cfg.network {
             NetworkMode::User { address, ports } => {
@@ -340,7 +424,6 @@ impl MachineManager {
         blocking(&self.hv, move |hv| hv.define(&xml)).await?;
         // Defined: the domain's XML claims the port from now on.
         drop(reservation);
-        remove_marker(&dir)?;
         Ok(())
     }
 
@@ -415,7 +498,9 @@ impl MachineManager {
         match (desired, status.phase) {
             (DesiredPower::Running, DomainPhase::Stopped | DomainPhase::Crashed) => {
                 self.pause_point(CreateStep::Start).await;
-                self.start_domain(id, name).await?;
+                self.start_domain(id, name)
+                    .await
+                    .in_step(CreateStep::Start)?;
             }
             (DesiredPower::Stopped, DomainPhase::Running | DomainPhase::ShuttingDown) => {
                 self.stop_domain(id, name, self.cfg.graceful_timeout)
@@ -467,7 +552,9 @@ impl MachineManager {
         let name = self.domain_name(id);
         let status = self.require_status(id, &name).await?;
         if matches!(status.phase, DomainPhase::Stopped | DomainPhase::Crashed) {
-            self.start_domain(id, &name).await?;
+            self.start_domain(id, &name)
+                .await
+                .in_step(CreateStep::Start)?;
         }
         self.state_of(id).await
     }
