@@ -112,6 +112,7 @@ async fn session(reg: &Registration, bearer: &BearerToken) -> Result<(), tonic::
             .heartbeat(pb::HeartbeatRequest {
                 host_id: registered.host_id.clone(),
                 capacity: reg.request.capacity,
+                problems: Vec::new(),
             })
             .await;
         match beat {

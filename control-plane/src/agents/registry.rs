@@ -127,15 +127,23 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = request.into_inner();
         let capacity = capacity(r.capacity)?;
-        let (found, was_unreachable) = self
+        let problems = problems(r.problems);
+        let Some(change) = self
             .store
-            .host_heartbeat(&r.host_id, capacity)
+            .host_heartbeat(&r.host_id, capacity, &problems)
             .await
-            .map_err(internal)?;
-        if !found {
+            .map_err(internal)?
+        else {
             return Err(Status::not_found("no such host: register again"));
+        };
+        if change.problems_changed {
+            if problems.is_empty() {
+                tracing::info!(host_id = %r.host_id, "host reports no problems any more");
+            } else {
+                tracing::warn!(host_id = %r.host_id, ?problems, "host reports problems; it takes no new machines");
+            }
         }
-        if was_unreachable {
+        if change.was_unreachable {
             tracing::info!(host_id = %r.host_id, "host is reachable again");
             self.store
                 .machine_note_on_host(&r.host_id, "reconcile", "its host is reachable again")
@@ -144,6 +152,28 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
         }
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
+}
+
+/// At most this many problems of at most this many characters each are kept per host: an
+/// agent (or anything holding its token) cannot fill the hosts table.
+const MAX_PROBLEMS: usize = 16;
+const MAX_PROBLEM_CHARS: usize = 300;
+
+/// A heartbeat's problems as stored: one line each, trimmed, bounded, empty ones dropped.
+fn problems(reported: Vec<String>) -> Vec<String> {
+    reported
+        .iter()
+        .map(|p| {
+            let line: String = p
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .take(MAX_PROBLEM_CHARS)
+                .collect();
+            line.trim().to_owned()
+        })
+        .filter(|p| !p.is_empty())
+        .take(MAX_PROBLEMS)
+        .collect()
 }
 
 #[cfg(test)]
@@ -163,5 +193,22 @@ mod tests {
         assert!(!valid_address("127.0.0.1:0"));
         assert!(!valid_address("http://x:1"));
         assert!(!valid_address(":9091"));
+    }
+
+    #[test]
+    fn problems_are_one_bounded_line_each() {
+        let mut reported = vec![
+            "  qemu-img does not run: No such file or directory \n".to_owned(),
+            "".to_owned(),
+            "two\nlines".to_owned(),
+            "x".repeat(1000),
+        ];
+        reported.extend((0..40).map(|i| format!("p{i}")));
+        let kept = problems(reported);
+        assert_eq!(kept[0], "qemu-img does not run: No such file or directory");
+        assert_eq!(kept[1], "two lines");
+        assert_eq!(kept[2].chars().count(), MAX_PROBLEM_CHARS);
+        assert_eq!(kept.len(), MAX_PROBLEMS);
+        assert!(problems(vec![" ".into()]).is_empty());
     }
 }

@@ -206,10 +206,13 @@ pub struct HostView {
     pub name: String,
     /// Where the control plane reaches the host's agent.
     pub address: String,
-    /// `unreachable` (no heartbeat lately), else `cordoned` (takes no new machines), else
-    /// `ready`.
+    /// `unreachable` (no heartbeat lately), else `degraded` (its agent reports problems; takes
+    /// no new machines), else `cordoned` (takes no new machines), else `ready`.
     pub state: String,
     pub cordoned: bool,
+    /// What the agent's self-check finds wrong with the host (a tool that does not run, a data
+    /// dir it cannot write), one line each; empty when healthy.
+    pub problems: Vec<String>,
     /// `kvm` or `qemu`.
     pub hypervisor: String,
     /// What the host offers (after its agent's overcommit ratios).
@@ -237,6 +240,8 @@ impl From<HostRecord> for HostView {
     fn from(h: HostRecord) -> Self {
         let state = if h.state != "ready" {
             h.state.clone()
+        } else if !h.problems.is_empty() {
+            "degraded".to_owned()
         } else if h.cordoned {
             "cordoned".to_owned()
         } else {
@@ -248,6 +253,7 @@ impl From<HostRecord> for HostView {
             address: h.grpc_address,
             state,
             cordoned: h.cordoned,
+            problems: h.problems,
             hypervisor: h.hypervisor,
             capacity: h.capacity.into(),
             allocated: h.allocated.into(),

@@ -31,6 +31,8 @@ pub struct HostCandidate {
     pub name: String,
     pub reachable: bool,
     pub cordoned: bool,
+    /// Its agent reports problems (a tool that does not run): machines would fail there.
+    pub degraded: bool,
     pub capacity: Resources,
     pub allocated: Resources,
 }
@@ -40,6 +42,7 @@ pub struct HostCandidate {
 pub enum Rejection {
     Unreachable,
     Cordoned,
+    Degraded,
     NotEnoughVcpus,
     NotEnoughMemory,
     NotEnoughDisk,
@@ -50,6 +53,7 @@ impl fmt::Display for Rejection {
         f.write_str(match self {
             Rejection::Unreachable => "unreachable",
             Rejection::Cordoned => "cordoned",
+            Rejection::Degraded => "its agent reports problems",
             Rejection::NotEnoughVcpus => "not enough free vCPUs",
             Rejection::NotEnoughMemory => "not enough free memory",
             Rejection::NotEnoughDisk => "not enough free disk",
@@ -92,6 +96,8 @@ fn reject(host: &HostCandidate, need: Resources) -> Option<Rejection> {
         Some(Rejection::Unreachable)
     } else if host.cordoned {
         Some(Rejection::Cordoned)
+    } else if host.degraded {
+        Some(Rejection::Degraded)
     } else if free.vcpus < need.vcpus {
         Some(Rejection::NotEnoughVcpus)
     } else if free.memory_mib < need.memory_mib {
@@ -169,6 +175,7 @@ mod tests {
             name: name.into(),
             reachable: true,
             cordoned: false,
+            degraded: false,
             capacity: cap,
             allocated: used,
         }
@@ -191,9 +198,12 @@ mod tests {
         down.reachable = false;
         let mut cordoned = host("b", res(8, 8192, 100), res(0, 0, 0));
         cordoned.cordoned = true;
+        let mut degraded = host("b2", res(8, 8192, 100), res(0, 0, 0));
+        degraded.degraded = true;
         let hosts = [
             down,
             cordoned,
+            degraded,
             host("c", res(1, 8192, 100), res(1, 0, 0)),
             host("d", res(8, 256, 100), res(0, 0, 0)),
             host("e", res(8, 8192, 1), res(0, 0, 0)),
@@ -204,6 +214,7 @@ mod tests {
             vec![
                 ("a".into(), Rejection::Unreachable),
                 ("b".into(), Rejection::Cordoned),
+                ("b2".into(), Rejection::Degraded),
                 ("c".into(), Rejection::NotEnoughVcpus),
                 ("d".into(), Rejection::NotEnoughMemory),
                 ("e".into(), Rejection::NotEnoughDisk),

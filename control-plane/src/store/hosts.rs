@@ -22,6 +22,8 @@ pub struct HostRecord {
     pub hypervisor: String,
     pub agent_version: String,
     pub domain_prefix: String,
+    /// What its agent's last heartbeat found wrong with the host; empty when healthy.
+    pub problems: Vec<String>,
     pub capacity: Resources,
     pub allocated: Resources,
     pub machines: i64,
@@ -40,6 +42,15 @@ pub struct HostRegistration {
     pub capacity: Resources,
 }
 
+/// What a heartbeat changed about its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatChange {
+    /// The host had been marked unreachable.
+    pub was_unreachable: bool,
+    /// The agent reports other problems than before (some appeared, or all went away).
+    pub problems_changed: bool,
+}
+
 /// Machines that hold a host's capacity: placed and not deleted.
 const ALLOCATIONS: &str = "SELECT host_id, COUNT(*) AS machines, \
     CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
@@ -48,7 +59,7 @@ const ALLOCATIONS: &str = "SELECT host_id, COUNT(*) AS machines, \
     FROM vms WHERE host_id IS NOT NULL AND deleted_at IS NULL GROUP BY host_id";
 
 const SELECT: &str = "SELECT h.id, h.name, h.grpc_address, h.state, h.cordoned, h.hypervisor, \
-    h.agent_version, h.domain_prefix, h.vcpus, h.memory_mib, h.disk_gib, h.last_heartbeat_at, \
+    h.agent_version, h.domain_prefix, h.problems, h.vcpus, h.memory_mib, h.disk_gib, h.last_heartbeat_at, \
     h.created_at, COALESCE(a.machines, 0) AS machines, COALESCE(a.vcpus, 0) AS used_vcpus, \
     COALESCE(a.memory_mib, 0) AS used_memory_mib, COALESCE(a.disk_gib, 0) AS used_disk_gib \
     FROM hosts h LEFT JOIN (";
@@ -67,6 +78,11 @@ fn from_row(r: &AnyRow) -> Result<HostRecord> {
         hypervisor: r.try_get("hypervisor")?,
         agent_version: r.try_get("agent_version")?,
         domain_prefix: r.try_get("domain_prefix")?,
+        problems: r
+            .try_get::<String, _>("problems")?
+            .lines()
+            .map(str::to_owned)
+            .collect(),
         capacity: Resources {
             vcpus: r.try_get("vcpus")?,
             memory_mib: r.try_get("memory_mib")?,
@@ -93,6 +109,7 @@ impl HostRecord {
             name: self.name.clone(),
             reachable: self.state == "ready",
             cordoned: self.cordoned,
+            degraded: !self.problems.is_empty(),
             capacity: self.capacity,
             allocated: self.allocated,
         }
@@ -205,33 +222,43 @@ impl Store {
         Ok((id, was_unreachable))
     }
 
-    /// Records a heartbeat (and the capacity it reports); the host is ready again. Returns
-    /// `(found, was_unreachable)`.
-    pub async fn host_heartbeat(&self, id: &str, capacity: Resources) -> Result<(bool, bool)> {
+    /// Records a heartbeat (with the capacity and the problems it reports); the host is ready
+    /// again. `None` when there is no such host.
+    pub async fn host_heartbeat(
+        &self,
+        id: &str,
+        capacity: Resources,
+        problems: &[String],
+    ) -> Result<Option<HeartbeatChange>> {
         let now = to_micros(Utc::now());
         let mut tx = self.begin_write().await?;
-        let state: Option<String> = sqlx::query("SELECT state FROM hosts WHERE id = $1")
+        let Some(row) = sqlx::query("SELECT state, problems FROM hosts WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?
-            .map(|r| r.try_get("state"))
-            .transpose()?;
-        let Some(state) = state else {
-            return Ok((false, false));
+        else {
+            return Ok(None);
         };
+        let state: String = row.try_get("state")?;
+        let before: String = row.try_get("problems")?;
+        let problems = problems.join("\n");
         sqlx::query(
             "UPDATE hosts SET state = 'ready', last_heartbeat_at = $1, updated_at = $1, \
-             vcpus = $2, memory_mib = $3, disk_gib = $4 WHERE id = $5",
+             vcpus = $2, memory_mib = $3, disk_gib = $4, problems = $5 WHERE id = $6",
         )
         .bind(now)
         .bind(capacity.vcpus)
         .bind(capacity.memory_mib)
         .bind(capacity.disk_gib)
+        .bind(&problems)
         .bind(id)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok((true, state == "unreachable"))
+        Ok(Some(HeartbeatChange {
+            was_unreachable: state == "unreachable",
+            problems_changed: before != problems,
+        }))
     }
 
     /// Marks ready hosts whose last heartbeat is older than `before` unreachable, in one

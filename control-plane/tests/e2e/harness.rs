@@ -450,7 +450,8 @@ impl Cluster {
         answer["id"].as_str().expect("id").to_owned()
     }
 
-    /// Polls a machine until `pred` holds; returns it.
+    /// Polls a machine until `pred` holds; returns it. Panics at the timeout, or as soon as the
+    /// machine is `failed` without satisfying `pred`, with the machine and its events.
     pub async fn wait_machine(
         &self,
         token: &str,
@@ -467,9 +468,12 @@ impl Cluster {
             if pred(&m) {
                 return m;
             }
+            // `failed` is terminal: waiting on would only run into the deadline.
+            let stuck = m["status"] == "failed";
             assert!(
-                Instant::now() < deadline,
-                "machine {id} never became {what} (HTTP {status}): {m}\nevents: {}",
+                !stuck && Instant::now() < deadline,
+                "machine {id} never became {what} (HTTP {status}; {}): {m}\nevents: {}",
+                if stuck { "it failed" } else { "timed out" },
                 self.call("GET", &format!("/machines/{id}/events"), Some(token), None)
                     .await
                     .1

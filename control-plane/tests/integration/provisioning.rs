@@ -153,11 +153,41 @@ fn config() -> ProvisioningConfig {
     }
 }
 
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+/// Polls `check` until it is Ok, at most 30 s; on timeout the panic names what it waited for
+/// and what `check` saw last.
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+    loop {
+        let last = match check().await {
+            Ok(()) => return,
+            Err(last) => last,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "timed out after 30 s waiting for {what}; last seen: {last}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Ok when `seen` is `want`; else what was seen.
+fn is<T: PartialEq<W> + std::fmt::Debug, W: std::fmt::Debug>(
+    seen: T,
+    want: W,
+) -> Result<(), String> {
+    if seen == want {
+        Ok(())
+    } else {
+        Err(format!("{seen:?}, not {want:?}"))
+    }
+}
+
+/// Ok when `seen` is at least `least`; else what was seen.
+fn at_least<T: PartialOrd + std::fmt::Debug>(seen: T, least: T) -> Result<(), String> {
+    if seen >= least {
+        Ok(())
+    } else {
+        Err(format!("{seen:?}, less than {least:?}"))
     }
 }
 
@@ -181,12 +211,12 @@ async fn faults_at_every_step_still_converge_and_steps_run_twice_change_nothing(
     host.fake.fail_next(HypervisorOp::Define, 1);
     let id = create(&app, &tenant, "wf-1").await;
     wait_for("a define attempt", async || {
-        host.fake.calls(HypervisorOp::Define) >= 1
+        at_least(host.fake.calls(HypervisorOp::Define), 1)
     })
     .await;
     host.fake.fail_next(HypervisorOp::Start, 1);
     wait_for("running", async || {
-        status_of(&app, &tenant, &id).await == "running"
+        is(status_of(&app, &tenant, &id).await, "running")
     })
     .await;
     assert_eq!(host.fake.domain_names().len(), 1);
@@ -204,7 +234,7 @@ async fn faults_at_every_step_still_converge_and_steps_run_twice_change_nothing(
         .await
         .unwrap();
     wait_for("the duplicate task", async || {
-        app.store.task_pending_count(machine).await.unwrap() == 0
+        is(app.store.task_pending_count(machine).await.unwrap(), 0)
     })
     .await;
     assert_eq!(host.fake.calls(HypervisorOp::Define), defines);
@@ -220,7 +250,7 @@ async fn faults_at_every_step_still_converge_and_steps_run_twice_change_nothing(
         .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     wait_for("stopped", async || {
-        status_of(&app, &tenant, &id).await == "stopped"
+        is(status_of(&app, &tenant, &id).await, "stopped")
     })
     .await;
     // Stopping again through a duplicated task changes nothing.
@@ -229,7 +259,7 @@ async fn faults_at_every_step_still_converge_and_steps_run_twice_change_nothing(
         .await
         .unwrap();
     wait_for("the duplicate stop", async || {
-        app.store.task_pending_count(machine).await.unwrap() == 0
+        is(app.store.task_pending_count(machine).await.unwrap(), 0)
     })
     .await;
     assert_eq!(status_of(&app, &tenant, &id).await, "stopped");
@@ -243,7 +273,7 @@ async fn faults_at_every_step_still_converge_and_steps_run_twice_change_nothing(
         .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     wait_for("deleted", async || {
-        status_of(&app, &tenant, &id).await == "gone"
+        is(status_of(&app, &tenant, &id).await, "gone")
     })
     .await;
     assert!(host.fake.calls(HypervisorOp::Undefine) >= 2);
@@ -252,7 +282,7 @@ async fn faults_at_every_step_still_converge_and_steps_run_twice_change_nothing(
         .await
         .unwrap();
     wait_for("the duplicate delete", async || {
-        app.store.task_pending_count(machine).await.unwrap() == 0
+        is(app.store.task_pending_count(machine).await.unwrap(), 0)
     })
     .await;
     assert!(
@@ -274,7 +304,10 @@ async fn a_silent_host_turns_unreachable_and_only_an_admin_may_forget_it(backend
     let host = FakeHost::start(app.grpc.unwrap(), "quiet", 8).await;
     let admin = app.admin("root").await;
     wait_for("the host to register", async || {
-        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "ready"
+        is(
+            app.get_json(&admin, "/hosts").await["items"][0]["state"].clone(),
+            "ready",
+        )
     })
     .await;
     let h = app.get_json(&admin, "/hosts").await["items"][0].clone();
@@ -284,7 +317,10 @@ async fn a_silent_host_turns_unreachable_and_only_an_admin_may_forget_it(backend
     // The agent goes silent: unreachable after two seconds.
     drop(host);
     wait_for("unreachable", async || {
-        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "unreachable"
+        is(
+            app.get_json(&admin, "/hosts").await["items"][0]["state"].clone(),
+            "unreachable",
+        )
     })
     .await;
     // Nothing lives there, so an administrator may forget it; a stranger may not.
@@ -344,7 +380,7 @@ async fn two_replicas_placing_at_once_never_oversubscribe_a_host(backend: Backen
         for id in &ids {
             running += usize::from(status_of(&first, &tenant, id).await == "running");
         }
-        running == 3
+        is(running, 3)
     })
     .await;
     // The rest keep waiting for capacity; the host is exactly full.
@@ -394,7 +430,7 @@ async fn a_machine_nothing_can_hold_fails_at_the_placement_deadline_with_the_rea
         .unwrap()
         .to_owned();
     wait_for("failed", async || {
-        status_of(&app, &tenant, &id).await == "failed"
+        is(status_of(&app, &tenant, &id).await, "failed")
     })
     .await;
     let m = app.get_json(&tenant, &format!("/machines/{id}")).await;
@@ -441,7 +477,10 @@ async fn ready_with_image(
 ) -> (crate::common::Session, crate::common::Session) {
     let admin = app.admin("root").await;
     wait_for("the host to register", async || {
-        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "ready"
+        is(
+            app.get_json(&admin, "/hosts").await["items"][0]["state"].clone(),
+            "ready",
+        )
     })
     .await;
     let kernel = b"a kernel for the fake hypervisor";
@@ -591,7 +630,7 @@ async fn a_stop_during_provisioning_is_honoured(backend: Backend) {
         .delay(HypervisorOp::Define, Duration::from_millis(1500));
     let id = create(&app, &tenant, "fickle").await;
     wait_for("provisioning", async || {
-        status_of(&app, &tenant, &id).await == "provisioning"
+        is(status_of(&app, &tenant, &id).await, "provisioning")
     })
     .await;
     let res = app
@@ -601,7 +640,7 @@ async fn a_stop_during_provisioning_is_honoured(backend: Backend) {
         .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     wait_for("stopped", async || {
-        status_of(&app, &tenant, &id).await == "stopped"
+        is(status_of(&app, &tenant, &id).await, "stopped")
     })
     .await;
     let m = app.get_json(&tenant, &format!("/machines/{id}")).await;
@@ -623,12 +662,15 @@ async fn an_action_on_an_unreachable_host_fails_at_its_deadline(backend: Backend
     let (host, admin, tenant) = cluster_with_image(&app, "doomed").await;
     let id = create(&app, &tenant, "stranded").await;
     wait_for("running", async || {
-        status_of(&app, &tenant, &id).await == "running"
+        is(status_of(&app, &tenant, &id).await, "running")
     })
     .await;
     drop(host);
     wait_for("unreachable", async || {
-        app.get_json(&admin, "/hosts").await["items"][0]["state"] == "unreachable"
+        is(
+            app.get_json(&admin, "/hosts").await["items"][0]["state"].clone(),
+            "unreachable",
+        )
     })
     .await;
     let res = app
@@ -638,7 +680,7 @@ async fn an_action_on_an_unreachable_host_fails_at_its_deadline(backend: Backend
         .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     wait_for("failed", async || {
-        status_of(&app, &tenant, &id).await == "failed"
+        is(status_of(&app, &tenant, &id).await, "failed")
     })
     .await;
     let m = app.get_json(&tenant, &format!("/machines/{id}")).await;
@@ -738,6 +780,7 @@ async fn registration_checks_the_token_and_what_agents_claim(backend: Backend) {
                 memory_mib: 1,
                 disk_gib: 1,
             }),
+            problems: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -802,7 +845,7 @@ async fn machines_are_driven_over_mutual_tls_when_configured(backend: Backend) {
     let (_admin, tenant) = ready_with_image(&app, &host, "secure").await;
     let id = create(&app, &tenant, "over-tls").await;
     wait_for("running", async || {
-        status_of(&app, &tenant, &id).await == "running"
+        is(status_of(&app, &tenant, &id).await, "running")
     })
     .await;
     assert_eq!(host.fake.domain_names().len(), 1);
