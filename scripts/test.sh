@@ -47,6 +47,11 @@ mkdir -p "$image_dir"
 images/tiny/build.sh "$image_dir"
 images/tiny/boot-test.sh "$image_dir"
 
+echo "== quickstart: the README's first command and a newcomer's next ones (scripts/test-quickstart.sh)" >&2
+# Its own cluster (ports, state, domain prefix), built like the tests below (debug): a release
+# build here would cost minutes and test nothing more.
+SKYGATE_QUICKSTART_PROFILE=debug scripts/test-quickstart.sh
+
 echo "== tests" >&2
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --profile ci

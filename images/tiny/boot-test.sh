@@ -4,14 +4,15 @@
 #   images/tiny/boot-test.sh OUTDIR      (OUTDIR as given to build.sh)
 #
 # Boots OUTDIR/image.json's kernel+initrd (TCG, 256 MiB, 1 vCPU) with a fresh
-# NoCloud seed, waits for "SKYGATE-READY" on the serial console, then runs
-# `hostname` over ssh through a 127.0.0.1 port forward and expects
-# "tiny-check". Prints the seconds from `virsh start` to readiness and to the
+# NoCloud seed, waits for "SKYGATE-READY" on the serial console, checks the
+# SSH host key block printed before it, then runs `hostname` over ssh through
+# a 127.0.0.1 port forward, with the console's ed25519 key as the only key
+# ssh accepts, and expects "tiny-check"; ssh-keyscan must see that same key. Prints the seconds from `virsh start` to readiness and to the
 # first successful ssh. The domain and temp dir are always removed.
 # Last line: "1 passed, 0 failed" or "0 passed, 1 failed".
 #
 # Needs root, a running libvirtd (scripts/install-host-deps.sh), jq,
-# genisoimage, ssh-keygen/ssh, ss.
+# genisoimage, ssh-keygen/ssh/ssh-keyscan, ss.
 set -euo pipefail
 
 VIRSH=(virsh -q -c qemu:///system)
@@ -66,7 +67,7 @@ trap 'exit 130' INT TERM HUP
 OUTDIR=$(cd "$1" && pwd -P)
 
 [[ ${EUID} -eq 0 ]] || fail "must run as root (libvirt qemu:///system)"
-for tool in virsh jq genisoimage ssh ssh-keygen ss runuser; do
+for tool in virsh jq genisoimage ssh ssh-keygen ssh-keyscan ss runuser; do
     command -v "${tool}" >/dev/null || fail "missing tool: ${tool}"
 done
 [[ -f ${OUTDIR}/image.json ]] || fail "${OUTDIR}/image.json not found; run build.sh ${OUTDIR} first"
@@ -195,9 +196,34 @@ T_READY=$(now)
     fail "unexpected readiness line: ${READY_LINE}"
 [[ $(grep -a -c 'SKYGATE-READY' "${TMP}/console.log") -eq 1 ]] || fail "more than one readiness line"
 
+# --- host keys on the console ------------------------------------------------------------
+# The init prints the host's public keys between these markers (cloud-init's
+# shape), complete before the readiness line; `skygate machines ssh` pins them
+# from there instead of trusting whatever answers on the forwarded port.
+BEGIN_KEYS='-----BEGIN SSH HOST KEY KEYS-----'
+END_KEYS='-----END SSH HOST KEY KEYS-----'
+tr -d '\r' <"${TMP}/console.log" >"${TMP}/console.txt"
+for marker in "${BEGIN_KEYS}" "${END_KEYS}"; do
+    [[ $(grep -a -c -x -F -e "${marker}" "${TMP}/console.txt") -eq 1 ]] ||
+        fail "expected exactly one '${marker}' line on the console"
+done
+read -r N_BEGIN N_END N_READY < <(awk -v b="${BEGIN_KEYS}" -v e="${END_KEYS}" '
+    $0 == b { nb = NR } $0 == e { ne = NR } /SKYGATE-READY hostname=/ { nr = NR }
+    END { print nb + 0, ne + 0, nr + 0 }' "${TMP}/console.txt")
+((N_BEGIN < N_END && N_END < N_READY)) ||
+    fail "the host key block (lines ${N_BEGIN}-${N_END}) must be complete before the readiness line (${N_READY})"
+HOST_KEYS=$(sed -n "$((N_BEGIN + 1)),$((N_END - 1))p" "${TMP}/console.txt")
+BAD=$(grep -v -E '^(ssh-ed25519|ssh-rsa|ecdsa-sha2-[a-z0-9]+) [A-Za-z0-9+/]+=*( .*)?$' <<<"${HOST_KEYS}" || true)
+[[ -z ${BAD} ]] || fail "not a key line in the host key block: ${BAD}"
+ED25519_KEY=$(awk '$1 == "ssh-ed25519" { print $1, $2; exit }' <<<"${HOST_KEYS}")
+[[ -n ${ED25519_KEY} ]] || fail "no ssh-ed25519 key in the console's host key block"
+# Pinned under an alias: the only key ssh will accept is the console's.
+printf 'boot-test %s\n' "${ED25519_KEY}" >"${TMP}/known_hosts"
+
 # --- ssh ---------------------------------------------------------------------------------
-SSH=(ssh -i "${TMP}/id_ed25519" -p "${PORT}" -o StrictHostKeyChecking=no
-    -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o ConnectTimeout=5 -o LogLevel=ERROR)
+SSH=(ssh -i "${TMP}/id_ed25519" -p "${PORT}" -o HostKeyAlias=boot-test
+    -o UserKnownHostsFile="${TMP}/known_hosts" -o GlobalKnownHostsFile=/dev/null
+    -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=5 -o LogLevel=ERROR)
 deadline=$(($(date +%s) + SSH_TIMEOUT))
 ANSWER=
 while [[ $(date +%s) -lt ${deadline} ]]; do
@@ -205,11 +231,20 @@ while [[ $(date +%s) -lt ${deadline} ]]; do
         break
     fi
     ANSWER=
+    # Not worth retrying: the port answers with a key the console did not print.
+    grep -q 'Host key verification failed' "${TMP}/ssh.err" &&
+        fail "ssh refused the key on 127.0.0.1:${PORT} (the console printed '${ED25519_KEY}'): $(cat "${TMP}/ssh.err")"
     sleep 0.2
 done
 T_SSH=$(now)
 [[ -n ${ANSWER} ]] || fail "ssh did not succeed within ${SSH_TIMEOUT}s: $(cat "${TMP}/ssh.err")"
 [[ ${ANSWER} == "${EXPECT_HOST}" ]] || fail "ssh hostname answered '${ANSWER}', expected '${EXPECT_HOST}'"
+# The same comparison the other way round: what a scanner sees on the port.
+SCANNED=$(ssh-keyscan -T 5 -t ed25519 -p "${PORT}" 127.0.0.1 2>/dev/null |
+    awk '$2 == "ssh-ed25519" { print $2, $3; exit }' || true)
+[[ ${SCANNED} == "${ED25519_KEY}" ]] ||
+    fail "ssh-keyscan saw '${SCANNED}' on 127.0.0.1:${PORT}, the console printed '${ED25519_KEY}'"
+log "the console's host key is the port's: $(ssh-keygen -l -f "${TMP}/known_hosts" | awk '{ print $2 }')"
 
 log "domain ${DOM}, ssh port 127.0.0.1:${PORT}"
 log "virsh start took $(elapsed "${T0}" "${T_STARTED}") s"

@@ -7,6 +7,7 @@
 
 mod harness;
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use harness::{ssh_hostname, ssh_key, ssh_port, Capacity, Cluster};
@@ -488,51 +489,187 @@ async fn the_cli_takes_a_tenant_from_login_to_an_ssh_session() {
         created.contains("running") && created.contains("port:"),
         "{created}"
     );
-    // `skygate machines ssh` runs the system ssh against the forwarded port.
-    let deadline = Instant::now() + BOOT;
-    let answer = loop {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_skygate"))
-            .args([
-                "machines",
-                "ssh",
-                "cli-vm",
-                "-i",
-                key.to_str().unwrap(),
-                "--",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ConnectTimeout=5",
-                "-o",
-                "LogLevel=ERROR",
-                "hostname",
-            ])
-            .env("SKYGATE_API", &cluster.http)
-            .env("SKYGATE_CONFIG_DIR", &config)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
-        if out.status.success() {
-            break String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(500));
+    // `skygate machines ssh` works the first time without a terminal or a prompt: it waits for
+    // the guest to print its host keys on the console, pins them in the CLI's known_hosts and
+    // has ssh check them strictly. setsid takes the controlling terminal away, so nothing can
+    // ask /dev/tty either.
+    let known_hosts = config.join("known_hosts");
+    let cli_ssh = |extra: &[&str]| {
+        let mut args = vec!["machines", "ssh", "cli-vm", "-i", key.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "hostname"]);
+        run_bounded(
+            std::process::Command::new("setsid")
+                .arg("--wait")
+                .arg(env!("CARGO_BIN_EXE_skygate"))
+                .args(&args)
+                .env("SKYGATE_API", &cluster.http)
+                .env("SKYGATE_CONFIG_DIR", &config),
+            BOOT,
+            "skygate machines ssh cli-vm",
+        )
     };
-    assert_eq!(answer, "cli-vm");
+    let first = cli_ssh(&[]);
+    assert!(first.status.success(), "first ssh: {}", first.stderr);
+    assert_eq!(first.stdout.trim(), "cli-vm", "{}", first.stderr);
+    eprintln!("first `skygate machines ssh`: {}", first.stderr.trim());
+    // The pin is the ed25519 key the guest printed on its console, under the machine's alias.
     let console = skygate(&["machines", "console", "cli-vm"], "");
     assert!(
         console.contains("SKYGATE-READY hostname=cli-vm"),
         "{console}"
     );
+    let printed = console
+        .lines()
+        .skip_while(|l| !l.contains("-----BEGIN SSH HOST KEY KEYS-----"))
+        .find(|l| l.starts_with("ssh-ed25519 "))
+        .unwrap_or_else(|| panic!("no ed25519 host key on the console:\n{console}"));
+    let printed: Vec<&str> = printed.split_whitespace().take(2).collect();
+    let pinned = std::fs::read_to_string(&known_hosts).expect("the CLI's known_hosts");
+    let (alias, pinned_key) = pinned
+        .lines()
+        .find_map(|l| l.split_once(' '))
+        .unwrap_or_else(|| panic!("nothing pinned: {pinned:?}"));
+    assert!(alias.starts_with("skygate-"), "{pinned}");
+    assert_eq!(pinned_key, printed.join(" "), "{pinned}");
+    assert_eq!(
+        std::fs::metadata(&known_hosts)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // Later uses go by the pin.
+    let again = cli_ssh(&[]);
+    assert!(again.status.success(), "second ssh: {}", again.stderr);
+    assert_eq!(again.stdout.trim(), "cli-vm");
+
+    // Another valid key in place of the pinned one: ssh refuses, the CLI says why, and the pin
+    // is not silently replaced by what the console says.
+    let other = cluster.tmp.path().join("other-host-key");
+    assert!(std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "other", "-f"])
+        .arg(&other)
+        .status()
+        .expect("ssh-keygen")
+        .success());
+    let other_key = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let other_key: Vec<&str> = other_key.split_whitespace().take(2).collect();
+    let corrupted = format!("{alias} {}\n", other_key.join(" "));
+    std::fs::write(&known_hosts, &corrupted).unwrap();
+    let refused = cli_ssh(&[]);
+    assert!(
+        !refused.status.success(),
+        "ssh with a wrong pinned key succeeded: {}",
+        refused.stdout
+    );
+    assert!(
+        refused
+            .stderr
+            .contains("the SSH host key of machine cli-vm did not match the one pinned for it"),
+        "{}",
+        refused.stderr
+    );
+    assert!(refused.stdout.trim().is_empty(), "{}", refused.stdout);
+    eprintln!("with a wrong pin: {}", refused.stderr.trim());
+    assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), corrupted);
+    // Re-pinning, which the user asks for, takes the console's keys again.
+    let repinned = cli_ssh(&["--repin-host-keys"]);
+    assert!(
+        repinned.status.success(),
+        "repinned ssh: {}",
+        repinned.stderr
+    );
+    assert_eq!(repinned.stdout.trim(), "cli-vm");
+    assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), pinned);
+
+    // The guest keeps its host key across a reboot (on its own disk), so the pin still holds.
+    skygate(&["machines", "reboot", "cli-vm", "--wait"], "");
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let console = skygate(&["machines", "console", "cli-vm"], "");
+        if console.matches("SKYGATE-READY hostname=cli-vm").count() >= 2 {
+            assert!(
+                console.contains("host key restored from the disk"),
+                "{console}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cli-vm did not come back after its reboot; console:\n{console}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let rebooted = cli_ssh(&[]);
+    assert!(rebooted.status.success(), "ssh after a reboot: {}", rebooted.stderr);
+    assert_eq!(rebooted.stdout.trim(), "cli-vm");
+    assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), pinned);
     skygate(&["machines", "stop", "cli-vm", "--wait"], "");
     skygate(&["machines", "delete", "cli-vm", "--wait"], "");
     assert!(cluster.all_domains().is_empty());
+    // A deleted machine's keys are unpinned (its id, and so its alias, never comes back).
+    assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), "");
+}
+
+/// What a finished command printed.
+struct Finished {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `cmd` with stdin closed, killing it and failing with `what` if it has not finished
+/// within `timeout`.
+fn run_bounded(cmd: &mut std::process::Command, timeout: Duration, what: &str) -> Finished {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    // Drained on threads so a chatty child never blocks on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} did not finish within {timeout:?}; stderr: {}",
+                stderr.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Finished {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
 }

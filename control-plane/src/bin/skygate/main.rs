@@ -4,8 +4,10 @@
 // Printing is what a command-line client is for.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod host_keys;
 mod output;
 mod session;
+mod ssh;
 
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
@@ -15,6 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use host_keys::{KnownHosts, Pinned};
 use output::{print_rows, Output};
 use session::{fail, Api, CliError, CliResult};
 
@@ -122,6 +125,9 @@ enum MachinesCmd {
     /// The tail of the machine's serial console.
     Console { machine: String },
     /// Run the system ssh against the machine's forwarded port (extra arguments after --).
+    ///
+    /// The machine's host keys are read from its console on first use and pinned in
+    /// `known_hosts` in the config dir; ssh then checks them strictly, without prompting.
     Ssh {
         machine: String,
         /// Log in as this user.
@@ -130,6 +136,10 @@ enum MachinesCmd {
         /// Private key to use.
         #[arg(long, short = 'i')]
         identity: Option<std::path::PathBuf>,
+        /// Replace the pinned host keys with the ones the machine last printed on its console
+        /// (after it got new ones, e.g. a reboot of the tiny image).
+        #[arg(long)]
+        repin_host_keys: bool,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -391,6 +401,52 @@ async fn host_id(api: &mut Api, host: &str) -> CliResult<String> {
         .ok_or_else(|| CliError(format!("no host named {host:?}")))
 }
 
+/// How long `machines ssh` waits for a booting guest to print its host keys.
+const HOST_KEY_WAIT: Duration = Duration::from_secs(60);
+
+/// The host keys machine `id` last printed on its serial console, polling while the guest is
+/// still booting; one line naming what was missing when it never prints them.
+async fn console_host_keys(
+    api: &mut Api,
+    machine: &str,
+    id: &str,
+) -> CliResult<Vec<host_keys::HostKey>> {
+    let deadline = Instant::now() + HOST_KEY_WAIT;
+    let mut told = false;
+    loop {
+        let error = match api
+            .call_text(Method::GET, &format!("/machines/{id}/console"), None)
+            .await
+        {
+            Ok(text) => match host_keys::last_key_block(&text) {
+                Some(keys) if !keys.is_empty() => return Ok(keys),
+                _ => None,
+            },
+            // A machine that is not on a host yet has no console to read: keep waiting.
+            Err(e) => Some(e),
+        };
+        if Instant::now() >= deadline {
+            let why = match error {
+                Some(e) => format!(" (the last console read failed: {e})"),
+                None => format!(" (`skygate machines console {machine}` shows what it printed)"),
+            };
+            return fail(format!(
+                "machine {machine} has not printed its SSH host keys on its console within {} s, \
+                 so they cannot be pinned{why}",
+                HOST_KEY_WAIT.as_secs()
+            ));
+        }
+        if !told {
+            eprintln!(
+                "waiting up to {} s for {machine} to print its SSH host keys on its console",
+                HOST_KEY_WAIT.as_secs()
+            );
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 const MACHINE_COLUMNS: [&str; 6] = ["id", "hostname", "status", "host", "vcpus", "memory_mib"];
 
 async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()> {
@@ -470,6 +526,13 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             let m = api
                 .call(Method::DELETE, &format!("/machines/{id}"), None)
                 .await?;
+            // Its id is never reused, so its pinned host keys can go now; failing to drop them
+            // is not worth failing the delete for.
+            if let Err(e) =
+                KnownHosts::in_config_dir().and_then(|k| k.forget(&host_keys::alias(&id)))
+            {
+                eprintln!("skygate: warning: could not unpin the machine's host keys: {e}");
+            }
             if wait {
                 wait_for(api, &id, Target::Gone).await?;
                 eprintln!("deleted");
@@ -503,6 +566,7 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             machine,
             user,
             identity,
+            repin_host_keys,
             args,
         } => {
             let id = machine_id(api, &machine).await?;
@@ -518,21 +582,50 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
                     m["status"].as_str().unwrap_or("?")
                 ));
             };
-            let mut cmd = std::process::Command::new("ssh");
-            cmd.args(["-p", &port["host_port"].to_string()]);
-            if let Some(i) = identity {
-                cmd.arg("-i").arg(i);
+            let Some(host_port) = port["host_port"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+            else {
+                return fail(format!(
+                    "machine {machine} has an invalid ssh port: {}",
+                    port["host_port"]
+                ));
+            };
+            let known = KnownHosts::in_config_dir()?;
+            let alias = host_keys::alias(&id);
+            if repin_host_keys {
+                let keys = console_host_keys(api, &machine, &id).await?;
+                known.replace(&alias, &keys)?;
+                eprintln!(
+                    "pinned {} host key(s) of {machine} from its console",
+                    keys.len()
+                );
+            } else if known.pinned(&alias)?.is_none() {
+                let keys = console_host_keys(api, &machine, &id).await?;
+                if known.pin_if_absent(&alias, &keys)? == Pinned::Added {
+                    eprintln!(
+                        "pinned {} host key(s) of {machine} from its console",
+                        keys.len()
+                    );
+                }
             }
-            cmd.arg(format!(
-                "{user}@{}",
-                port["host_ip"].as_str().unwrap_or("127.0.0.1")
-            ));
-            cmd.args(args);
-            let status = cmd
-                .status()
-                .map_err(|e| CliError(format!("cannot run ssh: {e}")))?;
+            let target = ssh::Target {
+                alias: &alias,
+                known_hosts: known.path(),
+                host_ip: port["host_ip"].as_str().unwrap_or("127.0.0.1"),
+                port: host_port,
+                user: &user,
+                identity: identity.as_deref(),
+            };
+            let (status, stderr) = ssh::run(&ssh::args(&target, &args)?)?;
             if !status.success() {
-                return fail(format!("ssh exited with {status}"));
+                return fail(ssh::failure_line(
+                    status,
+                    &stderr,
+                    &machine,
+                    &alias,
+                    known.path(),
+                ));
             }
         }
     }
