@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use proto::agent::v1 as pb;
 use proto::agent::v1::host_agent_client::HostAgentClient;
 
-const TOKEN: &str = "boot-timing";
+const TOKEN: &str = "boot-timing-agent-token";
 
 fn ssh_until_answers(key: &std::path::Path, port: u32) -> Instant {
     let deadline = Instant::now() + Duration::from_secs(120);

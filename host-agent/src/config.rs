@@ -1,4 +1,6 @@
-//! The agent's flags (each also an environment variable where API.md gives one).
+//! The agent's flags (each also an environment variable where API.md gives one). clap checks
+//! their syntax; the rules across flags and the environment are in preflight.rs, run before
+//! anything is served.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -16,14 +18,15 @@ pub struct AgentArgs {
     /// Address the gRPC server listens on (port 0 picks a free port, printed at start).
     #[arg(long, env = "SKYGATE_AGENT_LISTEN", default_value = "127.0.0.1:9091")]
     pub listen: String,
-    /// Address the control plane dials to reach this agent (used by registration).
+    /// Address the control plane dials to reach this agent (used by registration): `host:port`,
+    /// or `http(s)://host:port`, which is reduced to `host:port`.
     #[arg(long, env = "SKYGATE_AGENT_ADVERTISE")]
     pub advertise: Option<String>,
     /// gRPC URL of the control plane (used by registration).
     #[arg(long, env = "SKYGATE_CONTROL_PLANE")]
     pub control_plane: Option<String>,
-    /// Shared secret: every call must carry `authorization: Bearer <token>`. Prefer the
-    /// environment variable; a flag shows in the process list.
+    /// Shared secret: every call must carry `authorization: Bearer <token>`. Visible ASCII, at
+    /// least 16 bytes. Prefer the environment variable; a flag shows in the process list.
     #[arg(long, env = "SKYGATE_AGENT_TOKEN", hide_env_values = true)]
     pub agent_token: Option<String>,
     /// Host name reported to the control plane (default: the system host name).
@@ -64,11 +67,12 @@ pub struct AgentArgs {
         default_value = "127.0.0.1"
     )]
     pub forward_address: Ipv4Addr,
-    /// With `--network user`: host ports forwarded ports are taken from.
+    /// With `--network user`: host ports forwarded ports are taken from (1024 and above).
     #[arg(
         long,
         env = "SKYGATE_AGENT_FORWARD_PORTS",
-        default_value = "20000-29999"
+        default_value = "20000-29999",
+        value_parser = crate::preflight::parse_forward_ports
     )]
     pub forward_ports: PortRange,
     /// How long StopVm waits for the guest's ACPI shutdown before forcing it off, when the

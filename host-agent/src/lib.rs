@@ -12,6 +12,7 @@ pub mod images;
 pub mod machines;
 pub mod paths;
 pub mod ports;
+pub mod preflight;
 pub mod probe;
 pub mod registration;
 pub mod seed;

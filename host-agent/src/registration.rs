@@ -3,6 +3,7 @@
 //! host (NOT_FOUND) and keep retrying, with backoff, while it is unreachable. The agent serves
 //! HostAgent whether or not the control plane answers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use proto::agent::v1 as agent_pb;
@@ -63,6 +64,18 @@ pub struct Registration {
     pub token: String,
     /// What to register.
     pub request: pb::RegisterRequest,
+    /// Asked before every heartbeat what is wrong with the host.
+    pub self_check: Arc<dyn SelfCheck>,
+}
+
+/// What the agent finds wrong with its host, asked before every heartbeat: the control plane
+/// shows the answer to admins (`GET /hosts`: `degraded`, `problems`) and places no machine on
+/// a host with problems, so a tool that broke after start-up (a package upgrade removed
+/// `qemu-img`) stops new machines from failing there.
+#[async_trait::async_trait]
+pub trait SelfCheck: Send + Sync + std::fmt::Debug {
+    /// One short line per problem; empty when healthy.
+    async fn problems(&self) -> Vec<String>;
 }
 
 /// Registers, then heartbeats forever (until the task is dropped).
@@ -78,6 +91,23 @@ pub async fn run(reg: Registration) {
     loop {
         match session(&reg, &bearer).await {
             Ok(()) => backoff = Duration::from_millis(250),
+            // The control plane answered and said no: retrying the same request will not
+            // change its mind, but its configuration (the token) may change, so keep trying
+            // at the slowest pace, saying loudly what to fix. preflight.rs checks the flags
+            // behind these (--advertise, --name, the token) at start-up, so this is rare.
+            Err(status) if is_refusal(status.code()) => {
+                tracing::error!(
+                    control_plane = %reg.control_plane,
+                    code = ?status.code(),
+                    message = status.message(),
+                    address = %reg.request.address,
+                    name = %reg.request.name,
+                    "the control plane refused this agent's registration; check --agent-token, \
+                     --advertise and --name"
+                );
+                tokio::time::sleep(MAX_BACKOFF).await;
+                backoff = MAX_BACKOFF;
+            }
             Err(status) => {
                 tracing::warn!(
                     control_plane = %reg.control_plane,
@@ -90,6 +120,15 @@ pub async fn run(reg: Registration) {
             }
         }
     }
+}
+
+/// Whether `code` means the control plane rejected the request itself (bad token, bad name or
+/// address), as opposed to being unreachable or failing.
+fn is_refusal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied
+    )
 }
 
 /// One registration and its heartbeats; returns Ok when the control plane forgot the host
@@ -112,7 +151,7 @@ async fn session(reg: &Registration, bearer: &BearerToken) -> Result<(), tonic::
             .heartbeat(pb::HeartbeatRequest {
                 host_id: registered.host_id.clone(),
                 capacity: reg.request.capacity,
-                problems: Vec::new(),
+                problems: reg.self_check.problems().await,
             })
             .await;
         match beat {
@@ -147,6 +186,20 @@ mod tests {
                 disk_gib: 50
             }
         );
+    }
+
+    #[test]
+    fn only_answers_about_the_request_itself_are_refusals() {
+        for code in [
+            Code::InvalidArgument,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+        ] {
+            assert!(is_refusal(code), "{code:?}");
+        }
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Internal] {
+            assert!(!is_refusal(code), "{code:?}");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Start-up and serving: connect libvirt, choose the accelerator, sweep leftovers, start the
-//! poller, then serve HostAgent (bearer-authenticated) and grpc.health.v1 over TCP, with TLS
+//! Start-up and serving: check flags and environment (preflight.rs), connect libvirt, choose
+//! the accelerator, sweep leftovers, start the poller, then serve HostAgent (bearer-authenticated) and grpc.health.v1 over TCP, with TLS
 //! or mutual TLS when certificate files are configured.
 
 use std::future::Future;
@@ -15,10 +15,10 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::config::AgentArgs;
 use crate::disks::QemuImg;
 use crate::events::{EventLog, DEFAULT_RETAINED};
-use crate::hypervisor::{blocking, Hypervisor, LibvirtHypervisor};
+use crate::hypervisor::{blocking, Hypervisor};
 use crate::images::ImageCache;
 use crate::machines::{MachineManager, ManagerConfig};
-use crate::paths::DataDir;
+use crate::preflight;
 use crate::probe::{choose_hypervisor, AcceleratorProbe};
 use crate::registration::{self, CapacityPolicy, Registration};
 use crate::service::{hypervisor_to_wire, HostAgentService, HostIdentity};
@@ -27,14 +27,18 @@ use proto::bearer::BearerAuth;
 /// Largest request the agent decodes (a spec with user data is well under this).
 const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
-/// Why the agent could not start or stopped serving.
+/// Why the agent could not start or stopped serving. Messages never repeat their source's
+/// text; main.rs prints the chain as one line ([`crate::preflight::error_line`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// Configuration is incomplete or contradictory.
-    #[error("{0}")]
-    Config(String),
+    /// A flag or the environment failed a start-up check.
+    #[error(transparent)]
+    Preflight(#[from] preflight::PreflightError),
+    /// No accelerator fits `--hypervisor` on this host.
+    #[error(transparent)]
+    Accelerator(#[from] crate::probe::ProbeError),
     /// A certificate or key file could not be read.
-    #[error("{path}: {source}")]
+    #[error("reading {}", path.display())]
     ReadFile {
         /// The file.
         path: PathBuf,
@@ -46,10 +50,10 @@ pub enum StartError {
     #[error(transparent)]
     Agent(#[from] crate::error::AgentError),
     /// The listener or the transport failed.
-    #[error("serving gRPC: {0}")]
+    #[error("serving gRPC")]
     Transport(#[from] tonic::transport::Error),
     /// Binding the listen address failed.
-    #[error("listening on {addr}: {source}")]
+    #[error("listening on {addr}")]
     Listen {
         /// The address.
         addr: String,
@@ -57,6 +61,17 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl StartError {
+    /// The process exit code: 2 when the configuration or the host is unfit (fix something,
+    /// then start again; like clap's code for a bad command line), 1 for anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Preflight(_) | StartError::Accelerator(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Certificate files for TLS.
@@ -129,39 +144,29 @@ pub async fn serve(
     Ok(())
 }
 
-/// Runs the agent as configured until SIGINT or SIGTERM.
+/// Runs the agent as configured until SIGINT or SIGTERM. Flags and environment are checked
+/// first (preflight.rs): nothing is created, swept or served before they pass.
 pub async fn run(args: AgentArgs) -> Result<(), StartError> {
-    let token = args
-        .agent_token
-        .clone()
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            StartError::Config("--agent-token (SKYGATE_AGENT_TOKEN) is required".into())
-        })?;
-    if args.domain_prefix.is_empty() {
-        return Err(StartError::Config(
-            "--domain-prefix must not be empty: the agent would own every domain".into(),
-        ));
+    let flags = preflight::check_flags(&args, &system_hostname())?;
+    if let Some(tls) = &flags.tls {
+        preflight::check_tls_files(tls)?;
     }
-    let tls = args
-        .tls_cert
-        .clone()
-        .zip(args.tls_key.clone())
-        .map(|(cert, key)| TlsFiles {
-            cert,
-            key,
-            client_ca: args.tls_client_ca.clone(),
-        });
-    let data = DataDir::new(&args.data_dir).map_err(|e| StartError::Config(e.to_string()))?;
-    data.prepare().map_err(crate::error::AgentError::from)?;
-
-    let uri = args.libvirt_uri.clone();
-    let hv: Arc<dyn Hypervisor> = Arc::new(
-        tokio::task::spawn_blocking(move || LibvirtHypervisor::connect(&uri))
-            .await
-            .map_err(|e| StartError::Config(e.to_string()))?
-            .map_err(crate::error::AgentError::from)?,
-    );
+    let data = preflight::check_data_dir(&args.data_dir)?;
+    preflight::check_tools(&preflight::TOOLS).await?;
+    // Before libvirt's wait: an address in use should fail in milliseconds. Nothing is
+    // accepted until `serve`.
+    let listener = TcpListener::bind(flags.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: flags.listen.to_string(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: flags.listen.to_string(),
+        source,
+    })?;
+    let hv: Arc<dyn Hypervisor> =
+        Arc::new(preflight::connect_libvirt(&args.libvirt_uri, preflight::LIBVIRT_WAIT).await?);
     let facts = blocking(&hv, |hv| hv.host_facts())
         .await
         .map_err(crate::error::AgentError::from)?;
@@ -170,8 +175,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
         facts.offers_kvm,
         facts.offers_qemu,
     );
-    let kind =
-        choose_hypervisor(args.hypervisor, probe).map_err(|e| StartError::Config(e.to_string()))?;
+    let kind = choose_hypervisor(args.hypervisor, probe)?;
     tracing::info!(
         hypervisor = kind.as_str(),
         libvirt = %facts.libvirt_version,
@@ -208,16 +212,6 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
         Duration::from_millis(args.poll_interval_ms.max(100)),
     ));
 
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: args.listen.clone(),
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: args.listen.clone(),
-        source,
-    })?;
     let capacity = CapacityPolicy {
         vcpus: args.capacity_vcpus.unwrap_or(facts.cpus),
         memory_mib: args.capacity_memory_mib.unwrap_or(facts.memory_kib / 1024),
@@ -229,34 +223,45 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
     }
     .advertised();
     let host = HostIdentity {
-        name: args.name.clone().unwrap_or_else(system_hostname),
+        name: flags.name.clone(),
         hypervisor: kind,
         capacity,
     };
-    let registration = args.control_plane.clone().map(|control_plane| {
+    // --advertise as normalised by preflight, else the bound address (the real port when
+    // --listen used port 0).
+    let advertise = flags.advertise.clone().unwrap_or_else(|| local.to_string());
+    let registration = flags.control_plane.clone().map(|control_plane| {
         tokio::spawn(registration::run(Registration {
             control_plane,
-            token: token.clone(),
+            token: flags.token.clone(),
             request: proto::controlplane::v1::RegisterRequest {
                 name: host.name.clone(),
-                // The bound address (the real port when --listen used port 0).
-                address: args.advertise.clone().unwrap_or_else(|| local.to_string()),
+                address: advertise.clone(),
                 capacity: Some(capacity),
                 hypervisor: hypervisor_to_wire(kind) as i32,
                 agent_version: env!("CARGO_PKG_VERSION").into(),
                 domain_prefix: args.domain_prefix.clone(),
             },
+            self_check: Arc::new(preflight::HostSelfCheck::new(&args.data_dir)),
         }))
     });
     // Tests and scripts wait for this line (with the real port when --listen used port 0).
     tracing::info!(
         listen = %local,
-        tls = tls.is_some(),
-        mutual_tls = tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        advertise = %advertise,
+        tls = flags.tls.is_some(),
+        mutual_tls = flags.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         "skygate-host-agent listening"
     );
     let service = HostAgentService::new(manager, events, host);
-    let result = serve(listener, service, &token, tls.as_ref(), shutdown_signal()).await;
+    let result = serve(
+        listener,
+        service,
+        &flags.token,
+        flags.tls.as_ref(),
+        shutdown_signal(),
+    )
+    .await;
     poller.abort();
     if let Some(r) = registration {
         r.abort();

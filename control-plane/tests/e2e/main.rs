@@ -603,7 +603,11 @@ async fn the_cli_takes_a_tenant_from_login_to_an_ssh_session() {
         std::thread::sleep(Duration::from_secs(1));
     }
     let rebooted = cli_ssh(&[]);
-    assert!(rebooted.status.success(), "ssh after a reboot: {}", rebooted.stderr);
+    assert!(
+        rebooted.status.success(),
+        "ssh after a reboot: {}",
+        rebooted.stderr
+    );
     assert_eq!(rebooted.stdout.trim(), "cli-vm");
     assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), pinned);
     skygate(&["machines", "stop", "cli-vm", "--wait"], "");

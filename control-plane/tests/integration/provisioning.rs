@@ -16,7 +16,7 @@ use host_agent::hypervisor::{FakeHypervisor, HypervisorOp};
 use host_agent::images::ImageCache;
 use host_agent::machines::{MachineManager, ManagerConfig, NetworkMode};
 use host_agent::paths::DataDir;
-use host_agent::registration::{self, Registration};
+use host_agent::registration::{self, Registration, SelfCheck};
 use host_agent::service::{HostAgentService, HostIdentity};
 use proto::agent::v1 as pb;
 use reqwest::{Method, StatusCode};
@@ -27,10 +27,29 @@ use std::time::{Duration, Instant};
 
 const TOKEN: &str = "workflow-test-agent-token";
 
+/// A self-check that reports what the test sets (the real one runs the host's tools).
+#[derive(Debug, Default)]
+struct FakeSelfCheck(std::sync::Mutex<Vec<String>>);
+
+impl FakeSelfCheck {
+    fn set(&self, problems: &[&str]) {
+        *self.0.lock().unwrap() = problems.iter().map(|p| (*p).to_owned()).collect();
+    }
+}
+
+#[async_trait::async_trait]
+impl SelfCheck for FakeSelfCheck {
+    async fn problems(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 /// An in-process agent over the fake hypervisor, registered with the control plane.
 struct FakeHost {
     tmp: tempfile::TempDir,
     fake: Arc<FakeHypervisor>,
+    /// What its agent reports wrong with the host on each heartbeat.
+    problems: Arc<FakeSelfCheck>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -59,6 +78,7 @@ impl FakeHost {
         let data = DataDir::new(tmp.path().join("data")).unwrap();
         data.prepare().unwrap();
         let fake = Arc::new(FakeHypervisor::new());
+        let problems = Arc::new(FakeSelfCheck::default());
         let events = Arc::new(EventLog::new(256));
         let manager = MachineManager::new(
             fake.clone(),
@@ -114,10 +134,12 @@ impl FakeHost {
                 agent_version: "test".into(),
                 domain_prefix: format!("skygate-wf-{name}-"),
             },
+            self_check: problems.clone(),
         }));
         FakeHost {
             tmp,
             fake,
+            problems,
             tasks: vec![server, joining],
         }
     }
@@ -622,6 +644,70 @@ async fn a_failing_agent_step_reaches_the_tenant_then_fails_the_machine(backend:
     app.stop().await;
 }
 
+/// An agent that reports problems (its tools broke after it started): admins see the host
+/// `degraded` with the problems, no machine is placed there meanwhile and the tenant reads
+/// why; once the agent reports none, the host is `ready` and the machine is placed.
+async fn a_host_reporting_problems_takes_no_machines_until_they_are_gone(backend: Backend) {
+    let app = TestApp::spawn_provisioning(backend, config()).await;
+    let (host, admin, tenant) = cluster_with_image(&app, "sick").await;
+    let problem = "qemu-img (qemu-utils) does not run: not found in PATH";
+    host.problems.set(&[problem]);
+    wait_for("the host to be degraded", async || {
+        let h = app.get_json(&admin, "/hosts").await["items"][0].clone();
+        is(
+            (h["state"].clone(), h["problems"].clone()),
+            (json!("degraded"), json!([problem])),
+        )
+    })
+    .await;
+    let id = create(&app, &tenant, "patient").await;
+    let (machine, _) = wait_for_machine(
+        &app,
+        &tenant,
+        &id,
+        "an event saying why it waits",
+        Duration::from_secs(10),
+        |_, events| {
+            events.iter().any(|e| {
+                e["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("sick: its agent reports problems")
+            })
+        },
+    )
+    .await;
+    assert_eq!(machine["status"], "pending", "{machine}");
+    // A tenant is not shown hosts, and so not their problems.
+    let res = app
+        .as_user(&tenant, Method::GET, "/hosts")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+
+    host.problems.set(&[]);
+    wait_for("the host to be ready again", async || {
+        let h = app.get_json(&admin, "/hosts").await["items"][0].clone();
+        is(
+            (h["state"].clone(), h["problems"].clone()),
+            (json!("ready"), json!([])),
+        )
+    })
+    .await;
+    wait_for_machine(
+        &app,
+        &tenant,
+        &id,
+        "running once the host is healthy",
+        Duration::from_secs(20),
+        |m, _| m["status"] == "running",
+    )
+    .await;
+    drop(host);
+    app.stop().await;
+}
+
 async fn a_stop_during_provisioning_is_honoured(backend: Backend) {
     let app = TestApp::spawn_provisioning(backend, config()).await;
     let (host, _admin, tenant) = cluster_with_image(&app, "slow").await;
@@ -854,6 +940,7 @@ async fn machines_are_driven_over_mutual_tls_when_configured(backend: Backend) {
 
 both_stores!(
     a_failing_agent_step_reaches_the_tenant_then_fails_the_machine,
+    a_host_reporting_problems_takes_no_machines_until_they_are_gone,
     machines_are_driven_over_mutual_tls_when_configured,
     a_stop_during_provisioning_is_honoured,
     an_action_on_an_unreachable_host_fails_at_its_deadline,

@@ -215,7 +215,21 @@ async fn a_failed_first_define_leaves_no_files_and_a_retry_builds_the_machine() 
         .ensure(h.spec(id, 1, DesiredPower::Running))
         .await
         .unwrap_err();
-    assert!(matches!(err, AgentError::Hypervisor(_)), "{err}");
+    // The error names the step, with the hypervisor's error as its cause.
+    match &err {
+        AgentError::Step { step, source } => {
+            assert_eq!(*step, CreateStep::Define);
+            assert!(matches!(**source, AgentError::Hypervisor(_)), "{source}");
+        }
+        other => panic!("not a step error: {other}"),
+    }
+    assert_eq!(
+        tonic::Status::from(err)
+            .metadata()
+            .get(proto::STEP_METADATA)
+            .unwrap(),
+        "define"
+    );
     assert!(!h.files_exist(id));
     assert!(h.fake.domain_names().is_empty());
     let state = h
