@@ -329,14 +329,15 @@ fi
 # shellcheck disable=SC2088
 KEY='~/.ssh/skygate'
 echo
-echo "Next:"
-echo "  ${skygate} login -u ${ADMIN}"
+echo "Next, as a tenant (the administrator '${ADMIN}' sees hosts: ${skygate} login -u ${ADMIN}; ${skygate} hosts list):"
+echo "  ${skygate} register -u ann --email ann@example.com    # asks for a password"
+echo "  ${skygate} login -u ann"
 if [[ ! -d ${HOME}/.ssh ]]; then
   echo "  mkdir -m 700 ~/.ssh; ssh-keygen -q -t ed25519 -N '' -f ${KEY}"
 elif [[ ! -f ${HOME}/.ssh/skygate ]]; then
   echo "  ssh-keygen -q -t ed25519 -N '' -f ${KEY}"
 fi
 echo "  ${skygate} machines create web-1 --image tiny --memory-mib 256 --disk-gib 1 --ssh-key ${KEY}.pub --wait"
-echo "  ${skygate} machines ssh web-1 -i ${KEY}"
+echo "  ${skygate} machines ssh web-1 -i ${KEY} -- hostname"
 echo
 echo "Stop it with 'scripts/dev-cluster.sh stop'; 'purge' also removes its machines and state."

@@ -16,6 +16,9 @@
 # qemu-utils is always requested together with qemu-system-x86, at qemu-system-x86's version.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
+# The daemons and depmod live in sbin, which a non-root user's PATH (running this with sudo)
+# lacks: the checks below must find them either way.
+export PATH="${PATH}:/usr/sbin:/sbin"
 
 want_host=false
 want_postgres=false
@@ -148,11 +151,19 @@ if $installed_postgres || needs_install; then
   if $want_host || [[ -n $(installed_version qemu-system-x86) ]]; then
     # Pin every QEMU package requested or present to qemu-system-x86's candidate, downgrading
     # a backports qemu-utils if there is one: one version, and qemu-img stays.
-    # The installed QEMU's version while apt can still supply all of it, else the newest apt
-    # offers (a downgrade when the installed one came from an archive no longer configured).
-    qemu=$(source_version "$(installed_version qemu-system-x86)")
-    if [[ -z $qemu || -z $(offered_version qemu-utils "$qemu") ]]; then
-      qemu=$(source_version "$(apt-cache madison qemu-system-x86 | awk -F' [|] ' 'NR == 1 {print $2}')")
+    # apt's candidate for qemu-system-x86 (by pin priority: a configured backports archive does
+    # not win over the release), unless apt cannot supply qemu-utils at that version (the
+    # candidate is an installed build from an archive no longer configured): then the newest
+    # version apt offers both at (a downgrade).
+    qemu=$(source_version "$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')")
+    if [[ -z $qemu || $qemu == "(none)" || -z $(offered_version qemu-utils "$qemu") ]]; then
+      qemu=""
+      while read -r v; do
+        if [[ -n $(offered_version qemu-utils "$(source_version "$v")") ]]; then
+          qemu=$(source_version "$v")
+          break
+        fi
+      done < <(apt-cache madison qemu-system-x86 | awk -F' [|] ' '{print $2}')
     fi
     [[ -n $qemu ]] || die "apt offers no qemu-system-x86 (apt-get update failed?)"
     request=()
@@ -182,7 +193,7 @@ fi
 failing=$(failing_commands)
 if [[ -n $failing ]]; then
   say "these commands do not run after the install (package: command):"
-  echo "$failing" | sed 's/^/  /' >&2
+  while read -r line; do echo "  ${line}" >&2; done <<<"$failing"
   exit 1
 fi
 qemu_consistent || die "QEMU packages carry different versions: $(for p in "${QEMU_PACKAGES[@]}"; do v=$(installed_version "$p"); [[ -n $v ]] && printf '%s=%s ' "$p" "$v"; done)"
@@ -193,8 +204,9 @@ fi
 
 if $want_postgres && ! pg_answers; then
   # No systemd here: start every cluster Debian knows about directly.
-  for version in $(ls /etc/postgresql 2>/dev/null); do
-    $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null || true
+  for dir in /etc/postgresql/*/; do
+    [[ -d $dir ]] || continue
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$(basename "$dir")" main start 2>/dev/null || true
   done
   for _ in $(seq 1 30); do pg_answers && break; sleep 1; done
   pg_answers || die "PostgreSQL does not answer on 127.0.0.1:5432"
@@ -203,7 +215,8 @@ fi
 if $installed_postgres; then
   # A server this script just installed: let the local postgres user in over TCP without a
   # password, as on the CI machines (loopback only).
-  hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -n 1)
+  hbas=(/etc/postgresql/*/main/pg_hba.conf)
+  hba=${hbas[0]}
   if ! grep -q "skygate-test" "$hba"; then
     $SUDO sed -i '1i host all postgres 127.0.0.1/32 trust # skygate-test' "$hba"
     $SUDO pg_ctlcluster --skip-systemctl-redirect "$(basename "$(dirname "$(dirname "$hba")")")" main reload

@@ -55,7 +55,8 @@ done
 export SKYGATE_DEV_HTTP=127.0.0.1:${ports[0]}
 export SKYGATE_DEV_GRPC=127.0.0.1:${ports[1]}
 export SKYGATE_DEV_AGENT_PORT=${ports[2]}
-export SKYGATE_DEV_FORWARD_FROM=$((30000 + RANDOM % 20 * 1000))
+# Below the kernel's ephemeral ports (32768 and up) and above dev-cluster's defaults.
+export SKYGATE_DEV_FORWARD_FROM=$((24000 + RANDOM % 8 * 1000))
 # Matches test.sh's clean-up of test domains (^skygate-test-) should this run be killed -9.
 export SKYGATE_DEV_PREFIX=skygate-test-qs-$$-
 export SKYGATE_DEV_BIN_DIR=${WORK}/bin

@@ -192,6 +192,15 @@ impl ServeArgs {
         let Some(token) = self.agent_token.clone().filter(|t| !t.is_empty()) else {
             return Ok(None);
         };
+        // The same rule as the agents': a short shared token opens every host.
+        if token.len() < proto::bearer::MIN_TOKEN_BYTES {
+            anyhow::bail!(
+                "--agent-token (SKYGATE_AGENT_TOKEN) is {} bytes; at least {} are required \
+                 (e.g. head -c 32 /dev/urandom | base64)",
+                token.len(),
+                proto::bearer::MIN_TOKEN_BYTES
+            );
+        }
         if self.host_unreachable_after_secs < 2 * self.heartbeat_interval_secs {
             anyhow::bail!(
                 "--host-unreachable-after-secs ({}) must be at least twice \
@@ -258,4 +267,31 @@ pub struct AdminCreateArgs {
     /// Read the password from standard input (the only way: never on the command line).
     #[arg(long, required = true)]
     pub password_stdin: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["skygate-control-plane", "serve"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Serve(args)) => *args,
+            other => panic!("not serve args: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_agent_token_follows_the_agents_rule() {
+        let short = serve(&["--agent-token", "change-me"]).provisioning();
+        let message = short.unwrap_err().to_string();
+        assert!(message.contains("is 9 bytes; at least 16"), "{message}");
+        let good = serve(&["--agent-token", "0123456789abcdef"]).provisioning();
+        assert!(good.unwrap().is_some());
+        assert!(serve(&["--agent-token", ""])
+            .provisioning()
+            .unwrap()
+            .is_none());
+    }
 }

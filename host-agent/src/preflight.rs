@@ -34,16 +34,8 @@ use crate::paths::{DataDir, PathsError};
 use crate::ports::PortRange;
 use crate::server::TlsFiles;
 
-/// Shortest agent token accepted, in bytes.
-///
-/// Why a floor, and why 16: `proto::bearer` hashes the presented and the expected token with
-/// SHA-256 and compares the digests in constant time, so timing reveals neither content nor
-/// length; what is left to an attacker who reaches the agent's (or the control plane's) gRPC
-/// port is guessing online. 16 random visible-ASCII bytes (what `head -c 32 /dev/urandom |
-/// base64` gives, twice over) are ~96 bits, far beyond that; below 16 bytes sit the words people
-/// type by hand ("secret", "change-me"), which a guesser tries first. The token is one
-/// long-lived secret shared by every host, so a weak one opens them all.
-pub const MIN_TOKEN_BYTES: usize = 16;
+/// The shortest agent token either side accepts (why: [`proto::bearer::MIN_TOKEN_BYTES`]).
+pub use proto::bearer::MIN_TOKEN_BYTES;
 
 /// How long start-up waits for libvirt to answer: libvirtd may be starting alongside the agent
 /// (systemd starts both at boot), but a daemon that stays down must fail the start, not hang it.
@@ -716,6 +708,18 @@ pub fn check_data_dir(root: &Path) -> Result<DataDir, PreflightError> {
     // parents just created under a narrow umask (only the root gets an explicit chmod).
     survey_and_check(root).map_err(fail)?;
     data.prepare().map_err(|e| fail(DataDirError::Prepare(e)))?;
+    check_data_dir_usable(root)?;
+    Ok(data)
+}
+
+/// What [`check_data_dir`] checks, without creating or repairing anything: the agent's running
+/// data dir is still traversable and writable. (The probe files are removed when dropped.)
+pub fn check_data_dir_usable(root: &Path) -> Result<(), PreflightError> {
+    let fail = |source| PreflightError::DataDir {
+        path: root.to_path_buf(),
+        source,
+    };
+    let data = DataDir::new(root).map_err(|_| fail(DataDirError::Relative))?;
     survey_and_check(root).map_err(fail)?;
     for dir in [root.to_path_buf(), data.images_dir(), data.machines_dir()] {
         tempfile::Builder::new()
@@ -723,7 +727,7 @@ pub fn check_data_dir(root: &Path) -> Result<DataDir, PreflightError> {
             .tempfile_in(&dir)
             .map_err(|source| fail(DataDirError::NotWritable { dir, source }))?;
     }
-    Ok(data)
+    Ok(())
 }
 
 fn survey_and_check(root: &Path) -> Result<(), DataDirError> {
@@ -848,8 +852,8 @@ impl crate::registration::SelfCheck for HostSelfCheck {
             }
         }
         let dir = self.data_dir.clone();
-        match tokio::task::spawn_blocking(move || check_data_dir(&dir)).await {
-            Ok(Ok(_)) => {}
+        match tokio::task::spawn_blocking(move || check_data_dir_usable(&dir)).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => problems.push(error_line(&e)),
             Err(e) => problems.push(format!("the data dir check did not finish: {e}")),
         }

@@ -151,7 +151,7 @@ async fn session(reg: &Registration, bearer: &BearerToken) -> Result<(), tonic::
             .heartbeat(pb::HeartbeatRequest {
                 host_id: registered.host_id.clone(),
                 capacity: reg.request.capacity,
-                problems: reg.self_check.problems().await,
+                problems: bounded_self_check(reg.self_check.as_ref()).await,
             })
             .await;
         match beat {
@@ -162,6 +162,21 @@ async fn session(reg: &Registration, bearer: &BearerToken) -> Result<(), tonic::
             }
             Err(s) => return Err(s),
         }
+    }
+}
+
+/// How long a heartbeat waits for the self-check. Well under the control plane's unreachable
+/// threshold (four heartbeat intervals): a hung tool must make the host `degraded`, saying so,
+/// not silently `unreachable`.
+const SELF_CHECK_LIMIT: Duration = Duration::from_secs(3);
+
+async fn bounded_self_check(check: &dyn SelfCheck) -> Vec<String> {
+    match tokio::time::timeout(SELF_CHECK_LIMIT, check.problems()).await {
+        Ok(problems) => problems,
+        Err(_) => vec![format!(
+            "the agent's self-check (its tools, its data dir) did not finish within {} s",
+            SELF_CHECK_LIMIT.as_secs()
+        )],
     }
 }
 
@@ -200,6 +215,26 @@ mod tests {
         for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Internal] {
             assert!(!is_refusal(code), "{code:?}");
         }
+    }
+
+    #[derive(Debug)]
+    struct Hung;
+
+    #[async_trait::async_trait]
+    impl SelfCheck for Hung {
+        async fn problems(&self) -> Vec<String> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_self_check_that_hangs_is_reported_as_a_problem() {
+        let problems = bounded_self_check(&Hung).await;
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].contains("did not finish within 3 s"),
+            "{problems:?}"
+        );
     }
 
     #[test]

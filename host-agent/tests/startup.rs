@@ -294,11 +294,21 @@ async fn advertise_as_an_http_url_is_accepted_and_registered_as_host_port() {
     assert_eq!(request.domain_prefix, prefix);
     assert_eq!(auth.as_deref(), Some(&*format!("Bearer {TOKEN}")));
 
-    let listening = lines
-        .try_iter()
-        .chain(lines.iter())
-        .find(|l| l.contains("skygate-host-agent listening"))
-        .expect("the listening line");
+    // The line was logged before registering; bounded all the same, so a missing line fails
+    // here naming it rather than waiting for the agent (kept running by `_agent`) to exit.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let listening = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.contains("skygate-host-agent listening") => break l,
+            Ok(l) => seen.push(l),
+            Err(_) => panic!(
+                "no \"skygate-host-agent listening\" line within 10 s; stderr so far:\n{}",
+                seen.join("\n")
+            ),
+        }
+    };
     let json: serde_json::Value = serde_json::from_str(&listening).unwrap();
     assert_eq!(json["fields"]["advertise"], "127.0.0.1:9101", "{listening}");
     assert!(Path::new(&data).join("machines").is_dir());

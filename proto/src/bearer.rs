@@ -9,6 +9,17 @@ use subtle::ConstantTimeEq;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Status};
 
+/// Shortest agent token accepted, in bytes.
+///
+/// Why a floor, and why 16: this module hashes the presented and the expected token with
+/// SHA-256 and compares the digests in constant time, so timing reveals neither content nor
+/// length; what is left to an attacker who reaches the agent's (or the control plane's) gRPC
+/// port is guessing online. 16 random visible-ASCII bytes (what `head -c 32 /dev/urandom |
+/// base64` gives, twice over) are ~96 bits, far beyond that; below 16 bytes sit the words people
+/// type by hand ("secret", "change-me"), which a guesser tries first. The token is one
+/// long-lived secret shared by every host, so a weak one opens them all.
+pub const MIN_TOKEN_BYTES: usize = 16;
+
 /// A tonic interceptor that admits requests carrying `authorization: Bearer <token>`.
 #[derive(Clone)]
 pub struct BearerAuth {

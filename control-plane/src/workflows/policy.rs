@@ -62,15 +62,15 @@ pub fn step_retry(failures: i64) -> Option<Duration> {
 
 /// Agent text as a tenant may read it: absolute paths (the agent's data dir, tool locations)
 /// are cut to their last component, which is all a tenant needs to recognise the file.
-/// A path starts with `/` at the start of the text or after a space, quote, `=`, `(` or `[`
+/// A path starts with `/` at the start of the text or after whitespace, a quote, `=`, `(` or `[`
 /// (so the `//` of a URL is left alone) and runs to the next space, quote, `)`, `]` or `,`.
 pub fn tenant_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     let mut prev: Option<char> = None;
     while let Some(c) = rest.chars().next() {
-        let starts_path =
-            c == '/' && prev.is_none_or(|p| matches!(p, ' ' | '"' | '\'' | '=' | '(' | '['));
+        let starts_path = c == '/'
+            && prev.is_none_or(|p| p.is_whitespace() || matches!(p, '"' | '\'' | '=' | '(' | '['));
         if starts_path {
             let end = rest
                 .find(|ch: char| ch.is_whitespace() || matches!(ch, '"' | '\'' | ')' | ']' | ','))
@@ -149,6 +149,7 @@ mod tests {
             ("Cannot access storage file '/srv/a b/disk' (as uid:64055)", "Cannot access storage file 'a b/disk' (as uid:64055)"),
             ("GET http://images.example/tiny/kernel: 404", "GET http://images.example/tiny/kernel: 404"),
             ("path=/var/lib/x, then (/tmp/y)", "path=x, then (y)"),
+            ("stderr:\n/var/lib/a: denied\t/etc/b", "stderr:\na: denied\tb"),
             ("/", "/"),
             ("", ""),
             ("no paths here", "no paths here"),

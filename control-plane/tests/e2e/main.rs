@@ -439,29 +439,17 @@ async fn the_cli_takes_a_tenant_from_login_to_an_ssh_session() {
     let pubfile = cluster.tmp.path().join("id_ed25519.pub");
     let config = cluster.tmp.path().join("cli-config");
     let skygate = |args: &[&str], stdin: &str| {
-        use std::io::Write;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skygate"))
-            .args(args)
-            .env("SKYGATE_API", &cluster.http)
-            .env("SKYGATE_CONFIG_DIR", &config)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("skygate");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "skygate {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_bounded_with_input(
+            std::process::Command::new(env!("CARGO_BIN_EXE_skygate"))
+                .args(args)
+                .env("SKYGATE_API", &cluster.http)
+                .env("SKYGATE_CONFIG_DIR", &config),
+            stdin,
+            BOOT,
+            &format!("skygate {args:?}"),
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        assert!(out.status.success(), "skygate {args:?}: {}", out.stderr);
+        out.stdout
     };
     skygate(
         &["login", "-u", "clara", "--password-stdin"],
@@ -627,13 +615,31 @@ struct Finished {
 /// Runs `cmd` with stdin closed, killing it and failing with `what` if it has not finished
 /// within `timeout`.
 fn run_bounded(cmd: &mut std::process::Command, timeout: Duration, what: &str) -> Finished {
-    use std::io::Read;
+    run_bounded_with_input(cmd, "", timeout, what)
+}
+
+/// [`run_bounded`] with `input` on stdin (then closed).
+fn run_bounded_with_input(
+    cmd: &mut std::process::Command,
+    input: &str,
+    timeout: Duration,
+    what: &str,
+) -> Finished {
+    use std::io::{Read, Write};
     let mut child = cmd
-        .stdin(std::process::Stdio::null())
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{what}: {e}"));
+    // Written on a thread and closed, so a child that does not read cannot block the test.
+    let mut stdin = child.stdin.take();
+    let input = input.as_bytes().to_vec();
+    std::thread::spawn(move || {
+        if let Some(pipe) = stdin.as_mut() {
+            let _ = pipe.write_all(&input);
+        }
+    });
     // Drained on threads so a chatty child never blocks on a full pipe.
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {

@@ -576,7 +576,9 @@ async fn the_self_check_reports_a_data_dir_that_broke_and_forgets_it_once_fixed(
     let tmp = open_tempdir();
     let parent = tmp.path().join("parent");
     let root = parent.join("agent");
-    fs::create_dir_all(&root).unwrap();
+    fs::create_dir_all(&parent).unwrap();
+    // As the agent left it at start-up.
+    check_data_dir(&root).unwrap();
     let check = HostSelfCheck::new(&root);
     let about_dir = |problems: Vec<String>| -> Vec<String> {
         problems

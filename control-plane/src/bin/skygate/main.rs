@@ -137,7 +137,7 @@ enum MachinesCmd {
         #[arg(long, short = 'i')]
         identity: Option<std::path::PathBuf>,
         /// Replace the pinned host keys with the ones the machine last printed on its console
-        /// (after it got new ones, e.g. a reboot of the tiny image).
+        /// (after it got new ones: an image that makes new keys at every boot, a new disk).
         #[arg(long)]
         repin_host_keys: bool,
         #[arg(last = true)]
@@ -428,7 +428,10 @@ async fn console_host_keys(
         if Instant::now() >= deadline {
             let why = match error {
                 Some(e) => format!(" (the last console read failed: {e})"),
-                None => format!(" (`skygate machines console {machine}` shows what it printed)"),
+                None => format!(
+                    " (`skygate machines console {machine}` shows what it printed; only its \
+                     last 64 KiB are read, so a chatty guest may have scrolled the keys out)"
+                ),
             };
             return fail(format!(
                 "machine {machine} has not printed its SSH host keys on its console within {} s, \

@@ -131,9 +131,9 @@ pub fn failure_line(
     match status.code() {
         Some(255) if host_key_refused => format!(
             "the SSH host key of machine {machine} did not match the one pinned for it \
-             ({alias} in {}); if the machine has new keys (the tiny image makes new ones at \
-             every boot), `skygate machines ssh {machine} --repin-host-keys` pins the ones it \
-             last printed on its console",
+             ({alias} in {}); if the machine has new keys (an image that makes new ones at \
+             every boot, a rebuilt disk), `skygate machines ssh {machine} --repin-host-keys` \
+             pins the ones it last printed on its console",
             known_hosts.display()
         ),
         Some(255) => format!(
