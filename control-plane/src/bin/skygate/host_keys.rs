@@ -8,7 +8,6 @@
 //! or, once "fixed" by hand, vouches for the wrong one. An alias per machine id never collides
 //! (ids are never reused), and a file of the CLI's own is never edited by anything else.
 
-use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -187,7 +186,7 @@ impl KnownHosts {
         match std::fs::read_to_string(&self.path) {
             Ok(text) => Ok(text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-            Err(e) => Err(CliError(format!("{}: {e}", self.path.display()))),
+            Err(e) => Err(CliError(format!("reading {}: {e}", self.path.display()))),
         }
     }
 
@@ -235,37 +234,25 @@ impl KnownHosts {
     /// to leave the file alone. The file is written 0600 through a temporary file renamed into
     /// place, in a 0700 directory, like the credentials.
     fn update(&self, change: impl FnOnce(&str) -> Option<String>) -> CliResult<()> {
-        let err = |e: std::io::Error| CliError(format!("{}: {e}", self.path.display()));
         let dir = self.path.parent().unwrap_or(Path::new("."));
         if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(err)?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CliError(format!("creating {}: {e}", dir.display())))?;
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         }
-        let lock = std::fs::OpenOptions::new()
+        let _lock = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
             .open(self.path.with_extension("lock"))
-            .map_err(err)?;
-        lock.lock().map_err(err)?;
+            .and_then(|f| f.lock().map(|()| f))
+            .map_err(|e| CliError(format!("locking {}: {e}", self.path.display())))?;
         let Some(text) = change(&self.read()?) else {
             return Ok(());
         };
-        let tmp = self.path.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().map_err(err)
+        crate::session::write_private(&self.path, text.as_bytes())
+            .map_err(|e| CliError(format!("writing {}: {e}", self.path.display())))
     }
 }
 

@@ -72,24 +72,27 @@ pub fn save_credentials(c: &Credentials) -> CliResult<()> {
     std::fs::create_dir_all(&dir).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
     let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
     let path = credentials_path()?;
-    let tmp = dir.join("credentials.json.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        f.write_all(
-            serde_json::to_string_pretty(c)
-                .unwrap_or_default()
-                .as_bytes(),
-        )?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| CliError(format!("{}: {e}", path.display())))
+    let text = serde_json::to_string_pretty(c).unwrap_or_default();
+    write_private(&path, text.as_bytes())
+        .map_err(|e| CliError(format!("writing {}: {e}", path.display())))
+}
+
+/// Replaces `path` with `bytes`, readable by the user only (0600), through `<path>.tmp` renamed
+/// into place: a reader never sees half a file, and a crash leaves the old one.
+pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    // An existing temporary file keeps its mode through open(): set it again.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 pub fn forget_credentials() -> CliResult<()> {
