@@ -99,6 +99,11 @@ case ${1:-start} in
       log "removed domain ${name}"
     done
     rm -rf "${DIR}"
+    # The client link start made, if it is still this checkout's.
+    if [[ -L ${BIN_DIR}/skygate && $(readlink "${BIN_DIR}/skygate") == "${TARGET}/skygate" ]]; then
+      rm -f "${BIN_DIR}/skygate"
+      log "removed the link ${BIN_DIR}/skygate"
+    fi
     exit 0
     ;;
   start) shift || true ;;
