@@ -116,6 +116,10 @@ pub struct AccessClaims {
     pub exp: i64,
     /// Issued at, Unix seconds.
     pub iat: i64,
+    /// Not before, Unix seconds. SkyGate never sets it; typed here so that a token carrying it
+    /// in any other form than a number is refused (the library skips one it cannot parse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
     /// Unique token id (UUID v4), for audit logs.
     pub jti: String,
     /// Token type; always `"access"`.
@@ -173,6 +177,9 @@ impl AccessTokenIssuer {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
         validation.validate_exp = true;
+        // SkyGate issues no `nbf`, but a token that carries one is held to it (RFC 8725 3.10:
+        // validate every claim present): one not yet valid, or not a number, is refused.
+        validation.validate_nbf = true;
         validation.validate_aud = true;
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[audience]);
@@ -202,6 +209,7 @@ impl AccessTokenIssuer {
             sub: user_id.to_string(),
             exp: (now + ACCESS_TOKEN_TTL).timestamp(),
             iat: now.timestamp(),
+            nbf: None,
             jti: Uuid::new_v4().to_string(),
             typ: ACCESS_TYP.to_owned(),
             role,
@@ -445,6 +453,34 @@ mod tests {
             Algorithm::HS256,
         );
         assert_invalid(issuer().verify(&token), "sub not a uuid");
+    }
+
+    #[test]
+    fn nbf_is_honoured_when_present() {
+        let header = serde_json::json!({"alg": "HS256", "typ": "JWT"});
+        let now = Utc::now().timestamp();
+        let with_nbf = |nbf: serde_json::Value| {
+            let mut payload = valid_payload();
+            payload["nbf"] = nbf;
+            forge(&header, &payload, Algorithm::HS256)
+        };
+        issuer()
+            .verify(&with_nbf((now - 10).into()))
+            .expect("an nbf in the past is fine");
+        assert_invalid(
+            issuer().verify(&with_nbf((now + 3600).into())),
+            "nbf an hour ahead",
+        );
+        assert_invalid(
+            issuer().verify(&with_nbf(serde_json::Value::String(
+                (now + 3600).to_string(),
+            ))),
+            "nbf as a string",
+        );
+        assert_invalid(
+            issuer().verify(&with_nbf("soon".into())),
+            "nbf not a number",
+        );
     }
 
     #[test]
