@@ -121,13 +121,16 @@ failing_commands() {
   done
 }
 
+# Run once here and again only after an install: each run starts some twenty programs.
+failing=$(failing_commands)
+
 needs_install() {
   local pkg
   for pkg in "${packages[@]}"; do
     [[ -n $(installed_version "$pkg") ]] || return 0
   done
   qemu_consistent || return 0
-  [[ -z $(failing_commands) ]] || return 0
+  [[ -z $failing ]] || return 0
   return 1
 }
 
@@ -188,9 +191,9 @@ if $installed_postgres || needs_install; then
   removed=$(awk '/^The following packages will be REMOVED:/ {r=1; next} r && /^  / {print; next} {r=0}' "$log" | xargs)
   [[ -n $removed ]] && say "apt removed: ${removed}"
   rm -f "$log"
+  failing=$(failing_commands)
 fi
 
-failing=$(failing_commands)
 if [[ -n $failing ]]; then
   say "these commands do not run after the install (package: command):"
   while read -r line; do echo "  ${line}" >&2; done <<<"$failing"
