@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 use std::sync::OnceLock;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{Output, ParamsString, PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use rand::rngs::OsRng;
 
 use crate::AuthError;
@@ -63,12 +63,67 @@ fn common_passwords() -> &'static HashSet<&'static str> {
     })
 }
 
-/// The hasher with the current parameters. Verification of older hashes does not use these
-/// parameters (the stored PHC string carries its own); they only decide `needs_rehash`.
-fn current_hasher() -> Result<Argon2<'static>, AuthError> {
-    let params = Params::new(M_COST_KIB, T_COST, P_COST, Some(OUTPUT_LEN))
-        .map_err(|e| AuthError::Hash(e.to_string()))?;
-    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+/// Most memory a stored hash may ask of a verification, in KiB (four times today's cost). A
+/// row asking for more is refused as malformed rather than allowed to take gigabytes.
+const MAX_STORED_M_COST_KIB: u32 = 4 * M_COST_KIB;
+
+/// The current parameters. Verification of older hashes does not use them (the stored PHC
+/// string carries its own); they only decide `needs_rehash`.
+fn current_params() -> Result<Params, AuthError> {
+    Params::new(M_COST_KIB, T_COST, P_COST, Some(OUTPUT_LEN))
+        .map_err(|e| AuthError::Hash(e.to_string()))
+}
+
+/// Argon2's working memory, kept between hashes.
+///
+/// Each hash needs 19 MiB. Allocating it per hash on short-lived threads is what made the
+/// process keep hundreds of MiB after a burst of logins (glibc keeps freed blocks in per-thread
+/// arenas). A worker thread that owns one `HashMemory` and passes it to every hash it computes
+/// holds exactly that much, however many hashes it runs.
+#[derive(Debug, Default)]
+pub struct HashMemory {
+    blocks: Vec<Block>,
+}
+
+impl HashMemory {
+    /// No memory yet: the first hash allocates it.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes held now.
+    pub fn held_bytes(&self) -> usize {
+        self.blocks.len() * Block::SIZE
+    }
+
+    /// The first `params.block_count()` blocks, growing (once) when the parameters need more.
+    fn for_params(&mut self, params: &Params) -> &mut [Block] {
+        let needed = params.block_count();
+        if self.blocks.len() < needed {
+            self.blocks.resize(needed, Block::default());
+        }
+        &mut self.blocks[..needed]
+    }
+}
+
+/// Computes an argon2 digest of `password` into a fresh output of `len` bytes.
+fn digest(
+    memory: &mut HashMemory,
+    algorithm: Algorithm,
+    version: Version,
+    params: Params,
+    password: &str,
+    salt: &[u8],
+    len: usize,
+) -> Result<Output, AuthError> {
+    let argon2 = Argon2::new(algorithm, version, params.clone());
+    let blocks = memory.for_params(&params);
+    Output::init_with(len, |out| {
+        argon2
+            .hash_password_into_with_memory(password.as_bytes(), salt, out, &mut *blocks)
+            .map_err(argon2::password_hash::Error::from)
+    })
+    .map_err(|e| AuthError::Hash(e.to_string()))
 }
 
 /// Hashes a password with argon2id (m=19456 KiB, t=2, p=1) and a random 16-byte salt, returning
@@ -76,11 +131,35 @@ fn current_hasher() -> Result<Argon2<'static>, AuthError> {
 ///
 /// This does not apply [`check_policy`]; callers setting a new password do that first.
 pub fn hash_password(password: &str) -> Result<String, AuthError> {
+    hash_password_in(&mut HashMemory::new(), password)
+}
+
+/// [`hash_password`] in memory the caller keeps between hashes.
+pub fn hash_password_in(memory: &mut HashMemory, password: &str) -> Result<String, AuthError> {
     let salt = SaltString::generate(&mut OsRng);
-    current_hasher()?
-        .hash_password(password.as_bytes(), &salt)
-        .map(|hash| hash.to_string())
-        .map_err(|e| AuthError::Hash(e.to_string()))
+    let mut salt_bytes = [0u8; 64];
+    let salt_raw = salt
+        .as_salt()
+        .decode_b64(&mut salt_bytes)
+        .map_err(|e| AuthError::Hash(e.to_string()))?;
+    let params = current_params()?;
+    let hash = digest(
+        memory,
+        Algorithm::Argon2id,
+        Version::V0x13,
+        params.clone(),
+        password,
+        salt_raw,
+        OUTPUT_LEN,
+    )?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(&params).map_err(|e| AuthError::Hash(e.to_string()))?,
+        salt: Some(salt.as_salt()),
+        hash: Some(hash),
+    };
+    Ok(phc.to_string())
 }
 
 /// The outcome of checking a password against a stored hash.
@@ -98,43 +177,67 @@ pub enum PasswordCheck {
 }
 
 /// Verifies a password against a stored argon2 PHC string (argon2id, argon2i or argon2d, any
-/// version and parameters), comparing digests in constant time.
+/// version and parameters up to four times today's memory), comparing digests in constant time.
 ///
 /// A stored string that is not a well-formed argon2 hash is `Err(Hash)`, never `Invalid`: a
 /// corrupt row is an internal fault to surface, not a wrong password.
 pub fn verify_password(password: &str, phc: &str) -> Result<PasswordCheck, AuthError> {
-    let parsed = PasswordHash::new(phc).map_err(|e| AuthError::Hash(e.to_string()))?;
-    // Reject what the argon2 verifier would otherwise report as a mere mismatch: a hash of
-    // another algorithm, or one missing its salt or digest.
-    let algorithm =
-        Algorithm::try_from(parsed.algorithm).map_err(|e| AuthError::Hash(e.to_string()))?;
-    let Some(digest) = parsed.hash else {
+    verify_password_in(&mut HashMemory::new(), password, phc)
+}
+
+/// [`verify_password`] in memory the caller keeps between hashes.
+pub fn verify_password_in(
+    memory: &mut HashMemory,
+    password: &str,
+    phc: &str,
+) -> Result<PasswordCheck, AuthError> {
+    let bad = |e: &dyn std::fmt::Display| AuthError::Hash(e.to_string());
+    let parsed = PasswordHash::new(phc).map_err(|e| bad(&e))?;
+    // Reject what a verifier would otherwise report as a mere mismatch: a hash of another
+    // algorithm, or one missing its salt or digest.
+    let algorithm = Algorithm::try_from(parsed.algorithm).map_err(|e| bad(&e))?;
+    let Some(stored) = parsed.hash else {
         return Err(AuthError::Hash("stored hash has no digest".to_owned()));
     };
-    if parsed.salt.is_none() {
+    let Some(salt) = parsed.salt else {
         return Err(AuthError::Hash("stored hash has no salt".to_owned()));
+    };
+    let version = match parsed.version {
+        Some(v) => Version::try_from(v).map_err(|e| bad(&e))?,
+        None => Version::default(),
+    };
+    let stored_params = Params::try_from(&parsed).map_err(|e| bad(&e))?;
+    if stored_params.m_cost() > MAX_STORED_M_COST_KIB {
+        return Err(AuthError::Hash(format!(
+            "stored hash asks for {} KiB, more than {MAX_STORED_M_COST_KIB}",
+            stored_params.m_cost()
+        )));
     }
-    let stored_params = Params::try_from(&parsed).map_err(|e| AuthError::Hash(e.to_string()))?;
-
-    // `Argon2`'s verifier re-hashes with the algorithm, version and parameters of the stored
-    // string, whatever the instance was built with.
-    match Argon2::default().verify_password(password.as_bytes(), &parsed) {
-        Ok(()) => {}
-        Err(argon2::password_hash::Error::Password) => return Ok(PasswordCheck::Invalid),
-        Err(e) => return Err(AuthError::Hash(e.to_string())),
+    let mut salt_bytes = [0u8; 64];
+    let salt_raw = salt.decode_b64(&mut salt_bytes).map_err(|e| bad(&e))?;
+    let computed = digest(
+        memory,
+        algorithm,
+        version,
+        stored_params.clone(),
+        password,
+        salt_raw,
+        stored.len(),
+    )?;
+    // `Output`'s equality is constant-time.
+    if computed != stored {
+        return Ok(PasswordCheck::Invalid);
     }
 
-    let current = parsed.version == Some(Version::V0x13.into())
+    let current = version == Version::V0x13
         && algorithm == Algorithm::Argon2id
         && stored_params.m_cost() == M_COST_KIB
         && stored_params.t_cost() == T_COST
         && stored_params.p_cost() == P_COST
         && stored_params.keyid().is_empty()
         && stored_params.data().is_empty()
-        && digest.len() == OUTPUT_LEN
-        && parsed
-            .salt
-            .is_some_and(|s| s.as_str().len() >= MIN_SALT_B64_LEN);
+        && stored.len() == OUTPUT_LEN
+        && salt.as_str().len() >= MIN_SALT_B64_LEN;
     Ok(PasswordCheck::Valid {
         needs_rehash: !current,
     })
@@ -146,9 +249,14 @@ pub fn verify_password(password: &str, phc: &str) -> Result<PasswordCheck, AuthE
 /// known user with a wrong password and timing does not reveal which accounts exist. The dummy
 /// hash is made with the current parameters (so it costs the same) once, on first use.
 pub fn verify_dummy(password: &str) {
+    verify_dummy_in(&mut HashMemory::new(), password);
+}
+
+/// [`verify_dummy`] in memory the caller keeps between hashes.
+pub fn verify_dummy_in(memory: &mut HashMemory, password: &str) {
     if let Some(phc) = dummy_hash() {
         // black_box: the result is unused, and this call must never be optimised away.
-        std::hint::black_box(verify_password(password, phc).ok());
+        std::hint::black_box(verify_password_in(memory, password, phc).ok());
     }
 }
 
@@ -164,6 +272,7 @@ fn dummy_hash() -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use argon2::password_hash::PasswordHasher;
 
     /// Entries checked by hand to be in data/common-passwords.txt.
     const LISTED: [&str; 4] = ["password123", "iloveyou", "qwerty123", "passw0rd"];
@@ -349,5 +458,63 @@ mod tests {
         );
         // Computed once: later calls see the very same string.
         assert!(std::ptr::eq(phc, dummy_hash().unwrap()));
+    }
+
+    #[test]
+    fn memory_is_kept_and_reused_across_hashes() {
+        let mut memory = HashMemory::new();
+        assert_eq!(memory.held_bytes(), 0);
+        let phc = hash_password_in(&mut memory, "reused memory pass").unwrap();
+        let held = memory.held_bytes();
+        assert_eq!(held, M_COST_KIB as usize * 1024);
+        for attempt in ["reused memory pass", "wrong pass", "another wrong one"] {
+            verify_password_in(&mut memory, attempt, &phc).unwrap();
+            verify_dummy_in(&mut memory, attempt);
+        }
+        assert_eq!(
+            memory.held_bytes(),
+            held,
+            "a verify must not grow the memory"
+        );
+        // Weaker stored parameters use a prefix of the same memory.
+        let weak = hash_with(
+            Algorithm::Argon2id,
+            Params::new(8192, 1, 1, None).unwrap(),
+            "pw-pw-pw-pw",
+        );
+        assert!(matches!(
+            verify_password_in(&mut memory, "pw-pw-pw-pw", &weak).unwrap(),
+            PasswordCheck::Valid { needs_rehash: true }
+        ));
+        assert_eq!(memory.held_bytes(), held);
+    }
+
+    #[test]
+    fn our_hashes_verify_with_the_reference_verifier() {
+        use argon2::password_hash::PasswordVerifier;
+        let phc = hash_password("interop check pass").unwrap();
+        let parsed = PasswordHash::new(&phc).unwrap();
+        assert!(Argon2::default()
+            .verify_password(b"interop check pass", &parsed)
+            .is_ok());
+        assert!(Argon2::default()
+            .verify_password(b"interop check pasS", &parsed)
+            .is_err());
+    }
+
+    #[test]
+    fn stored_hash_asking_for_too_much_memory_is_refused() {
+        let good = hash_password("whatever-pass").unwrap();
+        let greedy = good.replace("m=19456", "m=4000000");
+        let mut memory = HashMemory::new();
+        assert!(matches!(
+            verify_password_in(&mut memory, "whatever-pass", &greedy),
+            Err(AuthError::Hash(_))
+        ));
+        assert_eq!(
+            memory.held_bytes(),
+            0,
+            "nothing allocated for a refused row"
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! Command-line flags and environment variables (API.md, "Running it"), turned into settings.
 
 use crate::agents::clients::AgentTls;
+use crate::api::serve::ConnectionLimits;
 use crate::api::HttpSettings;
+use crate::app::password_work::PasswordWorkSettings;
 use crate::app::{LoginLimits, MachineLimits, Settings};
 use crate::model::Quota;
 use crate::server::ProvisioningConfig;
@@ -91,6 +93,21 @@ pub struct ServeArgs {
     /// Seconds before a request is abandoned with 408.
     #[arg(long, env = "SKYGATE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
+    /// HTTP connections served at once (lowered to fit the descriptor limit); more are
+    /// answered 503 and closed.
+    #[arg(long, env = "SKYGATE_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Seconds a connection has to send a request's headers once it is waiting for one; an
+    /// idle keep-alive connection is closed after this too.
+    #[arg(long, env = "SKYGATE_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
+    /// Threads computing password hashes (19 MiB each); default: one per core.
+    #[arg(long, env = "SKYGATE_PASSWORD_THREADS", value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub password_threads: Option<u64>,
+    /// Password checks that may wait for a thread; more are refused with 503 at once.
+    /// Default: eight per thread.
+    #[arg(long, env = "SKYGATE_PASSWORD_QUEUE", value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub password_queue: Option<u64>,
     /// Largest vCPU count of one machine.
     #[arg(long, env = "SKYGATE_MAX_VCPUS", default_value_t = MachineLimits::default().max_vcpus)]
     pub max_vcpus: i64,
@@ -183,7 +200,19 @@ impl ServeArgs {
                 max_failures: self.login_max_failures,
                 failure_window: chrono::Duration::seconds(self.login_failure_window_secs),
             },
+            password_work: self.password_work(),
         }
+    }
+
+    fn password_work(&self) -> PasswordWorkSettings {
+        let threads = self.password_threads.map_or_else(
+            || PasswordWorkSettings::default().threads,
+            |n| usize::try_from(n).unwrap_or(1),
+        );
+        let queue = self
+            .password_queue
+            .map_or(threads * 8, |n| usize::try_from(n).unwrap_or(0));
+        PasswordWorkSettings { threads, queue }
     }
 
     /// The agent link and workflows, when an agent token is configured. Hosts must get at
@@ -252,6 +281,10 @@ impl ServeArgs {
         Ok(HttpSettings {
             cors_origins,
             request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
+            connections: ConnectionLimits {
+                max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+                header_timeout: Duration::from_secs(self.header_timeout_secs),
+            },
         })
     }
 }

@@ -75,5 +75,56 @@ impl From<auth::AuthError> for Error {
     }
 }
 
+impl Error {
+    /// Whether this is the database being out of reach (down, restarting, refusing
+    /// connections, out of connections, locked) rather than a fault in a statement: the
+    /// client should retry, so it is answered 503 with Retry-After, never 500.
+    pub fn is_store_unavailable(&self) -> bool {
+        let Error::Store(e) = self else { return false };
+        match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| unavailable_code(&code)),
+            _ => false,
+        }
+    }
+}
+
+/// SQLSTATEs (PostgreSQL) and result codes (SQLite) that mean "not now" rather than "wrong":
+/// PostgreSQL's connection exceptions (class 08), shutdown and start-up (57P01–57P03), too many
+/// connections (53300); SQLite's BUSY (5) and LOCKED (6) with their extended codes.
+fn unavailable_code(code: &str) -> bool {
+    code.starts_with("08")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+        || code.parse::<i64>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outage_codes_are_told_from_faults() {
+        for code in [
+            "08006", "08001", "57P01", "57P03", "53300", "5", "517", "6", "262",
+        ] {
+            assert!(unavailable_code(code), "{code}");
+        }
+        for code in ["23505", "42P01", "40001", "19", "2067", "1", "787"] {
+            assert!(!unavailable_code(code), "{code}");
+        }
+        assert!(Error::Store(sqlx::Error::PoolTimedOut).is_store_unavailable());
+        assert!(Error::Store(sqlx::Error::Io(
+            std::io::ErrorKind::ConnectionRefused.into()
+        ))
+        .is_store_unavailable());
+        assert!(!Error::Store(sqlx::Error::RowNotFound).is_store_unavailable());
+        assert!(!Error::Internal("x".into()).is_store_unavailable());
+    }
+}

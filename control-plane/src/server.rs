@@ -20,6 +20,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
+/// How long a shutdown waits for requests in flight.
+const DRAIN: Duration = Duration::from_secs(10);
+
 /// Opens the database (creating the data dir for SQLite) and applies migrations.
 pub async fn open_store(url: &str, data_dir: &Path, max_connections: u32) -> anyhow::Result<Store> {
     if url.starts_with("sqlite:") {
@@ -169,17 +172,18 @@ pub async fn start(
             }
         })
     };
+    let mut connections = http.connections;
+    connections.max_connections = api::serve::effective_cap(
+        connections.max_connections,
+        api::serve::raise_descriptor_limit(),
+    );
     let task = tokio::spawn(async move {
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
+        api::serve::serve(listener, router, connections, DRAIN, async move {
             let _ = rx.changed().await;
         })
         .await;
         housekeeping.abort();
-        served
+        Ok(())
     });
     Ok(Running {
         addr,

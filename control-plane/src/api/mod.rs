@@ -9,6 +9,7 @@ pub mod hosts;
 pub mod machines;
 pub mod params;
 pub mod problem;
+pub mod serve;
 pub mod sessions;
 pub mod views;
 
@@ -78,6 +79,8 @@ pub struct HttpSettings {
     pub cors_origins: Vec<HeaderValue>,
     /// Requests running longer are answered 408 and dropped.
     pub request_timeout: Duration,
+    /// The connection cap and the header (and idle) deadline.
+    pub connections: serve::ConnectionLimits,
 }
 
 impl Default for HttpSettings {
@@ -85,6 +88,7 @@ impl Default for HttpSettings {
         Self {
             cors_origins: Vec::new(),
             request_timeout: Duration::from_secs(30),
+            connections: serve::ConnectionLimits::default(),
         }
     }
 }

@@ -77,7 +77,12 @@ impl IntoResponse for Problem {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let detail = self.to_string();
+        let detail = match &self {
+            e if e.is_store_unavailable() => {
+                "the database is unavailable; retry shortly".to_owned()
+            }
+            e => e.to_string(),
+        };
         let (status, slug) = match &self {
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             Error::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
@@ -94,14 +99,15 @@ impl IntoResponse for Error {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-mismatch")
             }
             Error::IdempotencyInFlight => (StatusCode::CONFLICT, "idempotency-key-in-flight"),
-            Error::Unavailable(_) | Error::Store(sqlx::Error::PoolTimedOut) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-            }
+            Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            e if e.is_store_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Error::Store(_) | Error::Migrate(_) | Error::Auth(_) | Error::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
         };
-        if status.is_server_error() {
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(error = ?self, "request refused: unavailable");
+        } else if status.is_server_error() {
             // The cause goes to the log (with the request id from the span), never to the client.
             tracing::error!(error = ?self, "request failed");
         }
@@ -115,6 +121,12 @@ impl IntoResponse for Error {
             Error::RateLimited { retry_after_secs } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(UNAVAILABLE_RETRY_SECS),
+                );
+            }
             Error::Unauthenticated(_) | Error::BadCredentials => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
@@ -123,6 +135,10 @@ impl IntoResponse for Error {
         response
     }
 }
+
+/// Retry-After on a 503: long enough for a busy moment to pass, short enough that clients
+/// notice a recovered database quickly.
+const UNAVAILABLE_RETRY_SECS: u64 = 2;
 
 /// Largest error body we re-read to stamp the request id into.
 const MAX_PROBLEM_BODY: usize = 64 * 1024;

@@ -6,6 +6,7 @@ pub mod hosts;
 pub mod idempotency;
 pub mod images;
 pub mod machines;
+pub mod password_work;
 pub mod sessions;
 pub mod ssh_keys;
 
@@ -16,6 +17,7 @@ use auth::token::AccessTokenIssuer;
 use auth::Role;
 use chrono::Duration;
 use governor::{DefaultKeyedRateLimiter, Quota as RateQuota, RateLimiter};
+use std::error::Error as _;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 
@@ -65,12 +67,7 @@ pub struct Settings {
     pub machine_limits: MachineLimits,
     pub quota: Quota,
     pub login: LoginLimits,
-}
-
-/// Concurrent argon2 computations: two per core keeps every core busy without queueing
-/// hundreds of 19 MiB hashes.
-fn argon2_parallelism() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get() * 2)
+    pub password_work: password_work::PasswordWorkSettings,
 }
 
 /// `iss` and `aud` of SkyGate access tokens.
@@ -106,9 +103,8 @@ pub struct App {
     pub cursors: cursor::CursorCodec,
     /// Password attempts (login, register, password checks) per client address.
     credentials_per_ip: DefaultKeyedRateLimiter<IpAddr>,
-    /// Bounds concurrent argon2 work (19 MiB and tens of ms each), so a burst of requests
-    /// queues instead of exhausting memory through the blocking pool.
-    argon2_slots: tokio::sync::Semaphore,
+    /// Where argon2 runs: fixed threads with fixed memory, refusing work beyond their queue.
+    password_workers: password_work::PasswordWorkers,
     /// Clients for host agents (reading consoles); absent without an agent token.
     pub agents: Option<std::sync::Arc<crate::agents::AgentClients>>,
 }
@@ -138,7 +134,8 @@ impl App {
             settings,
             cursors: cursor::CursorCodec::new(secret),
             credentials_per_ip: RateLimiter::keyed(RateQuota::per_minute(per_minute)),
-            argon2_slots: tokio::sync::Semaphore::new(argon2_parallelism()),
+            password_workers: password_work::PasswordWorkers::start(settings.password_work)
+                .map_err(|e| Error::Internal(format!("{e}: {:?}", e.source())))?,
             agents: None,
         })
     }
@@ -163,20 +160,20 @@ impl App {
             })
     }
 
-    /// Runs argon2 work on the blocking pool, at most `argon2_parallelism()` at a time.
+    /// Runs argon2 work on the password workers. When they are saturated the request is
+    /// refused at once (503 with Retry-After) rather than queued for seconds.
     pub(crate) async fn argon2<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce() -> T + Send + 'static,
+        F: FnOnce(&mut auth::password::HashMemory) -> T + Send + 'static,
     {
-        let _slot = self
-            .argon2_slots
-            .acquire()
-            .await
-            .map_err(|_| Error::Internal("argon2 slots closed".into()))?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|e| Error::Internal(format!("argon2 task failed: {e}")))
+        self.password_workers.run(work).await.map_err(|e| match e {
+            password_work::PasswordWorkError::Busy => {
+                metrics::counter!("skygate_password_work_refused_total").increment(1);
+                Error::Unavailable("too many sign-ins in progress; retry shortly")
+            }
+            other => Error::Internal(other.to_string()),
+        })
     }
 
     /// Periodic housekeeping: expired idempotency keys, login windows and refresh tokens.

@@ -77,7 +77,7 @@ impl App {
         password::check_policy(password)?;
         let password = password.to_owned();
         let hash = self
-            .argon2(move || password::hash_password(&password))
+            .argon2(move |m| password::hash_password_in(m, &password))
             .await??;
         self.store
             .user_create(NewUser {
@@ -98,7 +98,7 @@ impl App {
             // Never stored or looked up: such a name cannot exist, and junk of any size or
             // content must not reach the failure table.
             let password = password.to_owned();
-            self.argon2(move || password::verify_dummy(&password))
+            self.argon2(move |m| password::verify_dummy_in(m, &password))
                 .await?;
             return Err(Error::BadCredentials);
         }
@@ -119,10 +119,10 @@ impl App {
         let stored = user.as_ref().map(|u| u.password_hash.clone());
         let attempt = password.to_owned();
         let check = self
-            .argon2(move || match stored {
-                Some(hash) => password::verify_password(&attempt, &hash),
+            .argon2(move |m| match stored {
+                Some(hash) => password::verify_password_in(m, &attempt, &hash),
                 None => {
-                    password::verify_dummy(&attempt);
+                    password::verify_dummy_in(m, &attempt);
                     Ok(PasswordCheck::Invalid)
                 }
             })
@@ -134,7 +134,7 @@ impl App {
         if needs_rehash {
             let password = password.to_owned();
             let hash = self
-                .argon2(move || password::hash_password(&password))
+                .argon2(move |m| password::hash_password_in(m, &password))
                 .await??;
             self.store
                 .user_rehash_password(user.id, &user.password_hash, &hash)
@@ -242,7 +242,7 @@ impl App {
         }
         let (current, stored) = (change.current_password.clone(), user.password_hash.clone());
         let check = self
-            .argon2(move || password::verify_password(&current, &stored))
+            .argon2(move |m| password::verify_password_in(m, &current, &stored))
             .await??;
         if check == PasswordCheck::Invalid {
             return Err(Error::Forbidden("current_password is wrong"));
@@ -250,7 +250,10 @@ impl App {
         let password_hash = match &change.password {
             Some(new) => {
                 let new = new.clone();
-                Some(self.argon2(move || password::hash_password(&new)).await??)
+                Some(
+                    self.argon2(move |m| password::hash_password_in(m, &new))
+                        .await??,
+                )
             }
             None => None,
         };

@@ -1,33 +1,12 @@
 //! The binary as an operator runs it: `serve` with nothing but a data dir, and
 //! `admin create --password-stdin` against the same database.
 
+use crate::common::process::{ServerProcess, BIN};
 use crate::common::PASSWORD;
-use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-const BIN: &str = env!("CARGO_BIN_EXE_skygate-control-plane");
-
-/// Kills the server by pid when the test ends, however it ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use std::process::{Command, Stdio};
 
 /// `admin create --username root --password-stdin`, fed PASSWORD on standard input.
 fn admin_create(data_dir: &std::path::Path, email: &str) -> std::process::Output {
@@ -51,19 +30,6 @@ fn admin_create(data_dir: &std::path::Path, email: &str) -> std::process::Output
     admin.wait_with_output().unwrap()
 }
 
-async fn wait_ready(base: &str) {
-    let client = reqwest::Client::new();
-    for _ in 0..100 {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status() == StatusCode::OK {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("control plane did not become ready");
-}
-
 #[tokio::test]
 async fn serve_and_admin_create_work_on_a_bare_data_dir() {
     let dir = tempfile::tempdir().unwrap();
@@ -77,25 +43,8 @@ async fn serve_and_admin_create_work_on_a_bare_data_dir() {
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains(PASSWORD));
 
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-    let server = Server(
-        Command::new(BIN)
-            .args([
-                "serve",
-                "--http-addr",
-                &format!("127.0.0.1:{port}"),
-                "--log-format",
-                "json",
-            ])
-            .env("SKYGATE_DATA_DIR", &data_dir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    wait_ready(&base).await;
+    let server = ServerProcess::start(&data_dir, &[], &[]).await;
+    let base = server.base.clone();
     let secret = std::fs::metadata(data_dir.join("jwt-secret")).unwrap();
     assert_eq!(secret.permissions().mode() & 0o777, 0o600);
     assert!(data_dir.join("skygate.db").exists());
@@ -123,16 +72,16 @@ async fn serve_and_admin_create_work_on_a_bare_data_dir() {
     assert_eq!(me["role"], "admin");
 
     // Stop it by pid with SIGTERM: a clean exit, and no secret in the access log.
-    let pid = server.0.id();
+    let pid = server.pid();
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let mut server = server;
-    let exit = server.0.wait().unwrap();
+    let exit = server.child.wait().unwrap();
     assert!(exit.success(), "{exit:?}");
-    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    let log = server.log_text();
     assert!(
         log.contains("\"status\":200")
             || log.contains("status=200")

@@ -6,6 +6,7 @@
 
 mod common;
 
+mod abuse;
 mod catalog;
 mod cli;
 mod gateway;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+
 use control_plane::api::HttpSettings;
 use control_plane::app::Settings;
 use control_plane::server::{self, ProvisioningConfig, Running};
