@@ -166,9 +166,14 @@ pub struct ServeArgs {
     /// Seconds a domain no machine owns must be seen before it is removed.
     #[arg(long, env = "SKYGATE_ORPHAN_GRACE_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub orphan_grace_secs: u64,
-    /// Failed logins per account before it is paused for the rest of the window.
+    /// Login attempts one client address may make on one account per window before that
+    /// client is paused on that account (the owner elsewhere is not).
     #[arg(long, env = "SKYGATE_LOGIN_MAX_FAILURES", default_value_t = LoginLimits::default().max_failures)]
     pub login_max_failures: i64,
+    /// Login attempts one account takes from all clients per window; past it, clients that
+    /// already tried the account wait for their window, new clients are still checked.
+    #[arg(long, env = "SKYGATE_LOGIN_ACCOUNT_BUDGET", default_value_t = LoginLimits::default().account_budget)]
+    pub login_account_budget: i64,
     /// Length of the failed-login window, seconds.
     #[arg(long, env = "SKYGATE_LOGIN_FAILURE_WINDOW_SECS", default_value_t = 900)]
     pub login_failure_window_secs: i64,
@@ -198,6 +203,7 @@ impl ServeArgs {
             login: LoginLimits {
                 per_ip_per_minute: self.login_per_ip_per_minute,
                 max_failures: self.login_max_failures,
+                account_budget: self.login_account_budget,
                 failure_window: chrono::Duration::seconds(self.login_failure_window_secs),
             },
             password_work: self.password_work(),

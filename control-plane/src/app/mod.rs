@@ -41,13 +41,18 @@ impl Default for MachineLimits {
     }
 }
 
-/// Login throttling: per client address in memory, per account in the database.
+/// Login throttling: per client address in memory, per account and client in the database
+/// (`sessions::login_throttle` says how they combine).
 #[derive(Debug, Clone, Copy)]
 pub struct LoginLimits {
     /// Login attempts one client address may make per minute (a burst of that size).
     pub per_ip_per_minute: u32,
-    /// Failed logins one account may take within `failure_window` before it is paused.
+    /// Attempts one client may make on one account within `failure_window` before that
+    /// client is paused on that account.
     pub max_failures: i64,
+    /// Attempts an account takes from all clients within the window before clients that
+    /// already tried it are paused.
+    pub account_budget: i64,
     pub failure_window: Duration,
 }
 
@@ -56,6 +61,7 @@ impl Default for LoginLimits {
         Self {
             per_ip_per_minute: 30,
             max_failures: 10,
+            account_budget: 100,
             failure_window: Duration::minutes(15),
         }
     }

@@ -62,6 +62,51 @@ pub fn validate_email(email: &str) -> Result<()> {
     Ok(())
 }
 
+/// The key failed logins are counted under for a client: its IPv4 address, or the /64 of an
+/// IPv6 address (one machine commonly holds a whole /64, so counting single addresses would
+/// let it guess without limit).
+pub fn client_key(client: IpAddr) -> String {
+    match client {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                let prefix = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{prefix}/64")
+            }
+        },
+    }
+}
+
+/// Whether a login attempt may be checked, given the counts that include it; `Some(seconds)`
+/// to wait when not.
+///
+/// Guessing is slowed without letting a stranger lock the owner out (issue 10):
+/// - one client may make `max_failures` attempts on one account per window, then waits for the
+///   window to end — only that client waits;
+/// - over every client, an account takes `account_budget` attempts per window; past that, a
+///   client that has already tried this account in its window waits too, so a crowd of
+///   addresses gets one guess each, while a client new to the account (the owner at a new
+///   place) is still checked.
+///
+/// The cost, written down: an owner who mistypes while their account is over its budget waits
+/// for their window (or signs in from another address).
+pub fn login_throttle(
+    limits: &super::LoginLimits,
+    attempts: &crate::store::sessions::LoginAttempts,
+    now: chrono::DateTime<Utc>,
+) -> Option<u64> {
+    let over_pair = attempts.from_client > limits.max_failures;
+    let over_budget = attempts.account > limits.account_budget && attempts.from_client > 1;
+    (over_pair || over_budget).then(|| {
+        let window_end = attempts.window_start + limits.failure_window;
+        u64::try_from((window_end - now).num_seconds())
+            .unwrap_or(0)
+            .max(1)
+    })
+}
+
 impl App {
     /// Creates an account with the given role (tenants register as users; the admin CLI
     /// creates administrators).
@@ -89,9 +134,10 @@ impl App {
             .await
     }
 
-    /// Checks credentials and opens a session. Throttled per client address and per account;
-    /// an unknown user (or a name that cannot be one) costs the same time and gets the same
-    /// answer as a wrong password.
+    /// Checks credentials and opens a session. Throttled per client address, per account and
+    /// client address, and by a guess budget per account (see [`login_throttle`]); an unknown
+    /// user (or a name that cannot be one) costs the same time and gets the same answer as a
+    /// wrong password. Outcomes are logged with the user's id, never the password.
     pub async fn login(&self, client: IpAddr, username: &str, password: &str) -> Result<TokenPair> {
         self.throttle_credentials(client)?;
         if validate_username(username).is_err() {
@@ -100,20 +146,19 @@ impl App {
             let password = password.to_owned();
             self.argon2(move |m| password::verify_dummy_in(m, &password))
                 .await?;
+            tracing::info!(target: "skygate::auth", event = "login-failed", %client, user = "none", "login failed: not a valid username");
             return Err(Error::BadCredentials);
         }
         let now = Utc::now();
         let limits = self.settings.login;
-        let (window_start, attempts) = self
+        let client_key = client_key(client);
+        let attempts = self
             .store
-            .login_attempt_record(username, now, limits.failure_window)
+            .login_attempt_record(username, &client_key, now, limits.failure_window)
             .await?;
-        if attempts > limits.max_failures {
-            let window_end = window_start + limits.failure_window;
-            let secs = (window_end - now).num_seconds().max(1);
-            return Err(Error::RateLimited {
-                retry_after_secs: u64::try_from(secs).unwrap_or(1),
-            });
+        if let Some(retry_after_secs) = login_throttle(&limits, &attempts, now) {
+            tracing::info!(target: "skygate::auth", event = "login-throttled", %client, username, from_client = attempts.from_client, account = attempts.account, "login throttled");
+            return Err(Error::RateLimited { retry_after_secs });
         }
         let user = self.store.user_by_username(username).await?;
         let stored = user.as_ref().map(|u| u.password_hash.clone());
@@ -129,7 +174,11 @@ impl App {
             .await??;
         let (user, needs_rehash) = match (user, check) {
             (Some(user), PasswordCheck::Valid { needs_rehash }) => (user, needs_rehash),
-            _ => return Err(Error::BadCredentials),
+            (user, _) => {
+                let user_id = user.map(|u| u.id.to_string());
+                tracing::info!(target: "skygate::auth", event = "login-failed", %client, user_id = user_id.as_deref().unwrap_or("unknown"), "login failed: wrong password or unknown user");
+                return Err(Error::BadCredentials);
+            }
         };
         if needs_rehash {
             let password = password.to_owned();
@@ -140,7 +189,9 @@ impl App {
                 .user_rehash_password(user.id, &user.password_hash, &hash)
                 .await?;
         }
-        self.store.login_failures_clear(username).await?;
+        self.store
+            .login_failures_clear(username, &client_key)
+            .await?;
         let family = Family {
             id: Uuid::new_v4(),
             created_at: now,
@@ -149,6 +200,7 @@ impl App {
         self.store
             .refresh_token_insert(user.id, &refresh.hash(), family, now)
             .await?;
+        tracing::info!(target: "skygate::auth", event = "login", %client, user_id = %user.id, family_id = %family.id, "logged in");
         self.access_pair(user.id, user.role, user.session_version, refresh)
     }
 
@@ -182,8 +234,8 @@ impl App {
                 role,
                 session_version,
             } => self.access_pair(user_id, role, session_version, new),
-            RefreshOutcome::ReuseDetected => {
-                tracing::warn!("refresh token reuse detected; its session family is revoked");
+            RefreshOutcome::ReuseDetected { user_id, family_id } => {
+                tracing::warn!(target: "skygate::auth", event = "refresh-reuse", user_id = %user_id, family_id, "refresh token reuse detected; its session family is revoked");
                 Err(Error::Unauthenticated("invalid refresh token"))
             }
             RefreshOutcome::Unknown | RefreshOutcome::Expired => {
@@ -278,6 +330,9 @@ impl From<Uuid> for UserId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::LoginLimits;
+    use crate::store::sessions::LoginAttempts;
+    use chrono::Duration;
 
     #[test]
     fn usernames() {
@@ -307,5 +362,47 @@ mod tests {
         ] {
             assert!(validate_email(bad).is_err(), "{bad:?}");
         }
+    }
+    fn attempts(from_client: i64, account: i64, started_secs_ago: i64) -> LoginAttempts {
+        LoginAttempts {
+            window_start: Utc::now() - Duration::seconds(started_secs_ago),
+            from_client,
+            account,
+        }
+    }
+
+    #[test]
+    fn a_client_is_paused_after_its_own_failures_only() {
+        let limits = LoginLimits::default();
+        let now = Utc::now();
+        assert_eq!(login_throttle(&limits, &attempts(10, 10, 0), now), None);
+        let wait = login_throttle(&limits, &attempts(11, 11, 60), now).unwrap();
+        assert!((839..=841).contains(&wait), "{wait}");
+        // The owner from elsewhere: the account has many failures, but within budget.
+        assert_eq!(login_throttle(&limits, &attempts(1, 90, 0), now), None);
+    }
+
+    #[test]
+    fn over_the_budget_only_clients_new_to_the_account_are_checked() {
+        let limits = LoginLimits::default();
+        let now = Utc::now();
+        let over = limits.account_budget + 1;
+        assert_eq!(login_throttle(&limits, &attempts(1, over, 0), now), None);
+        assert!(login_throttle(&limits, &attempts(2, over, 0), now).is_some());
+        // A window that is about to end still asks for at least a second.
+        let nearly = attempts(11, 11, limits.failure_window.num_seconds());
+        assert_eq!(login_throttle(&limits, &nearly, now), Some(1));
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), "2001:db8:1:2::/64");
+        assert_eq!(client_key(a), client_key(b));
+        assert_ne!(client_key(a), client_key(c));
+        assert_eq!(client_key("::ffff:192.0.2.7".parse().unwrap()), "192.0.2.7");
+        assert_eq!(client_key("192.0.2.7".parse().unwrap()), "192.0.2.7");
     }
 }

@@ -17,7 +17,7 @@ pub struct Family {
 }
 
 /// What presenting a refresh token led to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefreshOutcome {
     /// The token was spent and the new one stored in its family. Role and session version
     /// are read in the same transaction, so an access token issued from them cannot outlive
@@ -32,7 +32,18 @@ pub enum RefreshOutcome {
     /// Past its idle or absolute expiry.
     Expired,
     /// A spent or revoked token came back: its whole family is now revoked.
-    ReuseDetected,
+    ReuseDetected { user_id: UserId, family_id: String },
+}
+
+/// Login attempts counted in the current windows, this one included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginAttempts {
+    /// When the window of this account-and-client pair began.
+    pub window_start: DateTime<Utc>,
+    /// Attempts by this client on this account in its window.
+    pub from_client: i64,
+    /// Attempts on this account by every client in their windows.
+    pub account: i64,
 }
 
 impl Store {
@@ -141,7 +152,7 @@ impl Store {
             }
             RefreshDecision::Reuse => {
                 revoke_family_in_txn(&mut tx, &family_id, now).await?;
-                RefreshOutcome::ReuseDetected
+                RefreshOutcome::ReuseDetected { user_id, family_id }
             }
             RefreshDecision::Expired => RefreshOutcome::Expired,
         };
@@ -175,40 +186,54 @@ impl Store {
         Ok(())
     }
 
-    /// Counts one login attempt against `username` before its password is checked, and
-    /// returns the attempts in the current window and when that window began. A window older
-    /// than `window` starts over at one. Counting first, in one statement, means concurrent
-    /// guesses cannot all slip under the limit; a success clears the count afterwards.
+    /// Counts one login attempt against `username` from `client` before its password is
+    /// checked, and returns that pair's window and count with the account's count over every
+    /// client. A window older than `window` starts over at one. Counting first, in one
+    /// statement, means concurrent guesses cannot all slip under the limit; a success clears
+    /// the pair's count afterwards.
     pub async fn login_attempt_record(
         &self,
         username: &str,
+        client: &str,
         now: DateTime<Utc>,
         window: Duration,
-    ) -> Result<(DateTime<Utc>, i64)> {
+    ) -> Result<LoginAttempts> {
         let row = sqlx::query(
-            "INSERT INTO login_failures (username, window_start, failures) VALUES ($1, $2, 1) \
-             ON CONFLICT (username) DO UPDATE SET \
-               failures = CASE WHEN login_failures.window_start <= $3 THEN 1 \
+            "INSERT INTO login_failures (username, client, window_start, failures) \
+             VALUES ($1, $2, $3, 1) \
+             ON CONFLICT (username, client) DO UPDATE SET \
+               failures = CASE WHEN login_failures.window_start <= $4 THEN 1 \
                                ELSE login_failures.failures + 1 END, \
-               window_start = CASE WHEN login_failures.window_start <= $3 THEN $2 \
+               window_start = CASE WHEN login_failures.window_start <= $4 THEN $3 \
                                    ELSE login_failures.window_start END \
              RETURNING window_start, failures",
         )
         .bind(username)
+        .bind(client)
         .bind(to_micros(now))
         .bind(to_micros(now - window))
         .fetch_one(&self.write)
         .await?;
-        Ok((
-            from_micros(row.try_get("window_start")?),
-            row.try_get("failures")?,
-        ))
+        let account: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(failures), 0) AS BIGINT) FROM login_failures \
+             WHERE username = $1 AND window_start > $2",
+        )
+        .bind(username)
+        .bind(to_micros(now - window))
+        .fetch_one(&self.write)
+        .await?;
+        Ok(LoginAttempts {
+            window_start: from_micros(row.try_get("window_start")?),
+            from_client: row.try_get("failures")?,
+            account,
+        })
     }
 
-    /// Forgets failed logins after a success.
-    pub async fn login_failures_clear(&self, username: &str) -> Result<()> {
-        sqlx::query("DELETE FROM login_failures WHERE username = $1")
+    /// Forgets `client`'s failed logins on `username` after a success (others' stay).
+    pub async fn login_failures_clear(&self, username: &str, client: &str) -> Result<()> {
+        sqlx::query("DELETE FROM login_failures WHERE username = $1 AND client = $2")
             .bind(username)
+            .bind(client)
             .execute(&self.write)
             .await?;
         Ok(())

@@ -50,6 +50,13 @@ async fn serve_and_admin_create_work_on_a_bare_data_dir() {
     assert!(data_dir.join("skygate.db").exists());
 
     let client = reqwest::Client::new();
+    let wrong = client
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({"username": "root", "password": "not the password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), reqwest::StatusCode::UNAUTHORIZED);
     let login: Value = client
         .post(format!("{base}/api/v1/auth/login"))
         .json(&json!({"username": "root", "password": PASSWORD}))
@@ -70,6 +77,16 @@ async fn serve_and_admin_create_work_on_a_bare_data_dir() {
         .await
         .unwrap();
     assert_eq!(me["role"], "admin");
+    // A refresh token spent twice: the second use is reuse, and revokes the family.
+    let refresh_token = login["refresh_token"].as_str().unwrap();
+    for _ in 0..2 {
+        client
+            .post(format!("{base}/api/v1/auth/refresh"))
+            .json(&json!({"refresh_token": refresh_token}))
+            .send()
+            .await
+            .unwrap();
+    }
 
     // Stop it by pid with SIGTERM: a clean exit, and no secret in the access log.
     let pid = server.pid();
@@ -105,6 +122,31 @@ async fn serve_and_admin_create_work_on_a_bare_data_dir() {
         profile_line.contains("\"client\":\"127.0.0.1\""),
         "{profile_line}"
     );
+
+    // Authentication events name the user (by id) and the session family, never a secret.
+    let user_id = me["id"].as_str().unwrap();
+    let event = |name: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("\"event\":\"{name}\"")))
+            .unwrap_or_else(|| panic!("no {name} event in {log}"))
+            .to_owned()
+    };
+    let failed = event("login-failed");
+    assert!(
+        failed.contains(user_id) && failed.contains("\"client\":\"127.0.0.1\""),
+        "{failed}"
+    );
+    let success = event("login");
+    assert!(
+        success.contains(user_id) && success.contains("family_id"),
+        "{success}"
+    );
+    let reuse = event("refresh-reuse");
+    assert!(
+        reuse.contains(user_id) && reuse.contains("family_id"),
+        "{reuse}"
+    );
+    assert!(!log.contains(refresh_token), "a refresh token in the log");
 
     // A second admin with a taken username fails cleanly.
     let out = admin_create(&data_dir, "other@example.com");

@@ -16,7 +16,8 @@ both_stores!(
     concurrent_refreshes_with_one_token_give_exactly_one_success,
     logout_revokes_the_family,
     password_change_ends_every_session,
-    failed_logins_pause_an_account_across_replicas,
+    failed_logins_pause_the_guesser_not_the_owner,
+    an_account_budget_bounds_a_crowd_of_guessers,
     login_is_throttled_per_client_address,
     bad_bearer_tokens_are_refused,
     login_upgrades_a_hash_made_with_older_parameters,
@@ -260,7 +261,23 @@ async fn password_change_ends_every_session(backend: Backend) {
     t.stop().await;
 }
 
-async fn failed_logins_pause_an_account_across_replicas(backend: Backend) {
+/// A login from a given loopback address (127.0.0.0/8 is all ours).
+async fn login_from(t: &TestApp, from: &str, username: &str, password: &str) -> reqwest::Response {
+    let client = reqwest::Client::builder()
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    client
+        .post(format!("{}/api/v1/auth/login", t.base))
+        .json(&serde_json::json!({"username": username, "password": password}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Before (issue 10): eleven wrong passwords from anywhere made the owner's right password
+/// answer 429 from everywhere. Now the guesser is paused, on every replica; the owner is not.
+async fn failed_logins_pause_the_guesser_not_the_owner(backend: Backend) {
     let settings = Settings {
         login: LoginLimits {
             per_ip_per_minute: 1000,
@@ -274,14 +291,12 @@ async fn failed_logins_pause_an_account_across_replicas(backend: Backend) {
     a.register("ann").await;
     a.register("bob").await;
     for _ in 0..3 {
-        problem(
-            a.login("ann", "wrong password!").await,
-            StatusCode::UNAUTHORIZED,
-        )
-        .await;
+        let res = login_from(&a, "127.0.0.2", "ann", "wrong password!").await;
+        problem(res, StatusCode::UNAUTHORIZED).await;
     }
-    // The other replica knows: even the right password is refused until the window ends.
-    let res = b.login("ann", PASSWORD).await;
+    // The other replica knows: the guesser is refused even the right password until its
+    // window ends...
+    let res = login_from(&b, "127.0.0.2", "ann", PASSWORD).await;
     let retry_after: u64 = res.headers()["retry-after"]
         .to_str()
         .unwrap()
@@ -289,10 +304,51 @@ async fn failed_logins_pause_an_account_across_replicas(backend: Backend) {
         .unwrap();
     assert!(retry_after > 0 && retry_after <= 900, "{retry_after}");
     problem(res, StatusCode::TOO_MANY_REQUESTS).await;
-    // Other accounts are untouched.
-    assert_eq!(b.login("bob", PASSWORD).await.status(), StatusCode::OK);
+    // ...but the owner, elsewhere, signs in, and other accounts are untouched.
+    assert_eq!(
+        login_from(&b, "127.0.0.3", "ann", PASSWORD).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        login_from(&b, "127.0.0.2", "bob", PASSWORD).await.status(),
+        StatusCode::OK
+    );
+    // The owner's success does not clear the guesser's pause.
+    let res = login_from(&a, "127.0.0.2", "ann", PASSWORD).await;
+    problem(res, StatusCode::TOO_MANY_REQUESTS).await;
     b.stop().await;
     a.stop().await;
+}
+
+/// A crowd of addresses shares one budget per account: past it, each address that has tried
+/// already waits, while an address new to the account is still checked.
+async fn an_account_budget_bounds_a_crowd_of_guessers(backend: Backend) {
+    let settings = Settings {
+        login: LoginLimits {
+            per_ip_per_minute: 1000,
+            max_failures: 10,
+            account_budget: 4,
+            ..LoginLimits::default()
+        },
+        ..Settings::default()
+    };
+    let t = TestApp::spawn_with(backend, settings, HttpSettings::default()).await;
+    t.register("ann").await;
+    for n in 10..15 {
+        let res = login_from(&t, &format!("127.0.0.{n}"), "ann", "wrong password!").await;
+        problem(res, StatusCode::UNAUTHORIZED).await;
+    }
+    // Five failures, budget four: the guessers' second tries wait.
+    for n in 10..15 {
+        let res = login_from(&t, &format!("127.0.0.{n}"), "ann", "another guess!").await;
+        problem(res, StatusCode::TOO_MANY_REQUESTS).await;
+    }
+    // The owner from an address new to the account gets in.
+    assert_eq!(
+        login_from(&t, "127.0.0.20", "ann", PASSWORD).await.status(),
+        StatusCode::OK
+    );
+    t.stop().await;
 }
 
 async fn login_is_throttled_per_client_address(backend: Backend) {
