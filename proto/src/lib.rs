@@ -2,6 +2,7 @@
 //! `proto/` and the tonic/prost code generated from them at build time.
 
 pub mod bearer;
+pub mod ssh_key;
 
 /// `skygate.agent.v1`: the host agent service, its client and its messages.
 pub mod agent {

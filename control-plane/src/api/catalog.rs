@@ -1,7 +1,7 @@
 //! `/images` and `/ssh-keys`: the catalogues around machines.
 
-use super::extract::{ApiJson, ApiPath, Caller};
-use super::params::{AddSshKeyParams, RegisterImageParams};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::params::{page_limit, AddSshKeyParams, PageQuery, RegisterImageParams};
 use super::problem::Problem;
 use super::views::{ImageList, ImageView, SshKeyList, SshKeyView};
 use crate::app::images::RegisterImage;
@@ -54,21 +54,31 @@ pub async fn image_register(
     Ok((StatusCode::CREATED, Json(image.into())))
 }
 
-/// Your saved SSH keys.
-#[utoipa::path(get, path = "/ssh-keys", tag = "ssh-keys", security(("bearer" = [])),
-    responses((status = 200, body = SshKeyList), (status = 401, body = Problem)))]
+/// Your saved SSH keys, by name, a page at a time.
+#[utoipa::path(get, path = "/ssh-keys", tag = "ssh-keys", params(PageQuery), security(("bearer" = [])),
+    responses((status = 200, body = SshKeyList), (status = 400, body = Problem), (status = 401, body = Problem)))]
 pub async fn ssh_key_list(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<SshKeyList>> {
-    let items = app
-        .ssh_key_list(who)
-        .await?
-        .into_iter()
-        .map(Into::into)
-        .collect();
-    Ok(Json(SshKeyList { items }))
+    let limit = page_limit(q.limit)?;
+    let after = q
+        .cursor
+        .map(|c| app.cursors.decode_text(SSH_KEYS_CURSOR, &c))
+        .transpose()?;
+    let (rows, more) = app.ssh_key_list(who, after.as_deref(), limit).await?;
+    let next_cursor = match (more, rows.last()) {
+        (true, Some(last)) => Some(app.cursors.encode_text(SSH_KEYS_CURSOR, &last.name)),
+        _ => None,
+    };
+    Ok(Json(SshKeyList {
+        items: rows.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
 }
+
+const SSH_KEYS_CURSOR: &str = "ssh-keys";
 
 /// Save an SSH key under a name that machines can reference.
 #[utoipa::path(post, path = "/ssh-keys", tag = "ssh-keys", request_body = AddSshKeyParams,

@@ -2,7 +2,7 @@
 //! events, console.
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
-use super::params::{CreateMachineParams, ListMachinesQuery, PageQuery};
+use super::params::{page_limit, CreateMachineParams, ListMachinesQuery, PageQuery};
 use super::problem::Problem;
 use super::views::{EventPage, MachinePage, MachineView};
 use crate::app::idempotency::{request_hash, KeyedStart};
@@ -20,15 +20,6 @@ use std::sync::Arc;
 
 const MACHINES_CURSOR: &str = "machines";
 const EVENTS_CURSOR: &str = "events";
-
-/// Page size: 1–200, default 50.
-fn page_limit(limit: Option<i64>) -> Result<i64> {
-    match limit {
-        None => Ok(50),
-        Some(n) if (1..=200).contains(&n) => Ok(n),
-        Some(_) => Err(Error::BadRequest("limit must be between 1 and 200".into())),
-    }
-}
 
 fn accepted(stored: StoredResponse, replayed: bool) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::ACCEPTED);

@@ -65,6 +65,17 @@ pub struct ListMachinesQuery {
     pub status: Option<String>,
 }
 
+/// Page size: 1–200, default 50.
+pub fn page_limit(limit: Option<i64>) -> crate::error::Result<i64> {
+    match limit {
+        None => Ok(50),
+        Some(n) if (1..=200).contains(&n) => Ok(n),
+        Some(_) => Err(crate::error::Error::BadRequest(
+            "limit must be between 1 and 200".into(),
+        )),
+    }
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {

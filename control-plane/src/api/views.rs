@@ -191,6 +191,8 @@ impl From<SshKeyRecord> for SshKeyView {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SshKeyList {
     pub items: Vec<SshKeyView>,
+    /// Pass as `cursor` for the next page; null on the last.
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -43,7 +43,19 @@ impl CursorCodec {
 
     /// A cursor for position `seq` in listing `kind` (e.g. "machines").
     pub fn encode(&self, kind: &str, seq: i64) -> String {
-        let payload = format!("{kind}:{seq}");
+        self.encode_text(kind, &seq.to_string())
+    }
+
+    /// The position in `kind` that `cursor` names.
+    pub fn decode(&self, kind: &str, cursor: &str) -> Result<i64> {
+        self.decode_text(kind, cursor)?
+            .parse()
+            .map_err(|_| Error::BadRequest("cursor is invalid; start again without one".into()))
+    }
+
+    /// A cursor for a position given as text (a name in a listing ordered by name).
+    pub fn encode_text(&self, kind: &str, position: &str) -> String {
+        let payload = format!("{kind}:{position}");
         let tag = mac(&self.key, payload.as_bytes()).finalize().into_bytes();
         format!(
             "{}.{}",
@@ -52,8 +64,8 @@ impl CursorCodec {
         )
     }
 
-    /// The position in `kind` that `cursor` names.
-    pub fn decode(&self, kind: &str, cursor: &str) -> Result<i64> {
+    /// The text position in `kind` that `cursor` names.
+    pub fn decode_text(&self, kind: &str, cursor: &str) -> Result<String> {
         let bad = || Error::BadRequest("cursor is invalid; start again without one".into());
         let (payload, tag) = cursor.split_once('.').ok_or_else(bad)?;
         let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| bad())?;
@@ -65,11 +77,11 @@ impl CursorCodec {
             .verify_truncated_left(&tag)
             .map_err(|_| bad())?;
         let text = std::str::from_utf8(&payload).map_err(|_| bad())?;
-        let (k, seq) = text.split_once(':').ok_or_else(bad)?;
+        let (k, position) = text.split_once(':').ok_or_else(bad)?;
         if k != kind {
             return Err(bad());
         }
-        seq.parse().map_err(|_| bad())
+        Ok(position.to_owned())
     }
 }
 
@@ -86,6 +98,21 @@ mod tests {
                 seq
             );
         }
+    }
+
+    #[test]
+    fn text_positions_round_trip_and_stay_apart_from_numbers() {
+        let c = CursorCodec::new(b"0123456789abcdef0123456789abcdef");
+        for name in ["a", "laptop@home", "x:y"] {
+            assert_eq!(
+                c.decode_text("ssh-keys", &c.encode_text("ssh-keys", name))
+                    .unwrap(),
+                name
+            );
+        }
+        assert!(c
+            .decode("ssh-keys", &c.encode_text("ssh-keys", "laptop"))
+            .is_err());
     }
 
     #[test]

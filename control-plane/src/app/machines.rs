@@ -5,7 +5,7 @@
 use super::{App, Principal};
 use crate::error::{Error, Result};
 use crate::model::machine_state::Action;
-use crate::model::ssh_key::SshPublicKey;
+use crate::model::ssh_key::{InvalidSshKey, SshPublicKey};
 use crate::model::{Hostname, MachineId, MachineStatus};
 use crate::store::idempotency::ClaimedKey;
 use crate::store::machines::{EventRecord, MachineRecord, NewMachine, Render, Visibility};
@@ -116,8 +116,19 @@ impl App {
 
     /// A literal OpenSSH key, or a saved key of the caller's by name.
     async fn resolve_ssh_key(&self, who: Principal, entry: &str) -> Result<String> {
-        if let Ok(key) = SshPublicKey::parse(entry) {
-            return Ok(key.as_openssh().to_owned());
+        let shown = entry
+            .chars()
+            .take(40)
+            .collect::<String>()
+            .escape_debug()
+            .to_string();
+        match SshPublicKey::parse(entry) {
+            Ok(key) => return Ok(key.as_openssh().to_owned()),
+            // A key that parses as one but breaks the line rule: say which rule.
+            Err(InvalidSshKey::Line(rule)) if !super::ssh_keys::is_key_name(entry) => {
+                return Err(Error::Invalid(format!("ssh_keys: '{shown}': {rule}")));
+            }
+            Err(_) => {}
         }
         if super::ssh_keys::is_key_name(entry) {
             if let Some(saved) = self.store.ssh_key_by_name(who.user_id, entry).await? {
@@ -125,8 +136,7 @@ impl App {
             }
         }
         Err(Error::Invalid(format!(
-            "ssh_keys: '{}' is neither an OpenSSH public key nor the name of one of your keys",
-            entry.chars().take(40).collect::<String>()
+            "ssh_keys: '{shown}' is neither an OpenSSH public key nor the name of one of your keys"
         )))
     }
 

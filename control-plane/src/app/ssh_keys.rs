@@ -6,6 +6,10 @@ use crate::model::ssh_key::SshPublicKey;
 use crate::store::ssh_keys::SshKeyRecord;
 use uuid::Uuid;
 
+/// Most keys one user may save: plenty for every device a person has, and it bounds what a
+/// tenant can store (each key is at most `proto::ssh_key::MAX_KEY_LINE_BYTES`).
+pub const MAX_SAVED_KEYS: i64 = 100;
+
 /// Saved-key names: 1–64 of letters, digits, `-`, `_`, `.`, `@`.
 pub fn is_key_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
@@ -29,12 +33,30 @@ impl App {
         }
         let key = SshPublicKey::parse(public_key).map_err(|e| Error::Invalid(e.to_string()))?;
         self.store
-            .ssh_key_create(who.user_id, name, key.as_openssh(), key.fingerprint())
+            .ssh_key_create(
+                who.user_id,
+                name,
+                key.as_openssh(),
+                key.fingerprint(),
+                MAX_SAVED_KEYS,
+            )
             .await
     }
 
-    pub async fn ssh_key_list(&self, who: Principal) -> Result<Vec<SshKeyRecord>> {
-        self.store.ssh_key_list(who.user_id).await
+    /// One page in name order, and whether more follow.
+    pub async fn ssh_key_list(
+        &self,
+        who: Principal,
+        after_name: Option<&str>,
+        limit: i64,
+    ) -> Result<(Vec<SshKeyRecord>, bool)> {
+        let mut rows = self
+            .store
+            .ssh_key_list(who.user_id, after_name, limit + 1)
+            .await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok((rows, more))
     }
 
     pub async fn ssh_key_delete(&self, who: Principal, id: Uuid) -> Result<()> {

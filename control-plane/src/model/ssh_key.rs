@@ -9,20 +9,28 @@ pub struct SshPublicKey {
     fingerprint: String,
 }
 
-/// The text is not an OpenSSH public key.
+/// Why the text is not a key we accept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not an OpenSSH public key (expected e.g. 'ssh-ed25519 AAAA... comment')")]
-pub struct InvalidSshKey;
+pub enum InvalidSshKey {
+    /// It does not parse as an OpenSSH public key.
+    #[error("not an OpenSSH public key (expected e.g. 'ssh-ed25519 AAAA... comment')")]
+    NotAKey,
+    /// It parses, but breaks the rule agents apply before writing it into a guest.
+    #[error("{0}")]
+    Line(#[from] proto::ssh_key::KeyLineError),
+}
 
 impl SshPublicKey {
-    /// Parses one `authorized_keys`-style line; options before the key are not accepted.
+    /// Parses one `authorized_keys`-style line; options before the key are not accepted, and
+    /// the line must pass the rule agents apply ([`proto::ssh_key::check_key_line`]: size,
+    /// comment length, no control characters), so a saved key never fails a machine later.
     pub fn parse(text: &str) -> Result<Self, InvalidSshKey> {
         let text = text.trim();
-        if text.contains('\n') {
-            return Err(InvalidSshKey);
-        }
-        let key = PublicKey::from_openssh(text).map_err(|_| InvalidSshKey)?;
-        let openssh = key.to_openssh().map_err(|_| InvalidSshKey)?;
+        proto::ssh_key::check_key_line(text)?;
+        let key = PublicKey::from_openssh(text).map_err(|_| InvalidSshKey::NotAKey)?;
+        let openssh = key.to_openssh().map_err(|_| InvalidSshKey::NotAKey)?;
+        // What we store and send is the normalised form: check that too.
+        proto::ssh_key::check_key_line(&openssh)?;
         Ok(Self {
             fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
             openssh,
@@ -56,18 +64,31 @@ mod tests {
 
     #[test]
     fn rejects_garbage_and_injection() {
-        assert_eq!(SshPublicKey::parse(""), Err(InvalidSshKey));
+        use proto::ssh_key::KeyLineError;
+        assert_eq!(
+            SshPublicKey::parse(""),
+            Err(InvalidSshKey::Line(KeyLineError::Empty))
+        );
         assert_eq!(
             SshPublicKey::parse("ssh-ed25519 not-base64"),
-            Err(InvalidSshKey)
+            Err(InvalidSshKey::NotAKey)
         );
         assert_eq!(
             SshPublicKey::parse(&format!("{ED25519}\nssh-rsa AAAA evil")),
-            Err(InvalidSshKey)
+            Err(InvalidSshKey::Line(KeyLineError::ControlCharacter))
         );
         assert_eq!(
             SshPublicKey::parse(&format!("command=\"rm -rf /\" {ED25519}")),
-            Err(InvalidSshKey)
+            Err(InvalidSshKey::NotAKey)
+        );
+        // Comments with control characters or of any length parsed before (issue 10).
+        assert_eq!(
+            SshPublicKey::parse(&format!("{ED25519} ann\r\u{7}")),
+            Err(InvalidSshKey::Line(KeyLineError::ControlCharacter))
+        );
+        assert_eq!(
+            SshPublicKey::parse(&format!("{ED25519} {}", "c".repeat(2000))),
+            Err(InvalidSshKey::Line(KeyLineError::CommentTooLong))
         );
     }
 }

@@ -31,13 +31,16 @@ fn from_row(row: &AnyRow) -> Result<SshKeyRecord> {
 const COLUMNS: &str = "id, name, public_key, fingerprint, created_at";
 
 impl Store {
-    /// Saves a key under a name unique per user; 409 when the name is taken.
+    /// Saves a key under a name unique per user; 409 when the name is taken, 422 when the
+    /// user already has `max_keys`. The user's row is locked first, so concurrent saves
+    /// cannot all slip under the cap.
     pub async fn ssh_key_create(
         &self,
         user: UserId,
         name: &str,
         public_key: &str,
         fingerprint: &str,
+        max_keys: i64,
     ) -> Result<SshKeyRecord> {
         let rec = SshKeyRecord {
             id: Uuid::now_v7(),
@@ -46,6 +49,21 @@ impl Store {
             fingerprint: fingerprint.to_owned(),
             created_at: Utc::now(),
         };
+        let mut tx = self.begin_write().await?;
+        sqlx::query("UPDATE users SET updated_at = updated_at WHERE id = $1")
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ssh_keys WHERE user_id = $1")
+            .bind(user.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        if held >= max_keys {
+            return Err(Error::Invalid(format!(
+                "you already have {held} saved SSH keys, the most allowed is {max_keys}; \
+                 delete one first"
+            )));
+        }
         let res = sqlx::query(
             "INSERT INTO ssh_keys (id, user_id, name, public_key, fingerprint, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -56,21 +74,35 @@ impl Store {
         .bind(public_key)
         .bind(fingerprint)
         .bind(to_micros(rec.created_at))
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await;
         match res {
             Err(e) if is_unique_violation(&e) => Err(Error::Conflict(format!(
                 "you already have an SSH key named '{name}'"
             ))),
             Err(e) => Err(e.into()),
-            Ok(_) => Ok(rec),
+            Ok(_) => {
+                tx.commit().await?;
+                Ok(rec)
+            }
         }
     }
 
-    pub async fn ssh_key_list(&self, user: UserId) -> Result<Vec<SshKeyRecord>> {
-        let sql = format!("SELECT {COLUMNS} FROM ssh_keys WHERE user_id = $1 ORDER BY name");
+    /// Up to `limit` of the user's keys in name order, after `after_name` when given.
+    pub async fn ssh_key_list(
+        &self,
+        user: UserId,
+        after_name: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<SshKeyRecord>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM ssh_keys WHERE user_id = $1 AND name > $2 \
+             ORDER BY name LIMIT $3"
+        );
         let rows = sqlx::query(&sql)
             .bind(user.to_string())
+            .bind(after_name.unwrap_or(""))
+            .bind(limit)
             .fetch_all(&self.read)
             .await?;
         rows.iter().map(from_row).collect()

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 both_stores!(
     admins_register_images_and_everyone_lists_them,
     ssh_keys_are_per_user,
+    ssh_keys_are_bounded_checked_like_the_agent_and_paged,
     hosts_are_for_admins,
 );
 
@@ -114,6 +115,94 @@ async fn ssh_keys_are_per_user(backend: Backend) {
     );
     let anns: Value = t.get_json(&ann, "/ssh-keys").await;
     assert_eq!(anns["items"], json!([]));
+    t.stop().await;
+}
+
+/// Before (issue 10): no cap on count or comment, CR/BEL accepted by the API and then refused
+/// by the agent (failing the machine), and an unpaged list (88 MiB for 100 keys).
+async fn ssh_keys_are_bounded_checked_like_the_agent_and_paged(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    let ann = t.user("ann").await;
+    let add = |name: String, key: String| {
+        t.as_user(&ann, Method::POST, "/ssh-keys")
+            .json(&json!({"name": name, "public_key": key}))
+            .send()
+    };
+    let base = ED25519
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    for (comment, why) in [
+        ("ann\r\u{7}".to_owned(), "control character"),
+        ("c".repeat(2000), "comment is longer"),
+    ] {
+        let res = add("bad".into(), format!("{base} {comment}"))
+            .await
+            .unwrap();
+        let p = problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(p["detail"].as_str().unwrap().contains(why), "{p}");
+        // Given inline to a machine, the same rule answers before anything is created.
+        let res = t
+            .as_user(&ann, Method::POST, "/machines")
+            .json(
+                &json!({"hostname": "k1", "image": "none", "vcpus": 1, "memory_mib": 128,
+                "disk_gib": 1, "ssh_keys": [format!("{base} {comment}")]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        let p = problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(p["detail"].as_str().unwrap().contains(why), "{p}");
+    }
+    let max = control_plane::app::ssh_keys::MAX_SAVED_KEYS;
+    for n in 0..max {
+        let res = add(format!("k{n:03}"), format!("{base} key-{n}"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+    }
+    let res = add("one-more".into(), format!("{base} more"))
+        .await
+        .unwrap();
+    let p = problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert!(
+        p["detail"].as_str().unwrap().contains("delete one first"),
+        "{p}"
+    );
+    // Paged in name order, every key once.
+    let mut names = Vec::new();
+    let mut path = "/ssh-keys?limit=30".to_owned();
+    loop {
+        let page: Value = t.get_json(&ann, &path).await;
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 30);
+        names.extend(items.iter().map(|k| k["name"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/ssh-keys?limit=30&cursor={c}"),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..max).map(|n| format!("k{n:03}")).collect();
+    assert_eq!(names, expected);
+    let first: Value = t.get_json(&ann, "/ssh-keys").await;
+    assert_eq!(first["items"].as_array().unwrap().len(), 50);
+    problem(
+        t.as_user(&ann, Method::GET, "/ssh-keys?limit=500")
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    problem(
+        t.as_user(&ann, Method::GET, "/ssh-keys?cursor=forged")
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     t.stop().await;
 }
 

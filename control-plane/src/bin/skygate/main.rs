@@ -215,20 +215,27 @@ async fn machine_id(api: &mut Api, machine: &str) -> CliResult<String> {
     if uuid::Uuid::parse_str(machine).is_ok() {
         return Ok(machine.to_owned());
     }
+    let items = all_items(api, "/machines?limit=200").await?;
+    match items.iter().find(|m| m["hostname"] == machine) {
+        Some(m) => Ok(m["id"].as_str().unwrap_or_default().to_owned()),
+        None => fail(format!("no machine named {machine:?}")),
+    }
+}
+
+/// Every item of a paged listing: `path` (with its query) page after page by `next_cursor`.
+async fn all_items(api: &mut Api, path: &str) -> CliResult<Vec<Value>> {
+    let mut items = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let path = match &cursor {
-            Some(c) => format!("/machines?limit=200&cursor={c}"),
-            None => "/machines?limit=200".to_owned(),
+        let page_path = match &cursor {
+            Some(c) => format!("{path}&cursor={c}"),
+            None => path.to_owned(),
         };
-        let page = api.call(Method::GET, &path, None).await?;
-        let items = page["items"].as_array().cloned().unwrap_or_default();
-        if let Some(m) = items.iter().find(|m| m["hostname"] == machine) {
-            return Ok(m["id"].as_str().unwrap_or_default().to_owned());
-        }
+        let page = api.call(Method::GET, &page_path, None).await?;
+        items.extend(page["items"].as_array().cloned().unwrap_or_default());
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
-            None => return fail(format!("no machine named {machine:?}")),
+            None => return Ok(items),
         }
     }
 }
@@ -328,8 +335,8 @@ async fn run(cli: Cli) -> CliResult<()> {
         Command::Machines(cmd) => machines(&mut api, out, cmd).await?,
         Command::SshKeys(cmd) => match cmd {
             SshKeysCmd::List => {
-                let keys = api.call(Method::GET, "/ssh-keys", None).await?;
-                print_rows(out, &keys["items"], &["id", "name", "fingerprint"]);
+                let keys = all_items(&mut api, "/ssh-keys?limit=200").await?;
+                print_rows(out, &Value::Array(keys), &["id", "name", "fingerprint"]);
             }
             SshKeysCmd::Add { name, key } => {
                 let body = json!({"name": name, "public_key": key_argument(&key)});
@@ -482,23 +489,11 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             output::print_machine(out, &machine);
         }
         MachinesCmd::List { status } => {
-            let mut items = Vec::new();
-            let mut cursor: Option<String> = None;
-            loop {
-                let mut path = String::from("/machines?limit=200");
-                if let Some(s) = &status {
-                    path.push_str(&format!("&status={s}"));
-                }
-                if let Some(c) = &cursor {
-                    path.push_str(&format!("&cursor={c}"));
-                }
-                let page = api.call(Method::GET, &path, None).await?;
-                items.extend(page["items"].as_array().cloned().unwrap_or_default());
-                match page["next_cursor"].as_str() {
-                    Some(c) => cursor = Some(c.to_owned()),
-                    None => break,
-                }
+            let mut path = String::from("/machines?limit=200");
+            if let Some(s) = &status {
+                path.push_str(&format!("&status={s}"));
             }
+            let items = all_items(api, &path).await?;
             print_rows(out, &Value::Array(items), &MACHINE_COLUMNS);
         }
         MachinesCmd::Show { machine } => {
