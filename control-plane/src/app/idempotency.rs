@@ -64,16 +64,49 @@ impl App {
     }
 
     /// Gives the key up after the work failed, so that a corrected retry runs afresh.
+    ///
+    /// When the database itself is what failed, the release cannot happen now: it is retried
+    /// in the background until the claim would lapse anyway, so that a client retrying after
+    /// the outage runs its request instead of being told for a minute that it is in progress.
+    /// (A claim whose answer was stored is never released: see `idempotency_release`.)
     pub async fn idempotency_abandon(&self, who: Principal, key: &str, claim_id: &str) {
-        if let Err(e) = self
+        let first = self
             .store
             .idempotency_release(who.user_id, key, claim_id)
-            .await
-        {
+            .await;
+        let Err(e) = first else { return };
+        if !e.is_store_unavailable() {
             tracing::warn!(error = %e, "could not release idempotency key");
+            return;
         }
+        let (store, user, key, claim_id) = (
+            self.store.clone(),
+            who.user_id,
+            key.to_owned(),
+            claim_id.to_owned(),
+        );
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now()
+                + IDEMPOTENCY_LOCK
+                    .to_std()
+                    .unwrap_or(std::time::Duration::from_secs(60));
+            while tokio::time::Instant::now() < give_up {
+                tokio::time::sleep(RELEASE_RETRY).await;
+                match store.idempotency_release(user, &key, &claim_id).await {
+                    Ok(()) => return,
+                    Err(e) if e.is_store_unavailable() => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not release idempotency key");
+                        return;
+                    }
+                }
+            }
+        });
     }
 }
+
+/// How often a release that met a database outage is tried again.
+const RELEASE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[cfg(test)]
 mod tests {

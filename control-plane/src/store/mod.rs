@@ -28,6 +28,11 @@ static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("src/store/mi
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator =
     sqlx::migrate!("src/store/migrations/postgres");
 
+/// How long a statement waits for a connection before the request is answered 503: long
+/// enough for a burst to drain, short enough that a client of an unreachable database hears
+/// so in seconds.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Which database the store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -70,7 +75,7 @@ impl Store {
         let pool = |max: u32| {
             AnyPoolOptions::new()
                 .max_connections(max)
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(ACQUIRE_TIMEOUT)
                 .after_connect(move |conn, _meta| {
                     Box::pin(async move {
                         if backend == Backend::Sqlite {

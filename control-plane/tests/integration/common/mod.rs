@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod process;
 
 use control_plane::api::HttpSettings;
@@ -103,6 +104,36 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// The PostgreSQL host and port of this database's URL.
+    pub fn postgres_addr(&self) -> std::net::SocketAddr {
+        use std::net::ToSocketAddrs;
+        self.postgres_host_port()
+            .to_socket_addrs()
+            .unwrap()
+            .next()
+            .unwrap()
+    }
+
+    fn postgres_host_port(&self) -> &str {
+        let rest = self
+            .url
+            .split_once('@')
+            .map_or(self.url.as_str(), |(_, r)| r);
+        rest.split('/').next().unwrap()
+    }
+
+    /// The same PostgreSQL database reached through `via` (a fault-injecting link); the
+    /// database stays owned by `self`.
+    pub fn rerouted(&self, via: std::net::SocketAddr) -> Self {
+        Self {
+            url: self
+                .url
+                .replacen(self.postgres_host_port(), &via.to_string(), 1),
+            dir: tempfile::tempdir().unwrap(),
+            _pg: None,
+        }
+    }
+
     pub async fn new(backend: Backend) -> Self {
         let dir = tempfile::tempdir().unwrap();
         match backend {
