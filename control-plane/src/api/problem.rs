@@ -121,6 +121,10 @@ impl IntoResponse for Error {
             Error::RateLimited { retry_after_secs } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
+            // The request holding the key may finish (or be released) any moment.
+            Error::IdempotencyInFlight => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            }
             _ if status == StatusCode::SERVICE_UNAVAILABLE => {
                 headers.insert(
                     header::RETRY_AFTER,

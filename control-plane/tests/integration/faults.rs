@@ -48,15 +48,24 @@ async fn create_storm(
                     accepted.push(hostname);
                     break;
                 }
-                StatusCode::SERVICE_UNAVAILABLE => {
-                    counts.refused.fetch_add(1, Ordering::SeqCst);
+                // 503 while the database is away; 409 "in progress" while the claim of a
+                // request the outage broke is being released. Both say when to come back.
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::CONFLICT => {
+                    if res.status() == StatusCode::SERVICE_UNAVAILABLE {
+                        counts.refused.fetch_add(1, Ordering::SeqCst);
+                    }
                     let retry: u64 = res.headers()["retry-after"]
                         .to_str()
                         .unwrap()
                         .parse()
                         .unwrap();
                     let problem: Value = res.json().await.unwrap();
-                    assert_eq!(problem["status"], 503);
+                    if problem["status"] == 409 {
+                        assert_eq!(
+                            problem["type"],
+                            "urn:skygate:problem:idempotency-key-in-flight"
+                        );
+                    }
                     assert!(Instant::now() < deadline, "still refused after a minute");
                     tokio::time::sleep(Duration::from_secs(retry)).await;
                 }
