@@ -1,6 +1,6 @@
 //! `/images` and `/ssh-keys`: the catalogues around machines.
 
-use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::extract::{Admin, ApiJson, ApiPath, ApiQuery, Caller};
 use super::params::{page_limit, AddSshKeyParams, PageQuery, RegisterImageParams};
 use super::problem::Problem;
 use super::views::{ImageList, ImageView, SshKeyList, SshKeyView};
@@ -13,18 +13,20 @@ use axum::Json;
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// Every image.
+/// Every image. Where an image comes from (`source`, `boot`) is shown to administrators
+/// only: a source URL may carry credentials or name internal hosts.
 #[utoipa::path(get, path = "/images", tag = "images", security(("bearer" = [])),
     responses((status = 200, body = ImageList), (status = 401, body = Problem)))]
 pub async fn image_list(
     State(app): State<Arc<App>>,
-    Caller(_who): Caller,
+    Caller(who): Caller,
 ) -> Result<Json<ImageList>> {
+    let admin = who.require_admin().is_ok();
     let items = app
         .image_list()
         .await?
         .into_iter()
-        .map(Into::into)
+        .map(|image| ImageView::for_caller(image, admin))
         .collect();
     Ok(Json(ImageList { items }))
 }
@@ -36,7 +38,7 @@ pub async fn image_list(
         (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn image_register(
     State(app): State<Arc<App>>,
-    Caller(who): Caller,
+    Admin(who): Admin,
     ApiJson(p): ApiJson<RegisterImageParams>,
 ) -> Result<(StatusCode, Json<ImageView>)> {
     let image = app
@@ -51,7 +53,10 @@ pub async fn image_register(
             },
         )
         .await?;
-    Ok((StatusCode::CREATED, Json(image.into())))
+    Ok((
+        StatusCode::CREATED,
+        Json(ImageView::for_caller(image, true)),
+    ))
 }
 
 /// Your saved SSH keys, by name, a page at a time.

@@ -104,3 +104,21 @@ impl FromRequestParts<Arc<App>> for Caller {
         Ok(Caller(caller))
     }
 }
+
+/// An authenticated administrator: 401 without a valid token, 403 for anyone else. Taken
+/// before the body, so a tenant hears "forbidden" whatever it sent, not what was wrong with it.
+#[derive(Debug, Clone, Copy)]
+pub struct Admin(pub Principal);
+
+impl FromRequestParts<Arc<App>> for Admin {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
+        let Caller(who) = Caller::from_request_parts(parts, app).await?;
+        who.require_admin()?;
+        Ok(Admin(who))
+    }
+}

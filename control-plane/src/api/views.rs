@@ -139,23 +139,31 @@ pub struct EventPage {
 pub struct ImageView {
     pub id: String,
     pub name: String,
-    pub source: String,
+    /// Where agents fetch it from; administrators only (absent for tenants).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     pub format: String,
     pub sha256: Option<String>,
+    /// Direct kernel boot details; administrators only (absent for tenants).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub boot: Option<serde_json::Value>,
+    /// Whether the image boots a kernel directly (what a tenant needs to know of `boot`).
+    pub direct_kernel_boot: bool,
     pub created_at: DateTime<Utc>,
 }
 
-impl From<ImageRecord> for ImageView {
-    fn from(i: ImageRecord) -> Self {
+impl ImageView {
+    /// The image as `admin` or a tenant may see it.
+    pub fn for_caller(i: ImageRecord, admin: bool) -> Self {
         Self {
             id: i.id.to_string(),
             name: i.name,
-            source: i.source,
+            direct_kernel_boot: i.boot.is_some(),
+            source: admin.then_some(i.source),
             format: i.format,
             sha256: i.sha256,
-            boot: i.boot,
+            boot: if admin { i.boot } else { None },
             created_at: i.created_at,
         }
     }

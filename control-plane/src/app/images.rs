@@ -23,11 +23,45 @@ fn is_sha256_hex(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn is_image_url(s: &str) -> bool {
-    ["file:///", "http://", "https://"]
+/// Why a source URL is refused, said to the administrator who gave it.
+fn check_image_url(s: &str) -> std::result::Result<(), &'static str> {
+    const SCHEMES: &str = "must be a file:///, http:// or https:// URL";
+    let shaped = ["file:///", "http://", "https://"]
         .iter()
         .any(|p| s.starts_with(p) && s.len() > p.len())
         && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+        && s.len() <= 2048;
+    if !shaped {
+        return Err(SCHEMES);
+    }
+    let url = reqwest::Url::parse(s).map_err(|_| SCHEMES)?;
+    if url.scheme() == "file" {
+        return Ok(());
+    }
+    // Agents would send these to whatever server is named, and echo them in listings.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry credentials (user:password@); serve the image without them");
+    }
+    // The cloud-metadata and link-local range, and addresses that are no host at all, are
+    // never an image server. (Names are resolved and checked again by the agent.)
+    let forbidden = match url.host() {
+        Some(url::Host::Ipv4(ip)) => {
+            ip.is_link_local() || ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast()
+        }
+        Some(url::Host::Ipv6(ip)) => {
+            ip.is_unicast_link_local() || ip.is_unspecified() || ip.is_multicast()
+        }
+        Some(url::Host::Domain(_)) => false,
+        None => true,
+    };
+    if forbidden {
+        return Err("must not name a link-local, unspecified or multicast address");
+    }
+    Ok(())
+}
+
+fn is_image_url(s: &str) -> bool {
+    check_image_url(s).is_ok()
 }
 
 /// Image names: 1–63 of `[a-z0-9._-]`, starting with a letter or digit.
@@ -48,10 +82,8 @@ pub fn validate(req: &RegisterImage) -> Result<()> {
                 .into(),
         ));
     }
-    if !is_image_url(&req.source) || req.source.len() > 2048 {
-        return Err(Error::Invalid(
-            "source must be a file:///, http:// or https:// URL".into(),
-        ));
+    if let Err(why) = check_image_url(&req.source) {
+        return Err(Error::Invalid(format!("source {why}")));
     }
     if !IMAGE_FORMATS.contains(&req.format.as_str()) {
         return Err(Error::Invalid(format!(
@@ -87,7 +119,8 @@ fn validate_boot(boot: &serde_json::Value) -> Result<()> {
         };
         match k.as_str() {
             "kernel" | "initrd" if !is_image_url(s) => {
-                return invalid(&format!("{k} must be a file:///, http:// or https:// URL"))
+                let why = check_image_url(s).err().unwrap_or_default();
+                return invalid(&format!("{k} {why}"));
             }
             "kernel_sha256" | "initrd_sha256" if !is_sha256_hex(s) => {
                 return invalid(&format!("{k} must be 64 lowercase hex digits"))
@@ -193,6 +226,47 @@ mod tests {
         ];
         for b in bad {
             assert!(validate(&b).is_err(), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn sources_with_credentials_or_link_local_hosts_are_refused() {
+        for (source, why) in [
+            ("https://user:pw@images.example/x.qcow2", "credentials"),
+            ("http://user@images.example/x.qcow2", "credentials"),
+            ("http://169.254.169.254/latest/meta-data", "link-local"),
+            ("http://[fe80::1]/x.qcow2", "link-local"),
+            ("http://0.0.0.0:8080/x", "link-local"),
+            ("http://224.0.0.1/x", "link-local"),
+        ] {
+            let err = validate(&RegisterImage {
+                source: source.into(),
+                ..req()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with("source must") && err.contains(why),
+                "{source}: {err}"
+            );
+        }
+        let err = validate(&RegisterImage {
+            format: "kernel".into(),
+            boot: Some(json!({"kernel": "http://a:b@k.example/vmlinuz"})),
+            ..req()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("kernel must not carry credentials"), "{err}");
+        for fine in [
+            "http://127.0.0.1:8000/x.qcow2",
+            "https://images.example:8443/x",
+        ] {
+            let ok = RegisterImage {
+                source: fine.into(),
+                ..req()
+            };
+            assert!(validate(&ok).is_ok(), "{fine}");
         }
     }
 

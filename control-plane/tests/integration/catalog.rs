@@ -60,9 +60,35 @@ async fn admins_register_images_and_everyone_lists_them(backend: Backend) {
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
+    // A tenant's malformed body is still "forbidden" (issue 10: it was 422, telling a tenant
+    // what an administrator's request must look like).
+    for junk in [json!({"nonsense": true}), json!([])] {
+        problem(
+            t.as_user(&ann, Method::POST, "/images")
+                .json(&junk)
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::FORBIDDEN,
+        )
+        .await;
+    }
+    // Tenants see what they can boot, not where it comes from.
     let list: Value = t.get_json(&ann, "/images").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
-    assert_eq!(list["items"][0]["name"], "tiny");
+    let tiny = &list["items"][0];
+    assert_eq!(tiny["name"], "tiny");
+    assert_eq!(tiny["direct_kernel_boot"], true);
+    assert!(
+        tiny.get("source").is_none() && tiny.get("boot").is_none(),
+        "{tiny}"
+    );
+    let list: Value = t.get_json(&root, "/images").await;
+    assert_eq!(
+        list["items"][0]["source"],
+        "file:///var/lib/skygate/images/tiny/"
+    );
+    assert_eq!(list["items"][0]["boot"]["cmdline"], "console=ttyS0");
     t.stop().await;
 }
 
