@@ -180,7 +180,7 @@ else
     [[ -n ${SKYGATE_DEV_AGENT_DISK_GIB:-} ]] && capacity+=(--capacity-disk-gib "${SKYGATE_DEV_AGENT_DISK_GIB}")
     from=$((FORWARD_FROM + (i - 1) * 1000))
     "${TARGET}/skygate-host-agent" --name "agent-${i}" --listen "127.0.0.1:$((AGENT_PORT + i - 1))" \
-      --control-plane "http://${GRPC}" --data-dir "${DIR}/agent-${i}" \
+      --control-plane "http://${GRPC}" --data-dir "${DIR}/agent-${i}" --image-dir "${IMAGE_DIR}" \
       --domain-prefix "${PREFIX}${i}-" --forward-ports "${from}-$((from + 999))" \
       "${capacity[@]}" </dev/null >"${DIR}/agent-${i}.log" 2>&1 &
     echo "agent-${i} $!" >>"${PIDS}"

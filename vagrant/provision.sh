@@ -37,6 +37,7 @@ SKYGATE_AGENT_NAME=skygate-dev
 SKYGATE_AGENT_LISTEN=127.0.0.1:9091
 SKYGATE_AGENT_NETWORK=user
 SKYGATE_AGENT_HYPERVISOR=auto
+SKYGATE_AGENT_IMAGE_DIRS=/var/lib/skygate-images
 ENV
 chmod 0600 /etc/skygate/*.env
 id skygate-agent >/dev/null 2>&1 ||

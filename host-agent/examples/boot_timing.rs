@@ -112,6 +112,12 @@ async fn main() {
         ])
         .arg("--data-dir")
         .arg(tmp.path().join("data"))
+        .arg("--image-dir")
+        .arg(
+            std::path::Path::new(&image_json)
+                .parent()
+                .expect("image.json has a directory"),
+        )
         .env("SKYGATE_AGENT_TOKEN", TOKEN)
         .stderr(Stdio::piped())
         .spawn()

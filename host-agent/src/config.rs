@@ -39,6 +39,15 @@ pub struct AgentArgs {
         default_value = "/var/lib/skygate-agent"
     )]
     pub data_dir: PathBuf,
+    /// A directory `file://` image sources may come from; repeat it for more (the variable
+    /// takes a comma-separated list). Without one, no `file://` source is accepted. Sources
+    /// are checked with symlinks and `..` resolved.
+    #[arg(
+        long = "image-dir",
+        env = "SKYGATE_AGENT_IMAGE_DIRS",
+        value_delimiter = ','
+    )]
+    pub image_dirs: Vec<PathBuf>,
     /// libvirt connection URI.
     #[arg(
         long,

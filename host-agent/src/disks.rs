@@ -332,7 +332,9 @@ impl QemuImg {
     }
 
     /// `qemu-img create` into a temporary file next to `target`, then renamed over it, so a
-    /// killed or failed run never leaves a half-made disk at `target`.
+    /// killed or failed run never leaves a half-made disk at `target`. The temporary file is
+    /// 0600 and qemu-img keeps that mode: a tenant's disk is root's until libvirt's dynamic
+    /// ownership hands it to the QEMU user at start.
     async fn create_atomically(
         &self,
         target: &Path,
@@ -571,6 +573,10 @@ mod tests {
         assert_eq!(info.format, "qcow2");
         assert_eq!(info.virtual_size_bytes, 2 * GIB);
         assert_eq!(info.backing_file.as_deref(), Some(s(&base)));
+        // The tenant's disk is private: tempfile's 0600, which qemu-img keeps (libvirt hands
+        // it to the QEMU user at start).
+        let mode = std::fs::metadata(&overlay).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
         assert_eq!(info.data_file, None);
         // No temp file left next to it.
         let names: Vec<_> = std::fs::read_dir(tmp.path())

@@ -96,13 +96,19 @@ impl AgentError {
             AgentError::StaleGeneration { .. }
             | AgentError::NotRunning(_)
             | AgentError::ForeignDomain { .. } => Code::FailedPrecondition,
+            // The image's record is wrong (a refused source, bytes that do not match the
+            // digest, an image over the limit): fetching again gives the same answer, so the
+            // caller is told to stop. Only a failed fetch may heal (a server back up).
             AgentError::Image(e) => match e {
-                ImageError::BadDigest(_) | ImageError::BadUrl { .. } => Code::InvalidArgument,
-                ImageError::DigestMismatch { .. } | ImageError::TooLarge { .. } => {
-                    Code::FailedPrecondition
+                ImageError::BadDigest(_)
+                | ImageError::BadUrl { .. }
+                | ImageError::NotAllowed { .. }
+                | ImageError::DigestMismatch { .. }
+                | ImageError::TooLarge { .. } => Code::InvalidArgument,
+                ImageError::Fetch { .. } => Code::Unavailable,
+                ImageError::Client(_) | ImageError::Io { .. } | ImageError::Dir(_) => {
+                    Code::Internal
                 }
-                ImageError::Http { .. } => Code::Unavailable,
-                ImageError::Io { .. } | ImageError::Dir(_) => Code::Internal,
             },
             AgentError::Disk(e) => match e {
                 DiskError::Io { .. }
@@ -128,19 +134,40 @@ impl AgentError {
     }
 }
 
+/// Whether `e` is an error whose sources callers must not read ([`ImageError::hides_cause`]),
+/// as itself or wrapped in an [`AgentError`] (which shows an image error transparently).
+fn hides_cause(e: &(dyn std::error::Error + 'static)) -> bool {
+    let image = e
+        .downcast_ref::<ImageError>()
+        .or_else(|| match e.downcast_ref::<AgentError>() {
+            Some(AgentError::Image(i)) => Some(i),
+            _ => None,
+        })
+        .or_else(|| match e.downcast_ref::<Box<AgentError>>().map(|b| &**b) {
+            Some(AgentError::Image(i)) => Some(i),
+            _ => None,
+        });
+    image.is_some_and(ImageError::hides_cause)
+}
+
 impl From<AgentError> for Status {
     fn from(e: AgentError) -> Self {
         // The message chain helps the operator; it carries paths and libvirt text, never the
-        // agent token or tenant user data.
+        // agent token or tenant user data. It stops at an error whose cause stays in the
+        // agent's log (an image fetch: the OS's words would tell which files exist).
         let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
+        let mut source = if hides_cause(&e) {
+            None
+        } else {
+            std::error::Error::source(&e)
+        };
         while let Some(s) = source {
             let text = s.to_string();
             if !message.contains(&text) {
                 message.push_str(": ");
                 message.push_str(&text);
             }
-            source = s.source();
+            source = if hides_cause(s) { None } else { s.source() };
         }
         let mut metadata = tonic::metadata::MetadataMap::new();
         if let AgentError::Step { step, .. } = &e {
@@ -150,5 +177,79 @@ impl From<AgentError> for Status {
             );
         }
         Status::with_metadata(e.code(), message, metadata)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::{FetchError, SourceRule};
+    use crate::machines::CreateStep;
+
+    fn step(e: ImageError) -> AgentError {
+        AgentError::Step {
+            step: CreateStep::Image,
+            source: Box::new(AgentError::Image(e)),
+        }
+    }
+
+    fn mismatch() -> ImageError {
+        ImageError::DigestMismatch {
+            url: "http://127.0.0.1/image".into(),
+            expected: "a".repeat(64).parse().unwrap(),
+            actual: "b".repeat(64).parse().unwrap(),
+        }
+    }
+
+    fn fetch_failure() -> ImageError {
+        ImageError::Fetch {
+            url: "file:///srv/images/disk".into(),
+            source: FetchError::Read {
+                path: "/srv/images/disk".into(),
+                source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            },
+        }
+    }
+
+    /// INVALID_ARGUMENT is what the control plane fails a machine on at once (its
+    /// `workflows::policy::classify`); a mismatch or a refused source will not heal on a retry.
+    #[test]
+    fn a_digest_mismatch_and_a_refused_source_are_final_a_failed_fetch_is_not() {
+        let refused = || ImageError::NotAllowed {
+            url: "file:///etc/shadow".into(),
+            rule: SourceRule::FileOutsideImageDirs,
+        };
+        for (e, code) in [
+            (AgentError::Image(mismatch()), Code::InvalidArgument),
+            (step(mismatch()), Code::InvalidArgument),
+            (AgentError::Image(refused()), Code::InvalidArgument),
+            (step(refused()), Code::InvalidArgument),
+            (AgentError::Image(fetch_failure()), Code::Unavailable),
+            (step(fetch_failure()), Code::Unavailable),
+        ] {
+            assert_eq!(e.code(), code, "{e}");
+            assert_eq!(Status::from(e).code(), code);
+        }
+    }
+
+    #[test]
+    fn the_cause_of_a_failed_fetch_stays_out_of_the_status() {
+        for e in [AgentError::Image(fetch_failure()), step(fetch_failure())] {
+            let status = Status::from(e);
+            assert!(
+                status
+                    .message()
+                    .ends_with("fetching image \"file:///srv/images/disk\" failed (the host agent's log has the cause)"),
+                "{}",
+                status.message()
+            );
+            assert!(!status.message().contains("denied"), "{}", status.message());
+        }
+        // Other errors keep their chain: the operator needs it.
+        let io = AgentError::Io {
+            path: "/var/lib/skygate-agent/x".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert!(Status::from(io).message().contains("denied"));
     }
 }

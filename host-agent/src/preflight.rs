@@ -30,6 +30,7 @@ use tokio::process::Command;
 
 use crate::config::AgentArgs;
 use crate::hypervisor::{HypervisorError, LibvirtHypervisor};
+use crate::images::SourcePolicy;
 use crate::paths::{DataDir, PathsError};
 use crate::ports::PortRange;
 use crate::server::TlsFiles;
@@ -125,6 +126,9 @@ pub enum PreflightError {
         #[source]
         source: UrlError,
     },
+    /// An `--image-dir` cannot serve.
+    #[error("--image-dir (SKYGATE_AGENT_IMAGE_DIRS)")]
+    ImageDir(#[source] crate::images::ImageDirError),
     /// The agent token is missing or too weak.
     #[error("--agent-token (SKYGATE_AGENT_TOKEN)")]
     Token(#[source] TokenError),
@@ -710,6 +714,12 @@ pub fn check_data_dir(root: &Path) -> Result<DataDir, PreflightError> {
     data.prepare().map_err(|e| fail(DataDirError::Prepare(e)))?;
     check_data_dir_usable(root)?;
     Ok(data)
+}
+
+/// The image source policy of `--image-dir`: each directory must exist; it is kept in its
+/// canonical form, which the sources' canonical paths are compared with.
+pub fn check_image_dirs(dirs: &[PathBuf]) -> Result<SourcePolicy, PreflightError> {
+    SourcePolicy::with_file_dirs(dirs).map_err(PreflightError::ImageDir)
 }
 
 /// What [`check_data_dir`] checks, without creating or repairing anything: the agent's running

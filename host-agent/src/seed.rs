@@ -51,8 +51,15 @@ use tokio::process::Command;
 
 /// Volume label NoCloud looks for.
 pub const VOLUME_ID: &str = "cidata";
-/// Mode of the seed ISO and the files in it: QEMU (as `libvirt-qemu`) reads the ISO.
-const FILE_MODE: u32 = 0o644;
+/// Mode of the seed ISO and the files in it: the tenant's user data (scripts, passwords,
+/// tokens) is for the owner alone. QEMU, running as `libvirt-qemu`, still reads the ISO:
+/// libvirt's dynamic ownership (qemu.conf `dynamic_ownership`, on by default) makes a
+/// domain's disk files, this read-only CD-ROM included, owned by the QEMU user when the domain
+/// starts (measured here: a root-owned 0600 seed became libvirt-qemu's at start and stayed so
+/// after destroy). The overlays rely on the same thing: they are 0600 too (disks.rs), and QEMU
+/// must write them. 0640 with a group would instead hard-code a user database detail
+/// (`libvirt-qemu`'s group is `kvm` on Debian) for no gain.
+const FILE_MODE: u32 = 0o600;
 /// Wall-clock limit of one genisoimage run (it takes milliseconds for two small files).
 const GENISOIMAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest host name (RFC 1123).
@@ -286,7 +293,7 @@ fn boundary_for(data: &str) -> String {
 }
 
 /// Renders `spec` and writes the seed ISO to `path` (`genisoimage -volid cidata -joliet
-/// -rock`), atomically: built as a temporary file next to `path`, made 0644, then renamed.
+/// -rock`), atomically: built as a temporary file next to `path`, made 0600, then renamed.
 /// The parent of `path` must exist (see `DataDir::prepare_machine`).
 pub async fn write_seed_iso(spec: &SeedSpec, path: &Path) -> Result<(), SeedError> {
     let rendered = spec.render()?;
@@ -660,8 +667,9 @@ mod tests {
                 .trim_end(),
             "cidata"
         );
+        // Tenant user data: for root (and, once libvirt chowns it, QEMU) alone.
         let mode = std::fs::metadata(&iso).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o644);
+        assert_eq!(mode, 0o600);
 
         let list = StdCommand::new("isoinfo")
             .args(["-R", "-f", "-i"])
@@ -693,6 +701,8 @@ mod tests {
         s.hostname = "web-2".into();
         write_seed_iso(&s, &iso).await.unwrap();
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+        let mode = std::fs::metadata(&iso).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "a rewritten seed is as private");
     }
 
     #[tokio::test]

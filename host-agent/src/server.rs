@@ -152,6 +152,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
         preflight::check_tls_files(tls)?;
     }
     let data = preflight::check_data_dir(&args.data_dir)?;
+    let image_sources = preflight::check_image_dirs(&args.image_dirs)?;
     preflight::check_tools(&preflight::TOOLS).await?;
     // Before libvirt's wait: an address in use should fail in milliseconds. Nothing is
     // accepted until `serve`.
@@ -184,7 +185,8 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
     );
 
     let events = Arc::new(EventLog::new(DEFAULT_RETAINED));
-    let images = ImageCache::new(data.clone()).map_err(crate::error::AgentError::from)?;
+    let images =
+        ImageCache::new(data.clone(), image_sources).map_err(crate::error::AgentError::from)?;
     let manager = Arc::new(MachineManager::new(
         Arc::clone(&hv),
         Arc::new(QemuImg::new()),

@@ -17,7 +17,7 @@ use host_agent::disks::QemuImg;
 use host_agent::domain_xml::HypervisorKind;
 use host_agent::events::EventLog;
 use host_agent::hypervisor::FakeHypervisor;
-use host_agent::images::ImageCache;
+use host_agent::images::{ImageCache, SourcePolicy};
 use host_agent::machines::{MachineManager, ManagerConfig, NetworkMode};
 use host_agent::paths::DataDir;
 use host_agent::server::{serve, StartError, TlsFiles};
@@ -88,7 +88,11 @@ impl Agent {
         let manager = Arc::new(MachineManager::new(
             Arc::new(FakeHypervisor::new()),
             Arc::new(QemuImg::new()),
-            ImageCache::new(data.clone()).unwrap(),
+            ImageCache::new(
+                data.clone(),
+                SourcePolicy::with_file_dirs(&[tmp.path().to_path_buf()]).unwrap(),
+            )
+            .unwrap(),
             data,
             ManagerConfig {
                 domain_prefix: PREFIX.into(),

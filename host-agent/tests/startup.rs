@@ -114,6 +114,52 @@ fn advertise_with_another_scheme_is_refused_at_once() {
 }
 
 #[test]
+fn an_image_dir_that_is_not_a_directory_is_refused_at_once() {
+    let tmp = open_tempdir();
+    let data = tmp.path().join("data");
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let missing = tmp.path().join("missing");
+    let data_arg = data.to_str().unwrap();
+    let token = [("SKYGATE_AGENT_TOKEN", TOKEN)];
+    assert_refused(
+        agent(
+            &[
+                "--data-dir",
+                data_arg,
+                "--image-dir",
+                missing.to_str().unwrap(),
+            ],
+            &token,
+        ),
+        &[
+            "--image-dir (SKYGATE_AGENT_IMAGE_DIRS): ",
+            "missing",
+            "No such file",
+        ],
+    );
+    assert_refused(
+        agent(
+            &["--data-dir", data_arg, "--image-dir", "relative/dir"],
+            &token,
+        ),
+        &["\"relative/dir\" is not an absolute path"],
+    );
+    // The variable takes a comma-separated list; each entry is checked.
+    let both = format!("{},{}", tmp.path().display(), file.display());
+    assert_refused(
+        agent(
+            &["--data-dir", data_arg],
+            &[token[0], ("SKYGATE_AGENT_IMAGE_DIRS", both.as_str())],
+        ),
+        &[
+            "--image-dir (SKYGATE_AGENT_IMAGE_DIRS): ",
+            "is not a directory",
+        ],
+    );
+}
+
+#[test]
 fn an_empty_or_missing_or_short_token_is_refused() {
     assert_refused(
         agent(&["--agent-token", ""], &[]),

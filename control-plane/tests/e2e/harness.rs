@@ -276,6 +276,13 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.tmp.path().join(format!("agent-{name}")))
             .args(["--domain-prefix", &self.agent_prefix(&name)])
+            // The tiny image's file:// sources are read from its directory.
+            .arg("--image-dir")
+            .arg(
+                Path::new(&tiny_image_json())
+                    .parent()
+                    .expect("image.json has a directory"),
+            )
             .args([
                 "--forward-ports",
                 &format!("{first_port}-{}", first_port + 99),
@@ -390,8 +397,7 @@ impl Cluster {
 
     /// Registers the tiny image built by images/tiny/build.sh.
     pub async fn register_tiny_image(&self) {
-        let path = std::env::var("SKYGATE_TINY_IMAGE_JSON")
-            .unwrap_or_else(|_| "/var/lib/skygate-images/tiny/image.json".into());
+        let path = tiny_image_json();
         let body: Value = serde_json::from_str(
             &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")),
         )
@@ -594,4 +600,10 @@ pub fn ssh_port(machine: &Value) -> u64 {
         .expect("port 22 forwarded");
     assert_eq!(p["host_ip"], "127.0.0.1");
     p["host_port"].as_u64().expect("host port")
+}
+
+/// Where the tiny image's image.json is (`SKYGATE_TINY_IMAGE_JSON`).
+fn tiny_image_json() -> String {
+    std::env::var("SKYGATE_TINY_IMAGE_JSON")
+        .unwrap_or_else(|_| "/var/lib/skygate-images/tiny/image.json".into())
 }

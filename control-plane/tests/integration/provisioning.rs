@@ -13,7 +13,7 @@ use host_agent::disks::QemuImg;
 use host_agent::domain_xml::HypervisorKind;
 use host_agent::events::EventLog;
 use host_agent::hypervisor::{FakeHypervisor, HypervisorOp};
-use host_agent::images::ImageCache;
+use host_agent::images::{ImageCache, SourcePolicy};
 use host_agent::machines::{MachineManager, ManagerConfig, NetworkMode};
 use host_agent::paths::DataDir;
 use host_agent::registration::{self, Registration, SelfCheck};
@@ -83,7 +83,11 @@ impl FakeHost {
         let manager = MachineManager::new(
             fake.clone(),
             Arc::new(disks),
-            ImageCache::new(data.clone()).unwrap(),
+            ImageCache::new(
+                data.clone(),
+                SourcePolicy::with_file_dirs(&[tmp.path().to_path_buf()]).unwrap(),
+            )
+            .unwrap(),
             data,
             ManagerConfig {
                 domain_prefix: format!("skygate-wf-{name}-"),

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use super::*;
 use crate::disks::QemuImg;
 use crate::hypervisor::{FakeHypervisor, HypervisorOp};
+use crate::images::SourcePolicy;
 
 const PREFIX: &str = "skygate-unit-";
 
@@ -41,7 +42,11 @@ fn harness_with(graceful: Duration) -> Harness {
     let manager = MachineManager::new(
         fake.clone(),
         Arc::new(QemuImg::new()),
-        ImageCache::new(data.clone()).unwrap(),
+        ImageCache::new(
+            data.clone(),
+            SourcePolicy::with_file_dirs(&[tmp.path().to_path_buf()]).unwrap(),
+        )
+        .unwrap(),
         data.clone(),
         ManagerConfig {
             domain_prefix: PREFIX.into(),

@@ -72,10 +72,23 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Where the tiny image's image.json is (`SKYGATE_TINY_IMAGE_JSON`).
+pub fn tiny_image_json() -> String {
+    std::env::var("SKYGATE_TINY_IMAGE_JSON")
+        .unwrap_or_else(|_| "/var/lib/skygate-images/tiny/image.json".into())
+}
+
+/// The directory of the tiny image's files: the agent's `--image-dir`.
+pub fn tiny_image_dir() -> PathBuf {
+    Path::new(&tiny_image_json())
+        .parent()
+        .expect("image.json has a directory")
+        .to_path_buf()
+}
+
 /// The tiny image built by images/tiny/build.sh (scripts/test.sh builds it).
 pub fn tiny_image() -> pb::ImageSource {
-    let path = std::env::var("SKYGATE_TINY_IMAGE_JSON")
-        .unwrap_or_else(|_| "/var/lib/skygate-images/tiny/image.json".into());
+    let path = tiny_image_json();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!("{path}: {e}; build it with images/tiny/build.sh (scripts/test.sh does)")
     });
@@ -186,6 +199,8 @@ impl Fixture {
         .arg("--data-dir")
         .arg(&self.data_dir)
         .args(["--domain-prefix", &self.prefix, "--libvirt-uri", URI])
+        .arg("--image-dir")
+        .arg(tiny_image_dir())
         .args(["--graceful-timeout-secs", "3", "--poll-interval-ms", "1000"])
         .env("SKYGATE_AGENT_TOKEN", &self.token)
         .env_remove("SKYGATE_AGENT_TEST_PAUSE_BEFORE")
