@@ -87,11 +87,13 @@ pub enum SeedError {
     /// The instance id is empty or contains control characters.
     #[error("invalid instance id {0:?}")]
     BadInstanceId(String),
-    /// A key is empty or not one line of printable text.
-    #[error("ssh key #{index} is empty or contains control characters")]
+    /// A key breaks the key-line rule the API applies too ([`proto::ssh_key::check_key_line`]).
+    #[error("ssh key #{index}: {rule}")]
     BadKey {
         /// Position in [`SeedSpec::ssh_keys`].
         index: usize,
+        /// The rule it breaks.
+        rule: proto::ssh_key::KeyLineError,
     },
     /// Writing the input files or the ISO failed.
     #[error("{path:?}: {source}")]
@@ -186,8 +188,15 @@ impl SeedSpec {
         if !is_one_printable_line(&self.instance_id) {
             return Err(SeedError::BadInstanceId(self.instance_id.clone()));
         }
-        if let Some(index) = self.ssh_keys.iter().position(|k| !is_one_printable_line(k)) {
-            return Err(SeedError::BadKey { index });
+        // The API checks keys with the same rule, so a key that fails here was never accepted
+        // from a tenant: this is the last line of defence, not the first.
+        if let Some((index, rule)) = self
+            .ssh_keys
+            .iter()
+            .enumerate()
+            .find_map(|(i, k)| proto::ssh_key::check_key_line(k).err().map(|r| (i, r)))
+        {
+            return Err(SeedError::BadKey { index, rule });
         }
         Ok(())
     }
@@ -586,7 +595,7 @@ mod tests {
             let mut s = spec();
             s.ssh_keys = vec![KEY.into(), bad.into()];
             assert!(
-                matches!(s.render(), Err(SeedError::BadKey { index: 1 })),
+                matches!(s.render(), Err(SeedError::BadKey { index: 1, .. })),
                 "{bad:?}"
             );
             let mut s = spec();
