@@ -37,6 +37,9 @@ pub enum Command {
 pub enum AdminCommand {
     /// Create an administrator account.
     Create(AdminCreateArgs),
+    /// Retire a host's credential (its agent lost it) so that its agent can join again with
+    /// the join token.
+    ResetHostCredential(ResetHostCredentialArgs),
 }
 
 /// Where the database is and how to reach it; shared by `serve` and `admin`.
@@ -151,6 +154,12 @@ pub struct ServeArgs {
     /// Seconds a stop waits for the guest before the agent forces it off.
     #[arg(long, env = "SKYGATE_STOP_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub stop_timeout_secs: u64,
+    /// PEM certificate chain: serve the agent registry (--grpc-addr) over TLS.
+    #[arg(long, env = "SKYGATE_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key of `--grpc-tls-cert`.
+    #[arg(long, env = "SKYGATE_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<PathBuf>,
     /// PEM CA bundle that signed the agents' certificates: call agents over TLS.
     #[arg(long, env = "SKYGATE_AGENT_CA")]
     pub agent_ca: Option<PathBuf>,
@@ -256,8 +265,13 @@ impl ServeArgs {
             }),
             None => None,
         };
+        let registry_tls = match (&self.grpc_tls_cert, &self.grpc_tls_key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
         Ok(Some(ProvisioningConfig {
             agent_tls,
+            registry_tls,
             grpc_addr: self.grpc_addr,
             agent_token: token,
             workflows: WorkflowSettings {
@@ -293,6 +307,15 @@ impl ServeArgs {
             },
         })
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResetHostCredentialArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// The host's name (as its agent registers it, `--name`).
+    #[arg(long)]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use control_plane::config::{AdminCommand, AdminCreateArgs, Cli, Command, LogFormat, ServeArgs};
+use control_plane::config::{
+    AdminCommand, AdminCreateArgs, Cli, Command, LogFormat, ResetHostCredentialArgs, ServeArgs,
+};
 use control_plane::{app::App, server};
 use std::io::Read;
 use tracing_subscriber::EnvFilter;
@@ -92,6 +94,22 @@ async fn admin_create(args: AdminCreateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn reset_host_credential(args: ResetHostCredentialArgs) -> anyhow::Result<()> {
+    init_logging(LogFormat::Text);
+    let store = server::open_store(&args.db.url(), &args.db.data_dir, 2).await?;
+    let found = store.host_credential_reset(&args.name).await?;
+    store.close().await;
+    if !found {
+        anyhow::bail!("no host is named {:?}", args.name);
+    }
+    eprintln!(
+        "host {}: its credential no longer works; the next agent to register the name with the \
+         join token becomes the host (start its agent now)",
+        args.name
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -99,5 +117,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Admin {
             command: AdminCommand::Create(args),
         } => admin_create(args).await,
+        Command::Admin {
+            command: AdminCommand::ResetHostCredential(args),
+        } => reset_host_credential(args).await,
     }
 }

@@ -2,6 +2,7 @@
 //! a signal, with housekeeping in the background.
 
 use crate::agents::clients::AgentTls;
+use crate::agents::credentials::HostCredentials;
 use crate::agents::{AgentClients, RegistryService};
 use crate::api::{self, HttpSettings};
 use crate::app::{App, Settings};
@@ -10,7 +11,7 @@ use crate::workflows::reconciler::Reconciler;
 use crate::workflows::worker::Workers;
 use crate::workflows::{monitor, WorkflowSettings};
 use anyhow::Context;
-use proto::bearer::{BearerAuth, BearerToken};
+use proto::bearer::BearerToken;
 use proto::controlplane::v1::agent_registry_server::AgentRegistryServer;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, ServerTlsConfig};
 
 /// How long a shutdown waits for requests in flight.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -45,6 +46,8 @@ pub struct ProvisioningConfig {
     pub workflows: WorkflowSettings,
     /// TLS (and mutual TLS) when calling agents.
     pub agent_tls: Option<AgentTls>,
+    /// Certificate and key (PEM) to serve the registry over TLS; plaintext HTTP/2 without.
+    pub registry_tls: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// A running control plane; dropping the handle does not stop it, `shutdown` does.
@@ -75,6 +78,7 @@ impl Running {
 /// Serves the agent registry and starts the workers and the host monitor.
 async fn start_provisioning(
     store: &Store,
+    secret: &[u8],
     agents: Arc<AgentClients>,
     config: &ProvisioningConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -83,16 +87,22 @@ async fn start_provisioning(
         .await
         .with_context(|| format!("binding {}", config.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
-    let registry = InterceptedService::new(
-        AgentRegistryServer::new(RegistryService::new(
-            store.clone(),
-            config.workflows.heartbeat_interval,
-            config.workflows.unreachable_after,
-        )),
-        BearerAuth::new(&config.agent_token),
-    );
+    // The registry authenticates each call itself: the join token or a host's credential.
+    let registry = AgentRegistryServer::new(RegistryService::new(
+        store.clone(),
+        &config.agent_token,
+        HostCredentials::new(secret),
+        config.workflows.heartbeat_interval,
+        config.workflows.unreachable_after,
+    ));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &config.registry_tls {
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .context("--grpc-tls-cert/--grpc-tls-key")?;
+    }
     let grpc = tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
+        let served = builder
             .add_service(registry)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = stop.changed().await;
@@ -150,7 +160,7 @@ pub async fn start(
         Some(config) => {
             let agents = app.agents.clone().context("agent clients")?;
             let (grpc, handles) =
-                start_provisioning(&app.store, agents, config, rx.clone()).await?;
+                start_provisioning(&app.store, secret, agents, config, rx.clone()).await?;
             (Some(grpc), handles)
         }
         None => (None, Vec::new()),

@@ -22,11 +22,18 @@ pub struct AgentArgs {
     /// or `http(s)://host:port`, which is reduced to `host:port`.
     #[arg(long, env = "SKYGATE_AGENT_ADVERTISE")]
     pub advertise: Option<String>,
-    /// gRPC URL of the control plane (used by registration).
+    /// gRPC URL of the control plane (used by registration); `https://` with
+    /// `--control-plane-ca`.
     #[arg(long, env = "SKYGATE_CONTROL_PLANE")]
     pub control_plane: Option<String>,
-    /// Shared secret: every call must carry `authorization: Bearer <token>`. Visible ASCII, at
-    /// least 16 bytes. Prefer the environment variable; a flag shows in the process list.
+    /// PEM CA bundle that signed the control plane's registry certificate
+    /// (its `--grpc-tls-cert`).
+    #[arg(long, env = "SKYGATE_AGENT_CONTROL_PLANE_CA")]
+    pub control_plane_ca: Option<PathBuf>,
+    /// Shared secret: every call must carry `authorization: Bearer <token>`; also the join
+    /// token the agent first registers with (then it uses the host's own credential, kept in
+    /// the data dir as `host-credential`). Visible ASCII, at least 16 bytes. Prefer the
+    /// environment variable; a flag shows in the process list.
     #[arg(long, env = "SKYGATE_AGENT_TOKEN", hide_env_values = true)]
     pub agent_token: Option<String>,
     /// Host name reported to the control plane (default: the system host name).

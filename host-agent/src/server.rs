@@ -232,10 +232,13 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
     // --advertise as normalised by preflight, else the bound address (the real port when
     // --listen used port 0).
     let advertise = flags.advertise.clone().unwrap_or_else(|| local.to_string());
+    let control_plane_ca = args.control_plane_ca.as_deref().map(read).transpose()?;
     let registration = flags.control_plane.clone().map(|control_plane| {
         tokio::spawn(registration::run(Registration {
             control_plane,
             token: flags.token.clone(),
+            credential_file: Some(data.root().join("host-credential")),
+            control_plane_ca: control_plane_ca.clone(),
             request: proto::controlplane::v1::RegisterRequest {
                 name: host.name.clone(),
                 address: advertise.clone(),

@@ -260,6 +260,7 @@ impl AgentRegistry for Registry {
         Ok(Response::new(pb::RegisterResponse {
             host_id: "host-1".into(),
             heartbeat_interval_secs: 60,
+            host_credential: String::new(),
         }))
     }
 

@@ -42,11 +42,25 @@ impl BearerAuth {
 
     /// Whether `header` (the raw `authorization` value) carries the token.
     pub fn admits(&self, header: &[u8]) -> bool {
-        let Some(presented) = header.strip_prefix(b"Bearer ") else {
-            return false;
-        };
+        header
+            .strip_prefix(b"Bearer ")
+            .is_some_and(|presented| self.is_token(presented))
+    }
+
+    /// Whether `presented` (the token itself, without "Bearer ") is the token.
+    pub fn is_token(&self, presented: &[u8]) -> bool {
         let digest: [u8; 32] = Sha256::digest(presented).into();
         digest.ct_eq(&self.expected).into()
+    }
+
+    /// The token a call presented (`authorization: Bearer <token>`), if any.
+    pub fn presented<T>(request: &Request<T>) -> Option<&str> {
+        request
+            .metadata()
+            .get("authorization")?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")
     }
 }
 

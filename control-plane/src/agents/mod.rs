@@ -1,8 +1,10 @@
 //! The control plane's side of the agent link: the `AgentRegistry` gRPC service agents join
 //! through, and the pool of `HostAgent` clients the workers and the reconciler call agents
-//! with. Both directions carry the shared agent token.
+//! with. Agents join with the shared join token and then use their host's own credential
+//! (`credentials`).
 
 pub mod clients;
+pub mod credentials;
 pub mod registry;
 
 pub use clients::AgentClients;

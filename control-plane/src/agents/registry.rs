@@ -1,10 +1,14 @@
 //! `skygate.controlplane.v1.AgentRegistry`: agents register (name, address, capacity) and
-//! heartbeat. Validation here keeps garbage out of the hosts table; the store does the rest.
+//! heartbeat. Who may register a name is decided here (`decide_registration`: the join token
+//! once, the host's own credential after); validation keeps garbage out of the hosts table;
+//! the store does the rest.
 
+use super::credentials::HostCredentials;
 use crate::model::scheduler::Resources;
-use crate::store::hosts::HostRegistration;
+use crate::store::hosts::{HostIdentity, HostRegistration, Refusal, RegisterDecision, Registered};
 use crate::store::Store;
 use proto::agent::v1 as agent_pb;
+use proto::bearer::BearerAuth;
 use proto::controlplane::v1 as pb;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
@@ -13,18 +17,59 @@ use tonic::{Request, Response, Status};
 #[derive(Debug, Clone)]
 pub struct RegistryService {
     store: Store,
+    /// The shared join token (`--agent-token`).
+    join: BearerAuth,
+    credentials: HostCredentials,
     heartbeat_interval: Duration,
     unreachable_after: Duration,
 }
 
 impl RegistryService {
-    pub fn new(store: Store, heartbeat_interval: Duration, unreachable_after: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        join_token: &str,
+        credentials: HostCredentials,
+        heartbeat_interval: Duration,
+        unreachable_after: Duration,
+    ) -> Self {
         Self {
             store,
+            join: BearerAuth::new(join_token),
+            credentials,
             heartbeat_interval,
             unreachable_after,
         }
     }
+}
+
+/// Who may register a host name, given what the host's row says (`None`: a new name) and
+/// what the caller presented: the join token for a name without a credential (then one is
+/// issued), the host's own credential for a name with one. The join token never takes over a
+/// host that holds a credential: that is what stopped a second agent with the shared token from
+/// re-pointing a live host at itself (issue 10).
+pub fn decide_registration(
+    existing: Option<&HostIdentity>,
+    presented_join_token: bool,
+    credential_matches: impl Fn(&HostIdentity) -> bool,
+) -> RegisterDecision {
+    match existing {
+        Some(host) if host.credential_issued => {
+            if credential_matches(host) {
+                RegisterDecision::Rejoin
+            } else if presented_join_token {
+                RegisterDecision::Refuse(Refusal::HoldsCredential)
+            } else {
+                RegisterDecision::Refuse(Refusal::Unauthenticated)
+            }
+        }
+        _ if presented_join_token => RegisterDecision::Join,
+        _ => RegisterDecision::Refuse(Refusal::Unauthenticated),
+    }
+}
+
+fn unauthenticated() -> Status {
+    // One answer for missing and wrong, like the REST API's 401.
+    Status::unauthenticated("missing or wrong bearer token in the authorization metadata")
 }
 
 fn internal(e: crate::Error) -> Status {
@@ -68,6 +113,10 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let presented = BearerAuth::presented(&request)
+            .ok_or_else(unauthenticated)?
+            .to_owned();
+        let join_token = self.join.is_token(presented.as_bytes());
         let r = request.into_inner();
         if !valid_name(&r.name) {
             return Err(Status::invalid_argument(
@@ -105,19 +154,54 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
                 )));
             }
         }
-        let (host_id, was_unreachable) = self.store.host_register(&reg).await.map_err(internal)?;
-        tracing::info!(host = %r.name, %host_id, address = %reg.grpc_address, "agent registered");
+        let credentials = &self.credentials;
+        let registered = self
+            .store
+            .host_register(&reg, |existing| {
+                decide_registration(existing, join_token, |host| {
+                    credentials.verify(&presented, &host.id, host.credential_generation)
+                })
+            })
+            .await
+            .map_err(internal)?;
+        let (host_id, was_unreachable, issued) = match registered {
+            Registered::Accepted {
+                id,
+                was_unreachable,
+                issued_generation,
+            } => (id, was_unreachable, issued_generation),
+            Registered::Refused(Refusal::Unauthenticated) => {
+                tracing::warn!(host = %r.name, "registration refused: wrong bearer");
+                return Err(unauthenticated());
+            }
+            Registered::Refused(Refusal::HoldsCredential) => {
+                tracing::warn!(host = %r.name, address = %reg.grpc_address,
+                    "registration with the join token refused: the host holds its own credential");
+                return Err(Status::permission_denied(format!(
+                    "host {} already holds its own credential: its agent registers with that \
+                     (kept in its data dir as host-credential); if it was lost, an operator \
+                     resets it with `skygate-control-plane admin reset-host-credential --name {}`",
+                    r.name, r.name
+                )));
+            }
+        };
+        tracing::info!(host = %r.name, %host_id, address = %reg.grpc_address,
+            joined = issued.is_some(), "agent registered");
         if was_unreachable {
             self.store
                 .machine_note_on_host(&host_id, "reconcile", "its host is reachable again")
                 .await
                 .map_err(internal)?;
         }
+        let host_credential = issued
+            .map(|generation| self.credentials.credential(&host_id, generation))
+            .unwrap_or_default();
         Ok(Response::new(pb::RegisterResponse {
             host_id,
             heartbeat_interval_secs: u32::try_from(self.heartbeat_interval.as_secs())
                 .unwrap_or(u32::MAX)
                 .max(1),
+            host_credential,
         }))
     }
 
@@ -125,7 +209,32 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let presented = BearerAuth::presented(&request)
+            .ok_or_else(unauthenticated)?
+            .to_owned();
         let r = request.into_inner();
+        // A heartbeat carries the host's credential; a host that never had one issued (it
+        // joined before credentials existed) may still use the join token until it registers.
+        let identity = self
+            .store
+            .host_identity(&r.host_id)
+            .await
+            .map_err(internal)?;
+        let admitted = match &identity {
+            Some(host) if host.credential_issued => {
+                self.credentials
+                    .verify(&presented, &host.id, host.credential_generation)
+            }
+            Some(_) => self.join.is_token(presented.as_bytes()),
+            // Unknown ids: only a caller holding the join token learns that.
+            None if self.join.is_token(presented.as_bytes()) => {
+                return Err(Status::not_found("no such host: register again"));
+            }
+            None => false,
+        };
+        if !admitted {
+            return Err(unauthenticated());
+        }
         let capacity = capacity(r.capacity)?;
         let problems = problems(r.problems);
         let Some(change) = self
@@ -179,6 +288,37 @@ fn problems(reported: Vec<String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn host(issued: bool) -> HostIdentity {
+        HostIdentity {
+            id: "h".into(),
+            credential_issued: issued,
+            credential_generation: 3,
+        }
+    }
+
+    #[test]
+    fn the_join_token_joins_once_and_never_takes_a_host_over() {
+        use RegisterDecision::*;
+        let yes = |_: &HostIdentity| true;
+        let no = |_: &HostIdentity| false;
+        // A new name, or a host from before credentials: the join token joins.
+        assert_eq!(decide_registration(None, true, no), Join);
+        assert_eq!(decide_registration(Some(&host(false)), true, no), Join);
+        // A host with a credential: only the credential registers it.
+        assert_eq!(decide_registration(Some(&host(true)), false, yes), Rejoin);
+        assert_eq!(
+            decide_registration(Some(&host(true)), true, no),
+            Refuse(Refusal::HoldsCredential)
+        );
+        // Anything else is nobody.
+        for existing in [None, Some(host(false)), Some(host(true))] {
+            assert_eq!(
+                decide_registration(existing.as_ref(), false, no),
+                Refuse(Refusal::Unauthenticated)
+            );
+        }
+    }
 
     #[test]
     fn names_and_addresses_are_checked() {

@@ -3,7 +3,7 @@
 //! `unreachable`. What a host has allocated is not stored: it is the sum of the live machines
 //! placed on it, computed in the same transaction that places the next one.
 
-use super::{from_micros, to_micros, Backend, Store};
+use super::{from_micros, is_unique_violation, to_micros, Backend, Store};
 use crate::error::{Error, Result};
 use crate::model::scheduler::{HostCandidate, Resources};
 use chrono::{DateTime, Utc};
@@ -29,6 +29,48 @@ pub struct HostRecord {
     pub machines: i64,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+}
+
+/// Who a host is, as far as its credential goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostIdentity {
+    pub id: String,
+    /// Whether an agent has joined with the join token and holds this host's credential.
+    pub credential_issued: bool,
+    /// Which credential is valid; a reset increments it.
+    pub credential_generation: i64,
+}
+
+/// What the registry decided about a registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterDecision {
+    /// The join token, for a name without a credential: register and issue one.
+    Join,
+    /// The host's own credential: register (a restarted agent, a new address).
+    Rejoin,
+    /// Neither.
+    Refuse(Refusal),
+}
+
+/// Why a registration is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The join token was presented for a host that holds its own credential.
+    HoldsCredential,
+    /// The bearer is neither the join token nor the host's credential.
+    Unauthenticated,
+}
+
+/// The outcome of `host_register`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    Accepted {
+        id: String,
+        was_unreachable: bool,
+        /// The generation of the credential issued now (when the agent joined).
+        issued_generation: Option<i64>,
+    },
+    Refused(Refusal),
 }
 
 /// What an agent says about itself when it registers.
@@ -162,20 +204,52 @@ impl Store {
     }
 
     /// Registers a host or, when one with this name exists, updates it (address, capacity,
-    /// versions) and marks it ready; its id, cordon and machines are kept. Returns the id and
-    /// whether the host was unreachable before.
-    pub async fn host_register(&self, reg: &HostRegistration) -> Result<(String, bool)> {
+    /// versions) and marks it ready; its id, cordon and machines are kept.
+    ///
+    /// `authorize` decides, inside the transaction and with the host's row locked, whether
+    /// the caller may register this name (see `agents::registry::decide_registration`); when
+    /// it answers `Join`, a credential is issued with the registration, atomically, so two
+    /// agents joining one name at once cannot both get one.
+    pub async fn host_register(
+        &self,
+        reg: &HostRegistration,
+        authorize: impl FnOnce(Option<&HostIdentity>) -> RegisterDecision,
+    ) -> Result<Registered> {
         let now = to_micros(Utc::now());
         let mut tx = self.begin_write().await?;
-        let existing: Option<(String, String)> =
-            sqlx::query("SELECT id, state FROM hosts WHERE name = $1")
-                .bind(&reg.name)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| Ok::<_, sqlx::Error>((r.try_get("id")?, r.try_get("state")?)))
-                .transpose()?;
+        // Locks the row on PostgreSQL; SQLite's single writer serialises anyway.
+        sqlx::query("UPDATE hosts SET name = name WHERE name = $1")
+            .bind(&reg.name)
+            .execute(&mut *tx)
+            .await?;
+        let existing = sqlx::query(
+            "SELECT id, state, credential_issued, credential_generation FROM hosts WHERE name = $1",
+        )
+        .bind(&reg.name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| {
+            Ok::<_, sqlx::Error>((
+                HostIdentity {
+                    id: r.try_get("id")?,
+                    credential_issued: r.try_get::<i64, _>("credential_issued")? != 0,
+                    credential_generation: r.try_get("credential_generation")?,
+                },
+                r.try_get::<String, _>("state")?,
+            ))
+        })
+        .transpose()?;
+        let decision = authorize(existing.as_ref().map(|(identity, _)| identity));
+        let issue = match decision {
+            RegisterDecision::Refuse(why) => return Ok(Registered::Refused(why)),
+            RegisterDecision::Join => true,
+            RegisterDecision::Rejoin => false,
+        };
         let was_unreachable = existing.as_ref().is_some_and(|(_, s)| s == "unreachable");
-        let id = match existing.map(|(id, _)| id) {
+        let generation = existing
+            .as_ref()
+            .map_or(0, |(identity, _)| identity.credential_generation);
+        let id = match existing.map(|(identity, _)| identity.id) {
             Some(id) => {
                 sqlx::query(
                     "UPDATE hosts SET grpc_address = $1, hypervisor = $2, agent_version = $3, \
@@ -197,7 +271,7 @@ impl Store {
             }
             None => {
                 let id = uuid::Uuid::now_v7().to_string();
-                sqlx::query(
+                let inserted = sqlx::query(
                     "INSERT INTO hosts (id, name, grpc_address, state, hypervisor, vcpus, \
                      memory_mib, disk_gib, last_heartbeat_at, created_at, agent_version, \
                      domain_prefix, updated_at, cordoned) \
@@ -214,12 +288,62 @@ impl Store {
                 .bind(&reg.agent_version)
                 .bind(&reg.domain_prefix)
                 .execute(&mut *tx)
-                .await?;
+                .await;
+                match inserted {
+                    // Another agent inserted this name a moment ago, with the join token too.
+                    Err(e) if is_unique_violation(&e) => {
+                        return Ok(Registered::Refused(Refusal::HoldsCredential))
+                    }
+                    other => other?,
+                };
                 id
             }
         };
+        if issue {
+            sqlx::query("UPDATE hosts SET credential_issued = 1 WHERE id = $1")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
-        Ok((id, was_unreachable))
+        Ok(Registered::Accepted {
+            id,
+            was_unreachable,
+            issued_generation: issue.then_some(generation),
+        })
+    }
+
+    /// A host's credential state by id, for checking a heartbeat's bearer.
+    pub async fn host_identity(&self, id: &str) -> Result<Option<HostIdentity>> {
+        let row = sqlx::query(
+            "SELECT id, credential_issued, credential_generation FROM hosts WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(self.reader())
+        .await?;
+        row.map(|r| {
+            Ok(HostIdentity {
+                id: r.try_get("id")?,
+                credential_issued: r.try_get::<i64, _>("credential_issued")? != 0,
+                credential_generation: r.try_get("credential_generation")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Retires the host's credential (its generation goes up) and lets the join token
+    /// register the name again: for an operator whose agent lost its credential file.
+    /// False when there is no such host.
+    pub async fn host_credential_reset(&self, name: &str) -> Result<bool> {
+        let res = sqlx::query(
+            "UPDATE hosts SET credential_generation = credential_generation + 1, \
+             credential_issued = 0, updated_at = $2 WHERE name = $1",
+        )
+        .bind(name)
+        .bind(to_micros(Utc::now()))
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected() == 1)
     }
 
     /// Records a heartbeat (with the capacity and the problems it reports); the host is ready

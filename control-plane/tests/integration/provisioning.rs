@@ -64,15 +64,17 @@ impl FakeHost {
         vcpus: u32,
         tls: Option<host_agent::server::TlsFiles>,
     ) -> FakeHost {
-        Self::start_with(grpc, name, vcpus, tls, QemuImg::new()).await
+        Self::start_with(grpc, name, vcpus, tls, QemuImg::new(), None).await
     }
 
+    /// `registry_ca`: the registry serves TLS signed by this CA (PEM).
     async fn start_with(
         grpc: std::net::SocketAddr,
         name: &str,
         vcpus: u32,
         tls: Option<host_agent::server::TlsFiles>,
         disks: QemuImg,
+        registry_ca: Option<Vec<u8>>,
     ) -> FakeHost {
         let tmp = tempfile::tempdir().unwrap();
         let data = DataDir::new(tmp.path().join("data")).unwrap();
@@ -127,9 +129,16 @@ impl FakeHost {
             )
             .await;
         });
+        let scheme = if registry_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let joining = tokio::spawn(registration::run(Registration {
-            control_plane: format!("http://{grpc}"),
+            control_plane: format!("{scheme}://{grpc}"),
             token: TOKEN.into(),
+            credential_file: Some(tmp.path().join("host-credential")),
+            control_plane_ca: registry_ca,
             request: proto::controlplane::v1::RegisterRequest {
                 name: name.into(),
                 address,
@@ -168,6 +177,7 @@ fn config() -> ProvisioningConfig {
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         agent_token: TOKEN.into(),
         agent_tls: None,
+        registry_tls: None,
         workflows: WorkflowSettings {
             workers: 2,
             lease: Duration::from_secs(5),
@@ -583,6 +593,7 @@ async fn a_failing_agent_step_reaches_the_tenant_then_fails_the_machine(backend:
         8,
         None,
         QemuImg::new().with_program(missing),
+        None,
     )
     .await;
     let (_admin, tenant) = ready_with_image(&app, &host, "broken").await;
@@ -825,7 +836,7 @@ async fn registration_checks_the_token_and_what_agents_claim(backend: Backend) {
     let err = wrong.register(request("h1", "p-")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     let mut client = AgentRegistryClient::with_interceptor(
-        channel,
+        channel.clone(),
         proto::bearer::BearerToken::new(TOKEN).unwrap(),
     );
     for bad in [
@@ -852,29 +863,137 @@ async fn registration_checks_the_token_and_what_agents_claim(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    // The same agent again (a restart): the same host.
-    let again = client
+    assert_eq!(
+        first.host_credential.len(),
+        43,
+        "joining issues a credential"
+    );
+    // Whoever else holds the join token cannot take the host over (issue 10: a second agent
+    // re-registered a live host to its own address with 256 vCPUs).
+    let takeover = RegisterRequest {
+        address: "127.0.0.1:4444".into(),
+        capacity: Some(pb::Capacity {
+            vcpus: 256,
+            memory_mib: 512,
+            disk_gib: 1,
+        }),
+        ..request("h1", "p-")
+    };
+    let err = client.register(takeover.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("reset-host-credential"), "{err:?}");
+    let err = wrong.register(takeover).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let admin = app.admin("root").await;
+    let hosts = app.get_json(&admin, "/hosts").await;
+    assert_eq!(hosts["items"][0]["address"], "127.0.0.1:9999", "{hosts}");
+    assert_eq!(hosts["items"][0]["capacity"]["vcpus"], 1, "{hosts}");
+    // The agent itself, with its credential (a restart): the same host, nothing new issued.
+    let mut own = AgentRegistryClient::with_interceptor(
+        channel.clone(),
+        proto::bearer::BearerToken::new(&first.host_credential).unwrap(),
+    );
+    let again = own
         .register(request("h1", "p-"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(first.host_id, again.host_id);
+    assert!(again.host_credential.is_empty());
+    // Heartbeats carry the credential, not the join token.
+    let beat = |id: &str| proto::controlplane::v1::HeartbeatRequest {
+        host_id: id.into(),
+        capacity: Some(pb::Capacity {
+            vcpus: 1,
+            memory_mib: 1,
+            disk_gib: 1,
+        }),
+        problems: Vec::new(),
+    };
+    own.heartbeat(beat(&first.host_id)).await.unwrap();
+    let err = client.heartbeat(beat(&first.host_id)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
     // Another live agent claiming the name with another prefix: refused.
-    let err = client.register(request("h1", "q-")).await.unwrap_err();
+    let err = own.register(request("h1", "q-")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::AlreadyExists);
     let err = client
-        .heartbeat(proto::controlplane::v1::HeartbeatRequest {
-            host_id: uuid::Uuid::new_v4().to_string(),
-            capacity: Some(pb::Capacity {
-                vcpus: 1,
-                memory_mib: 1,
-                disk_gib: 1,
-            }),
-            problems: Vec::new(),
-        })
+        .heartbeat(beat(&uuid::Uuid::new_v4().to_string()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+    // An operator resets the credential: the old one stops working, the join token joins
+    // again and gets a new one.
+    assert!(app.store.host_credential_reset("h1").await.unwrap());
+    let err = own.heartbeat(beat(&first.host_id)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let rejoined = client
+        .register(request("h1", "p-"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rejoined.host_id, first.host_id);
+    assert_eq!(rejoined.host_credential.len(), 43);
+    assert_ne!(rejoined.host_credential, first.host_credential);
+    app.stop().await;
+}
+
+/// The agent's side of identity: it keeps the credential it was issued (0600) and, when an
+/// operator resets it, joins again on its own; the registry can be served over TLS.
+async fn agents_keep_their_credential_and_rejoin_after_a_reset(backend: Backend) {
+    use std::os::unix::fs::PermissionsExt;
+    let pki_dir = tempfile::tempdir().unwrap();
+    let (files, _) = test_pki(pki_dir.path());
+    let mut cfg = config();
+    cfg.registry_tls = Some((
+        std::fs::read(&files.cert).unwrap(),
+        std::fs::read(&files.key).unwrap(),
+    ));
+    let ca = std::fs::read(files.client_ca.as_ref().unwrap()).unwrap();
+    let app = TestApp::spawn_provisioning(backend, cfg).await;
+    let grpc = app.grpc.unwrap();
+    // Plaintext to a TLS registry gets nowhere.
+    let plain = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        let mut c =
+            proto::controlplane::v1::agent_registry_client::AgentRegistryClient::new(channel);
+        assert!(c
+            .heartbeat(proto::controlplane::v1::HeartbeatRequest::default())
+            .await
+            .is_err());
+    }
+    let host = FakeHost::start_with(grpc, "kept", 4, None, QemuImg::new(), Some(ca)).await;
+    let admin = app.admin("root").await;
+    let file = host.tmp.path().join("host-credential");
+    wait_for(
+        "the host joins over TLS and keeps its credential",
+        async || {
+            let hosts = app.get_json(&admin, "/hosts").await;
+            match (&hosts["items"][0]["state"], file.exists()) {
+                (Value::String(s), true) if s == "ready" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let first = std::fs::read_to_string(&file).unwrap();
+    let id = app.get_json(&admin, "/hosts").await["items"][0]["id"].clone();
+    assert!(app.store.host_credential_reset("kept").await.unwrap());
+    wait_for("the agent joins again with a new credential", async || {
+        let now = std::fs::read_to_string(&file).unwrap_or_default();
+        let hosts = app.get_json(&admin, "/hosts").await;
+        if now != first && !now.is_empty() && hosts["items"][0]["state"] == "ready" {
+            Ok(())
+        } else {
+            Err(format!("{}", hosts["items"][0]["state"]))
+        }
+    })
+    .await;
+    assert_eq!(app.get_json(&admin, "/hosts").await["items"][0]["id"], id);
     app.stop().await;
 }
 
@@ -949,6 +1068,7 @@ both_stores!(
     a_stop_during_provisioning_is_honoured,
     an_action_on_an_unreachable_host_fails_at_its_deadline,
     registration_checks_the_token_and_what_agents_claim,
+    agents_keep_their_credential_and_rejoin_after_a_reset,
     a_machine_nothing_can_hold_fails_at_the_placement_deadline_with_the_reason,
     two_replicas_placing_at_once_never_oversubscribe_a_host,
     faults_at_every_step_still_converge_and_steps_run_twice_change_nothing,
