@@ -233,10 +233,14 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
 
     async fn reboot_vm(
         &self,
-        request: Request<pb::VmRef>,
+        request: Request<pb::RebootVmRequest>,
     ) -> Result<Response<pb::VmState>, Status> {
-        let id = machine_id(&request.into_inner().machine_id)?;
-        Ok(Response::new(state_to_wire(self.manager.reboot(id).await?)))
+        let r = request.into_inner();
+        let id = machine_id(&r.machine_id)?;
+        let request_id = (!r.request_id.is_empty()).then_some(r.request_id.as_str());
+        Ok(Response::new(state_to_wire(
+            self.manager.reboot(id, request_id).await?,
+        )))
     }
 
     async fn delete_vm(

@@ -39,7 +39,7 @@ impl HostAgent for Probe {
     async fn stop_vm(&self, _: Request<StopVmRequest>) -> Result<Response<VmState>, Status> {
         Err(Status::unimplemented("probe"))
     }
-    async fn reboot_vm(&self, _: Request<VmRef>) -> Result<Response<VmState>, Status> {
+    async fn reboot_vm(&self, _: Request<RebootVmRequest>) -> Result<Response<VmState>, Status> {
         Err(Status::unimplemented("probe"))
     }
     async fn delete_vm(&self, _: Request<VmRef>) -> Result<Response<DeleteVmResponse>, Status> {
@@ -149,4 +149,27 @@ fn specs_round_trip_through_the_wire_format() {
         decoded.image.unwrap().kernel_boot.unwrap().cmdline,
         "console=ttyS0"
     );
+}
+
+/// A control plane from before `RebootVmRequest` sends a `VmRef`; an agent from before reads
+/// one. Both must still name the machine.
+#[test]
+fn reboot_requests_are_wire_compatible_with_vm_refs() {
+    use prost::Message;
+    let old = VmRef {
+        machine_id: "m-1".into(),
+    };
+    let new = RebootVmRequest::decode(old.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(new.machine_id, "m-1");
+    assert!(new.request_id.is_empty());
+    let back = VmRef::decode(
+        RebootVmRequest {
+            machine_id: "m-2".into(),
+            request_id: "t".into(),
+        }
+        .encode_to_vec()
+        .as_slice(),
+    )
+    .unwrap();
+    assert_eq!(back.machine_id, "m-2");
 }

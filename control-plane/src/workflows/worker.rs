@@ -260,7 +260,12 @@ impl Workers {
                 client.stop_vm(r).await
             }
             _ => {
-                let mut r = tonic::Request::new(pb::VmRef { machine_id: id });
+                // The task id is stable across this task's attempts: a retry after the agent
+                // already rebooted (we died before recording it) does not reboot again.
+                let mut r = tonic::Request::new(pb::RebootVmRequest {
+                    machine_id: id,
+                    request_id: task.id.to_string(),
+                });
                 r.set_timeout(self.settings.stop_timeout + Duration::from_secs(120));
                 client.reboot_vm(r).await
             }

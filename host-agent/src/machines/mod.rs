@@ -588,10 +588,23 @@ impl MachineManager {
     /// Reboots a running machine: a full power cycle (graceful stop, forced after the
     /// timeout, then start), which works for every guest — including ones that ignore ACPI —
     /// and applies a redefinition that happened while it ran.
-    pub async fn reboot(&self, id: Uuid) -> Result<VmState, AgentError> {
+    ///
+    /// With a `request_id`, one reboot per id: the id is recorded in the machine's directory
+    /// once the guest is back, and a request with the recorded id answers the state without
+    /// rebooting (a retry from a control plane that died before recording the first). Should
+    /// the agent die between the power cycle and the record, the retry reboots again: that
+    /// window is milliseconds, where before it was the whole round trip.
+    pub async fn reboot(&self, id: Uuid, request_id: Option<&str>) -> Result<VmState, AgentError> {
         let lock = self.machine_lock(id);
         let _guard = lock.lock().await;
         let name = self.domain_name(id);
+        let record = self.data.machine_dir(id).join(LAST_REBOOT);
+        if let Some(request_id) = request_id {
+            if std::fs::read_to_string(&record).is_ok_and(|done| done == request_id) {
+                tracing::info!(machine = %id, request_id, "reboot already done; not again");
+                return self.state_of(id).await;
+            }
+        }
         let status = self.require_status(id, &name).await?;
         if status.phase != DomainPhase::Running {
             return Err(AgentError::NotRunning(id));
@@ -599,6 +612,12 @@ impl MachineManager {
         self.stop_domain(id, &name, self.cfg.graceful_timeout)
             .await?;
         self.start_domain(id, &name).await?;
+        if let Some(request_id) = request_id {
+            let tmp = record.with_extension("tmp");
+            std::fs::write(&tmp, request_id)
+                .and_then(|()| std::fs::rename(&tmp, &record))
+                .map_err(|e| io_err(&record, e))?;
+        }
         self.state_of(id).await
     }
 
@@ -776,6 +795,9 @@ struct FetchedImage {
     base: Option<std::path::PathBuf>,
     source: BootSource,
 }
+
+/// In a machine's directory: the id of the last reboot carried out.
+const LAST_REBOOT: &str = "last-reboot";
 
 fn write_marker(dir: &std::path::Path, what: &str) -> Result<(), AgentError> {
     let path = dir.join(INCOMPLETE_MARKER);

@@ -375,6 +375,31 @@ async fn stop_is_graceful_when_the_guest_obeys_and_forced_when_it_does_not() {
     assert!(h.data.overlay(ignores).is_file() && h.data.seed(ignores).is_file());
 }
 
+/// Issue 10, point 12: a reboot whose answer was lost (the control plane died before
+/// recording it) was carried out again when the task was retried.
+#[tokio::test]
+async fn a_retried_reboot_with_the_same_request_id_reboots_once() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Running))
+        .await
+        .unwrap();
+    let starts = h.fake.calls(HypervisorOp::Start);
+    for _ in 0..3 {
+        let state = h.manager.reboot(id, Some("task-1")).await.unwrap();
+        assert_eq!(state.phase, VmPhase::Running);
+    }
+    assert_eq!(
+        h.fake.calls(HypervisorOp::Start),
+        starts + 1,
+        "one power cycle"
+    );
+    // Another request is another reboot.
+    h.manager.reboot(id, Some("task-2")).await.unwrap();
+    assert_eq!(h.fake.calls(HypervisorOp::Start), starts + 2);
+}
+
 #[tokio::test]
 async fn reboot_power_cycles_a_running_machine_and_refuses_a_stopped_one() {
     let h = harness();
@@ -384,11 +409,14 @@ async fn reboot_power_cycles_a_running_machine_and_refuses_a_stopped_one() {
         .await
         .unwrap();
     assert!(matches!(
-        h.manager.reboot(id).await,
+        h.manager.reboot(id, None).await,
         Err(AgentError::NotRunning(_))
     ));
     h.manager.start(id).await.unwrap();
-    assert_eq!(h.manager.reboot(id).await.unwrap().phase, VmPhase::Running);
+    assert_eq!(
+        h.manager.reboot(id, None).await.unwrap().phase,
+        VmPhase::Running
+    );
     assert_eq!(
         h.phases(id),
         [

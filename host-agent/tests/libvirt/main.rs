@@ -179,7 +179,10 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
 
     let qemu_before = qemu_pid(&state.domain_name);
     let rebooted = client
-        .reboot_vm(vm(id))
+        .reboot_vm(pb::RebootVmRequest {
+            machine_id: id.to_string(),
+            request_id: String::new(),
+        })
         .await
         .expect("RebootVm")
         .into_inner();
