@@ -144,9 +144,10 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
         // domain prefix under a name that heartbeated lately is refused. A restarted agent
         // (same prefix, maybe a new port) is the same host.
         if let Some(existing) = self.store.host_by_name(&reg.name).await.map_err(internal)? {
-            let fresh = existing.last_heartbeat_at.is_some_and(|t| {
-                (chrono::Utc::now() - t).to_std().unwrap_or_default() < self.unreachable_after
-            });
+            let now = self.store.clock().await.map_err(internal)?;
+            let fresh = existing
+                .last_heartbeat_at
+                .is_some_and(|t| (now - t).to_std().unwrap_or_default() < self.unreachable_after);
             if existing.state == "ready" && fresh && existing.domain_prefix != reg.domain_prefix {
                 return Err(Status::already_exists(format!(
                     "host {} is registered by a live agent with another domain prefix",

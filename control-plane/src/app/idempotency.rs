@@ -3,7 +3,6 @@
 use super::{App, Principal, IDEMPOTENCY_LOCK, IDEMPOTENCY_RETENTION};
 use crate::error::{Error, Result};
 use crate::store::idempotency::{Claim, StoredResponse};
-use chrono::Utc;
 use sha2::{Digest, Sha256};
 
 /// Longest key accepted; keys are client-chosen (UUIDs in practice).
@@ -44,13 +43,15 @@ impl App {
         hash: &str,
     ) -> Result<KeyedStart> {
         validate_key(key)?;
+        // The database's clock: another replica decides when this claim has lapsed.
+        let now = self.store.clock().await?;
         let claim = self
             .store
             .idempotency_claim(
                 who.user_id,
                 key,
                 hash,
-                Utc::now(),
+                now,
                 IDEMPOTENCY_LOCK,
                 IDEMPOTENCY_RETENTION,
             )

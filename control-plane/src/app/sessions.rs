@@ -149,7 +149,8 @@ impl App {
             tracing::info!(target: "skygate::auth", event = "login-failed", %client, user = "none", "login failed: not a valid username");
             return Err(Error::BadCredentials);
         }
-        let now = Utc::now();
+        // The database's clock: failure windows are shared by every replica.
+        let now = self.store.clock().await?;
         let limits = self.settings.login;
         let client_key = client_key(client);
         let attempts = self

@@ -215,7 +215,7 @@ impl Store {
         reg: &HostRegistration,
         authorize: impl FnOnce(Option<&HostIdentity>) -> RegisterDecision,
     ) -> Result<Registered> {
-        let now = to_micros(Utc::now());
+        let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         // Locks the row on PostgreSQL; SQLite's single writer serialises anyway.
         sqlx::query("UPDATE hosts SET name = name WHERE name = $1")
@@ -340,7 +340,7 @@ impl Store {
              credential_issued = 0, updated_at = $2 WHERE name = $1",
         )
         .bind(name)
-        .bind(to_micros(Utc::now()))
+        .bind(to_micros(self.clock().await?))
         .execute(&self.write)
         .await?;
         Ok(res.rows_affected() == 1)
@@ -354,7 +354,7 @@ impl Store {
         capacity: Resources,
         problems: &[String],
     ) -> Result<Option<HeartbeatChange>> {
-        let now = to_micros(Utc::now());
+        let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let Some(row) = sqlx::query("SELECT state, problems FROM hosts WHERE id = $1")
             .bind(id)
@@ -396,7 +396,7 @@ impl Store {
             "UPDATE hosts SET state = 'unreachable', updated_at = $1 WHERE state = 'ready' \
              AND (last_heartbeat_at IS NULL OR last_heartbeat_at < $2) RETURNING id, name",
         )
-        .bind(to_micros(Utc::now()))
+        .bind(to_micros(self.clock().await?))
         .bind(to_micros(before))
         .fetch_all(&self.write)
         .await?;
@@ -409,7 +409,7 @@ impl Store {
     pub async fn host_set_cordoned(&self, id: &str, cordoned: bool) -> Result<HostRecord> {
         let res = sqlx::query("UPDATE hosts SET cordoned = $1, updated_at = $2 WHERE id = $3")
             .bind(i64::from(cordoned))
-            .bind(to_micros(Utc::now()))
+            .bind(to_micros(self.clock().await?))
             .bind(id)
             .execute(&self.write)
             .await?;

@@ -165,7 +165,7 @@ impl Store {
         quota: &Quota,
         idempotency: Option<(ClaimedKey<'_>, &Render)>,
     ) -> Result<MachineRecord> {
-        let now = to_micros(Utc::now());
+        let now = to_micros(self.clock().await?);
         let id = MachineId::new();
         let owner = new.owner_id.to_string();
         let mut tx = self.begin_write().await?;
@@ -243,7 +243,7 @@ impl Store {
             now,
         )
         .await?;
-        enqueue_in_txn(&mut tx, id, TaskKind::Provision, now).await?;
+        enqueue_in_txn(&mut tx, self.backend(), id, TaskKind::Provision).await?;
         let sql = format!("{SELECT} WHERE v.id = $1");
         let created = from_row(
             &sqlx::query(&sql)
@@ -334,7 +334,7 @@ impl Store {
         who: Visibility,
         action: Action,
     ) -> Result<MachineRecord> {
-        let now = to_micros(Utc::now());
+        let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
             "SELECT status, desired_state, generation, host_id FROM vms \
@@ -383,7 +383,7 @@ impl Store {
             _ => None,
         };
         if let Some(kind) = task {
-            enqueue_in_txn(&mut tx, id, kind, now).await?;
+            enqueue_in_txn(&mut tx, self.backend(), id, kind).await?;
         }
         let sql = format!("{SELECT} WHERE v.id = $1");
         let requested = sqlx::query(&sql)

@@ -136,7 +136,7 @@ impl Store {
     /// allocations and, when a host fits, records the host and `provisioning` in the same
     /// transaction (the reservation). Hosts are locked for the transaction on PostgreSQL.
     pub async fn machine_place(&self, id: MachineId) -> Result<Placement> {
-        let now = to_micros(Utc::now());
+        let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
             "SELECT status, host_id, vcpus, memory_mib, disk_gib FROM vms \
@@ -212,7 +212,7 @@ impl Store {
         message: &str,
     ) -> Result<bool> {
         check_transition(from, to)?;
-        let now = to_micros(Utc::now());
+        let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
             "UPDATE vms SET status = $1, status_changed_at = $2, updated_at = $2, \
@@ -248,7 +248,7 @@ impl Store {
         reason: &str,
     ) -> Result<bool> {
         check_transition(from, MachineStatus::Failed)?;
-        let now = to_micros(Utc::now());
+        let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
             "UPDATE vms SET status = 'failed', failure_reason = $1, status_changed_at = $2, \
@@ -273,7 +273,7 @@ impl Store {
     /// Writes an event without a status change, unless the machine's last event already says
     /// exactly this (a worker retrying every few seconds must not flood the log).
     pub async fn machine_note(&self, id: MachineId, action: &str, message: &str) -> Result<()> {
-        let now = to_micros(Utc::now());
+        let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let row = sqlx::query("SELECT status FROM vms WHERE id = $1 AND deleted_at IS NULL")
             .bind(id.to_string())
@@ -350,7 +350,7 @@ impl Store {
         message: &str,
     ) -> Result<bool> {
         check_transition(from, to)?;
-        let now = to_micros(Utc::now());
+        let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
             "UPDATE vms SET status = $1, desired_state = COALESCE($2, desired_state), \
@@ -383,7 +383,7 @@ impl Store {
         action: &str,
         message: &str,
     ) -> Result<()> {
-        let now = to_micros(Utc::now());
+        let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let row = sqlx::query("SELECT status FROM vms WHERE id = $1")
             .bind(id.to_string())
@@ -403,7 +403,7 @@ impl Store {
         &self,
         limits: &[(MachineStatus, chrono::Duration)],
     ) -> Result<Vec<(MachineId, MachineStatus, i64)>> {
-        let now = Utc::now();
+        let now = self.clock().await?;
         let mut out = Vec::new();
         for (status, limit) in limits {
             let rows = sqlx::query(

@@ -16,6 +16,12 @@ use sqlx::{Any, Row, Transaction};
 use std::fmt;
 use std::str::FromStr;
 
+/// The database's clock in Unix microseconds, per back end. Leases are stamped and compared by
+/// it, never by a replica's own clock: a replica whose clock runs five minutes fast would
+/// otherwise see every lease as expired and take tasks that are being worked on (issue 10).
+const POSTGRES_NOW: &str = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)";
+const SQLITE_NOW: &str = "SELECT CAST((julianday('now') - 2440587.5) * 86400000000.0 AS BIGINT)";
+
 /// Another queued task of the same machine (`t`) holding a live lease at `$1`.
 const OTHER_LIVE_LEASE: &str = "SELECT 1 FROM tasks o WHERE o.vm_id = t.vm_id AND o.id <> t.id \
     AND o.state = 'queued' AND o.lease_expires_at >= $1";
@@ -97,13 +103,17 @@ pub enum TaskOutcome {
     },
 }
 
-/// Queues a task inside the transaction that accepted the action.
+/// Queues a task inside the transaction that accepted the action, due now by the database's
+/// clock (a replica with a fast clock would otherwise delay it by its skew).
 pub(crate) async fn enqueue_in_txn(
     tx: &mut Transaction<'static, Any>,
+    backend: Backend,
     vm_id: MachineId,
     kind: TaskKind,
-    now: i64,
 ) -> Result<()> {
+    let now: i64 = sqlx::query_scalar(now_sql(backend))
+        .fetch_one(&mut **tx)
+        .await?;
     sqlx::query(
         "INSERT INTO tasks (id, vm_id, kind, state, attempts, run_after, created_at, updated_at) \
          VALUES ($1, $2, $3, 'queued', 0, $4, $4, $4)",
@@ -117,7 +127,31 @@ pub(crate) async fn enqueue_in_txn(
     Ok(())
 }
 
+fn now_sql(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Postgres => POSTGRES_NOW,
+        Backend::Sqlite => SQLITE_NOW,
+    }
+}
+
 impl Store {
+    /// The database's clock. Every time that one replica writes and another compares — leases,
+    /// due times, heartbeats, status deadlines — comes from here, so replicas whose clocks
+    /// disagree still agree on what has expired.
+    pub async fn clock(&self) -> Result<DateTime<Utc>> {
+        Ok(from_micros(self.database_now(self.reader()).await?))
+    }
+
+    /// The database's clock now (see [`POSTGRES_NOW`]), in Unix microseconds.
+    async fn database_now<'e, E>(&self, executor: E) -> Result<i64>
+    where
+        E: sqlx::Executor<'e, Database = Any>,
+    {
+        Ok(sqlx::query_scalar(now_sql(self.backend()))
+            .fetch_one(executor)
+            .await?)
+    }
+
     /// Claims the most overdue claimable task for `owner` until `now + lease`.
     ///
     /// On PostgreSQL the pick skips rows other replicas hold (`FOR UPDATE SKIP LOCKED`), then
@@ -125,8 +159,6 @@ impl Store {
     /// that machine holds a live lease: two replicas picking two tasks of one machine at once
     /// take turns there, and the second finds the first's lease.
     pub async fn task_claim(&self, owner: &str, lease: Duration) -> Result<Option<TaskRecord>> {
-        let now = to_micros(Utc::now());
-        let until = now + lease.num_microseconds().unwrap_or(i64::MAX / 4);
         let postgres = self.backend() == Backend::Postgres;
         let pick = format!(
             "SELECT t.id, t.vm_id FROM tasks t WHERE t.state = 'queued' AND t.run_after <= $1 \
@@ -140,6 +172,8 @@ impl Store {
             }
         );
         let mut tx = self.begin_write().await?;
+        let now = self.database_now(&mut *tx).await?;
+        let until = now + lease.num_microseconds().unwrap_or(i64::MAX / 4);
         let Some(picked) = sqlx::query(&pick)
             .bind(now)
             .fetch_optional(&mut *tx)
@@ -197,7 +231,8 @@ impl Store {
         attempt: i64,
         lease: Duration,
     ) -> Result<bool> {
-        let until = to_micros(Utc::now() + lease);
+        let now = self.database_now(&self.write).await?;
+        let until = now + lease.num_microseconds().unwrap_or(i64::MAX / 4);
         let res = sqlx::query(
             "UPDATE tasks SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 \
              AND attempts = $4 AND state = 'queued'",
@@ -219,7 +254,9 @@ impl Store {
         attempt: i64,
         outcome: &TaskOutcome,
     ) -> Result<bool> {
-        let now = Utc::now();
+        // Due times too: a retry scheduled by a replica with a fast clock would otherwise sit
+        // out its backoff plus the skew.
+        let now = from_micros(self.database_now(&self.write).await?);
         let later = |after: &std::time::Duration| {
             now + Duration::from_std(*after).unwrap_or_else(|_| Duration::seconds(30))
         };
@@ -255,7 +292,7 @@ impl Store {
     /// Queues a task on its own (operators re-driving a machine; tests running a step twice).
     pub async fn task_enqueue(&self, vm_id: MachineId, kind: TaskKind) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        enqueue_in_txn(&mut tx, vm_id, kind, to_micros(Utc::now())).await?;
+        enqueue_in_txn(&mut tx, self.backend(), vm_id, kind).await?;
         tx.commit().await?;
         Ok(())
     }

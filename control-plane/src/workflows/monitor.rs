@@ -29,7 +29,7 @@ pub async fn check_once(store: &Store, settings: &WorkflowSettings) -> crate::Re
     let silence = chrono::Duration::from_std(settings.unreachable_after)
         .unwrap_or_else(|_| chrono::Duration::seconds(20));
     for (id, name) in store
-        .host_mark_unreachable(chrono::Utc::now() - silence)
+        .host_mark_unreachable(store.clock().await? - silence)
         .await?
     {
         tracing::warn!(host = %name, "host missed its heartbeats; unreachable");

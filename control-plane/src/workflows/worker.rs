@@ -87,16 +87,32 @@ impl Workers {
             let store = self.store.clone();
             let (id, owner, attempt) = (task.id.clone(), self.owner.clone(), task.attempts);
             let every = self.settings.lease / 3;
+            let lease_std = self.settings.lease;
             async move {
+                let mut renewed = tokio::time::Instant::now();
                 loop {
                     tokio::time::sleep(every).await;
                     match store.task_extend(&id, &owner, attempt, lease).await {
-                        Ok(true) => {}
+                        Ok(true) => renewed = tokio::time::Instant::now(),
                         Ok(false) => {
                             let _ = lost_tx.send(());
                             break;
                         }
-                        Err(e) => tracing::warn!(error = ?e, task = %id, "lease renewal failed"),
+                        // The database is away. Before our lease can have run out, stop:
+                        // another worker may take the task over once it is back, and two
+                        // workers must never drive one machine.
+                        Err(e) if renewal_overdue(renewed.elapsed(), every, lease_std) => {
+                            metrics::counter!("skygate_task_lease_abandoned_total").increment(1);
+                            tracing::error!(error = ?e, task = %id,
+                                "could not renew the task's lease before it runs out; abandoning the step");
+                            let _ = lost_tx.send(());
+                            break;
+                        }
+                        Err(e) => {
+                            metrics::counter!("skygate_task_lease_renewal_errors_total")
+                                .increment(1);
+                            tracing::warn!(error = ?e, task = %id, "lease renewal failed; retrying");
+                        }
                     }
                 }
             }
@@ -134,7 +150,7 @@ impl Workers {
             return Ok(TaskOutcome::Done);
         };
         if let Some(limit) = policy::deadline(m.status, &self.settings) {
-            let age = (chrono::Utc::now() - m.status_changed_at)
+            let age = (self.store.clock().await? - m.status_changed_at)
                 .to_std()
                 .unwrap_or_default();
             if age > limit {
@@ -406,6 +422,12 @@ impl Workers {
     }
 }
 
+/// Whether a lease last renewed `since_renewal` ago runs out before the next renewal attempt,
+/// `every` from now: then the step must stop now, not when another worker already has it.
+fn renewal_overdue(since_renewal: Duration, every: Duration, lease: Duration) -> bool {
+    since_renewal + every >= lease
+}
+
 /// After an agent call: done when the outcome was recorded; otherwise the machine changed
 /// while the agent worked (a tenant's stop during provisioning, say), and the next attempt
 /// re-reads it and acts on what it is now (or ends, if it left `what`).
@@ -433,4 +455,20 @@ pub fn network(state: &pb::VmState) -> serde_json::Value {
             "proto": p.proto,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_renewal_is_retried_while_the_lease_lasts_then_the_step_stops() {
+        let lease = Duration::from_secs(30);
+        let every = lease / 3;
+        // First failure, 10 s after the last renewal: one more try at 20 s, lease ends at 30.
+        assert!(!renewal_overdue(every, every, lease));
+        // Second failure at 20 s: the next try would be at 30 s, when the lease is gone.
+        assert!(renewal_overdue(every * 2, every, lease));
+        assert!(renewal_overdue(lease, every, lease));
+    }
 }

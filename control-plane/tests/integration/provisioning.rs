@@ -997,6 +997,84 @@ async fn agents_keep_their_credential_and_rejoin_after_a_reset(backend: Backend)
     app.stop().await;
 }
 
+/// Issue 10, point 12: leases, heartbeats and deadlines were judged by each replica's own
+/// clock. A second replica (a real process) running five minutes ahead under libfaketime now
+/// steals no lease, marks no host unreachable and fails no machine early.
+#[tokio::test]
+async fn a_replica_whose_clock_is_five_minutes_ahead_steals_no_lease() {
+    use sqlx::Connection;
+    let mut cfg = config();
+    cfg.workflows.lease = Duration::from_secs(3);
+    let app = TestApp::spawn_provisioning(Backend::Postgres, cfg).await;
+    let (host, admin, tenant) = cluster_with_image(&app, "steady").await;
+    // The machine's build holds its task (and lease, renewed every second) for 8 s.
+    host.fake
+        .delay(HypervisorOp::Define, Duration::from_secs(8));
+    let id = create(&app, &tenant, "held").await;
+    let mut db = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+    let lease_of = async |db: &mut sqlx::PgConnection| -> Option<(String, i64)> {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT lease_owner, attempts FROM tasks WHERE vm_id = $1 AND kind = 'provision' \
+             AND lease_owner IS NOT NULL",
+        )
+        .bind(&id)
+        .fetch_optional(db)
+        .await
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        if let Some(held) = lease_of(&mut db).await {
+            break held;
+        }
+        assert!(Instant::now() < deadline, "the task was never claimed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ahead = crate::common::process::ServerProcess::start(
+        &dir.path().join("state"),
+        &["faketime", "-f", "+5m"],
+        &[
+            "--database-url",
+            &app.db.url,
+            "--agent-token",
+            TOKEN,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--task-lease-secs",
+            "3",
+        ],
+    )
+    .await;
+    // While the build lasts, the lease stays where it is, and the host stays ready.
+    while lease_of(&mut db).await.is_some() {
+        assert_eq!(lease_of(&mut db).await.unwrap_or(held.clone()), held);
+        let hosts = app.get_json(&admin, "/hosts").await;
+        assert_eq!(hosts["items"][0]["state"], "ready", "{hosts}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for("running", async || {
+        is(status_of(&app, &tenant, &id).await, "running")
+    })
+    .await;
+    let events = app
+        .get_json(&tenant, &format!("/machines/{id}/events"))
+        .await;
+    let text = events.to_string();
+    assert!(
+        !text.contains("unreachable") && !text.contains("timed out"),
+        "{text}"
+    );
+    // The replica ahead ran all along (its workers polled the same tasks).
+    assert!(
+        ahead.child.try_wait().unwrap().is_none(),
+        "{}",
+        ahead.log_text()
+    );
+    drop(ahead);
+    app.stop().await;
+}
+
 /// A CA, an agent certificate for 127.0.0.1 and a control-plane client certificate, in PEM.
 fn test_pki(
     dir: &std::path::Path,
