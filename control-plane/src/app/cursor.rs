@@ -131,4 +131,40 @@ mod tests {
         let other = CursorCodec::new(b"another secret of thirty-two b..");
         assert!(other.decode("machines", &cursor).is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Every position round-trips, and no change to a cursor's text ever decodes to
+            /// another position: it is refused (or, if the change is invisible to the decoder,
+            /// names the same position).
+            #[test]
+            fn tampering_never_moves_a_cursor(
+                seq in any::<i64>(),
+                at in any::<prop::sample::Index>(),
+                with in prop::char::range('-', 'z'),
+            ) {
+                let c = CursorCodec::new(b"0123456789abcdef0123456789abcdef");
+                let cursor = c.encode("machines", seq);
+                prop_assert_eq!(c.decode("machines", &cursor).unwrap(), seq);
+                let mut chars: Vec<char> = cursor.chars().collect();
+                let i = at.index(chars.len());
+                chars[i] = with;
+                let tampered: String = chars.into_iter().collect();
+                if let Ok(found) = c.decode("machines", &tampered) {
+                    prop_assert_eq!(found, seq);
+                }
+                prop_assert!(c.decode("events", &cursor).is_err());
+            }
+
+            /// Text positions (names) round-trip whatever they contain.
+            #[test]
+            fn text_positions_round_trip(name in ".{0,80}") {
+                let c = CursorCodec::new(b"0123456789abcdef0123456789abcdef");
+                prop_assert_eq!(c.decode_text("ssh-keys", &c.encode_text("ssh-keys", &name)).unwrap(), name);
+            }
+        }
+    }
 }

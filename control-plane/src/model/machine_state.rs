@@ -345,4 +345,99 @@ mod tests {
             }
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One thing that can happen to a machine: a tenant's request, the worker settling a
+        /// transitional status, or a failure observed by the worker or the reconciler.
+        #[derive(Debug, Clone, Copy)]
+        enum Event {
+            Request(Action),
+            Settle,
+            Fail,
+        }
+
+        fn event() -> impl Strategy<Value = Event> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    Action::Start,
+                    Action::Stop,
+                    Action::Reboot,
+                    Action::Delete
+                ])
+                .prop_map(Event::Request),
+                Just(Event::Settle),
+                Just(Event::Fail),
+            ]
+        }
+
+        /// Where the worker takes a transitional status (what `workflows::worker` records).
+        fn settled(status: MachineStatus, desired: DesiredState) -> MachineStatus {
+            let want = match desired {
+                DesiredState::Running => S::Running,
+                DesiredState::Stopped => S::Stopped,
+                DesiredState::Deleted => S::Deleted,
+            };
+            match status {
+                S::Pending => S::Provisioning,
+                S::Provisioning | S::Starting | S::Rebooting => want,
+                S::Stopping => S::Stopped,
+                S::Deleting => S::Deleted,
+                other => other,
+            }
+        }
+
+        proptest! {
+            /// Over any history: every change of status is one `can_transition` allows, a
+            /// deleted machine stays deleted and accepts nothing, a delete is accepted from
+            /// every status but deleting and deleted, and a delete always asks for `deleted`.
+            #[test]
+            fn any_history_keeps_the_lifecycle_rules(events in prop::collection::vec(event(), 1..60)) {
+                let (mut status, mut desired) = (S::Pending, D::Running);
+                for e in events {
+                    let before = status;
+                    match e {
+                        Event::Request(action) => {
+                            let deletable = !matches!(status, S::Deleting | S::Deleted);
+                            match request(action, status, desired) {
+                                Ok(t) => {
+                                    prop_assert!(status == t.status || can_transition(status, t.status),
+                                        "{action} took {status} to {}", t.status);
+                                    if action == Action::Delete {
+                                        prop_assert_eq!(t.desired, D::Deleted);
+                                    }
+                                    status = t.status;
+                                    desired = t.desired;
+                                }
+                                Err(refused) => {
+                                    prop_assert!(!(action == Action::Delete && deletable),
+                                        "delete refused from {status}: {refused}");
+                                }
+                            }
+                        }
+                        Event::Settle => {
+                            let to = settled(status, desired);
+                            if to != status {
+                                prop_assert!(can_transition(status, to), "{status} -> {to}");
+                                status = to;
+                            }
+                        }
+                        Event::Fail => {
+                            if can_transition(status, S::Failed) {
+                                status = S::Failed;
+                            }
+                        }
+                    }
+                    if before == S::Deleted {
+                        prop_assert_eq!(status, S::Deleted, "a deleted machine came back");
+                    }
+                    if status == S::Deleted {
+                        prop_assert_eq!(desired, D::Deleted);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -104,4 +104,57 @@ mod tests {
             .unwrap_err()
             .contains("memory MiB limit is 1024"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn usage() -> impl Strategy<Value = Usage> {
+            (any::<i64>(), any::<i64>(), any::<i64>()).prop_map(|(machines, vcpus, memory_mib)| {
+                Usage {
+                    machines,
+                    vcpus,
+                    memory_mib,
+                }
+            })
+        }
+
+        fn small_usage() -> impl Strategy<Value = Usage> {
+            (0..100_i64, 0..400_i64, 0..1_000_000_i64).prop_map(|(machines, vcpus, memory_mib)| {
+                Usage {
+                    machines,
+                    vcpus,
+                    memory_mib,
+                }
+            })
+        }
+
+        proptest! {
+            /// Never panics, whatever the numbers (overflow saturates), and admits exactly when
+            /// every total stays within its limit.
+            #[test]
+            fn admits_exactly_what_fits(current in usage(), request in usage()) {
+                let fits = |used: i64, asked: i64, limit: i64| used.saturating_add(asked) <= limit;
+                let expected = fits(current.machines, request.machines, Q.max_machines)
+                    && fits(current.vcpus, request.vcpus, Q.max_vcpus)
+                    && fits(current.memory_mib, request.memory_mib, Q.max_memory_mib);
+                prop_assert_eq!(Q.admits(current, request).is_ok(), expected);
+            }
+
+            /// Asking for less never turns an admitted request into a refusal.
+            #[test]
+            fn a_smaller_request_is_admitted_when_a_larger_one_is(
+                current in small_usage(), request in small_usage(), shrink in 0..100_i64
+            ) {
+                let smaller = Usage {
+                    machines: request.machines - request.machines.min(shrink),
+                    vcpus: request.vcpus - request.vcpus.min(shrink),
+                    memory_mib: request.memory_mib - request.memory_mib.min(shrink),
+                };
+                if Q.admits(current, request).is_ok() {
+                    prop_assert!(Q.admits(current, smaller).is_ok());
+                }
+            }
+        }
+    }
 }
