@@ -37,7 +37,7 @@ fn libvirtd_answers() -> bool {
 }
 
 /// Starts virtlogd and libvirtd without systemd unless libvirtd answers.
-fn ensure_libvirtd() {
+pub fn ensure_libvirtd() {
     if libvirtd_answers() {
         return;
     }

@@ -683,3 +683,137 @@ fn run_bounded_with_input(
         stderr: stderr.join().unwrap(),
     }
 }
+
+/// Issue 10, fault tests: libvirtd killed (-9) while a machine is being built. The agent's
+/// steps fail while it is away and are retried; once it is back the machine runs, with one
+/// domain, and a delete leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirtd_killed_mid_provisioning_then_back_the_machine_still_runs() {
+    let mut cluster = Cluster::start().await;
+    cluster.add_agent("a", SMALL).await;
+    cluster.register_tiny_image().await;
+    let tenant = cluster.tenant("libvirt-fault").await;
+    let id = cluster.create_machine(&tenant, "through", 1, None).await;
+    cluster
+        .wait_machine(&tenant, &id, "provisioning", BOOT, |m| {
+            m["status"] == "provisioning" || m["status"] == "running"
+        })
+        .await;
+    let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid")
+        .expect("libvirtd pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let libvirtd = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(libvirtd, nix::sys::signal::Signal::SIGKILL).expect("kill libvirtd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nix::sys::signal::kill(libvirtd, None).is_ok() {
+        assert!(Instant::now() < deadline, "libvirtd survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Away for a few seconds (the agent's calls fail and are retried meanwhile).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let _ = std::fs::remove_file("/run/libvirtd.pid");
+    harness::ensure_libvirtd();
+    cluster.wait_status(&tenant, &id, "running", BOOT).await;
+    assert_eq!(
+        cluster.domains_of("a"),
+        vec![format!("{}{id}", cluster.agent_prefix("a"))]
+    );
+    cluster
+        .call("DELETE", &format!("/machines/{id}"), Some(&tenant), None)
+        .await;
+    cluster
+        .wait_machine(&tenant, &id, "gone", BOOT, |m| m["status"] == 404)
+        .await;
+    assert!(cluster.domains_of("a").is_empty());
+    assert!(cluster.machine_dirs_of("a").is_empty());
+}
+
+/// A small tmpfs mounted for one test, unmounted (lazily: an agent may still hold it) when
+/// the test ends, however it ends.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(&at)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount tmpfs at {at:?}");
+        SmallDisk(at)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Issue 10, fault tests: the agent's data directory is full (an 8 MiB tmpfs; the tiny
+/// kernel alone is 14 MiB). The machine fails with a reason naming the step and the cause,
+/// and nothing half-written stays: no partial image in the cache, no machine directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_dir_fails_the_machine_with_a_reason_and_leaves_nothing_half_written() {
+    let mut cluster = Cluster::start().await;
+    let data = cluster.tmp.path().join("agent-tight");
+    let _disk = SmallDisk::mount(data.clone(), "8m");
+    cluster.add_agent("tight", SMALL).await;
+    cluster.register_tiny_image().await;
+    let tenant = cluster.tenant("fill").await;
+    let id = cluster.create_machine(&tenant, "no-room", 1, None).await;
+    let failed = cluster
+        .wait_machine(&tenant, &id, "failed", BOOT, |m| m["status"] == "failed")
+        .await;
+    let reason = failed["failure_reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let events = event_messages(&cluster, &tenant, &id).await;
+    let said = format!("{reason} {events:?}").to_lowercase();
+    assert!(said.contains("image"), "the step is named: {said}");
+    println!("what the tenant was told: {said}");
+    assert!(said.contains("no space left"), "the cause is named: {said}");
+    // Nothing half-written: only finished images (none here) in the cache, no temp files.
+    let leftovers: Vec<_> = walk(&data)
+        .into_iter()
+        .filter(|p| p.is_file() && p.metadata().map(|m| m.len() > 0).unwrap_or(false))
+        .filter(|p| p.file_name().is_some_and(|n| n != "host-credential"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    cluster
+        .call("DELETE", &format!("/machines/{id}"), Some(&tenant), None)
+        .await;
+    cluster
+        .wait_machine(&tenant, &id, "gone", BOOT, |m| m["status"] == 404)
+        .await;
+    assert!(cluster.machine_dirs_of("tight").is_empty());
+    assert!(cluster.domains_of("tight").is_empty());
+}
+
+/// Every path under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+            out.push(p);
+        }
+    }
+    out
+}
