@@ -147,7 +147,11 @@ pub async fn start(
     let mut app = App::new(store, secret, settings).context("token self-test")?;
     if let Some(config) = provisioning {
         let token = BearerToken::new(&config.agent_token).context("--agent-token")?;
-        app = app.with_agents(Arc::new(AgentClients::new(token, config.agent_tls.clone())));
+        app = app.with_agents(Arc::new(AgentClients::new(
+            token,
+            HostCredentials::new(secret),
+            config.agent_tls.clone(),
+        )));
     }
     let app = Arc::new(app);
     let listener = TcpListener::bind(addr)

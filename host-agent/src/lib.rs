@@ -8,6 +8,7 @@ pub mod domain_xml;
 pub mod error;
 pub mod events;
 pub mod hypervisor;
+pub mod identity;
 pub mod images;
 pub mod machines;
 pub mod paths;

@@ -8,11 +8,10 @@
 //! plane accepts nothing else for this host's name. When the control plane refuses the
 //! credential (an operator reset it), the agent joins again with the join token.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::identity::Credentials;
 use proto::agent::v1 as agent_pb;
 use proto::bearer::BearerToken;
 use proto::controlplane::v1 as pb;
@@ -69,8 +68,9 @@ pub struct Registration {
     pub control_plane: String,
     /// The shared join token.
     pub token: String,
-    /// Where the host's credential is kept; `None` keeps it in memory only (tests).
-    pub credential_file: Option<PathBuf>,
+    /// The host's credential, shared with the agent's server (which admits it alone once it
+    /// is issued).
+    pub credentials: Credentials,
     /// PEM CA that signed the control plane's registry certificate (an `https://` URL).
     pub control_plane_ca: Option<Vec<u8>>,
     /// What to register.
@@ -98,20 +98,22 @@ pub async fn run(reg: Registration) {
             return;
         }
     };
-    let mut own = reg.credential_file.as_deref().and_then(load_credential);
     let mut backoff = Duration::from_millis(250);
     loop {
-        match session(&reg, &join, &mut own).await {
+        match session(&reg, &join).await {
             Ok(()) => backoff = Duration::from_millis(250),
             // Our credential was refused: an operator reset it (or the control plane's
             // secret changed). Join again with the join token, at once.
-            Err(status) if status.code() == Code::Unauthenticated && own.is_some() => {
+            Err(status)
+                if status.code() == Code::Unauthenticated
+                    && reg.credentials.credential().is_some() =>
+            {
                 tracing::warn!(
                     message = status.message(),
                     "the control plane refused this host's credential; joining again with the \
                      join token"
                 );
-                own = None;
+                reg.credentials.forget();
             }
             // The control plane answered and said no: retrying the same request will not
             // change its mind, but its configuration (the token) may change, so keep trying
@@ -144,34 +146,6 @@ pub async fn run(reg: Registration) {
     }
 }
 
-/// The credential kept in `path`, if there is a usable one.
-fn load_credential(path: &Path) -> Option<BearerToken> {
-    let text = std::fs::read_to_string(path).ok()?;
-    match BearerToken::new(text.trim()) {
-        Ok(token) => Some(token),
-        Err(_) => {
-            tracing::warn!(path = %path.display(), "ignoring an unusable host credential file");
-            None
-        }
-    }
-}
-
-/// Keeps the credential in `path` (0600, written whole and renamed into place), so that a
-/// restarted agent is still this host.
-fn store_credential(path: &Path, credential: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(credential.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 /// Whether `code` means the control plane rejected the request itself (bad token, bad name or
 /// address), as opposed to being unreachable or failing.
 fn is_refusal(code: Code) -> bool {
@@ -182,13 +156,9 @@ fn is_refusal(code: Code) -> bool {
 }
 
 /// One registration and its heartbeats; returns Ok when the control plane forgot the host
-/// (register again at once), Err on any other failure. `own` is the host's credential: used
-/// when present, set when the control plane issues one.
-async fn session(
-    reg: &Registration,
-    join: &BearerToken,
-    own: &mut Option<BearerToken>,
-) -> Result<(), tonic::Status> {
+/// (register again at once), Err on any other failure. The host's credential is presented
+/// when it has one, and adopted when the control plane issues one.
+async fn session(reg: &Registration, join: &BearerToken) -> Result<(), tonic::Status> {
     let mut endpoint = Channel::from_shared(reg.control_plane.clone())
         .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
@@ -202,23 +172,24 @@ async fn session(
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let bearer = own.clone().unwrap_or_else(|| join.clone());
+    let bearer = match reg.credentials.credential() {
+        Some(own) => BearerToken::new(&own)
+            .map_err(|_| tonic::Status::internal("the kept credential is unusable"))?,
+        None => join.clone(),
+    };
     let mut client = AgentRegistryClient::with_interceptor(channel.clone(), bearer);
     let registered = client.register(reg.request.clone()).await?.into_inner();
     if !registered.host_credential.is_empty() {
         let issued = BearerToken::new(&registered.host_credential).map_err(|_| {
             tonic::Status::internal("the control plane issued an unusable credential")
         })?;
-        if let Some(path) = &reg.credential_file {
-            if let Err(e) = store_credential(path, &registered.host_credential) {
-                // It still works until the agent restarts; then an operator must reset it.
-                tracing::error!(path = %path.display(), error = %e,
-                    "could not keep this host's credential; after a restart the agent cannot \
-                     register until an operator resets it");
-            }
+        if let Err(e) = reg.credentials.adopt(&registered.host_credential) {
+            // It works until the agent restarts; then an operator must reset it.
+            tracing::error!(error = %e,
+                "could not keep this host's credential in the data dir; after a restart the \
+                 agent cannot register until an operator resets it");
         }
-        client = AgentRegistryClient::with_interceptor(channel, issued.clone());
-        *own = Some(issued);
+        client = AgentRegistryClient::with_interceptor(channel, issued);
         tracing::info!("joined the control plane; this host now has its own credential");
     }
     let every = Duration::from_secs(u64::from(registered.heartbeat_interval_secs.clamp(1, 300)));
@@ -313,20 +284,6 @@ mod tests {
             problems[0].contains("did not finish within 3 s"),
             "{problems:?}"
         );
-    }
-
-    #[test]
-    fn the_credential_file_is_private_and_round_trips() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("host-credential");
-        assert!(load_credential(&path).is_none());
-        store_credential(&path, "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG").unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        assert!(load_credential(&path).is_some());
-        std::fs::write(&path, "bad\u{1}token").unwrap();
-        assert!(load_credential(&path).is_none());
     }
 
     #[test]

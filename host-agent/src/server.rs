@@ -16,13 +16,13 @@ use crate::config::AgentArgs;
 use crate::disks::QemuImg;
 use crate::events::{EventLog, DEFAULT_RETAINED};
 use crate::hypervisor::{blocking, Hypervisor};
+use crate::identity::Credentials;
 use crate::images::ImageCache;
 use crate::machines::{MachineManager, ManagerConfig};
 use crate::preflight;
 use crate::probe::{choose_hypervisor, AcceleratorProbe};
 use crate::registration::{self, CapacityPolicy, Registration};
 use crate::service::{hypervisor_to_wire, HostAgentService, HostIdentity};
-use proto::bearer::BearerAuth;
 
 /// Largest request the agent decodes (a spec with user data is well under this).
 const MAX_MESSAGE_BYTES: usize = 4 << 20;
@@ -101,7 +101,7 @@ const DRAIN: Duration = Duration::from_secs(10);
 pub async fn serve(
     listener: TcpListener,
     service: HostAgentService,
-    token: &str,
+    credentials: Credentials,
     tls: Option<&TlsFiles>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
@@ -128,7 +128,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             agent,
-            BearerAuth::new(token),
+            credentials,
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
@@ -233,11 +233,14 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
     // --listen used port 0).
     let advertise = flags.advertise.clone().unwrap_or_else(|| local.to_string());
     let control_plane_ca = args.control_plane_ca.as_deref().map(read).transpose()?;
+    // The join token until the host has joined; its own credential (kept in the data dir)
+    // from then on.
+    let credentials = Credentials::new(&flags.token, Some(data.root().join("host-credential")));
     let registration = flags.control_plane.clone().map(|control_plane| {
         tokio::spawn(registration::run(Registration {
             control_plane,
             token: flags.token.clone(),
-            credential_file: Some(data.root().join("host-credential")),
+            credentials: credentials.clone(),
             control_plane_ca: control_plane_ca.clone(),
             request: proto::controlplane::v1::RegisterRequest {
                 name: host.name.clone(),
@@ -262,7 +265,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
     let result = serve(
         listener,
         service,
-        &flags.token,
+        credentials,
         flags.tls.as_ref(),
         shutdown_signal(),
     )

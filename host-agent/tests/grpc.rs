@@ -17,6 +17,7 @@ use host_agent::disks::QemuImg;
 use host_agent::domain_xml::HypervisorKind;
 use host_agent::events::EventLog;
 use host_agent::hypervisor::FakeHypervisor;
+use host_agent::identity::Credentials;
 use host_agent::images::{ImageCache, SourcePolicy};
 use host_agent::machines::{MachineManager, ManagerConfig, NetworkMode};
 use host_agent::paths::DataDir;
@@ -126,7 +127,14 @@ impl Agent {
             let stop = async {
                 let _ = stop.await;
             };
-            serve(listener, service, TOKEN, tls.as_ref(), stop).await
+            serve(
+                listener,
+                service,
+                Credentials::new(TOKEN, None),
+                tls.as_ref(),
+                stop,
+            )
+            .await
         });
         Agent {
             addr,

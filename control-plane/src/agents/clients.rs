@@ -1,6 +1,9 @@
 //! One lazily connected gRPC channel per agent address, shared by every caller; tonic
 //! reconnects a channel by itself after the agent restarts.
 
+use super::credentials::HostCredentials;
+use crate::store::hosts::HostRecord;
+use crate::store::provisioning::TaskHost;
 use proto::agent::v1::host_agent_client::HostAgentClient;
 use proto::bearer::BearerToken;
 use std::collections::HashMap;
@@ -9,7 +12,38 @@ use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-/// A HostAgent client that presents the agent token.
+/// Where and as whom to call a host's agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentTarget {
+    pub host_id: String,
+    /// `host:port`.
+    pub address: String,
+    /// The generation of the host's credential once its agent joined; `None`: the agent
+    /// still takes the join token (it joined before credentials existed).
+    pub credential_generation: Option<i64>,
+}
+
+impl From<&HostRecord> for AgentTarget {
+    fn from(h: &HostRecord) -> Self {
+        Self {
+            host_id: h.id.clone(),
+            address: h.grpc_address.clone(),
+            credential_generation: h.credential_generation,
+        }
+    }
+}
+
+impl From<&TaskHost> for AgentTarget {
+    fn from(h: &TaskHost) -> Self {
+        Self {
+            host_id: h.id.clone(),
+            address: h.address.clone(),
+            credential_generation: h.credential_generation,
+        }
+    }
+}
+
+/// A HostAgent client that presents the host's credential (or the join token).
 pub type AgentClient = HostAgentClient<InterceptedService<Channel, BearerToken>>;
 
 /// TLS towards agents: the CA that signed their certificates and, for mutual TLS, the
@@ -31,23 +65,28 @@ impl std::fmt::Debug for AgentTls {
 /// The pool.
 #[derive(Debug)]
 pub struct AgentClients {
-    token: BearerToken,
+    join: BearerToken,
+    credentials: HostCredentials,
     tls: Option<AgentTls>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl AgentClients {
     /// Plain HTTP/2 to agents unless `tls` is given (then https, verified against its CA).
-    pub fn new(token: BearerToken, tls: Option<AgentTls>) -> Self {
+    /// Each agent is called with its host's credential, derived from `credentials`, once it
+    /// has joined; with the `join` token before.
+    pub fn new(join: BearerToken, credentials: HostCredentials, tls: Option<AgentTls>) -> Self {
         Self {
-            token,
+            join,
+            credentials,
             tls,
             channels: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A client for the agent at `address` (`host:port`).
-    pub fn client(&self, address: &str) -> Result<AgentClient, tonic::Status> {
+    /// A client for the agent of `target`.
+    pub fn client(&self, target: &AgentTarget) -> Result<AgentClient, tonic::Status> {
+        let address = target.address.as_str();
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match channels.get(address) {
             Some(c) => c.clone(),
@@ -74,9 +113,15 @@ impl AgentClients {
                 channel
             }
         };
-        Ok(HostAgentClient::with_interceptor(
-            channel,
-            self.token.clone(),
-        ))
+        let bearer = match target.credential_generation {
+            Some(generation) => {
+                BearerToken::new(&self.credentials.credential(&target.host_id, generation))
+                    .map_err(|_| {
+                        tonic::Status::internal("a host credential is not a valid header")
+                    })?
+            }
+            None => self.join.clone(),
+        };
+        Ok(HostAgentClient::with_interceptor(channel, bearer))
     }
 }

@@ -29,6 +29,8 @@ pub struct HostRecord {
     pub machines: i64,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// The generation of the host's credential once its agent joined (`None`: the join token).
+    pub credential_generation: Option<i64>,
 }
 
 /// Who a host is, as far as its credential goes.
@@ -102,7 +104,8 @@ const ALLOCATIONS: &str = "SELECT host_id, COUNT(*) AS machines, \
 
 const SELECT: &str = "SELECT h.id, h.name, h.grpc_address, h.state, h.cordoned, h.hypervisor, \
     h.agent_version, h.domain_prefix, h.problems, h.vcpus, h.memory_mib, h.disk_gib, h.last_heartbeat_at, \
-    h.created_at, COALESCE(a.machines, 0) AS machines, COALESCE(a.vcpus, 0) AS used_vcpus, \
+    h.created_at, h.credential_issued, h.credential_generation, \
+    COALESCE(a.machines, 0) AS machines, COALESCE(a.vcpus, 0) AS used_vcpus, \
     COALESCE(a.memory_mib, 0) AS used_memory_mib, COALESCE(a.disk_gib, 0) AS used_disk_gib \
     FROM hosts h LEFT JOIN (";
 
@@ -136,6 +139,9 @@ fn from_row(r: &AnyRow) -> Result<HostRecord> {
             disk_gib: r.try_get("used_disk_gib")?,
         },
         machines: r.try_get("machines")?,
+        credential_generation: (r.try_get::<i64, _>("credential_issued")? != 0)
+            .then(|| r.try_get("credential_generation"))
+            .transpose()?,
         last_heartbeat_at: r
             .try_get::<Option<i64>, _>("last_heartbeat_at")?
             .map(from_micros),

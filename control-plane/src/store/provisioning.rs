@@ -35,6 +35,9 @@ pub struct TaskHost {
     pub name: String,
     pub address: String,
     pub reachable: bool,
+    /// The generation of the host's credential once its agent joined (`None`: it joined
+    /// before credentials existed and still takes the join token).
+    pub credential_generation: Option<i64>,
 }
 
 /// The machine's image as registered.
@@ -77,6 +80,7 @@ impl Store {
             "SELECT v.id, v.status, v.desired_state, v.generation, v.status_changed_at, \
              v.hostname, v.vcpus, v.memory_mib, v.disk_gib, v.ssh_keys, v.user_data, \
              h.id AS host_id, h.name AS host_name, h.grpc_address, h.state AS host_state, \
+             h.credential_issued, h.credential_generation, \
              i.name AS image_name, i.source, i.format, i.sha256, i.boot \
              FROM vms v JOIN images i ON i.id = v.image_id LEFT JOIN hosts h ON h.id = v.host_id \
              WHERE v.id = $1",
@@ -96,6 +100,9 @@ impl Store {
                 name: r.try_get("host_name")?,
                 address: r.try_get("grpc_address")?,
                 reachable: r.try_get::<String, _>("host_state")? == "ready",
+                credential_generation: (r.try_get::<i64, _>("credential_issued")? != 0)
+                    .then(|| r.try_get("credential_generation"))
+                    .transpose()?,
             }),
             None => None,
         };

@@ -35,11 +35,12 @@ pub enum ErrorClass {
 /// Classifies a gRPC status from an agent.
 pub fn classify(code: Code) -> ErrorClass {
     match code {
-        Code::InvalidArgument
-        | Code::PermissionDenied
-        | Code::Unauthenticated
-        | Code::Unimplemented
-        | Code::OutOfRange => ErrorClass::Permanent,
+        Code::InvalidArgument | Code::PermissionDenied | Code::Unimplemented | Code::OutOfRange => {
+            ErrorClass::Permanent
+        }
+        // UNAUTHENTICATED is about the host, not the request: its agent is between a reset
+        // and its new credential, or joined a moment ago and has not taken its credential up
+        // yet. The next try (or the host's repair) settles it; the deadline bounds it.
         // FAILED_PRECONDITION includes "a newer generation was applied" (a retry racing a
         // later request): re-reading the machine and trying again resolves it, and a real
         // refusal (a bad image) ends at the deadline with the agent's words.
@@ -121,7 +122,7 @@ mod tests {
     #[test]
     fn refusals_are_permanent_and_outages_transient() {
         assert_eq!(classify(Code::InvalidArgument), ErrorClass::Permanent);
-        assert_eq!(classify(Code::Unauthenticated), ErrorClass::Permanent);
+        assert_eq!(classify(Code::Unauthenticated), ErrorClass::Transient);
         assert_eq!(classify(Code::Unavailable), ErrorClass::Transient);
         assert_eq!(classify(Code::DeadlineExceeded), ErrorClass::Transient);
         assert_eq!(classify(Code::FailedPrecondition), ErrorClass::Transient);

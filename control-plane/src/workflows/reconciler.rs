@@ -10,6 +10,7 @@
 
 use super::drift::{self, Actual, Repair};
 use super::WorkflowSettings;
+use crate::agents::clients::AgentTarget;
 use crate::agents::AgentClients;
 use crate::model::{DesiredState, MachineId, MachineStatus};
 use crate::store::hosts::HostRecord;
@@ -88,7 +89,7 @@ impl Reconciler {
         let known = self.known_machines(&host.id).await?;
         let mut client = self
             .agents
-            .client(&host.grpc_address)
+            .client(&AgentTarget::from(host))
             .map_err(|e| crate::Error::Internal(e.message().to_owned()))?;
         let mut request = tonic::Request::new(pb::ListVmsRequest {});
         request.set_timeout(Duration::from_secs(15));
@@ -160,7 +161,7 @@ impl Reconciler {
         }
         let mut client = self
             .agents
-            .client(&host.grpc_address)
+            .client(&AgentTarget::from(host))
             .map_err(|e| crate::Error::Internal(e.message().to_owned()))?;
         let mut request = tonic::Request::new(pb::VmRef {
             machine_id: id.to_string(),
@@ -238,7 +239,7 @@ impl Reconciler {
             Repair::RemoveOrphan { id } => {
                 let mut client = self
                     .agents
-                    .client(&host.grpc_address)
+                    .client(&AgentTarget::from(host))
                     .map_err(|e| crate::Error::Internal(e.message().to_owned()))?;
                 let mut request = tonic::Request::new(pb::VmRef {
                     machine_id: id.to_string(),
@@ -268,7 +269,7 @@ impl Reconciler {
     async fn watch(&self, host: HostRecord) {
         let mut after = 0;
         loop {
-            let Ok(mut client) = self.agents.client(&host.grpc_address) else {
+            let Ok(mut client) = self.agents.client(&AgentTarget::from(&host)) else {
                 return;
             };
             let stream = client

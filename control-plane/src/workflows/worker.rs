@@ -5,9 +5,10 @@
 use super::policy::{self, ErrorClass};
 use super::spec::vm_spec;
 use super::WorkflowSettings;
+use crate::agents::clients::AgentTarget;
 use crate::agents::AgentClients;
 use crate::model::MachineStatus;
-use crate::store::provisioning::{Placement, TaskMachine};
+use crate::store::provisioning::{Placement, TaskHost, TaskMachine};
 use crate::store::tasks::{TaskKind, TaskOutcome, TaskRecord};
 use crate::store::Store;
 use proto::agent::v1 as pb;
@@ -211,7 +212,7 @@ impl Workers {
             Ok(s) => s,
             Err(problem) => return self.fail(task, &m, &problem.to_string()).await,
         };
-        let mut client = self.client(&host.address)?;
+        let mut client = self.client(&host)?;
         let mut request = tonic::Request::new(pb::EnsureVmRequest { spec: Some(spec) });
         // Fetching a multi-GiB image can take a while; the deadline covers the worst case.
         request.set_timeout(self.settings.transition_timeout);
@@ -258,7 +259,7 @@ impl Workers {
         if !host.reachable {
             return self.wait_for_host(task, &m, &host.name).await;
         }
-        let mut client = self.client(&host.address)?;
+        let mut client = self.client(&host)?;
         let id = m.id.to_string();
         let result = match task.kind {
             TaskKind::Start => {
@@ -319,7 +320,7 @@ impl Workers {
             if !host.reachable {
                 return self.wait_for_host(task, &m, &host.name).await;
             }
-            let mut client = self.client(&host.address)?;
+            let mut client = self.client(&host)?;
             let mut r = tonic::Request::new(pb::VmRef {
                 machine_id: m.id.to_string(),
             });
@@ -342,9 +343,9 @@ impl Workers {
         Ok(TaskOutcome::Done)
     }
 
-    fn client(&self, address: &str) -> Result<crate::agents::clients::AgentClient, crate::Error> {
+    fn client(&self, host: &TaskHost) -> Result<crate::agents::clients::AgentClient, crate::Error> {
         self.agents
-            .client(address)
+            .client(&AgentTarget::from(host))
             .map_err(|s| crate::Error::Internal(s.message().to_owned()))
     }
 

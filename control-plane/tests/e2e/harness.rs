@@ -325,9 +325,18 @@ impl Cluster {
             .connect()
             .await
             .expect("connect to agent");
+        // A joined agent admits its host's credential only (the join token no longer drives
+        // it); the test reads it where the agent keeps it.
+        let credential = std::fs::read_to_string(
+            self.tmp
+                .path()
+                .join(format!("agent-{name}"))
+                .join("host-credential"),
+        )
+        .expect("the agent keeps its host credential");
         proto::agent::v1::host_agent_client::HostAgentClient::with_interceptor(
             channel,
-            proto::bearer::BearerToken::new(&self.token).expect("token"),
+            proto::bearer::BearerToken::new(credential.trim()).expect("token"),
         )
     }
 

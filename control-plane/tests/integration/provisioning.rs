@@ -13,6 +13,7 @@ use host_agent::disks::QemuImg;
 use host_agent::domain_xml::HypervisorKind;
 use host_agent::events::EventLog;
 use host_agent::hypervisor::{FakeHypervisor, HypervisorOp};
+use host_agent::identity::Credentials;
 use host_agent::images::{ImageCache, SourcePolicy};
 use host_agent::machines::{MachineManager, ManagerConfig, NetworkMode};
 use host_agent::paths::DataDir;
@@ -119,15 +120,20 @@ impl FakeHost {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        let server = tokio::spawn(async move {
-            let _ = host_agent::server::serve(
-                listener,
-                service,
-                TOKEN,
-                tls.as_ref(),
-                std::future::pending(),
-            )
-            .await;
+        // Shared by the agent's server and its registration, as in the real agent.
+        let credentials = Credentials::new(TOKEN, Some(tmp.path().join("host-credential")));
+        let server = tokio::spawn({
+            let credentials = credentials.clone();
+            async move {
+                let _ = host_agent::server::serve(
+                    listener,
+                    service,
+                    credentials,
+                    tls.as_ref(),
+                    std::future::pending(),
+                )
+                .await;
+            }
         });
         let scheme = if registry_ca.is_some() {
             "https"
@@ -137,7 +143,7 @@ impl FakeHost {
         let joining = tokio::spawn(registration::run(Registration {
             control_plane: format!("{scheme}://{grpc}"),
             token: TOKEN.into(),
-            credential_file: Some(tmp.path().join("host-credential")),
+            credentials,
             control_plane_ca: registry_ca,
             request: proto::controlplane::v1::RegisterRequest {
                 name: name.into(),
@@ -981,6 +987,27 @@ async fn agents_keep_their_credential_and_rejoin_after_a_reset(backend: Backend)
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let first = std::fs::read_to_string(&file).unwrap();
+    // A joined agent is driven with its host's credential only: the join token (which every
+    // host shares) no longer lists, creates or stops its machines.
+    let address = app.get_json(&admin, "/hosts").await["items"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let agent = |token: &str| {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect_lazy();
+        proto::agent::v1::host_agent_client::HostAgentClient::with_interceptor(
+            channel,
+            proto::bearer::BearerToken::new(token).unwrap(),
+        )
+    };
+    let err = agent(TOKEN)
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    agent(&first).list_vms(pb::ListVmsRequest {}).await.unwrap();
     let id = app.get_json(&admin, "/hosts").await["items"][0]["id"].clone();
     assert!(app.store.host_credential_reset("kept").await.unwrap());
     wait_for("the agent joins again with a new credential", async || {
