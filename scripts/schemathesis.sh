@@ -93,10 +93,11 @@ run() {
   local auth=()
   [[ -n ${token} ]] && auth=(-H "Authorization: Bearer ${token}")
   started=${SECONDS}
-  "${ST}" --config-file "${CONFIG}" run "${BASE}/openapi.json" \
+  # From the scratch dir: schemathesis keeps a cache (.schemathesis/) in its working directory.
+  (cd "${WORK}" && "${ST}" --config-file "${CONFIG}" run "${BASE}/openapi.json" \
     --checks all --seed "${SEED}" --max-examples "${EXAMPLES}" --workers 1 \
     --suppress-health-check all --no-color \
-    "${auth[@]}" >"${out}.log" 2>&1 || status=$?
+    "${auth[@]}") >"${out}.log" 2>&1 || status=$?
   # Its own summary: "Test cases:" then "  150 generated, ...", and a closing line such as
   # "=== 28 failures, 1 error, 1 warning in 1.54s ===" or "=== 24 passed in 9.10s ===".
   cases=$(grep -A1 '^Test cases:' "${out}.log" | sed -n 's/^ *\([0-9]\+\) generated.*/\1/p')
