@@ -54,6 +54,12 @@ cleanup() {
   [[ -n ${SKYGATE_SCHEMATHESIS_KEEP:-} ]] || rm -rf "${WORK}"
 }
 trap cleanup EXIT
+# Interrupted, terminated, or its output gone: exit, so that the EXIT trap stops the server and
+# drops the database (a signal without a trap would end the script and skip it).
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 141' PIPE
+trap 'exit 143' TERM
 
 # schemathesis itself: a venv kept between runs, rebuilt when it is not the pinned version.
 if [[ $("${VENV}/bin/schemathesis" --version 2>/dev/null) != *" ${VERSION}" ]]; then
