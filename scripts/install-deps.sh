@@ -8,7 +8,9 @@
 #   scripts/install-deps.sh --host              also a KVM host: QEMU, libvirt (started), the
 #                                               guest image's tools, the agent's build deps
 #   scripts/install-deps.sh --postgres          also a PostgreSQL answering on 127.0.0.1:5432
-#   scripts/install-deps.sh --host --postgres   everything scripts/test.sh needs
+#   scripts/install-deps.sh --test              also what the test scripts run besides the
+#                                               build: Python's venv (schemathesis.sh)
+#   scripts/install-deps.sh --host --postgres --test   everything scripts/test.sh needs
 #
 # Why one transaction: a machine can come with qemu-utils 10.0 from bookworm-backports, which
 # Breaks the qemu-system-common (7.2) that qemu-system-x86 needs. Installing qemu-system-x86 in
@@ -22,11 +24,13 @@ export PATH="${PATH}:/usr/sbin:/sbin"
 
 want_host=false
 want_postgres=false
+want_test=false
 for arg in "$@"; do
   case $arg in
     --host) want_host=true ;;
     --postgres) want_postgres=true ;;
-    *) echo "usage: $0 [--host] [--postgres]" >&2; exit 2 ;;
+    --test) want_test=true ;;
+    *) echo "usage: $0 [--host] [--postgres] [--test]" >&2; exit 2 ;;
   esac
 done
 
@@ -80,8 +84,15 @@ HOST=(
   "libxml2-utils|xmllint --version"
 )
 
+TEST=(
+  # scripts/schemathesis.sh installs schemathesis from PyPI into a venv: Debian's python3
+  # lacks ensurepip (so `python3 -m venv` fails) until python3-venv is installed.
+  "python3-venv|python3 -c 'import ensurepip, venv'"
+)
+
 entries=("${BUILD[@]}")
 $want_host && entries+=("${HOST[@]}")
+$want_test && entries+=("${TEST[@]}")
 
 packages=()
 for entry in "${entries[@]}"; do

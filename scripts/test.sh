@@ -13,9 +13,9 @@ if [[ ${SKYGATE_TEST_INSTALL:-${CI:+1}} == 1 ]]; then
   scripts/test-install.sh
 fi
 # One apt transaction for everything (build tools, QEMU, libvirt, PostgreSQL), every command
-# checked to run, libvirtd and PostgreSQL started. Before the first build: the host agent links
-# libvirt, and its tests drive the real libvirtd.
-scripts/install-deps.sh --host --postgres
+# checked to run, libvirtd and PostgreSQL started, Python's venv for schemathesis. Before the
+# first build: the host agent links libvirt, and its tests drive the real libvirtd.
+scripts/install-deps.sh --host --postgres --test
 
 # Domains a killed test run may have left running (only the tests' own prefixes), now and
 # at the end whatever happens.
@@ -34,6 +34,10 @@ echo "== cargo fmt" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== API contract: schemathesis against the served OpenAPI document (scripts/schemathesis.sh)" >&2
+# The document against the server, from outside: both stores, anonymous, tenant and admin,
+# every check, a fixed seed; about two minutes (debug build, the suites below reuse it).
+scripts/schemathesis.sh
 echo "== guest image: build images/tiny and boot it under libvirt to SSH" >&2
 # Real QEMU through libvirt (TCG here), reached only through a port on 127.0.0.1. Runs before
 # the Rust suites so that their summary is the run's closing line. The agent's libvirt tests

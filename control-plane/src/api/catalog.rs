@@ -100,7 +100,7 @@ pub async fn ssh_key_add(
 }
 
 /// Forget a saved key; machines created with it keep it.
-#[utoipa::path(delete, path = "/ssh-keys/{id}", tag = "ssh-keys", params(("id" = String, Path)),
+#[utoipa::path(delete, path = "/ssh-keys/{id}", tag = "ssh-keys", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
     security(("bearer" = [])),
     responses((status = 204), (status = 401, body = Problem), (status = 404, body = Problem)))]
 pub async fn ssh_key_delete(

@@ -25,7 +25,7 @@ pub async fn host_list(State(app): State<Arc<App>>, Caller(who): Caller) -> Resu
 }
 
 /// Stop placing new machines on a host; those already there stay.
-#[utoipa::path(post, path = "/hosts/{id}/cordon", tag = "hosts", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/hosts/{id}/cordon", tag = "hosts", operation_id = "host_cordon", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
     security(("bearer" = [])),
     responses((status = 200, body = HostView), (status = 401, body = Problem),
         (status = 403, body = Problem), (status = 404, body = Problem)))]
@@ -38,7 +38,7 @@ pub async fn cordon(
 }
 
 /// Let the scheduler place machines on a host again.
-#[utoipa::path(post, path = "/hosts/{id}/uncordon", tag = "hosts", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/hosts/{id}/uncordon", tag = "hosts", operation_id = "host_uncordon", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
     security(("bearer" = [])),
     responses((status = 200, body = HostView), (status = 401, body = Problem),
         (status = 403, body = Problem), (status = 404, body = Problem)))]
@@ -52,7 +52,7 @@ pub async fn uncordon(
 
 /// Forget a host; refused (409) while live machines are placed on it. A host whose agent is
 /// still running registers again at its next heartbeat.
-#[utoipa::path(delete, path = "/hosts/{id}", tag = "hosts", params(("id" = String, Path)),
+#[utoipa::path(delete, path = "/hosts/{id}", tag = "hosts", operation_id = "host_delete", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
     security(("bearer" = [])),
     responses((status = 204), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem)))]

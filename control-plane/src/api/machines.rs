@@ -64,12 +64,18 @@ fn create_request(p: CreateMachineParams) -> CreateMachine {
 }
 
 /// Ask for a machine. Answers at once with the machine `pending`.
-#[utoipa::path(post, path = "/machines", tag = "machines", request_body = CreateMachineParams,
-    params(("Idempotency-Key" = Option<String>, Header, description = "retry-safe key, kept 24 h")),
+#[utoipa::path(post, path = "/machines", tag = "machines", operation_id = "machine_create", request_body = CreateMachineParams,
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+        pattern = r"^[\x21-\x7e]{1,255}$",
+        description = "retry-safe key, kept 24 h: 1–255 visible ASCII characters")),
     security(("bearer" = [])),
     responses((status = 202, body = MachineView, headers(("Location" = String))),
         (status = 401, body = Problem), (status = 403, body = Problem, description = "quota exceeded"),
-        (status = 409, body = Problem), (status = 422, body = Problem)))]
+        (status = 409, body = Problem, description = "you already have a machine with this \
+            hostname (`existing_machine_id` names it), or a request with this Idempotency-Key \
+            is still in progress (with `Retry-After`)"),
+        (status = 422, body = Problem, description = "an invalid request, an unknown image or \
+            SSH key name, or an Idempotency-Key reused with a different body")))]
 pub async fn create(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
@@ -114,7 +120,7 @@ pub async fn create(
 }
 
 /// Your machines (all machines for an administrator), newest first.
-#[utoipa::path(get, path = "/machines", tag = "machines", params(ListMachinesQuery),
+#[utoipa::path(get, path = "/machines", tag = "machines", operation_id = "machine_list", params(ListMachinesQuery),
     security(("bearer" = [])),
     responses((status = 200, body = MachinePage), (status = 400, body = Problem), (status = 401, body = Problem)))]
 pub async fn list(
@@ -144,7 +150,7 @@ pub async fn list(
 }
 
 /// One machine.
-#[utoipa::path(get, path = "/machines/{id}", tag = "machines", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/machines/{id}", tag = "machines", operation_id = "machine_get", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
     security(("bearer" = [])),
     responses((status = 200, body = MachineView), (status = 401, body = Problem), (status = 404, body = Problem)))]
 pub async fn get(
@@ -161,7 +167,7 @@ async fn act(app: &App, who: Principal, id: MachineId, action: Action) -> Result
 }
 
 /// Start a stopped machine.
-#[utoipa::path(post, path = "/machines/{id}/start", tag = "machines", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/machines/{id}/start", tag = "machines", operation_id = "machine_start", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
     security(("bearer" = [])),
     responses((status = 202, body = MachineView), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem)))]
@@ -174,7 +180,7 @@ pub async fn start(
 }
 
 /// Stop a running machine (gracefully, then forced).
-#[utoipa::path(post, path = "/machines/{id}/stop", tag = "machines", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/machines/{id}/stop", tag = "machines", operation_id = "machine_stop", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
     security(("bearer" = [])),
     responses((status = 202, body = MachineView), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem)))]
@@ -187,7 +193,7 @@ pub async fn stop(
 }
 
 /// Reboot a running machine.
-#[utoipa::path(post, path = "/machines/{id}/reboot", tag = "machines", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/machines/{id}/reboot", tag = "machines", operation_id = "machine_reboot", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
     security(("bearer" = [])),
     responses((status = 202, body = MachineView), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem)))]
@@ -200,7 +206,7 @@ pub async fn reboot(
 }
 
 /// Delete a machine; it leaves the lists once deleted, and its hostname is free again.
-#[utoipa::path(delete, path = "/machines/{id}", tag = "machines", params(("id" = String, Path)),
+#[utoipa::path(delete, path = "/machines/{id}", tag = "machines", operation_id = "machine_delete", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
     security(("bearer" = [])),
     responses((status = 202, body = MachineView), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem)))]
@@ -213,8 +219,8 @@ pub async fn delete(
 }
 
 /// The machine's log, oldest first.
-#[utoipa::path(get, path = "/machines/{id}/events", tag = "machines",
-    params(("id" = String, Path), PageQuery), security(("bearer" = [])),
+#[utoipa::path(get, path = "/machines/{id}/events", tag = "machines", operation_id = "machine_events",
+    params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)"), PageQuery), security(("bearer" = [])),
     responses((status = 200, body = EventPage), (status = 401, body = Problem), (status = 404, body = Problem)))]
 pub async fn events(
     State(app): State<Arc<App>>,
@@ -239,7 +245,7 @@ pub async fn events(
 }
 
 /// The tail of the machine's serial console (text/plain).
-#[utoipa::path(get, path = "/machines/{id}/console", tag = "machines", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/machines/{id}/console", tag = "machines", operation_id = "machine_console", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
     security(("bearer" = [])),
     responses((status = 200, body = String, content_type = "text/plain"), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem)))]

@@ -7,6 +7,7 @@ pub mod extract;
 pub mod health;
 pub mod hosts;
 pub mod machines;
+pub mod openapi;
 pub mod params;
 pub mod problem;
 pub mod serve;
@@ -18,6 +19,7 @@ use axum::http::{HeaderName, HeaderValue, Method, Request};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{middleware, Router};
+use openapi::ErrorResponses;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceBuilder;
@@ -125,7 +127,7 @@ impl Modify for BearerAuth {
         hosts::host_list, hosts::cordon, hosts::uncordon, hosts::delete,
     ),
     components(schemas(problem::Problem)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &ErrorResponses),
     tags(
         (name = "auth", description = "Accounts and sessions"),
         (name = "machines", description = "Virtual machines"),

@@ -27,7 +27,9 @@ impl From<TokenPair> for TokenPairView {
 
 /// Create an account.
 #[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterParams,
-    responses((status = 201, body = UserView), (status = 409, body = Problem), (status = 422, body = Problem),
+    responses((status = 201, body = UserView),
+        (status = 409, body = Problem, description = "username or e-mail address taken"),
+        (status = 422, body = Problem),
         (status = 429, body = Problem)))]
 pub async fn register(
     State(app): State<Arc<App>>,
@@ -43,7 +45,9 @@ pub async fn register(
 
 /// Log in with username and password.
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginParams,
-    responses((status = 200, body = TokenPairView), (status = 401, body = Problem), (status = 429, body = Problem)))]
+    responses((status = 200, body = TokenPairView),
+        (status = 401, body = Problem, description = "wrong username or password (the same answer for both)"),
+        (status = 429, body = Problem)))]
 pub async fn login(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -55,7 +59,8 @@ pub async fn login(
 
 /// Trade a refresh token for a new pair; the presented token is spent.
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshParams,
-    responses((status = 200, body = TokenPairView), (status = 401, body = Problem)))]
+    responses((status = 200, body = TokenPairView),
+        (status = 401, body = Problem, description = "unknown, expired or spent refresh token")))]
 pub async fn refresh(
     State(app): State<Arc<App>>,
     ApiJson(p): ApiJson<RefreshParams>,
@@ -87,7 +92,8 @@ pub async fn profile(State(app): State<Arc<App>>, Caller(who): Caller) -> Result
 #[utoipa::path(patch, path = "/auth/profile", tag = "auth", request_body = ProfilePatch,
     security(("bearer" = [])),
     responses((status = 200, body = UserView), (status = 401, body = Problem),
-        (status = 403, body = Problem), (status = 422, body = Problem)))]
+        (status = 403, body = Problem, description = "current_password is wrong"),
+        (status = 422, body = Problem), (status = 429, body = Problem)))]
 pub async fn profile_update(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

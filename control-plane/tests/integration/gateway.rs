@@ -164,6 +164,137 @@ async fn openapi_document_is_fresh_and_served() {
     t.stop().await;
 }
 
+/// The served document promises what the server answers: every 4xx/5xx of every operation is
+/// an `application/problem+json` `Problem`; every operation documents 408 and 503 (with
+/// `Retry-After`), every operation with a body 400/413/415/422, every guarded one 401; and the
+/// rules the server enforces are in the schemas, with the server's own numbers.
+#[tokio::test]
+async fn the_document_promises_problem_documents_and_the_servers_rules() {
+    let t = TestApp::spawn(Backend::Sqlite).await;
+    let doc: Value = t
+        .req(Method::GET, "/openapi.json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    t.stop().await;
+    let mut operations = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            operations += 1;
+            let at = format!("{method} {path}");
+            let responses = op["responses"].as_object().unwrap();
+            for (status, response) in responses {
+                if !(status.starts_with('4') || status.starts_with('5')) {
+                    continue;
+                }
+                let types: Vec<&String> = response["content"].as_object().unwrap().keys().collect();
+                assert_eq!(types, ["application/problem+json"], "{at} {status}");
+                assert_eq!(
+                    response["content"]["application/problem+json"]["schema"]["$ref"],
+                    "#/components/schemas/Problem",
+                    "{at} {status}"
+                );
+            }
+            let mut expected = vec!["408", "503"];
+            if op.get("requestBody").is_some() {
+                expected.extend(["400", "413", "415", "422"]);
+            }
+            if op.get("security").is_some() {
+                expected.push("401");
+            }
+            if path.contains("{id}") {
+                expected.push("404");
+            }
+            for status in expected {
+                assert!(
+                    responses.contains_key(status),
+                    "{at} does not document {status}"
+                );
+            }
+            assert!(
+                responses["503"]["headers"].get("Retry-After").is_some(),
+                "{at}: 503 without Retry-After"
+            );
+        }
+    }
+    assert!(operations >= 24, "only {operations} operations");
+    let ids: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|ops| ops.as_object().unwrap().values())
+        .map(|op| op["operationId"].as_str().unwrap())
+        .collect();
+    let unique: std::collections::BTreeSet<&str> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "operation ids repeat: {ids:?}");
+
+    let schemas = &doc["components"]["schemas"];
+    let register = &schemas["RegisterParams"]["properties"];
+    assert_eq!(register["username"]["pattern"], "^[a-z0-9_.-]{3,32}$");
+    assert_eq!(register["email"]["format"], "email");
+    let (min_password, max_password) = (
+        auth::password::MIN_PASSWORD_CHARS,
+        auth::password::MAX_PASSWORD_CHARS,
+    );
+    assert_eq!(register["password"]["minLength"], min_password);
+    assert_eq!(register["password"]["maxLength"], max_password);
+    assert_eq!(
+        schemas["ProfilePatch"]["properties"]["password"]["minLength"],
+        min_password
+    );
+    let create = &schemas["CreateMachineParams"]["properties"];
+    assert_eq!(
+        create["hostname"]["pattern"],
+        "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    );
+    let limits = control_plane::app::MachineLimits::default();
+    assert_eq!(create["vcpus"]["maximum"], limits.max_vcpus);
+    assert_eq!(create["memory_mib"]["minimum"], limits.min_memory_mib);
+    assert_eq!(create["memory_mib"]["maximum"], limits.max_memory_mib);
+    assert_eq!(create["disk_gib"]["maximum"], limits.max_disk_gib);
+    assert_eq!(
+        create["ssh_keys"]["maxItems"],
+        control_plane::app::machines::MAX_SSH_KEYS
+    );
+    assert_eq!(
+        create["user_data"]["maxLength"],
+        control_plane::app::machines::MAX_USER_DATA_BYTES
+    );
+    assert_eq!(
+        schemas["AddSshKeyParams"]["properties"]["name"]["pattern"],
+        "^[A-Za-z0-9._@-]{1,64}$"
+    );
+    let params = |path: &str, method: &str| doc["paths"][path][method]["parameters"].clone();
+    for (path, method) in [
+        ("/machines", "get"),
+        ("/ssh-keys", "get"),
+        ("/machines/{id}/events", "get"),
+    ] {
+        let params = params(path, method);
+        let param = |name: &str| {
+            params
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap()["schema"]
+                .clone()
+        };
+        assert_eq!(param("limit")["minimum"], 1, "{path}");
+        assert_eq!(param("limit")["maximum"], 200, "{path}");
+        assert_eq!(param("cursor")["minLength"], 1, "{path}");
+    }
+    let key = params("/machines", "post")[0]["schema"].clone();
+    assert_eq!(
+        key["maxLength"],
+        control_plane::app::idempotency::MAX_KEY_LEN
+    );
+    assert_eq!(key["type"], "string");
+}
+
 /// The API browser: served without a token, rendering the served document, and unable to
 /// load anything from another origin (no external URL in it, and a CSP that forbids it).
 #[tokio::test]
