@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 
 use arbitrary::Arbitrary;
-use host_agent::domain_xml::{
+use host_agent_fuzz::domain_xml::{
     read_user_forwards, BootSource, DomainSpec, DomainXmlError, HypervisorKind, MachineMetadata,
     NetworkAttachment, PortForward, MAX_MEMORY_MIB, METADATA_NAMESPACE,
 };

@@ -14,7 +14,7 @@
 use arbitrary::Arbitrary;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use host_agent::seed::{yaml_quote, SeedError, SeedSpec};
+use host_agent_fuzz::seed::{yaml_quote, SeedError, SeedSpec};
 use libfuzzer_sys::fuzz_target;
 use serde_yaml::Value;
 
