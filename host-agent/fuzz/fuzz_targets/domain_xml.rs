@@ -14,7 +14,7 @@
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
 use std::os::unix::ffi::OsStringExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use arbitrary::Arbitrary;
 use host_agent_fuzz::domain_xml::{
@@ -66,7 +66,8 @@ enum Boot {
 
 #[derive(Debug, Arbitrary)]
 enum Network {
-    /// (address, host port, guest port); `loopback` picks 127.0.0.1 so duplicates happen.
+    /// (loopback, address, host port, guest port): `loopback` puts 127.0.0.1 in place of the
+    /// address, so that forwards on the same endpoint (refused) are common.
     User(Vec<(bool, u32, u16, u16)>),
     LibvirtNetwork(String),
     Bridge(String),
@@ -245,7 +246,7 @@ fn attrs(doc: &Document<'_>, name: &str, attr: &str) -> Vec<String> {
         .collect()
 }
 
-fn path_str(p: &PathBuf) -> String {
+fn path_str(p: &Path) -> String {
     // Rendered paths passed validation, which refuses non-UTF-8 ones.
     p.to_str().map(str::to_owned).unwrap_or_else(|| {
         panic!("non-UTF-8 path {p:?} rendered");
@@ -283,7 +284,7 @@ fn check_round_trip(spec: &DomainSpec, xml: &str) {
 
     // Disks: the overlay, then the seed if any; the console log.
     let mut sources = vec![path_str(&spec.disk)];
-    sources.extend(spec.seed.as_ref().map(path_str));
+    sources.extend(spec.seed.as_deref().map(path_str));
     assert_eq!(attrs(&doc, "source", "file"), sources);
     assert_eq!(attrs(&doc, "log", "file"), [path_str(&spec.console_log)]);
 
@@ -300,7 +301,11 @@ fn check_round_trip(spec: &DomainSpec, xml: &str) {
             assert_eq!(texts(&doc, "kernel"), [path_str(kernel)]);
             assert_eq!(
                 texts(&doc, "initrd"),
-                initrd.iter().map(path_str).collect::<Vec<_>>()
+                initrd
+                    .as_deref()
+                    .map(path_str)
+                    .into_iter()
+                    .collect::<Vec<_>>()
             );
             assert_eq!(texts(&doc, "cmdline"), [cmdline.clone()]);
         }
