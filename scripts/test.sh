@@ -32,12 +32,20 @@ trap remove_test_domains EXIT
 
 echo "== cargo fmt" >&2
 cargo fmt --all -- --check
+# The fuzz crate has a workspace of its own, which `--all` does not reach.
+cargo fmt --manifest-path host-agent/fuzz/Cargo.toml -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== API contract: schemathesis against the served OpenAPI document (scripts/schemathesis.sh)" >&2
 # The document against the server, from outside: both stores, anonymous, tenant and admin,
 # every check, a fixed seed; about two minutes (debug build, the suites below reuse it).
 scripts/schemathesis.sh
+# libFuzzer over the two pure renderers the tenant's strings reach (domain XML, NoCloud seed),
+# briefly: a smoke test of the properties, not a campaign (see README "Fuzzing"). Before the
+# Rust suites so that their summary stays the run's closing line.
+fuzz_seconds=${SKYGATE_FUZZ_SECONDS:-30}
+echo "== fuzz: domain_xml and seed, ${fuzz_seconds} s each (scripts/fuzz.sh)" >&2
+scripts/fuzz.sh "$fuzz_seconds"
 echo "== guest image: build images/tiny and boot it under libvirt to SSH" >&2
 # Real QEMU through libvirt (TCG here), reached only through a port on 127.0.0.1. Runs before
 # the Rust suites so that their summary is the run's closing line. The agent's libvirt tests
