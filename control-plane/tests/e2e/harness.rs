@@ -36,6 +36,24 @@ fn libvirtd_answers() -> bool {
     virsh(&["version"]).is_some_and(|o| o.status.success())
 }
 
+/// kill -9 of the system libvirtd, waiting until it is gone (its domains' QEMU processes live
+/// on). `ensure_libvirtd` brings it back.
+pub fn kill_libvirtd() {
+    let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid")
+        .expect("libvirtd pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let libvirtd = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(libvirtd, nix::sys::signal::Signal::SIGKILL).expect("kill libvirtd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nix::sys::signal::kill(libvirtd, None).is_ok() {
+        assert!(Instant::now() < deadline, "libvirtd survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_file("/run/libvirtd.pid");
+}
+
 /// Starts virtlogd and libvirtd without systemd unless libvirtd answers.
 pub fn ensure_libvirtd() {
     if libvirtd_answers() {

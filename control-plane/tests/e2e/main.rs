@@ -699,21 +699,9 @@ async fn libvirtd_killed_mid_provisioning_then_back_the_machine_still_runs() {
             m["status"] == "provisioning" || m["status"] == "running"
         })
         .await;
-    let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid")
-        .expect("libvirtd pid file")
-        .trim()
-        .parse()
-        .expect("pid");
-    let libvirtd = nix::unistd::Pid::from_raw(pid);
-    nix::sys::signal::kill(libvirtd, nix::sys::signal::Signal::SIGKILL).expect("kill libvirtd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while nix::sys::signal::kill(libvirtd, None).is_ok() {
-        assert!(Instant::now() < deadline, "libvirtd survived SIGKILL");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    harness::kill_libvirtd();
     // Away for a few seconds (the agent's calls fail and are retried meanwhile).
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let _ = std::fs::remove_file("/run/libvirtd.pid");
     harness::ensure_libvirtd();
     cluster.wait_status(&tenant, &id, "running", BOOT).await;
     assert_eq!(

@@ -20,24 +20,31 @@ async fn login(client: &Client, base: &str, username: &str) -> reqwest::Response
         .unwrap()
 }
 
-/// Before: each argon2 hash allocated 19 MiB on a short-lived blocking thread and glibc kept it;
-/// 30 wrong logins took the process from 14 to 585 MiB for good.
-#[tokio::test]
-async fn a_burst_of_logins_leaves_memory_bounded() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(
-        &dir.path().join("state"),
+/// A server whose password work runs on `threads` threads with `queue` waiting places, and no
+/// per-address login limit (the load comes from one address).
+async fn with_password_workers(dir: &std::path::Path, threads: u32, queue: u32) -> ServerProcess {
+    let (threads, queue) = (threads.to_string(), queue.to_string());
+    ServerProcess::start(
+        &dir.join("state"),
         &[],
         &[
             "--login-per-ip-per-minute",
             "100000",
             "--password-threads",
-            "2",
+            &threads,
             "--password-queue",
-            "64",
+            &queue,
         ],
     )
-    .await;
+    .await
+}
+
+/// Before: each argon2 hash allocated 19 MiB on a short-lived blocking thread and glibc kept it;
+/// 30 wrong logins took the process from 14 to 585 MiB for good.
+#[tokio::test]
+async fn a_burst_of_logins_leaves_memory_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = with_password_workers(dir.path(), 2, 64).await;
     let client = Client::new();
     let base = server.base.clone();
     let mut waves = Vec::new();
@@ -72,19 +79,7 @@ async fn a_burst_of_logins_leaves_memory_bounded() {
 #[tokio::test]
 async fn password_work_beyond_the_queue_is_refused_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(
-        &dir.path().join("state"),
-        &[],
-        &[
-            "--login-per-ip-per-minute",
-            "100000",
-            "--password-threads",
-            "1",
-            "--password-queue",
-            "1",
-        ],
-    )
-    .await;
+    let server = with_password_workers(dir.path(), 1, 1).await;
     let client = Client::new();
     let burst: Vec<_> = (0..24)
         .map(|n| {
