@@ -96,6 +96,20 @@ impl HashMemory {
         self.blocks.len() * Block::SIZE
     }
 
+    /// Clears what a hash left behind (blocks derived from the password), and gives back
+    /// memory grown for an older hash's larger cost, so a thread holds today's 19 MiB at most.
+    fn wipe(&mut self) {
+        // One block is one KiB.
+        let current = M_COST_KIB as usize;
+        if self.blocks.len() > current {
+            self.blocks.truncate(current);
+            self.blocks.shrink_to_fit();
+        }
+        for block in &mut self.blocks {
+            *block = Block::default();
+        }
+    }
+
     /// The first `params.block_count()` blocks, growing (once) when the parameters need more.
     fn for_params(&mut self, params: &Params) -> &mut [Block] {
         let needed = params.block_count();
@@ -118,12 +132,13 @@ fn digest(
 ) -> Result<Output, AuthError> {
     let argon2 = Argon2::new(algorithm, version, params.clone());
     let blocks = memory.for_params(&params);
-    Output::init_with(len, |out| {
+    let output = Output::init_with(len, |out| {
         argon2
             .hash_password_into_with_memory(password.as_bytes(), salt, out, &mut *blocks)
             .map_err(argon2::password_hash::Error::from)
-    })
-    .map_err(|e| AuthError::Hash(e.to_string()))
+    });
+    memory.wipe();
+    output.map_err(|e| AuthError::Hash(e.to_string()))
 }
 
 /// Hashes a password with argon2id (m=19456 KiB, t=2, p=1) and a random 16-byte salt, returning
@@ -487,6 +502,21 @@ mod tests {
             PasswordCheck::Valid { needs_rehash: true }
         ));
         assert_eq!(memory.held_bytes(), held);
+    }
+
+    #[test]
+    fn memory_grown_for_a_costlier_stored_hash_is_given_back() {
+        let mut memory = HashMemory::new();
+        let costly = hash_with(
+            Algorithm::Argon2id,
+            Params::new(2 * M_COST_KIB, 1, 1, None).unwrap(),
+            "costly-pass",
+        );
+        assert!(matches!(
+            verify_password_in(&mut memory, "costly-pass", &costly).unwrap(),
+            PasswordCheck::Valid { needs_rehash: true }
+        ));
+        assert_eq!(memory.held_bytes(), M_COST_KIB as usize * 1024);
     }
 
     #[test]

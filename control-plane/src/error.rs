@@ -95,11 +95,16 @@ impl Error {
 
 /// SQLSTATEs (PostgreSQL) and result codes (SQLite) that mean "not now" rather than "wrong":
 /// PostgreSQL's connection exceptions (class 08), shutdown and start-up (57P01–57P03), too many
-/// connections (53300); SQLite's BUSY (5) and LOCKED (6) with their extended codes.
+/// connections (53300), serialization failures and deadlocks (40001, 40P01: a retry succeeds);
+/// SQLite's BUSY (5) and LOCKED (6) with their extended codes, listed one by one, since
+/// SQLSTATEs are numbers too (42501 is a refused privilege, a fault to report, not to retry).
 fn unavailable_code(code: &str) -> bool {
     code.starts_with("08")
-        || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
-        || code.parse::<i64>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+        )
+        || matches!(code, "5" | "261" | "517" | "773" | "6" | "262" | "518")
 }
 
 /// Shorthand for results of this crate.
@@ -112,11 +117,13 @@ mod tests {
     #[test]
     fn outage_codes_are_told_from_faults() {
         for code in [
-            "08006", "08001", "57P01", "57P03", "53300", "5", "517", "6", "262",
+            "08006", "08001", "57P01", "57P03", "53300", "40001", "40P01", "5", "517", "6", "262",
         ] {
             assert!(unavailable_code(code), "{code}");
         }
-        for code in ["23505", "42P01", "40001", "19", "2067", "1", "787"] {
+        for code in [
+            "23505", "42P01", "42501", "22021", "22022", "19", "2067", "1", "787",
+        ] {
             assert!(!unavailable_code(code), "{code}");
         }
         assert!(Error::Store(sqlx::Error::PoolTimedOut).is_store_unavailable());

@@ -13,7 +13,9 @@ use crate::workflows::{monitor, WorkflowSettings};
 use anyhow::Context;
 use proto::bearer::BearerToken;
 use proto::controlplane::v1::agent_registry_server::AgentRegistryServer;
+use std::fs::Permissions;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,15 +28,41 @@ const DRAIN: Duration = Duration::from_secs(10);
 
 /// Opens the database (creating the data dir for SQLite) and applies migrations.
 pub async fn open_store(url: &str, data_dir: &Path, max_connections: u32) -> anyhow::Result<Store> {
-    if url.starts_with("sqlite:") {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let sqlite = url.starts_with("sqlite:");
+    if sqlite {
+        create_private_dir(data_dir)?;
     }
     let store = Store::connect(url, max_connections)
         .await
         .context("connecting to the database")?;
     store.migrate().await.context("applying migrations")?;
+    if sqlite {
+        // The database holds password hashes: owner only, whatever the umask made of it
+        // (the WAL and shared-memory files too).
+        let path = url
+            .trim_start_matches("sqlite://")
+            .trim_start_matches("sqlite:");
+        let path = path.split('?').next().unwrap_or(path);
+        for suffix in ["", "-wal", "-shm"] {
+            let file = format!("{path}{suffix}");
+            if Path::new(&file).exists() {
+                std::fs::set_permissions(&file, Permissions::from_mode(0o600))
+                    .with_context(|| format!("making {file} private"))?;
+            }
+        }
+    }
     Ok(store)
+}
+
+/// Creates `dir` (and its parents) if absent; a directory it creates itself is 0700, since it
+/// will hold the database and the JWT secret. An existing one is left as the operator made it.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, Permissions::from_mode(0o700))
+        .with_context(|| format!("making data dir {} private", dir.display()))
 }
 
 /// How the control plane talks to agents: where it serves the registry, the shared token,

@@ -67,12 +67,6 @@ impl Credentials {
         stored
     }
 
-    /// The control plane refused the credential (an operator reset it): back to the join
-    /// token until the host joins again.
-    pub fn forget(&self) {
-        self.set(None);
-    }
-
     /// Whether `header` (the raw `authorization` value) is what this agent admits now.
     pub fn admits(&self, header: &[u8]) -> bool {
         match self.read().as_ref() {
@@ -155,8 +149,11 @@ mod tests {
             !id.admits(&bearer(JOIN)),
             "the join token no longer drives this host"
         );
-        id.forget();
-        assert!(id.admits(&bearer(JOIN)));
+        // A new credential (after an operator's reset) replaces the old one.
+        let next = "ZYXWVUTSRQPONMLKJIHGFEDCBA9876543210zyxwvut";
+        id.adopt(next).unwrap();
+        assert!(id.admits(&bearer(next)) && !id.admits(&bearer(OWN)));
+        assert!(!id.admits(&bearer(JOIN)));
     }
 
     #[test]

@@ -759,10 +759,26 @@ impl reqwest::dns::Resolve for CheckedResolver {
     }
 }
 
-/// `url` with any `user:password@` replaced by `***@`: what error messages and logs show.
+/// `url` with any `user:password@` replaced by `***@` and any query string by `***`: what
+/// error messages and logs show.
 /// Text that does not parse as a URL is masked by its spelling (what follows `://` up to the
 /// last `@` before the path).
 pub fn mask_credentials(url: &str) -> String {
+    // A query string may carry a credential of its own (a pre-signed URL's signature): it is
+    // masked like user:password@, since these texts reach tenants' events.
+    let url = match url.split_once('?') {
+        Some((base, query)) if !query.is_empty() => {
+            let fragment = query.split_once('#').map_or("", |(_, f)| f);
+            let fragment = if fragment.is_empty() {
+                String::new()
+            } else {
+                format!("#{fragment}")
+            };
+            format!("{base}?***{fragment}")
+        }
+        _ => url.to_owned(),
+    };
+    let url = url.as_str();
     if let Ok(mut parsed) = reqwest::Url::parse(url) {
         if parsed.username().is_empty() && parsed.password().is_none() {
             return url.to_owned();
@@ -1353,6 +1369,15 @@ mod tests {
             "unparseable URLs are masked too"
         );
         assert_eq!(mask_credentials("http://h/a@b"), "http://h/a@b");
+        // A pre-signed URL's signature is a credential too.
+        assert_eq!(
+            mask_credentials("https://b.example/x.qcow2?X-Amz-Signature=abc&X-Amz-Credential=k#f"),
+            "https://b.example/x.qcow2?***#f"
+        );
+        assert_eq!(
+            mask_credentials("https://u:p@b.example/x?sig=1"),
+            "https://***@b.example/x?***"
+        );
     }
 
     #[test]

@@ -99,21 +99,29 @@ pub async fn run(reg: Registration) {
         }
     };
     let mut backoff = Duration::from_millis(250);
+    // Register with the join token instead of the credential on the next attempt.
+    let mut join_next = false;
     loop {
-        match session(&reg, &join).await {
+        let use_join = std::mem::take(&mut join_next);
+        match session(&reg, &join, use_join).await {
             Ok(()) => backoff = Duration::from_millis(250),
-            // Our credential was refused: an operator reset it (or the control plane's
-            // secret changed). Join again with the join token, at once.
+            // Our credential was refused: an operator reset it (or the control plane's secret
+            // changed). Try the join token next, at once: a reset host joins again and adopts
+            // a new credential. Meanwhile the agent keeps admitting only the credential it
+            // has, so an answer that is not really the control plane's never reopens it to the
+            // join token; should the join be refused, the next attempt uses the credential.
             Err(status)
                 if status.code() == Code::Unauthenticated
-                    && reg.credentials.credential().is_some() =>
+                    && reg.credentials.credential().is_some()
+                    && !use_join =>
             {
                 tracing::warn!(
                     message = status.message(),
-                    "the control plane refused this host's credential; joining again with the \
-                     join token"
+                    "the control plane refused this host's credential; trying to join again \
+                     with the join token"
                 );
-                reg.credentials.forget();
+                join_next = true;
+                continue;
             }
             // The control plane answered and said no: retrying the same request will not
             // change its mind, but its configuration (the token) may change, so keep trying
@@ -157,8 +165,13 @@ fn is_refusal(code: Code) -> bool {
 
 /// One registration and its heartbeats; returns Ok when the control plane forgot the host
 /// (register again at once), Err on any other failure. The host's credential is presented
-/// when it has one, and adopted when the control plane issues one.
-async fn session(reg: &Registration, join: &BearerToken) -> Result<(), tonic::Status> {
+/// when it has one (the join token with `join`), and adopted when the control plane issues
+/// one.
+async fn session(
+    reg: &Registration,
+    join: &BearerToken,
+    use_join: bool,
+) -> Result<(), tonic::Status> {
     let mut endpoint = Channel::from_shared(reg.control_plane.clone())
         .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
@@ -172,7 +185,7 @@ async fn session(reg: &Registration, join: &BearerToken) -> Result<(), tonic::St
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let bearer = match reg.credentials.credential() {
+    let bearer = match reg.credentials.credential().filter(|_| !use_join) {
         Some(own) => BearerToken::new(&own)
             .map_err(|_| tonic::Status::internal("the kept credential is unusable"))?,
         None => join.clone(),

@@ -67,6 +67,25 @@ pub fn decide_registration(
     }
 }
 
+/// The answer to a refused registration, logged without the bearer.
+fn refusal(why: Refusal, name: &str, address: &str) -> Status {
+    match why {
+        Refusal::Unauthenticated => {
+            tracing::warn!(host = %name, "registration refused: wrong bearer");
+            unauthenticated()
+        }
+        Refusal::HoldsCredential => {
+            tracing::warn!(host = %name, address,
+                "registration with the join token refused: the host holds its own credential");
+            Status::permission_denied(format!(
+                "host {name} already holds its own credential: its agent registers with that \
+                 (kept in its data dir as host-credential); if it was lost, an operator resets \
+                 it with `skygate-control-plane admin reset-host-credential --name {name}`"
+            ))
+        }
+    }
+}
+
 fn unauthenticated() -> Status {
     // One answer for missing and wrong, like the REST API's 401.
     Status::unauthenticated("missing or wrong bearer token in the authorization metadata")
@@ -139,11 +158,29 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
             domain_prefix: r.domain_prefix.chars().take(64).collect(),
             capacity: capacity(r.capacity)?,
         };
+        let credentials = &self.credentials;
+        let matches = |host: &HostIdentity| {
+            credentials.verify(&presented, &host.id, host.credential_generation)
+        };
+        let existing = self.store.host_by_name(&reg.name).await.map_err(internal)?;
+        // Who the caller is comes first (the store decides again, atomically, below): nothing
+        // about a host — not even whether its name is live — is told to a caller that may not
+        // register it.
+        let known = existing.as_ref().map(|h| HostIdentity {
+            id: h.id.clone(),
+            credential_issued: h.credential_generation.is_some(),
+            credential_generation: h.credential_generation.unwrap_or(0),
+        });
+        if let RegisterDecision::Refuse(why) =
+            decide_registration(known.as_ref(), join_token, matches)
+        {
+            return Err(refusal(why, &r.name, &reg.grpc_address));
+        }
         // Two live agents claiming one name would point the host at the wrong hypervisor (and
         // the reconciler would judge one's machines by the other's domains): a different
         // domain prefix under a name that heartbeated lately is refused. A restarted agent
         // (same prefix, maybe a new port) is the same host.
-        if let Some(existing) = self.store.host_by_name(&reg.name).await.map_err(internal)? {
+        if let Some(existing) = existing {
             let now = self.store.clock().await.map_err(internal)?;
             let fresh = existing
                 .last_heartbeat_at
@@ -155,13 +192,10 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
                 )));
             }
         }
-        let credentials = &self.credentials;
         let registered = self
             .store
             .host_register(&reg, |existing| {
-                decide_registration(existing, join_token, |host| {
-                    credentials.verify(&presented, &host.id, host.credential_generation)
-                })
+                decide_registration(existing, join_token, matches)
             })
             .await
             .map_err(internal)?;
@@ -171,20 +205,7 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
                 was_unreachable,
                 issued_generation,
             } => (id, was_unreachable, issued_generation),
-            Registered::Refused(Refusal::Unauthenticated) => {
-                tracing::warn!(host = %r.name, "registration refused: wrong bearer");
-                return Err(unauthenticated());
-            }
-            Registered::Refused(Refusal::HoldsCredential) => {
-                tracing::warn!(host = %r.name, address = %reg.grpc_address,
-                    "registration with the join token refused: the host holds its own credential");
-                return Err(Status::permission_denied(format!(
-                    "host {} already holds its own credential: its agent registers with that \
-                     (kept in its data dir as host-credential); if it was lost, an operator \
-                     resets it with `skygate-control-plane admin reset-host-credential --name {}`",
-                    r.name, r.name
-                )));
-            }
+            Registered::Refused(why) => return Err(refusal(why, &r.name, &reg.grpc_address)),
         };
         tracing::info!(host = %r.name, %host_id, address = %reg.grpc_address,
             joined = issued.is_some(), "agent registered");

@@ -41,6 +41,9 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// Connections over the cap being told so at once; further ones are closed unanswered.
+const MAX_REFUSING: usize = 32;
+
 /// Descriptors kept free of connections for the database pools, agent channels and files.
 const RESERVED_DESCRIPTORS: u64 = 128;
 
@@ -94,6 +97,7 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let over_cap = over_cap_response();
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSING));
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -118,7 +122,15 @@ pub async fn serve(
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             metrics::counter!("skygate_http_connections_refused_total").increment(1);
-            tokio::spawn(refuse(stream, Arc::clone(&over_cap)));
+            // Answering takes a descriptor for up to 250 ms: only a few at once, so that a
+            // flood cannot eat the descriptors kept for the database; beyond them, close.
+            if let Ok(refusing) = Arc::clone(&refusals).try_acquire_owned() {
+                let over_cap = Arc::clone(&over_cap);
+                tokio::spawn(async move {
+                    refuse(stream, over_cap).await;
+                    drop(refusing);
+                });
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -150,7 +162,7 @@ pub async fn serve(
 /// dropped for a moment after the answer: closing a socket with unread data resets it, and the
 /// client would see a reset instead of the 503.
 async fn refuse(mut stream: TcpStream, response: Arc<[u8]>) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(Duration::from_millis(250), async {
         stream.write_all(&response).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 4096];

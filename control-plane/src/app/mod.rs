@@ -108,7 +108,8 @@ pub struct App {
     pub settings: Settings,
     pub cursors: cursor::CursorCodec,
     /// Password attempts (login, register, password checks) per client address.
-    credentials_per_ip: DefaultKeyedRateLimiter<IpAddr>,
+    /// Keyed by `sessions::client_key` (an IPv6 client by its /64).
+    credentials_per_ip: DefaultKeyedRateLimiter<String>,
     /// Where argon2 runs: fixed threads with fixed memory, refusing work beyond their queue.
     password_workers: password_work::PasswordWorkers,
     /// Clients for host agents (reading consoles); absent without an agent token.
@@ -155,7 +156,7 @@ impl App {
     /// 429 when `client` has made too many password attempts lately.
     pub fn throttle_credentials(&self, client: IpAddr) -> Result<()> {
         self.credentials_per_ip
-            .check_key(&client)
+            .check_key(&sessions::client_key(client))
             .map_err(|not_until| {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(
                     &governor::clock::DefaultClock::default(),
@@ -184,7 +185,8 @@ impl App {
 
     /// Periodic housekeeping: expired idempotency keys, login windows and refresh tokens.
     pub async fn purge_expired(&self) -> Result<u64> {
-        let now = chrono::Utc::now();
+        // The database's clock, as the windows were opened by it.
+        let now = self.store.clock().await?;
         let a = self
             .store
             .idempotency_purge(now, IDEMPOTENCY_RETENTION)

@@ -158,13 +158,13 @@ impl App {
             .login_attempt_record(username, &client_key, now, limits.failure_window)
             .await?;
         if let Some(retry_after_secs) = login_throttle(&limits, &attempts, now) {
-            tracing::info!(target: "skygate::auth", event = "login-throttled", %client, username, from_client = attempts.from_client, account = attempts.account, "login throttled");
+            tracing::info!(target: "skygate::auth", event = "login-throttled", %client, from_client = attempts.from_client, account = attempts.account, "login throttled");
             return Err(Error::RateLimited { retry_after_secs });
         }
         let user = self.store.user_by_username(username).await?;
         let stored = user.as_ref().map(|u| u.password_hash.clone());
         let attempt = password.to_owned();
-        let check = self
+        let checked = self
             .argon2(move |m| match stored {
                 Some(hash) => password::verify_password_in(m, &attempt, &hash),
                 None => {
@@ -172,7 +172,18 @@ impl App {
                     Ok(PasswordCheck::Invalid)
                 }
             })
-            .await??;
+            .await;
+        let check = match checked {
+            Ok(check) => check?,
+            Err(refused) => {
+                // Not checked (the password workers were saturated): not an attempt either,
+                // or an owner retrying through an overload would use up their own budget.
+                self.store
+                    .login_attempt_uncount(username, &client_key)
+                    .await?;
+                return Err(refused);
+            }
+        };
         let (user, needs_rehash) = match (user, check) {
             (Some(user), PasswordCheck::Valid { needs_rehash }) => (user, needs_rehash),
             (user, _) => {

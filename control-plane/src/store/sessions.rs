@@ -229,6 +229,20 @@ impl Store {
         })
     }
 
+    /// Takes back one attempt counted by `login_attempt_record` whose password was never
+    /// checked (the request was refused for overload).
+    pub async fn login_attempt_uncount(&self, username: &str, client: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE login_failures SET failures = failures - 1 \
+             WHERE username = $1 AND client = $2 AND failures > 0",
+        )
+        .bind(username)
+        .bind(client)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
     /// Forgets `client`'s failed logins on `username` after a success (others' stay).
     pub async fn login_failures_clear(&self, username: &str, client: &str) -> Result<()> {
         sqlx::query("DELETE FROM login_failures WHERE username = $1 AND client = $2")

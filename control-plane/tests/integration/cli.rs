@@ -47,7 +47,11 @@ async fn serve_and_admin_create_work_on_a_bare_data_dir() {
     let base = server.base.clone();
     let secret = std::fs::metadata(data_dir.join("jwt-secret")).unwrap();
     assert_eq!(secret.permissions().mode() & 0o777, 0o600);
-    assert!(data_dir.join("skygate.db").exists());
+    // The database (password hashes) and the directory it made are the owner's alone, under
+    // the usual umask (issue 10: the database was 0644).
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data_dir.join("skygate.db")), 0o600);
+    assert_eq!(mode(&data_dir), 0o700);
 
     let client = reqwest::Client::new();
     let wrong = client

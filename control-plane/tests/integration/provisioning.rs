@@ -919,9 +919,12 @@ async fn registration_checks_the_token_and_what_agents_claim(backend: Backend) {
     own.heartbeat(beat(&first.host_id)).await.unwrap();
     let err = client.heartbeat(beat(&first.host_id)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    // Another live agent claiming the name with another prefix: refused.
+    // Another live agent claiming the name with another prefix: refused; and a caller
+    // without a valid bearer does not even learn that the name is live.
     let err = own.register(request("h1", "q-")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    let err = wrong.register(request("h1", "q-")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
     let err = client
         .heartbeat(beat(&uuid::Uuid::new_v4().to_string()))
         .await
