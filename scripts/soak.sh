@@ -58,6 +58,7 @@ kill9() { # name
   unset "PID[$1]"
 }
 own_domains() { "${VIRSH[@]}" list --all --name 2>/dev/null | grep -E "^${PREFIX}[0-9]+-" || true; }
+[[ -z $(own_domains) ]] || die "domains named ${PREFIX}* exist already: another soak runs, or remove them"
 cleanup() {
   local status=$?
   for name in "${!PID[@]}"; do stop "${name}"; done
@@ -82,7 +83,6 @@ if [[ ! -f ${IMAGE_DIR}/image.json ]]; then
   log "building the tiny image into ${IMAGE_DIR}"
   images/tiny/build.sh "${IMAGE_DIR}" >&2
 fi
-[[ -n $(own_domains) ]] && die "domains named ${PREFIX}* exist already: another soak runs, or remove them"
 
 start_control_plane() {
   SKYGATE_AGENT_TOKEN=${TOKEN} "${TARGET}/skygate-control-plane" serve \
@@ -92,7 +92,7 @@ start_control_plane() {
     --login-per-ip-per-minute 100000 --log-format json >>"${DIR}/cp.log" 2>&1 &
   PID[cp]=$!
   for _ in $(seq 1 100); do
-    curl -fsS "http://${HTTP}/readyz" >/dev/null 2>&1 && return 0
+    curl -fsS -m 5 "http://${HTTP}/readyz" >/dev/null 2>&1 && return 0
     sleep 0.2
   done
   die "the control plane did not become ready (${DIR}/cp.log)"
@@ -117,21 +117,21 @@ start_agent 1
 start_agent 2
 
 token_of() { # username
-  curl -fsS "${API}/auth/login" -H 'content-type: application/json' \
+  curl -fsS -m 30 "${API}/auth/login" -H 'content-type: application/json' \
     -d "$(jq -n --arg u "$1" --arg p "${PASSWORD}" '{username: $u, password: $p}')" | jq -r .access_token
 }
 ADMIN=$(token_of root)
 for _ in $(seq 1 60); do
-  ready=$(curl -fsS "${API}/hosts" -H "authorization: Bearer ${ADMIN}" | jq '[.items[] | select(.state == "ready")] | length')
+  ready=$(curl -fsS -m 30 "${API}/hosts" -H "authorization: Bearer ${ADMIN}" | jq '[.items[] | select(.state == "ready")] | length')
   [[ ${ready} == 2 ]] && break
   sleep 1
 done
 [[ ${ready} == 2 ]] || die "the agents did not register"
-code=$(curl -sS -o /dev/null -w '%{http_code}' "${API}/images" -H "authorization: Bearer ${ADMIN}" \
+code=$(curl -sS -m 30 -o /dev/null -w '%{http_code}' "${API}/images" -H "authorization: Bearer ${ADMIN}" \
   -H 'content-type: application/json' --data-binary @"${IMAGE_DIR}/image.json")
 [[ ${code} == 201 ]] || die "registering the image answered ${code}"
 for c in $(seq 1 "${CLIENTS}"); do
-  curl -fsS "${API}/auth/register" -H 'content-type: application/json' \
+  curl -fsS -m 30 "${API}/auth/register" -H 'content-type: application/json' \
     -d "$(jq -n --arg u "soak-${c}" --arg p "${PASSWORD}" '{username: $u, email: ($u + "@example.com"), password: $p}')" >/dev/null
 done
 log "cluster up in ${DIR}; load for ${MINUTES} min, a kill -9 every ${KILL_EVERY} s"
@@ -148,7 +148,7 @@ client() { # number
   : >"${errors}"
   while (($(date +%s) < END)); do
     [[ -n ${tok} ]] || tok=$(token_of "soak-${c}" 2>/dev/null) || { tok=""; sleep 1; continue; }
-    live=$(curl -fsS "${API}/machines?limit=200" -H "authorization: Bearer ${tok}" 2>/dev/null | jq -r '.items[].id' 2>/dev/null) || { tok=""; sleep 1; continue; }
+    live=$(curl -fsS -m 30 "${API}/machines?limit=200" -H "authorization: Bearer ${tok}" 2>/dev/null | jq -r '.items[].id' 2>/dev/null) || { tok=""; sleep 1; continue; }
     count=$(grep -c . <<<"${live}" || true)
     case $((RANDOM % 6)) in
       0 | 1)
@@ -212,8 +212,12 @@ while (($(date +%s) < END)); do
     start_agent "${agent}"
   fi
   next_kill=$(($(date +%s) + KILL_EVERY))
-  (sleep 60 && [[ -n ${PID[cp]:-} ]] && rss_kib >"${DIR}/rss-after-restart") &
+  if [[ -n ${PID[cp]:-} ]]; then
+    (sleep 60 && awk '/^VmRSS:/ {print $2}' "/proc/${PID[cp]}/status" >"${DIR}/rss-after-restart" 2>/dev/null) &
+    PID[rss-sampler]=$!
+  fi
 done
+stop rss-sampler
 for c in $(seq 1 "${CLIENTS}"); do wait "${PID[client-${c}]}" || true; unset "PID[client-${c}]"; done
 log "load over after ${kills} kills; letting every machine settle"
 
@@ -225,7 +229,7 @@ check() { # ok message
 TRANSITIONAL='pending|provisioning|starting|stopping|rebooting|deleting'
 deadline=$(($(date +%s) + 600))
 while :; do
-  all=$(curl -fsS "${API}/machines?limit=200" -H "authorization: Bearer ${ADMIN}" 2>/dev/null) || all='{"items":[]}'
+  all=$(curl -fsS -m 30 "${API}/machines?limit=200" -H "authorization: Bearer ${ADMIN}" 2>/dev/null) || all='{"items":[]}'
   busy=$(jq -r --arg t "^(${TRANSITIONAL})$" '[.items[] | select(.status | test($t))] | length' <<<"${all}")
   [[ ${busy} == 0 ]] && break
   (($(date +%s) < deadline)) || break
@@ -234,12 +238,12 @@ done
 # Domains of machines deleted while their agent was dead are orphans until the reconciler's
 # grace (30 s) and next pass (10 s) are over.
 sleep 45
-all=$(curl -fsS "${API}/machines?limit=200" -H "authorization: Bearer ${ADMIN}")
+all=$(curl -fsS -m 30 "${API}/machines?limit=200" -H "authorization: Bearer ${ADMIN}")
 accepted=$(cat "${DIR}"/accepted-* | sort -u)
 total=$(grep -c . <<<"${accepted}" || true)
 not_final=0
 for id in ${accepted}; do
-  status=$(curl -sS -o "${DIR}/m.json" -w '%{http_code}' "${API}/machines/${id}" -H "authorization: Bearer ${ADMIN}")
+  status=$(curl -sS -m 30 -o "${DIR}/m.json" -w '%{http_code}' "${API}/machines/${id}" -H "authorization: Bearer ${ADMIN}")
   if [[ ${status} == 200 ]]; then
     s=$(jq -r .status "${DIR}/m.json")
     [[ ${s} =~ ^(running|stopped|failed)$ ]] || { not_final=$((not_final + 1)); echo "  ${id}: ${s}" >&2; }
@@ -253,7 +257,7 @@ done
 errors=$(cat "${DIR}"/errors-* 2>/dev/null | sort | uniq -c | sort -rn | head -5)
 [[ -z ${errors} ]] && check ok "no unexpected answers" || check fail "unexpected answers: ${errors//$'\n'/; }"
 
-hosts=$(curl -fsS "${API}/hosts" -H "authorization: Bearer ${ADMIN}")
+hosts=$(curl -fsS -m 30 "${API}/hosts" -H "authorization: Bearer ${ADMIN}")
 for i in 1 2; do
   # Running and stopped machines must have their domain; a failed one may or may not (it
   # failed somewhere along the way); nothing else may have one.
@@ -266,8 +270,10 @@ for i in 1 2; do
     check fail "agent ${i}: missing domains [${missing//$'\n'/ }], orphans [${orphans//$'\n'/ }]"
   alloc=$(jq -r --arg n "soak-${i}" '.items[] | select(.name == $n) | "\(.allocated.vcpus) \(.allocated.memory_mib)"' <<<"${hosts}")
   sum=$(jq -r --arg h "soak-${i}" '[.items[] | select(.host == $h)] | "\(map(.vcpus) | add // 0) \(map(.memory_mib) | add // 0)"' <<<"${all}")
-  [[ ${alloc} == "${sum}" ]] && check ok "agent ${i}: allocation ${alloc} matches its machines" ||
-    check fail "agent ${i}: allocation ${alloc} but its machines hold ${sum}"
+  # The host's allocation (GET /hosts, the scheduler's view) against the machines listed on
+  # it (GET /machines): two queries that must agree after kills mid-placement.
+  [[ ${alloc} == "${sum}" ]] && check ok "agent ${i}: allocation ${alloc} (vCPUs, MiB) matches the machines placed on it" ||
+    check fail "agent ${i}: allocation ${alloc} but the machines placed on it hold ${sum}"
 done
 
 RSS_END=$(rss_kib)
@@ -281,7 +287,7 @@ fi
 
 # Leave nothing: delete every machine and wait for the domains to go.
 for id in $(jq -r '.items[].id' <<<"${all}"); do
-  curl -sS -o /dev/null -X DELETE "${API}/machines/${id}" -H "authorization: Bearer ${ADMIN}" || true
+  curl -sS -m 30 -o /dev/null -X DELETE "${API}/machines/${id}" -H "authorization: Bearer ${ADMIN}" || true
 done
 for _ in $(seq 1 60); do [[ -z $(own_domains) ]] && break; sleep 2; done
 [[ -z $(own_domains) ]] && check ok "every domain removed after the deletes" || check fail "domains left: $(own_domains | tr '\n' ' ')"
