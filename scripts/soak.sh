@@ -222,6 +222,8 @@ for c in $(seq 1 "${CLIENTS}"); do wait "${PID[client-${c}]}" || true; unset "PI
 log "load over after ${kills} kills; letting every machine settle"
 
 # --- consistency -----------------------------------------------------------------------------
+# Access tokens last 15 minutes: the administrator logs in again for the checks.
+ADMIN=$(token_of root)
 fail=0
 check() { # ok message
   if [[ $1 == ok ]]; then echo "soak: ok   $2"; else echo "soak: FAIL $2"; fail=1; fi
