@@ -1061,9 +1061,20 @@ async fn a_replica_whose_clock_is_five_minutes_ahead_steals_no_lease() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let dir = tempfile::tempdir().unwrap();
+    // libfaketime preloaded through `env`, which execs: the server is the test's own child,
+    // killed by pid at the end (the `faketime` command forks and would leave it running).
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("libfaketime is installed (scripts/install-deps.sh)");
+    let preload = format!("LD_PRELOAD={lib}");
     let mut ahead = crate::common::process::ServerProcess::start(
         &dir.path().join("state"),
-        &["faketime", "-f", "+5m"],
+        &["env", &preload, "FAKETIME=+5m"],
         &[
             "--database-url",
             &app.db.url,
