@@ -210,10 +210,7 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
         tracing::info!(host = %r.name, %host_id, address = %reg.grpc_address,
             joined = issued.is_some(), "agent registered");
         if was_unreachable {
-            self.store
-                .machine_note_on_host(&host_id, "reconcile", "its host is reachable again")
-                .await
-                .map_err(internal)?;
+            tracing::info!(host = %r.name, "host is reachable again");
         }
         let host_credential = issued
             .map(|generation| self.credentials.credential(&host_id, generation))
@@ -276,10 +273,6 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
         }
         if change.was_unreachable {
             tracing::info!(host_id = %r.host_id, "host is reachable again");
-            self.store
-                .machine_note_on_host(&r.host_id, "reconcile", "its host is reachable again")
-                .await
-                .map_err(internal)?;
         }
         Ok(Response::new(pb::HeartbeatResponse {}))
     }

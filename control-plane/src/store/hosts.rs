@@ -3,12 +3,16 @@
 //! `unreachable`. What a host has allocated is not stored: it is the sum of the live machines
 //! placed on it, computed in the same transaction that places the next one.
 
+use super::provisioning::note_machines_on_host_in_txn;
 use super::{from_micros, is_unique_violation, to_micros, Backend, Store};
 use crate::error::{Error, Result};
 use crate::model::scheduler::{HostCandidate, Resources};
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
+
+/// What a host's machines say when it answers again after being unreachable.
+const REACHABLE_AGAIN: &str = "its host is reachable again";
 
 /// A registered host as stored, with what its live machines are sized for.
 #[derive(Debug, Clone)]
@@ -311,6 +315,9 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
+        if was_unreachable {
+            note_machines_on_host_in_txn(&mut tx, &id, "reconcile", REACHABLE_AGAIN, now).await?;
+        }
         tx.commit().await?;
         Ok(Registered::Accepted {
             id,
@@ -384,6 +391,9 @@ impl Store {
         .bind(id)
         .execute(&mut *tx)
         .await?;
+        if state == "unreachable" {
+            note_machines_on_host_in_txn(&mut tx, id, "reconcile", REACHABLE_AGAIN, now).await?;
+        }
         tx.commit().await?;
         Ok(Some(HeartbeatChange {
             was_unreachable: state == "unreachable",
@@ -393,22 +403,32 @@ impl Store {
 
     /// Marks ready hosts whose last heartbeat is older than `before` unreachable, in one
     /// statement (a heartbeat landing meanwhile is not overwritten, and of two replicas only
-    /// one reports each host); returns their ids and names.
+    /// one reports each host); returns their ids and names. Each host's live machines get the
+    /// event `note(host name)` in the same transaction.
     pub async fn host_mark_unreachable(
         &self,
         before: DateTime<Utc>,
+        note: impl Fn(&str) -> String,
     ) -> Result<Vec<(String, String)>> {
+        let now = to_micros(self.clock().await?);
+        let mut tx = self.begin_write().await?;
         let rows = sqlx::query(
             "UPDATE hosts SET state = 'unreachable', updated_at = $1 WHERE state = 'ready' \
              AND (last_heartbeat_at IS NULL OR last_heartbeat_at < $2) RETURNING id, name",
         )
-        .bind(to_micros(self.clock().await?))
+        .bind(now)
         .bind(to_micros(before))
-        .fetch_all(&self.write)
+        .fetch_all(&mut *tx)
         .await?;
-        rows.iter()
+        let hosts = rows
+            .iter()
             .map(|r| Ok((r.try_get("id")?, r.try_get("name")?)))
-            .collect()
+            .collect::<Result<Vec<(String, String)>>>()?;
+        for (id, name) in &hosts {
+            note_machines_on_host_in_txn(&mut tx, id, "reconcile", &note(name), now).await?;
+        }
+        tx.commit().await?;
+        Ok(hosts)
     }
 
     /// Cordons (no new machines) or uncordons a host.

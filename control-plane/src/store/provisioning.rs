@@ -10,7 +10,7 @@ use crate::model::machine_state;
 use crate::model::scheduler::{self, NoPlacement, Resources};
 use crate::model::{DesiredState, MachineId, MachineStatus};
 use chrono::{DateTime, Utc};
-use sqlx::Row;
+use sqlx::{Any, Row, Transaction};
 
 /// Everything a worker needs to act on one machine.
 #[derive(Debug, Clone)]
@@ -288,35 +288,8 @@ impl Store {
             .await?;
         let Some(row) = row else { return Ok(()) };
         let status: MachineStatus = parse_col(&row.try_get::<String, _>("status")?, "status")?;
-        let last: Option<String> =
-            sqlx::query("SELECT message FROM vm_events WHERE vm_id = $1 ORDER BY seq DESC LIMIT 1")
-                .bind(id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| r.try_get("message"))
-                .transpose()?;
-        if last.as_deref() != Some(message) {
-            event_in_txn(&mut tx, id, action, status, message, now).await?;
-        }
+        note_in_txn(&mut tx, id, status, action, message, now).await?;
         tx.commit().await?;
-        Ok(())
-    }
-
-    /// Writes an event to every live machine on a host (it went away, it came back).
-    pub async fn machine_note_on_host(
-        &self,
-        host_id: &str,
-        action: &str,
-        message: &str,
-    ) -> Result<()> {
-        let rows = sqlx::query("SELECT id FROM vms WHERE host_id = $1 AND deleted_at IS NULL")
-            .bind(host_id)
-            .fetch_all(self.reader())
-            .await?;
-        for r in rows {
-            let id: MachineId = parse_col(&r.try_get::<String, _>("id")?, "vms.id")?;
-            self.machine_note(id, action, message).await?;
-        }
         Ok(())
     }
 
@@ -431,4 +404,48 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Writes an event unless it repeats the machine's last one (a note said every pass is said
+/// once).
+async fn note_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    id: MachineId,
+    status: MachineStatus,
+    action: &str,
+    message: &str,
+    now: i64,
+) -> Result<()> {
+    let last: Option<String> =
+        sqlx::query("SELECT message FROM vm_events WHERE vm_id = $1 ORDER BY seq DESC LIMIT 1")
+            .bind(id.to_string())
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|r| r.try_get("message"))
+            .transpose()?;
+    if last.as_deref() != Some(message) {
+        event_in_txn(tx, id, action, status, message, now).await?;
+    }
+    Ok(())
+}
+
+/// Writes an event to every live machine on a host (it went away, it came back), in the
+/// transaction that changes the host's state: whoever sees the state sees the notes.
+pub(crate) async fn note_machines_on_host_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    host_id: &str,
+    action: &str,
+    message: &str,
+    now: i64,
+) -> Result<()> {
+    let rows = sqlx::query("SELECT id, status FROM vms WHERE host_id = $1 AND deleted_at IS NULL")
+        .bind(host_id)
+        .fetch_all(&mut **tx)
+        .await?;
+    for r in rows {
+        let id: MachineId = parse_col(&r.try_get::<String, _>("id")?, "vms.id")?;
+        let status: MachineStatus = parse_col(&r.try_get::<String, _>("status")?, "vms.status")?;
+        note_in_txn(tx, id, status, action, message, now).await?;
+    }
+    Ok(())
 }

@@ -28,16 +28,17 @@ pub async fn run(store: Store, settings: WorkflowSettings) {
 pub async fn check_once(store: &Store, settings: &WorkflowSettings) -> crate::Result<()> {
     let silence = chrono::Duration::from_std(settings.unreachable_after)
         .unwrap_or_else(|_| chrono::Duration::seconds(20));
-    for (id, name) in store
-        .host_mark_unreachable(store.clock().await? - silence)
+    let note = |name: &str| {
+        format!(
+            "its host {name} is unreachable (no heartbeat for {} s)",
+            settings.unreachable_after.as_secs()
+        )
+    };
+    for (_, name) in store
+        .host_mark_unreachable(store.clock().await? - silence, note)
         .await?
     {
         tracing::warn!(host = %name, "host missed its heartbeats; unreachable");
-        let note = format!(
-            "its host {name} is unreachable (no heartbeat for {} s)",
-            settings.unreachable_after.as_secs()
-        );
-        store.machine_note_on_host(&id, "reconcile", &note).await?;
     }
     let limits: Vec<_> = MachineStatus::ALL
         .into_iter()
