@@ -1,10 +1,10 @@
 //! Boot timing of the tiny image through the agent versus by hand with virsh, for the README.
 //!
 //! Starts `skygate-host-agent` (the binary next to this example) on 127.0.0.1 with its own
-//! data dir and domain prefix, then per run: EnsureVm (desired RUNNING) → time until the call
-//! returns running, and until `ssh hostname` answers through the forwarded port; StopVm;
+//! data dir and domain prefix, then per run: EnsureMachine (desired RUNNING) → time until the call
+//! returns running, and until `ssh hostname` answers through the forwarded port; StopMachine;
 //! `virsh start` of that very domain → time until virsh returns and until ssh answers;
-//! DeleteVm. Prints each run and the medians. Needs root, libvirtd, ssh and the tiny image.
+//! DeleteMachine. Prints each run and the medians. Needs root, libvirtd, ssh and the tiny image.
 //!
 //! cargo run --release -p host-agent --example boot_timing -- [RUNS]
 
@@ -146,7 +146,7 @@ async fn main() {
         (vec![], vec![], vec![], vec![]);
     for run in 1..=runs {
         let id = uuid::Uuid::new_v4();
-        let spec = pb::VmSpec {
+        let spec = pb::MachineSpec {
             machine_id: id.to_string(),
             generation: 1,
             hostname: format!("timing-{run}"),
@@ -160,7 +160,7 @@ async fn main() {
         };
         let t0 = Instant::now();
         let state = client
-            .ensure_vm(pb::EnsureVmRequest { spec: Some(spec) })
+            .ensure_machine(pb::EnsureMachineRequest { spec: Some(spec) })
             .await
             .unwrap()
             .into_inner();
@@ -170,7 +170,7 @@ async fn main() {
             .duration_since(t0)
             .as_secs_f64();
         client
-            .stop_vm(pb::StopVmRequest {
+            .stop_machine(pb::StopMachineRequest {
                 machine_id: id.to_string(),
                 graceful_timeout_secs: 30,
             })
@@ -188,13 +188,13 @@ async fn main() {
             .duration_since(t1)
             .as_secs_f64();
         client
-            .delete_vm(pb::VmRef {
+            .delete_machine(pb::MachineRef {
                 machine_id: id.to_string(),
             })
             .await
             .unwrap();
         println!(
-            "run {run}: EnsureVm→running {running:.2} s, →ssh {ssh:.2} s | virsh start→running {by_hand:.2} s, →ssh {by_hand_ssh:.2} s"
+            "run {run}: EnsureMachine→running {running:.2} s, →ssh {ssh:.2} s | virsh start→running {by_hand:.2} s, →ssh {by_hand_ssh:.2} s"
         );
         agent_running.push(running);
         agent_ssh.push(ssh);
@@ -203,7 +203,7 @@ async fn main() {
     }
     let (a, b) = (median(agent_ssh), median(virsh_ssh));
     println!(
-        "median of {runs}: EnsureVm→running {:.2} s, EnsureVm→ssh {a:.2} s; virsh start→running {:.2} s, virsh start→ssh {b:.2} s; ratio (ssh) {:.2}",
+        "median of {runs}: EnsureMachine→running {:.2} s, EnsureMachine→ssh {a:.2} s; virsh start→running {:.2} s, virsh start→ssh {b:.2} s; ratio (ssh) {:.2}",
         median(agent_running),
         median(virsh_running),
         a / b

@@ -91,7 +91,7 @@ pub struct AgentArgs {
         value_parser = crate::preflight::parse_forward_ports
     )]
     pub forward_ports: PortRange,
-    /// How long StopVm waits for the guest's ACPI shutdown before forcing it off, when the
+    /// How long StopMachine waits for the guest's ACPI shutdown before forcing it off, when the
     /// call does not say.
     #[arg(
         long,

@@ -1,7 +1,7 @@
 //! The agent's event log: every observed change of a machine's phase, numbered. Kept in
 //! memory (a bounded ring) and fanned out to WatchEvents streams; a client that reconnects
 //! with the last sequence it saw gets what followed, as far as the ring still holds it. After
-//! an agent restart numbering starts again and the control plane reconciles from ListVms
+//! an agent restart numbering starts again and the control plane reconciles from ListMachines
 //! (the agent keeps no state of its own).
 
 use std::collections::{HashMap, VecDeque};
@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::machines::VmPhase;
+use crate::machines::MachinePhase;
 
 /// How many events the ring keeps for late subscribers.
 pub const DEFAULT_RETAINED: usize = 4096;
@@ -22,7 +22,7 @@ pub enum ResumeError {
     /// The sequence is ahead of this agent's numbering.
     #[error(
         "sequence {requested} was never issued by this agent (its latest is {latest}; it has \
-         restarted since?): resync with ListVms and watch from 0"
+         restarted since?): resync with ListMachines and watch from 0"
     )]
     NeverIssued {
         /// What the client asked for.
@@ -33,7 +33,7 @@ pub enum ResumeError {
     /// The events right after the sequence have left the ring.
     #[error(
         "events after {requested} are no longer retained (the oldest is {oldest}): resync \
-         with ListVms and watch from 0"
+         with ListMachines and watch from 0"
     )]
     Forgotten {
         /// What the client asked for.
@@ -51,7 +51,7 @@ pub struct MachineEvent {
     /// The machine.
     pub machine_id: Uuid,
     /// Its new phase.
-    pub phase: VmPhase,
+    pub phase: MachinePhase,
     /// Why, for people.
     pub reason: String,
     /// When the agent saw it, in milliseconds since the Unix epoch.
@@ -62,7 +62,7 @@ pub struct MachineEvent {
 struct Inner {
     next_sequence: u64,
     retained: VecDeque<MachineEvent>,
-    last_phase: HashMap<Uuid, VmPhase>,
+    last_phase: HashMap<Uuid, MachinePhase>,
 }
 
 /// The event log. Publishing deduplicates: a phase equal to the last one recorded for that
@@ -94,12 +94,17 @@ impl EventLog {
     }
 
     /// Records that `machine_id` is now in `phase`; returns the event unless nothing changed.
-    pub fn observe(&self, machine_id: Uuid, phase: VmPhase, reason: &str) -> Option<MachineEvent> {
+    pub fn observe(
+        &self,
+        machine_id: Uuid,
+        phase: MachinePhase,
+        reason: &str,
+    ) -> Option<MachineEvent> {
         let mut inner = self.lock();
         if inner.last_phase.get(&machine_id) == Some(&phase) {
             return None;
         }
-        if phase == VmPhase::Absent {
+        if phase == MachinePhase::Absent {
             inner.last_phase.remove(&machine_id);
         } else {
             inner.last_phase.insert(machine_id, phase);
@@ -123,12 +128,12 @@ impl EventLog {
 
     /// Seeds the last known phase without emitting an event (start-up: what already exists
     /// is the baseline, not news).
-    pub fn baseline(&self, machine_id: Uuid, phase: VmPhase) {
+    pub fn baseline(&self, machine_id: Uuid, phase: MachinePhase) {
         self.lock().last_phase.insert(machine_id, phase);
     }
 
     /// The last phase recorded for `machine_id` (`None`: never seen or absent).
-    pub fn last_phase(&self, machine_id: Uuid) -> Option<VmPhase> {
+    pub fn last_phase(&self, machine_id: Uuid) -> Option<MachinePhase> {
         self.lock().last_phase.get(&machine_id).copied()
     }
 
@@ -141,7 +146,7 @@ impl EventLog {
     /// under one lock, so nothing falls between the two. A client must not silently miss
     /// events: resuming after a sequence this agent never issued (it restarted and numbers
     /// from 1 again) or after one whose successors are no longer retained is an error telling
-    /// it to resync (ListVms) and watch from 0.
+    /// it to resync (ListMachines) and watch from 0.
     pub fn subscribe(
         &self,
         after_sequence: u64,
@@ -188,19 +193,19 @@ mod tests {
         let log = EventLog::new(8);
         let id = Uuid::new_v4();
         assert_eq!(
-            log.observe(id, VmPhase::Stopped, "defined")
+            log.observe(id, MachinePhase::Stopped, "defined")
                 .map(|e| e.sequence),
             Some(1)
         );
-        assert!(log.observe(id, VmPhase::Stopped, "again").is_none());
+        assert!(log.observe(id, MachinePhase::Stopped, "again").is_none());
         assert_eq!(
-            log.observe(id, VmPhase::Running, "started")
+            log.observe(id, MachinePhase::Running, "started")
                 .map(|e| e.sequence),
             Some(2)
         );
-        log.baseline(id, VmPhase::Crashed);
+        log.baseline(id, MachinePhase::Crashed);
         assert!(log
-            .observe(id, VmPhase::Crashed, "seen by poller")
+            .observe(id, MachinePhase::Crashed, "seen by poller")
             .is_none());
     }
 
@@ -208,9 +213,9 @@ mod tests {
     async fn resumes_after_a_sequence_and_then_follows_live() {
         let log = EventLog::new(2);
         let id = Uuid::new_v4();
-        log.observe(id, VmPhase::Stopped, "a");
-        log.observe(id, VmPhase::Running, "b");
-        log.observe(id, VmPhase::Stopped, "c");
+        log.observe(id, MachinePhase::Stopped, "a");
+        log.observe(id, MachinePhase::Running, "b");
+        log.observe(id, MachinePhase::Stopped, "c");
         // Capacity 2: event 1 is forgotten.
         let (backlog, mut rx) = log.subscribe(0).unwrap();
         assert_eq!(
@@ -222,9 +227,9 @@ mod tests {
         assert!(log.subscribe(3).unwrap().0.is_empty());
         // Event 1 is gone but a client that saw it misses nothing.
         assert_eq!(log.subscribe(1).unwrap().0.len(), 2);
-        log.observe(id, VmPhase::Absent, "deleted");
+        log.observe(id, MachinePhase::Absent, "deleted");
         let live = rx.recv().await.unwrap();
-        assert_eq!((live.sequence, live.phase), (4, VmPhase::Absent));
+        assert_eq!((live.sequence, live.phase), (4, MachinePhase::Absent));
         // Now event 2 is gone too: resuming after 1 would skip it unnoticed.
         assert_eq!(
             log.subscribe(1).unwrap_err(),

@@ -18,8 +18,8 @@ use crate::error::AgentError;
 use crate::events::{EventLog, MachineEvent};
 use crate::hypervisor::blocking;
 use crate::machines::{
-    parse_machine_id, DesiredPower, ImagePlan, MachineManager, MachineSpec, SourceFile, SpecError,
-    VmPhase, VmState,
+    parse_machine_id, DesiredPower, ImagePlan, MachineManager, MachinePhase, MachineSpec,
+    MachineState, SourceFile, SpecError,
 };
 
 /// Who this host is and what it offers.
@@ -82,7 +82,7 @@ fn source(url: String, sha256: String) -> SourceFile {
 }
 
 /// Wire spec → validated spec.
-pub fn spec_from_wire(spec: Option<pb::VmSpec>) -> Result<MachineSpec, Status> {
+pub fn spec_from_wire(spec: Option<pb::MachineSpec>) -> Result<MachineSpec, Status> {
     let spec = spec.ok_or_else(|| invalid("spec", "is required"))?;
     let image = spec.image.ok_or_else(|| invalid("image", "is required"))?;
     let format = pb::DiskFormat::try_from(image.format)
@@ -127,24 +127,24 @@ pub fn spec_from_wire(spec: Option<pb::VmSpec>) -> Result<MachineSpec, Status> {
     })
 }
 
-fn phase_to_wire(p: VmPhase) -> pb::VmPhase {
+fn phase_to_wire(p: MachinePhase) -> pb::MachinePhase {
     match p {
-        VmPhase::Absent => pb::VmPhase::Absent,
-        VmPhase::Stopped => pb::VmPhase::Stopped,
-        VmPhase::Running => pb::VmPhase::Running,
-        VmPhase::Paused => pb::VmPhase::Paused,
-        VmPhase::ShuttingDown => pb::VmPhase::ShuttingDown,
-        VmPhase::Crashed => pb::VmPhase::Crashed,
+        MachinePhase::Absent => pb::MachinePhase::Absent,
+        MachinePhase::Stopped => pb::MachinePhase::Stopped,
+        MachinePhase::Running => pb::MachinePhase::Running,
+        MachinePhase::Paused => pb::MachinePhase::Paused,
+        MachinePhase::ShuttingDown => pb::MachinePhase::ShuttingDown,
+        MachinePhase::Crashed => pb::MachinePhase::Crashed,
     }
 }
 
-fn state_to_wire(s: VmState) -> pb::VmState {
-    pb::VmState {
+fn state_to_wire(s: MachineState) -> pb::MachineState {
+    pb::MachineState {
         machine_id: s.id.to_string(),
         generation: s.generation,
         phase: phase_to_wire(s.phase) as i32,
         domain_name: s.domain_name,
-        network: Some(pb::VmNetwork {
+        network: Some(pb::MachineNetwork {
             addresses: s.addresses,
             ports: s
                 .forwards
@@ -161,8 +161,8 @@ fn state_to_wire(s: VmState) -> pb::VmState {
     }
 }
 
-fn event_to_wire(e: MachineEvent) -> pb::VmEvent {
-    pb::VmEvent {
+fn event_to_wire(e: MachineEvent) -> pb::MachineEvent {
+    pb::MachineEvent {
         sequence: e.sequence,
         machine_id: e.machine_id.to_string(),
         phase: phase_to_wire(e.phase) as i32,
@@ -175,7 +175,7 @@ fn machine_id(raw: &str) -> Result<uuid::Uuid, Status> {
     Ok(parse_machine_id(raw).map_err(AgentError::from)?)
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::VmEvent, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::MachineEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::host_agent_server::HostAgent for HostAgentService {
@@ -186,11 +186,11 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
         let facts = blocking(self.manager.hypervisor(), |hv| hv.host_facts())
             .await
             .map_err(AgentError::from)?;
-        let vms = self.manager.list().await?;
+        let machines = self.manager.list().await?;
         let allocated = pb::Capacity {
-            vcpus: vms.iter().map(|v| v.vcpus).sum(),
-            memory_mib: vms.iter().map(|v| v.memory_mib).sum(),
-            disk_gib: vms.iter().map(|v| v.disk_gib).sum(),
+            vcpus: machines.iter().map(|v| v.vcpus).sum(),
+            memory_mib: machines.iter().map(|v| v.memory_mib).sum(),
+            disk_gib: machines.iter().map(|v| v.disk_gib).sum(),
         };
         Ok(Response::new(pb::HostInfo {
             name: self.host.name.clone(),
@@ -200,28 +200,31 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             libvirt_version: facts.libvirt_version,
             domain_prefix: self.manager.config().domain_prefix.clone(),
-            vm_count: u32::try_from(vms.len()).unwrap_or(u32::MAX),
+            machine_count: u32::try_from(machines.len()).unwrap_or(u32::MAX),
         }))
     }
 
-    async fn ensure_vm(
+    async fn ensure_machine(
         &self,
-        request: Request<pb::EnsureVmRequest>,
-    ) -> Result<Response<pb::VmState>, Status> {
+        request: Request<pb::EnsureMachineRequest>,
+    ) -> Result<Response<pb::MachineState>, Status> {
         let spec = spec_from_wire(request.into_inner().spec)?;
         let state = self.manager.ensure(spec).await?;
         Ok(Response::new(state_to_wire(state)))
     }
 
-    async fn start_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::VmState>, Status> {
+    async fn start_machine(
+        &self,
+        request: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::MachineState>, Status> {
         let id = machine_id(&request.into_inner().machine_id)?;
         Ok(Response::new(state_to_wire(self.manager.start(id).await?)))
     }
 
-    async fn stop_vm(
+    async fn stop_machine(
         &self,
-        request: Request<pb::StopVmRequest>,
-    ) -> Result<Response<pb::VmState>, Status> {
+        request: Request<pb::StopMachineRequest>,
+    ) -> Result<Response<pb::MachineState>, Status> {
         let req = request.into_inner();
         let id = machine_id(&req.machine_id)?;
         let timeout = (req.graceful_timeout_secs > 0)
@@ -231,10 +234,10 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
         )))
     }
 
-    async fn reboot_vm(
+    async fn reboot_machine(
         &self,
-        request: Request<pb::RebootVmRequest>,
-    ) -> Result<Response<pb::VmState>, Status> {
+        request: Request<pb::RebootMachineRequest>,
+    ) -> Result<Response<pb::MachineState>, Status> {
         let r = request.into_inner();
         let id = machine_id(&r.machine_id)?;
         let request_id = (!r.request_id.is_empty()).then_some(r.request_id.as_str());
@@ -243,29 +246,32 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
         )))
     }
 
-    async fn delete_vm(
+    async fn delete_machine(
         &self,
-        request: Request<pb::VmRef>,
-    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        request: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::DeleteMachineResponse>, Status> {
         let id = machine_id(&request.into_inner().machine_id)?;
         let existed = self.manager.delete(id).await?;
-        Ok(Response::new(pb::DeleteVmResponse { existed }))
+        Ok(Response::new(pb::DeleteMachineResponse { existed }))
     }
 
-    async fn get_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::VmState>, Status> {
+    async fn get_machine(
+        &self,
+        request: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::MachineState>, Status> {
         let id = machine_id(&request.into_inner().machine_id)?;
         Ok(Response::new(state_to_wire(
             self.manager.state_of(id).await?,
         )))
     }
 
-    async fn list_vms(
+    async fn list_machines(
         &self,
-        _: Request<pb::ListVmsRequest>,
-    ) -> Result<Response<pb::ListVmsResponse>, Status> {
-        let vms = self.manager.list().await?;
-        Ok(Response::new(pb::ListVmsResponse {
-            vms: vms.into_iter().map(state_to_wire).collect(),
+        _: Request<pb::ListMachinesRequest>,
+    ) -> Result<Response<pb::ListMachinesResponse>, Status> {
+        let machines = self.manager.list().await?;
+        Ok(Response::new(pb::ListMachinesResponse {
+            machines: machines.into_iter().map(state_to_wire).collect(),
         }))
     }
 

@@ -1,7 +1,7 @@
 //! The HostAgent gRPC surface as a caller sees it, served in-process by `server::serve` on
 //! 127.0.0.1 over the fake hypervisor (with the real qemu-img, genisoimage and image cache on
 //! a temporary data directory): bearer authentication, the unauthenticated grpc.health.v1
-//! service, EnsureVm/StartVm/GetConsole/DeleteVm results and status codes, resumable
+//! service, EnsureMachine/StartMachine/GetConsole/DeleteMachine results and status codes, resumable
 //! WatchEvents, and TLS and mutual TLS with certificates made by rcgen.
 
 // clippy.toml's allow-unwrap/expect-in-tests covers #[test] functions only, not the helpers
@@ -174,8 +174,8 @@ impl Agent {
     }
 
     /// A kernel-boot spec for `id` that the fake hypervisor and real tools accept.
-    fn spec(&self, id: &str, generation: u64) -> pb::VmSpec {
-        pb::VmSpec {
+    fn spec(&self, id: &str, generation: u64) -> pb::MachineSpec {
+        pb::MachineSpec {
             machine_id: id.into(),
             generation,
             hostname: "grpc-1".into(),
@@ -202,18 +202,18 @@ impl Agent {
     }
 }
 
-fn ensure(spec: pb::VmSpec) -> pb::EnsureVmRequest {
-    pb::EnsureVmRequest { spec: Some(spec) }
+fn ensure(spec: pb::MachineSpec) -> pb::EnsureMachineRequest {
+    pb::EnsureMachineRequest { spec: Some(spec) }
 }
 
-fn vm_ref(id: &str) -> pb::VmRef {
-    pb::VmRef {
+fn machine_ref(id: &str) -> pb::MachineRef {
+    pb::MachineRef {
         machine_id: id.into(),
     }
 }
 
-fn phase(raw: i32) -> pb::VmPhase {
-    pb::VmPhase::try_from(raw).unwrap_or(pb::VmPhase::Unspecified)
+fn phase(raw: i32) -> pb::MachinePhase {
+    pb::MachinePhase::try_from(raw).unwrap_or(pb::MachinePhase::Unspecified)
 }
 
 /// The error of a call expected to fail.
@@ -227,26 +227,26 @@ async fn calls_without_or_with_a_wrong_bearer_token_are_unauthenticated_and_the_
     let agent = Agent::start(None).await;
 
     let mut anonymous = HostAgentClient::new(agent.channel().await);
-    let status = refused(anonymous.list_vms(pb::ListVmsRequest {}).await);
+    let status = refused(anonymous.list_machines(pb::ListMachinesRequest {}).await);
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
     let mut wrong = HostAgentClient::with_interceptor(agent.channel().await, Bearer::token("nope"));
-    let status = refused(wrong.list_vms(pb::ListVmsRequest {}).await);
+    let status = refused(wrong.list_machines(pb::ListMachinesRequest {}).await);
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
     // The token alone, without the scheme, is not accepted either.
     let bare = Bearer(TOKEN.parse().unwrap());
     let mut unprefixed = HostAgentClient::with_interceptor(agent.channel().await, bare);
-    let status = refused(unprefixed.list_vms(pb::ListVmsRequest {}).await);
+    let status = refused(unprefixed.list_machines(pb::ListMachinesRequest {}).await);
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
     let mut client = agent.client().await;
     let listed = client
-        .list_vms(pb::ListVmsRequest {})
+        .list_machines(pb::ListMachinesRequest {})
         .await
         .unwrap()
         .into_inner();
-    assert!(listed.vms.is_empty(), "{listed:?}");
+    assert!(listed.machines.is_empty(), "{listed:?}");
     let info = client
         .get_host_info(pb::GetHostInfoRequest {})
         .await
@@ -254,7 +254,7 @@ async fn calls_without_or_with_a_wrong_bearer_token_are_unauthenticated_and_the_
         .into_inner();
     assert_eq!(info.name, "grpc-test-host");
     assert_eq!(info.domain_prefix, PREFIX);
-    assert_eq!(info.vm_count, 0);
+    assert_eq!(info.machine_count, 0);
 
     drop((anonymous, wrong, unprefixed, client));
     agent.stop().await;
@@ -298,11 +298,11 @@ async fn ensure_vm_boots_a_kernel_spec_with_an_ssh_forward_and_repeating_it_retu
     let id = Uuid::new_v4().to_string();
 
     let state = client
-        .ensure_vm(ensure(agent.spec(&id, 1)))
+        .ensure_machine(ensure(agent.spec(&id, 1)))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(phase(state.phase), pb::VmPhase::Running, "{state:?}");
+    assert_eq!(phase(state.phase), pb::MachinePhase::Running, "{state:?}");
     assert_eq!(state.machine_id, id);
     assert_eq!(state.generation, 1);
     assert_eq!(state.domain_name, format!("{PREFIX}{id}"));
@@ -317,20 +317,24 @@ async fn ensure_vm_boots_a_kernel_spec_with_an_ssh_forward_and_repeating_it_retu
     assert_eq!(network.addresses, ["127.0.0.1"]);
 
     let again = client
-        .ensure_vm(ensure(agent.spec(&id, 1)))
+        .ensure_machine(ensure(agent.spec(&id, 1)))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(again, state);
 
-    let fetched = client.get_vm(vm_ref(&id)).await.unwrap().into_inner();
-    assert_eq!(fetched, state);
-    let listed = client
-        .list_vms(pb::ListVmsRequest {})
+    let fetched = client
+        .get_machine(machine_ref(&id))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.vms, [state]);
+    assert_eq!(fetched, state);
+    let listed = client
+        .list_machines(pb::ListMachinesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.machines, [state]);
 
     drop(client);
     agent.stop().await;
@@ -345,10 +349,10 @@ async fn ensure_vm_refuses_a_zero_generation_a_non_uuid_id_or_a_missing_spec_nam
     let cases = [
         ("generation", ensure(agent.spec(&id, 0))),
         ("machine_id", ensure(agent.spec("not-a-uuid", 1))),
-        ("spec", pb::EnsureVmRequest { spec: None }),
+        ("spec", pb::EnsureMachineRequest { spec: None }),
     ];
     for (field, request) in cases {
-        let status = refused(client.ensure_vm(request).await);
+        let status = refused(client.ensure_machine(request).await);
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
         assert!(
             status.message().contains(field),
@@ -358,11 +362,11 @@ async fn ensure_vm_refuses_a_zero_generation_a_non_uuid_id_or_a_missing_spec_nam
     }
     // Nothing was built by the refused requests.
     let listed = client
-        .list_vms(pb::ListVmsRequest {})
+        .list_machines(pb::ListMachinesRequest {})
         .await
         .unwrap()
         .into_inner();
-    assert!(listed.vms.is_empty(), "{listed:?}");
+    assert!(listed.machines.is_empty(), "{listed:?}");
 
     drop(client);
     agent.stop().await;
@@ -374,17 +378,24 @@ async fn ensure_vm_with_an_older_generation_than_the_applied_one_is_a_failed_pre
     let mut client = agent.client().await;
     let id = Uuid::new_v4().to_string();
 
-    client.ensure_vm(ensure(agent.spec(&id, 1))).await.unwrap();
+    client
+        .ensure_machine(ensure(agent.spec(&id, 1)))
+        .await
+        .unwrap();
     let second = client
-        .ensure_vm(ensure(agent.spec(&id, 2)))
+        .ensure_machine(ensure(agent.spec(&id, 2)))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(second.generation, 2);
 
-    let status = refused(client.ensure_vm(ensure(agent.spec(&id, 1))).await);
+    let status = refused(client.ensure_machine(ensure(agent.spec(&id, 1))).await);
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    let still = client.get_vm(vm_ref(&id)).await.unwrap().into_inner();
+    let still = client
+        .get_machine(machine_ref(&id))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(still.generation, 2);
 
     drop(client);
@@ -397,7 +408,7 @@ async fn unknown_machines_are_not_found_and_delete_vm_reports_whether_it_existed
     let mut client = agent.client().await;
     let unknown = Uuid::new_v4().to_string();
 
-    let status = refused(client.start_vm(vm_ref(&unknown)).await);
+    let status = refused(client.start_machine(machine_ref(&unknown)).await);
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     let status = refused(
         client
@@ -408,24 +419,39 @@ async fn unknown_machines_are_not_found_and_delete_vm_reports_whether_it_existed
             .await,
     );
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
-    let status = refused(client.start_vm(vm_ref("not-a-uuid")).await);
+    let status = refused(client.start_machine(machine_ref("not-a-uuid")).await);
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
     let id = Uuid::new_v4().to_string();
-    client.ensure_vm(ensure(agent.spec(&id, 1))).await.unwrap();
-    let deleted = client.delete_vm(vm_ref(&id)).await.unwrap().into_inner();
+    client
+        .ensure_machine(ensure(agent.spec(&id, 1)))
+        .await
+        .unwrap();
+    let deleted = client
+        .delete_machine(machine_ref(&id))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(deleted.existed);
-    let again = client.delete_vm(vm_ref(&id)).await.unwrap().into_inner();
+    let again = client
+        .delete_machine(machine_ref(&id))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!again.existed);
-    let gone = client.get_vm(vm_ref(&id)).await.unwrap().into_inner();
-    assert_eq!(phase(gone.phase), pb::VmPhase::Absent, "{gone:?}");
+    let gone = client
+        .get_machine(machine_ref(&id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phase(gone.phase), pb::MachinePhase::Absent, "{gone:?}");
 
     drop(client);
     agent.stop().await;
 }
 
 /// The next event of `stream`, failing on an error, the end of the stream or a timeout.
-async fn next_event(stream: &mut tonic::Streaming<pb::VmEvent>) -> pb::VmEvent {
+async fn next_event(stream: &mut tonic::Streaming<pb::MachineEvent>) -> pb::MachineEvent {
     tokio::time::timeout(WAIT, stream.message())
         .await
         .expect("no event within the wait")
@@ -444,17 +470,28 @@ async fn watch_events_streams_phase_changes_in_sequence_and_resumes_after_a_give
         .await
         .unwrap()
         .into_inner();
-    client.ensure_vm(ensure(agent.spec(&id, 1))).await.unwrap();
+    client
+        .ensure_machine(ensure(agent.spec(&id, 1)))
+        .await
+        .unwrap();
 
     let defined = next_event(&mut stream).await;
     assert_eq!(defined.machine_id, id);
-    assert_eq!(phase(defined.phase), pb::VmPhase::Stopped, "{defined:?}");
+    assert_eq!(
+        phase(defined.phase),
+        pb::MachinePhase::Stopped,
+        "{defined:?}"
+    );
     assert!(defined.reason.starts_with("defined"), "{defined:?}");
     assert!(defined.sequence >= 1);
     assert!(defined.at_unix_ms > 0);
     let started = next_event(&mut stream).await;
     assert_eq!(started.machine_id, id);
-    assert_eq!(phase(started.phase), pb::VmPhase::Running, "{started:?}");
+    assert_eq!(
+        phase(started.phase),
+        pb::MachinePhase::Running,
+        "{started:?}"
+    );
     assert_eq!(started.sequence, defined.sequence + 1);
 
     // A client reconnecting after the first event gets the second one from the backlog ...
@@ -469,14 +506,18 @@ async fn watch_events_streams_phase_changes_in_sequence_and_resumes_after_a_give
 
     // ... and then follows live without repeating it; so does the first stream.
     client
-        .stop_vm(pb::StopVmRequest {
+        .stop_machine(pb::StopMachineRequest {
             machine_id: id.clone(),
             graceful_timeout_secs: 0,
         })
         .await
         .unwrap();
     let stopped = next_event(&mut resumed).await;
-    assert_eq!(phase(stopped.phase), pb::VmPhase::Stopped, "{stopped:?}");
+    assert_eq!(
+        phase(stopped.phase),
+        pb::MachinePhase::Stopped,
+        "{stopped:?}"
+    );
     assert_eq!(stopped.sequence, started.sequence + 1);
     assert_eq!(next_event(&mut stream).await, stopped);
 
@@ -583,26 +624,29 @@ impl Pki {
     }
 }
 
-/// Connects `endpoint` and calls ListVms presenting `token`; any failure, of the connection or
+/// Connects `endpoint` and calls ListMachines presenting `token`; any failure, of the connection or
 /// of the call, is the error.
-async fn list_vms_over(endpoint: Endpoint, token: &str) -> Result<pb::ListVmsResponse, String> {
+async fn list_machines_over(
+    endpoint: Endpoint,
+    token: &str,
+) -> Result<pb::ListMachinesResponse, String> {
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
     let mut client = HostAgentClient::with_interceptor(channel, Bearer::token(token));
     client
-        .list_vms(pb::ListVmsRequest {})
+        .list_machines(pb::ListMachinesRequest {})
         .await
         .map(tonic::Response::into_inner)
         .map_err(|s| format!("call: {s:?}"))
 }
 
-/// Like [`list_vms_over`] with the right token, for attempts the transport must refuse: the
+/// Like [`list_machines_over`] with the right token, for attempts the transport must refuse: the
 /// refusal must come from the connection (with the TLS `alert` the server sent, if given), not
 /// from the token check.
 async fn assert_transport_refuses(endpoint: Endpoint, what: &str, alert: Option<&str>) {
-    match list_vms_over(endpoint, TOKEN).await {
+    match list_machines_over(endpoint, TOKEN).await {
         Ok(r) => panic!("{what}: expected a refusal, got {r:?}"),
         Err(e) => {
             assert!(!e.contains("Unauthenticated"), "{what}: {e}");
@@ -625,9 +669,9 @@ async fn tls_server_serves_clients_trusting_its_ca_and_refuses_plaintext_still_r
             .unwrap()
     };
 
-    let listed = list_vms_over(https(), TOKEN).await.unwrap();
-    assert!(listed.vms.is_empty());
-    let err = list_vms_over(https(), "nope").await.unwrap_err();
+    let listed = list_machines_over(https(), TOKEN).await.unwrap();
+    assert!(listed.machines.is_empty());
+    let err = list_machines_over(https(), "nope").await.unwrap_err();
     assert!(err.contains("Unauthenticated"), "{err}");
 
     assert_transport_refuses(agent.endpoint("http"), "plaintext client", None).await;
@@ -647,9 +691,9 @@ async fn mutual_tls_server_serves_only_clients_with_a_certificate_from_its_ca() 
         )
     };
 
-    let listed = list_vms_over(trusted(), TOKEN).await.unwrap();
-    assert!(listed.vms.is_empty());
-    let err = list_vms_over(trusted(), "nope").await.unwrap_err();
+    let listed = list_machines_over(trusted(), TOKEN).await.unwrap();
+    assert!(listed.machines.is_empty());
+    let err = list_machines_over(trusted(), "nope").await.unwrap_err();
     assert!(err.contains("Unauthenticated"), "{err}");
 
     assert_transport_refuses(

@@ -176,7 +176,7 @@ cat >"${ROOT}/etc/inittab" <<'EOF'
 ::ctrlaltdel:/bin/reboot
 ::shutdown:/bin/umount -a -r
 EOF
-# ACPI power button (virsh shutdown, the agent's graceful StopVm): busybox acpid's built-in
+# ACPI power button (virsh shutdown, the agent's graceful StopMachine): busybox acpid's built-in
 # tables map KEY_POWER to the action PWRF/00000080, run from /etc/acpi.
 mkdir -p "${ROOT}/etc/acpi/PWRF"
 printf '#!/bin/sh\nexec /bin/poweroff\n' >"${ROOT}/etc/acpi/PWRF/00000080"

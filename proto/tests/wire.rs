@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 /// Answers GetHostInfo and WatchEvents; everything else is unimplemented.
 struct Probe;
 
-type Events = Pin<Box<dyn Stream<Item = Result<VmEvent, Status>> + Send>>;
+type Events = Pin<Box<dyn Stream<Item = Result<MachineEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl HostAgent for Probe {
@@ -30,28 +30,43 @@ impl HostAgent for Probe {
             ..Default::default()
         }))
     }
-    async fn ensure_vm(&self, _: Request<EnsureVmRequest>) -> Result<Response<VmState>, Status> {
-        Err(Status::unimplemented("probe"))
-    }
-    async fn start_vm(&self, _: Request<VmRef>) -> Result<Response<VmState>, Status> {
-        Err(Status::unimplemented("probe"))
-    }
-    async fn stop_vm(&self, _: Request<StopVmRequest>) -> Result<Response<VmState>, Status> {
-        Err(Status::unimplemented("probe"))
-    }
-    async fn reboot_vm(&self, _: Request<RebootVmRequest>) -> Result<Response<VmState>, Status> {
-        Err(Status::unimplemented("probe"))
-    }
-    async fn delete_vm(&self, _: Request<VmRef>) -> Result<Response<DeleteVmResponse>, Status> {
-        Err(Status::unimplemented("probe"))
-    }
-    async fn get_vm(&self, _: Request<VmRef>) -> Result<Response<VmState>, Status> {
-        Err(Status::unimplemented("probe"))
-    }
-    async fn list_vms(
+    async fn ensure_machine(
         &self,
-        _: Request<ListVmsRequest>,
-    ) -> Result<Response<ListVmsResponse>, Status> {
+        _: Request<EnsureMachineRequest>,
+    ) -> Result<Response<MachineState>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+    async fn start_machine(
+        &self,
+        _: Request<MachineRef>,
+    ) -> Result<Response<MachineState>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+    async fn stop_machine(
+        &self,
+        _: Request<StopMachineRequest>,
+    ) -> Result<Response<MachineState>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+    async fn reboot_machine(
+        &self,
+        _: Request<RebootMachineRequest>,
+    ) -> Result<Response<MachineState>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+    async fn delete_machine(
+        &self,
+        _: Request<MachineRef>,
+    ) -> Result<Response<DeleteMachineResponse>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+    async fn get_machine(&self, _: Request<MachineRef>) -> Result<Response<MachineState>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+    async fn list_machines(
+        &self,
+        _: Request<ListMachinesRequest>,
+    ) -> Result<Response<ListMachinesResponse>, Status> {
         Err(Status::unimplemented("probe"))
     }
     type WatchEventsStream = Events;
@@ -61,10 +76,10 @@ impl HostAgent for Probe {
     ) -> Result<Response<Events>, Status> {
         let after = req.into_inner().after_sequence;
         let events = (after + 1..=after + 3).map(|sequence| {
-            Ok(VmEvent {
+            Ok(MachineEvent {
                 sequence,
                 machine_id: "m".into(),
-                phase: VmPhase::Running as i32,
+                phase: MachinePhase::Running as i32,
                 ..Default::default()
             })
         });
@@ -101,7 +116,7 @@ async fn generated_client_and_server_talk_over_a_socket() {
     assert_eq!(info.capacity.unwrap().memory_mib, 4096);
 
     let status = client
-        .get_vm(VmRef {
+        .get_machine(MachineRef {
             machine_id: "x".into(),
         })
         .await
@@ -123,7 +138,7 @@ async fn generated_client_and_server_talk_over_a_socket() {
 #[test]
 fn specs_round_trip_through_the_wire_format() {
     use prost::Message;
-    let spec = VmSpec {
+    let spec = MachineSpec {
         machine_id: "0193f2c4-0000-7000-8000-000000000001".into(),
         generation: 7,
         hostname: "web-1".into(),
@@ -143,7 +158,7 @@ fn specs_round_trip_through_the_wire_format() {
         user_data: None,
         desired_power: PowerState::Running as i32,
     };
-    let decoded = VmSpec::decode(spec.encode_to_vec().as_slice()).unwrap();
+    let decoded = MachineSpec::decode(spec.encode_to_vec().as_slice()).unwrap();
     assert_eq!(decoded, spec);
     assert_eq!(
         decoded.image.unwrap().kernel_boot.unwrap().cmdline,
@@ -151,19 +166,19 @@ fn specs_round_trip_through_the_wire_format() {
     );
 }
 
-/// A control plane from before `RebootVmRequest` sends a `VmRef`; an agent from before reads
+/// A control plane from before `RebootMachineRequest` sends a `MachineRef`; an agent from before reads
 /// one. Both must still name the machine.
 #[test]
 fn reboot_requests_are_wire_compatible_with_vm_refs() {
     use prost::Message;
-    let old = VmRef {
+    let old = MachineRef {
         machine_id: "m-1".into(),
     };
-    let new = RebootVmRequest::decode(old.encode_to_vec().as_slice()).unwrap();
+    let new = RebootMachineRequest::decode(old.encode_to_vec().as_slice()).unwrap();
     assert_eq!(new.machine_id, "m-1");
     assert!(new.request_id.is_empty());
-    let back = VmRef::decode(
-        RebootVmRequest {
+    let back = MachineRef::decode(
+        RebootMachineRequest {
             machine_id: "m-2".into(),
             request_id: "t".into(),
         }

@@ -1,6 +1,6 @@
 //! Response bodies of the public API, built from store records (which never leave the app).
 
-use crate::model::{DesiredState, MachineStatus};
+use crate::model::{DesiredState, MachineNetwork, MachineStatus};
 use crate::store::{
     hosts::HostRecord, images::ImageRecord, machines::EventRecord, machines::MachineRecord,
     ssh_keys::SshKeyRecord, users::UserRecord,
@@ -55,6 +55,24 @@ pub struct NetworkView {
     pub ports: Vec<PortView>,
 }
 
+impl From<MachineNetwork> for NetworkView {
+    fn from(n: MachineNetwork) -> Self {
+        Self {
+            addresses: n.addresses,
+            ports: n
+                .ports
+                .into_iter()
+                .map(|p| PortView {
+                    guest: p.guest,
+                    host_ip: p.host_ip,
+                    host_port: p.host_port,
+                    proto: p.proto,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MachineView {
     pub id: String,
@@ -92,10 +110,7 @@ impl From<MachineRecord> for MachineView {
             disk_gib: m.disk_gib,
             host: m.host_name,
             host_state: m.host_state,
-            network: m
-                .network
-                .and_then(|n| serde_json::from_value(n).ok())
-                .unwrap_or_default(),
+            network: m.network.map(NetworkView::from).unwrap_or_default(),
             failure_reason: m.failure_reason,
             created_at: m.created_at,
             updated_at: m.updated_at,

@@ -1,8 +1,9 @@
-//! Pure domain types and rules: ids, hostnames, machine states, SSH keys. No I/O in here.
+//! Pure domain types and rules: ids, hostnames, machine states and networks, SSH keys. No I/O in here.
 
 pub mod hostname;
 pub mod ids;
 pub mod machine_state;
+pub mod network;
 pub mod quota;
 pub mod scheduler;
 pub mod ssh_key;
@@ -10,4 +11,5 @@ pub mod ssh_key;
 pub use hostname::Hostname;
 pub use ids::{ImageId, MachineId, UserId};
 pub use machine_state::{Action, DesiredState, MachineStatus, Transition};
+pub use network::{MachineNetwork, PortForward};
 pub use quota::{Quota, Usage};

@@ -104,7 +104,7 @@ const ALLOCATIONS: &str = "SELECT host_id, COUNT(*) AS machines, \
     CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
     CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib, \
     CAST(COALESCE(SUM(disk_gib), 0) AS BIGINT) AS disk_gib \
-    FROM vms WHERE host_id IS NOT NULL AND deleted_at IS NULL GROUP BY host_id";
+    FROM machines WHERE host_id IS NOT NULL AND deleted_at IS NULL GROUP BY host_id";
 
 const SELECT: &str = "SELECT h.id, h.name, h.grpc_address, h.state, h.cordoned, h.hypervisor, \
     h.agent_version, h.domain_prefix, h.problems, h.vcpus, h.memory_mib, h.disk_gib, h.last_heartbeat_at, \
@@ -457,21 +457,24 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
         }
-        let live: i64 =
-            sqlx::query("SELECT COUNT(*) AS n FROM vms WHERE host_id = $1 AND deleted_at IS NULL")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("n")?;
+        let live: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM machines WHERE host_id = $1 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
         if live > 0 {
             return Err(Error::Conflict(format!(
                 "{live} machine(s) still live on this host: delete or move them first"
             )));
         }
-        sqlx::query("UPDATE vms SET host_id = NULL WHERE host_id = $1 AND deleted_at IS NOT NULL")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE machines SET host_id = NULL WHERE host_id = $1 AND deleted_at IS NOT NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         let res = sqlx::query("DELETE FROM hosts WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)

@@ -1,4 +1,4 @@
-//! Machines and their event log: the `vms` and `vm_events` tables. Every status change is
+//! Machines and their event log: the `machines` and `machine_events` tables. Every status change is
 //! written together with its event row in one transaction.
 
 use super::idempotency::{complete_in_txn, ClaimedKey, StoredResponse};
@@ -7,7 +7,7 @@ use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
 use crate::error::{Error, Result};
 use crate::model::machine_state::{self, Action};
 use crate::model::{
-    DesiredState, Hostname, ImageId, MachineId, MachineStatus, Quota, Usage, UserId,
+    DesiredState, Hostname, ImageId, MachineId, MachineNetwork, MachineStatus, Quota, Usage, UserId,
 };
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
@@ -32,7 +32,7 @@ pub struct MachineRecord {
     pub disk_gib: i64,
     pub ssh_keys: Vec<String>,
     pub user_data: Option<String>,
-    pub network: Option<serde_json::Value>,
+    pub network: Option<MachineNetwork>,
     pub failure_reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -83,7 +83,7 @@ impl Visibility {
 const SELECT: &str = "SELECT v.seq, v.id, v.owner_id, v.hostname, v.status, v.desired_state, \
     h.name AS host_name, h.state AS host_state, i.name AS image_name, v.vcpus, v.memory_mib, v.disk_gib, v.ssh_keys, \
     v.user_data, v.network, v.failure_reason, v.created_at, v.updated_at \
-    FROM vms v JOIN images i ON i.id = v.image_id LEFT JOIN hosts h ON h.id = v.host_id";
+    FROM machines v JOIN images i ON i.id = v.image_id LEFT JOIN hosts h ON h.id = v.host_id";
 
 fn json_col<T: serde::de::DeserializeOwned>(text: Option<String>, col: &str) -> Result<Option<T>> {
     text.map(|t| serde_json::from_str(&t))
@@ -94,13 +94,13 @@ fn json_col<T: serde::de::DeserializeOwned>(text: Option<String>, col: &str) -> 
 fn from_row(row: &AnyRow) -> Result<MachineRecord> {
     Ok(MachineRecord {
         seq: row.try_get("seq")?,
-        id: parse_col(&row.try_get::<String, _>("id")?, "vms.id")?,
-        owner_id: parse_col(&row.try_get::<String, _>("owner_id")?, "vms.owner_id")?,
+        id: parse_col(&row.try_get::<String, _>("id")?, "machines.id")?,
+        owner_id: parse_col(&row.try_get::<String, _>("owner_id")?, "machines.owner_id")?,
         hostname: row.try_get("hostname")?,
-        status: parse_col(&row.try_get::<String, _>("status")?, "vms.status")?,
+        status: parse_col(&row.try_get::<String, _>("status")?, "machines.status")?,
         desired: parse_col(
             &row.try_get::<String, _>("desired_state")?,
-            "vms.desired_state",
+            "machines.desired_state",
         )?,
         host_name: row.try_get("host_name")?,
         host_state: row.try_get("host_state")?,
@@ -108,9 +108,9 @@ fn from_row(row: &AnyRow) -> Result<MachineRecord> {
         vcpus: row.try_get("vcpus")?,
         memory_mib: row.try_get("memory_mib")?,
         disk_gib: row.try_get("disk_gib")?,
-        ssh_keys: json_col(row.try_get("ssh_keys")?, "vms.ssh_keys")?.unwrap_or_default(),
+        ssh_keys: json_col(row.try_get("ssh_keys")?, "machines.ssh_keys")?.unwrap_or_default(),
         user_data: row.try_get("user_data")?,
-        network: json_col(row.try_get("network")?, "vms.network")?,
+        network: json_col(row.try_get("network")?, "machines.network")?,
         failure_reason: row.try_get("failure_reason")?,
         created_at: from_micros(row.try_get("created_at")?),
         updated_at: from_micros(row.try_get("updated_at")?),
@@ -126,7 +126,7 @@ pub(crate) async fn event_in_txn(
     now: i64,
 ) -> Result<()> {
     sqlx::query(
-        "INSERT INTO vm_events (vm_id, action, status, message, created_at) \
+        "INSERT INTO machine_events (machine_id, action, status, message, created_at) \
          VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(id.to_string())
@@ -145,13 +145,13 @@ async fn live_by_hostname_in_txn(
     hostname: &str,
 ) -> Result<Option<MachineId>> {
     let row = sqlx::query(
-        "SELECT id FROM vms WHERE owner_id = $1 AND hostname = $2 AND deleted_at IS NULL",
+        "SELECT id FROM machines WHERE owner_id = $1 AND hostname = $2 AND deleted_at IS NULL",
     )
     .bind(owner.to_string())
     .bind(hostname)
     .fetch_optional(&mut **tx)
     .await?;
-    row.map(|r| parse_col(&r.try_get::<String, _>("id")?, "vms.id"))
+    row.map(|r| parse_col(&r.try_get::<String, _>("id")?, "machines.id"))
         .transpose()
 }
 
@@ -186,7 +186,7 @@ impl Store {
         let usage = sqlx::query(
             "SELECT COUNT(*) AS machines, CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
              CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib \
-             FROM vms WHERE owner_id = $1 AND deleted_at IS NULL",
+             FROM machines WHERE owner_id = $1 AND deleted_at IS NULL",
         )
         .bind(&owner)
         .fetch_one(&mut *tx)
@@ -205,7 +205,7 @@ impl Store {
         let keys = serde_json::to_string(&new.ssh_keys)
             .map_err(|e| Error::Internal(format!("ssh keys to JSON: {e}")))?;
         let res = sqlx::query(
-            "INSERT INTO vms (id, owner_id, hostname, status, desired_state, image_id, vcpus, \
+            "INSERT INTO machines (id, owner_id, hostname, status, desired_state, image_id, vcpus, \
              memory_mib, disk_gib, ssh_keys, user_data, created_at, updated_at, \
              status_changed_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $12)",
@@ -337,7 +337,7 @@ impl Store {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
-            "SELECT status, desired_state, generation, host_id FROM vms \
+            "SELECT status, desired_state, generation, host_id FROM machines \
              WHERE id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR owner_id = $2)",
         )
         .bind(id.to_string())
@@ -353,7 +353,7 @@ impl Store {
         let t = machine_state::request(action, status, desired)
             .map_err(|e| Error::Conflict(e.to_string()))?;
         let swapped = sqlx::query(
-            "UPDATE vms SET status = $1, desired_state = $2, updated_at = $3, \
+            "UPDATE machines SET status = $1, desired_state = $2, updated_at = $3, \
              status_changed_at = CASE WHEN status = $1 THEN status_changed_at ELSE $3 END, \
              generation = generation + 1 \
              WHERE id = $4 AND generation = $5 AND status = $6 AND deleted_at IS NULL",
@@ -393,7 +393,7 @@ impl Store {
         let requested = from_row(&requested)?;
         if action == Action::Delete && !placed {
             sqlx::query(
-                "UPDATE vms SET status = $1, deleted_at = $2, updated_at = $2, \
+                "UPDATE machines SET status = $1, deleted_at = $2, updated_at = $2, \
                  status_changed_at = $2, generation = generation + 1 WHERE id = $3",
             )
             .bind(MachineStatus::Deleted.as_str())
@@ -424,8 +424,8 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<EventRecord>> {
         let rows = sqlx::query(
-            "SELECT seq, action, status, message, created_at FROM vm_events \
-             WHERE vm_id = $1 AND ($2 IS NULL OR seq > $2) ORDER BY seq LIMIT $3",
+            "SELECT seq, action, status, message, created_at FROM machine_events \
+             WHERE machine_id = $1 AND ($2 IS NULL OR seq > $2) ORDER BY seq LIMIT $3",
         )
         .bind(id.to_string())
         .bind(after_seq)
@@ -437,7 +437,7 @@ impl Store {
                 Ok(EventRecord {
                     seq: r.try_get("seq")?,
                     action: r.try_get("action")?,
-                    status: parse_col(&r.try_get::<String, _>("status")?, "vm_events.status")?,
+                    status: parse_col(&r.try_get::<String, _>("status")?, "machine_events.status")?,
                     message: r.try_get("message")?,
                     created_at: from_micros(r.try_get("created_at")?),
                 })
@@ -448,7 +448,7 @@ impl Store {
     /// Live machines per status, for metrics.
     pub async fn machine_count_by_status(&self) -> Result<Vec<(MachineStatus, i64)>> {
         let rows = sqlx::query(
-            "SELECT status, COUNT(*) AS n FROM vms WHERE deleted_at IS NULL GROUP BY status",
+            "SELECT status, COUNT(*) AS n FROM machines WHERE deleted_at IS NULL GROUP BY status",
         )
         .fetch_all(self.reader())
         .await?;

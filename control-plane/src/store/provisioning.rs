@@ -8,7 +8,7 @@ use super::{from_micros, parse_col, to_micros, Store};
 use crate::error::{Error, Result};
 use crate::model::machine_state;
 use crate::model::scheduler::{self, NoPlacement, Resources};
-use crate::model::{DesiredState, MachineId, MachineStatus};
+use crate::model::{DesiredState, MachineId, MachineNetwork, MachineStatus};
 use chrono::{DateTime, Utc};
 use sqlx::{Any, Row, Transaction};
 
@@ -82,7 +82,7 @@ impl Store {
              h.id AS host_id, h.name AS host_name, h.grpc_address, h.state AS host_state, \
              h.credential_issued, h.credential_generation, \
              i.name AS image_name, i.source, i.format, i.sha256, i.boot \
-             FROM vms v JOIN images i ON i.id = v.image_id LEFT JOIN hosts h ON h.id = v.host_id \
+             FROM machines v JOIN images i ON i.id = v.image_id LEFT JOIN hosts h ON h.id = v.host_id \
              WHERE v.id = $1",
         )
         .bind(id.to_string())
@@ -106,13 +106,13 @@ impl Store {
             }),
             None => None,
         };
-        let keys = json("vms.ssh_keys", r.try_get("ssh_keys")?)?;
+        let keys = json("machines.ssh_keys", r.try_get("ssh_keys")?)?;
         Ok(Some(TaskMachine {
             id,
-            status: parse_col(&r.try_get::<String, _>("status")?, "vms.status")?,
+            status: parse_col(&r.try_get::<String, _>("status")?, "machines.status")?,
             desired: parse_col(
                 &r.try_get::<String, _>("desired_state")?,
-                "vms.desired_state",
+                "machines.desired_state",
             )?,
             generation: r.try_get("generation")?,
             status_changed_at: from_micros(r.try_get("status_changed_at")?),
@@ -125,7 +125,7 @@ impl Store {
             ssh_keys: keys
                 .map(serde_json::from_value)
                 .transpose()
-                .map_err(|e| Error::Internal(format!("bad vms.ssh_keys: {e}")))?
+                .map_err(|e| Error::Internal(format!("bad machines.ssh_keys: {e}")))?
                 .unwrap_or_default(),
             user_data: r.try_get("user_data")?,
             host,
@@ -146,7 +146,7 @@ impl Store {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
-            "SELECT status, host_id, vcpus, memory_mib, disk_gib FROM vms \
+            "SELECT status, host_id, vcpus, memory_mib, disk_gib FROM machines \
              WHERE id = $1 AND deleted_at IS NULL",
         )
         .bind(id.to_string())
@@ -173,7 +173,7 @@ impl Store {
             Err(no) => return Ok(Placement::NoRoom(no)),
         };
         let placed = sqlx::query(
-            "UPDATE vms SET host_id = $1, status = $2, status_changed_at = $3, updated_at = $3, \
+            "UPDATE machines SET host_id = $1, status = $2, status_changed_at = $3, updated_at = $3, \
              generation = generation + 1 WHERE id = $4 AND status = 'pending' AND host_id IS NULL",
         )
         .bind(&decision.host_id)
@@ -214,7 +214,7 @@ impl Store {
         from: MachineStatus,
         generation: i64,
         to: MachineStatus,
-        network: Option<&serde_json::Value>,
+        network: Option<&MachineNetwork>,
         action: &str,
         message: &str,
     ) -> Result<bool> {
@@ -222,7 +222,7 @@ impl Store {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
-            "UPDATE vms SET status = $1, status_changed_at = $2, updated_at = $2, \
+            "UPDATE machines SET status = $1, status_changed_at = $2, updated_at = $2, \
              network = COALESCE($3, network), failure_reason = NULL, \
              generation = generation + 1, \
              deleted_at = CASE WHEN $1 = 'deleted' THEN $2 ELSE deleted_at END \
@@ -230,7 +230,7 @@ impl Store {
         )
         .bind(to.as_str())
         .bind(now)
-        .bind(network.map(|n| n.to_string()))
+        .bind(network.map(|n| serde_json::to_string(n).unwrap_or_default()))
         .bind(id.to_string())
         .bind(from.as_str())
         .bind(generation)
@@ -258,7 +258,7 @@ impl Store {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
-            "UPDATE vms SET status = 'failed', failure_reason = $1, status_changed_at = $2, \
+            "UPDATE machines SET status = 'failed', failure_reason = $1, status_changed_at = $2, \
              updated_at = $2, generation = generation + 1 \
              WHERE id = $3 AND deleted_at IS NULL AND status = $4 AND generation = $5",
         )
@@ -282,7 +282,7 @@ impl Store {
     pub async fn machine_note(&self, id: MachineId, action: &str, message: &str) -> Result<()> {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
-        let row = sqlx::query("SELECT status FROM vms WHERE id = $1 AND deleted_at IS NULL")
+        let row = sqlx::query("SELECT status FROM machines WHERE id = $1 AND deleted_at IS NULL")
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
             .await?;
@@ -299,7 +299,7 @@ impl Store {
         host_id: &str,
     ) -> Result<Vec<(MachineId, MachineStatus, i64)>> {
         let rows = sqlx::query(
-            "SELECT id, status, generation FROM vms WHERE host_id = $1 AND deleted_at IS NULL",
+            "SELECT id, status, generation FROM machines WHERE host_id = $1 AND deleted_at IS NULL",
         )
         .bind(host_id)
         .fetch_all(self.reader())
@@ -307,8 +307,8 @@ impl Store {
         rows.iter()
             .map(|r| {
                 Ok((
-                    parse_col(&r.try_get::<String, _>("id")?, "vms.id")?,
-                    parse_col(&r.try_get::<String, _>("status")?, "vms.status")?,
+                    parse_col(&r.try_get::<String, _>("id")?, "machines.id")?,
+                    parse_col(&r.try_get::<String, _>("status")?, "machines.status")?,
                     r.try_get("generation")?,
                 ))
             })
@@ -333,7 +333,7 @@ impl Store {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let res = sqlx::query(
-            "UPDATE vms SET status = $1, desired_state = COALESCE($2, desired_state), \
+            "UPDATE machines SET status = $1, desired_state = COALESCE($2, desired_state), \
              failure_reason = CASE WHEN $1 = 'failed' THEN $3 ELSE failure_reason END, \
              status_changed_at = $4, updated_at = $4, generation = generation + 1 \
              WHERE id = $5 AND status = $6 AND generation = $7 AND deleted_at IS NULL",
@@ -365,7 +365,7 @@ impl Store {
     ) -> Result<()> {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
-        let row = sqlx::query("SELECT status FROM vms WHERE id = $1")
+        let row = sqlx::query("SELECT status FROM machines WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
             .await?;
@@ -387,7 +387,7 @@ impl Store {
         let mut out = Vec::new();
         for (status, limit) in limits {
             let rows = sqlx::query(
-                "SELECT id, generation FROM vms WHERE status = $1 AND deleted_at IS NULL \
+                "SELECT id, generation FROM machines WHERE status = $1 AND deleted_at IS NULL \
                  AND status_changed_at < $2",
             )
             .bind(status.as_str())
@@ -396,7 +396,7 @@ impl Store {
             .await?;
             for r in rows {
                 out.push((
-                    parse_col(&r.try_get::<String, _>("id")?, "vms.id")?,
+                    parse_col(&r.try_get::<String, _>("id")?, "machines.id")?,
                     *status,
                     r.try_get("generation")?,
                 ));
@@ -416,13 +416,14 @@ async fn note_in_txn(
     message: &str,
     now: i64,
 ) -> Result<()> {
-    let last: Option<String> =
-        sqlx::query("SELECT message FROM vm_events WHERE vm_id = $1 ORDER BY seq DESC LIMIT 1")
-            .bind(id.to_string())
-            .fetch_optional(&mut **tx)
-            .await?
-            .map(|r| r.try_get("message"))
-            .transpose()?;
+    let last: Option<String> = sqlx::query(
+        "SELECT message FROM machine_events WHERE machine_id = $1 ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(id.to_string())
+    .fetch_optional(&mut **tx)
+    .await?
+    .map(|r| r.try_get("message"))
+    .transpose()?;
     if last.as_deref() != Some(message) {
         event_in_txn(tx, id, action, status, message, now).await?;
     }
@@ -438,13 +439,15 @@ pub(crate) async fn note_machines_on_host_in_txn(
     message: &str,
     now: i64,
 ) -> Result<()> {
-    let rows = sqlx::query("SELECT id, status FROM vms WHERE host_id = $1 AND deleted_at IS NULL")
-        .bind(host_id)
-        .fetch_all(&mut **tx)
-        .await?;
+    let rows =
+        sqlx::query("SELECT id, status FROM machines WHERE host_id = $1 AND deleted_at IS NULL")
+            .bind(host_id)
+            .fetch_all(&mut **tx)
+            .await?;
     for r in rows {
-        let id: MachineId = parse_col(&r.try_get::<String, _>("id")?, "vms.id")?;
-        let status: MachineStatus = parse_col(&r.try_get::<String, _>("status")?, "vms.status")?;
+        let id: MachineId = parse_col(&r.try_get::<String, _>("id")?, "machines.id")?;
+        let status: MachineStatus =
+            parse_col(&r.try_get::<String, _>("status")?, "machines.status")?;
         note_in_txn(tx, id, status, action, message, now).await?;
     }
     Ok(())

@@ -23,7 +23,8 @@ const POSTGRES_NOW: &str = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 
 const SQLITE_NOW: &str = "SELECT CAST((julianday('now') - 2440587.5) * 86400000000.0 AS BIGINT)";
 
 /// Another queued task of the same machine (`t`) holding a live lease at `$1`.
-const OTHER_LIVE_LEASE: &str = "SELECT 1 FROM tasks o WHERE o.vm_id = t.vm_id AND o.id <> t.id \
+const OTHER_LIVE_LEASE: &str =
+    "SELECT 1 FROM tasks o WHERE o.machine_id = t.machine_id AND o.id <> t.id \
     AND o.state = 'queued' AND o.lease_expires_at >= $1";
 
 /// What a task does.
@@ -74,7 +75,7 @@ impl FromStr for TaskKind {
 #[derive(Debug, Clone)]
 pub struct TaskRecord {
     pub id: String,
-    pub vm_id: MachineId,
+    pub machine_id: MachineId,
     pub kind: TaskKind,
     /// Including this one.
     pub attempts: i64,
@@ -108,18 +109,18 @@ pub enum TaskOutcome {
 pub(crate) async fn enqueue_in_txn(
     tx: &mut Transaction<'static, Any>,
     backend: Backend,
-    vm_id: MachineId,
+    machine_id: MachineId,
     kind: TaskKind,
 ) -> Result<()> {
     let now: i64 = sqlx::query_scalar(now_sql(backend))
         .fetch_one(&mut **tx)
         .await?;
     sqlx::query(
-        "INSERT INTO tasks (id, vm_id, kind, state, attempts, run_after, created_at, updated_at) \
+        "INSERT INTO tasks (id, machine_id, kind, state, attempts, run_after, created_at, updated_at) \
          VALUES ($1, $2, $3, 'queued', 0, $4, $4, $4)",
     )
     .bind(uuid::Uuid::now_v7().to_string())
-    .bind(vm_id.to_string())
+    .bind(machine_id.to_string())
     .bind(kind.as_str())
     .bind(now)
     .execute(&mut **tx)
@@ -161,7 +162,7 @@ impl Store {
     pub async fn task_claim(&self, owner: &str, lease: Duration) -> Result<Option<TaskRecord>> {
         let postgres = self.backend() == Backend::Postgres;
         let pick = format!(
-            "SELECT t.id, t.vm_id FROM tasks t WHERE t.state = 'queued' AND t.run_after <= $1 \
+            "SELECT t.id, t.machine_id FROM tasks t WHERE t.state = 'queued' AND t.run_after <= $1 \
              AND (t.lease_expires_at IS NULL OR t.lease_expires_at < $1) \
              AND NOT EXISTS ({OTHER_LIVE_LEASE}) \
              ORDER BY t.run_after, t.created_at LIMIT 1 {}",
@@ -182,10 +183,11 @@ impl Store {
             tx.commit().await?;
             return Ok(None);
         };
-        let (id, vm_id): (String, String) = (picked.try_get("id")?, picked.try_get("vm_id")?);
+        let (id, machine_id): (String, String) =
+            (picked.try_get("id")?, picked.try_get("machine_id")?);
         if postgres {
-            sqlx::query("SELECT id FROM vms WHERE id = $1 FOR UPDATE")
-                .bind(&vm_id)
+            sqlx::query("SELECT id FROM machines WHERE id = $1 FOR UPDATE")
+                .bind(&machine_id)
                 .fetch_optional(&mut *tx)
                 .await?;
             let busy = sqlx::query(&format!(
@@ -203,7 +205,7 @@ impl Store {
         let row = sqlx::query(
             "UPDATE tasks SET lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1, \
              updated_at = $3 WHERE id = $4 \
-             RETURNING id, vm_id, kind, attempts, step_failures, created_at",
+             RETURNING id, machine_id, kind, attempts, step_failures, created_at",
         )
         .bind(owner)
         .bind(until)
@@ -214,7 +216,10 @@ impl Store {
         tx.commit().await?;
         Ok(Some(TaskRecord {
             id: row.try_get("id")?,
-            vm_id: super::parse_col(&row.try_get::<String, _>("vm_id")?, "tasks.vm_id")?,
+            machine_id: super::parse_col(
+                &row.try_get::<String, _>("machine_id")?,
+                "tasks.machine_id",
+            )?,
             kind: row.try_get::<String, _>("kind")?.parse()?,
             attempts: row.try_get("attempts")?,
             step_failures: row.try_get("step_failures")?,
@@ -290,9 +295,9 @@ impl Store {
     }
 
     /// Queues a task on its own (operators re-driving a machine; tests running a step twice).
-    pub async fn task_enqueue(&self, vm_id: MachineId, kind: TaskKind) -> Result<()> {
+    pub async fn task_enqueue(&self, machine_id: MachineId, kind: TaskKind) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        enqueue_in_txn(&mut tx, self.backend(), vm_id, kind).await?;
+        enqueue_in_txn(&mut tx, self.backend(), machine_id, kind).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -308,13 +313,13 @@ impl Store {
     }
 
     /// Tasks still queued for a machine (tests and diagnostics).
-    pub async fn task_pending_count(&self, vm_id: MachineId) -> Result<i64> {
-        Ok(
-            sqlx::query("SELECT COUNT(*) AS n FROM tasks WHERE vm_id = $1 AND state = 'queued'")
-                .bind(vm_id.to_string())
-                .fetch_one(self.reader())
-                .await?
-                .try_get("n")?,
+    pub async fn task_pending_count(&self, machine_id: MachineId) -> Result<i64> {
+        Ok(sqlx::query(
+            "SELECT COUNT(*) AS n FROM tasks WHERE machine_id = $1 AND state = 'queued'",
         )
+        .bind(machine_id.to_string())
+        .fetch_one(self.reader())
+        .await?
+        .try_get("n")?)
     }
 }

@@ -38,7 +38,7 @@ pub enum Repair {
     MarkRunning { id: Uuid },
     /// → failed, with why.
     MarkFailed { id: Uuid, reason: String },
-    /// DeleteVm of a domain no live machine owns.
+    /// DeleteMachine of a domain no live machine owns.
     RemoveOrphan { id: Uuid },
 }
 

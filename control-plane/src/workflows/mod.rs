@@ -1,7 +1,7 @@
 //! Durable workflows: workers that claim tasks (store::tasks) and drive agents until each
 //! machine reaches what its tenant asked for, and the host monitor. Everything here can be
 //! killed at any point: the task row and the machine's status say what remains, and every
-//! step (placing, EnsureVm, StartVm, ..., DeleteVm) is idempotent.
+//! step (placing, EnsureMachine, StartMachine, ..., DeleteMachine) is idempotent.
 
 pub mod drift;
 pub mod monitor;

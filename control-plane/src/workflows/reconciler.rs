@@ -2,7 +2,7 @@
 //!
 //! - A watcher per ready host follows its agent's WatchEvents and looks at a machine as soon
 //!   as its domain changes (a QEMU killed shows up within the agent's poll interval).
-//! - A periodic pass lists every ready host's domains (ListVms) and compares them with the
+//! - A periodic pass lists every ready host's domains (ListMachines) and compares them with the
 //!   machines placed there, which also catches what a watcher missed (control plane down,
 //!   stream resumed from 0) and removes orphaned domains after a grace period.
 //!
@@ -31,11 +31,11 @@ pub struct Reconciler {
 }
 
 fn actual_of(phase: i32) -> Option<Actual> {
-    match pb::VmPhase::try_from(phase).ok()? {
-        pb::VmPhase::Running => Some(Actual::Running),
-        pb::VmPhase::Stopped => Some(Actual::Stopped),
-        pb::VmPhase::Crashed => Some(Actual::Crashed),
-        pb::VmPhase::Absent => None,
+    match pb::MachinePhase::try_from(phase).ok()? {
+        pb::MachinePhase::Running => Some(Actual::Running),
+        pb::MachinePhase::Stopped => Some(Actual::Stopped),
+        pb::MachinePhase::Crashed => Some(Actual::Crashed),
+        pb::MachinePhase::Absent => None,
         _ => Some(Actual::Other),
     }
 }
@@ -91,10 +91,10 @@ impl Reconciler {
             .agents
             .client(&AgentTarget::from(host))
             .map_err(|e| crate::Error::Internal(e.message().to_owned()))?;
-        let mut request = tonic::Request::new(pb::ListVmsRequest {});
+        let mut request = tonic::Request::new(pb::ListMachinesRequest {});
         request.set_timeout(Duration::from_secs(15));
-        let listed = match client.list_vms(request).await {
-            Ok(l) => l.into_inner().vms,
+        let listed = match client.list_machines(request).await {
+            Ok(l) => l.into_inner().machines,
             // Unreachable hosts are the monitor's business.
             Err(_) => return Ok(()),
         };
@@ -148,7 +148,7 @@ impl Reconciler {
     }
 
     /// Looks at one machine after its agent reported a change. The event only says *that*
-    /// something changed: the decision uses the domain's state now (GetVm), so an old event
+    /// something changed: the decision uses the domain's state now (GetMachine), so an old event
     /// replayed from the agent's backlog cannot undo a newer truth.
     async fn check_machine(&self, host: &HostRecord, id: Uuid) -> crate::Result<()> {
         let known = self.known_machines(&host.id).await?;
@@ -163,11 +163,11 @@ impl Reconciler {
             .agents
             .client(&AgentTarget::from(host))
             .map_err(|e| crate::Error::Internal(e.message().to_owned()))?;
-        let mut request = tonic::Request::new(pb::VmRef {
+        let mut request = tonic::Request::new(pb::MachineRef {
             machine_id: id.to_string(),
         });
         request.set_timeout(Duration::from_secs(15));
-        let Ok(now) = client.get_vm(request).await else {
+        let Ok(now) = client.get_machine(request).await else {
             return Ok(());
         };
         let actual: Vec<(Uuid, Actual)> = actual_of(now.into_inner().phase)
@@ -241,11 +241,11 @@ impl Reconciler {
                     .agents
                     .client(&AgentTarget::from(host))
                     .map_err(|e| crate::Error::Internal(e.message().to_owned()))?;
-                let mut request = tonic::Request::new(pb::VmRef {
+                let mut request = tonic::Request::new(pb::MachineRef {
                     machine_id: id.to_string(),
                 });
                 request.set_timeout(Duration::from_secs(120));
-                match client.delete_vm(request).await {
+                match client.delete_machine(request).await {
                     Ok(_) => {
                         tracing::warn!(host = %host.name, machine = %id, "removed an orphaned domain");
                         let note = format!(

@@ -1,4 +1,4 @@
-//! The agent's `VmSpec` for a machine, from what the control plane stores. Pure.
+//! The agent's `MachineSpec` for a machine, from what the control plane stores. Pure.
 
 use crate::model::DesiredState;
 use crate::store::provisioning::{TaskImage, TaskMachine};
@@ -78,10 +78,10 @@ fn image_source(image: &TaskImage) -> Result<pb::ImageSource, SpecProblem> {
 }
 
 /// The spec for `m`, with its power as the tenant wants it now.
-pub fn vm_spec(m: &TaskMachine) -> Result<pb::VmSpec, SpecProblem> {
+pub fn machine_spec(m: &TaskMachine) -> Result<pb::MachineSpec, SpecProblem> {
     let u32_of = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
     let u64_of = |v: i64| u64::try_from(v).unwrap_or(0);
-    Ok(pb::VmSpec {
+    Ok(pb::MachineSpec {
         machine_id: m.id.to_string(),
         generation: u64_of(m.generation),
         hostname: m.hostname.clone(),
@@ -138,7 +138,7 @@ mod tests {
                 "cmdline": "console=ttyS0"}),
             ),
         });
-        let spec = vm_spec(&m).unwrap();
+        let spec = machine_spec(&m).unwrap();
         assert_eq!(spec.generation, 3);
         assert_eq!(spec.desired_power, pb::PowerState::Stopped as i32);
         assert_eq!((spec.vcpus, spec.memory_mib, spec.disk_gib), (2, 512, 4));
@@ -158,11 +158,11 @@ mod tests {
             sha256: None,
             boot: None,
         };
-        assert!(vm_spec(&machine(disk.clone()))
+        assert!(machine_spec(&machine(disk.clone()))
             .unwrap_err()
             .to_string()
             .contains("sha256 is required"));
-        let ok = vm_spec(&machine(TaskImage {
+        let ok = machine_spec(&machine(TaskImage {
             sha256: Some("c".repeat(64)),
             ..disk
         }))
@@ -175,6 +175,6 @@ mod tests {
             sha256: None,
             boot: Some(json!({"kernel": "file:///k/vmlinuz"})),
         };
-        assert!(vm_spec(&machine(kernel)).is_err());
+        assert!(machine_spec(&machine(kernel)).is_err());
     }
 }

@@ -3,11 +3,11 @@
 //! was made for (deleted meanwhile, failed, superseded) ends as done without touching it.
 
 use super::policy::{self, ErrorClass};
-use super::spec::vm_spec;
+use super::spec::machine_spec;
 use super::WorkflowSettings;
 use crate::agents::clients::AgentTarget;
 use crate::agents::AgentClients;
-use crate::model::MachineStatus;
+use crate::model::{MachineNetwork, MachineStatus, PortForward};
 use crate::store::provisioning::{Placement, TaskHost, TaskMachine};
 use crate::store::tasks::{TaskKind, TaskOutcome, TaskRecord};
 use crate::store::Store;
@@ -142,7 +142,7 @@ impl Workers {
                 return Ok(true);
             }
         };
-        tracing::info!(task = %task.id, kind = %task.kind, machine = %task.vm_id,
+        tracing::info!(task = %task.id, kind = %task.kind, machine = %task.machine_id,
             attempt = task.attempts, ?outcome, "task attempt finished");
         if !self
             .store
@@ -155,7 +155,7 @@ impl Workers {
     }
 
     async fn execute(&self, task: &TaskRecord) -> Step {
-        let Some(m) = self.store.machine_for_task(task.vm_id).await? else {
+        let Some(m) = self.store.machine_for_task(task.machine_id).await? else {
             return Ok(TaskOutcome::Done);
         };
         if let Some(limit) = policy::deadline(m.status, &self.settings) {
@@ -216,18 +216,18 @@ impl Workers {
         if !host.reachable {
             return self.wait_for_host(task, &m, &host.name).await;
         }
-        let spec = match vm_spec(&m) {
+        let spec = match machine_spec(&m) {
             Ok(s) => s,
             Err(problem) => return self.fail(task, &m, &problem.to_string()).await,
         };
         let mut client = self.client(&host)?;
-        let mut request = tonic::Request::new(pb::EnsureVmRequest { spec: Some(spec) });
+        let mut request = tonic::Request::new(pb::EnsureMachineRequest { spec: Some(spec) });
         // Fetching a multi-GiB image can take a while; the deadline covers the worst case.
         request.set_timeout(self.settings.transition_timeout);
-        match client.ensure_vm(request).await {
+        match client.ensure_machine(request).await {
             Ok(state) => {
                 let state = state.into_inner();
-                let to = if state.phase == pb::VmPhase::Running as i32 {
+                let to = if state.phase == pb::MachinePhase::Running as i32 {
                     MachineStatus::Running
                 } else {
                     MachineStatus::Stopped
@@ -271,28 +271,28 @@ impl Workers {
         let id = m.id.to_string();
         let result = match task.kind {
             TaskKind::Start => {
-                let mut r = tonic::Request::new(pb::VmRef { machine_id: id });
+                let mut r = tonic::Request::new(pb::MachineRef { machine_id: id });
                 r.set_timeout(Duration::from_secs(120));
-                client.start_vm(r).await
+                client.start_machine(r).await
             }
             TaskKind::Stop => {
                 let graceful = self.settings.stop_timeout;
-                let mut r = tonic::Request::new(pb::StopVmRequest {
+                let mut r = tonic::Request::new(pb::StopMachineRequest {
                     machine_id: id,
                     graceful_timeout_secs: u32::try_from(graceful.as_secs()).unwrap_or(u32::MAX),
                 });
                 r.set_timeout(graceful + Duration::from_secs(60));
-                client.stop_vm(r).await
+                client.stop_machine(r).await
             }
             _ => {
                 // The task id is stable across this task's attempts: a retry after the agent
                 // already rebooted (we died before recording it) does not reboot again.
-                let mut r = tonic::Request::new(pb::RebootVmRequest {
+                let mut r = tonic::Request::new(pb::RebootMachineRequest {
                     machine_id: id,
                     request_id: task.id.to_string(),
                 });
                 r.set_timeout(self.settings.stop_timeout + Duration::from_secs(120));
-                client.reboot_vm(r).await
+                client.reboot_machine(r).await
             }
         };
         match result {
@@ -329,11 +329,11 @@ impl Workers {
                 return self.wait_for_host(task, &m, &host.name).await;
             }
             let mut client = self.client(&host)?;
-            let mut r = tonic::Request::new(pb::VmRef {
+            let mut r = tonic::Request::new(pb::MachineRef {
                 machine_id: m.id.to_string(),
             });
             r.set_timeout(Duration::from_secs(120));
-            if let Err(status) = client.delete_vm(r).await {
+            if let Err(status) = client.delete_machine(r).await {
                 return self.agent_error(task, &m, &host.name, status).await;
             }
         }
@@ -452,19 +452,22 @@ fn again_unless(settled: bool, what: &str) -> TaskOutcome {
     }
 }
 
-/// The machine's network as the API shows it: `{addresses, ports: [{guest, host_ip,
-/// host_port, proto}]}`.
-pub fn network(state: &pb::VmState) -> serde_json::Value {
+/// The machine's network as its agent reports it.
+pub fn network(state: &pb::MachineState) -> MachineNetwork {
     let net = state.network.clone().unwrap_or_default();
-    serde_json::json!({
-        "addresses": net.addresses,
-        "ports": net.ports.iter().map(|p| serde_json::json!({
-            "guest": p.guest_port,
-            "host_ip": p.host_ip,
-            "host_port": p.host_port,
-            "proto": p.proto,
-        })).collect::<Vec<_>>(),
-    })
+    MachineNetwork {
+        addresses: net.addresses,
+        ports: net
+            .ports
+            .iter()
+            .map(|p| PortForward {
+                guest: u16::try_from(p.guest_port).unwrap_or_default(),
+                host_ip: p.host_ip.clone(),
+                host_port: u16::try_from(p.host_port).unwrap_or_default(),
+                proto: p.proto.clone(),
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]

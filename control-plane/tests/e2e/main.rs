@@ -259,7 +259,7 @@ async fn kill_9_of_the_control_plane_and_of_an_agent_leaves_no_doubled_or_orphan
         }
         ids
     };
-    // Mid-provisioning: some machines placed, some EnsureVm calls in flight.
+    // Mid-provisioning: some machines placed, some EnsureMachine calls in flight.
     tokio::time::sleep(Duration::from_millis(700)).await;
     let http = cluster.http_addr();
     cluster.kill_control_plane();
@@ -382,8 +382,8 @@ async fn the_reconciler_notices_a_dead_domain_and_removes_an_orphan() {
     .unwrap();
     let text = |k: &str| image["boot"][k].as_str().unwrap_or_default().to_owned();
     agent
-        .ensure_vm(proto::agent::v1::EnsureVmRequest {
-            spec: Some(proto::agent::v1::VmSpec {
+        .ensure_machine(proto::agent::v1::EnsureMachineRequest {
+            spec: Some(proto::agent::v1::MachineSpec {
                 machine_id: stray.to_string(),
                 generation: 1,
                 hostname: "stray".into(),

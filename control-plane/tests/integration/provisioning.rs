@@ -1006,11 +1006,14 @@ async fn agents_keep_their_credential_and_rejoin_after_a_reset(backend: Backend)
         )
     };
     let err = agent(TOKEN)
-        .list_vms(pb::ListVmsRequest {})
+        .list_machines(pb::ListMachinesRequest {})
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    agent(&first).list_vms(pb::ListVmsRequest {}).await.unwrap();
+    agent(&first)
+        .list_machines(pb::ListMachinesRequest {})
+        .await
+        .unwrap();
     let id = app.get_json(&admin, "/hosts").await["items"][0]["id"].clone();
     assert!(app.store.host_credential_reset("kept").await.unwrap());
     wait_for("the agent joins again with a new credential", async || {
@@ -1044,7 +1047,7 @@ async fn a_replica_whose_clock_is_five_minutes_ahead_steals_no_lease() {
     let mut db = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
     let lease_of = async |db: &mut sqlx::PgConnection| -> Option<(String, i64)> {
         sqlx::query_as::<_, (String, i64)>(
-            "SELECT lease_owner, attempts FROM tasks WHERE vm_id = $1 AND kind = 'provision' \
+            "SELECT lease_owner, attempts FROM tasks WHERE machine_id = $1 AND kind = 'provision' \
              AND lease_owner IS NOT NULL",
         )
         .bind(&id)

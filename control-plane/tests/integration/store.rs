@@ -32,7 +32,7 @@ async fn tasks_are_leased_to_one_owner_and_purged_once_finished(backend: Backend
         .unwrap()
         .expect("a due task");
     assert_eq!(
-        (task.vm_id, task.kind, task.attempts),
+        (task.machine_id, task.kind, task.attempts),
         (id, TaskKind::Provision, 1)
     );
     // Leased: nobody else gets it, nor another task of the same machine.

@@ -3,10 +3,10 @@
 //! rebuild: the domain's metadata holds its generation, its XML holds its forwarded port, and
 //! per-machine files live under `machines/<uuid>/`.
 //!
-//! Every operation on one machine holds that machine's lock, so a retried EnsureVm waits for
+//! Every operation on one machine holds that machine's lock, so a retried EnsureMachine waits for
 //! the first instead of racing it. Creation writes files first and defines the domain last: a
 //! crash in between leaves a directory without a domain, which [`MachineManager::sweep`]
-//! removes at the next start (nothing else could own it) and a retried EnsureVm rebuilds.
+//! removes at the next start (nothing else could own it) and a retried EnsureMachine rebuilds.
 
 mod spec;
 
@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 pub use spec::{
-    parse_machine_id, DesiredPower, ImagePlan, MachineSpec, NetworkMode, SourceFile, SpecError,
-    VmPhase, VmState,
+    parse_machine_id, DesiredPower, ImagePlan, MachinePhase, MachineSpec, MachineState,
+    NetworkMode, SourceFile, SpecError,
 };
 
 use crate::disks::DiskTool;
@@ -264,7 +264,7 @@ impl MachineManager {
     }
 
     /// Makes the machine exist as `spec` says, then converges its power state.
-    pub async fn ensure(&self, spec: MachineSpec) -> Result<VmState, AgentError> {
+    pub async fn ensure(&self, spec: MachineSpec) -> Result<MachineState, AgentError> {
         spec.validate()?;
         let lock = self.machine_lock(spec.id);
         let _guard = lock.lock().await;
@@ -299,7 +299,7 @@ impl MachineManager {
         if existing.is_none() {
             self.events.observe(
                 spec.id,
-                VmPhase::Stopped,
+                MachinePhase::Stopped,
                 &format!("defined at generation {}", spec.generation),
             );
         }
@@ -493,7 +493,7 @@ impl MachineManager {
         id: Uuid,
         name: &str,
         desired: DesiredPower,
-    ) -> Result<VmState, AgentError> {
+    ) -> Result<MachineState, AgentError> {
         let status = self.require_status(id, name).await?;
         match (desired, status.phase) {
             (DesiredPower::Running, DomainPhase::Stopped | DomainPhase::Crashed) => {
@@ -514,7 +514,7 @@ impl MachineManager {
     async fn start_domain(&self, id: Uuid, name: &str) -> Result<(), AgentError> {
         let n = name.to_owned();
         blocking(&self.hv, move |hv| hv.start(&n)).await?;
-        self.events.observe(id, VmPhase::Running, "started");
+        self.events.observe(id, MachinePhase::Running, "started");
         Ok(())
     }
 
@@ -527,7 +527,7 @@ impl MachineManager {
             let phase = self.require_status(id, name).await?.phase;
             if !matches!(phase, DomainPhase::Running | DomainPhase::ShuttingDown) {
                 self.events
-                    .observe(id, VmPhase::Stopped, "shut down by the guest");
+                    .observe(id, MachinePhase::Stopped, "shut down by the guest");
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -539,14 +539,14 @@ impl MachineManager {
         blocking(&self.hv, move |hv| hv.destroy(&n)).await?;
         self.events.observe(
             id,
-            VmPhase::Stopped,
+            MachinePhase::Stopped,
             &format!("forced off: the guest did not shut down within {timeout:?}"),
         );
         Ok(())
     }
 
     /// Starts a stopped or crashed machine; a running one is left as it is.
-    pub async fn start(&self, id: Uuid) -> Result<VmState, AgentError> {
+    pub async fn start(&self, id: Uuid) -> Result<MachineState, AgentError> {
         let lock = self.machine_lock(id);
         let _guard = lock.lock().await;
         let name = self.domain_name(id);
@@ -561,7 +561,11 @@ impl MachineManager {
 
     /// Stops a machine: graceful for `timeout` (the configured default when `None`), then
     /// forced. A stopped machine is left as it is.
-    pub async fn stop(&self, id: Uuid, timeout: Option<Duration>) -> Result<VmState, AgentError> {
+    pub async fn stop(
+        &self,
+        id: Uuid,
+        timeout: Option<Duration>,
+    ) -> Result<MachineState, AgentError> {
         let lock = self.machine_lock(id);
         let _guard = lock.lock().await;
         let name = self.domain_name(id);
@@ -575,8 +579,11 @@ impl MachineManager {
             DomainPhase::Paused => {
                 let n = name.clone();
                 blocking(&self.hv, move |hv| hv.destroy(&n)).await?;
-                self.events
-                    .observe(id, VmPhase::Stopped, "forced off: the machine was paused");
+                self.events.observe(
+                    id,
+                    MachinePhase::Stopped,
+                    "forced off: the machine was paused",
+                );
             }
             // A crashed domain is shut off already; libvirt keeps saying "crashed" until its
             // next start, and so does the agent.
@@ -594,7 +601,11 @@ impl MachineManager {
     /// rebooting (a retry from a control plane that died before recording the first). Should
     /// the agent die between the power cycle and the record, the retry reboots again: that
     /// window is milliseconds, where before it was the whole round trip.
-    pub async fn reboot(&self, id: Uuid, request_id: Option<&str>) -> Result<VmState, AgentError> {
+    pub async fn reboot(
+        &self,
+        id: Uuid,
+        request_id: Option<&str>,
+    ) -> Result<MachineState, AgentError> {
         let lock = self.machine_lock(id);
         let _guard = lock.lock().await;
         let name = self.domain_name(id);
@@ -648,7 +659,7 @@ impl MachineManager {
                 source: std::io::Error::other(e.to_string()),
             })??;
         if had_domain || had_files {
-            self.events.observe(id, VmPhase::Absent, "deleted");
+            self.events.observe(id, MachinePhase::Absent, "deleted");
         }
         drop(_guard);
         self.forget_lock(id, lock);
@@ -656,14 +667,14 @@ impl MachineManager {
     }
 
     /// The actual state of one machine; `Absent` when it has no domain here.
-    pub async fn state_of(&self, id: Uuid) -> Result<VmState, AgentError> {
+    pub async fn state_of(&self, id: Uuid) -> Result<MachineState, AgentError> {
         let name = self.domain_name(id);
         Ok(match self.get_status(&name).await? {
             Some(d) => self.describe(id, &d),
-            None => VmState {
+            None => MachineState {
                 id,
                 generation: 0,
-                phase: VmPhase::Absent,
+                phase: MachinePhase::Absent,
                 domain_name: name,
                 addresses: vec![],
                 forwards: vec![],
@@ -676,7 +687,7 @@ impl MachineManager {
     }
 
     /// Every machine with a domain of ours.
-    pub async fn list(&self) -> Result<Vec<VmState>, AgentError> {
+    pub async fn list(&self) -> Result<Vec<MachineState>, AgentError> {
         let prefix = self.cfg.domain_prefix.clone();
         let domains = blocking(&self.hv, move |hv| hv.list(&prefix)).await?;
         Ok(domains
@@ -736,8 +747,8 @@ impl MachineManager {
         };
         let state = self.state_of(id).await?;
         let reason = match state.phase {
-            VmPhase::Crashed => "the domain's QEMU exited unexpectedly",
-            VmPhase::Absent => "the domain disappeared",
+            MachinePhase::Crashed => "the domain's QEMU exited unexpectedly",
+            MachinePhase::Absent => "the domain disappeared",
             _ => "observed",
         };
         if let Some(e) = self.events.observe(id, state.phase, reason) {
@@ -746,20 +757,20 @@ impl MachineManager {
         Ok(())
     }
 
-    fn describe(&self, id: Uuid, d: &DomainStatus) -> VmState {
+    fn describe(&self, id: Uuid, d: &DomainStatus) -> MachineState {
         let (generation, disk_gib, mut message) = match MachineMetadata::from_xml(&d.xml) {
             Ok(m) => (m.generation, m.disk_gib.unwrap_or(0), String::new()),
             Err(e) => (0, 0, format!("unreadable metadata: {e}")),
         };
         let forwards = read_user_forwards(&d.xml).unwrap_or_default();
         let phase = phase_of(d.phase);
-        if phase == VmPhase::Crashed && message.is_empty() {
+        if phase == MachinePhase::Crashed && message.is_empty() {
             message = "the domain's QEMU exited unexpectedly".into();
         }
         // With user networking the machine is reachable at the forward address only.
         let mut addresses: Vec<String> = forwards.iter().map(|f| f.host_ip.to_string()).collect();
         addresses.dedup();
-        VmState {
+        MachineState {
             id,
             generation,
             phase,
@@ -840,13 +851,13 @@ impl Drop for PortReservation {
     }
 }
 
-fn phase_of(p: DomainPhase) -> VmPhase {
+fn phase_of(p: DomainPhase) -> MachinePhase {
     match p {
-        DomainPhase::Stopped => VmPhase::Stopped,
-        DomainPhase::Running => VmPhase::Running,
-        DomainPhase::Paused => VmPhase::Paused,
-        DomainPhase::ShuttingDown => VmPhase::ShuttingDown,
-        DomainPhase::Crashed => VmPhase::Crashed,
+        DomainPhase::Stopped => MachinePhase::Stopped,
+        DomainPhase::Running => MachinePhase::Running,
+        DomainPhase::Paused => MachinePhase::Paused,
+        DomainPhase::ShuttingDown => MachinePhase::ShuttingDown,
+        DomainPhase::Crashed => MachinePhase::Crashed,
     }
 }
 

@@ -1,5 +1,5 @@
 //! What the agent is asked to build ([`MachineSpec`], validated from the wire) and what it
-//! reports back ([`VmState`]). Pure types and checks, no I/O.
+//! reports back ([`MachineState`]). Pure types and checks, no I/O.
 
 use std::net::Ipv4Addr;
 use std::str::FromStr;
@@ -220,7 +220,7 @@ impl FromStr for NetworkMode {
 
 /// A machine's phase as the agent reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum VmPhase {
+pub enum MachinePhase {
     /// No domain.
     Absent,
     /// Defined, shut off.
@@ -237,13 +237,13 @@ pub enum VmPhase {
 
 /// The actual state of one machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmState {
+pub struct MachineState {
     /// The machine.
     pub id: Uuid,
     /// Generation of the definition (0 when absent or unreadable).
     pub generation: u64,
     /// Phase.
-    pub phase: VmPhase,
+    pub phase: MachinePhase,
     /// libvirt domain name.
     pub domain_name: String,
     /// Addresses the machine is reachable at.

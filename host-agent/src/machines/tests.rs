@@ -98,7 +98,7 @@ impl Harness {
         self.data.machine_dir(id).exists()
     }
 
-    fn phases(&self, id: Uuid) -> Vec<VmPhase> {
+    fn phases(&self, id: Uuid) -> Vec<MachinePhase> {
         self.events
             .subscribe(0)
             .unwrap()
@@ -119,7 +119,7 @@ async fn ensure_builds_files_and_one_domain_and_repeating_it_changes_nothing() {
         .ensure(h.spec(id, 1, DesiredPower::Running))
         .await
         .unwrap();
-    assert_eq!(state.phase, VmPhase::Running);
+    assert_eq!(state.phase, MachinePhase::Running);
     assert_eq!(state.generation, 1);
     assert_eq!(state.domain_name, format!("{PREFIX}{id}"));
     assert_eq!(state.forwards.len(), 1);
@@ -139,7 +139,7 @@ async fn ensure_builds_files_and_one_domain_and_repeating_it_changes_nothing() {
     assert_eq!(h.fake.calls(HypervisorOp::Define), 1);
     assert_eq!(h.fake.calls(HypervisorOp::Start), 1);
     assert_eq!(h.fake.domain_names(), vec![format!("{PREFIX}{id}")]);
-    assert_eq!(h.phases(id), [VmPhase::Stopped, VmPhase::Running]);
+    assert_eq!(h.phases(id), [MachinePhase::Stopped, MachinePhase::Running]);
 }
 
 #[tokio::test]
@@ -188,7 +188,7 @@ async fn concurrent_ensures_of_one_machine_define_it_once() {
         })
         .collect();
     for t in tasks {
-        assert_eq!(t.await.unwrap().unwrap(), VmPhase::Running);
+        assert_eq!(t.await.unwrap().unwrap(), MachinePhase::Running);
     }
     assert_eq!(h.fake.calls(HypervisorOp::Define), 1);
     assert_eq!(h.fake.calls(HypervisorOp::Start), 1);
@@ -242,7 +242,7 @@ async fn a_failed_first_define_leaves_no_files_and_a_retry_builds_the_machine() 
         .ensure(h.spec(id, 1, DesiredPower::Running))
         .await
         .unwrap();
-    assert_eq!(state.phase, VmPhase::Running);
+    assert_eq!(state.phase, MachinePhase::Running);
     assert!(!h.data.machine_dir(id).join(INCOMPLETE_MARKER).exists());
 }
 
@@ -313,14 +313,14 @@ async fn a_failed_start_is_finished_by_the_retry_without_redefining() {
         .is_err());
     assert_eq!(
         h.manager.state_of(id).await.unwrap().phase,
-        VmPhase::Stopped
+        MachinePhase::Stopped
     );
     let state = h
         .manager
         .ensure(h.spec(id, 1, DesiredPower::Running))
         .await
         .unwrap();
-    assert_eq!(state.phase, VmPhase::Running);
+    assert_eq!(state.phase, MachinePhase::Running);
     assert_eq!(h.fake.calls(HypervisorOp::Define), 1);
 }
 
@@ -336,14 +336,14 @@ async fn stop_is_graceful_when_the_guest_obeys_and_forced_when_it_does_not() {
     }
     assert_eq!(
         h.manager.stop(obeys, None).await.unwrap().phase,
-        VmPhase::Stopped
+        MachinePhase::Stopped
     );
     assert_eq!(h.fake.calls(HypervisorOp::Destroy), 0);
     h.fake.ignore_acpi();
     let started = Instant::now();
     assert_eq!(
         h.manager.stop(ignores, None).await.unwrap().phase,
-        VmPhase::Stopped
+        MachinePhase::Stopped
     );
     assert!(started.elapsed() >= Duration::from_millis(600));
     assert_eq!(h.fake.calls(HypervisorOp::Destroy), 1);
@@ -366,11 +366,11 @@ async fn stop_is_graceful_when_the_guest_obeys_and_forced_when_it_does_not() {
     // Stopping a stopped machine is a no-op; starting brings it back with its files.
     assert_eq!(
         h.manager.stop(ignores, None).await.unwrap().phase,
-        VmPhase::Stopped
+        MachinePhase::Stopped
     );
     assert_eq!(
         h.manager.start(ignores).await.unwrap().phase,
-        VmPhase::Running
+        MachinePhase::Running
     );
     assert!(h.data.overlay(ignores).is_file() && h.data.seed(ignores).is_file());
 }
@@ -388,7 +388,7 @@ async fn a_retried_reboot_with_the_same_request_id_reboots_once() {
     let starts = h.fake.calls(HypervisorOp::Start);
     for _ in 0..3 {
         let state = h.manager.reboot(id, Some("task-1")).await.unwrap();
-        assert_eq!(state.phase, VmPhase::Running);
+        assert_eq!(state.phase, MachinePhase::Running);
     }
     assert_eq!(
         h.fake.calls(HypervisorOp::Start),
@@ -415,15 +415,15 @@ async fn reboot_power_cycles_a_running_machine_and_refuses_a_stopped_one() {
     h.manager.start(id).await.unwrap();
     assert_eq!(
         h.manager.reboot(id, None).await.unwrap().phase,
-        VmPhase::Running
+        MachinePhase::Running
     );
     assert_eq!(
         h.phases(id),
         [
-            VmPhase::Stopped,
-            VmPhase::Running,
-            VmPhase::Stopped,
-            VmPhase::Running
+            MachinePhase::Stopped,
+            MachinePhase::Running,
+            MachinePhase::Stopped,
+            MachinePhase::Running
         ]
     );
 }
@@ -442,8 +442,11 @@ async fn delete_removes_domain_and_files_and_is_idempotent_even_after_a_fault() 
     assert!(h.fake.domain_names().is_empty());
     assert!(!h.files_exist(id));
     assert!(!h.manager.delete(id).await.unwrap());
-    assert_eq!(h.manager.state_of(id).await.unwrap().phase, VmPhase::Absent);
-    assert_eq!(h.phases(id).last(), Some(&VmPhase::Absent));
+    assert_eq!(
+        h.manager.state_of(id).await.unwrap().phase,
+        MachinePhase::Absent
+    );
+    assert_eq!(h.phases(id).last(), Some(&MachinePhase::Absent));
     assert!(matches!(
         h.manager.start(id).await,
         Err(AgentError::NotFound(_))
@@ -462,7 +465,7 @@ async fn a_crash_is_reported_by_the_poller_and_a_start_recovers() {
     h.fake.crash(&h.manager.domain_name(id));
     h.manager.poll_once().await.unwrap();
     let last = h.events.subscribe(0).unwrap().0.pop().unwrap();
-    assert_eq!((last.machine_id, last.phase), (id, VmPhase::Crashed));
+    assert_eq!((last.machine_id, last.phase), (id, MachinePhase::Crashed));
     assert!(last.reason.contains("QEMU exited"), "{}", last.reason);
     assert!(h
         .manager
@@ -471,7 +474,10 @@ async fn a_crash_is_reported_by_the_poller_and_a_start_recovers() {
         .unwrap()
         .message
         .contains("QEMU"));
-    assert_eq!(h.manager.start(id).await.unwrap().phase, VmPhase::Running);
+    assert_eq!(
+        h.manager.start(id).await.unwrap().phase,
+        MachinePhase::Running
+    );
 }
 
 #[tokio::test]

@@ -275,8 +275,8 @@ impl Fixture {
         hostname: &str,
         key: Option<&str>,
         power: pb::PowerState,
-    ) -> pb::VmSpec {
-        pb::VmSpec {
+    ) -> pb::MachineSpec {
+        pb::MachineSpec {
             machine_id: id.to_string(),
             generation,
             hostname: hostname.into(),

@@ -17,11 +17,11 @@ use uuid::Uuid;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
-fn phase(state: &pb::VmState) -> pb::VmPhase {
-    pb::VmPhase::try_from(state.phase).unwrap_or(pb::VmPhase::Unspecified)
+fn phase(state: &pb::MachineState) -> pb::MachinePhase {
+    pb::MachinePhase::try_from(state.phase).unwrap_or(pb::MachinePhase::Unspecified)
 }
 
-fn ssh_port(state: &pb::VmState) -> u32 {
+fn ssh_port(state: &pb::MachineState) -> u32 {
     let ports = &state.network.as_ref().expect("network").ports;
     assert_eq!(ports.len(), 1, "{ports:?}");
     assert_eq!(
@@ -31,15 +31,15 @@ fn ssh_port(state: &pb::VmState) -> u32 {
     ports[0].host_port
 }
 
-fn vm(id: Uuid) -> pb::VmRef {
-    pb::VmRef {
+fn vm(id: Uuid) -> pb::MachineRef {
+    pb::MachineRef {
         machine_id: id.to_string(),
     }
 }
 
 /// A WatchEvents stream that starts after everything already recorded: the backlog of a
 /// stream from 0 is drained (it arrives at once), and a second stream resumes after it.
-async fn watch_from_now(client: &mut harness::Client) -> tonic::Streaming<pb::VmEvent> {
+async fn watch_from_now(client: &mut harness::Client) -> tonic::Streaming<pb::MachineEvent> {
     let mut all = client
         .watch_events(pb::WatchEventsRequest { after_sequence: 0 })
         .await
@@ -59,11 +59,12 @@ async fn watch_from_now(client: &mut harness::Client) -> tonic::Streaming<pb::Vm
 }
 
 /// The reason of the next STOPPED event of machine `id`.
-async fn next_stop_reason(events: &mut tonic::Streaming<pb::VmEvent>, id: Uuid) -> String {
+async fn next_stop_reason(events: &mut tonic::Streaming<pb::MachineEvent>, id: Uuid) -> String {
     tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(event) = events.next().await {
             let event = event.expect("event");
-            if event.machine_id == id.to_string() && event.phase == pb::VmPhase::Stopped as i32 {
+            if event.machine_id == id.to_string() && event.phase == pb::MachinePhase::Stopped as i32
+            {
                 return event.reason;
             }
         }
@@ -90,18 +91,18 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
 
     let t0 = Instant::now();
     let state = client
-        .ensure_vm(pb::EnsureVmRequest { spec: Some(spec) })
+        .ensure_machine(pb::EnsureMachineRequest { spec: Some(spec) })
         .await
-        .expect("EnsureVm")
+        .expect("EnsureMachine")
         .into_inner();
     let to_running = t0.elapsed();
-    assert_eq!(phase(&state), pb::VmPhase::Running);
+    assert_eq!(phase(&state), pb::MachinePhase::Running);
     assert_eq!(state.generation, 1);
     assert_eq!(state.domain_name, format!("{}{id}", fx.prefix));
     let port = ssh_port(&state);
     assert_eq!(ssh_hostname(&key, port, BOOT_TIMEOUT), "lifecycle-1");
     let to_ssh = t0.elapsed();
-    println!("EnsureVm -> running: {to_running:?}; EnsureVm -> ssh answered: {to_ssh:?}");
+    println!("EnsureMachine -> running: {to_running:?}; EnsureMachine -> ssh answered: {to_ssh:?}");
 
     let dir = fx.machine_dir(id);
     let (overlay, seed, console) = (
@@ -129,15 +130,15 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
     // The tiny image's acpid powers off on the ACPI button: a graceful stop.
     let t_stop = Instant::now();
     let stopped = client
-        .stop_vm(pb::StopVmRequest {
+        .stop_machine(pb::StopMachineRequest {
             machine_id: id.to_string(),
             graceful_timeout_secs: 30,
         })
         .await
-        .expect("StopVm")
+        .expect("StopMachine")
         .into_inner();
-    println!("graceful StopVm: {:?}", t_stop.elapsed());
-    assert_eq!(phase(&stopped), pb::VmPhase::Stopped);
+    println!("graceful StopMachine: {:?}", t_stop.elapsed());
+    assert_eq!(phase(&stopped), pb::MachinePhase::Stopped);
     assert_eq!(
         next_stop_reason(&mut events, id).await,
         "shut down by the guest"
@@ -152,8 +153,12 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
         "disk and seed kept"
     );
 
-    let started = client.start_vm(vm(id)).await.expect("StartVm").into_inner();
-    assert_eq!(phase(&started), pb::VmPhase::Running);
+    let started = client
+        .start_machine(vm(id))
+        .await
+        .expect("StartMachine")
+        .into_inner();
+    assert_eq!(phase(&started), pb::MachinePhase::Running);
     assert_eq!(
         ssh_port(&started),
         port,
@@ -164,29 +169,29 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
     // A guest that ignores the button is forced off after the timeout.
     ssh_run(&key, port, "killall acpid", BOOT_TIMEOUT);
     let forced = client
-        .stop_vm(pb::StopVmRequest {
+        .stop_machine(pb::StopMachineRequest {
             machine_id: id.to_string(),
             graceful_timeout_secs: 2,
         })
         .await
-        .expect("StopVm")
+        .expect("StopMachine")
         .into_inner();
-    assert_eq!(phase(&forced), pb::VmPhase::Stopped);
+    assert_eq!(phase(&forced), pb::MachinePhase::Stopped);
     let reason = next_stop_reason(&mut events, id).await;
     assert!(reason.starts_with("forced off"), "{reason}");
-    client.start_vm(vm(id)).await.expect("StartVm");
+    client.start_machine(vm(id)).await.expect("StartMachine");
     assert_eq!(ssh_hostname(&key, port, BOOT_TIMEOUT), "lifecycle-1");
 
     let qemu_before = qemu_pid(&state.domain_name);
     let rebooted = client
-        .reboot_vm(pb::RebootVmRequest {
+        .reboot_machine(pb::RebootMachineRequest {
             machine_id: id.to_string(),
             request_id: String::new(),
         })
         .await
-        .expect("RebootVm")
+        .expect("RebootMachine")
         .into_inner();
-    assert_eq!(phase(&rebooted), pb::VmPhase::Running);
+    assert_eq!(phase(&rebooted), pb::MachinePhase::Running);
     assert_ne!(
         qemu_pid(&state.domain_name),
         qemu_before,
@@ -195,29 +200,33 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
     assert_eq!(ssh_hostname(&key, port, BOOT_TIMEOUT), "lifecycle-1");
 
     let deleted = client
-        .delete_vm(vm(id))
+        .delete_machine(vm(id))
         .await
-        .expect("DeleteVm")
+        .expect("DeleteMachine")
         .into_inner();
     assert!(deleted.existed);
     assert!(fx.domains().is_empty(), "domain left: {:?}", fx.domains());
     assert!(!dir.exists(), "machine files left in {dir:?}");
-    let absent = client.get_vm(vm(id)).await.expect("GetVm").into_inner();
-    assert_eq!(phase(&absent), pb::VmPhase::Absent);
+    let absent = client
+        .get_machine(vm(id))
+        .await
+        .expect("GetMachine")
+        .into_inner();
+    assert_eq!(phase(&absent), pb::MachinePhase::Absent);
     assert!(
         !client
-            .delete_vm(vm(id))
+            .delete_machine(vm(id))
             .await
-            .expect("DeleteVm again")
+            .expect("DeleteMachine again")
             .into_inner()
             .existed
     );
     let listed = client
-        .list_vms(pb::ListVmsRequest {})
+        .list_machines(pb::ListMachinesRequest {})
         .await
-        .expect("ListVms")
+        .expect("ListMachines")
         .into_inner();
-    assert!(listed.vms.is_empty());
+    assert!(listed.machines.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,30 +235,30 @@ async fn ensure_twice_gives_one_domain_and_older_generations_are_refused() {
     let agent = fx.start_agent(&[]);
     let mut client = fx.client(&agent).await;
     let id = Uuid::new_v4();
-    let ensure = |generation, host: &str| pb::EnsureVmRequest {
+    let ensure = |generation, host: &str| pb::EnsureMachineRequest {
         spec: Some(fx.spec(id, generation, host, None, pb::PowerState::Stopped)),
     };
     let first = client
-        .ensure_vm(ensure(2, "twice"))
+        .ensure_machine(ensure(2, "twice"))
         .await
-        .expect("EnsureVm")
+        .expect("EnsureMachine")
         .into_inner();
     let second = client
-        .ensure_vm(ensure(2, "twice"))
+        .ensure_machine(ensure(2, "twice"))
         .await
-        .expect("EnsureVm again")
+        .expect("EnsureMachine again")
         .into_inner();
     assert_eq!(first, second);
-    assert_eq!(phase(&first), pb::VmPhase::Stopped);
+    assert_eq!(phase(&first), pb::MachinePhase::Stopped);
     assert_eq!(fx.domains(), vec![first.domain_name.clone()]);
 
     let stale = client
-        .ensure_vm(ensure(1, "twice"))
+        .ensure_machine(ensure(1, "twice"))
         .await
         .expect_err("older generation");
     assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
     let newer = client
-        .ensure_vm(ensure(3, "renamed"))
+        .ensure_machine(ensure(3, "renamed"))
         .await
         .expect("newer")
         .into_inner();
@@ -266,7 +275,7 @@ async fn ensure_twice_gives_one_domain_and_older_generations_are_refused() {
         .expect("GetHostInfo")
         .into_inner();
     assert_eq!(
-        (info.vm_count, info.domain_prefix.as_str()),
+        (info.machine_count, info.domain_prefix.as_str()),
         (1, fx.prefix.as_str())
     );
     let allocated = info.allocated.expect("allocated");
@@ -292,30 +301,30 @@ async fn ensure_twice_gives_one_domain_and_older_generations_are_refused() {
 
     assert!(
         client
-            .delete_vm(vm(id))
+            .delete_machine(vm(id))
             .await
-            .expect("DeleteVm")
+            .expect("DeleteMachine")
             .into_inner()
             .existed
     );
     assert!(fx.domains().is_empty());
 }
 
-/// kill -9 of the agent before each creation step, then a restart and a retried EnsureVm:
+/// kill -9 of the agent before each creation step, then a restart and a retried EnsureMachine:
 /// one domain, no stray files, and deletion leaves nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_create_then_restart_converges_without_leftovers() {
     let fx = Fixture::new();
     for step in ["image", "disk", "seed", "define", "start"] {
         let id = Uuid::new_v4();
-        let request = pb::EnsureVmRequest {
+        let request = pb::EnsureMachineRequest {
             spec: Some(fx.spec(id, 1, "crashy", None, pb::PowerState::Running)),
         };
         let paused = fx.start_agent(&[("SKYGATE_AGENT_TEST_PAUSE_BEFORE", step)]);
         let mut client = fx.client(&paused).await;
         let call = tokio::spawn({
             let request = request.clone();
-            async move { client.ensure_vm(request).await }
+            async move { client.ensure_machine(request).await }
         });
         paused.wait_for_log("test pause", Duration::from_secs(60));
         paused.kill9();
@@ -339,17 +348,17 @@ async fn kill_9_mid_create_then_restart_converges_without_leftovers() {
         );
         let mut client = fx.client(&agent).await;
         let state = client
-            .ensure_vm(request)
+            .ensure_machine(request)
             .await
-            .expect("retried EnsureVm")
+            .expect("retried EnsureMachine")
             .into_inner();
-        assert_eq!(phase(&state), pb::VmPhase::Running, "{step}");
+        assert_eq!(phase(&state), pb::MachinePhase::Running, "{step}");
         assert_eq!(fx.domains(), vec![state.domain_name.clone()], "{step}");
         assert!(
             client
-                .delete_vm(vm(id))
+                .delete_machine(vm(id))
                 .await
-                .expect("DeleteVm")
+                .expect("DeleteMachine")
                 .into_inner()
                 .existed
         );
@@ -368,11 +377,11 @@ async fn a_killed_qemu_is_reported_within_10_s_and_can_be_started_again() {
     let mut client = fx.client(&agent).await;
     let id = Uuid::new_v4();
     let state = client
-        .ensure_vm(pb::EnsureVmRequest {
+        .ensure_machine(pb::EnsureMachineRequest {
             spec: Some(fx.spec(id, 1, "doomed", None, pb::PowerState::Running)),
         })
         .await
-        .expect("EnsureVm")
+        .expect("EnsureMachine")
         .into_inner();
     let mut events = client
         .watch_events(pb::WatchEventsRequest { after_sequence: 0 })
@@ -389,7 +398,8 @@ async fn a_killed_qemu_is_reported_within_10_s_and_can_be_started_again() {
     let crashed = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(event) = events.next().await {
             let event = event.expect("event");
-            if event.machine_id == id.to_string() && event.phase == pb::VmPhase::Crashed as i32 {
+            if event.machine_id == id.to_string() && event.phase == pb::MachinePhase::Crashed as i32
+            {
                 return event;
             }
         }
@@ -402,16 +412,24 @@ async fn a_killed_qemu_is_reported_within_10_s_and_can_be_started_again() {
         killed_at.elapsed(),
         crashed.reason
     );
-    let now = client.get_vm(vm(id)).await.expect("GetVm").into_inner();
-    assert_eq!(phase(&now), pb::VmPhase::Crashed);
+    let now = client
+        .get_machine(vm(id))
+        .await
+        .expect("GetMachine")
+        .into_inner();
+    assert_eq!(phase(&now), pb::MachinePhase::Crashed);
     assert!(!now.message.is_empty());
-    let restarted = client.start_vm(vm(id)).await.expect("StartVm").into_inner();
-    assert_eq!(phase(&restarted), pb::VmPhase::Running);
+    let restarted = client
+        .start_machine(vm(id))
+        .await
+        .expect("StartMachine")
+        .into_inner();
+    assert_eq!(phase(&restarted), pb::MachinePhase::Running);
     assert!(
         client
-            .delete_vm(vm(id))
+            .delete_machine(vm(id))
             .await
-            .expect("DeleteVm")
+            .expect("DeleteMachine")
             .into_inner()
             .existed
     );
@@ -425,11 +443,11 @@ async fn the_agent_survives_a_libvirtd_restart() {
     let mut client = fx.client(&agent).await;
     let id = Uuid::new_v4();
     client
-        .ensure_vm(pb::EnsureVmRequest {
+        .ensure_machine(pb::EnsureMachineRequest {
             spec: Some(fx.spec(id, 1, "steady", None, pb::PowerState::Stopped)),
         })
         .await
-        .expect("EnsureVm");
+        .expect("EnsureMachine");
 
     let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid")
         .expect("libvirtd pid file")
@@ -443,29 +461,29 @@ async fn the_agent_survives_a_libvirtd_restart() {
     });
     // While it is down the agent says so instead of hanging.
     let down = client
-        .list_vms(pb::ListVmsRequest {})
+        .list_machines(pb::ListMachinesRequest {})
         .await
         .expect_err("libvirtd is down");
     assert_eq!(down.code(), tonic::Code::Unavailable, "{down:?}");
     harness::ensure_libvirtd();
 
     let listed = client
-        .list_vms(pb::ListVmsRequest {})
+        .list_machines(pb::ListMachinesRequest {})
         .await
-        .expect("ListVms after restart")
+        .expect("ListMachines after restart")
         .into_inner();
-    assert_eq!(listed.vms.len(), 1);
+    assert_eq!(listed.machines.len(), 1);
     let started = client
-        .start_vm(vm(id))
+        .start_machine(vm(id))
         .await
-        .expect("StartVm after restart")
+        .expect("StartMachine after restart")
         .into_inner();
-    assert_eq!(phase(&started), pb::VmPhase::Running);
+    assert_eq!(phase(&started), pb::MachinePhase::Running);
     assert!(
         client
-            .delete_vm(vm(id))
+            .delete_machine(vm(id))
             .await
-            .expect("DeleteVm")
+            .expect("DeleteMachine")
             .into_inner()
             .existed
     );
