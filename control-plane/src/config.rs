@@ -1,13 +1,13 @@
 //! Command-line flags and environment variables (API.md, "Running it"), turned into settings.
 
-use crate::agents::clients::AgentTls;
+use crate::agents::AgentTls;
 use crate::api::serve::ConnectionLimits;
 use crate::api::HttpSettings;
 use crate::app::password_work::PasswordWorkSettings;
 use crate::app::{LoginLimits, MachineLimits, Settings};
 use crate::model::Quota;
 use crate::server::ProvisioningConfig;
-use crate::workflows::WorkflowSettings;
+use crate::timing::WorkflowSettings;
 use axum::http::HeaderValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;

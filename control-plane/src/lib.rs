@@ -8,8 +8,11 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
+pub mod reconciler;
 pub mod server;
 pub mod store;
-pub mod workflows;
+pub mod timing;
+pub mod worker;
 
 pub use error::{Error, Result};

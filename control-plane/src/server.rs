@@ -1,15 +1,15 @@
 //! Start-up and shutdown: open the store, run migrations, load the secret, serve HTTP until
 //! a signal, with housekeeping in the background.
 
-use crate::agents::clients::AgentTls;
 use crate::agents::credentials::HostCredentials;
-use crate::agents::{AgentClients, RegistryService};
+use crate::agents::{AgentClients, AgentTls, RegistryService};
 use crate::api::{self, HttpSettings};
 use crate::app::{App, Settings};
 use crate::store::Store;
-use crate::workflows::reconciler::Reconciler;
-use crate::workflows::worker::Workers;
-use crate::workflows::{monitor, WorkflowSettings};
+use crate::monitor;
+use crate::reconciler::Reconciler;
+use crate::timing::WorkflowSettings;
+use crate::worker::Workers;
 use anyhow::Context;
 use proto::bearer::BearerToken;
 use proto::controlplane::v1::agent_registry_server::AgentRegistryServer;

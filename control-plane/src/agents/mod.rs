@@ -3,9 +3,10 @@
 //! with. Agents join with the shared join token and then use their host's own credential
 //! (`credentials`).
 
-pub mod clients;
+pub mod client;
 pub mod credentials;
 pub mod registry;
+pub mod spec;
 
-pub use clients::AgentClients;
+pub use client::{AgentClients, AgentTls};
 pub use registry::RegistryService;

@@ -208,7 +208,7 @@ impl App {
             "this control plane has no agent token configured",
         ))?;
         let mut client = agents
-            .client(&crate::agents::clients::AgentTarget::from(&host))
+            .client(&crate::agents::client::AgentTarget::from(&host))
             .map_err(|e| Error::Internal(e.message().to_owned()))?;
         let mut request = tonic::Request::new(proto::agent::v1::GetConsoleRequest {
             machine_id: id.to_string(),

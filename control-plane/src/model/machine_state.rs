@@ -373,7 +373,7 @@ mod tests {
             ]
         }
 
-        /// Where the worker takes a transitional status (what `workflows::worker` records).
+        /// Where the worker takes a transitional status (what `worker` records).
         fn settled(status: MachineStatus, desired: DesiredState) -> MachineStatus {
             let want = match desired {
                 DesiredState::Running => S::Running,

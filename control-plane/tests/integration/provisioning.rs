@@ -8,7 +8,7 @@ use crate::common::{Backend, TestApp};
 use control_plane::model::MachineId;
 use control_plane::server::ProvisioningConfig;
 use control_plane::store::tasks::TaskKind;
-use control_plane::workflows::WorkflowSettings;
+use control_plane::timing::WorkflowSettings;
 use host_agent::disks::QemuImg;
 use host_agent::domain_xml::HypervisorKind;
 use host_agent::events::EventLog;
@@ -1124,7 +1124,7 @@ fn test_pki(
     dir: &std::path::Path,
 ) -> (
     host_agent::server::TlsFiles,
-    control_plane::agents::clients::AgentTls,
+    control_plane::agents::AgentTls,
 ) {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
@@ -1159,7 +1159,7 @@ fn test_pki(
         key: write("agent-key.pem", &server_key),
         client_ca: Some(write("ca.pem", &ca.pem())),
     };
-    let tls = control_plane::agents::clients::AgentTls {
+    let tls = control_plane::agents::AgentTls {
         ca: ca.pem().into_bytes(),
         identity: Some((client_cert.into_bytes(), client_key.into_bytes())),
     };

@@ -1,7 +1,7 @@
 //! The workflows' decisions, as plain functions: how long a status may last, which agent
 //! errors are worth retrying, and how long to wait before the next attempt.
 
-use super::WorkflowSettings;
+use crate::timing::WorkflowSettings;
 use crate::model::MachineStatus;
 use std::time::Duration;
 use tonic::Code;

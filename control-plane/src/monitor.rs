@@ -3,7 +3,8 @@
 //! it `ready` again, the registry writes that), and a machine whose transitional status has
 //! outlasted its deadline fails with the reason, whether or not a task is still working on it.
 
-use super::{policy, WorkflowSettings};
+use crate::timing::WorkflowSettings;
+use crate::worker::policy;
 use crate::model::MachineStatus;
 use crate::store::Store;
 

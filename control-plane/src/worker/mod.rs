@@ -2,10 +2,12 @@
 //! at a time, record the outcome. A task that finds its machine no longer in the status it
 //! was made for (deleted meanwhile, failed, superseded) ends as done without touching it.
 
-use super::policy::{self, ErrorClass};
-use super::spec::machine_spec;
-use super::WorkflowSettings;
-use crate::agents::clients::AgentTarget;
+pub mod policy;
+
+use crate::agents::client::AgentTarget;
+use crate::agents::spec::machine_spec;
+use crate::timing::WorkflowSettings;
+use policy::ErrorClass;
 use crate::agents::AgentClients;
 use crate::model::{MachineNetwork, MachineStatus, PortForward};
 use crate::store::provisioning::{Placement, TaskHost, TaskMachine};
@@ -351,7 +353,7 @@ impl Workers {
         Ok(TaskOutcome::Done)
     }
 
-    fn client(&self, host: &TaskHost) -> Result<crate::agents::clients::AgentClient, crate::Error> {
+    fn client(&self, host: &TaskHost) -> Result<crate::agents::client::AgentClient, crate::Error> {
         self.agents
             .client(&AgentTarget::from(host))
             .map_err(|s| crate::Error::Internal(s.message().to_owned()))

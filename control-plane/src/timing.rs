@@ -1,14 +1,7 @@
-//! Durable workflows: workers that claim tasks (store::tasks) and drive agents until each
-//! machine reaches what its tenant asked for, and the host monitor. Everything here can be
-//! killed at any point: the task row and the machine's status say what remains, and every
-//! step (placing, EnsureMachine, StartMachine, ..., DeleteMachine) is idempotent.
-
-pub mod drift;
-pub mod monitor;
-pub mod policy;
-pub mod reconciler;
-pub mod spec;
-pub mod worker;
+//! The timing the background work shares (flags of `serve`): the workers' leases and
+//! deadlines, the agents' heartbeats the monitor and the registry judge, the reconciler's
+//! interval and grace. One struct, since several of these bound one another (a lease renewal
+//! every third of the lease, a host checked twice per unreachable window).
 
 use std::time::Duration;
 

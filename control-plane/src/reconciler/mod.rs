@@ -8,9 +8,11 @@
 //!
 //! The decisions are `drift::decide`; every repair writes an event on the machine.
 
-use super::drift::{self, Actual, Repair};
-use super::WorkflowSettings;
-use crate::agents::clients::AgentTarget;
+pub mod drift;
+
+use crate::agents::client::AgentTarget;
+use crate::timing::WorkflowSettings;
+use drift::{Actual, Repair};
 use crate::agents::AgentClients;
 use crate::model::{DesiredState, MachineId, MachineStatus};
 use crate::store::hosts::HostRecord;
