@@ -3,10 +3,10 @@
 //! it `ready` again, the registry writes that), and a machine whose transitional status has
 //! outlasted its deadline fails with the reason, whether or not a task is still working on it.
 
-use crate::timing::WorkflowSettings;
-use crate::worker::policy;
 use crate::model::MachineStatus;
 use crate::store::Store;
+use crate::timing::WorkflowSettings;
+use crate::worker::policy;
 
 /// Checks hosts every heartbeat interval until aborted.
 pub async fn run(store: Store, settings: WorkflowSettings) {

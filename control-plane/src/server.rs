@@ -2,12 +2,12 @@
 //! a signal, with housekeeping in the background.
 
 use crate::agents::credentials::HostCredentials;
-use crate::agents::{AgentClients, AgentTls, RegistryService};
+use crate::agents::{AgentClients, AgentTls, CallTiming, RegistryService};
 use crate::api::{self, HttpSettings};
 use crate::app::{App, Settings};
-use crate::store::Store;
 use crate::monitor;
 use crate::reconciler::Reconciler;
+use crate::store::Store;
 use crate::timing::WorkflowSettings;
 use crate::worker::Workers;
 use anyhow::Context;
@@ -103,14 +103,15 @@ impl Running {
     }
 }
 
-/// Serves the agent registry and starts the workers and the host monitor.
+/// Serves the agent registry and starts the workers, the reconciler and the host monitor.
 async fn start_provisioning(
-    store: &Store,
+    app: &App,
     secret: &[u8],
     agents: Arc<AgentClients>,
     config: &ProvisioningConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, Vec<tokio::task::JoinHandle<()>>)> {
+    let store = &app.store;
     let listener = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("binding {}", config.grpc_addr))?;
@@ -149,6 +150,7 @@ async fn start_provisioning(
         store.clone(),
         agents,
         config.workflows.clone(),
+        Arc::clone(&app.reconciler),
     ));
     let mut handles = workers.spawn();
     handles.push(grpc);
@@ -179,6 +181,7 @@ pub async fn start(
             token,
             HostCredentials::new(secret),
             config.agent_tls.clone(),
+            CallTiming::from(&config.workflows),
         )));
     }
     let app = Arc::new(app);
@@ -192,7 +195,7 @@ pub async fn start(
         Some(config) => {
             let agents = app.agents.clone().context("agent clients")?;
             let (grpc, handles) =
-                start_provisioning(&app.store, secret, agents, config, rx.clone()).await?;
+                start_provisioning(&app, secret, agents, config, rx.clone()).await?;
             (Some(grpc), handles)
         }
         None => (None, Vec::new()),

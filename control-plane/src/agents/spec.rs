@@ -1,4 +1,6 @@
 //! The agent's `MachineSpec` for a machine, from what the control plane stores. Pure.
+//! The wire message stays inside `agents`: callers hold an [`AgentSpec`] and hand it to
+//! `AgentClient::ensure`.
 
 use crate::model::DesiredState;
 use crate::store::provisioning::{TaskImage, TaskMachine};
@@ -77,11 +79,15 @@ fn image_source(image: &TaskImage) -> Result<pb::ImageSource, SpecProblem> {
     }
 }
 
+/// A machine's spec as its agent is sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentSpec(pub(super) pb::MachineSpec);
+
 /// The spec for `m`, with its power as the tenant wants it now.
-pub fn machine_spec(m: &TaskMachine) -> Result<pb::MachineSpec, SpecProblem> {
+pub fn machine_spec(m: &TaskMachine) -> Result<AgentSpec, SpecProblem> {
     let u32_of = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
     let u64_of = |v: i64| u64::try_from(v).unwrap_or(0);
-    Ok(pb::MachineSpec {
+    Ok(AgentSpec(pb::MachineSpec {
         machine_id: m.id.to_string(),
         generation: u64_of(m.generation),
         hostname: m.hostname.clone(),
@@ -95,7 +101,7 @@ pub fn machine_spec(m: &TaskMachine) -> Result<pb::MachineSpec, SpecProblem> {
             DesiredState::Running => pb::PowerState::Running,
             DesiredState::Stopped | DesiredState::Deleted => pb::PowerState::Stopped,
         } as i32,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -138,7 +144,7 @@ mod tests {
                 "cmdline": "console=ttyS0"}),
             ),
         });
-        let spec = machine_spec(&m).unwrap();
+        let spec = machine_spec(&m).unwrap().0;
         assert_eq!(spec.generation, 3);
         assert_eq!(spec.desired_power, pb::PowerState::Stopped as i32);
         assert_eq!((spec.vcpus, spec.memory_mib, spec.disk_gib), (2, 512, 4));
@@ -166,7 +172,8 @@ mod tests {
             sha256: Some("c".repeat(64)),
             ..disk
         }))
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(ok.image.unwrap().format, pb::DiskFormat::Qcow2 as i32);
         let kernel = TaskImage {
             name: "k".into(),

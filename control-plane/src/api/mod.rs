@@ -2,6 +2,7 @@
 //! documents, CORS, timeouts, body limits) and the OpenAPI document. Handlers only translate
 //! between HTTP and `app`.
 
+pub mod admin;
 pub mod catalog;
 pub mod extract;
 pub mod health;
@@ -125,6 +126,7 @@ impl Modify for BearerAuth {
         catalog::image_list, catalog::image_register,
         catalog::ssh_key_list, catalog::ssh_key_add, catalog::ssh_key_delete,
         hosts::host_list, hosts::cordon, hosts::uncordon, hosts::delete,
+        admin::reconciler,
     ),
     components(schemas(problem::Problem)),
     modifiers(&BearerAuth, &ErrorResponses),
@@ -134,6 +136,7 @@ impl Modify for BearerAuth {
         (name = "images", description = "Guest images"),
         (name = "ssh-keys", description = "Saved SSH public keys"),
         (name = "hosts", description = "Hypervisor hosts (administrators)"),
+        (name = "admin", description = "The control plane's background work (administrators)"),
     )
 )]
 #[derive(Debug)]
@@ -205,6 +208,7 @@ fn api_routes() -> Router<Arc<App>> {
         .route("/hosts/{id}", del(hosts::delete))
         .route("/hosts/{id}/cordon", post(hosts::cordon))
         .route("/hosts/{id}/uncordon", post(hosts::uncordon))
+        .route("/admin/reconciler", get(admin::reconciler))
         .route("/openapi.json", get(serve_openapi))
         .route("/docs", get(serve_docs))
 }

@@ -3,6 +3,7 @@
 //! completes at once because there is nothing on a hypervisor to clean up.
 
 use super::{App, Principal};
+use crate::agents::{AgentCallError, AgentTarget};
 use crate::error::{Error, Result};
 use crate::model::machine_state::Action;
 use crate::model::ssh_key::{InvalidSshKey, SshPublicKey};
@@ -207,21 +208,21 @@ impl App {
         let agents = self.agents.as_ref().ok_or(Error::Unavailable(
             "this control plane has no agent token configured",
         ))?;
-        let mut client = agents
-            .client(&crate::agents::client::AgentTarget::from(&host))
-            .map_err(|e| Error::Internal(e.message().to_owned()))?;
-        let mut request = tonic::Request::new(proto::agent::v1::GetConsoleRequest {
-            machine_id: id.to_string(),
-            max_bytes: 64 * 1024,
-        });
-        request.set_timeout(std::time::Duration::from_secs(10));
-        match client.get_console(request).await {
-            Ok(tail) => Ok(tail.into_inner().data),
-            Err(s) if s.code() == tonic::Code::NotFound => Err(Error::Conflict(
+        let tail = match agents.client(&AgentTarget::from(&host)) {
+            Ok(client) => client.console(id).await,
+            Err(e) => Err(e),
+        };
+        match tail {
+            Ok(data) => Ok(data),
+            Err(e) if e.is_gone() => Err(Error::Conflict(
                 "the machine has no domain on its host (yet)".into(),
             )),
-            Err(s) => {
-                tracing::warn!(host = %host.name, code = ?s.code(), message = s.message(), "console read failed");
+            Err(e @ AgentCallError::Setup { .. }) => {
+                tracing::error!(host = %host.name, error = ?e, "no client for the machine's host");
+                Err(Error::Internal(e.to_string()))
+            }
+            Err(e) => {
+                tracing::warn!(host = %host.name, error = ?e, "console read failed");
                 Err(Error::Unavailable(
                     "the machine's host did not answer; try again",
                 ))

@@ -114,6 +114,8 @@ pub struct App {
     password_workers: password_work::PasswordWorkers,
     /// Clients for host agents (reading consoles); absent without an agent token.
     pub agents: Option<std::sync::Arc<crate::agents::AgentClients>>,
+    /// The reconciler's last pass, as it reports it (none without provisioning).
+    pub reconciler: std::sync::Arc<crate::reconciler::ReconcilerStatus>,
 }
 
 impl std::fmt::Debug for App {
@@ -144,6 +146,7 @@ impl App {
             password_workers: password_work::PasswordWorkers::start(settings.password_work)
                 .map_err(|e| Error::Internal(format!("{e}: {:?}", e.source())))?,
             agents: None,
+            reconciler: Default::default(),
         })
     }
 

@@ -2,6 +2,7 @@
 
 pub mod hostname;
 pub mod ids;
+pub mod machine_on_host;
 pub mod machine_state;
 pub mod network;
 pub mod quota;
@@ -10,6 +11,7 @@ pub mod ssh_key;
 
 pub use hostname::Hostname;
 pub use ids::{ImageId, MachineId, UserId};
+pub use machine_on_host::{MachineChange, MachineOnHost, PhaseOnHost};
 pub use machine_state::{Action, DesiredState, MachineStatus, Transition};
 pub use network::{MachineNetwork, PortForward};
 pub use quota::{Quota, Usage};

@@ -6,49 +6,102 @@
 //!   machines placed there, which also catches what a watcher missed (control plane down,
 //!   stream resumed from 0) and removes orphaned domains after a grace period.
 //!
-//! The decisions are `drift::decide`; every repair writes an event on the machine.
+//! The decisions are `drift::decide`; every repair writes an event on the machine. Every
+//! check ends in a named outcome (`status::CheckOutcome`), logged and counted; each pass's
+//! report is kept for `GET /admin/reconciler` and the metrics.
 
 pub mod drift;
+pub mod status;
 
-use crate::agents::client::AgentTarget;
-use crate::timing::WorkflowSettings;
-use drift::{Actual, Repair};
-use crate::agents::AgentClients;
-use crate::model::{DesiredState, MachineId, MachineStatus};
+use crate::agents::{AgentCallError, AgentClient, AgentClients, AgentTarget};
+use crate::model::{DesiredState, MachineId, MachineStatus, PhaseOnHost};
 use crate::store::hosts::HostRecord;
 use crate::store::Store;
-use proto::agent::v1 as pb;
+use crate::timing::WorkflowSettings;
+use drift::{Actual, Repair};
+use status::{CheckOutcome, PassTally};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-/// The reconciler's state: when each orphan was first seen, per host, and the watchers.
+pub use status::{PassReport, ReconcilerStatus};
+
+/// The reconciler's state: when each orphan was first seen, per host, and the last pass's
+/// report.
 #[derive(Debug)]
 pub struct Reconciler {
     store: Store,
     agents: Arc<AgentClients>,
     settings: WorkflowSettings,
     orphans: Mutex<HashMap<String, HashMap<Uuid, Instant>>>,
+    status: Arc<ReconcilerStatus>,
 }
 
-fn actual_of(phase: i32) -> Option<Actual> {
-    match pb::MachinePhase::try_from(phase).ok()? {
-        pb::MachinePhase::Running => Some(Actual::Running),
-        pb::MachinePhase::Stopped => Some(Actual::Stopped),
-        pb::MachinePhase::Crashed => Some(Actual::Crashed),
-        pb::MachinePhase::Absent => None,
-        _ => Some(Actual::Other),
+/// What one host's check found: its outcome, how many machines it compared, and each
+/// repair's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCheck {
+    pub outcome: CheckOutcome,
+    pub machines: u64,
+    pub repairs: Vec<CheckOutcome>,
+}
+
+impl HostCheck {
+    fn inconclusive(outcome: CheckOutcome) -> Self {
+        Self {
+            outcome,
+            machines: 0,
+            repairs: Vec::new(),
+        }
+    }
+}
+
+/// How the drift rules see a phase; `None` for no domain.
+fn actual_of(phase: PhaseOnHost) -> Option<Actual> {
+    match phase {
+        PhaseOnHost::Running => Some(Actual::Running),
+        PhaseOnHost::Stopped => Some(Actual::Stopped),
+        PhaseOnHost::Crashed => Some(Actual::Crashed),
+        PhaseOnHost::Absent => None,
+        PhaseOnHost::Paused | PhaseOnHost::ShuttingDown | PhaseOnHost::Unknown => {
+            Some(Actual::Other)
+        }
+    }
+}
+
+/// Logs and counts one outcome (periodic passes, resyncs and event checks alike).
+fn note(host: &str, outcome: CheckOutcome, error: Option<&dyn std::fmt::Debug>) {
+    crate::metrics::reconciler_check(outcome.as_str());
+    match error {
+        Some(e) => {
+            tracing::warn!(host, outcome = outcome.as_str(), error = ?e, "reconciler check inconclusive")
+        }
+        None if outcome.inconclusive() => {
+            tracing::warn!(
+                host,
+                outcome = outcome.as_str(),
+                "reconciler check inconclusive"
+            )
+        }
+        None => tracing::debug!(host, outcome = outcome.as_str(), "reconciler check"),
     }
 }
 
 impl Reconciler {
-    pub fn new(store: Store, agents: Arc<AgentClients>, settings: WorkflowSettings) -> Self {
+    /// `status` receives each pass's report (the API reads it there).
+    pub fn new(
+        store: Store,
+        agents: Arc<AgentClients>,
+        settings: WorkflowSettings,
+        status: Arc<ReconcilerStatus>,
+    ) -> Self {
         Self {
             store,
             agents,
             settings,
             orphans: Mutex::new(HashMap::new()),
+            status,
         }
     }
 
@@ -59,50 +112,85 @@ impl Reconciler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let hosts = match self.store.host_list().await {
-                Ok(h) => h,
-                Err(e) => {
-                    tracing::warn!(error = ?e, "reconciler could not list hosts");
-                    continue;
-                }
-            };
             watchers.retain(|_, w| !w.is_finished());
-            for host in hosts.iter().filter(|h| h.state == "ready") {
-                if !watchers.contains_key(&host.id) {
-                    let me = Arc::clone(&self);
-                    let h = host.clone();
-                    watchers.insert(
-                        host.id.clone(),
-                        tokio::spawn(async move { me.watch(h).await }),
-                    );
-                }
-                if let Err(e) = self.pass_host(host).await {
-                    tracing::warn!(host = %host.name, error = ?e, "reconciling host failed");
+            let report = self.pass(&mut watchers).await;
+            self.status.set_last_pass(report);
+        }
+    }
+
+    /// One pass over every ready host: starts the watchers that are missing and compares each
+    /// host's domains with its machines.
+    async fn pass(
+        self: &Arc<Self>,
+        watchers: &mut HashMap<String, tokio::task::JoinHandle<()>>,
+    ) -> PassReport {
+        let started = Instant::now();
+        let mut tally = PassTally::new(chrono::Utc::now());
+        match self.store.host_list().await {
+            Ok(hosts) => {
+                for host in hosts.iter().filter(|h| h.state == "ready") {
+                    if !watchers.contains_key(&host.id) {
+                        let me = Arc::clone(self);
+                        let h = host.clone();
+                        watchers.insert(
+                            host.id.clone(),
+                            tokio::spawn(async move { me.watch(h).await }),
+                        );
+                    }
+                    let check = self.pass_host(host).await;
+                    tally.host(check.machines);
+                    tally.outcome(check.outcome);
+                    for repair in check.repairs {
+                        tally.outcome(repair);
+                    }
                 }
             }
+            Err(e) => {
+                note("", CheckOutcome::StoreFailed, Some(&e));
+                tally.outcome(CheckOutcome::StoreFailed);
+            }
         }
+        let report = tally.finish(chrono::Utc::now());
+        let outcomes: Vec<(&'static str, u64)> =
+            report.outcomes.iter().map(|(k, v)| (*k, *v)).collect();
+        crate::metrics::reconciler_pass(
+            report.finished_at.timestamp_millis() as f64 / 1000.0,
+            started.elapsed(),
+            &outcomes,
+        );
+        report
     }
 
     /// Compares one host's domains with its machines and repairs the drift. The machines are
     /// read *before* the host is asked, and every repair is a compare-and-swap on the
     /// generation read here: a workflow that settles meanwhile makes the repair a no-op
     /// instead of being judged against a listing older than its result.
-    pub async fn pass_host(&self, host: &HostRecord) -> crate::Result<()> {
-        let known = self.known_machines(&host.id).await?;
-        let mut client = self
-            .agents
-            .client(&AgentTarget::from(host))
-            .map_err(|e| crate::Error::Internal(e.message().to_owned()))?;
-        let mut request = tonic::Request::new(pb::ListMachinesRequest {});
-        request.set_timeout(Duration::from_secs(15));
-        let listed = match client.list_machines(request).await {
-            Ok(l) => l.into_inner().machines,
-            // Unreachable hosts are the monitor's business.
-            Err(_) => return Ok(()),
+    pub async fn pass_host(&self, host: &HostRecord) -> HostCheck {
+        let known = match self.known_machines(&host.id).await {
+            Ok(k) => k,
+            Err(e) => {
+                note(&host.name, CheckOutcome::StoreFailed, Some(&e));
+                return HostCheck::inconclusive(CheckOutcome::StoreFailed);
+            }
         };
+        let listed = match self.client(host) {
+            Ok(client) => client.list().await,
+            Err(e) => Err(e),
+        };
+        let listed = match listed {
+            Ok(l) => l,
+            // Marking the host unreachable is the monitor's business (by heartbeats); here
+            // the check is only inconclusive, and says so.
+            Err(e) => {
+                let outcome = CheckOutcome::of_agent_error(&e);
+                note(&host.name, outcome, Some(&e));
+                return HostCheck::inconclusive(outcome);
+            }
+        };
+        note(&host.name, CheckOutcome::Compared, None);
         let actual: Vec<(Uuid, Actual)> = listed
             .iter()
-            .filter_map(|v| Some((Uuid::parse_str(&v.machine_id).ok()?, actual_of(v.phase)?)))
+            .filter_map(|m| Some((m.id.0, actual_of(m.phase)?)))
             .collect();
         let machines: Vec<(Uuid, MachineStatus)> =
             known.iter().map(|(id, (s, _))| (*id, *s)).collect();
@@ -118,8 +206,15 @@ impl Reconciler {
                 self.settings.orphan_grace,
             )
         };
-        self.apply_all(host, repairs, &known).await;
-        Ok(())
+        HostCheck {
+            outcome: CheckOutcome::Compared,
+            machines: known.len() as u64,
+            repairs: self.apply_all(host, repairs, &known).await,
+        }
+    }
+
+    fn client(&self, host: &HostRecord) -> Result<AgentClient, AgentCallError> {
+        self.agents.client(&AgentTarget::from(host))
     }
 
     async fn known_machines(
@@ -135,70 +230,79 @@ impl Reconciler {
             .collect())
     }
 
-    /// Applies each repair; one that fails is logged and the rest still run.
+    /// Applies each repair; one that fails is logged and counted and the rest still run.
     async fn apply_all(
         &self,
         host: &HostRecord,
         repairs: Vec<Repair>,
         known: &HashMap<Uuid, (MachineStatus, i64)>,
-    ) {
+    ) -> Vec<CheckOutcome> {
+        let mut outcomes = Vec::with_capacity(repairs.len());
         for repair in repairs {
-            if let Err(e) = self.apply(host, repair, known).await {
-                tracing::warn!(host = %host.name, error = ?e, "a repair failed");
-            }
+            let outcome = match self.apply(host, repair, known).await {
+                Ok(true) => CheckOutcome::Repaired,
+                Ok(false) => CheckOutcome::MachineChanged,
+                Err(e) => {
+                    note(&host.name, CheckOutcome::RepairFailed, Some(&e));
+                    outcomes.push(CheckOutcome::RepairFailed);
+                    continue;
+                }
+            };
+            note(&host.name, outcome, None);
+            outcomes.push(outcome);
         }
+        outcomes
     }
 
     /// Looks at one machine after its agent reported a change. The event only says *that*
     /// something changed: the decision uses the domain's state now (GetMachine), so an old event
     /// replayed from the agent's backlog cannot undo a newer truth.
-    async fn check_machine(&self, host: &HostRecord, id: Uuid) -> crate::Result<()> {
-        let known = self.known_machines(&host.id).await?;
-        let Some(&(status, _)) = known.get(&id) else {
+    async fn check_machine(&self, host: &HostRecord, id: MachineId) {
+        let known = match self.known_machines(&host.id).await {
+            Ok(k) => k,
+            Err(e) => return note(&host.name, CheckOutcome::StoreFailed, Some(&e)),
+        };
+        let Some(&(status, _)) = known.get(&id.0) else {
             // Not a live machine here: orphans are the periodic pass's business.
-            return Ok(());
+            return;
         };
         if !matches!(status, MachineStatus::Running | MachineStatus::Stopped) {
-            return Ok(());
+            return;
         }
-        let mut client = self
-            .agents
-            .client(&AgentTarget::from(host))
-            .map_err(|e| crate::Error::Internal(e.message().to_owned()))?;
-        let mut request = tonic::Request::new(pb::MachineRef {
-            machine_id: id.to_string(),
-        });
-        request.set_timeout(Duration::from_secs(15));
-        let Ok(now) = client.get_machine(request).await else {
-            return Ok(());
+        let now = match self.client(host) {
+            Ok(client) => client.get(id).await,
+            Err(e) => Err(e),
         };
-        let actual: Vec<(Uuid, Actual)> = actual_of(now.into_inner().phase)
-            .map(|a| (id, a))
-            .into_iter()
-            .collect();
+        let phase = match now {
+            Ok(m) => m.phase,
+            // The agent's word that it has no domain for the machine is an answer.
+            Err(e) if e.is_gone() => PhaseOnHost::Absent,
+            Err(e) => return note(&host.name, CheckOutcome::of_agent_error(&e), Some(&e)),
+        };
+        let actual: Vec<(Uuid, Actual)> = actual_of(phase).map(|a| (id.0, a)).into_iter().collect();
         // A one-machine view: no orphan judgement here.
         let mut no_orphans = HashMap::new();
         let repairs = drift::decide(
             &host.name,
-            &[(id, status)],
+            &[(id.0, status)],
             &actual,
             &mut no_orphans,
             Instant::now(),
             Duration::MAX,
         );
         self.apply_all(host, repairs, &known).await;
-        Ok(())
     }
 
+    /// Writes one repair; whether it was applied (false: the machine changed meanwhile).
     async fn apply(
         &self,
         host: &HostRecord,
         repair: Repair,
         known: &HashMap<Uuid, (MachineStatus, i64)>,
-    ) -> crate::Result<()> {
+    ) -> Result<bool, RepairError> {
         use MachineStatus as S;
         let generation = |id: &Uuid| known.get(id).map_or(-1, |(_, g)| *g);
-        match repair {
+        let applied = match repair {
             Repair::MarkStopped { id, reason } => {
                 self.store
                     .machine_reconcile(
@@ -209,7 +313,7 @@ impl Reconciler {
                         Some(DesiredState::Stopped),
                         &reason,
                     )
-                    .await?;
+                    .await?
             }
             Repair::MarkRunning { id } => {
                 let message = format!("found running on host {}", host.name);
@@ -222,10 +326,10 @@ impl Reconciler {
                         Some(DesiredState::Running),
                         &message,
                     )
-                    .await?;
+                    .await?
             }
-            Repair::MarkFailed { id, reason } => {
-                if let Some(&(from, generation)) = known.get(&id) {
+            Repair::MarkFailed { id, reason } => match known.get(&id) {
+                Some(&(from, generation)) => {
                     self.store
                         .machine_reconcile(
                             MachineId(id),
@@ -235,75 +339,67 @@ impl Reconciler {
                             None,
                             &reason,
                         )
-                        .await?;
+                        .await?
                 }
-            }
+                None => false,
+            },
             Repair::RemoveOrphan { id } => {
-                let mut client = self
-                    .agents
-                    .client(&AgentTarget::from(host))
-                    .map_err(|e| crate::Error::Internal(e.message().to_owned()))?;
-                let mut request = tonic::Request::new(pb::MachineRef {
-                    machine_id: id.to_string(),
-                });
-                request.set_timeout(Duration::from_secs(120));
-                match client.delete_machine(request).await {
-                    Ok(_) => {
-                        tracing::warn!(host = %host.name, machine = %id, "removed an orphaned domain");
-                        let note = format!(
-                            "removed its leftover domain from host {} (no live machine owned it)",
-                            host.name
-                        );
-                        self.store
-                            .machine_event_any(MachineId(id), "reconcile", &note)
-                            .await?;
-                    }
-                    Err(e) => {
-                        tracing::warn!(host = %host.name, machine = %id, error = %e, "could not remove an orphaned domain");
-                    }
-                }
+                self.client(host)?.delete(MachineId(id)).await?;
+                tracing::warn!(host = %host.name, machine = %id, "removed an orphaned domain");
+                let note = format!(
+                    "removed its leftover domain from host {} (no live machine owned it)",
+                    host.name
+                );
+                self.store
+                    .machine_event_any(MachineId(id), "reconcile", &note)
+                    .await?;
+                true
             }
-        }
-        Ok(())
+        };
+        Ok(applied)
     }
 
     /// Follows one host's events until the stream breaks (the next pass restarts it).
     async fn watch(&self, host: HostRecord) {
         let mut after = 0;
         loop {
-            let Ok(mut client) = self.agents.client(&AgentTarget::from(&host)) else {
-                return;
+            let opened = match self.client(&host) {
+                Ok(client) => client.watch(after).await,
+                Err(e) => Err(e),
             };
-            let stream = client
-                .watch_events(pb::WatchEventsRequest {
-                    after_sequence: after,
-                })
-                .await;
-            let mut stream = match stream {
-                Ok(s) => s.into_inner(),
-                Err(e) if e.code() == tonic::Code::OutOfRange => {
+            let mut changes = match opened {
+                Ok(c) => c,
+                Err(AgentCallError::ResumeLost { .. }) => {
                     // The agent restarted (or we fell far behind): start over and let a full
                     // pass catch up on what the stream cannot replay.
                     after = 0;
-                    if let Err(e) = self.pass_host(&host).await {
-                        tracing::warn!(host = %host.name, error = ?e, "resync pass failed");
-                    }
+                    self.pass_host(&host).await;
                     continue;
                 }
-                Err(_) => return,
+                Err(e) => {
+                    tracing::info!(host = %host.name, error = ?e,
+                        "stopped watching the host's events; the next pass watches again");
+                    return;
+                }
             };
             // Until the stream ends (agent shutting down, fell behind); then resume after the
             // last event seen.
-            while let Ok(Some(event)) = stream.message().await {
-                after = event.sequence;
-                let Ok(id) = Uuid::parse_str(&event.machine_id) else {
-                    continue;
-                };
-                if let Err(e) = self.check_machine(&host, id).await {
-                    tracing::warn!(host = %host.name, error = ?e, "reacting to an agent event failed");
+            while let Some(change) = changes.next().await {
+                after = change.sequence;
+                if let Some(id) = change.machine {
+                    self.check_machine(&host, id).await;
                 }
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// Why a repair was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    #[error("writing the repair failed")]
+    Store(#[from] crate::Error),
+    #[error("removing the orphaned domain failed")]
+    Agent(#[from] AgentCallError),
 }

@@ -1,19 +1,18 @@
 //! Workers: claim a due task, renew its lease while working, carry it out one idempotent step
 //! at a time, record the outcome. A task that finds its machine no longer in the status it
 //! was made for (deleted meanwhile, failed, superseded) ends as done without touching it.
+//! Agents are called through `agents::AgentClient`; what an agent's failure means for the task
+//! is `policy::classify`, and the database's failures are told apart from the agents'.
 
 pub mod policy;
 
-use crate::agents::client::AgentTarget;
-use crate::agents::spec::machine_spec;
-use crate::timing::WorkflowSettings;
-use policy::ErrorClass;
-use crate::agents::AgentClients;
-use crate::model::{MachineNetwork, MachineStatus, PortForward};
+use crate::agents::{machine_spec, AgentCallError, AgentClient, AgentClients, AgentTarget};
+use crate::model::{MachineOnHost, MachineStatus};
 use crate::store::provisioning::{Placement, TaskHost, TaskMachine};
 use crate::store::tasks::{TaskKind, TaskOutcome, TaskRecord};
 use crate::store::Store;
-use proto::agent::v1 as pb;
+use crate::timing::WorkflowSettings;
+use policy::ErrorClass;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +39,19 @@ pub struct Workers {
     owner: String,
 }
 
-type Step = Result<TaskOutcome, crate::Error>;
+/// Why a step ended without an outcome of its own. An agent's failure is never one of these:
+/// it is an outcome (`Workers::agent_error`).
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    /// Reading or writing the control plane's records failed.
+    #[error("the control plane's database failed during this step")]
+    Store(#[from] crate::Error),
+    /// The records contradict themselves.
+    #[error("the machine is provisioning without a host")]
+    NoHost,
+}
+
+type Step = Result<TaskOutcome, StepError>;
 
 impl Workers {
     pub fn new(store: Store, agents: Arc<AgentClients>, settings: WorkflowSettings) -> Self {
@@ -135,7 +146,7 @@ impl Workers {
                     tracing::warn!(error = ?e, task = %task.id, "task step failed");
                     TaskOutcome::Retry {
                         after: policy::backoff(task.attempts),
-                        error: "the control plane's database failed during this step".into(),
+                        error: e.to_string(),
                     }
                 }
             },
@@ -213,7 +224,7 @@ impl Workers {
             return Ok(TaskOutcome::Done);
         }
         let Some(host) = m.host.clone() else {
-            return Err(crate::Error::Internal("provisioning without a host".into()));
+            return Err(StepError::NoHost);
         };
         if !host.reachable {
             return self.wait_for_host(task, &m, &host.name).await;
@@ -222,33 +233,33 @@ impl Workers {
             Ok(s) => s,
             Err(problem) => return self.fail(task, &m, &problem.to_string()).await,
         };
-        let mut client = self.client(&host)?;
-        let mut request = tonic::Request::new(pb::EnsureMachineRequest { spec: Some(spec) });
-        // Fetching a multi-GiB image can take a while; the deadline covers the worst case.
-        request.set_timeout(self.settings.transition_timeout);
-        match client.ensure_machine(request).await {
+        let ensured = match self.client(&host) {
+            Ok(client) => client.ensure(spec).await,
+            Err(e) => Err(e),
+        };
+        match ensured {
             Ok(state) => {
-                let state = state.into_inner();
-                let to = if state.phase == pb::MachinePhase::Running as i32 {
+                let to = if state.phase == crate::model::PhaseOnHost::Running {
                     MachineStatus::Running
                 } else {
                     MachineStatus::Stopped
                 };
                 let message = format!("provisioned on host {}; {}", host.name, to);
-                self.store
+                Ok(self
+                    .store
                     .machine_settle(
                         m.id,
                         MachineStatus::Provisioning,
                         m.generation,
                         to,
-                        Some(&network(&state)),
+                        Some(&state.network),
                         "provision",
                         &message,
                     )
                     .await
-                    .map(|settled| again_unless(settled, "provisioning"))
+                    .map(|settled| again_unless(settled, "provisioning"))?)
             }
-            Err(status) => self.agent_error(task, &m, &host.name, status).await,
+            Err(e) => self.agent_error(task, &m, &host.name, e).await,
         }
     }
 
@@ -269,56 +280,47 @@ impl Workers {
         if !host.reachable {
             return self.wait_for_host(task, &m, &host.name).await;
         }
-        let mut client = self.client(&host)?;
-        let id = m.id.to_string();
-        let result = match task.kind {
-            TaskKind::Start => {
-                let mut r = tonic::Request::new(pb::MachineRef { machine_id: id });
-                r.set_timeout(Duration::from_secs(120));
-                client.start_machine(r).await
-            }
-            TaskKind::Stop => {
-                let graceful = self.settings.stop_timeout;
-                let mut r = tonic::Request::new(pb::StopMachineRequest {
-                    machine_id: id,
-                    graceful_timeout_secs: u32::try_from(graceful.as_secs()).unwrap_or(u32::MAX),
-                });
-                r.set_timeout(graceful + Duration::from_secs(60));
-                client.stop_machine(r).await
-            }
-            _ => {
-                // The task id is stable across this task's attempts: a retry after the agent
-                // already rebooted (we died before recording it) does not reboot again.
-                let mut r = tonic::Request::new(pb::RebootMachineRequest {
-                    machine_id: id,
-                    request_id: task.id.to_string(),
-                });
-                r.set_timeout(self.settings.stop_timeout + Duration::from_secs(120));
-                client.reboot_machine(r).await
-            }
+        let result = match self.client(&host) {
+            Ok(client) => self.power_call(&client, task, m.id).await,
+            Err(e) => Err(e),
         };
         match result {
             Ok(state) => {
-                let state = state.into_inner();
                 let message = format!("{} on host {}", to, host.name);
-                self.store
+                Ok(self
+                    .store
                     .machine_settle(
                         m.id,
                         during,
                         m.generation,
                         to,
-                        Some(&network(&state)),
+                        Some(&state.network),
                         task.kind.as_str(),
                         &message,
                     )
                     .await
-                    .map(|settled| again_unless(settled, during.as_str()))
+                    .map(|settled| again_unless(settled, during.as_str()))?)
             }
-            Err(status) if status.code() == tonic::Code::NotFound => {
+            Err(e) if e.is_gone() => {
                 let reason = format!("its domain is gone from host {}", host.name);
                 self.fail(task, &m, &reason).await
             }
-            Err(status) => self.agent_error(task, &m, &host.name, status).await,
+            Err(e) => self.agent_error(task, &m, &host.name, e).await,
+        }
+    }
+
+    async fn power_call(
+        &self,
+        client: &AgentClient,
+        task: &TaskRecord,
+        id: crate::model::MachineId,
+    ) -> Result<MachineOnHost, AgentCallError> {
+        match task.kind {
+            TaskKind::Start => client.start(id).await,
+            TaskKind::Stop => client.stop(id).await,
+            // The task id is stable across this task's attempts: a retry after the agent
+            // already rebooted (we died before recording it) does not reboot again.
+            _ => client.reboot(id, &task.id.to_string()).await,
         }
     }
 
@@ -330,13 +332,12 @@ impl Workers {
             if !host.reachable {
                 return self.wait_for_host(task, &m, &host.name).await;
             }
-            let mut client = self.client(&host)?;
-            let mut r = tonic::Request::new(pb::MachineRef {
-                machine_id: m.id.to_string(),
-            });
-            r.set_timeout(Duration::from_secs(120));
-            if let Err(status) = client.delete_machine(r).await {
-                return self.agent_error(task, &m, &host.name, status).await;
+            let deleted = match self.client(&host) {
+                Ok(client) => client.delete(m.id).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = deleted {
+                return self.agent_error(task, &m, &host.name, e).await;
             }
         }
         self.store
@@ -353,10 +354,8 @@ impl Workers {
         Ok(TaskOutcome::Done)
     }
 
-    fn client(&self, host: &TaskHost) -> Result<crate::agents::client::AgentClient, crate::Error> {
-        self.agents
-            .client(&AgentTarget::from(host))
-            .map_err(|s| crate::Error::Internal(s.message().to_owned()))
+    fn client(&self, host: &TaskHost) -> Result<AgentClient, AgentCallError> {
+        self.agents.client(&AgentTarget::from(host))
     }
 
     async fn wait_for_host(&self, task: &TaskRecord, m: &TaskMachine, host: &str) -> Step {
@@ -382,7 +381,7 @@ impl Workers {
     /// a machine never sits in a transitional status without saying why.
     ///
     /// - A refusal (the request as such is wrong) fails the machine at once.
-    /// - A failed step (the agent ran it; `proto::STEP_METADATA` names it) is retried
+    /// - A failed step (the agent ran it and named it) is retried
     ///   [`policy::MAX_STEP_FAILURES`] times in all, then the machine fails with its reason.
     /// - Anything else (the host not answering, a race) is retried until the status's
     ///   deadline.
@@ -391,40 +390,45 @@ impl Workers {
         task: &TaskRecord,
         m: &TaskMachine,
         host: &str,
-        status: tonic::Status,
+        error: AgentCallError,
     ) -> Step {
-        let said = policy::tenant_text(status.message());
-        tracing::warn!(task = %task.id, machine = %m.id, host, code = ?status.code(),
-            message = status.message(), "agent call failed");
-        if policy::classify(status.code()) == ErrorClass::Permanent {
-            return self
-                .fail(task, m, &format!("host {host} refused it: {said}"))
-                .await;
-        }
+        let said = policy::tenant_text(&error.said());
+        tracing::warn!(task = %task.id, machine = %m.id, host, error = ?error,
+            "agent call failed");
         let action = task.kind.as_str();
-        if status.metadata().contains_key(proto::STEP_METADATA) {
-            let failures = task.step_failures + 1;
-            let what = format!("{said} (host {host})");
-            return match policy::step_retry(failures) {
-                Some(after) => {
-                    let note = format!(
-                        "{what}; attempt {failures} of {}, trying again in {} s",
-                        policy::MAX_STEP_FAILURES,
-                        after.as_secs()
-                    );
-                    self.store.machine_note(m.id, action, &note).await?;
-                    Ok(TaskOutcome::StepFailed { after, error: what })
-                }
-                None => {
-                    let reason = format!("{what}; gave up after {failures} attempts");
-                    self.fail(task, m, &reason).await
-                }
-            };
+        match policy::classify(&error) {
+            ErrorClass::Permanent => {
+                return self
+                    .fail(task, m, &format!("host {host} refused it: {said}"))
+                    .await;
+            }
+            ErrorClass::Step => {
+                let failures = task.step_failures + 1;
+                let what = format!("{said} (host {host})");
+                return match policy::step_retry(failures) {
+                    Some(after) => {
+                        let note = format!(
+                            "{what}; attempt {failures} of {}, trying again in {} s",
+                            policy::MAX_STEP_FAILURES,
+                            after.as_secs()
+                        );
+                        self.store.machine_note(m.id, action, &note).await?;
+                        Ok(TaskOutcome::StepFailed { after, error: what })
+                    }
+                    None => {
+                        let reason = format!("{what}; gave up after {failures} attempts");
+                        self.fail(task, m, &reason).await
+                    }
+                };
+            }
+            ErrorClass::Transient => {}
         }
-        let what = format!(
-            "host {host} did not complete it ({:?}: {said}); trying again",
-            status.code()
-        );
+        let what = match error.code() {
+            Some(code) => {
+                format!("host {host} did not complete it ({code:?}: {said}); trying again")
+            }
+            None => format!("could not call host {host} ({said}); trying again"),
+        };
         self.store.machine_note(m.id, action, &what).await?;
         Ok(TaskOutcome::Retry {
             after: policy::backoff(task.attempts),
@@ -451,24 +455,6 @@ fn again_unless(settled: bool, what: &str) -> TaskOutcome {
             after: Duration::from_millis(200),
             error: format!("the machine changed while it was {what}; acting on it again"),
         }
-    }
-}
-
-/// The machine's network as its agent reports it.
-pub fn network(state: &pb::MachineState) -> MachineNetwork {
-    let net = state.network.clone().unwrap_or_default();
-    MachineNetwork {
-        addresses: net.addresses,
-        ports: net
-            .ports
-            .iter()
-            .map(|p| PortForward {
-                guest: u16::try_from(p.guest_port).unwrap_or_default(),
-                host_ip: p.host_ip.clone(),
-                host_port: u16::try_from(p.host_port).unwrap_or_default(),
-                proto: p.proto.clone(),
-            })
-            .collect(),
     }
 }
 

@@ -1,10 +1,10 @@
-//! The workflows' decisions, as plain functions: how long a status may last, which agent
+//! The worker's decisions, as plain functions: how long a status may last, which agent
 //! errors are worth retrying, and how long to wait before the next attempt.
 
-use crate::timing::WorkflowSettings;
+use crate::agents::AgentCallError;
 use crate::model::MachineStatus;
+use crate::timing::WorkflowSettings;
 use std::time::Duration;
-use tonic::Code;
 
 /// How long a machine may stay in `status` before it fails; `None` for settled statuses.
 pub fn deadline(status: MachineStatus, s: &WorkflowSettings) -> Option<Duration> {
@@ -28,23 +28,34 @@ pub fn timeout_reason(status: MachineStatus, limit: Duration) -> String {
 pub enum ErrorClass {
     /// The agent or the network hiccuped: try again (until the deadline).
     Transient,
+    /// The agent ran a step and it failed: try again [`MAX_STEP_FAILURES`] times in all.
+    Step,
     /// The agent refused the request as such: fail the machine with the agent's reason.
     Permanent,
 }
 
-/// Classifies a gRPC status from an agent.
-pub fn classify(code: Code) -> ErrorClass {
-    match code {
-        Code::InvalidArgument | Code::PermissionDenied | Code::Unimplemented | Code::OutOfRange => {
-            ErrorClass::Permanent
-        }
-        // UNAUTHENTICATED is about the host, not the request: its agent is between a reset
-        // and its new credential, or joined a moment ago and has not taken its credential up
-        // yet. The next try (or the host's repair) settles it; the deadline bounds it.
-        // FAILED_PRECONDITION includes "a newer generation was applied" (a retry racing a
-        // later request): re-reading the machine and trying again resolves it, and a real
-        // refusal (a bad image) ends at the deadline with the agent's words.
-        _ => ErrorClass::Transient,
+/// Classifies an agent's error for a task (a machine that is gone is the caller's to judge:
+/// for a power action it fails the machine).
+pub fn classify(error: &AgentCallError) -> ErrorClass {
+    match error {
+        AgentCallError::Refused { .. } => ErrorClass::Permanent,
+        AgentCallError::StepFailed { .. } => ErrorClass::Step,
+        // Not answering is the host's state, not the request's: the host monitor marks it
+        // unreachable and the deadline bounds the wait.
+        // UNAUTHENTICATED (in `Failed`) is about the host, not the request: its agent is
+        // between a reset and its new credential, or joined a moment ago and has not taken its
+        // credential up yet. The next try (or the host's repair) settles it.
+        // A stale generation is a retry racing a later request: re-reading the machine and
+        // trying again resolves it; a generation conflict or another refusal without a
+        // reason ends at the deadline with the agent's words.
+        AgentCallError::Setup { .. }
+        | AgentCallError::Unreachable { .. }
+        | AgentCallError::Gone { .. }
+        | AgentCallError::Stale { .. }
+        | AgentCallError::GenerationConflict { .. }
+        | AgentCallError::NotRunning { .. }
+        | AgentCallError::ResumeLost { .. }
+        | AgentCallError::Failed { .. } => ErrorClass::Transient,
     }
 }
 
@@ -121,11 +132,39 @@ mod tests {
 
     #[test]
     fn refusals_are_permanent_and_outages_transient() {
+        use crate::agents::Call;
+        use tonic::{Code, Status};
+        let classify = |code| {
+            classify(&AgentCallError::from_status(
+                Call::Ensure,
+                "h",
+                Status::new(code, "x"),
+            ))
+        };
         assert_eq!(classify(Code::InvalidArgument), ErrorClass::Permanent);
         assert_eq!(classify(Code::Unauthenticated), ErrorClass::Transient);
         assert_eq!(classify(Code::Unavailable), ErrorClass::Transient);
         assert_eq!(classify(Code::DeadlineExceeded), ErrorClass::Transient);
         assert_eq!(classify(Code::FailedPrecondition), ErrorClass::Transient);
+    }
+
+    #[test]
+    fn a_failed_step_is_a_step_unless_the_request_itself_was_refused() {
+        use crate::agents::Call;
+        use tonic::metadata::{MetadataMap, MetadataValue};
+        use tonic::{Code, Status};
+        let step = |code| {
+            let mut m = MetadataMap::new();
+            m.insert(proto::STEP_METADATA, MetadataValue::from_static("disk"));
+            classify(&AgentCallError::from_status(
+                Call::Ensure,
+                "h",
+                Status::with_metadata(code, "x", m),
+            ))
+        };
+        assert_eq!(step(Code::Internal), ErrorClass::Step);
+        assert_eq!(step(Code::Unavailable), ErrorClass::Step);
+        assert_eq!(step(Code::InvalidArgument), ErrorClass::Permanent);
     }
 
     #[test]

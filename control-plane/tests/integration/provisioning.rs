@@ -1183,7 +1183,106 @@ async fn machines_are_driven_over_mutual_tls_when_configured(backend: Backend) {
     app.stop().await;
 }
 
+/// Issue 11, point 7: the reconciler's last pass is visible to administrators (and to no one
+/// else), with every check named: a host whose agent does not answer is counted as
+/// unreachable beside the host that was compared, and the metrics count it too.
+async fn an_admin_sees_the_reconcilers_last_pass_with_an_unreachable_host(backend: Backend) {
+    use proto::controlplane::v1::agent_registry_client::AgentRegistryClient;
+    let app = TestApp::spawn_provisioning(backend, config()).await;
+    let (host, admin, tenant) = cluster_with_image(&app, "seen").await;
+    let res = app
+        .as_user(&tenant, Method::GET, "/admin/reconciler")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        res.headers()["content-type"],
+        "application/problem+json",
+        "{res:?}"
+    );
+    let res = app
+        .req(Method::GET, "/admin/reconciler")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let id = create(&app, &tenant, "watched").await;
+    wait_for("running", async || {
+        is(status_of(&app, &tenant, &id).await, "running")
+    })
+    .await;
+    // A second host, registered as its agent would be, at an address where nothing listens
+    // (its agent is down): ready until its heartbeats are missed, so the passes ask it.
+    let dark = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.grpc.unwrap()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    AgentRegistryClient::with_interceptor(channel, proto::bearer::BearerToken::new(TOKEN).unwrap())
+        .register(proto::controlplane::v1::RegisterRequest {
+            name: "dark".into(),
+            address: dark,
+            capacity: Some(pb::Capacity {
+                vcpus: 1,
+                memory_mib: 512,
+                disk_gib: 1,
+            }),
+            hypervisor: pb::HypervisorKind::Qemu as i32,
+            agent_version: "t".into(),
+            domain_prefix: "skygate-wf-dark-".into(),
+        })
+        .await
+        .unwrap();
+    wait_for(
+        "a pass that compared one host and found the other unreachable",
+        async || {
+            let seen = app.get_json(&admin, "/admin/reconciler").await;
+            let pass = &seen["last_pass"];
+            let wanted = (
+                pass["hosts_checked"].as_u64(),
+                pass["outcomes"]["compared"].as_u64(),
+                pass["outcomes"]["host_unreachable"].as_u64(),
+                pass["machines_checked"].as_u64(),
+            );
+            is(wanted, (Some(2), Some(1), Some(1), Some(1))).map_err(|e| format!("{e} in {seen}"))
+        },
+    )
+    .await;
+    let pass = app.get_json(&admin, "/admin/reconciler").await["last_pass"].clone();
+    assert_eq!(pass["repairs"], 0, "{pass}");
+    assert_eq!(pass["outcomes"]["agent_refused"], 0, "{pass}");
+    let at = |field: &str| {
+        chrono::DateTime::parse_from_rfc3339(pass[field].as_str().unwrap_or_default()).unwrap()
+    };
+    assert!(at("started_at") <= at("finished_at"), "{pass}");
+    let metrics = app
+        .req(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("skygate_reconciler_checks_total{outcome=\"host_unreachable\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("skygate_agent_calls_total{call=\"ListMachines\",outcome=\"unreachable\"}"),
+        "{metrics}"
+    );
+    drop(host);
+    app.stop().await;
+}
+
 both_stores!(
+    an_admin_sees_the_reconcilers_last_pass_with_an_unreachable_host,
     a_failing_agent_step_reaches_the_tenant_then_fails_the_machine,
     a_host_reporting_problems_takes_no_machines_until_they_are_gone,
     machines_are_driven_over_mutual_tls_when_configured,
