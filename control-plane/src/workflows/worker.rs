@@ -165,17 +165,7 @@ impl Workers {
                 .unwrap_or_default();
             if age > limit {
                 let reason = policy::timeout_reason(m.status, limit);
-                let _ = self
-                    .store
-                    .machine_transition(&MachineTransition::failed(
-                        m.id,
-                        m.status,
-                        m.version,
-                        task.kind.as_str(),
-                        &reason,
-                    ))
-                    .await?;
-                return Ok(TaskOutcome::Failed(reason));
+                return self.fail(task, &m, &reason).await;
             }
         }
         match task.kind {
