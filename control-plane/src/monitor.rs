@@ -4,6 +4,7 @@
 //! outlasted its deadline fails with the reason, whether or not a task is still working on it.
 
 use crate::model::MachineStatus;
+use crate::store::machines::MachineTransition;
 use crate::store::Store;
 use crate::timing::WorkflowSettings;
 use crate::worker::policy;
@@ -48,14 +49,12 @@ pub async fn check_once(store: &Store, settings: &WorkflowSettings) -> crate::Re
             Some((s, chrono::Duration::from_std(limit).ok()?))
         })
         .collect();
-    for (id, status, generation) in store.machines_past_deadline(&limits).await? {
-        let limit = policy::deadline(status, settings).unwrap_or_default();
-        let reason = policy::timeout_reason(status, limit);
-        if store
-            .machine_fail(id, status, generation, "deadline", &reason)
-            .await?
-        {
-            tracing::warn!(machine = %id, %status, "machine failed its deadline");
+    for m in store.machines_past_deadline(&limits).await? {
+        let limit = policy::deadline(m.status, settings).unwrap_or_default();
+        let reason = policy::timeout_reason(m.status, limit);
+        let failed = MachineTransition::failed(m.id, m.status, m.version, "deadline", &reason);
+        if store.machine_transition(&failed).await?.applied() {
+            tracing::warn!(machine = %m.id, status = %m.status, "machine failed its deadline");
         }
     }
     Ok(())

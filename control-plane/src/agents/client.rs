@@ -11,7 +11,7 @@ use super::spec::AgentSpec;
 use super::wire::{self, HostInfo};
 use crate::model::{MachineChange, MachineId, MachineOnHost};
 use crate::store::hosts::HostRecord;
-use crate::store::provisioning::TaskHost;
+use crate::store::machines::TaskHost;
 use crate::timing::WorkflowSettings;
 use proto::agent::v1 as pb;
 use proto::agent::v1::host_agent_client::HostAgentClient;

@@ -1,9 +1,10 @@
-//! Response bodies of the public API, built from store records (which never leave the app).
+//! Response bodies of the public API, built from what `app` returns (domain types from
+//! `model`, and `app`'s own for accounts and hosts); store records never reach the API.
 
-use crate::model::{DesiredState, MachineNetwork, MachineStatus};
-use crate::store::{
-    hosts::HostRecord, images::ImageRecord, machines::EventRecord, machines::MachineRecord,
-    ssh_keys::SshKeyRecord, users::UserRecord,
+use crate::app::hosts::Host;
+use crate::app::sessions::Account;
+use crate::model::{
+    DesiredState, Image, Machine, MachineEvent, MachineNetwork, MachineStatus, SavedSshKey,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -19,8 +20,8 @@ pub struct UserView {
     pub created_at: DateTime<Utc>,
 }
 
-impl From<UserRecord> for UserView {
-    fn from(u: UserRecord) -> Self {
+impl From<Account> for UserView {
+    fn from(u: Account) -> Self {
         Self {
             id: u.id.to_string(),
             username: u.username,
@@ -96,8 +97,8 @@ pub struct MachineView {
     pub updated_at: DateTime<Utc>,
 }
 
-impl From<MachineRecord> for MachineView {
-    fn from(m: MachineRecord) -> Self {
+impl From<Machine> for MachineView {
+    fn from(m: Machine) -> Self {
         Self {
             id: m.id.to_string(),
             owner_id: m.owner_id.to_string(),
@@ -133,8 +134,8 @@ pub struct EventView {
     pub created_at: DateTime<Utc>,
 }
 
-impl From<EventRecord> for EventView {
-    fn from(e: EventRecord) -> Self {
+impl From<MachineEvent> for EventView {
+    fn from(e: MachineEvent) -> Self {
         Self {
             action: e.action,
             status: e.status,
@@ -170,7 +171,7 @@ pub struct ImageView {
 
 impl ImageView {
     /// The image as `admin` or a tenant may see it.
-    pub fn for_caller(i: ImageRecord, admin: bool) -> Self {
+    pub fn for_caller(i: Image, admin: bool) -> Self {
         Self {
             id: i.id.to_string(),
             name: i.name,
@@ -199,8 +200,8 @@ pub struct SshKeyView {
     pub created_at: DateTime<Utc>,
 }
 
-impl From<SshKeyRecord> for SshKeyView {
-    fn from(k: SshKeyRecord) -> Self {
+impl From<SavedSshKey> for SshKeyView {
+    fn from(k: SavedSshKey) -> Self {
         Self {
             id: k.id.to_string(),
             name: k.name,
@@ -261,22 +262,13 @@ impl From<crate::model::scheduler::Resources> for CapacityView {
     }
 }
 
-impl From<HostRecord> for HostView {
-    fn from(h: HostRecord) -> Self {
-        let state = if h.state != "ready" {
-            h.state.clone()
-        } else if !h.problems.is_empty() {
-            "degraded".to_owned()
-        } else if h.cordoned {
-            "cordoned".to_owned()
-        } else {
-            "ready".to_owned()
-        };
+impl From<Host> for HostView {
+    fn from(h: Host) -> Self {
         Self {
             id: h.id,
             name: h.name,
-            address: h.grpc_address,
-            state,
+            address: h.address,
+            state: h.state,
             cordoned: h.cordoned,
             problems: h.problems,
             hypervisor: h.hypervisor,

@@ -16,6 +16,7 @@ pub mod status;
 use crate::agents::{AgentCallError, AgentClient, AgentClients, AgentTarget};
 use crate::model::{DesiredState, MachineId, MachineStatus, PhaseOnHost};
 use crate::store::hosts::HostRecord;
+use crate::store::machines::{MachineTransition, NewEvent};
 use crate::store::Store;
 use crate::timing::WorkflowSettings;
 use drift::{Actual, Repair};
@@ -226,7 +227,7 @@ impl Reconciler {
             .machines_on_host(host_id)
             .await?
             .into_iter()
-            .map(|(id, status, generation)| (id.0, (status, generation)))
+            .map(|m| (m.id.0, (m.status, m.version)))
             .collect())
     }
 
@@ -304,43 +305,56 @@ impl Reconciler {
         let generation = |id: &Uuid| known.get(id).map_or(-1, |(_, g)| *g);
         let applied = match repair {
             Repair::MarkStopped { id, reason } => {
+                let event = NewEvent {
+                    action: "reconcile",
+                    message: &reason,
+                };
                 self.store
-                    .machine_reconcile(
-                        MachineId(id),
-                        S::Running,
-                        generation(&id),
-                        S::Stopped,
-                        Some(DesiredState::Stopped),
-                        &reason,
-                    )
+                    .machine_transition(&MachineTransition {
+                        desired: Some(DesiredState::Stopped),
+                        ..MachineTransition::new(
+                            MachineId(id),
+                            S::Running,
+                            generation(&id),
+                            S::Stopped,
+                            event,
+                        )
+                    })
                     .await?
+                    .applied()
             }
             Repair::MarkRunning { id } => {
                 let message = format!("found running on host {}", host.name);
+                let event = NewEvent {
+                    action: "reconcile",
+                    message: &message,
+                };
                 self.store
-                    .machine_reconcile(
-                        MachineId(id),
-                        S::Stopped,
-                        generation(&id),
-                        S::Running,
-                        Some(DesiredState::Running),
-                        &message,
-                    )
+                    .machine_transition(&MachineTransition {
+                        desired: Some(DesiredState::Running),
+                        ..MachineTransition::new(
+                            MachineId(id),
+                            S::Stopped,
+                            generation(&id),
+                            S::Running,
+                            event,
+                        )
+                    })
                     .await?
+                    .applied()
             }
             Repair::MarkFailed { id, reason } => match known.get(&id) {
-                Some(&(from, generation)) => {
-                    self.store
-                        .machine_reconcile(
-                            MachineId(id),
-                            from,
-                            generation,
-                            S::Failed,
-                            None,
-                            &reason,
-                        )
-                        .await?
-                }
+                Some(&(from, generation)) => self
+                    .store
+                    .machine_transition(&MachineTransition::failed(
+                        MachineId(id),
+                        from,
+                        generation,
+                        "reconcile",
+                        &reason,
+                    ))
+                    .await?
+                    .applied(),
                 None => false,
             },
             Repair::RemoveOrphan { id } => {

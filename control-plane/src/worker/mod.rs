@@ -8,7 +8,8 @@ pub mod policy;
 
 use crate::agents::{machine_spec, AgentCallError, AgentClient, AgentClients, AgentTarget};
 use crate::model::{MachineOnHost, MachineStatus};
-use crate::store::provisioning::{Placement, TaskHost, TaskMachine};
+use crate::store::machines::{MachineTransition, NewEvent, TaskHost, TaskMachine};
+use crate::store::placement::Placement;
 use crate::store::tasks::{TaskKind, TaskOutcome, TaskRecord};
 use crate::store::Store;
 use crate::timing::WorkflowSettings;
@@ -177,10 +178,7 @@ impl Workers {
                 .unwrap_or_default();
             if age > limit {
                 let reason = policy::timeout_reason(m.status, limit);
-                self.store
-                    .machine_fail(m.id, m.status, m.generation, task.kind.as_str(), &reason)
-                    .await?;
-                return Ok(TaskOutcome::Failed(reason));
+                return self.fail(task, &m, &reason).await;
             }
         }
         match task.kind {
@@ -245,19 +243,24 @@ impl Workers {
                     MachineStatus::Stopped
                 };
                 let message = format!("provisioned on host {}; {}", host.name, to);
+                let event = NewEvent {
+                    action: "provision",
+                    message: &message,
+                };
                 Ok(self
                     .store
-                    .machine_settle(
-                        m.id,
-                        MachineStatus::Provisioning,
-                        m.generation,
-                        to,
-                        Some(&state.network),
-                        "provision",
-                        &message,
-                    )
+                    .machine_transition(&MachineTransition {
+                        network: Some(&state.network),
+                        ..MachineTransition::new(
+                            m.id,
+                            MachineStatus::Provisioning,
+                            m.version,
+                            to,
+                            event,
+                        )
+                    })
                     .await
-                    .map(|settled| again_unless(settled, "provisioning"))?)
+                    .map(|settled| again_unless(settled.applied(), "provisioning"))?)
             }
             Err(e) => self.agent_error(task, &m, &host.name, e).await,
         }
@@ -287,19 +290,18 @@ impl Workers {
         match result {
             Ok(state) => {
                 let message = format!("{} on host {}", to, host.name);
+                let event = NewEvent {
+                    action: task.kind.as_str(),
+                    message: &message,
+                };
                 Ok(self
                     .store
-                    .machine_settle(
-                        m.id,
-                        during,
-                        m.generation,
-                        to,
-                        Some(&state.network),
-                        task.kind.as_str(),
-                        &message,
-                    )
+                    .machine_transition(&MachineTransition {
+                        network: Some(&state.network),
+                        ..MachineTransition::new(m.id, during, m.version, to, event)
+                    })
                     .await
-                    .map(|settled| again_unless(settled, during.as_str()))?)
+                    .map(|settled| again_unless(settled.applied(), during.as_str()))?)
             }
             Err(e) if e.is_gone() => {
                 let reason = format!("its domain is gone from host {}", host.name);
@@ -340,16 +342,18 @@ impl Workers {
                 return self.agent_error(task, &m, &host.name, e).await;
             }
         }
-        self.store
-            .machine_settle(
+        let _ = self
+            .store
+            .machine_transition(&MachineTransition::new(
                 m.id,
                 MachineStatus::Deleting,
-                m.generation,
+                m.version,
                 MachineStatus::Deleted,
-                None,
-                "delete",
-                "deleted; nothing left on the host",
-            )
+                NewEvent {
+                    action: "delete",
+                    message: "deleted; nothing left on the host",
+                },
+            ))
             .await?;
         Ok(TaskOutcome::Done)
     }
@@ -370,8 +374,15 @@ impl Workers {
     }
 
     async fn fail(&self, task: &TaskRecord, m: &TaskMachine, reason: &str) -> Step {
-        self.store
-            .machine_fail(m.id, m.status, m.generation, task.kind.as_str(), reason)
+        let _ = self
+            .store
+            .machine_transition(&MachineTransition::failed(
+                m.id,
+                m.status,
+                m.version,
+                task.kind.as_str(),
+                reason,
+            ))
             .await?;
         Ok(TaskOutcome::Failed(reason.to_owned()))
     }
