@@ -3,7 +3,7 @@
 use super::extract::{Admin, ApiJson, ApiPath, ApiQuery, Caller};
 use super::params::{page_limit, AddSshKeyParams, PageQuery, RegisterImageParams};
 use super::problem::Problem;
-use super::views::{ImageList, ImageView, SshKeyList, SshKeyView};
+use super::views::{image_view, ImageList, ImageView, SshKeyList, SshKeyView};
 use crate::app::images::RegisterImage;
 use crate::app::App;
 use crate::error::Result;
@@ -26,7 +26,7 @@ pub async fn image_list(
         .image_list()
         .await?
         .into_iter()
-        .map(|image| ImageView::for_caller(image, admin))
+        .map(|image| image_view(image, admin))
         .collect();
     Ok(Json(ImageList { items }))
 }
@@ -53,10 +53,7 @@ pub async fn image_register(
             },
         )
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(ImageView::for_caller(image, true)),
-    ))
+    Ok((StatusCode::CREATED, Json(image_view(image, true))))
 }
 
 /// Your saved SSH keys, by name, a page at a time.
