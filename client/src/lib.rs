@@ -173,18 +173,20 @@ impl Client {
         Ok(pair)
     }
 
-    /// `POST /auth/logout`: revokes the session's token family and forgets it here.
+    /// `POST /auth/logout`: revokes the session's token family; the session is forgotten here
+    /// whatever the answer.
     pub async fn logout(&mut self) -> Result<()> {
-        let Some(tokens) = self.tokens.take() else {
+        let Some(tokens) = self.tokens.clone() else {
             return Ok(());
         };
         let body = RefreshParams {
             refresh_token: tokens.refresh_token,
         };
         let answer = self
-            .send(Method::POST, "/auth/logout", Some(&body), None)
-            .await?;
-        answer.empty()
+            .authorized(Method::POST, "/auth/logout", Some(&body))
+            .await;
+        self.tokens = None;
+        answer?.empty()
     }
 
     /// `POST /auth/refresh`: a new pair for the session's refresh token.
