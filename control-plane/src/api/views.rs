@@ -1,19 +1,18 @@
-//! Response bodies of the public API (defined in `skygate-api-types`, shared with the client)
-//! and how they are built from what the app returns.
+//! Response bodies of the public API (defined in `skygate-api-types`, shared with the client),
+//! built from what `app` returns (domain types from
+//! `model`, and `app`'s own for accounts and hosts); store records never reach the API.
 
-use crate::model::MachineNetwork;
-use crate::store::{
-    hosts::HostRecord, images::ImageRecord, machines::EventRecord, machines::MachineRecord,
-    ssh_keys::SshKeyRecord, users::UserRecord,
-};
+use crate::app::hosts::Host;
+use crate::app::sessions::Account;
+use crate::model::{Image, Machine, MachineEvent, MachineNetwork, SavedSshKey};
 
 pub use skygate_api_types::{
     CapacityView, EventPage, EventView, HostList, HostView, ImageList, ImageView, MachinePage,
     MachineView, NetworkView, PortView, SshKeyList, SshKeyView, TokenPairView, UserView,
 };
 
-impl From<UserRecord> for UserView {
-    fn from(u: UserRecord) -> Self {
+impl From<Account> for UserView {
+    fn from(u: Account) -> Self {
         Self {
             id: u.id.to_string(),
             username: u.username,
@@ -42,8 +41,8 @@ impl From<MachineNetwork> for NetworkView {
     }
 }
 
-impl From<MachineRecord> for MachineView {
-    fn from(m: MachineRecord) -> Self {
+impl From<Machine> for MachineView {
+    fn from(m: Machine) -> Self {
         Self {
             id: m.id.to_string(),
             owner_id: m.owner_id.to_string(),
@@ -64,8 +63,8 @@ impl From<MachineRecord> for MachineView {
     }
 }
 
-impl From<EventRecord> for EventView {
-    fn from(e: EventRecord) -> Self {
+impl From<MachineEvent> for EventView {
+    fn from(e: MachineEvent) -> Self {
         Self {
             action: e.action,
             status: e.status,
@@ -76,7 +75,7 @@ impl From<EventRecord> for EventView {
 }
 
 /// The image as `admin` or a tenant may see it.
-pub fn image_view(i: ImageRecord, admin: bool) -> ImageView {
+pub fn image_view(i: Image, admin: bool) -> ImageView {
     ImageView {
         id: i.id.to_string(),
         name: i.name,
@@ -89,8 +88,8 @@ pub fn image_view(i: ImageRecord, admin: bool) -> ImageView {
     }
 }
 
-impl From<SshKeyRecord> for SshKeyView {
-    fn from(k: SshKeyRecord) -> Self {
+impl From<SavedSshKey> for SshKeyView {
+    fn from(k: SavedSshKey) -> Self {
         Self {
             id: k.id.to_string(),
             name: k.name,
@@ -111,22 +110,13 @@ impl From<crate::model::scheduler::Resources> for CapacityView {
     }
 }
 
-impl From<HostRecord> for HostView {
-    fn from(h: HostRecord) -> Self {
-        let state = if h.state != "ready" {
-            h.state.clone()
-        } else if !h.problems.is_empty() {
-            "degraded".to_owned()
-        } else if h.cordoned {
-            "cordoned".to_owned()
-        } else {
-            "ready".to_owned()
-        };
+impl From<Host> for HostView {
+    fn from(h: Host) -> Self {
         Self {
             id: h.id,
             name: h.name,
-            address: h.grpc_address,
-            state,
+            address: h.address,
+            state: h.state,
             cordoned: h.cordoned,
             problems: h.problems,
             hypervisor: h.hypervisor,

@@ -1,5 +1,5 @@
 //! The machine lifecycle as a pure state machine: what a tenant may ask in each status, and
-//! which observed transitions workers and the reconciler may record (DESIGN.md, "VM lifecycle").
+//! which observed transitions workers and the reconciler may record (docs/machine-lifecycle.md).
 
 use std::fmt;
 
@@ -116,6 +116,39 @@ pub fn can_transition(from: MachineStatus, to: MachineStatus) -> bool {
     }
 }
 
+/// Why an observed transition cannot be written: a bug in its writer, not a race.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IllegalTransition {
+    #[error("the lifecycle has no transition {from} -> {to}")]
+    NotInLifecycle {
+        from: MachineStatus,
+        to: MachineStatus,
+    },
+    /// A machine becomes `failed` with a reason...
+    #[error("a transition to failed needs a failure reason")]
+    MissingReason,
+    /// ...and a reason is written only then.
+    #[error("a transition to {to} cannot carry a failure reason")]
+    UnexpectedReason { to: MachineStatus },
+}
+
+/// Checks an observed transition before it is written: `from -> to` is in the lifecycle
+/// ([`can_transition`]), and it carries a failure reason exactly when it ends in `failed`.
+pub fn check_observed(
+    from: MachineStatus,
+    to: MachineStatus,
+    with_reason: bool,
+) -> Result<(), IllegalTransition> {
+    if !can_transition(from, to) {
+        return Err(IllegalTransition::NotInLifecycle { from, to });
+    }
+    match (to == MachineStatus::Failed, with_reason) {
+        (true, false) => Err(IllegalTransition::MissingReason),
+        (false, true) => Err(IllegalTransition::UnexpectedReason { to }),
+        _ => Ok(()),
+    }
+}
+
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -218,6 +251,27 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "cannot reboot a machine that is stopped: only a running machine can reboot"
+        );
+    }
+
+    #[test]
+    fn observed_transitions_carry_a_reason_exactly_when_they_fail() {
+        assert_eq!(check_observed(S::Provisioning, S::Running, false), Ok(()));
+        assert_eq!(check_observed(S::Running, S::Failed, true), Ok(()));
+        assert_eq!(
+            check_observed(S::Pending, S::Running, false),
+            Err(IllegalTransition::NotInLifecycle {
+                from: S::Pending,
+                to: S::Running
+            })
+        );
+        assert_eq!(
+            check_observed(S::Running, S::Failed, false),
+            Err(IllegalTransition::MissingReason)
+        );
+        assert_eq!(
+            check_observed(S::Stopping, S::Stopped, true),
+            Err(IllegalTransition::UnexpectedReason { to: S::Stopped })
         );
     }
 
