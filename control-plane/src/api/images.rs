@@ -3,7 +3,7 @@
 use super::extract::{Admin, ApiJson, Caller};
 use super::params::RegisterImageParams;
 use super::problem::Problem;
-use super::views::{ImageList, ImageView};
+use super::views::{image_view, ImageList, ImageView};
 use crate::app::images::RegisterImage;
 use crate::app::App;
 use crate::error::Result;
@@ -25,7 +25,7 @@ pub async fn image_list(
         .image_list()
         .await?
         .into_iter()
-        .map(|image| ImageView::for_caller(image, admin))
+        .map(|image| image_view(image, admin))
         .collect();
     Ok(Json(ImageList { items }))
 }
@@ -52,8 +52,5 @@ pub async fn image_register(
             },
         )
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(ImageView::for_caller(image, true)),
-    ))
+    Ok((StatusCode::CREATED, Json(image_view(image, true))))
 }

@@ -34,7 +34,7 @@ fn check_image_url(s: &str) -> std::result::Result<(), &'static str> {
     if !shaped {
         return Err(SCHEMES);
     }
-    let url = reqwest::Url::parse(s).map_err(|_| SCHEMES)?;
+    let url = url::Url::parse(s).map_err(|_| SCHEMES)?;
     if url.scheme() == "file" {
         return Ok(());
     }

@@ -1,35 +1,11 @@
 //! The machine lifecycle as a pure state machine: what a tenant may ask in each status, and
 //! which observed transitions workers and the reconciler may record (docs/machine-lifecycle.md).
 
-use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::str::FromStr;
-use utoipa::ToSchema;
 
-/// What SkyGate knows about a machine right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum MachineStatus {
-    Pending,
-    Provisioning,
-    Running,
-    Stopping,
-    Stopped,
-    Starting,
-    Rebooting,
-    Deleting,
-    Deleted,
-    Failed,
-}
-
-/// What the tenant asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum DesiredState {
-    Running,
-    Stopped,
-    Deleted,
-}
+/// Statuses and desired states are the public API's words (`skygate-api-types`); their rules
+/// live here.
+pub use skygate_api_types::{DesiredState, MachineStatus, UnknownState};
 
 /// A tenant's lifecycle request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,50 +32,9 @@ pub struct ActionRefused {
     hint: &'static str,
 }
 
-impl MachineStatus {
-    /// Every status, in lifecycle order (for metrics and validation).
-    pub const ALL: [MachineStatus; 10] = [
-        Self::Pending,
-        Self::Provisioning,
-        Self::Running,
-        Self::Stopping,
-        Self::Stopped,
-        Self::Starting,
-        Self::Rebooting,
-        Self::Deleting,
-        Self::Deleted,
-        Self::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Provisioning => "provisioning",
-            Self::Running => "running",
-            Self::Stopping => "stopping",
-            Self::Stopped => "stopped",
-            Self::Starting => "starting",
-            Self::Rebooting => "rebooting",
-            Self::Deleting => "deleting",
-            Self::Deleted => "deleted",
-            Self::Failed => "failed",
-        }
-    }
-
-    /// Not yet on a hypervisor: a stop or start only changes what will be built.
-    fn is_unprovisioned(self) -> bool {
-        matches!(self, Self::Pending | Self::Provisioning)
-    }
-}
-
-impl DesiredState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Running => "running",
-            Self::Stopped => "stopped",
-            Self::Deleted => "deleted",
-        }
-    }
+/// Not yet on a hypervisor: a stop or start only changes what will be built.
+fn is_unprovisioned(status: MachineStatus) -> bool {
+    matches!(status, MachineStatus::Pending | MachineStatus::Provisioning)
 }
 
 impl Action {
@@ -136,7 +71,7 @@ pub fn request(
         Action::Delete => to(S::Deleting, DesiredState::Deleted),
         Action::Start => match status {
             S::Stopped => to(S::Starting, DesiredState::Running),
-            s if s.is_unprovisioned() && desired == DesiredState::Stopped => {
+            s if is_unprovisioned(s) && desired == DesiredState::Stopped => {
                 to(status, DesiredState::Running)
             }
             S::Failed => Err(refuse(": delete it and create it again")),
@@ -145,7 +80,7 @@ pub fn request(
         },
         Action::Stop => match status {
             S::Running => to(S::Stopping, DesiredState::Stopped),
-            s if s.is_unprovisioned() && desired == DesiredState::Running => {
+            s if is_unprovisioned(s) && desired == DesiredState::Running => {
                 to(status, DesiredState::Stopped)
             }
             S::Starting | S::Rebooting => Err(refuse(": wait until it is running")),
@@ -214,40 +149,9 @@ pub fn check_observed(
     }
 }
 
-impl fmt::Display for MachineStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// A status or desired-state string that is not one of ours.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown state '{0}'")]
-pub struct UnknownState(pub String);
-
-impl FromStr for MachineStatus {
-    type Err = UnknownState;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
-    }
-}
-
-impl FromStr for DesiredState {
-    type Err = UnknownState;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Running, Self::Stopped, Self::Deleted]
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
     }
 }
 
