@@ -2,11 +2,13 @@
 //! by the server (which also derives the OpenAPI document from them), the typed client and
 //! the CLI, so a renamed field breaks the build instead of a user's script.
 
+pub mod admin;
 pub mod hosts;
 pub mod images;
 pub mod machines;
 pub mod users;
 
+pub use admin::{PassView, ReconcilerView};
 pub use hosts::{CapacityView, HostList, HostView};
 pub use images::{BootParams, ImageFormat, ImageList, ImageView, RegisterImageParams};
 pub use machines::{

@@ -1,0 +1,32 @@
+//! What administrators read about the control plane's own background work.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+
+/// The reconciler's status (`GET /admin/reconciler`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReconcilerView {
+    /// The last finished pass; `null` before the first one (or when this control plane runs
+    /// no reconciler: it has no agent token).
+    pub last_pass: Option<PassView>,
+}
+
+/// One pass of the reconciler over every ready host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PassView {
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// Ready hosts asked for their machines, whatever they answered.
+    pub hosts_checked: u64,
+    /// Machines compared with what their hosts listed.
+    pub machines_checked: u64,
+    /// Repairs written (machines marked stopped, running or failed; orphaned domains removed).
+    pub repairs: u64,
+    /// How each check ended, by name, every name present: `compared` (a host listed and
+    /// compared), `host_unreachable`, `agent_refused`, `agent_failed`, `client_failed`,
+    /// `store_failed` (inconclusive host checks), `repaired`, `machine_changed` (a repair
+    /// found the machine changed meanwhile and wrote nothing), `repair_failed`.
+    pub outcomes: BTreeMap<String, u64>,
+}
