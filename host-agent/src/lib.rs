@@ -5,12 +5,12 @@
 pub mod config;
 pub mod disks;
 pub mod domain_xml;
-pub mod error;
 pub mod events;
 pub mod hypervisor;
 pub mod identity;
 pub mod images;
 pub mod machines;
+pub mod model;
 pub mod paths;
 pub mod ports;
 pub mod preflight;
@@ -19,3 +19,4 @@ pub mod registration;
 pub mod seed;
 pub mod server;
 pub mod service;
+pub mod status;

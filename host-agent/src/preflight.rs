@@ -911,9 +911,10 @@ pub async fn connect_libvirt(
 }
 
 /// The one line printed when the agent cannot start or stops: the error and its sources joined
-/// with ": ". A source whose text the line already holds is skipped (some errors of other
-/// modules embed their source's text), and line breaks inside messages (libvirt's, a tool's)
-/// are folded, so the result is always one line.
+/// with ": ". The agent's own errors never embed their source's text; a source whose text the
+/// line already holds is still skipped, for errors of other crates that do (quick-xml's, for
+/// one). Line breaks inside messages (libvirt's, a tool's) are folded, so the result is always
+/// one line.
 pub fn error_line(error: &(dyn StdError + 'static)) -> String {
     let mut line = error.to_string();
     let mut source = error.source();
