@@ -384,7 +384,7 @@ impl ImageCache {
         let result = self.ensure_checked(spec).await;
         match &result {
             Err(e @ ImageError::Fetch { .. }) => tracing::warn!(
-                error = %crate::preflight::error_line(e),
+                error = %crate::report::chain(e),
                 "image fetch failed"
             ),
             Err(e @ ImageError::NotAllowed { .. }) => {

@@ -16,6 +16,7 @@ pub mod ports;
 pub mod preflight;
 pub mod probe;
 pub mod registration;
+pub mod report;
 pub mod seed;
 pub mod server;
 pub mod service;

@@ -12,6 +12,8 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+pub use crate::config::TlsFiles;
+
 use crate::config::AgentArgs;
 use crate::disks::QemuImg;
 use crate::events::{EventLog, DEFAULT_RETAINED};
@@ -78,17 +80,6 @@ impl StartError {
             _ => 1,
         }
     }
-}
-
-/// Certificate files for TLS.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// PEM certificate chain.
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
-    /// PEM CA bundle; when set, clients must present a certificate it signed.
-    pub client_ca: Option<PathBuf>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, StartError> {

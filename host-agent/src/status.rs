@@ -17,6 +17,7 @@ use crate::events::ResumeError;
 use crate::hypervisor::HypervisorError;
 use crate::images::ImageError;
 use crate::machines::{CreateDiskError, CreateStep, DefineError, ManagerError};
+use crate::report;
 use crate::seed::SeedError;
 
 /// What a status says besides its message.
@@ -129,21 +130,12 @@ fn hypervisor_code(e: &HypervisorError) -> Code {
     }
 }
 
-/// The error and its sources, each level's text once, joined with ": ". It stops at an error
-/// whose cause stays in the agent's log (an image fetch: the OS's words would tell which files
-/// exist). It carries paths and libvirt text, never the agent token or tenant user data.
+/// The error and its sources, each level's text once, joined with ": " ([`report::chain`]).
+/// It stops at an error whose cause stays in the agent's log (an image fetch: the OS's words
+/// would tell which files exist). It carries paths and libvirt text, never the agent token or
+/// tenant user data.
 pub fn message(e: &(dyn StdError + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut level = e;
-    while !hides_cause(level) {
-        let Some(next) = level.source() else {
-            break;
-        };
-        out.push_str(": ");
-        out.push_str(&next.to_string());
-        level = next;
-    }
-    out
+    report::chain_until(e, hides_cause)
 }
 
 /// Whether `e`'s sources must not reach callers ([`ImageError::hides_cause`]).
