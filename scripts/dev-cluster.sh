@@ -144,7 +144,7 @@ else
     fi
   done
   scripts/install-deps.sh --host
-  build=(cargo build --locked -p control-plane -p host-agent)
+  build=(cargo build --locked -p control-plane -p host-agent -p skygate-cli)
   [[ ${PROFILE} == release ]] && build+=(--release)
   "${build[@]}"
   # Built when missing, or older than its recipe (another checkout built it): the build is

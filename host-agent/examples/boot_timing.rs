@@ -17,39 +17,16 @@ use std::time::{Duration, Instant};
 
 use proto::agent::v1 as pb;
 use proto::agent::v1::host_agent_client::HostAgentClient;
+use skygate_test_support::ssh::{ssh_key, ssh_run};
+use skygate_test_support::tiny_image_json;
 
 const TOKEN: &str = "boot-timing-agent-token";
 
+/// When `ssh hostname` first answers (polled as the tests do).
 fn ssh_until_answers(key: &std::path::Path, port: u32) -> Instant {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let ok = Command::new("ssh")
-            .arg("-i")
-            .arg(key)
-            .args(["-p", &port.to_string(), "-o", "StrictHostKeyChecking=no"])
-            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
-            .args([
-                "-o",
-                "ConnectTimeout=1",
-                "-o",
-                "LogLevel=ERROR",
-                "root@127.0.0.1",
-                "hostname",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Instant::now();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ssh never answered on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let port = u16::try_from(port).expect("a port");
+    ssh_run(key, port, "hostname", Duration::from_secs(120));
+    Instant::now()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -62,8 +39,7 @@ async fn main() {
     let runs: usize = std::env::args()
         .nth(1)
         .map_or(3, |r| r.parse().expect("RUNS"));
-    let image_json = std::env::var("SKYGATE_TINY_IMAGE_JSON")
-        .unwrap_or_else(|_| "/var/lib/skygate-images/tiny/image.json".into());
+    let image_json = tiny_image_json();
     let image: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&image_json).expect("image.json")).unwrap();
     let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
@@ -86,15 +62,9 @@ async fn main() {
         .tempdir_in("/var/tmp")
         .unwrap();
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let key = tmp.path().join("id_ed25519");
-    assert!(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .status()
-        .unwrap()
-        .success());
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let (key, public) = ssh_key(tmp.path());
 
+    // The example runs from target/<profile>/examples/: the agent is one level up.
     let agent_bin = std::env::current_exe()
         .unwrap()
         .parent()

@@ -3,7 +3,7 @@
 
 use super::credentials::HostCredentials;
 use crate::store::hosts::HostRecord;
-use crate::store::provisioning::TaskHost;
+use crate::store::machines::TaskHost;
 use proto::agent::v1::host_agent_client::HostAgentClient;
 use proto::bearer::BearerToken;
 use std::collections::HashMap;

@@ -5,13 +5,11 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::params::{page_limit, CreateMachineParams, ListMachinesQuery, PageQuery};
 use super::problem::Problem;
 use super::views::{EventPage, MachinePage, MachineView};
-use crate::app::idempotency::{request_hash, KeyedStart};
-use crate::app::machines::CreateMachine;
+use crate::app::idempotency::{request_hash, IdempotencyKey};
+use crate::app::machines::{CreateMachine, Created};
 use crate::app::{App, Principal};
 use crate::error::{Error, Result};
 use crate::model::{Action, MachineId, MachineStatus};
-use crate::store::idempotency::{ClaimedKey, StoredResponse};
-use crate::store::machines::MachineRecord;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -21,34 +19,23 @@ use std::sync::Arc;
 const MACHINES_CURSOR: &str = "machines";
 const EVENTS_CURSOR: &str = "events";
 
-fn accepted(stored: StoredResponse, replayed: bool) -> Response {
-    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::ACCEPTED);
+/// The answer to a create, first or replayed: 202 with the machine (as it is now) and its
+/// `Location`; a replay says so in `Idempotent-Replayed`.
+fn accepted(created: Created) -> Result<Response> {
+    let location = HeaderValue::from_str(&format!("/api/v1/machines/{}", created.machine.id))
+        .map_err(|e| Error::Internal(format!("machine location header: {e}")))?;
     let mut response = (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        stored.body,
+        StatusCode::ACCEPTED,
+        Json(MachineView::from(created.machine)),
     )
         .into_response();
-    if let Some(location) = stored.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    if replayed {
+    response.headers_mut().insert(header::LOCATION, location);
+    if created.replayed {
         response
             .headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    response
-}
-
-/// The 202 answer for a created machine, as stored for Idempotency-Key replays.
-fn render_created(machine: &MachineRecord) -> Result<StoredResponse> {
-    let body = serde_json::to_string(&MachineView::from(machine.clone()))
-        .map_err(|e| Error::Internal(format!("machine view to JSON: {e}")))?;
-    Ok(StoredResponse {
-        status: StatusCode::ACCEPTED.as_u16(),
-        body,
-        location: Some(format!("/api/v1/machines/{}", machine.id)),
-    })
+    Ok(response)
 }
 
 fn create_request(p: CreateMachineParams) -> CreateMachine {
@@ -84,39 +71,21 @@ pub async fn create(
 ) -> Result<Response> {
     let key = match headers.get("idempotency-key") {
         None => None,
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| Error::BadRequest("Idempotency-Key must be visible ASCII".into()))?,
-        ),
-    };
-    let Some(key) = key else {
-        let machine = app.machine_create(who, create_request(p), None).await?;
-        return Ok(accepted(render_created(&machine)?, false));
-    };
-    let canonical =
-        serde_json::to_vec(&p).map_err(|e| Error::Internal(format!("canonical request: {e}")))?;
-    let claim_id = match app
-        .idempotency_start(who, key, &request_hash(&canonical))
-        .await?
-    {
-        KeyedStart::Replay(stored) => return Ok(accepted(stored, true)),
-        KeyedStart::Run { claim_id } => claim_id,
-    };
-    let claimed = ClaimedKey {
-        user: who.user_id,
-        key,
-        claim_id: &claim_id,
-    };
-    match app
-        .machine_create(who, create_request(p), Some((claimed, &render_created)))
-        .await
-    {
-        Ok(machine) => Ok(accepted(render_created(&machine)?, false)),
-        Err(e) => {
-            app.idempotency_abandon(who, key, &claim_id).await;
-            Err(e)
+        Some(v) => {
+            let key = v
+                .to_str()
+                .map_err(|_| Error::BadRequest("Idempotency-Key must be visible ASCII".into()))?;
+            // Same key and same request: the body as parsed, so the order of its fields does
+            // not matter.
+            let canonical = serde_json::to_vec(&p)
+                .map_err(|e| Error::Internal(format!("canonical request: {e}")))?;
+            Some(IdempotencyKey {
+                key,
+                request_hash: request_hash(&canonical),
+            })
         }
-    }
+    };
+    accepted(app.machine_create(who, create_request(p), key).await?)
 }
 
 /// Your machines (all machines for an administrator), newest first.
@@ -138,13 +107,13 @@ pub async fn list(
         .cursor
         .map(|c| app.cursors.decode(MACHINES_CURSOR, &c))
         .transpose()?;
-    let (rows, more) = app.machine_list(who, status, before, limit).await?;
-    let next_cursor = match (more, rows.last()) {
+    let page = app.machine_list(who, status, before, limit).await?;
+    let next_cursor = match (page.more, page.items.last()) {
         (true, Some(last)) => Some(app.cursors.encode(MACHINES_CURSOR, last.seq)),
         _ => None,
     };
     Ok(Json(MachinePage {
-        items: rows.into_iter().map(MachineView::from).collect(),
+        items: page.items.into_iter().map(MachineView::from).collect(),
         next_cursor,
     }))
 }
@@ -233,13 +202,13 @@ pub async fn events(
         .cursor
         .map(|c| app.cursors.decode(EVENTS_CURSOR, &c))
         .transpose()?;
-    let (rows, more) = app.machine_events(who, id, after, limit).await?;
-    let next_cursor = match (more, rows.last()) {
+    let page = app.machine_events(who, id, after, limit).await?;
+    let next_cursor = match (page.more, page.items.last()) {
         (true, Some(last)) => Some(app.cursors.encode(EVENTS_CURSOR, last.seq)),
         _ => None,
     };
     Ok(Json(EventPage {
-        items: rows.into_iter().map(Into::into).collect(),
+        items: page.items.into_iter().map(Into::into).collect(),
         next_cursor,
     }))
 }

@@ -2,16 +2,18 @@
 //! documents, CORS, timeouts, body limits) and the OpenAPI document. Handlers only translate
 //! between HTTP and `app`.
 
-pub mod catalog;
 pub mod extract;
 pub mod health;
 pub mod hosts;
+pub mod images;
 pub mod machines;
 pub mod openapi;
 pub mod params;
 pub mod problem;
 pub mod serve;
 pub mod sessions;
+pub mod ssh_keys;
+pub mod users;
 pub mod views;
 
 use crate::app::App;
@@ -118,12 +120,12 @@ impl Modify for BearerAuth {
     info(title = "SkyGate API", description = "Tenant API of the SkyGate VM control plane."),
     servers((url = "/api/v1")),
     paths(
-        sessions::register, sessions::login, sessions::refresh, sessions::logout,
-        sessions::profile, sessions::profile_update,
+        users::register, sessions::login, sessions::refresh, sessions::logout,
+        users::profile, users::profile_update,
         machines::create, machines::list, machines::get, machines::start, machines::stop,
         machines::reboot, machines::delete, machines::events, machines::console,
-        catalog::image_list, catalog::image_register,
-        catalog::ssh_key_list, catalog::ssh_key_add, catalog::ssh_key_delete,
+        images::image_list, images::image_register,
+        ssh_keys::ssh_key_list, ssh_keys::ssh_key_add, ssh_keys::ssh_key_delete,
         hosts::host_list, hosts::cordon, hosts::uncordon, hosts::delete,
     ),
     components(schemas(problem::Problem)),
@@ -174,13 +176,13 @@ async fn serve_docs() -> impl IntoResponse {
 fn api_routes() -> Router<Arc<App>> {
     use axum::routing::delete as del;
     Router::new()
-        .route("/auth/register", post(sessions::register))
+        .route("/auth/register", post(users::register))
         .route("/auth/login", post(sessions::login))
         .route("/auth/refresh", post(sessions::refresh))
         .route("/auth/logout", post(sessions::logout))
         .route(
             "/auth/profile",
-            get(sessions::profile).patch(sessions::profile_update),
+            get(users::profile).patch(users::profile_update),
         )
         .route("/machines", post(machines::create).get(machines::list))
         .route(
@@ -194,13 +196,13 @@ fn api_routes() -> Router<Arc<App>> {
         .route("/machines/{id}/console", get(machines::console))
         .route(
             "/images",
-            get(catalog::image_list).post(catalog::image_register),
+            get(images::image_list).post(images::image_register),
         )
         .route(
             "/ssh-keys",
-            get(catalog::ssh_key_list).post(catalog::ssh_key_add),
+            get(ssh_keys::ssh_key_list).post(ssh_keys::ssh_key_add),
         )
-        .route("/ssh-keys/{id}", del(catalog::ssh_key_delete))
+        .route("/ssh-keys/{id}", del(ssh_keys::ssh_key_delete))
         .route("/hosts", get(hosts::host_list))
         .route("/hosts/{id}", del(hosts::delete))
         .route("/hosts/{id}/cordon", post(hosts::cordon))

@@ -8,71 +8,27 @@ use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-/// The media type of problem documents.
-pub const PROBLEM_JSON: &str = "application/problem+json";
+pub use skygate_api_types::{Problem, PROBLEM_JSON};
 
-/// An RFC 9457 problem document.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Problem {
-    /// A URI naming the kind of problem.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// Short, fixed summary of the kind.
-    pub title: String,
-    /// The HTTP status code.
-    pub status: u16,
-    /// What went wrong with this request.
-    pub detail: String,
-    /// The request's `x-request-id`, to quote when asking for help.
-    #[serde(default)]
-    pub request_id: String,
-    /// For a hostname conflict: the machine that already has the name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub existing_machine_id: Option<String>,
-}
-
-impl Problem {
-    pub fn new(status: StatusCode, slug: &str, detail: impl Into<String>) -> Self {
-        Self {
-            kind: format!("urn:skygate:problem:{slug}"),
-            title: status.canonical_reason().unwrap_or("Error").to_owned(),
-            status: status.as_u16(),
-            detail: detail.into(),
-            request_id: String::new(),
-            existing_machine_id: None,
-        }
-    }
-
-    /// A problem for a bare status, for responses produced outside our handlers.
-    fn for_status(status: StatusCode) -> Self {
-        let (slug, detail) = match status {
-            StatusCode::NOT_FOUND => ("not-found", "no such resource"),
-            StatusCode::METHOD_NOT_ALLOWED => (
-                "method-not-allowed",
-                "this method is not allowed on this resource",
-            ),
-            StatusCode::PAYLOAD_TOO_LARGE => ("payload-too-large", "request body is too large"),
-            StatusCode::REQUEST_TIMEOUT => ("timeout", "the request took too long"),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => (
-                "unsupported-media-type",
-                "expected Content-Type: application/json",
-            ),
-            s if s.is_server_error() => ("internal", "internal error"),
-            _ => ("error", "the request failed"),
-        };
-        Self::new(status, slug, detail)
-    }
-}
-
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = serde_json::to_vec(&self).unwrap_or_default();
-        (status, [(header::CONTENT_TYPE, PROBLEM_JSON)], body).into_response()
-    }
+/// A problem for a bare status, for responses produced outside our handlers.
+fn for_status(status: StatusCode) -> Problem {
+    let (slug, detail) = match status {
+        StatusCode::NOT_FOUND => ("not-found", "no such resource"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method-not-allowed",
+            "this method is not allowed on this resource",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload-too-large", "request body is too large"),
+        StatusCode::REQUEST_TIMEOUT => ("timeout", "the request took too long"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported-media-type",
+            "expected Content-Type: application/json",
+        ),
+        s if s.is_server_error() => ("internal", "internal error"),
+        _ => ("error", "the request failed"),
+    };
+    Problem::new(status, slug, detail)
 }
 
 impl IntoResponse for Error {
@@ -167,15 +123,13 @@ pub async fn normalize(req: Request, next: Next) -> Response {
         .is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
     let mut problem = match is_problem {
         true => match to_bytes(body, MAX_PROBLEM_BODY).await {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).unwrap_or_else(|_| Problem::for_status(status))
-            }
-            Err(_) => Problem::for_status(status),
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|_| for_status(status)),
+            Err(_) => for_status(status),
         },
         // A rejection or framework response: keep its text when it is short plain text
         // (axum's rejections explain well what was wrong with the JSON), else a stock detail.
         false => {
-            let mut p = Problem::for_status(status);
+            let mut p = for_status(status);
             if let Ok(bytes) = to_bytes(body, MAX_PROBLEM_BODY).await {
                 let text = String::from_utf8_lossy(&bytes);
                 if !text.trim().is_empty() && !status.is_server_error() && text.len() < 1024 {

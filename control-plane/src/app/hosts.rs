@@ -2,13 +2,73 @@
 
 use super::{App, Principal};
 use crate::error::Result;
+use crate::model::scheduler::Resources;
 use crate::store::hosts::HostRecord;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+/// A host as administrators see it: one state that says whether it takes new machines.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub id: String,
+    pub name: String,
+    /// Where the control plane reaches the host's agent.
+    pub address: String,
+    /// See [`shown_state`].
+    pub state: String,
+    pub cordoned: bool,
+    pub problems: Vec<String>,
+    pub hypervisor: String,
+    pub capacity: Resources,
+    pub allocated: Resources,
+    /// Live machines placed on it.
+    pub machines: i64,
+    pub agent_version: String,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The one state shown for a host, worst first: `unreachable` (or any other reachability
+/// state than `ready`), else `degraded` (its agent reports problems; takes no new machines),
+/// else `cordoned` (takes no new machines), else `ready`.
+pub fn shown_state(reachability: &str, has_problems: bool, cordoned: bool) -> &str {
+    if reachability != "ready" {
+        reachability
+    } else if has_problems {
+        "degraded"
+    } else if cordoned {
+        "cordoned"
+    } else {
+        "ready"
+    }
+}
+
+impl From<HostRecord> for Host {
+    fn from(h: HostRecord) -> Self {
+        let state = shown_state(&h.state, !h.problems.is_empty(), h.cordoned).to_owned();
+        Self {
+            id: h.id,
+            name: h.name,
+            address: h.grpc_address,
+            state,
+            cordoned: h.cordoned,
+            problems: h.problems,
+            hypervisor: h.hypervisor,
+            capacity: h.capacity,
+            allocated: h.allocated,
+            machines: h.machines,
+            agent_version: h.agent_version,
+            last_heartbeat_at: h.last_heartbeat_at,
+            created_at: h.created_at,
+        }
+    }
+}
+
 impl App {
-    pub async fn host_list(&self, who: Principal) -> Result<Vec<HostRecord>> {
+    pub async fn host_list(&self, who: Principal) -> Result<Vec<Host>> {
         who.require_admin()?;
-        self.store.host_list().await
+        let hosts = self.store.host_list().await?;
+        Ok(hosts.into_iter().map(Host::from).collect())
     }
 
     pub async fn host_set_cordoned(
@@ -16,15 +76,29 @@ impl App {
         who: Principal,
         id: Uuid,
         cordoned: bool,
-    ) -> Result<HostRecord> {
+    ) -> Result<Host> {
         who.require_admin()?;
         self.store
             .host_set_cordoned(&id.to_string(), cordoned)
             .await
+            .map(Host::from)
     }
 
     pub async fn host_delete(&self, who: Principal, id: Uuid) -> Result<()> {
         who.require_admin()?;
         self.store.host_delete(&id.to_string()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worst_state_is_shown() {
+        assert_eq!(shown_state("unreachable", true, true), "unreachable");
+        assert_eq!(shown_state("ready", true, true), "degraded");
+        assert_eq!(shown_state("ready", false, true), "cordoned");
+        assert_eq!(shown_state("ready", false, false), "ready");
     }
 }

@@ -2,7 +2,8 @@
 
 use super::{App, Principal, IDEMPOTENCY_LOCK, IDEMPOTENCY_RETENTION};
 use crate::error::{Error, Result};
-use crate::store::idempotency::{Claim, StoredResponse};
+use crate::model::MachineId;
+use crate::store::idempotency::Claim;
 use sha2::{Digest, Sha256};
 
 /// Longest key accepted; keys are client-chosen (UUIDs in practice).
@@ -24,18 +25,27 @@ pub fn request_hash(canonical: &[u8]) -> String {
     hex::encode(Sha256::digest(canonical))
 }
 
+/// An Idempotency-Key as a request carried it, with the hash of that request's canonical
+/// form ([`request_hash`]).
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey<'a> {
+    pub key: &'a str,
+    pub request_hash: String,
+}
+
 /// What a request carrying an Idempotency-Key may do.
 #[derive(Debug)]
 pub enum KeyedStart {
     /// Run it, completing `claim_id` together with the work.
     Run { claim_id: String },
-    /// Answer what the first request answered.
-    Replay(StoredResponse),
+    /// The first request created this machine: answer with it.
+    Replay { machine_id: MachineId },
 }
 
 impl App {
-    /// Claims `key` for a request hashing to `hash`: a retry of a finished request replays its
-    /// answer, another body with the same key is 422, a retry while the first still runs 409.
+    /// Claims `key` for a request hashing to `hash`: a retry of a finished request is told
+    /// what it created, another body with the same key is 422, a retry while the first still
+    /// runs 409.
     pub async fn idempotency_start(
         &self,
         who: Principal,
@@ -58,7 +68,7 @@ impl App {
             .await?;
         match claim {
             Claim::Claimed { claim_id } => Ok(KeyedStart::Run { claim_id }),
-            Claim::Replay(stored) => Ok(KeyedStart::Replay(stored)),
+            Claim::Replay { machine_id } => Ok(KeyedStart::Replay { machine_id }),
             Claim::InFlight => Err(Error::IdempotencyInFlight),
             Claim::Mismatch => Err(Error::IdempotencyMismatch),
         }

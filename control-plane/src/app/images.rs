@@ -2,7 +2,7 @@
 
 use super::{App, Principal};
 use crate::error::{Error, Result};
-use crate::store::images::ImageRecord;
+use crate::model::Image;
 
 /// Disk formats an image may have; `kernel` boots a kernel and initrd directly.
 pub const IMAGE_FORMATS: [&str; 3] = ["qcow2", "raw", "kernel"];
@@ -34,7 +34,7 @@ fn check_image_url(s: &str) -> std::result::Result<(), &'static str> {
     if !shaped {
         return Err(SCHEMES);
     }
-    let url = reqwest::Url::parse(s).map_err(|_| SCHEMES)?;
+    let url = url::Url::parse(s).map_err(|_| SCHEMES)?;
     if url.scheme() == "file" {
         return Ok(());
     }
@@ -137,7 +137,7 @@ fn validate_boot(boot: &serde_json::Value) -> Result<()> {
 }
 
 impl App {
-    pub async fn image_register(&self, who: Principal, req: RegisterImage) -> Result<ImageRecord> {
+    pub async fn image_register(&self, who: Principal, req: RegisterImage) -> Result<Image> {
         who.require_admin()?;
         validate(&req)?;
         self.store
@@ -151,7 +151,7 @@ impl App {
             .await
     }
 
-    pub async fn image_list(&self) -> Result<Vec<ImageRecord>> {
+    pub async fn image_list(&self) -> Result<Vec<Image>> {
         self.store.image_list().await
     }
 }

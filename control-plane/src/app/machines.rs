@@ -1,14 +1,15 @@
-//! Machines: create (validated, within quota), read, list, lifecycle requests, delete.
-//! Until hosts exist (provisioning is a later stage) machines stay `pending`, and a delete
-//! completes at once because there is nothing on a hypervisor to clean up.
+//! Machines: create (validated, within quota, once per Idempotency-Key), read, list,
+//! lifecycle requests, delete, events, console. What the requests start is carried out by
+//! the workers; a delete of a machine never placed on a host completes at once.
 
-use super::{App, Principal};
+use super::idempotency::{IdempotencyKey, KeyedStart};
+use super::{App, Page, Principal};
 use crate::error::{Error, Result};
 use crate::model::machine_state::Action;
 use crate::model::ssh_key::{InvalidSshKey, SshPublicKey};
-use crate::model::{Hostname, MachineId, MachineStatus};
+use crate::model::{Hostname, Machine, MachineEvent, MachineId, MachineStatus};
 use crate::store::idempotency::ClaimedKey;
-use crate::store::machines::{EventRecord, MachineRecord, NewMachine, Render, Visibility};
+use crate::store::machines::{NewMachine, Visibility};
 use auth::Role;
 
 /// Largest user_data accepted, in bytes (cloud-init's own practical limit is of this order).
@@ -29,6 +30,14 @@ pub struct CreateMachine {
     pub user_data: Option<String>,
 }
 
+/// What a create answered: the machine, and whether it was created by an earlier request
+/// with the same Idempotency-Key (then it is shown as it is now).
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub machine: Machine,
+    pub replayed: bool,
+}
+
 fn visibility(who: Principal) -> Visibility {
     match who.role {
         Role::Admin => Visibility::All,
@@ -47,14 +56,67 @@ fn check_range(what: &str, value: i64, min: i64, max: i64) -> Result<()> {
 }
 
 impl App {
-    /// Validates and records a new machine in `pending`. With a claimed Idempotency-Key, the
-    /// answer `render` makes is stored in the same transaction as the machine.
+    /// Validates and records a new machine in `pending`. With an Idempotency-Key, the key
+    /// records the machine in the same transaction, and a retry is answered with that machine
+    /// instead of creating another; a failed attempt gives the key up for the next one.
     pub async fn machine_create(
         &self,
         who: Principal,
         req: CreateMachine,
-        idempotency: Option<(ClaimedKey<'_>, &Render)>,
-    ) -> Result<MachineRecord> {
+        key: Option<IdempotencyKey<'_>>,
+    ) -> Result<Created> {
+        let Some(key) = key else {
+            let machine = self.machine_create_once(who, req, None).await?;
+            return Ok(Created {
+                machine,
+                replayed: false,
+            });
+        };
+        let claim_id = match self
+            .idempotency_start(who, key.key, &key.request_hash)
+            .await?
+        {
+            KeyedStart::Replay { machine_id } => {
+                // Deleted ones included: the key's request did create it.
+                let machine = self
+                    .store
+                    .machine_history(machine_id)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::Internal(format!(
+                            "idempotency key names unknown machine {machine_id}"
+                        ))
+                    })?;
+                return Ok(Created {
+                    machine,
+                    replayed: true,
+                });
+            }
+            KeyedStart::Run { claim_id } => claim_id,
+        };
+        let claimed = ClaimedKey {
+            user: who.user_id,
+            key: key.key,
+            claim_id: &claim_id,
+        };
+        match self.machine_create_once(who, req, Some(claimed)).await {
+            Ok(machine) => Ok(Created {
+                machine,
+                replayed: false,
+            }),
+            Err(e) => {
+                self.idempotency_abandon(who, key.key, &claim_id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn machine_create_once(
+        &self,
+        who: Principal,
+        req: CreateMachine,
+        key: Option<ClaimedKey<'_>>,
+    ) -> Result<Machine> {
         let hostname = Hostname::parse(&req.hostname).map_err(|e| Error::Invalid(e.to_string()))?;
         let l = self.settings.machine_limits;
         check_range("vcpus", req.vcpus, 1, l.max_vcpus)?;
@@ -108,7 +170,7 @@ impl App {
         };
         let machine = self
             .store
-            .machine_create(&new, &self.settings.quota, idempotency)
+            .machine_create(&new, &self.settings.quota, key)
             .await?;
         tracing::info!(machine_id = %machine.id, owner = %who.user_id, "machine created");
         Ok(machine)
@@ -140,28 +202,26 @@ impl App {
         )))
     }
 
-    pub async fn machine_get(&self, who: Principal, id: MachineId) -> Result<MachineRecord> {
+    pub async fn machine_get(&self, who: Principal, id: MachineId) -> Result<Machine> {
         self.store
             .machine_get(id, visibility(who))
             .await?
             .ok_or(Error::NotFound("machine"))
     }
 
-    /// One page, newest first. Returns the page and whether more follow.
+    /// One page, newest first.
     pub async fn machine_list(
         &self,
         who: Principal,
         status: Option<MachineStatus>,
         before_seq: Option<i64>,
         limit: i64,
-    ) -> Result<(Vec<MachineRecord>, bool)> {
-        let mut rows = self
+    ) -> Result<Page<Machine>> {
+        let rows = self
             .store
             .machine_list(visibility(who), status, before_seq, limit + 1)
             .await?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(usize::try_from(limit).unwrap_or(0));
-        Ok((rows, more))
+        Ok(Page::from_overfetch(rows, limit))
     }
 
     /// start / stop / reboot / delete. Without a host, a delete finishes at once.
@@ -170,25 +230,23 @@ impl App {
         who: Principal,
         id: MachineId,
         action: Action,
-    ) -> Result<MachineRecord> {
+    ) -> Result<Machine> {
         self.store
             .machine_request(id, visibility(who), action)
             .await
     }
 
-    /// A page of the machine's log, oldest first, and whether more follow.
+    /// A page of the machine's log, oldest first.
     pub async fn machine_events(
         &self,
         who: Principal,
         id: MachineId,
         after_seq: Option<i64>,
         limit: i64,
-    ) -> Result<(Vec<EventRecord>, bool)> {
+    ) -> Result<Page<MachineEvent>> {
         self.machine_get(who, id).await?;
-        let mut rows = self.store.machine_events(id, after_seq, limit + 1).await?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(usize::try_from(limit).unwrap_or(0));
-        Ok((rows, more))
+        let rows = self.store.machine_events(id, after_seq, limit + 1).await?;
+        Ok(Page::from_overfetch(rows, limit))
     }
 
     /// The tail of a machine's serial console, read from its host's agent.

@@ -125,6 +125,23 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// One page of a keyset-paginated list, and whether more follow it.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub more: bool,
+}
+
+impl<T> Page<T> {
+    /// A page from `limit + 1` rows read: the extra row only says that more follow.
+    pub fn from_overfetch(mut rows: Vec<T>, limit: i64) -> Self {
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        Self { items: rows, more }
+    }
+}
+
 /// How long finished tasks stay for diagnostics before housekeeping removes them.
 const TASK_RETENTION: Duration = Duration::days(7);
 
@@ -198,5 +215,19 @@ impl App {
         let c = self.store.task_purge_finished(now - TASK_RETENTION).await?;
         self.credentials_per_ip.retain_recent();
         Ok(a + b + c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Page;
+
+    #[test]
+    fn an_overfetched_row_only_says_more_follow() {
+        let page = Page::from_overfetch(vec![1, 2, 3], 2);
+        assert_eq!((page.items, page.more), (vec![1, 2], true));
+        let last = Page::from_overfetch(vec![1, 2], 2);
+        assert_eq!((last.items, last.more), (vec![1, 2], false));
+        assert!(Page::from_overfetch(vec![1], 0).items.is_empty());
     }
 }

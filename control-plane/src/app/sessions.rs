@@ -13,6 +13,28 @@ use chrono::Utc;
 use std::net::IpAddr;
 use uuid::Uuid;
 
+/// An account as its owner sees it: never its password hash or session version.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub id: UserId,
+    pub username: String,
+    pub email: String,
+    pub role: Role,
+    pub created_at: chrono::DateTime<Utc>,
+}
+
+impl From<UserRecord> for Account {
+    fn from(u: UserRecord) -> Self {
+        Self {
+            id: u.id,
+            username: u.username,
+            email: u.email,
+            role: u.role,
+            created_at: u.created_at,
+        }
+    }
+}
+
 /// What a successful login or refresh hands out.
 #[derive(Debug)]
 pub struct TokenPair {
@@ -116,7 +138,7 @@ impl App {
         email: &str,
         password: &str,
         role: Role,
-    ) -> Result<UserRecord> {
+    ) -> Result<Account> {
         validate_username(username)?;
         validate_email(email)?;
         password::check_policy(password)?;
@@ -132,6 +154,7 @@ impl App {
                 role,
             })
             .await
+            .map(Account::from)
     }
 
     /// Checks credentials and opens a session. Throttled per client address, per account and
@@ -283,7 +306,11 @@ impl App {
         })
     }
 
-    pub async fn profile(&self, who: Principal) -> Result<UserRecord> {
+    pub async fn profile(&self, who: Principal) -> Result<Account> {
+        self.user(who).await.map(Account::from)
+    }
+
+    async fn user(&self, who: Principal) -> Result<UserRecord> {
         self.store
             .user_get(who.user_id)
             .await?
@@ -292,12 +319,8 @@ impl App {
 
     /// Changes e-mail and/or password after checking the current password. A new password
     /// ends every session of the user (refresh families and older access tokens).
-    pub async fn profile_update(
-        &self,
-        who: Principal,
-        change: ProfileChange,
-    ) -> Result<UserRecord> {
-        let user = self.profile(who).await?;
+    pub async fn profile_update(&self, who: Principal, change: ProfileChange) -> Result<Account> {
+        let user = self.user(who).await?;
         if let Some(email) = &change.email {
             validate_email(email)?;
         }
@@ -330,6 +353,7 @@ impl App {
                 },
             )
             .await
+            .map(Account::from)
     }
 }
 

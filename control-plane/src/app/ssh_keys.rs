@@ -1,9 +1,9 @@
 //! Tenants' saved SSH keys, which machines may reference by name.
 
-use super::{App, Principal};
+use super::{App, Page, Principal};
 use crate::error::{Error, Result};
 use crate::model::ssh_key::SshPublicKey;
-use crate::store::ssh_keys::SshKeyRecord;
+use crate::model::SavedSshKey;
 use uuid::Uuid;
 
 /// Most keys one user may save: plenty for every device a person has, and it bounds what a
@@ -24,7 +24,7 @@ impl App {
         who: Principal,
         name: &str,
         public_key: &str,
-    ) -> Result<SshKeyRecord> {
+    ) -> Result<SavedSshKey> {
         let name_ok = is_key_name(name);
         if !name_ok {
             return Err(Error::Invalid(
@@ -43,20 +43,18 @@ impl App {
             .await
     }
 
-    /// One page in name order, and whether more follow.
+    /// One page in name order.
     pub async fn ssh_key_list(
         &self,
         who: Principal,
         after_name: Option<&str>,
         limit: i64,
-    ) -> Result<(Vec<SshKeyRecord>, bool)> {
-        let mut rows = self
+    ) -> Result<Page<SavedSshKey>> {
+        let rows = self
             .store
             .ssh_key_list(who.user_id, after_name, limit + 1)
             .await?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(usize::try_from(limit).unwrap_or(0));
-        Ok((rows, more))
+        Ok(Page::from_overfetch(rows, limit))
     }
 
     pub async fn ssh_key_delete(&self, who: Principal, id: Uuid) -> Result<()> {

@@ -1,35 +1,11 @@
 //! The machine lifecycle as a pure state machine: what a tenant may ask in each status, and
-//! which observed transitions workers and the reconciler may record (DESIGN.md, "VM lifecycle").
+//! which observed transitions workers and the reconciler may record (docs/machine-lifecycle.md).
 
-use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::str::FromStr;
-use utoipa::ToSchema;
 
-/// What SkyGate knows about a machine right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum MachineStatus {
-    Pending,
-    Provisioning,
-    Running,
-    Stopping,
-    Stopped,
-    Starting,
-    Rebooting,
-    Deleting,
-    Deleted,
-    Failed,
-}
-
-/// What the tenant asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum DesiredState {
-    Running,
-    Stopped,
-    Deleted,
-}
+/// Statuses and desired states are the public API's words (`skygate-api-types`); their rules
+/// live here.
+pub use skygate_api_types::{DesiredState, MachineStatus, UnknownState};
 
 /// A tenant's lifecycle request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,50 +32,9 @@ pub struct ActionRefused {
     hint: &'static str,
 }
 
-impl MachineStatus {
-    /// Every status, in lifecycle order (for metrics and validation).
-    pub const ALL: [MachineStatus; 10] = [
-        Self::Pending,
-        Self::Provisioning,
-        Self::Running,
-        Self::Stopping,
-        Self::Stopped,
-        Self::Starting,
-        Self::Rebooting,
-        Self::Deleting,
-        Self::Deleted,
-        Self::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Provisioning => "provisioning",
-            Self::Running => "running",
-            Self::Stopping => "stopping",
-            Self::Stopped => "stopped",
-            Self::Starting => "starting",
-            Self::Rebooting => "rebooting",
-            Self::Deleting => "deleting",
-            Self::Deleted => "deleted",
-            Self::Failed => "failed",
-        }
-    }
-
-    /// Not yet on a hypervisor: a stop or start only changes what will be built.
-    fn is_unprovisioned(self) -> bool {
-        matches!(self, Self::Pending | Self::Provisioning)
-    }
-}
-
-impl DesiredState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Running => "running",
-            Self::Stopped => "stopped",
-            Self::Deleted => "deleted",
-        }
-    }
+/// Not yet on a hypervisor: a stop or start only changes what will be built.
+fn is_unprovisioned(status: MachineStatus) -> bool {
+    matches!(status, MachineStatus::Pending | MachineStatus::Provisioning)
 }
 
 impl Action {
@@ -136,7 +71,7 @@ pub fn request(
         Action::Delete => to(S::Deleting, DesiredState::Deleted),
         Action::Start => match status {
             S::Stopped => to(S::Starting, DesiredState::Running),
-            s if s.is_unprovisioned() && desired == DesiredState::Stopped => {
+            s if is_unprovisioned(s) && desired == DesiredState::Stopped => {
                 to(status, DesiredState::Running)
             }
             S::Failed => Err(refuse(": delete it and create it again")),
@@ -145,7 +80,7 @@ pub fn request(
         },
         Action::Stop => match status {
             S::Running => to(S::Stopping, DesiredState::Stopped),
-            s if s.is_unprovisioned() && desired == DesiredState::Running => {
+            s if is_unprovisioned(s) && desired == DesiredState::Running => {
                 to(status, DesiredState::Stopped)
             }
             S::Starting | S::Rebooting => Err(refuse(": wait until it is running")),
@@ -181,40 +116,42 @@ pub fn can_transition(from: MachineStatus, to: MachineStatus) -> bool {
     }
 }
 
-impl fmt::Display for MachineStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+/// Why an observed transition cannot be written: a bug in its writer, not a race.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IllegalTransition {
+    #[error("the lifecycle has no transition {from} -> {to}")]
+    NotInLifecycle {
+        from: MachineStatus,
+        to: MachineStatus,
+    },
+    /// A machine becomes `failed` with a reason...
+    #[error("a transition to failed needs a failure reason")]
+    MissingReason,
+    /// ...and a reason is written only then.
+    #[error("a transition to {to} cannot carry a failure reason")]
+    UnexpectedReason { to: MachineStatus },
+}
+
+/// Checks an observed transition before it is written: `from -> to` is in the lifecycle
+/// ([`can_transition`]), and it carries a failure reason exactly when it ends in `failed`.
+pub fn check_observed(
+    from: MachineStatus,
+    to: MachineStatus,
+    with_reason: bool,
+) -> Result<(), IllegalTransition> {
+    if !can_transition(from, to) {
+        return Err(IllegalTransition::NotInLifecycle { from, to });
+    }
+    match (to == MachineStatus::Failed, with_reason) {
+        (true, false) => Err(IllegalTransition::MissingReason),
+        (false, true) => Err(IllegalTransition::UnexpectedReason { to }),
+        _ => Ok(()),
     }
 }
 
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// A status or desired-state string that is not one of ours.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown state '{0}'")]
-pub struct UnknownState(pub String);
-
-impl FromStr for MachineStatus {
-    type Err = UnknownState;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
-    }
-}
-
-impl FromStr for DesiredState {
-    type Err = UnknownState;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Running, Self::Stopped, Self::Deleted]
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
     }
 }
 
@@ -314,6 +251,27 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "cannot reboot a machine that is stopped: only a running machine can reboot"
+        );
+    }
+
+    #[test]
+    fn observed_transitions_carry_a_reason_exactly_when_they_fail() {
+        assert_eq!(check_observed(S::Provisioning, S::Running, false), Ok(()));
+        assert_eq!(check_observed(S::Running, S::Failed, true), Ok(()));
+        assert_eq!(
+            check_observed(S::Pending, S::Running, false),
+            Err(IllegalTransition::NotInLifecycle {
+                from: S::Pending,
+                to: S::Running
+            })
+        );
+        assert_eq!(
+            check_observed(S::Running, S::Failed, false),
+            Err(IllegalTransition::MissingReason)
+        );
+        assert_eq!(
+            check_observed(S::Stopping, S::Stopped, true),
+            Err(IllegalTransition::UnexpectedReason { to: S::Stopped })
         );
     }
 

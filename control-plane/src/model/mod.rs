@@ -1,15 +1,23 @@
-//! Pure domain types and rules: ids, hostnames, machine states and networks, SSH keys. No I/O in here.
+//! Pure domain types and rules: ids, hostnames, machines with their states, networks and
+//! tasks, images, SSH keys. No I/O in here.
 
 pub mod hostname;
 pub mod ids;
+pub mod image;
+pub mod machine;
 pub mod machine_state;
 pub mod network;
 pub mod quota;
 pub mod scheduler;
 pub mod ssh_key;
+pub mod tasks;
 
 pub use hostname::Hostname;
 pub use ids::{ImageId, MachineId, UserId};
+pub use image::Image;
+pub use machine::{Machine, MachineEvent};
 pub use machine_state::{Action, DesiredState, MachineStatus, Transition};
 pub use network::{MachineNetwork, PortForward};
 pub use quota::{Quota, Usage};
+pub use ssh_key::SavedSshKey;
+pub use tasks::{FollowUp, TaskKind};

@@ -1,6 +1,20 @@
-//! OpenSSH public keys as tenants paste them: parsed, so garbage never reaches a guest.
+//! OpenSSH public keys as tenants paste them: parsed, so garbage never reaches a guest; and
+//! the keys they save by name.
 
+use chrono::{DateTime, Utc};
 use ssh_key::{HashAlg, PublicKey};
+use uuid::Uuid;
+
+/// A key a tenant saved under a name, which machines may reference.
+#[derive(Debug, Clone)]
+pub struct SavedSshKey {
+    pub id: Uuid,
+    pub name: String,
+    pub public_key: String,
+    /// `SHA256:...`, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
+    pub created_at: DateTime<Utc>,
+}
 
 /// A parsed OpenSSH public key, normalised to `algorithm base64 [comment]`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! `unreachable`. What a host has allocated is not stored: it is the sum of the live machines
 //! placed on it, computed in the same transaction that places the next one.
 
-use super::provisioning::note_machines_on_host_in_txn;
+use super::machine_events::note_machines_on_host_in_txn;
 use super::{from_micros, is_unique_violation, to_micros, Backend, Store};
 use crate::error::{Error, Result};
 use crate::model::scheduler::{HostCandidate, Resources};

@@ -1,28 +1,21 @@
-//! Idempotency keys for `POST /machines`: the first request with a key claims it, its answer
-//! is stored, and retries with the same key and body get that answer back.
+//! Idempotency keys for `POST /machines`: the first request with a key claims it, the machine
+//! it created is recorded with the key, and retries with the same key and body are told that
+//! machine (the API shows it again).
 
-use super::{is_unique_violation, to_micros, Store};
+use super::{is_unique_violation, parse_col, to_micros, Store};
 use crate::error::Result;
-use crate::model::UserId;
+use crate::model::{MachineId, UserId};
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{Any, Row, Transaction};
 use uuid::Uuid;
-
-/// A stored answer to replay.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredResponse {
-    pub status: u16,
-    pub body: String,
-    pub location: Option<String>,
-}
 
 /// What claiming a key found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// This request owns the key now (as `claim_id`) and must complete or release it.
     Claimed { claim_id: String },
-    /// The key was used with this body before and finished: answer the same.
-    Replay(StoredResponse),
+    /// The key was used with this body before and created this machine: answer with it.
+    Replay { machine_id: MachineId },
     /// The key's first request is still running.
     InFlight,
     /// The key was used with a different body.
@@ -44,8 +37,8 @@ impl Store {
     ) -> Result<Claim> {
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
-            "SELECT request_hash, claim_id, response_status, response_body, response_location, \
-             locked_until, created_at FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+            "SELECT request_hash, claim_id, machine_id, locked_until, created_at \
+             FROM idempotency_keys WHERE user_id = $1 AND key = $2",
         )
         .bind(user.to_string())
         .bind(key)
@@ -79,20 +72,16 @@ impl Store {
         let created_at: i64 = row.try_get("created_at")?;
         let expired = created_at <= to_micros(now - retention);
         let stored_hash: String = row.try_get("request_hash")?;
-        let status: Option<i64> = row.try_get("response_status")?;
+        let created: Option<String> = row.try_get("machine_id")?;
         let locked_until: Option<i64> = row.try_get("locked_until")?;
         if !expired {
             if stored_hash != request_hash {
                 return Ok(Claim::Mismatch);
             }
-            if let Some(status) = status {
-                return Ok(Claim::Replay(StoredResponse {
-                    status: u16::try_from(status).unwrap_or(500),
-                    body: row
-                        .try_get::<Option<String>, _>("response_body")?
-                        .unwrap_or_default(),
-                    location: row.try_get("response_location")?,
-                }));
+            if let Some(created) = created {
+                return Ok(Claim::Replay {
+                    machine_id: parse_col(&created, "idempotency_keys.machine_id")?,
+                });
             }
             if locked_until.is_some_and(|l| l > to_micros(now)) {
                 return Ok(Claim::InFlight);
@@ -102,8 +91,8 @@ impl Store {
         // saw, so of two retries racing here only one wins.
         let seen_claim: String = row.try_get("claim_id")?;
         let taken = sqlx::query(
-            "UPDATE idempotency_keys SET request_hash = $1, claim_id = $2, response_status = NULL, \
-             response_body = NULL, response_location = NULL, locked_until = $3, created_at = $4 \
+            "UPDATE idempotency_keys SET request_hash = $1, claim_id = $2, machine_id = NULL, \
+             locked_until = $3, created_at = $4 \
              WHERE user_id = $5 AND key = $6 AND claim_id = $7",
         )
         .bind(request_hash)
@@ -127,7 +116,7 @@ impl Store {
     pub async fn idempotency_release(&self, user: UserId, key: &str, claim_id: &str) -> Result<()> {
         sqlx::query(
             "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND claim_id = $3 \
-             AND response_status IS NULL",
+             AND machine_id IS NULL",
         )
         .bind(user.to_string())
         .bind(key)
@@ -156,21 +145,19 @@ pub struct ClaimedKey<'a> {
     pub claim_id: &'a str,
 }
 
-/// Stores the answer for a claimed key inside `tx`. Fails with `IdempotencyInFlight` (and so
-/// rolls the work back) if the claim was taken over meanwhile by a retry that found us dead.
+/// Records inside `tx` the machine a claimed key's request created. Fails with
+/// `IdempotencyInFlight` (and so rolls the work back) if the claim was taken over meanwhile by
+/// a retry that found us dead.
 pub(crate) async fn complete_in_txn(
     tx: &mut Transaction<'static, Any>,
     claimed: ClaimedKey<'_>,
-    response: &StoredResponse,
+    created: MachineId,
 ) -> Result<()> {
     let done = sqlx::query(
-        "UPDATE idempotency_keys SET response_status = $1, response_body = $2, \
-         response_location = $3, locked_until = NULL \
-         WHERE user_id = $4 AND key = $5 AND claim_id = $6 AND response_status IS NULL",
+        "UPDATE idempotency_keys SET machine_id = $1, locked_until = NULL \
+         WHERE user_id = $2 AND key = $3 AND claim_id = $4 AND machine_id IS NULL",
     )
-    .bind(i64::from(response.status))
-    .bind(&response.body)
-    .bind(response.location.as_deref())
+    .bind(created.to_string())
     .bind(claimed.user.to_string())
     .bind(claimed.key)
     .bind(claimed.claim_id)

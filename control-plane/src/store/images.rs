@@ -2,26 +2,14 @@
 
 use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
 use crate::error::{Error, Result};
-use crate::model::ImageId;
-use chrono::{DateTime, Utc};
+use crate::model::{Image, ImageId};
+use chrono::Utc;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-/// A stored image. `boot` is the direct-kernel-boot description as JSON, if any.
-#[derive(Debug, Clone)]
-pub struct ImageRecord {
-    pub id: ImageId,
-    pub name: String,
-    pub source: String,
-    pub format: String,
-    pub sha256: Option<String>,
-    pub boot: Option<serde_json::Value>,
-    pub created_at: DateTime<Utc>,
-}
-
-fn from_row(row: &AnyRow) -> Result<ImageRecord> {
+fn from_row(row: &AnyRow) -> Result<Image> {
     let boot: Option<String> = row.try_get("boot")?;
-    Ok(ImageRecord {
+    Ok(Image {
         id: parse_col(&row.try_get::<String, _>("id")?, "images.id")?,
         name: row.try_get("name")?,
         source: row.try_get("source")?,
@@ -46,7 +34,7 @@ impl Store {
         format: &str,
         sha256: Option<&str>,
         boot: Option<&serde_json::Value>,
-    ) -> Result<ImageRecord> {
+    ) -> Result<Image> {
         let id = ImageId::new();
         let res = sqlx::query(
             "INSERT INTO images (id, name, source, format, sha256, boot, created_at) \
@@ -76,7 +64,7 @@ impl Store {
             .ok_or(Error::NotFound("image"))
     }
 
-    pub async fn image_by_name(&self, name: &str) -> Result<Option<ImageRecord>> {
+    pub async fn image_by_name(&self, name: &str) -> Result<Option<Image>> {
         let sql = format!("SELECT {COLUMNS} FROM images WHERE name = $1");
         let row = sqlx::query(&sql)
             .bind(name)
@@ -86,7 +74,7 @@ impl Store {
     }
 
     /// Every image, by name. Catalogues stay small, so there is no paging.
-    pub async fn image_list(&self) -> Result<Vec<ImageRecord>> {
+    pub async fn image_list(&self) -> Result<Vec<Image>> {
         let sql = format!("SELECT {COLUMNS} FROM images ORDER BY name");
         let rows = sqlx::query(&sql).fetch_all(&self.read).await?;
         rows.iter().map(from_row).collect()

@@ -1,42 +1,29 @@
-//! Machines and their event log: the `machines` and `machine_events` tables. Every status change is
-//! written together with its event row in one transaction.
+//! Machines: the `machines` table. Tenants' requests (create, read, list, lifecycle
+//! requests), what workers read to act on a machine, and the one writer of observed
+//! transitions. Every status change is written together with its event row
+//! (`machine_events`) in one transaction, and every write moves the row's `version` on.
+//!
+//! Two numbers, kept apart as neon's storage controller keeps them: `version` is the row's
+//! compare-and-swap guard (bumped by every write, so a writer who read the row earlier
+//! changes nothing if anyone wrote since); `spec_generation` is what agents are sent and
+//! moves only when what they build changes, so a status change never makes an agent
+//! rebuild a domain.
 
-use super::idempotency::{complete_in_txn, ClaimedKey, StoredResponse};
-use super::tasks::{enqueue_in_txn, TaskKind};
+use super::idempotency::{complete_in_txn, ClaimedKey};
+use super::machine_events::event_in_txn;
+use super::tasks::enqueue_in_txn;
 use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
 use crate::error::{Error, Result};
 use crate::model::machine_state::{self, Action};
+use crate::model::scheduler::Resources;
+use crate::model::tasks::{self, FollowUp, TaskKind};
 use crate::model::{
-    DesiredState, Hostname, ImageId, MachineId, MachineNetwork, MachineStatus, Quota, Usage, UserId,
+    DesiredState, Hostname, ImageId, Machine, MachineId, MachineNetwork, MachineStatus, Quota,
+    Usage, UserId,
 };
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
-
-/// A stored machine (not deleted, unless a caller asked for history).
-#[derive(Debug, Clone)]
-pub struct MachineRecord {
-    /// Strictly increasing creation order; the keyset for pagination.
-    pub seq: i64,
-    pub id: MachineId,
-    pub owner_id: UserId,
-    pub hostname: String,
-    pub status: MachineStatus,
-    pub desired: DesiredState,
-    pub host_name: Option<String>,
-    /// `ready` or `unreachable`, once placed.
-    pub host_state: Option<String>,
-    pub image_name: String,
-    pub vcpus: i64,
-    pub memory_mib: i64,
-    pub disk_gib: i64,
-    pub ssh_keys: Vec<String>,
-    pub user_data: Option<String>,
-    pub network: Option<MachineNetwork>,
-    pub failure_reason: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
 
 /// A validated request for a new machine.
 #[derive(Debug, Clone)]
@@ -49,19 +36,6 @@ pub struct NewMachine {
     pub disk_gib: i64,
     pub ssh_keys: Vec<String>,
     pub user_data: Option<String>,
-}
-
-/// Turns the created machine into the answer an Idempotency-Key replays.
-pub type Render = dyn Fn(&MachineRecord) -> Result<StoredResponse> + Send + Sync;
-
-/// One line of a machine's log.
-#[derive(Debug, Clone)]
-pub struct EventRecord {
-    pub seq: i64,
-    pub action: String,
-    pub status: MachineStatus,
-    pub message: String,
-    pub created_at: DateTime<Utc>,
 }
 
 /// Which machines a caller may see: a tenant its own, an administrator all.
@@ -80,6 +54,140 @@ impl Visibility {
     }
 }
 
+/// Everything a worker needs to act on one machine.
+#[derive(Debug, Clone)]
+pub struct TaskMachine {
+    pub id: MachineId,
+    pub status: MachineStatus,
+    pub desired: DesiredState,
+    /// The row's version as read: a write based on this read passes it as
+    /// [`MachineTransition::expected_version`].
+    pub version: i64,
+    /// The generation of what agents build (sent in the spec).
+    pub spec_generation: i64,
+    pub status_changed_at: DateTime<Utc>,
+    pub hostname: String,
+    pub size: Resources,
+    pub ssh_keys: Vec<String>,
+    pub user_data: Option<String>,
+    pub host: Option<TaskHost>,
+    pub image: TaskImage,
+}
+
+/// The host a machine is placed on.
+#[derive(Debug, Clone)]
+pub struct TaskHost {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub reachable: bool,
+    /// The generation of the host's credential once its agent joined (`None`: it joined
+    /// before credentials existed and still takes the join token).
+    pub credential_generation: Option<i64>,
+}
+
+/// The machine's image as registered.
+#[derive(Debug, Clone)]
+pub struct TaskImage {
+    pub name: String,
+    pub source: String,
+    pub format: String,
+    pub sha256: Option<String>,
+    pub boot: Option<serde_json::Value>,
+}
+
+/// A machine's status as read, with the version a write based on that read must find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineSnapshot {
+    pub id: MachineId,
+    pub status: MachineStatus,
+    pub version: i64,
+}
+
+/// The event written with a transition.
+#[derive(Debug, Clone, Copy)]
+pub struct NewEvent<'a> {
+    /// What did it: a task kind, `reconcile`, `deadline`...
+    pub action: &'a str,
+    pub message: &'a str,
+}
+
+/// An observed transition (what an agent did, what the reconciler found, a deadline that
+/// passed): `from` -> `to` if the machine is still in `from` at `expected_version`.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineTransition<'a> {
+    pub id: MachineId,
+    pub from: MachineStatus,
+    /// The version the writer read before it acted; anyone who wrote since wins.
+    pub expected_version: i64,
+    pub to: MachineStatus,
+    /// The desired state to set with it (the reconciler matches it to what it found);
+    /// `None` keeps the tenant's.
+    pub desired: Option<DesiredState>,
+    /// The machine's network as its agent reports it; `None` keeps the stored one.
+    pub network: Option<&'a MachineNetwork>,
+    /// Why the machine failed: given exactly when `to` is `failed`. Any other transition
+    /// clears the stored reason.
+    pub failure: Option<&'a str>,
+    pub event: NewEvent<'a>,
+}
+
+impl<'a> MachineTransition<'a> {
+    /// `from` -> `to` with nothing else changed but the status.
+    pub fn new(
+        id: MachineId,
+        from: MachineStatus,
+        expected_version: i64,
+        to: MachineStatus,
+        event: NewEvent<'a>,
+    ) -> Self {
+        Self {
+            id,
+            from,
+            expected_version,
+            to,
+            desired: None,
+            network: None,
+            failure: None,
+            event,
+        }
+    }
+
+    /// `from` -> `failed`, the reason written both as the failure reason and in the log.
+    pub fn failed(
+        id: MachineId,
+        from: MachineStatus,
+        expected_version: i64,
+        action: &'a str,
+        reason: &'a str,
+    ) -> Self {
+        let event = NewEvent {
+            action,
+            message: reason,
+        };
+        Self {
+            failure: Some(reason),
+            ..Self::new(id, from, expected_version, MachineStatus::Failed, event)
+        }
+    }
+}
+
+/// What a transition write did.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransitionOutcome {
+    /// Written with its event; the row is now at `version`.
+    Applied { version: i64 },
+    /// The machine had moved on (another status or version, or deleted): nothing written.
+    Superseded,
+}
+
+impl TransitionOutcome {
+    pub fn applied(self) -> bool {
+        matches!(self, TransitionOutcome::Applied { .. })
+    }
+}
+
 const SELECT: &str = "SELECT v.seq, v.id, v.owner_id, v.hostname, v.status, v.desired_state, \
     h.name AS host_name, h.state AS host_state, i.name AS image_name, v.vcpus, v.memory_mib, v.disk_gib, v.ssh_keys, \
     v.user_data, v.network, v.failure_reason, v.created_at, v.updated_at \
@@ -91,8 +199,8 @@ fn json_col<T: serde::de::DeserializeOwned>(text: Option<String>, col: &str) -> 
         .map_err(|e| Error::Internal(format!("bad JSON in {col}: {e}")))
 }
 
-fn from_row(row: &AnyRow) -> Result<MachineRecord> {
-    Ok(MachineRecord {
+fn from_row(row: &AnyRow) -> Result<Machine> {
+    Ok(Machine {
         seq: row.try_get("seq")?,
         id: parse_col(&row.try_get::<String, _>("id")?, "machines.id")?,
         owner_id: parse_col(&row.try_get::<String, _>("owner_id")?, "machines.owner_id")?,
@@ -117,26 +225,12 @@ fn from_row(row: &AnyRow) -> Result<MachineRecord> {
     })
 }
 
-pub(crate) async fn event_in_txn(
-    tx: &mut Transaction<'static, Any>,
-    id: MachineId,
-    action: &str,
-    status: MachineStatus,
-    message: &str,
-    now: i64,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO machine_events (machine_id, action, status, message, created_at) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(id.to_string())
-    .bind(action)
-    .bind(status.as_str())
-    .bind(message)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+fn snapshot_of(r: &AnyRow) -> Result<MachineSnapshot> {
+    Ok(MachineSnapshot {
+        id: parse_col(&r.try_get::<String, _>("id")?, "machines.id")?,
+        status: parse_col(&r.try_get::<String, _>("status")?, "machines.status")?,
+        version: r.try_get("version")?,
+    })
 }
 
 async fn live_by_hostname_in_txn(
@@ -157,14 +251,14 @@ async fn live_by_hostname_in_txn(
 
 impl Store {
     /// Creates a machine in `pending`, within the owner's quota and with a hostname unique
-    /// among the owner's live machines, and writes its first event. With an Idempotency-Key,
-    /// the answer `render` makes is stored in the same transaction.
+    /// among the owner's live machines, and writes its first event. With a claimed
+    /// Idempotency-Key, the key records the new machine in the same transaction.
     pub async fn machine_create(
         &self,
         new: &NewMachine,
         quota: &Quota,
-        idempotency: Option<(ClaimedKey<'_>, &Render)>,
-    ) -> Result<MachineRecord> {
+        key: Option<ClaimedKey<'_>>,
+    ) -> Result<Machine> {
         let now = to_micros(self.clock().await?);
         let id = MachineId::new();
         let owner = new.owner_id.to_string();
@@ -251,25 +345,32 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await?,
         )?;
-        if let Some((claimed, render)) = idempotency {
-            complete_in_txn(&mut tx, claimed, &render(&created)?).await?;
+        if let Some(claimed) = key {
+            complete_in_txn(&mut tx, claimed, id).await?;
         }
         tx.commit().await?;
         Ok(created)
     }
 
     /// A live (not deleted) machine the caller may see.
-    pub async fn machine_get(
-        &self,
-        id: MachineId,
-        who: Visibility,
-    ) -> Result<Option<MachineRecord>> {
+    pub async fn machine_get(&self, id: MachineId, who: Visibility) -> Result<Option<Machine>> {
         let sql = format!(
             "{SELECT} WHERE v.id = $1 AND v.deleted_at IS NULL AND ($2 IS NULL OR v.owner_id = $2)"
         );
         let row = sqlx::query(&sql)
             .bind(id.to_string())
             .bind(who.owner())
+            .fetch_optional(self.reader())
+            .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// A machine whatever its state, deleted included: what an Idempotency-Key's request
+    /// created is shown again on a replay even after it was deleted.
+    pub async fn machine_history(&self, id: MachineId) -> Result<Option<Machine>> {
+        let sql = format!("{SELECT} WHERE v.id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
             .fetch_optional(self.reader())
             .await?;
         row.as_ref().map(from_row).transpose()
@@ -285,7 +386,7 @@ impl Store {
         status: Option<MachineStatus>,
         before_seq: Option<i64>,
         limit: i64,
-    ) -> Result<Vec<MachineRecord>> {
+    ) -> Result<Vec<Machine>> {
         let mut filters = vec!["v.deleted_at IS NULL".to_owned()];
         let mut n = 0;
         let mut param = || {
@@ -324,7 +425,7 @@ impl Store {
     /// Applies a tenant's request through the state machine; 409 when it makes no sense now.
     /// Returns the machine as the request left it.
     ///
-    /// The write is a compare-and-swap on `generation`, so two concurrent requests cannot both
+    /// The write is a compare-and-swap on `version`, so two concurrent requests cannot both
     /// pass the state machine against the same status (the loser gets 409). A delete of a
     /// machine that was never placed on a host completes in the same transaction: there is
     /// nothing on a hypervisor to clean up, and no crash can leave it half-deleted.
@@ -333,11 +434,11 @@ impl Store {
         id: MachineId,
         who: Visibility,
         action: Action,
-    ) -> Result<MachineRecord> {
+    ) -> Result<Machine> {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
-            "SELECT status, desired_state, generation, host_id FROM machines \
+            "SELECT status, desired_state, version, host_id FROM machines \
              WHERE id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR owner_id = $2)",
         )
         .bind(id.to_string())
@@ -348,21 +449,21 @@ impl Store {
         let status: MachineStatus = parse_col(&row.try_get::<String, _>("status")?, "status")?;
         let desired: DesiredState =
             parse_col(&row.try_get::<String, _>("desired_state")?, "desired_state")?;
-        let generation: i64 = row.try_get("generation")?;
+        let version: i64 = row.try_get("version")?;
         let placed = row.try_get::<Option<String>, _>("host_id")?.is_some();
         let t = machine_state::request(action, status, desired)
             .map_err(|e| Error::Conflict(e.to_string()))?;
         let swapped = sqlx::query(
             "UPDATE machines SET status = $1, desired_state = $2, updated_at = $3, \
              status_changed_at = CASE WHEN status = $1 THEN status_changed_at ELSE $3 END, \
-             generation = generation + 1 \
-             WHERE id = $4 AND generation = $5 AND status = $6 AND deleted_at IS NULL",
+             version = version + 1 \
+             WHERE id = $4 AND version = $5 AND status = $6 AND deleted_at IS NULL",
         )
         .bind(t.status.as_str())
         .bind(t.desired.as_str())
         .bind(now)
         .bind(id.to_string())
-        .bind(generation)
+        .bind(version)
         .bind(status.as_str())
         .execute(&mut *tx)
         .await?;
@@ -373,16 +474,8 @@ impl Store {
         }
         let message = format!("{action} requested");
         event_in_txn(&mut tx, id, action.as_str(), t.status, &message, now).await?;
-        // The workflow that carries the request out, unless the machine was never built (a
-        // start or stop of a pending machine only changes what its provisioning will build).
-        let task = match (action, t.status) {
-            (Action::Start, MachineStatus::Starting) => Some(TaskKind::Start),
-            (Action::Stop, MachineStatus::Stopping) => Some(TaskKind::Stop),
-            (Action::Reboot, MachineStatus::Rebooting) => Some(TaskKind::Reboot),
-            (Action::Delete, _) if placed => Some(TaskKind::Delete),
-            _ => None,
-        };
-        if let Some(kind) = task {
+        let follow_up = tasks::follow_up(action, t.status, placed);
+        if let FollowUp::Queue(kind) = follow_up {
             enqueue_in_txn(&mut tx, self.backend(), id, kind).await?;
         }
         let sql = format!("{SELECT} WHERE v.id = $1");
@@ -391,10 +484,10 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?;
         let requested = from_row(&requested)?;
-        if action == Action::Delete && !placed {
+        if follow_up == FollowUp::DeleteNow {
             sqlx::query(
                 "UPDATE machines SET status = $1, deleted_at = $2, updated_at = $2, \
-                 status_changed_at = $2, generation = generation + 1 WHERE id = $3",
+                 status_changed_at = $2, version = version + 1 WHERE id = $3",
             )
             .bind(MachineStatus::Deleted.as_str())
             .bind(now)
@@ -415,34 +508,151 @@ impl Store {
         Ok(requested)
     }
 
-    /// A machine's log, oldest first, after `after_seq` when given. Deleted machines have none
-    /// to show (they are gone for the tenant).
-    pub async fn machine_events(
-        &self,
-        id: MachineId,
-        after_seq: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<EventRecord>> {
-        let rows = sqlx::query(
-            "SELECT seq, action, status, message, created_at FROM machine_events \
-             WHERE machine_id = $1 AND ($2 IS NULL OR seq > $2) ORDER BY seq LIMIT $3",
+    /// The machine a task acts on, deleted ones included (a late task must see that).
+    pub async fn machine_for_task(&self, id: MachineId) -> Result<Option<TaskMachine>> {
+        let row = sqlx::query(
+            "SELECT v.id, v.status, v.desired_state, v.version, v.spec_generation, \
+             v.status_changed_at, \
+             v.hostname, v.vcpus, v.memory_mib, v.disk_gib, v.ssh_keys, v.user_data, \
+             h.id AS host_id, h.name AS host_name, h.grpc_address, h.state AS host_state, \
+             h.credential_issued, h.credential_generation, \
+             i.name AS image_name, i.source, i.format, i.sha256, i.boot \
+             FROM machines v JOIN images i ON i.id = v.image_id LEFT JOIN hosts h ON h.id = v.host_id \
+             WHERE v.id = $1",
         )
         .bind(id.to_string())
-        .bind(after_seq)
-        .bind(limit)
+        .fetch_optional(self.reader())
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let json = |col: &str, text: Option<String>| -> Result<Option<serde_json::Value>> {
+            text.map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|e| Error::Internal(format!("bad JSON in {col}: {e}")))
+        };
+        let host = match r.try_get::<Option<String>, _>("host_id")? {
+            Some(id) => Some(TaskHost {
+                id,
+                name: r.try_get("host_name")?,
+                address: r.try_get("grpc_address")?,
+                reachable: r.try_get::<String, _>("host_state")? == "ready",
+                credential_generation: (r.try_get::<i64, _>("credential_issued")? != 0)
+                    .then(|| r.try_get("credential_generation"))
+                    .transpose()?,
+            }),
+            None => None,
+        };
+        let keys = json("machines.ssh_keys", r.try_get("ssh_keys")?)?;
+        Ok(Some(TaskMachine {
+            id,
+            status: parse_col(&r.try_get::<String, _>("status")?, "machines.status")?,
+            desired: parse_col(
+                &r.try_get::<String, _>("desired_state")?,
+                "machines.desired_state",
+            )?,
+            version: r.try_get("version")?,
+            spec_generation: r.try_get("spec_generation")?,
+            status_changed_at: from_micros(r.try_get("status_changed_at")?),
+            hostname: r.try_get("hostname")?,
+            size: Resources {
+                vcpus: r.try_get("vcpus")?,
+                memory_mib: r.try_get("memory_mib")?,
+                disk_gib: r.try_get("disk_gib")?,
+            },
+            ssh_keys: keys
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| Error::Internal(format!("bad machines.ssh_keys: {e}")))?
+                .unwrap_or_default(),
+            user_data: r.try_get("user_data")?,
+            host,
+            image: TaskImage {
+                name: r.try_get("image_name")?,
+                source: r.try_get("source")?,
+                format: r.try_get("format")?,
+                sha256: r.try_get("sha256")?,
+                boot: json("images.boot", r.try_get("boot")?)?,
+            },
+        }))
+    }
+
+    /// Writes an observed transition and its event in one transaction, if the machine is
+    /// still in `t.from` at `t.expected_version` (a tenant's request meanwhile, such as a stop
+    /// during provisioning, or a newer observation makes this [`TransitionOutcome::Superseded`]
+    /// and the writer acts on what the machine is now). Reaching `deleted` stamps
+    /// `deleted_at`, which frees the hostname and the host capacity.
+    ///
+    /// A transition the lifecycle does not allow is refused as a bug, not written.
+    pub async fn machine_transition(&self, t: &MachineTransition<'_>) -> Result<TransitionOutcome> {
+        machine_state::check_observed(t.from, t.to, t.failure.is_some()).map_err(|e| {
+            Error::Internal(format!("refused to write a transition of {}: {e}", t.id))
+        })?;
+        let network = t
+            .network
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| Error::Internal(format!("machine network to JSON: {e}")))?;
+        let now = to_micros(self.clock().await?);
+        let mut tx = self.begin_write().await?;
+        let res = sqlx::query(
+            "UPDATE machines SET status = $1, desired_state = COALESCE($2, desired_state), \
+             network = COALESCE($3, network), failure_reason = $4, \
+             status_changed_at = $5, updated_at = $5, version = version + 1, \
+             deleted_at = CASE WHEN $1 = 'deleted' THEN $5 ELSE deleted_at END \
+             WHERE id = $6 AND status = $7 AND version = $8 AND deleted_at IS NULL",
+        )
+        .bind(t.to.as_str())
+        .bind(t.desired.map(DesiredState::as_str))
+        .bind(network)
+        .bind(t.failure)
+        .bind(now)
+        .bind(t.id.to_string())
+        .bind(t.from.as_str())
+        .bind(t.expected_version)
+        .execute(&mut *tx)
+        .await?;
+        if res.rows_affected() == 0 {
+            return Ok(TransitionOutcome::Superseded);
+        }
+        event_in_txn(&mut tx, t.id, t.event.action, t.to, t.event.message, now).await?;
+        tx.commit().await?;
+        Ok(TransitionOutcome::Applied {
+            version: t.expected_version + 1,
+        })
+    }
+
+    /// Live machines placed on a host, as read now.
+    pub async fn machines_on_host(&self, host_id: &str) -> Result<Vec<MachineSnapshot>> {
+        let rows = sqlx::query(
+            "SELECT id, status, version FROM machines WHERE host_id = $1 AND deleted_at IS NULL",
+        )
+        .bind(host_id)
         .fetch_all(self.reader())
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(EventRecord {
-                    seq: r.try_get("seq")?,
-                    action: r.try_get("action")?,
-                    status: parse_col(&r.try_get::<String, _>("status")?, "machine_events.status")?,
-                    message: r.try_get("message")?,
-                    created_at: from_micros(r.try_get("created_at")?),
-                })
-            })
-            .collect()
+        rows.iter().map(snapshot_of).collect()
+    }
+
+    /// Machines whose transitional status has outlasted its deadline, as read now (the
+    /// status and version to fail them from). `limits` says how long each status may last.
+    pub async fn machines_past_deadline(
+        &self,
+        limits: &[(MachineStatus, chrono::Duration)],
+    ) -> Result<Vec<MachineSnapshot>> {
+        let now = self.clock().await?;
+        let mut out = Vec::new();
+        for (status, limit) in limits {
+            let rows = sqlx::query(
+                "SELECT id, status, version FROM machines WHERE status = $1 \
+                 AND deleted_at IS NULL AND status_changed_at < $2",
+            )
+            .bind(status.as_str())
+            .bind(to_micros(now - *limit))
+            .fetch_all(self.reader())
+            .await?;
+            for r in &rows {
+                out.push(snapshot_of(r)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Live machines per status, for metrics.

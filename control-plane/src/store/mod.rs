@@ -10,8 +10,9 @@
 pub mod hosts;
 pub mod idempotency;
 pub mod images;
+pub mod machine_events;
 pub mod machines;
-pub mod provisioning;
+pub mod placement;
 pub mod sessions;
 pub mod ssh_keys;
 pub mod tasks;

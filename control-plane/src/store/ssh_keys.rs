@@ -2,24 +2,14 @@
 
 use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
 use crate::error::{Error, Result};
-use crate::model::UserId;
-use chrono::{DateTime, Utc};
+use crate::model::{SavedSshKey, UserId};
+use chrono::Utc;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-/// A saved key.
-#[derive(Debug, Clone)]
-pub struct SshKeyRecord {
-    pub id: Uuid,
-    pub name: String,
-    pub public_key: String,
-    pub fingerprint: String,
-    pub created_at: DateTime<Utc>,
-}
-
-fn from_row(row: &AnyRow) -> Result<SshKeyRecord> {
-    Ok(SshKeyRecord {
+fn from_row(row: &AnyRow) -> Result<SavedSshKey> {
+    Ok(SavedSshKey {
         id: parse_col(&row.try_get::<String, _>("id")?, "ssh_keys.id")?,
         name: row.try_get("name")?,
         public_key: row.try_get("public_key")?,
@@ -41,8 +31,8 @@ impl Store {
         public_key: &str,
         fingerprint: &str,
         max_keys: i64,
-    ) -> Result<SshKeyRecord> {
-        let rec = SshKeyRecord {
+    ) -> Result<SavedSshKey> {
+        let rec = SavedSshKey {
             id: Uuid::now_v7(),
             name: name.to_owned(),
             public_key: public_key.to_owned(),
@@ -94,7 +84,7 @@ impl Store {
         user: UserId,
         after_name: Option<&str>,
         limit: i64,
-    ) -> Result<Vec<SshKeyRecord>> {
+    ) -> Result<Vec<SavedSshKey>> {
         let sql = format!(
             "SELECT {COLUMNS} FROM ssh_keys WHERE user_id = $1 AND name > $2 \
              ORDER BY name LIMIT $3"
@@ -108,7 +98,7 @@ impl Store {
         rows.iter().map(from_row).collect()
     }
 
-    pub async fn ssh_key_by_name(&self, user: UserId, name: &str) -> Result<Option<SshKeyRecord>> {
+    pub async fn ssh_key_by_name(&self, user: UserId, name: &str) -> Result<Option<SavedSshKey>> {
         let sql = format!("SELECT {COLUMNS} FROM ssh_keys WHERE user_id = $1 AND name = $2");
         let row = sqlx::query(&sql)
             .bind(user.to_string())

@@ -8,13 +8,14 @@
 //! claimed while another task of the same machine holds a live lease: one action per machine
 //! at a time.
 
-use super::{from_micros, to_micros, Backend, Store};
-use crate::error::{Error, Result};
+use super::{from_micros, parse_col, to_micros, Backend, Store};
+use crate::error::Result;
 use crate::model::MachineId;
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{Any, Row, Transaction};
-use std::fmt;
-use std::str::FromStr;
+
+/// The kinds of task are the lifecycle's (`model::tasks`); the queue stores them by name.
+pub use crate::model::TaskKind;
 
 /// The database's clock in Unix microseconds, per back end. Leases are stamped and compared by
 /// it, never by a replica's own clock: a replica whose clock runs five minutes fast would
@@ -26,50 +27,6 @@ const SQLITE_NOW: &str = "SELECT CAST((julianday('now') - 2440587.5) * 864000000
 const OTHER_LIVE_LEASE: &str =
     "SELECT 1 FROM tasks o WHERE o.machine_id = t.machine_id AND o.id <> t.id \
     AND o.state = 'queued' AND o.lease_expires_at >= $1";
-
-/// What a task does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TaskKind {
-    Provision,
-    Start,
-    Stop,
-    Reboot,
-    Delete,
-}
-
-impl TaskKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskKind::Provision => "provision",
-            TaskKind::Start => "start",
-            TaskKind::Stop => "stop",
-            TaskKind::Reboot => "reboot",
-            TaskKind::Delete => "delete",
-        }
-    }
-}
-
-impl fmt::Display for TaskKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for TaskKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        [
-            TaskKind::Provision,
-            TaskKind::Start,
-            TaskKind::Stop,
-            TaskKind::Reboot,
-            TaskKind::Delete,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == s)
-        .ok_or_else(|| Error::Internal(format!("unknown task kind {s:?}")))
-    }
-}
 
 /// A claimed task.
 #[derive(Debug, Clone)]
@@ -216,11 +173,8 @@ impl Store {
         tx.commit().await?;
         Ok(Some(TaskRecord {
             id: row.try_get("id")?,
-            machine_id: super::parse_col(
-                &row.try_get::<String, _>("machine_id")?,
-                "tasks.machine_id",
-            )?,
-            kind: row.try_get::<String, _>("kind")?.parse()?,
+            machine_id: parse_col(&row.try_get::<String, _>("machine_id")?, "tasks.machine_id")?,
+            kind: parse_col(&row.try_get::<String, _>("kind")?, "tasks.kind")?,
             attempts: row.try_get("attempts")?,
             step_failures: row.try_get("step_failures")?,
             created_at: from_micros(row.try_get("created_at")?),

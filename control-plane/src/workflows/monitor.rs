@@ -5,6 +5,7 @@
 
 use super::{policy, WorkflowSettings};
 use crate::model::MachineStatus;
+use crate::store::machines::MachineTransition;
 use crate::store::Store;
 
 /// Checks hosts every heartbeat interval until aborted.
@@ -47,14 +48,12 @@ pub async fn check_once(store: &Store, settings: &WorkflowSettings) -> crate::Re
             Some((s, chrono::Duration::from_std(limit).ok()?))
         })
         .collect();
-    for (id, status, generation) in store.machines_past_deadline(&limits).await? {
-        let limit = policy::deadline(status, settings).unwrap_or_default();
-        let reason = policy::timeout_reason(status, limit);
-        if store
-            .machine_fail(id, status, generation, "deadline", &reason)
-            .await?
-        {
-            tracing::warn!(machine = %id, %status, "machine failed its deadline");
+    for m in store.machines_past_deadline(&limits).await? {
+        let limit = policy::deadline(m.status, settings).unwrap_or_default();
+        let reason = policy::timeout_reason(m.status, limit);
+        let failed = MachineTransition::failed(m.id, m.status, m.version, "deadline", &reason);
+        if store.machine_transition(&failed).await?.applied() {
+            tracing::warn!(machine = %m.id, status = %m.status, "machine failed its deadline");
         }
     }
     Ok(())

@@ -14,6 +14,7 @@ use crate::agents::clients::AgentTarget;
 use crate::agents::AgentClients;
 use crate::model::{DesiredState, MachineId, MachineStatus};
 use crate::store::hosts::HostRecord;
+use crate::store::machines::{MachineTransition, NewEvent};
 use crate::store::Store;
 use proto::agent::v1 as pb;
 use std::collections::HashMap;
@@ -129,7 +130,7 @@ impl Reconciler {
             .machines_on_host(host_id)
             .await?
             .into_iter()
-            .map(|(id, status, generation)| (id.0, (status, generation)))
+            .map(|m| (m.id.0, (m.status, m.version)))
             .collect())
     }
 
@@ -198,41 +199,55 @@ impl Reconciler {
         let generation = |id: &Uuid| known.get(id).map_or(-1, |(_, g)| *g);
         match repair {
             Repair::MarkStopped { id, reason } => {
-                self.store
-                    .machine_reconcile(
-                        MachineId(id),
-                        S::Running,
-                        generation(&id),
-                        S::Stopped,
-                        Some(DesiredState::Stopped),
-                        &reason,
-                    )
+                let event = NewEvent {
+                    action: "reconcile",
+                    message: &reason,
+                };
+                let _ = self
+                    .store
+                    .machine_transition(&MachineTransition {
+                        desired: Some(DesiredState::Stopped),
+                        ..MachineTransition::new(
+                            MachineId(id),
+                            S::Running,
+                            generation(&id),
+                            S::Stopped,
+                            event,
+                        )
+                    })
                     .await?;
             }
             Repair::MarkRunning { id } => {
                 let message = format!("found running on host {}", host.name);
-                self.store
-                    .machine_reconcile(
-                        MachineId(id),
-                        S::Stopped,
-                        generation(&id),
-                        S::Running,
-                        Some(DesiredState::Running),
-                        &message,
-                    )
+                let event = NewEvent {
+                    action: "reconcile",
+                    message: &message,
+                };
+                let _ = self
+                    .store
+                    .machine_transition(&MachineTransition {
+                        desired: Some(DesiredState::Running),
+                        ..MachineTransition::new(
+                            MachineId(id),
+                            S::Stopped,
+                            generation(&id),
+                            S::Running,
+                            event,
+                        )
+                    })
                     .await?;
             }
             Repair::MarkFailed { id, reason } => {
                 if let Some(&(from, generation)) = known.get(&id) {
-                    self.store
-                        .machine_reconcile(
+                    let _ = self
+                        .store
+                        .machine_transition(&MachineTransition::failed(
                             MachineId(id),
                             from,
                             generation,
-                            S::Failed,
-                            None,
+                            "reconcile",
                             &reason,
-                        )
+                        ))
                         .await?;
                 }
             }

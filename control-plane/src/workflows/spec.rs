@@ -1,7 +1,7 @@
 //! The agent's `MachineSpec` for a machine, from what the control plane stores. Pure.
 
 use crate::model::DesiredState;
-use crate::store::provisioning::{TaskImage, TaskMachine};
+use crate::store::machines::{TaskImage, TaskMachine};
 use proto::agent::v1 as pb;
 
 /// Why a machine cannot be turned into a spec (the machine fails with this reason).
@@ -77,13 +77,16 @@ fn image_source(image: &TaskImage) -> Result<pb::ImageSource, SpecProblem> {
     }
 }
 
-/// The spec for `m`, with its power as the tenant wants it now.
+/// The spec for `m`, with its power as the tenant wants it now. Its generation is the
+/// machine's `spec_generation`, which moves only when what the agent builds changes: a
+/// status change (another `version`) sends the same generation, and the agent only
+/// converges power.
 pub fn machine_spec(m: &TaskMachine) -> Result<pb::MachineSpec, SpecProblem> {
     let u32_of = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
     let u64_of = |v: i64| u64::try_from(v).unwrap_or(0);
     Ok(pb::MachineSpec {
         machine_id: m.id.to_string(),
-        generation: u64_of(m.generation),
+        generation: u64_of(m.spec_generation),
         hostname: m.hostname.clone(),
         vcpus: u32_of(m.size.vcpus),
         memory_mib: u64_of(m.size.memory_mib),
@@ -110,7 +113,8 @@ mod tests {
             id: MachineId::new(),
             status: MachineStatus::Provisioning,
             desired: DesiredState::Stopped,
-            generation: 3,
+            version: 7,
+            spec_generation: 3,
             status_changed_at: chrono::Utc::now(),
             hostname: "web-1".into(),
             size: Resources {

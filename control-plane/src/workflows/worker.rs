@@ -8,7 +8,8 @@ use super::WorkflowSettings;
 use crate::agents::clients::AgentTarget;
 use crate::agents::AgentClients;
 use crate::model::{MachineNetwork, MachineStatus, PortForward};
-use crate::store::provisioning::{Placement, TaskHost, TaskMachine};
+use crate::store::machines::{MachineTransition, NewEvent, TaskHost, TaskMachine};
+use crate::store::placement::Placement;
 use crate::store::tasks::{TaskKind, TaskOutcome, TaskRecord};
 use crate::store::Store;
 use proto::agent::v1 as pb;
@@ -164,10 +165,7 @@ impl Workers {
                 .unwrap_or_default();
             if age > limit {
                 let reason = policy::timeout_reason(m.status, limit);
-                self.store
-                    .machine_fail(m.id, m.status, m.generation, task.kind.as_str(), &reason)
-                    .await?;
-                return Ok(TaskOutcome::Failed(reason));
+                return self.fail(task, &m, &reason).await;
             }
         }
         match task.kind {
@@ -233,18 +231,24 @@ impl Workers {
                     MachineStatus::Stopped
                 };
                 let message = format!("provisioned on host {}; {}", host.name, to);
+                let event = NewEvent {
+                    action: "provision",
+                    message: &message,
+                };
+                let network = network(&state);
                 self.store
-                    .machine_settle(
-                        m.id,
-                        MachineStatus::Provisioning,
-                        m.generation,
-                        to,
-                        Some(&network(&state)),
-                        "provision",
-                        &message,
-                    )
+                    .machine_transition(&MachineTransition {
+                        network: Some(&network),
+                        ..MachineTransition::new(
+                            m.id,
+                            MachineStatus::Provisioning,
+                            m.version,
+                            to,
+                            event,
+                        )
+                    })
                     .await
-                    .map(|settled| again_unless(settled, "provisioning"))
+                    .map(|settled| again_unless(settled.applied(), "provisioning"))
             }
             Err(status) => self.agent_error(task, &m, &host.name, status).await,
         }
@@ -299,18 +303,18 @@ impl Workers {
             Ok(state) => {
                 let state = state.into_inner();
                 let message = format!("{} on host {}", to, host.name);
+                let event = NewEvent {
+                    action: task.kind.as_str(),
+                    message: &message,
+                };
+                let network = network(&state);
                 self.store
-                    .machine_settle(
-                        m.id,
-                        during,
-                        m.generation,
-                        to,
-                        Some(&network(&state)),
-                        task.kind.as_str(),
-                        &message,
-                    )
+                    .machine_transition(&MachineTransition {
+                        network: Some(&network),
+                        ..MachineTransition::new(m.id, during, m.version, to, event)
+                    })
                     .await
-                    .map(|settled| again_unless(settled, during.as_str()))
+                    .map(|settled| again_unless(settled.applied(), during.as_str()))
             }
             Err(status) if status.code() == tonic::Code::NotFound => {
                 let reason = format!("its domain is gone from host {}", host.name);
@@ -337,16 +341,18 @@ impl Workers {
                 return self.agent_error(task, &m, &host.name, status).await;
             }
         }
-        self.store
-            .machine_settle(
+        let _ = self
+            .store
+            .machine_transition(&MachineTransition::new(
                 m.id,
                 MachineStatus::Deleting,
-                m.generation,
+                m.version,
                 MachineStatus::Deleted,
-                None,
-                "delete",
-                "deleted; nothing left on the host",
-            )
+                NewEvent {
+                    action: "delete",
+                    message: "deleted; nothing left on the host",
+                },
+            ))
             .await?;
         Ok(TaskOutcome::Done)
     }
@@ -369,8 +375,15 @@ impl Workers {
     }
 
     async fn fail(&self, task: &TaskRecord, m: &TaskMachine, reason: &str) -> Step {
-        self.store
-            .machine_fail(m.id, m.status, m.generation, task.kind.as_str(), reason)
+        let _ = self
+            .store
+            .machine_transition(&MachineTransition::failed(
+                m.id,
+                m.status,
+                m.version,
+                task.kind.as_str(),
+                reason,
+            ))
             .await?;
         Ok(TaskOutcome::Failed(reason.to_owned()))
     }

@@ -7,133 +7,42 @@
 // A harness step that fails is the test failing.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use skygate_test_support::libvirt::virsh;
+pub use skygate_test_support::libvirt::{ensure_libvirtd, kill_libvirtd};
+use skygate_test_support::process::LoggedChild;
+pub use skygate_test_support::ssh::{ssh_hostname, ssh_key};
+use skygate_test_support::{tiny_image_json, workspace_bin};
 
-const URI: &str = "qemu:///system";
 const ADMIN_PASSWORD: &str = "an e2e admin passphrase";
 
 /// One cluster at a time per process (they boot TCG guests); nextest runs these tests one at a
 /// time through the `libvirt` test group.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn virsh(args: &[&str]) -> Option<std::process::Output> {
-    Command::new("virsh")
-        .arg("-c")
-        .arg(URI)
-        .args(args)
-        .output()
-        .ok()
-}
-
-fn libvirtd_answers() -> bool {
-    virsh(&["version"]).is_some_and(|o| o.status.success())
-}
-
-/// kill -9 of the system libvirtd, waiting until it is gone (its domains' QEMU processes live
-/// on). `ensure_libvirtd` brings it back.
-pub fn kill_libvirtd() {
-    let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid")
-        .expect("libvirtd pid file")
-        .trim()
-        .parse()
-        .expect("pid");
-    let libvirtd = nix::unistd::Pid::from_raw(pid);
-    nix::sys::signal::kill(libvirtd, nix::sys::signal::Signal::SIGKILL).expect("kill libvirtd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while nix::sys::signal::kill(libvirtd, None).is_ok() {
-        assert!(Instant::now() < deadline, "libvirtd survived SIGKILL");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = std::fs::remove_file("/run/libvirtd.pid");
-}
-
-/// Starts virtlogd and libvirtd without systemd unless libvirtd answers.
-pub fn ensure_libvirtd() {
-    if libvirtd_answers() {
-        return;
-    }
-    let _ = std::fs::create_dir_all("/var/log/libvirt");
-    let _ = std::fs::create_dir_all("/run/libvirt");
-    let _ = Command::new("virtlogd")
-        .arg("-d")
-        .stderr(Stdio::null())
-        .status();
-    let status = Command::new("libvirtd")
-        .arg("-d")
-        .status()
-        .expect("libvirtd is not installed: run scripts/install-host-deps.sh");
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !libvirtd_answers() {
-        assert!(Instant::now() < deadline, "libvirtd did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// A child process and the lines it wrote to stderr.
-pub struct Proc {
-    child: Child,
-    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
-}
+pub struct Proc(LoggedChild);
 
 impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new((Mutex::new(Vec::<String>::new()), Condvar::new()));
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let (lock, cvar) = &*sink;
-                lock.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-                cvar.notify_all();
-            }
-        });
-        Proc { child, lines }
+    fn spawn(cmd: Command) -> Proc {
+        Proc(LoggedChild::spawn(cmd))
     }
 
     /// The first JSON log line whose message contains `needle`.
     fn wait_for_log(&self, needle: &str, timeout: Duration) -> Value {
-        let (lock, cvar) = &*self.lines;
-        let deadline = Instant::now() + timeout;
-        let mut lines = lock.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
-                return serde_json::from_str(l).unwrap_or_else(|_| json!({ "raw": l }));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "never logged {needle:?}; logged:\n{}",
-                lines.join("\n")
-            );
-            lines = cvar
-                .wait_timeout(lines, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        let line = self.0.wait_for_log(needle, timeout);
+        serde_json::from_str(&line).unwrap_or_else(|_| json!({ "raw": line }))
     }
 
     /// kill -9 and reap.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
+        self.0.kill9();
     }
 }
 
@@ -157,25 +66,6 @@ pub struct Cluster {
     pub agents: Vec<(String, Option<Proc>)>,
     client: reqwest::Client,
     pub admin: String,
-}
-
-fn bin_dir() -> PathBuf {
-    // target/<profile>/deps/e2e-<hash> → target/<profile>
-    let exe = std::env::current_exe().expect("test exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
-}
-
-fn agent_bin() -> PathBuf {
-    let bin = bin_dir().join("skygate-host-agent");
-    assert!(
-        bin.is_file(),
-        "{bin:?} is missing: build it first (cargo build -p host-agent; scripts/test.sh and \
-         `cargo nextest run --workspace` do)"
-    );
-    bin
 }
 
 impl Cluster {
@@ -288,7 +178,7 @@ impl Cluster {
     pub async fn start_agent(&mut self, index: usize, cap: Capacity) {
         let name = self.agents[index].0.clone();
         let first_port = 21000 + 100 * index;
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = Command::new(workspace_bin("skygate-host-agent", "host-agent"));
         cmd.args(["--listen", "127.0.0.1:0", "--log-json", "--name", &name])
             .args(["--control-plane", &format!("http://{}", self.grpc)])
             .arg("--data-dir")
@@ -575,62 +465,16 @@ impl Drop for Cluster {
     }
 }
 
-/// An ed25519 key pair in `dir`: (private key, public key line).
-pub fn ssh_key(dir: &Path) -> (PathBuf, String) {
-    let key = dir.join("id_ed25519");
-    assert!(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "e2e", "-f"])
-        .arg(&key)
-        .status()
-        .expect("ssh-keygen")
-        .success());
-    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
-    (key, public.trim().to_owned())
-}
-
-/// `hostname` over ssh through the forwarded port, retried until it answers.
-pub fn ssh_hostname(key: &Path, port: u64, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        let out = Command::new("ssh")
-            .arg("-i")
-            .arg(key)
-            .args(["-p", &port.to_string(), "-o", "StrictHostKeyChecking=no"])
-            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
-            .args([
-                "-o",
-                "ConnectTimeout=5",
-                "-o",
-                "LogLevel=ERROR",
-                "root@127.0.0.1",
-                "hostname",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("ssh");
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        }
-        last = String::from_utf8_lossy(&out.stderr).into_owned();
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    panic!("ssh to 127.0.0.1:{port} never answered: {last}");
-}
-
 /// The forwarded SSH port of a machine as the API shows it.
-pub fn ssh_port(machine: &Value) -> u64 {
+pub fn ssh_port(machine: &Value) -> u16 {
     let ports = machine["network"]["ports"].as_array().expect("ports");
     let p = ports
         .iter()
         .find(|p| p["guest"] == 22)
         .expect("port 22 forwarded");
     assert_eq!(p["host_ip"], "127.0.0.1");
-    p["host_port"].as_u64().expect("host port")
-}
-
-/// Where the tiny image's image.json is (`SKYGATE_TINY_IMAGE_JSON`).
-fn tiny_image_json() -> String {
-    std::env::var("SKYGATE_TINY_IMAGE_JSON")
-        .unwrap_or_else(|_| "/var/lib/skygate-images/tiny/image.json".into())
+    p["host_port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .expect("host port")
 }

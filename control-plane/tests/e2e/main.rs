@@ -440,10 +440,13 @@ async fn the_cli_takes_a_tenant_from_login_to_an_ssh_session() {
     let config = cluster.tmp.path().join("cli-config");
     let skygate = |args: &[&str], stdin: &str| {
         let out = run_bounded_with_input(
-            std::process::Command::new(env!("CARGO_BIN_EXE_skygate"))
-                .args(args)
-                .env("SKYGATE_API", &cluster.http)
-                .env("SKYGATE_CONFIG_DIR", &config),
+            std::process::Command::new(skygate_test_support::workspace_bin(
+                "skygate",
+                "skygate-cli",
+            ))
+            .args(args)
+            .env("SKYGATE_API", &cluster.http)
+            .env("SKYGATE_CONFIG_DIR", &config),
             stdin,
             BOOT,
             &format!("skygate {args:?}"),
@@ -489,7 +492,10 @@ async fn the_cli_takes_a_tenant_from_login_to_an_ssh_session() {
         run_bounded(
             std::process::Command::new("setsid")
                 .arg("--wait")
-                .arg(env!("CARGO_BIN_EXE_skygate"))
+                .arg(skygate_test_support::workspace_bin(
+                    "skygate",
+                    "skygate-cli",
+                ))
                 .args(&args)
                 .env("SKYGATE_API", &cluster.http)
                 .env("SKYGATE_CONFIG_DIR", &config),

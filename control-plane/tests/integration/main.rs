@@ -9,6 +9,7 @@ mod common;
 mod abuse;
 mod catalog;
 mod cli;
+mod client;
 mod faults;
 mod gateway;
 mod machines;

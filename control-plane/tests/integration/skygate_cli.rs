@@ -22,15 +22,18 @@ impl Cli {
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_skygate"))
-            .args(args)
-            .env("SKYGATE_API", &self.api)
-            .env("SKYGATE_CONFIG_DIR", self.config.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Command::new(skygate_test_support::workspace_bin(
+            "skygate",
+            "skygate-cli",
+        ))
+        .args(args)
+        .env("SKYGATE_API", &self.api)
+        .env("SKYGATE_CONFIG_DIR", self.config.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
         if let Some(input) = stdin {
             child
                 .stdin

@@ -2,14 +2,16 @@
 //! observed transitions with their events.
 
 use crate::both_stores;
-use crate::common::{idempotency_hash, machine_body, Backend, TestApp};
+use crate::common::{idempotency_hash, machine_body, Backend, TestApp, TestDb};
 use chrono::{Duration, Utc};
 use control_plane::model::MachineStatus;
 use control_plane::store::idempotency::Claim;
+use control_plane::store::machines::{MachineTransition, NewEvent, TaskMachine};
 use serde_json::Value;
 
 both_stores!(
     migrations_apply_once_and_are_idempotent,
+    a_database_of_earlier_migrations_upgrades_with_its_machines_intact,
     idempotency_keys_are_kept_a_day_and_stale_claims_are_taken_over,
     observed_transitions_are_checked_and_logged,
     tasks_are_leased_to_one_owner_and_purged_once_finished,
@@ -143,10 +145,14 @@ async fn idempotency_keys_are_kept_a_day_and_stale_claims_are_taken_over(backend
         .await
         .unwrap();
     assert_eq!(res.status(), reqwest::StatusCode::ACCEPTED);
+    let created: Value = res.json().await.unwrap();
+    let created = created["id"].as_str().unwrap().parse().unwrap();
     let hash = idempotency_hash(&machine_body("web"));
     let now = Utc::now();
     let at = |d| s.idempotency_claim(user, "day", &hash, now + d, lock, keep);
-    assert!(matches!(at(Duration::hours(23)).await.unwrap(), Claim::Replay(r) if r.status == 202));
+    assert!(
+        matches!(at(Duration::hours(23)).await.unwrap(), Claim::Replay { machine_id } if machine_id == created)
+    );
     assert!(matches!(
         at(Duration::hours(24) + Duration::seconds(1))
             .await
@@ -170,63 +176,188 @@ async fn observed_transitions_are_checked_and_logged(backend: Backend) {
     let id = m["id"].as_str().unwrap().parse().unwrap();
     let s = &t.store;
     use MachineStatus as S;
-    let generation =
-        |m: Option<control_plane::store::provisioning::TaskMachine>| m.unwrap().generation;
-    let g = generation(s.machine_for_task(id).await.unwrap());
+    let version = |m: Option<TaskMachine>| m.unwrap().version;
+    let observed = |from, version, to| {
+        let event = NewEvent {
+            action: "test",
+            message: "observed in a test",
+        };
+        MachineTransition::new(id, from, version, to, event)
+    };
+    let g = version(s.machine_for_task(id).await.unwrap());
     assert!(
-        s.machine_settle(
-            id,
-            S::Pending,
-            g,
-            S::Running,
-            None,
-            "test",
-            "observed in a test"
-        )
-        .await
-        .is_err(),
+        s.machine_transition(&observed(S::Pending, g, S::Running))
+            .await
+            .is_err(),
         "illegal"
     );
     assert!(s
-        .machine_settle(
-            id,
-            S::Pending,
-            g,
-            S::Provisioning,
-            None,
-            "test",
-            "observed in a test"
-        )
+        .machine_transition(&observed(S::Pending, g, S::Provisioning))
         .await
-        .unwrap());
+        .unwrap()
+        .applied());
     // A stale writer that still believes the machine is pending changes nothing.
     assert!(!s
-        .machine_settle(
-            id,
-            S::Pending,
-            g,
-            S::Provisioning,
-            None,
-            "test",
-            "observed in a test"
-        )
+        .machine_transition(&observed(S::Pending, g, S::Provisioning))
         .await
-        .unwrap());
-    let g = generation(s.machine_for_task(id).await.unwrap());
+        .unwrap()
+        .applied());
+    let g = version(s.machine_for_task(id).await.unwrap());
     assert!(s
-        .machine_settle(
-            id,
-            S::Provisioning,
-            g,
-            S::Running,
-            None,
-            "test",
-            "observed in a test"
-        )
+        .machine_transition(&observed(S::Provisioning, g, S::Running))
         .await
-        .unwrap());
+        .unwrap()
+        .applied());
     let events = s.machine_events(id, None, 10).await.unwrap();
     let statuses: Vec<_> = events.iter().map(|e| e.status).collect();
     assert_eq!(statuses, [S::Pending, S::Provisioning, S::Running]);
     t.stop().await;
+}
+
+/// A database as 0001–0006 left it (one user, image, host and machine, a finished
+/// Idempotency-Key) takes 0007: the machine is as it was, its spec generation is its former
+/// generation (what its agent already holds), and the key still names the machine.
+async fn a_database_of_earlier_migrations_upgrades_with_its_machines_intact(backend: Backend) {
+    use control_plane::model::{DesiredState, MachineId};
+    use control_plane::store::machines::{TransitionOutcome, Visibility};
+    use control_plane::store::Store;
+    use sqlx::migrate::Migrator;
+    use sqlx::{AnyConnection, Connection};
+    sqlx::any::install_default_drivers();
+    let db = TestDb::new(backend).await;
+    let (url, dir) = match backend {
+        Backend::Sqlite => (format!("{}?mode=rwc", db.url), "sqlite"),
+        Backend::Postgres => (db.url.clone(), "postgres"),
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/store/migrations")
+        .join(dir);
+    let mut earlier = Migrator::new(dir).await.unwrap();
+    earlier.migrations = earlier
+        .migrations
+        .iter()
+        .filter(|m| m.version <= 6)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    let mut conn = AnyConnection::connect(&url).await.unwrap();
+    earlier.run(&mut conn).await.unwrap();
+
+    let (user, image, host, machine) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4(),
+    );
+    let now = Utc::now().timestamp_micros();
+    let statements: [(&str, Vec<String>); 5] = [
+        (
+            "INSERT INTO users (id, username, email, password_hash, role, created_at, updated_at) \
+             VALUES ($1, 'ann', 'ann@example.com', 'x', 'user', 1, 1)",
+            vec![user.clone()],
+        ),
+        (
+            "INSERT INTO images (id, name, source, format, boot, created_at) \
+             VALUES ($1, 'tiny', 'file:///i/', 'kernel', '{\"kernel\": \"file:///i/k\"}', 1)",
+            vec![image.clone()],
+        ),
+        (
+            "INSERT INTO hosts (id, name, grpc_address, state, hypervisor, vcpus, memory_mib, \
+             disk_gib, created_at, credential_issued, credential_generation) \
+             VALUES ($1, 'h1', 'http://127.0.0.1:1', 'ready', 'kvm', 8, 8192, 100, 1, 1, 1)",
+            vec![host.clone()],
+        ),
+        (
+            "INSERT INTO machines (id, owner_id, hostname, status, desired_state, host_id, \
+             image_id, vcpus, memory_mib, disk_gib, ssh_keys, network, generation, created_at, \
+             updated_at, status_changed_at) \
+             VALUES ($1, $2, 'web', 'running', 'running', $3, $4, 1, 256, 1, '[]', \
+             '{\"addresses\": [], \"ports\": [{\"guest\": 22, \"host_ip\": \"127.0.0.1\", \
+             \"host_port\": 2222, \"proto\": \"tcp\"}]}', 5, 1, 2, 2)",
+            vec![
+                machine.to_string(),
+                user.clone(),
+                host.clone(),
+                image.clone(),
+            ],
+        ),
+        (
+            "INSERT INTO idempotency_keys (user_id, key, request_hash, claim_id, \
+             response_status, response_body, response_location, created_at) \
+             VALUES ($1, 'k', 'h', 'c', 202, '{}', $2, $3)",
+            vec![
+                user.clone(),
+                format!("/api/v1/machines/{machine}"),
+                now.to_string(),
+            ],
+        ),
+    ];
+    for (sql, binds) in statements {
+        let mut q = sqlx::query(sql);
+        for (i, b) in binds.into_iter().enumerate() {
+            // created_at of the key is the one number among the binds.
+            q = if sql.contains("idempotency_keys") && i == 2 {
+                q.bind(b.parse::<i64>().unwrap())
+            } else {
+                q.bind(b)
+            };
+        }
+        q.execute(&mut conn).await.unwrap();
+    }
+    conn.close().await.unwrap();
+
+    let store = Store::connect(&db.url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    let id = MachineId(machine);
+    let m = store.machine_for_task(id).await.unwrap().unwrap();
+    assert_eq!(
+        (m.status, m.desired, m.version, m.spec_generation),
+        (MachineStatus::Running, DesiredState::Running, 5, 5)
+    );
+    assert_eq!(
+        (m.hostname.as_str(), m.image.name.as_str()),
+        ("web", "tiny")
+    );
+    assert_eq!(m.host.map(|h| h.name), Some("h1".to_owned()));
+    let shown = store
+        .machine_get(id, Visibility::All)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(shown.owner_id.to_string(), user);
+    assert_eq!(shown.network.unwrap().ports[0].host_port, 2222);
+    // The finished key still answers with its machine.
+    let claim = store
+        .idempotency_claim(
+            user.parse().unwrap(),
+            "k",
+            "h",
+            Utc::now(),
+            Duration::seconds(60),
+            Duration::hours(24),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Replay { machine_id: id });
+    // From here on a status change moves the version, not what agents are sent.
+    let stopped = MachineTransition {
+        desired: Some(DesiredState::Stopped),
+        ..MachineTransition::new(
+            id,
+            MachineStatus::Running,
+            5,
+            MachineStatus::Stopped,
+            NewEvent {
+                action: "test",
+                message: "stopped in a test",
+            },
+        )
+    };
+    assert_eq!(
+        store.machine_transition(&stopped).await.unwrap(),
+        TransitionOutcome::Applied { version: 6 }
+    );
+    let m = store.machine_for_task(id).await.unwrap().unwrap();
+    assert_eq!((m.version, m.spec_generation), (6, 5));
+    store.close().await;
 }

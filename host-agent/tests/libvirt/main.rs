@@ -21,14 +21,14 @@ fn phase(state: &pb::MachineState) -> pb::MachinePhase {
     pb::MachinePhase::try_from(state.phase).unwrap_or(pb::MachinePhase::Unspecified)
 }
 
-fn ssh_port(state: &pb::MachineState) -> u32 {
+fn ssh_port(state: &pb::MachineState) -> u16 {
     let ports = &state.network.as_ref().expect("network").ports;
     assert_eq!(ports.len(), 1, "{ports:?}");
     assert_eq!(
         (ports[0].guest_port, ports[0].host_ip.as_str()),
         (22, "127.0.0.1")
     );
-    ports[0].host_port
+    u16::try_from(ports[0].host_port).expect("a port")
 }
 
 fn vm(id: Uuid) -> pb::MachineRef {

@@ -1,10 +1,9 @@
-//! `/images` and `/ssh-keys`: the catalogues around machines.
+//! `/ssh-keys`: tenants' saved SSH public keys, which machines may reference by name.
 
-use super::extract::{Admin, ApiJson, ApiPath, ApiQuery, Caller};
-use super::params::{page_limit, AddSshKeyParams, PageQuery, RegisterImageParams};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::params::{page_limit, AddSshKeyParams, PageQuery};
 use super::problem::Problem;
-use super::views::{ImageList, ImageView, SshKeyList, SshKeyView};
-use crate::app::images::RegisterImage;
+use super::views::{SshKeyList, SshKeyView};
 use crate::app::App;
 use crate::error::Result;
 use axum::extract::State;
@@ -12,52 +11,6 @@ use axum::http::StatusCode;
 use axum::Json;
 use std::sync::Arc;
 use uuid::Uuid;
-
-/// Every image. Where an image comes from (`source`, `boot`) is shown to administrators
-/// only: a source URL may carry credentials or name internal hosts.
-#[utoipa::path(get, path = "/images", tag = "images", security(("bearer" = [])),
-    responses((status = 200, body = ImageList), (status = 401, body = Problem)))]
-pub async fn image_list(
-    State(app): State<Arc<App>>,
-    Caller(who): Caller,
-) -> Result<Json<ImageList>> {
-    let admin = who.require_admin().is_ok();
-    let items = app
-        .image_list()
-        .await?
-        .into_iter()
-        .map(|image| ImageView::for_caller(image, admin))
-        .collect();
-    Ok(Json(ImageList { items }))
-}
-
-/// Register an image (administrators).
-#[utoipa::path(post, path = "/images", tag = "images", request_body = RegisterImageParams,
-    security(("bearer" = [])),
-    responses((status = 201, body = ImageView), (status = 401, body = Problem), (status = 403, body = Problem),
-        (status = 409, body = Problem), (status = 422, body = Problem)))]
-pub async fn image_register(
-    State(app): State<Arc<App>>,
-    Admin(who): Admin,
-    ApiJson(p): ApiJson<RegisterImageParams>,
-) -> Result<(StatusCode, Json<ImageView>)> {
-    let image = app
-        .image_register(
-            who,
-            RegisterImage {
-                name: p.name,
-                source: p.source,
-                format: p.format,
-                sha256: p.sha256,
-                boot: p.boot,
-            },
-        )
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(ImageView::for_caller(image, true)),
-    ))
-}
 
 /// Your saved SSH keys, by name, a page at a time.
 #[utoipa::path(get, path = "/ssh-keys", tag = "ssh-keys", params(PageQuery), security(("bearer" = [])),
@@ -72,13 +25,13 @@ pub async fn ssh_key_list(
         .cursor
         .map(|c| app.cursors.decode_text(SSH_KEYS_CURSOR, &c))
         .transpose()?;
-    let (rows, more) = app.ssh_key_list(who, after.as_deref(), limit).await?;
-    let next_cursor = match (more, rows.last()) {
+    let page = app.ssh_key_list(who, after.as_deref(), limit).await?;
+    let next_cursor = match (page.more, page.items.last()) {
         (true, Some(last)) => Some(app.cursors.encode_text(SSH_KEYS_CURSOR, &last.name)),
         _ => None,
     };
     Ok(Json(SshKeyList {
-        items: rows.into_iter().map(Into::into).collect(),
+        items: page.items.into_iter().map(Into::into).collect(),
         next_cursor,
     }))
 }

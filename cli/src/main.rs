@@ -14,11 +14,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use reqwest::Method;
-use serde_json::{json, Value};
+use skygate_api_types::{
+    AddSshKeyParams, CreateMachineParams, MachineStatus, MachineView, PageQuery,
+    RegisterImageParams, RegisterParams,
+};
+use skygate_client::MachineAction;
 
 use host_keys::{KnownHosts, Pinned};
-use output::{print_rows, Output};
+use output::{print_one, print_rows, Output};
 use session::{fail, Api, CliError, CliResult};
 
 /// SkyGate command-line client.
@@ -215,103 +218,91 @@ async fn machine_id(api: &mut Api, machine: &str) -> CliResult<String> {
     if uuid::Uuid::parse_str(machine).is_ok() {
         return Ok(machine.to_owned());
     }
-    let items = all_items(api, "/machines?limit=200").await?;
-    match items.iter().find(|m| m["hostname"] == machine) {
-        Some(m) => Ok(m["id"].as_str().unwrap_or_default().to_owned()),
+    let items = api.client().all_machines(None).await?;
+    match items.into_iter().find(|m| m.hostname == machine) {
+        Some(m) => Ok(m.id),
         None => fail(format!("no machine named {machine:?}")),
-    }
-}
-
-/// Every item of a paged listing: `path` (with its query) page after page by `next_cursor`.
-async fn all_items(api: &mut Api, path: &str) -> CliResult<Vec<Value>> {
-    let mut items = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let page_path = match &cursor {
-            Some(c) => format!("{path}&cursor={c}"),
-            None => path.to_owned(),
-        };
-        let page = api.call(Method::GET, &page_path, None).await?;
-        items.extend(page["items"].as_array().cloned().unwrap_or_default());
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => return Ok(items),
-        }
     }
 }
 
 /// Polls the machine until it reaches `target`, showing its status as it goes; fails when
 /// it fails.
-async fn wait_for(api: &mut Api, id: &str, target: Target) -> CliResult<Value> {
+async fn wait_for(api: &mut Api, id: &str, target: Target) -> CliResult<Option<MachineView>> {
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     let spinner = ['|', '/', '-', '\\'];
     let mut tick = 0usize;
     loop {
-        let machine = match api
-            .call(Method::GET, &format!("/machines/{id}"), None)
-            .await
-        {
+        let machine = match api.client().machine(id).await {
             Ok(m) => m,
-            Err(e) if target == Target::Gone && e.0.contains("HTTP 404") => {
+            Err(e) if target == Target::Gone && e.status() == Some(404) => {
                 if tty {
                     eprintln!();
                 }
-                return Ok(Value::Null);
+                return Ok(None);
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
-        let status = machine["status"].as_str().unwrap_or("?").to_owned();
-        if status == "failed" {
+        let status = machine.status;
+        if status == MachineStatus::Failed {
             if tty {
                 eprintln!();
             }
             return fail(format!(
                 "machine {id} failed: {}",
-                machine["failure_reason"]
-                    .as_str()
+                machine
+                    .failure_reason
+                    .as_deref()
                     .unwrap_or("no reason given")
             ));
         }
         let done = match target {
-            Target::Running => status == "running",
-            Target::Stopped => status == "stopped",
+            Target::Running => status == MachineStatus::Running,
+            Target::Stopped => status == MachineStatus::Stopped,
             Target::Gone => false,
         };
         if tty {
             eprint!(
-                "\r{} {status:<12} {:>5.1} s",
+                "\r{} {:<12} {:>5.1} s",
                 spinner[tick % spinner.len()],
+                status.as_str(),
                 started.elapsed().as_secs_f64()
             );
             let _ = std::io::stderr().flush();
-        } else if status != last {
+        } else if status.as_str() != last {
             eprintln!("{status} after {:.1} s", started.elapsed().as_secs_f64());
         }
         if done {
             if tty {
                 eprintln!();
             }
-            return Ok(machine);
+            return Ok(Some(machine));
         }
-        last = status;
+        last = status.as_str().to_owned();
         tick += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
 async fn run(cli: Cli) -> CliResult<()> {
-    let out = cli.output;
     let mut api = Api::new(cli.api)?;
-    match cli.command {
+    let result = command(&mut api, cli.output, cli.command).await;
+    // A refresh during the command spent the saved refresh token: keep the new one, whatever
+    // the command's outcome.
+    api.save_renewed()?;
+    result
+}
+
+async fn command(api: &mut Api, out: Output, command: Command) -> CliResult<()> {
+    match command {
         Command::Login {
             username,
             password_stdin,
         } => {
             let password = read_password(password_stdin)?;
             api.login(&username, &password).await?;
-            eprintln!("logged in to {} as {username}", api.base);
+            eprintln!("logged in to {} as {username}", api.base());
         }
         Command::Register {
             username,
@@ -320,76 +311,70 @@ async fn run(cli: Cli) -> CliResult<()> {
         } => {
             let password = read_password(password_stdin)?;
             let user = api
-                .anonymous(
-                    Method::POST,
-                    "/auth/register",
-                    Some(json!({"username": username, "email": email, "password": password})),
-                )
+                .client()
+                .register(&RegisterParams {
+                    username,
+                    email,
+                    password,
+                })
                 .await?;
-            output::print_one(out, &user, &["id", "username", "email", "role"]);
+            print_one(out, &user, output::USER);
         }
         Command::Logout => {
             api.logout().await?;
             eprintln!("logged out");
         }
-        Command::Machines(cmd) => machines(&mut api, out, cmd).await?,
+        Command::Machines(cmd) => machines(api, out, cmd).await?,
         Command::SshKeys(cmd) => match cmd {
             SshKeysCmd::List => {
-                let keys = all_items(&mut api, "/ssh-keys?limit=200").await?;
-                print_rows(out, &Value::Array(keys), &["id", "name", "fingerprint"]);
+                let keys = api.client().all_ssh_keys().await?;
+                print_rows(out, &keys, output::SSH_KEY);
             }
             SshKeysCmd::Add { name, key } => {
-                let body = json!({"name": name, "public_key": key_argument(&key)});
-                let key = api.call(Method::POST, "/ssh-keys", Some(body)).await?;
-                output::print_one(out, &key, &["id", "name", "fingerprint"]);
+                let params = AddSshKeyParams {
+                    name,
+                    public_key: key_argument(&key),
+                };
+                let key = api.client().add_ssh_key(&params).await?;
+                print_one(out, &key, output::SSH_KEY);
             }
-            SshKeysCmd::Delete { id } => {
-                api.call(Method::DELETE, &format!("/ssh-keys/{id}"), None)
-                    .await?;
-            }
+            SshKeysCmd::Delete { id } => api.client().delete_ssh_key(&id).await?,
         },
         Command::Images(cmd) => match cmd {
             ImagesCmd::List => {
-                let images = api.call(Method::GET, "/images", None).await?;
-                print_rows(out, &images["items"], &["name", "format", "source"]);
+                let images = api.client().images().await?;
+                print_rows(out, &images.items, output::IMAGE_ROW);
             }
             ImagesCmd::Register { file } => {
                 let text = std::fs::read_to_string(&file)
                     .map_err(|e| CliError(format!("{}: {e}", file.display())))?;
-                let body: Value = serde_json::from_str(&text)
-                    .map_err(|e| CliError(format!("{}: not JSON: {e}", file.display())))?;
-                let image = api.call(Method::POST, "/images", Some(body)).await?;
-                output::print_one(out, &image, &["id", "name", "format", "source"]);
+                let params: RegisterImageParams = serde_json::from_str(&text).map_err(|e| {
+                    CliError(format!("{}: not an image description: {e}", file.display()))
+                })?;
+                let image = api.client().register_image(&params).await?;
+                print_one(out, &image, output::IMAGE);
             }
         },
-        Command::Hosts(cmd) => {
-            let columns = ["name", "state", "hypervisor", "machines", "address"];
-            match cmd {
-                HostsCmd::List => {
-                    let hosts = api.call(Method::GET, "/hosts", None).await?;
-                    print_rows(out, &hosts["items"], &columns);
-                }
-                HostsCmd::Cordon { host } => {
-                    let id = host_id(&mut api, &host).await?;
-                    let h = api
-                        .call(Method::POST, &format!("/hosts/{id}/cordon"), None)
-                        .await?;
-                    output::print_one(out, &h, &columns);
-                }
-                HostsCmd::Uncordon { host } => {
-                    let id = host_id(&mut api, &host).await?;
-                    let h = api
-                        .call(Method::POST, &format!("/hosts/{id}/uncordon"), None)
-                        .await?;
-                    output::print_one(out, &h, &columns);
-                }
-                HostsCmd::Delete { host } => {
-                    let id = host_id(&mut api, &host).await?;
-                    api.call(Method::DELETE, &format!("/hosts/{id}"), None)
-                        .await?;
-                }
+        Command::Hosts(cmd) => match cmd {
+            HostsCmd::List => {
+                let hosts = api.client().hosts().await?;
+                print_rows(out, &hosts.items, output::HOST);
             }
-        }
+            HostsCmd::Cordon { host } => {
+                let id = host_id(api, &host).await?;
+                let h = api.client().set_cordoned(&id, true).await?;
+                print_one(out, &h, output::HOST);
+            }
+            HostsCmd::Uncordon { host } => {
+                let id = host_id(api, &host).await?;
+                let h = api.client().set_cordoned(&id, false).await?;
+                print_one(out, &h, output::HOST);
+            }
+            HostsCmd::Delete { host } => {
+                let id = host_id(api, &host).await?;
+                api.client().delete_host(&id).await?;
+            }
+        },
     }
     Ok(())
 }
@@ -399,12 +384,12 @@ async fn host_id(api: &mut Api, host: &str) -> CliResult<String> {
     if uuid::Uuid::parse_str(host).is_ok() {
         return Ok(host.to_owned());
     }
-    let hosts = api.call(Method::GET, "/hosts", None).await?;
-    hosts["items"]
-        .as_array()
-        .and_then(|items| items.iter().find(|h| h["name"] == host))
-        .and_then(|h| h["id"].as_str())
-        .map(str::to_owned)
+    let hosts = api.client().hosts().await?;
+    hosts
+        .items
+        .into_iter()
+        .find(|h| h.name == host)
+        .map(|h| h.id)
         .ok_or_else(|| CliError(format!("no host named {host:?}")))
 }
 
@@ -421,16 +406,13 @@ async fn console_host_keys(
     let deadline = Instant::now() + HOST_KEY_WAIT;
     let mut told = false;
     loop {
-        let error = match api
-            .call_text(Method::GET, &format!("/machines/{id}/console"), None)
-            .await
-        {
+        let error = match api.client().console(id).await {
             Ok(text) => match host_keys::last_key_block(&text) {
                 Some(keys) if !keys.is_empty() => return Ok(keys),
                 _ => None,
             },
             // A machine that is not on a host yet has no console to read: keep waiting.
-            Err(e) => Some(e),
+            Err(e) => Some(CliError::from(e)),
         };
         if Instant::now() >= deadline {
             let why = match error {
@@ -457,8 +439,6 @@ async fn console_host_keys(
     }
 }
 
-const MACHINE_COLUMNS: [&str; 6] = ["id", "hostname", "status", "host", "vcpus", "memory_mib"];
-
 async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()> {
     match cmd {
         MachinesCmd::Create {
@@ -471,59 +451,54 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             user_data,
             wait,
         } => {
-            let mut body = json!({"hostname": hostname, "image": image, "vcpus": vcpus,
-                "memory_mib": memory_mib, "disk_gib": disk_gib});
-            if !ssh_keys.is_empty() {
-                body["ssh_keys"] =
-                    json!(ssh_keys.iter().map(|k| key_argument(k)).collect::<Vec<_>>());
-            }
-            if let Some(path) = user_data {
-                body["user_data"] = json!(std::fs::read_to_string(&path)
-                    .map_err(|e| CliError(format!("{}: {e}", path.display())))?);
-            }
-            let mut machine = api.call(Method::POST, "/machines", Some(body)).await?;
+            let user_data = match user_data {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| CliError(format!("{}: {e}", path.display())))?,
+                ),
+                None => None,
+            };
+            let params = CreateMachineParams {
+                hostname,
+                image,
+                vcpus: i64::from(vcpus),
+                memory_mib: i64::try_from(memory_mib).unwrap_or(i64::MAX),
+                disk_gib: i64::try_from(disk_gib).unwrap_or(i64::MAX),
+                ssh_keys: ssh_keys.iter().map(|k| key_argument(k)).collect(),
+                user_data,
+            };
+            let mut machine = api.client().create_machine(&params).await?;
             if wait {
-                let id = machine["id"].as_str().unwrap_or_default().to_owned();
-                machine = wait_for(api, &id, Target::Running).await?;
+                if let Some(m) = wait_for(api, &machine.id.clone(), Target::Running).await? {
+                    machine = m;
+                }
             }
             output::print_machine(out, &machine);
         }
         MachinesCmd::List { status } => {
-            let mut path = String::from("/machines?limit=200");
-            if let Some(s) = &status {
-                path.push_str(&format!("&status={s}"));
-            }
-            let items = all_items(api, &path).await?;
-            print_rows(out, &Value::Array(items), &MACHINE_COLUMNS);
+            let items = api.client().all_machines(status.as_deref()).await?;
+            print_rows(out, &items, output::MACHINE_ROW);
         }
         MachinesCmd::Show { machine } => {
             let id = machine_id(api, &machine).await?;
-            let m = api
-                .call(Method::GET, &format!("/machines/{id}"), None)
-                .await?;
+            let m = api.client().machine(&id).await?;
             output::print_machine(out, &m);
         }
         MachinesCmd::Start { machine, wait } => {
-            action(api, out, &machine, "start", wait.then_some(Target::Running)).await?
+            let target = wait.then_some(Target::Running);
+            action(api, out, &machine, MachineAction::Start, target).await?
         }
         MachinesCmd::Stop { machine, wait } => {
-            action(api, out, &machine, "stop", wait.then_some(Target::Stopped)).await?
+            let target = wait.then_some(Target::Stopped);
+            action(api, out, &machine, MachineAction::Stop, target).await?
         }
         MachinesCmd::Reboot { machine, wait } => {
-            action(
-                api,
-                out,
-                &machine,
-                "reboot",
-                wait.then_some(Target::Running),
-            )
-            .await?
+            let target = wait.then_some(Target::Running);
+            action(api, out, &machine, MachineAction::Reboot, target).await?
         }
         MachinesCmd::Delete { machine, wait } => {
             let id = machine_id(api, &machine).await?;
-            let m = api
-                .call(Method::DELETE, &format!("/machines/{id}"), None)
-                .await?;
+            let m = api.client().delete_machine(&id).await?;
             // Its id is never reused, so its pinned host keys can go now; failing to drop them
             // is not worth failing the delete for.
             if let Err(e) =
@@ -540,24 +515,16 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
         }
         MachinesCmd::Events { machine } => {
             let id = machine_id(api, &machine).await?;
-            let page = api
-                .call(
-                    Method::GET,
-                    &format!("/machines/{id}/events?limit=200"),
-                    None,
-                )
-                .await?;
-            print_rows(
-                out,
-                &page["items"],
-                &["created_at", "action", "status", "message"],
-            );
+            let page = PageQuery {
+                limit: Some(200),
+                cursor: None,
+            };
+            let events = api.client().machine_events(&id, &page).await?;
+            print_rows(out, &events.items, output::EVENT);
         }
         MachinesCmd::Console { machine } => {
             let id = machine_id(api, &machine).await?;
-            let text = api
-                .call_text(Method::GET, &format!("/machines/{id}/console"), None)
-                .await?;
+            let text = api.client().console(&id).await?;
             print!("{text}");
         }
         MachinesCmd::Ssh {
@@ -568,25 +535,11 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             args,
         } => {
             let id = machine_id(api, &machine).await?;
-            let m = api
-                .call(Method::GET, &format!("/machines/{id}"), None)
-                .await?;
-            let Some(port) = m["network"]["ports"]
-                .as_array()
-                .and_then(|ports| ports.iter().find(|p| p["guest"] == 22))
-            else {
+            let m = api.client().machine(&id).await?;
+            let Some(port) = m.network.ports.iter().find(|p| p.guest == 22) else {
                 return fail(format!(
                     "machine {machine} has no forwarded ssh port (status {})",
-                    m["status"].as_str().unwrap_or("?")
-                ));
-            };
-            let Some(host_port) = port["host_port"]
-                .as_u64()
-                .and_then(|p| u16::try_from(p).ok())
-            else {
-                return fail(format!(
-                    "machine {machine} has an invalid ssh port: {}",
-                    port["host_port"]
+                    m.status
                 ));
             };
             let known = KnownHosts::in_config_dir()?;
@@ -610,8 +563,8 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             let target = ssh::Target {
                 alias: &alias,
                 known_hosts: known.path(),
-                host_ip: port["host_ip"].as_str().unwrap_or("127.0.0.1"),
-                port: host_port,
+                host_ip: &port.host_ip,
+                port: port.host_port,
                 user: &user,
                 identity: identity.as_deref(),
             };
@@ -634,15 +587,15 @@ async fn action(
     api: &mut Api,
     out: Output,
     machine: &str,
-    verb: &str,
+    verb: MachineAction,
     wait: Option<Target>,
 ) -> CliResult<()> {
     let id = machine_id(api, machine).await?;
-    let mut m = api
-        .call(Method::POST, &format!("/machines/{id}/{verb}"), None)
-        .await?;
+    let mut m = api.client().machine_action(&id, verb).await?;
     if let Some(target) = wait {
-        m = wait_for(api, &id, target).await?;
+        if let Some(settled) = wait_for(api, &id, target).await? {
+            m = settled;
+        }
     }
     output::print_machine(out, &m);
     Ok(())

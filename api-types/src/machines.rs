@@ -1,0 +1,214 @@
+//! Machines: what a tenant asks for, what the API shows of them, and their log.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use utoipa::{IntoParams, ToSchema};
+
+/// What SkyGate knows about a machine right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineStatus {
+    Pending,
+    Provisioning,
+    Running,
+    Stopping,
+    Stopped,
+    Starting,
+    Rebooting,
+    Deleting,
+    Deleted,
+    Failed,
+}
+
+/// What the tenant asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    Running,
+    Stopped,
+    Deleted,
+}
+
+impl MachineStatus {
+    /// Every status, in lifecycle order (for metrics and validation).
+    pub const ALL: [MachineStatus; 10] = [
+        Self::Pending,
+        Self::Provisioning,
+        Self::Running,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Starting,
+        Self::Rebooting,
+        Self::Deleting,
+        Self::Deleted,
+        Self::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Provisioning => "provisioning",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::Rebooting => "rebooting",
+            Self::Deleting => "deleting",
+            Self::Deleted => "deleted",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl DesiredState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Deleted => "deleted",
+        }
+    }
+}
+
+impl fmt::Display for MachineStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A status or desired-state string that is not one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown state '{0}'")]
+pub struct UnknownState(pub String);
+
+impl FromStr for MachineStatus {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+impl FromStr for DesiredState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Running, Self::Stopped, Self::Deleted]
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// Also `Serialize`: its canonical JSON is what an Idempotency-Key is bound to.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMachineParams {
+    /// An RFC 1123 label: 1–63 of `[a-z0-9-]`, not starting or ending with '-'; unique among
+    /// your machines (409 otherwise).
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
+    pub hostname: String,
+    /// Name of a registered image (`GET /images`); an unknown name is 422.
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+    )]
+    pub image: String,
+    /// 1–32 (the server's default `--max-vcpus`; a server may allow fewer or more: 422).
+    #[schema(minimum = 1, maximum = 32)]
+    pub vcpus: i64,
+    /// 64–262144 MiB (the default `--max-memory-mib`; a server may allow fewer or more: 422).
+    #[schema(minimum = 64, maximum = 262144)]
+    pub memory_mib: i64,
+    /// 1–2048 GiB (the default `--max-disk-gib`; a server may allow fewer or more: 422).
+    #[schema(minimum = 1, maximum = 2048)]
+    pub disk_gib: i64,
+    /// At most 32 entries, each an OpenSSH public key line or the name of one of your saved
+    /// keys (422 when it is neither).
+    #[serde(default)]
+    #[schema(max_items = 32)]
+    pub ssh_keys: Vec<String>,
+    /// cloud-init user data: at most 65536 bytes of UTF-8, no NUL characters.
+    #[schema(max_length = 65536, pattern = r"^[^\u0000]*$")]
+    pub user_data: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListMachinesQuery {
+    /// 1–200, default 50.
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page. Opaque and signed: anything else is 400.
+    #[param(min_length = 1)]
+    pub cursor: Option<String>,
+    /// Only machines in this status.
+    #[param(value_type = Option<MachineStatus>)]
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PortView {
+    pub guest: u16,
+    pub host_ip: String,
+    pub host_port: u16,
+    pub proto: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct NetworkView {
+    pub addresses: Vec<String>,
+    pub ports: Vec<PortView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MachineView {
+    pub id: String,
+    pub owner_id: String,
+    pub hostname: String,
+    pub status: MachineStatus,
+    pub desired_state: DesiredState,
+    /// Image name.
+    pub image: String,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+    /// Name of the host the machine is placed on, once placed.
+    pub host: Option<String>,
+    /// Whether that host answers: `ready` or `unreachable` (then the machine's status is the
+    /// last one known).
+    pub host_state: Option<String>,
+    pub network: NetworkView,
+    pub failure_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MachinePage {
+    pub items: Vec<MachineView>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventView {
+    pub action: String,
+    pub status: MachineStatus,
+    pub message: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventPage {
+    pub items: Vec<EventView>,
+    pub next_cursor: Option<String>,
+}
