@@ -1,6 +1,7 @@
 //! The system libvirtd the tests' domains live in: asking it, starting it without systemd
 //! (HOST-NOTES.md), and killing it for fault tests.
 
+pub use nix::sys::signal::Signal;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -58,17 +59,38 @@ pub fn start_libvirtd() -> Result<(), String> {
 /// kill -9 of the system libvirtd, waiting until it is gone (its domains' QEMU processes live
 /// on). [`ensure_libvirtd`] brings it back.
 pub fn kill_libvirtd() {
-    let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid")
-        .expect("libvirtd pid file")
-        .trim()
-        .parse()
-        .expect("pid");
-    let libvirtd = nix::unistd::Pid::from_raw(pid);
-    nix::sys::signal::kill(libvirtd, nix::sys::signal::Signal::SIGKILL).expect("kill libvirtd");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    stop_libvirtd(Signal::SIGKILL);
+}
+
+/// Sends `signal` to the system libvirtd and waits (30 s at most: a graceful stop closes its
+/// connections first) until it has exited.
+pub fn stop_libvirtd(signal: Signal) {
+    let libvirtd = nix::unistd::Pid::from_raw(libvirtd_pid().expect("libvirtd is not running"));
+    nix::sys::signal::kill(libvirtd, signal).expect("signal libvirtd");
+    let deadline = Instant::now() + Duration::from_secs(30);
     while nix::sys::signal::kill(libvirtd, None).is_ok() {
-        assert!(Instant::now() < deadline, "libvirtd survived SIGKILL");
+        assert!(Instant::now() < deadline, "libvirtd survived {signal}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A killed libvirtd leaves its pid file behind; the next one refuses to start over it.
     let _ = std::fs::remove_file("/run/libvirtd.pid");
+}
+
+/// libvirtd's pid: its pid file, else the process named libvirtd (a pid file can be missing,
+/// e.g. removed by a test that killed an earlier libvirtd).
+pub fn libvirtd_pid() -> Option<i32> {
+    let from_file = std::fs::read_to_string("/run/libvirtd.pid")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .filter(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), None).is_ok());
+    from_file.or_else(|| {
+        std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim() == "libvirtd")
+            })
+    })
 }

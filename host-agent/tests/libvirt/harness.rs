@@ -22,7 +22,6 @@ use tonic::transport::Channel;
 pub use skygate_test_support::libvirt::{ensure_libvirtd, start_libvirtd, virsh, URI};
 use skygate_test_support::process::LoggedChild;
 pub use skygate_test_support::ssh::{ssh_hostname, ssh_key, ssh_run};
-pub use skygate_test_support::wait_until;
 use skygate_test_support::{tiny_image_dir, tiny_image_json};
 
 /// One libvirt test at a time in this process: they share libvirtd (one restarts it) and

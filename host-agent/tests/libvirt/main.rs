@@ -10,7 +10,7 @@ mod harness;
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
-use harness::{qemu_pid, ssh_hostname, ssh_key, ssh_run, virsh, wait_until, Fixture};
+use harness::{qemu_pid, ssh_hostname, ssh_key, ssh_run, virsh, Fixture};
 use proto::agent::v1 as pb;
 use tokio_stream::StreamExt;
 use uuid::Uuid;
@@ -461,16 +461,7 @@ async fn the_agent_survives_a_libvirtd_restart() {
         .await
         .expect("EnsureMachine");
 
-    let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid")
-        .expect("libvirtd pid file")
-        .trim()
-        .parse()
-        .expect("pid");
-    let libvirtd = nix::unistd::Pid::from_raw(pid);
-    nix::sys::signal::kill(libvirtd, nix::sys::signal::Signal::SIGTERM).expect("stop libvirtd");
-    wait_until(Duration::from_secs(30), "libvirtd to exit", || {
-        nix::sys::signal::kill(libvirtd, None).is_err()
-    });
+    skygate_test_support::libvirt::stop_libvirtd(skygate_test_support::libvirt::Signal::SIGTERM);
     // While it is down the agent says so instead of hanging.
     let down = client
         .list_machines(pb::ListMachinesRequest {})
