@@ -88,7 +88,7 @@ pub struct AgentArgs {
         long,
         env = "SKYGATE_AGENT_FORWARD_PORTS",
         default_value = "20000-29999",
-        value_parser = crate::preflight::parse_forward_ports
+        value_parser = crate::ports::parse_forward_ports
     )]
     pub forward_ports: PortRange,
     /// How long StopMachine waits for the guest's ACPI shutdown before forcing it off, when the
@@ -153,4 +153,15 @@ impl AgentArgs {
             other => other.clone(),
         }
     }
+}
+
+/// Certificate files for TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle; when set, clients must present a certificate it signed.
+    pub client_ca: Option<PathBuf>,
 }

@@ -17,11 +17,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::process::Command;
 
+use crate::model::{DiskFormat, MAX_DISK_GIB};
+
 /// Bytes in one GiB.
 const GIB: u64 = 1 << 30;
-/// Largest overlay size accepted, in GiB (64 TiB): keeps `size_gib * GIB` far from overflow
-/// and refuses obvious typos.
-pub const MAX_DISK_GIB: u64 = 64 * 1024;
 
 /// CPU seconds one `qemu-img` run may use (`prlimit --cpu`).
 pub const QEMU_IMG_CPU_SECONDS: u64 = 30;
@@ -29,25 +28,6 @@ pub const QEMU_IMG_CPU_SECONDS: u64 = 30;
 pub const QEMU_IMG_ADDRESS_SPACE_BYTES: u64 = 1 << 30;
 /// Default wall-clock limit of one `qemu-img` run.
 pub const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A disk image format the agent accepts for base images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DiskFormat {
-    /// QEMU's copy-on-write format.
-    Qcow2,
-    /// A plain byte-for-byte disk.
-    Raw,
-}
-
-impl DiskFormat {
-    /// The name `qemu-img` uses (`-f`, `-F`, and `format` in `info`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskFormat::Qcow2 => "qcow2",
-            DiskFormat::Raw => "raw",
-        }
-    }
-}
 
 /// What `qemu-img info` reports about one image (only the fields the agent uses).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +85,7 @@ impl ImageInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     /// `prlimit`/`qemu-img` could not be started.
-    #[error("cannot run {program:?}: {source}")]
+    #[error("cannot run {program:?}")]
     Spawn {
         /// The program.
         program: PathBuf,
@@ -132,7 +112,7 @@ pub enum DiskError {
         timeout: Duration,
     },
     /// `qemu-img info` printed something that is not the expected JSON.
-    #[error("cannot parse qemu-img info output for {path:?}: {source}")]
+    #[error("cannot parse qemu-img info output for {path:?}")]
     BadInfo {
         /// The image.
         path: PathBuf,
@@ -197,7 +177,7 @@ pub enum DiskError {
         found: String,
     },
     /// Creating the temporary file or renaming it into place failed.
-    #[error("cannot write {path:?}: {source}")]
+    #[error("cannot write {path:?}")]
     Io {
         /// The file.
         path: PathBuf,

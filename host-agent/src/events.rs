@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::machines::MachinePhase;
+use crate::model::MachinePhase;
 
 /// How many events the ring keeps for late subscribers.
 pub const DEFAULT_RETAINED: usize = 4096;

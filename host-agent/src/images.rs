@@ -131,7 +131,7 @@ pub enum ImageError {
     #[error("building the HTTP client")]
     Client(#[source] reqwest::Error),
     /// Writing or reading the cache failed.
-    #[error("{path:?}: {source}")]
+    #[error("{path:?}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -147,7 +147,7 @@ pub enum ImageError {
 impl ImageError {
     /// Whether this error's sources must stay out of what callers read: the OS's or the
     /// network's words would tell a missing file from an unreadable one, or a closed port from
-    /// an open one. gRPC statuses (error.rs) stop their message here.
+    /// an open one. gRPC statuses (status.rs) stop their message here.
     pub fn hides_cause(&self) -> bool {
         matches!(self, ImageError::Fetch { .. })
     }
@@ -384,7 +384,7 @@ impl ImageCache {
         let result = self.ensure_checked(spec).await;
         match &result {
             Err(e @ ImageError::Fetch { .. }) => tracing::warn!(
-                error = %crate::preflight::error_line(e),
+                error = %crate::report::chain(e),
                 "image fetch failed"
             ),
             Err(e @ ImageError::NotAllowed { .. }) => {
@@ -1606,7 +1606,7 @@ mod tests {
                 err.to_string(),
                 format!("fetching image {url:?} failed (the host agent's log has the cause)")
             );
-            let status = tonic::Status::from(crate::error::AgentError::from(err));
+            let status = tonic::Status::from(crate::machines::ManagerError::FetchImage(err));
             assert_eq!(status.code(), tonic::Code::Unavailable);
             for leak in ["No such file", "refused", "404", "Not Found", "os error"] {
                 assert!(

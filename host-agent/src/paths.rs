@@ -39,7 +39,7 @@ pub enum PathsError {
     #[error("data directory {0:?} is not an absolute path")]
     RelativeRoot(PathBuf),
     /// Creating or changing the mode of a directory failed.
-    #[error("cannot prepare directory {path:?}: {source}")]
+    #[error("cannot prepare directory {path:?}")]
     Io {
         /// The directory.
         path: PathBuf,

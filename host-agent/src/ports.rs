@@ -77,6 +77,30 @@ pub fn is_bindable(address: Ipv4Addr, port: u16) -> bool {
     TcpListener::bind(SocketAddrV4::new(address, port)).is_ok()
 }
 
+/// Lowest port user-mode forwards may use. QEMU, not the agent, binds forwarded ports, and it
+/// runs as `libvirt-qemu` without capabilities, so a port below the kernel's default
+/// `net.ipv4.ip_unprivileged_port_start` (1024) fails at the first machine start whatever user
+/// the agent runs as. (Reading the sysctl instead was rejected: it would put I/O into flag
+/// parsing for hosts that almost never change it.)
+pub const FIRST_UNPRIVILEGED_PORT: u16 = 1024;
+
+/// `--forward-ports FIRST-LAST` (clap value parser): the range syntax of [`PortRange`], and no
+/// port below [`FIRST_UNPRIVILEGED_PORT`].
+pub fn parse_forward_ports(s: &str) -> Result<PortRange, String> {
+    let range: PortRange = s.parse()?;
+    let first = s
+        .split_once('-')
+        .and_then(|(lo, _)| lo.trim().parse::<u16>().ok())
+        .unwrap_or(0);
+    if first < FIRST_UNPRIVILEGED_PORT {
+        return Err(format!(
+            "{s:?}: ports below {FIRST_UNPRIVILEGED_PORT} are privileged, and QEMU binds \
+             forwarded ports as libvirt-qemu without privileges"
+        ));
+    }
+    Ok(range)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

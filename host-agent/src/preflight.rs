@@ -29,11 +29,10 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 
 use crate::config::AgentArgs;
+use crate::config::TlsFiles;
 use crate::hypervisor::{HypervisorError, LibvirtHypervisor};
 use crate::images::SourcePolicy;
 use crate::paths::{DataDir, PathsError};
-use crate::ports::PortRange;
-use crate::server::TlsFiles;
 
 /// The shortest agent token either side accepts (why: [`proto::bearer::MIN_TOKEN_BYTES`]).
 pub use proto::bearer::MIN_TOKEN_BYTES;
@@ -44,13 +43,6 @@ pub const LIBVIRT_WAIT: Duration = Duration::from_secs(10);
 
 /// Wall-clock limit of one `<tool> --version` run at start-up.
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Lowest port user-mode forwards may use. QEMU, not the agent, binds forwarded ports, and it
-/// runs as `libvirt-qemu` without capabilities, so a port below the kernel's default
-/// `net.ipv4.ip_unprivileged_port_start` (1024) fails at the first machine start whatever user
-/// the agent runs as. (Reading the sysctl instead was rejected: it would put I/O into flag
-/// parsing for hosts that almost never change it.)
-pub const FIRST_UNPRIVILEGED_PORT: u16 = 1024;
 
 /// Longest `--advertise` value: the control plane refuses longer addresses.
 const MAX_ADDRESS_LEN: usize = 255;
@@ -619,23 +611,6 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
     }
 }
 
-/// `--forward-ports FIRST-LAST` (clap value parser): the range syntax of [`PortRange`], and no
-/// port below [`FIRST_UNPRIVILEGED_PORT`].
-pub fn parse_forward_ports(s: &str) -> Result<PortRange, String> {
-    let range: PortRange = s.parse()?;
-    let first = s
-        .split_once('-')
-        .and_then(|(lo, _)| lo.trim().parse::<u16>().ok())
-        .unwrap_or(0);
-    if first < FIRST_UNPRIVILEGED_PORT {
-        return Err(format!(
-            "{s:?}: ports below {FIRST_UNPRIVILEGED_PORT} are privileged, and QEMU binds \
-             forwarded ports as libvirt-qemu without privileges"
-        ));
-    }
-    Ok(range)
-}
-
 /// Reads every TLS file given, so a missing or unreadable one fails the start.
 pub fn check_tls_files(tls: &TlsFiles) -> Result<(), PreflightError> {
     let files = [
@@ -911,21 +886,11 @@ pub async fn connect_libvirt(
 }
 
 /// The one line printed when the agent cannot start or stops: the error and its sources joined
-/// with ": ". A source whose text the line already holds is skipped (some errors of other
-/// modules embed their source's text), and line breaks inside messages (libvirt's, a tool's)
-/// are folded, so the result is always one line.
+/// with ": " ([`crate::report::chain`]), line breaks inside messages (libvirt's, a tool's)
+/// folded, so the result is always one line.
 pub fn error_line(error: &(dyn StdError + 'static)) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !text.is_empty() && !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    line.split(['\n', '\r'])
+    crate::report::chain(error)
+        .split(['\n', '\r'])
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()

@@ -49,6 +49,8 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
+use crate::model::is_valid_hostname;
+
 /// Volume label NoCloud looks for.
 pub const VOLUME_ID: &str = "cidata";
 /// Mode of the seed ISO and the files in it: the tenant's user data (scripts, passwords,
@@ -62,8 +64,6 @@ pub const VOLUME_ID: &str = "cidata";
 const FILE_MODE: u32 = 0o600;
 /// Wall-clock limit of one genisoimage run (it takes milliseconds for two small files).
 const GENISOIMAGE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest host name (RFC 1123).
-const MAX_HOSTNAME_LEN: usize = 253;
 
 /// What goes into a machine's seed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +96,7 @@ pub enum SeedError {
         rule: proto::ssh_key::KeyLineError,
     },
     /// Writing the input files or the ISO failed.
-    #[error("{path:?}: {source}")]
+    #[error("{path:?}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -105,7 +105,7 @@ pub enum SeedError {
         source: std::io::Error,
     },
     /// genisoimage could not be started.
-    #[error("cannot run genisoimage: {0}")]
+    #[error("cannot run genisoimage")]
     Spawn(#[source] std::io::Error),
     /// genisoimage failed.
     #[error("genisoimage failed ({status}): {stderr}")]
@@ -159,21 +159,6 @@ pub fn yaml_quote(s: &str) -> String {
     }
     out.push('"');
     out
-}
-
-/// Whether `name` is an RFC 1123 host name (also what the tiny init accepts).
-pub fn is_valid_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_HOSTNAME_LEN
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
 }
 
 fn is_one_printable_line(s: &str) -> bool {

@@ -12,6 +12,8 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+pub use crate::config::TlsFiles;
+
 use crate::config::AgentArgs;
 use crate::disks::QemuImg;
 use crate::events::{EventLog, DEFAULT_RETAINED};
@@ -46,9 +48,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// Something the agent needs failed at start-up.
-    #[error(transparent)]
-    Agent(#[from] crate::error::AgentError),
+    /// libvirt did not tell the host's facts (which the accelerator is chosen from).
+    #[error("reading host facts from libvirt")]
+    HostFacts(#[source] crate::hypervisor::HypervisorError),
+    /// The image cache could not be set up.
+    #[error("setting up the image cache")]
+    ImageCache(#[source] crate::images::ImageError),
+    /// Reading the host or taking stock of its domains failed.
+    #[error("taking stock of the host")]
+    Inventory(#[from] crate::machines::ManagerError),
     /// The listener or the transport failed.
     #[error("serving gRPC")]
     Transport(#[from] tonic::transport::Error),
@@ -72,17 +80,6 @@ impl StartError {
             _ => 1,
         }
     }
-}
-
-/// Certificate files for TLS.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// PEM certificate chain.
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
-    /// PEM CA bundle; when set, clients must present a certificate it signed.
-    pub client_ca: Option<PathBuf>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, StartError> {
@@ -170,7 +167,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
         Arc::new(preflight::connect_libvirt(&args.libvirt_uri, preflight::LIBVIRT_WAIT).await?);
     let facts = blocking(&hv, |hv| hv.host_facts())
         .await
-        .map_err(crate::error::AgentError::from)?;
+        .map_err(StartError::HostFacts)?;
     let probe = AcceleratorProbe::read(
         Path::new("/sys/module"),
         facts.offers_kvm,
@@ -185,8 +182,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
     );
 
     let events = Arc::new(EventLog::new(DEFAULT_RETAINED));
-    let images =
-        ImageCache::new(data.clone(), image_sources).map_err(crate::error::AgentError::from)?;
+    let images = ImageCache::new(data.clone(), image_sources).map_err(StartError::ImageCache)?;
     let manager = Arc::new(MachineManager::new(
         Arc::clone(&hv),
         Arc::new(QemuImg::new()),

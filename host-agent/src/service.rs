@@ -1,6 +1,6 @@
-//! The `skygate.agent.v1.HostAgent` gRPC service: converts wire messages to the manager's
-//! types and back. Validation errors become INVALID_ARGUMENT; everything else maps through
-//! [`AgentError`]'s one `Status` conversion.
+//! The `skygate.agent.v1.HostAgent` gRPC service: converts wire messages to the agent's model
+//! types and back, one conversion per type. Errors become statuses through status.rs, the one
+//! mapping (a wire message the model refuses is a [`ManagerError::InvalidSpec`] there too).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,14 +12,12 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::disks::DiskFormat;
 use crate::domain_xml::HypervisorKind;
-use crate::error::AgentError;
 use crate::events::{EventLog, MachineEvent};
-use crate::hypervisor::blocking;
-use crate::machines::{
-    parse_machine_id, DesiredPower, ImagePlan, MachineManager, MachinePhase, MachineSpec,
-    MachineState, SourceFile, SpecError,
+use crate::machines::{MachineManager, ManagerError};
+use crate::model::{
+    parse_machine_id, DesiredPower, DiskFormat, ImagePlan, MachinePhase, MachineSpec, MachineState,
+    SourceFile, SpecError,
 };
 
 /// Who this host is and what it offers.
@@ -71,10 +69,12 @@ impl HostAgentService {
 }
 
 fn invalid(field: &'static str, reason: &str) -> Status {
-    Status::from(AgentError::InvalidSpec(SpecError {
-        field,
-        reason: reason.into(),
-    }))
+    refused(SpecError::new(field, reason))
+}
+
+/// A request the model refuses, as the one mapping renders it.
+fn refused(e: SpecError) -> Status {
+    Status::from(ManagerError::InvalidSpec(e))
 }
 
 fn source(url: String, sha256: String) -> SourceFile {
@@ -114,7 +114,7 @@ pub fn spec_from_wire(spec: Option<pb::MachineSpec>) -> Result<MachineSpec, Stat
         _ => return Err(invalid("desired_power", "must be RUNNING or STOPPED")),
     };
     Ok(MachineSpec {
-        id: parse_machine_id(&spec.machine_id).map_err(AgentError::from)?,
+        id: parse_machine_id(&spec.machine_id).map_err(refused)?,
         generation: spec.generation,
         hostname: spec.hostname,
         vcpus: spec.vcpus,
@@ -172,7 +172,7 @@ fn event_to_wire(e: MachineEvent) -> pb::MachineEvent {
 }
 
 fn machine_id(raw: &str) -> Result<uuid::Uuid, Status> {
-    Ok(parse_machine_id(raw).map_err(AgentError::from)?)
+    parse_machine_id(raw).map_err(refused)
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::MachineEvent, Status>> + Send>>;
@@ -183,9 +183,7 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
         &self,
         _: Request<pb::GetHostInfoRequest>,
     ) -> Result<Response<pb::HostInfo>, Status> {
-        let facts = blocking(self.manager.hypervisor(), |hv| hv.host_facts())
-            .await
-            .map_err(AgentError::from)?;
+        let facts = self.manager.host_facts().await?;
         let machines = self.manager.list().await?;
         let allocated = pb::Capacity {
             vcpus: machines.iter().map(|v| v.vcpus).sum(),
@@ -282,15 +280,13 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let after = request.into_inner().after_sequence;
-        let (backlog, rx) = self.events.subscribe(after).map_err(AgentError::from)?;
+        let (backlog, rx) = self.events.subscribe(after)?;
         let last_backlog = backlog.last().map_or(after, |e| e.sequence);
         let live = BroadcastStream::new(rx).filter_map(move |item| match item {
             // Already delivered from the backlog.
             Ok(e) if e.sequence <= last_backlog => None,
             Ok(e) => Some(Ok(event_to_wire(e))),
-            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(Status::aborted(format!(
-                "event stream fell {n} events behind; reconnect with the last sequence seen"
-            )))),
+            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(crate::status::lagged(n))),
         });
         let events = tokio_stream::iter(backlog.into_iter().map(|e| Ok(event_to_wire(e))))
             .chain(live)

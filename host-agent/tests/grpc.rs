@@ -212,6 +212,14 @@ fn machine_ref(id: &str) -> pb::MachineRef {
     }
 }
 
+/// The `skygate-reason` of a refusal, if it has one.
+fn reason(status: &tonic::Status) -> Option<&str> {
+    status
+        .metadata()
+        .get(proto::REASON_METADATA)
+        .and_then(|v| v.to_str().ok())
+}
+
 fn phase(raw: i32) -> pb::MachinePhase {
     pb::MachinePhase::try_from(raw).unwrap_or(pb::MachinePhase::Unspecified)
 }
@@ -391,6 +399,11 @@ async fn ensure_vm_with_an_older_generation_than_the_applied_one_is_a_failed_pre
 
     let status = refused(client.ensure_machine(ensure(agent.spec(&id, 1))).await);
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(
+        reason(&status),
+        Some(proto::reason::STALE_GENERATION),
+        "{status:?}"
+    );
     let still = client
         .get_machine(machine_ref(&id))
         .await
@@ -403,13 +416,18 @@ async fn ensure_vm_with_an_older_generation_than_the_applied_one_is_a_failed_pre
 }
 
 #[tokio::test]
-async fn unknown_machines_are_not_found_and_delete_vm_reports_whether_it_existed() {
+async fn unknown_machines_are_not_found_and_delete_machine_reports_whether_it_existed() {
     let agent = Agent::start(None).await;
     let mut client = agent.client().await;
     let unknown = Uuid::new_v4().to_string();
 
     let status = refused(client.start_machine(machine_ref(&unknown)).await);
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(
+        reason(&status),
+        Some(proto::reason::MACHINE_NOT_FOUND),
+        "{status:?}"
+    );
     let status = refused(
         client
             .get_console(pb::GetConsoleRequest {

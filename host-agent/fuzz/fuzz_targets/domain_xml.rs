@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 use arbitrary::Arbitrary;
 use host_agent_fuzz::domain_xml::{
     read_user_forwards, BootSource, DomainSpec, DomainXmlError, HypervisorKind, MachineMetadata,
-    NetworkAttachment, PortForward, MAX_MEMORY_MIB, METADATA_NAMESPACE,
+    NetworkAttachment, METADATA_NAMESPACE,
 };
+use host_agent_fuzz::model::{PortForward, SpecFingerprint, MAX_MEMORY_MIB};
 use libfuzzer_sys::fuzz_target;
 use roxmltree::{Document, Node};
 use uuid::Uuid;
@@ -79,6 +80,7 @@ struct Input {
     uuid: u128,
     hostname: String,
     generation: u64,
+    fingerprint: Option<[u8; 32]>,
     disk_gib: u64,
     kvm: bool,
     vcpus: u32,
@@ -97,6 +99,7 @@ impl Input {
             uuid: Uuid::from_u128(self.uuid),
             hostname: self.hostname,
             generation: self.generation,
+            fingerprint: self.fingerprint.map(SpecFingerprint::from_bytes),
             disk_gib: self.disk_gib,
             hypervisor: if self.kvm {
                 HypervisorKind::Kvm
@@ -165,6 +168,7 @@ fn benign_twin(spec: &DomainSpec) -> DomainSpec {
         uuid: Uuid::nil(),
         hostname: "benign".into(),
         generation: 1,
+        fingerprint: spec.fingerprint,
         disk_gib: 1,
         hypervisor: spec.hypervisor,
         vcpus: 1,
@@ -320,6 +324,7 @@ fn check_round_trip(spec: &DomainSpec, xml: &str) {
             generation: spec.generation,
             hostname: spec.hostname.clone(),
             disk_gib: Some(spec.disk_gib),
+            fingerprint: spec.fingerprint,
         }
     );
     let machine = doc

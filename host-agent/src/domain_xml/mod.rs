@@ -13,6 +13,8 @@ use quick_xml::reader::NsReader;
 use quick_xml::Writer;
 use uuid::Uuid;
 
+use crate::model::{PortForward, SpecFingerprint, MAX_MEMORY_MIB};
+
 /// XML namespace of SkyGate's element inside `<metadata>`. libvirt keys metadata by this URI
 /// (`virsh metadata DOMAIN --uri ...`); it is versioned so a future layout can coexist.
 pub const METADATA_NAMESPACE: &str = "https://skygate.dev/xmlns/machine/v1";
@@ -21,10 +23,6 @@ pub const METADATA_NAMESPACE: &str = "https://skygate.dev/xmlns/machine/v1";
 pub const METADATA_PREFIX: &str = "skygate";
 /// libvirt's QEMU namespace, needed for `<qemu:commandline>` (user networking).
 const QEMU_NAMESPACE: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
-
-/// Largest `memory_mib` libvirt accepts: it parses memory into bytes and caps it at
-/// `LLONG_MAX` (virMemoryMaxValue on 64-bit hosts), i.e. (2^63 - 1) >> 20 MiB.
-pub const MAX_MEMORY_MIB: u64 = (1 << 43) - 1;
 
 /// Linux `IFNAMSIZ` minus the terminating NUL: the longest interface (bridge) name.
 const MAX_IFNAME_LEN: usize = 15;
@@ -81,18 +79,6 @@ pub enum BootSource {
     },
 }
 
-/// One TCP port forward of QEMU user networking: `host_ip:host_port` on the host reaches
-/// `guest_port` on the guest. TCP only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PortForward {
-    /// Host address QEMU listens on (127.0.0.1 for tests and laptops).
-    pub host_ip: Ipv4Addr,
-    /// Host port QEMU listens on; must not be 0 (QEMU would pick one we could not report).
-    pub host_port: u16,
-    /// Guest port the connection is forwarded to; must not be 0.
-    pub guest_port: u16,
-}
-
 /// How the guest's single NIC is attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetworkAttachment {
@@ -131,6 +117,10 @@ pub struct DomainSpec {
     pub hostname: String,
     /// Spec generation, stored in the metadata so the agent can refuse stale specs.
     pub generation: u64,
+    /// The spec's content fingerprint, stored in the metadata so the agent can refuse other
+    /// content at the same generation. `None` writes no element (as definitions made before
+    /// fingerprints were recorded).
+    pub fingerprint: Option<SpecFingerprint>,
     /// Size of the overlay in GiB, stored in the metadata so the agent can report what the
     /// host's machines are sized for after a restart.
     pub disk_gib: u64,
@@ -224,7 +214,7 @@ pub enum DomainXmlError {
     },
     /// The XML writer failed. Writing into memory cannot fail today; kept typed rather than
     /// panicking should quick-xml ever report an error.
-    #[error("writing domain XML: {0}")]
+    #[error("writing domain XML")]
     Write(#[source] io::Error),
 }
 
@@ -528,6 +518,14 @@ fn render_metadata(w: &mut XmlWriter, spec: &DomainSpec, c: &Checked<'_>) -> io:
                 &[],
                 &spec.generation.to_string(),
             )?;
+            if let Some(fingerprint) = &spec.fingerprint {
+                text_element(
+                    w,
+                    &format!("{METADATA_PREFIX}:spec-sha256"),
+                    &[],
+                    &fingerprint.to_string(),
+                )?;
+            }
             text_element(
                 w,
                 &format!("{METADATA_PREFIX}:hostname"),
@@ -678,9 +676,7 @@ pub fn read_user_forwards(xml: &str) -> Result<Vec<PortForward>, MetadataError> 
         let Some(value) = e.try_get_attribute("value")? else {
             continue;
         };
-        let value = value
-            .normalized_value(quick_xml::XmlVersion::default())
-            .map_err(MetadataError::Xml)?;
+        let value = value.normalized_value(quick_xml::XmlVersion::default())?;
         let Some(rest) = value.strip_prefix("user,") else {
             continue;
         };
@@ -715,14 +711,18 @@ pub struct MachineMetadata {
     pub hostname: String,
     /// The overlay size in GiB (absent in definitions written before it was recorded).
     pub disk_gib: Option<u64>,
+    /// The fingerprint of the spec's content (absent in definitions written before it was
+    /// recorded).
+    pub fingerprint: Option<SpecFingerprint>,
 }
 
 /// Why [`MachineMetadata::from_xml`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
-    /// The document is not well-formed XML.
+    /// The document is not well-formed XML. quick-xml's error is kept as its text: its
+    /// Display already embeds its own source, so as a source it would read twice.
     #[error("malformed XML: {0}")]
-    Xml(#[from] quick_xml::Error),
+    Xml(String),
     /// A SkyGate element is missing (e.g. a domain SkyGate did not define).
     #[error("skygate metadata has no {0} element")]
     Missing(&'static str),
@@ -733,20 +733,29 @@ pub enum MetadataError {
     #[error("skygate metadata element {0} contains markup")]
     UnexpectedMarkup(&'static str),
     /// `id` is not a UUID.
-    #[error("skygate metadata id is not a UUID: {0}")]
+    #[error("skygate metadata id is not a UUID")]
     InvalidId(#[source] uuid::Error),
     /// `generation` is not a decimal u64.
-    #[error("skygate metadata generation is not an unsigned integer: {0}")]
+    #[error("skygate metadata generation is not an unsigned integer")]
     InvalidGeneration(#[source] std::num::ParseIntError),
     /// A `hostfwd` of the user-mode NIC is not `tcp:IP:PORT-:PORT`.
     #[error("unreadable port forward {0:?}")]
     BadForward(String),
     /// An attribute could not be read.
-    #[error("malformed attribute: {0}")]
+    #[error("malformed attribute")]
     Attr(#[from] quick_xml::events::attributes::AttrError),
     /// `disk-gib` is not a decimal u64.
-    #[error("skygate metadata disk-gib is not an unsigned integer: {0}")]
+    #[error("skygate metadata disk-gib is not an unsigned integer")]
     InvalidDiskSize(#[source] std::num::ParseIntError),
+    /// `spec-sha256` is not a fingerprint.
+    #[error("skygate metadata spec-sha256 is unreadable")]
+    InvalidFingerprint(#[source] crate::model::InvalidFingerprint),
+}
+
+impl From<quick_xml::Error> for MetadataError {
+    fn from(e: quick_xml::Error) -> Self {
+        MetadataError::Xml(e.to_string())
+    }
 }
 
 impl MachineMetadata {
@@ -818,6 +827,10 @@ impl MachineMetadata {
                 .disk_gib
                 .map(|v| v.trim().parse().map_err(MetadataError::InvalidDiskSize))
                 .transpose()?,
+            fingerprint: fields
+                .fingerprint
+                .map(|v| v.trim().parse().map_err(MetadataError::InvalidFingerprint))
+                .transpose()?,
         })
     }
 }
@@ -829,6 +842,7 @@ struct MetadataFields {
     generation: Option<String>,
     hostname: Option<String>,
     disk_gib: Option<String>,
+    fingerprint: Option<String>,
 }
 
 impl MetadataFields {
@@ -839,6 +853,7 @@ impl MetadataFields {
             "generation" => Some(("generation", &mut self.generation)),
             "hostname" => Some(("hostname", &mut self.hostname)),
             "disk-gib" => Some(("disk-gib", &mut self.disk_gib)),
+            "spec-sha256" => Some(("spec-sha256", &mut self.fingerprint)),
             _ => None,
         }
     }

@@ -20,6 +20,7 @@ fn tcg_kernel_user_seed() -> DomainSpec {
         uuid: MACHINE_ID,
         hostname: "tiny-check".into(),
         generation: 3,
+        fingerprint: None,
         disk_gib: 1,
         hypervisor: HypervisorKind::Qemu,
         vcpus: 1,
@@ -553,8 +554,37 @@ fn metadata_round_trips() {
             generation: 3,
             hostname: "tiny-check".into(),
             disk_gib: Some(1),
+            fingerprint: None,
         }
     );
+}
+
+#[test]
+fn the_spec_fingerprint_round_trips_and_a_bad_one_is_refused() {
+    let fingerprint = SpecFingerprint::from_bytes([0xab; 32]);
+    let spec = DomainSpec {
+        fingerprint: Some(fingerprint),
+        ..tcg_kernel_user_seed()
+    };
+    let doc = xml(&spec);
+    assert_eq!(
+        texts(&doc, "skygate:spec-sha256"),
+        vec!["ab".repeat(32)],
+        "{doc}"
+    );
+    assert_eq!(
+        MachineMetadata::from_xml(&doc).unwrap().fingerprint,
+        Some(fingerprint)
+    );
+    let ns = METADATA_NAMESPACE;
+    let bad = format!(
+        "<m:machine xmlns:m='{ns}'><m:id>{MACHINE_ID}</m:id><m:generation>1</m:generation>\
+         <m:spec-sha256>AB</m:spec-sha256><m:hostname>h</m:hostname></m:machine>"
+    );
+    assert!(matches!(
+        MachineMetadata::from_xml(&bad),
+        Err(MetadataError::InvalidFingerprint(_))
+    ));
 }
 
 #[test]
@@ -574,6 +604,7 @@ fn metadata_is_matched_by_namespace_not_prefix() {
             generation: 42,
             hostname: "a&b\u{e9}".into(),
             disk_gib: None,
+            fingerprint: None,
         }
     );
 }
@@ -593,6 +624,7 @@ fn metadata_from_virdomaingetmetadata_output() {
             generation: 5,
             hostname: "dx <check> & \"more\"".into(),
             disk_gib: None,
+            fingerprint: None,
         }
     );
     // Unqualified look-alikes inside a full domain XML are not ours.
@@ -758,6 +790,9 @@ fn any_spec() -> impl Strategy<Value = DomainSpec> {
                 uuid: Uuid::from_u128(uuid),
                 hostname,
                 generation,
+                // Recorded or not, whatever its bytes: it is hex when written.
+                fingerprint: (generation % 2 == 0)
+                    .then(|| SpecFingerprint::from_bytes([generation as u8; 32])),
                 disk_gib: generation % 1000,
                 hypervisor: if kvm {
                     HypervisorKind::Kvm
@@ -783,6 +818,7 @@ fn benign_twin(spec: &DomainSpec) -> DomainSpec {
         uuid: MACHINE_ID,
         hostname: "benign".into(),
         generation: 1,
+        fingerprint: spec.fingerprint,
         disk_gib: 1,
         hypervisor: spec.hypervisor,
         vcpus: 1,
@@ -834,6 +870,7 @@ fn check_round_trip(spec: &DomainSpec, doc: &str) -> Result<(), TestCaseError> {
             generation: spec.generation,
             hostname: spec.hostname.clone(),
             disk_gib: Some(spec.disk_gib),
+            fingerprint: spec.fingerprint,
         }
     );
     let path = |p: &PathBuf| p.to_str().unwrap_or_default().to_owned();

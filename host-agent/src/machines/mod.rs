@@ -8,29 +8,31 @@
 //! crash in between leaves a directory without a domain, which [`MachineManager::sweep`]
 //! removes at the next start (nothing else could own it) and a retried EnsureMachine rebuilds.
 
-mod spec;
+mod error;
+mod network;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-pub use spec::{
-    parse_machine_id, DesiredPower, ImagePlan, MachinePhase, MachineSpec, MachineState,
-    NetworkMode, SourceFile, SpecError,
-};
+pub use error::{CreateDiskError, CreateStep, DefineError, FileOp, ManagerError};
+pub use network::NetworkMode;
 
 use crate::disks::DiskTool;
 use crate::domain_xml::{
     read_user_forwards, BootSource, DomainSpec, HypervisorKind, MachineMetadata, NetworkAttachment,
-    PortForward,
 };
-use crate::error::AgentError;
 use crate::events::EventLog;
-use crate::hypervisor::{blocking, DomainPhase, DomainStatus, Hypervisor};
+use crate::hypervisor::{blocking, DomainPhase, DomainStatus, HostFacts, Hypervisor};
 use crate::images::{ImageCache, ImageSourceSpec};
+use crate::model::{
+    check_generation, AppliedSpec, DesiredPower, DiskFormat, GenerationCheck, ImagePlan,
+    MachinePhase, MachineSpec, MachineState, PortForward, SourceFile,
+};
 use crate::paths::{DataDir, ImageFileKind};
 use crate::ports::pick_port;
 use crate::seed::{write_seed_iso, SeedSpec};
@@ -46,68 +48,6 @@ const STOP_POLL: Duration = Duration::from_millis(250);
 /// Default and largest console tail.
 pub const DEFAULT_CONSOLE_BYTES: u64 = 64 << 10;
 const MAX_CONSOLE_BYTES: u64 = 1 << 20;
-
-/// The steps of creating a machine, in order: named in the errors they fail with (what the
-/// tenant reads in the machine's events) and by the test-only pause hook.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum CreateStep {
-    /// Before fetching the image.
-    Image,
-    /// Before creating the overlay.
-    Disk,
-    /// Before writing the seed.
-    Seed,
-    /// Before defining the domain.
-    Define,
-    /// Before starting it.
-    Start,
-}
-
-impl CreateStep {
-    /// The step's id on the wire (the `skygate-step` gRPC metadata).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CreateStep::Image => "image",
-            CreateStep::Disk => "disk",
-            CreateStep::Seed => "seed",
-            CreateStep::Define => "define",
-            CreateStep::Start => "start",
-        }
-    }
-}
-
-impl std::fmt::Display for CreateStep {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            CreateStep::Image => "fetch image",
-            CreateStep::Disk => "create disk",
-            CreateStep::Seed => "write seed",
-            CreateStep::Define => "define domain",
-            CreateStep::Start => "start domain",
-        })
-    }
-}
-
-/// Names the step an error happened in, unless the error is not the step's own: the
-/// hypervisor being unreachable is the host's outage (retried until it answers), and a stale
-/// generation is a race between requests, not a failing step.
-trait InStep<T> {
-    fn in_step(self, step: CreateStep) -> Result<T, AgentError>;
-}
-
-impl<T, E: Into<AgentError>> InStep<T> for Result<T, E> {
-    fn in_step(self, step: CreateStep) -> Result<T, AgentError> {
-        self.map_err(|e| match e.into() {
-            e @ (AgentError::Hypervisor(crate::hypervisor::HypervisorError::Unreachable(_))
-            | AgentError::StaleGeneration { .. }
-            | AgentError::Step { .. }) => e,
-            e => AgentError::Step {
-                step,
-                source: Box::new(e),
-            },
-        })
-    }
-}
 
 /// How the manager is set up.
 #[derive(Debug, Clone)]
@@ -164,9 +104,11 @@ impl MachineManager {
         }
     }
 
-    /// The hypervisor (for host facts).
-    pub fn hypervisor(&self) -> &Arc<dyn Hypervisor> {
-        &self.hv
+    /// The host's facts as the hypervisor reports them.
+    pub async fn host_facts(&self) -> Result<HostFacts, ManagerError> {
+        blocking(&self.hv, |hv| hv.host_facts())
+            .await
+            .map_err(ManagerError::HostFacts)
     }
 
     /// The configuration.
@@ -218,25 +160,25 @@ impl MachineManager {
     /// (another `--domain-prefix` or `--libvirt-uri`), and deleting a tenant's disk on a
     /// configuration slip could not be undone. Run once at start-up, before serving. Also
     /// baselines the event log with what exists, so the first poll reports changes.
-    pub async fn sweep(&self) -> Result<Vec<Uuid>, AgentError> {
-        let prefix = self.cfg.domain_prefix.clone();
-        let domains = blocking(&self.hv, move |hv| hv.list(&prefix)).await?;
+    pub async fn sweep(&self) -> Result<Vec<Uuid>, ManagerError> {
+        let domains = self.list_domains().await?;
         let mut owned = HashSet::new();
         for d in &domains {
             if let Some(id) = self.machine_of(&d.name) {
                 owned.insert(id);
-                self.events.baseline(id, phase_of(d.phase));
+                self.events.baseline(id, machine_phase(d.phase));
             }
         }
         let dir = self.data.machines_dir();
+        let reading = |e| ManagerError::files(FileOp::Reading, &dir, e);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(source) => return Err(io_err(&dir, source)),
+            Err(e) => return Err(reading(e)),
         };
         let mut removed = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            let entry = entry.map_err(reading)?;
             let Some(id) = entry
                 .file_name()
                 .to_str()
@@ -263,8 +205,10 @@ impl MachineManager {
         Ok(removed)
     }
 
-    /// Makes the machine exist as `spec` says, then converges its power state.
-    pub async fn ensure(&self, spec: MachineSpec) -> Result<MachineState, AgentError> {
+    /// Makes the machine exist as `spec` says, then converges its power state. A domain
+    /// defined at the spec's generation is only powered as asked, unless its recorded content
+    /// differs from the spec's: then the spec is refused ([`check_generation`]).
+    pub async fn ensure(&self, spec: MachineSpec) -> Result<MachineState, ManagerError> {
         spec.validate()?;
         let lock = self.machine_lock(spec.id);
         let _guard = lock.lock().await;
@@ -273,17 +217,31 @@ impl MachineManager {
         let mut kept_forwards = Vec::new();
         if let Some(d) = &existing {
             let meta = self.metadata(d)?;
-            if spec.generation < meta.generation {
-                return Err(AgentError::StaleGeneration {
-                    requested: spec.generation,
-                    applied: meta.generation,
-                });
-            }
-            if spec.generation == meta.generation {
-                return self.converge_power(spec.id, &name, spec.desired).await;
+            let applied = AppliedSpec {
+                generation: meta.generation,
+                fingerprint: meta.fingerprint,
+            };
+            match check_generation(applied, spec.generation, spec.fingerprint()) {
+                GenerationCheck::Stale => {
+                    return Err(ManagerError::StaleGeneration {
+                        requested: spec.generation,
+                        applied: meta.generation,
+                    })
+                }
+                GenerationCheck::Conflict => {
+                    tracing::warn!(machine = %spec.id, generation = spec.generation,
+                        "refused: the applied generation was defined with other content");
+                    return Err(ManagerError::GenerationConflict {
+                        generation: spec.generation,
+                    });
+                }
+                GenerationCheck::PowerOnly => {
+                    return self.converge_power(spec.id, &name, spec.desired).await
+                }
+                GenerationCheck::Redefine => {}
             }
             kept_forwards =
-                read_user_forwards(&d.xml).map_err(|source| AgentError::ForeignDomain {
+                read_user_forwards(&d.xml).map_err(|source| ManagerError::ForeignDomain {
                     name: name.clone(),
                     source,
                 })?;
@@ -306,28 +264,30 @@ impl MachineManager {
         self.converge_power(spec.id, &name, spec.desired).await
     }
 
-    /// Image, overlay, seed, definition: each step idempotent.
+    /// Image, overlay, seed, definition: each step idempotent, each failure named by its step.
     async fn build(
         &self,
         spec: &MachineSpec,
         name: &str,
         kept_forwards: Vec<PortForward>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<(), ManagerError> {
         self.pause_point(CreateStep::Image).await;
-        let boot = self
+        let image = self
             .fetch_image(&spec.image)
             .await
-            .in_step(CreateStep::Image)?;
+            .map_err(ManagerError::FetchImage)?;
         let dir = self
             .data
             .prepare_machine(spec.id)
-            .in_step(CreateStep::Disk)?;
-        write_marker(&dir, "create").in_step(CreateStep::Disk)?;
+            .map_err(|e| ManagerError::CreateDisk(e.into()))?;
+        write_marker(&dir, "create").map_err(|(path, source)| {
+            ManagerError::CreateDisk(CreateDiskError::Marker { path, source })
+        })?;
         let overlay = self.data.overlay(spec.id);
         self.pause_point(CreateStep::Disk).await;
-        self.make_disk(spec, &boot, &overlay)
+        self.make_disk(spec.disk_gib, &image, &overlay)
             .await
-            .in_step(CreateStep::Disk)?;
+            .map_err(|e| ManagerError::CreateDisk(e.into()))?;
         self.pause_point(CreateStep::Seed).await;
         let seed = self.data.seed(spec.id);
         write_seed_iso(
@@ -340,10 +300,11 @@ impl MachineManager {
             &seed,
         )
         .await
-        .in_step(CreateStep::Seed)?;
-        self.define(spec, name, boot, overlay, seed, kept_forwards)
+        .map_err(ManagerError::WriteSeed)?;
+        let files = MachineFiles { overlay, seed };
+        self.define(spec, name, image.into_boot_source(), files, kept_forwards)
             .await
-            .in_step(CreateStep::Define)?;
+            .map_err(ManagerError::Define)?;
         remove_marker(&dir)?;
         Ok(())
     }
@@ -351,24 +312,18 @@ impl MachineManager {
     /// The machine's overlay (or blank disk for a kernel boot).
     async fn make_disk(
         &self,
-        spec: &MachineSpec,
-        boot: &FetchedImage,
-        overlay: &std::path::Path,
-    ) -> Result<(), AgentError> {
-        match &spec.image {
-            ImagePlan::Disk { format, .. } => {
-                let base = boot.base.as_deref().ok_or_else(|| {
-                    AgentError::InvalidSpec(SpecError {
-                        field: "image",
-                        reason: "no base disk".into(),
-                    })
-                })?;
+        disk_gib: u64,
+        image: &FetchedImage,
+        overlay: &Path,
+    ) -> Result<(), crate::disks::DiskError> {
+        match image {
+            FetchedImage::Disk { base, format } => {
                 self.disks.check_base(base, *format).await?;
                 self.disks
-                    .create_overlay(base, *format, overlay, spec.disk_gib)
+                    .create_overlay(base, *format, overlay, disk_gib)
                     .await?;
             }
-            ImagePlan::Kernel { .. } => self.disks.create_blank(overlay, spec.disk_gib).await?,
+            FetchedImage::Kernel(_) => self.disks.create_blank(overlay, disk_gib).await?,
         }
         Ok(())
     }
@@ -378,11 +333,10 @@ impl MachineManager {
         &self,
         spec: &MachineSpec,
         name: &str,
-        boot: FetchedImage,
-        overlay: std::path::PathBuf,
-        seed: std::path::PathBuf,
+        boot: BootSource,
+        files: MachineFiles,
         kept_forwards: Vec<PortForward>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<(), DefineError> {
         let mut reservation = None;
         let network = match &self.cfg.network {
             NetworkMode::User { address, ports } => {
@@ -409,13 +363,14 @@ impl MachineManager {
             uuid: spec.id,
             hostname: spec.hostname.clone(),
             generation: spec.generation,
+            fingerprint: Some(spec.fingerprint()),
             disk_gib: spec.disk_gib,
             hypervisor: self.cfg.hypervisor_kind,
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
-            boot: boot.source,
-            disk: overlay,
-            seed: Some(seed),
+            boot,
+            disk: files.overlay,
+            seed: Some(files.seed),
             console_log: self.data.console_log(spec.id),
             network,
         }
@@ -428,7 +383,7 @@ impl MachineManager {
     }
 
     /// Ports claimed by our domains' definitions plus in-flight reservations.
-    async fn claimed_ports(&self) -> Result<HashSet<u16>, AgentError> {
+    async fn claimed_ports(&self) -> Result<HashSet<u16>, crate::hypervisor::HypervisorError> {
         let prefix = self.cfg.domain_prefix.clone();
         let domains = blocking(&self.hv, move |hv| hv.list(&prefix)).await?;
         let mut claimed = lock_ports(&self.reserved_ports).clone();
@@ -445,7 +400,10 @@ impl MachineManager {
         Ok(claimed)
     }
 
-    async fn fetch_image(&self, plan: &ImagePlan) -> Result<FetchedImage, AgentError> {
+    async fn fetch_image(
+        &self,
+        plan: &ImagePlan,
+    ) -> Result<FetchedImage, crate::images::ImageError> {
         let fetch = |f: &SourceFile, format: ImageFileKind| ImageSourceSpec {
             url: f.url.clone(),
             sha256: f.sha256.clone(),
@@ -454,12 +412,12 @@ impl MachineManager {
         Ok(match plan {
             ImagePlan::Disk { base, format } => {
                 let kind = match format {
-                    crate::disks::DiskFormat::Qcow2 => ImageFileKind::Qcow2,
-                    crate::disks::DiskFormat::Raw => ImageFileKind::Raw,
+                    DiskFormat::Qcow2 => ImageFileKind::Qcow2,
+                    DiskFormat::Raw => ImageFileKind::Raw,
                 };
-                FetchedImage {
-                    base: Some(self.images.ensure(&fetch(base, kind)).await?),
-                    source: BootSource::Disk,
+                FetchedImage::Disk {
+                    base: self.images.ensure(&fetch(base, kind)).await?,
+                    format: *format,
                 }
             }
             ImagePlan::Kernel {
@@ -475,14 +433,11 @@ impl MachineManager {
                     Some(i) => Some(self.images.ensure(&fetch(i, ImageFileKind::Initrd)).await?),
                     None => None,
                 };
-                FetchedImage {
-                    base: None,
-                    source: BootSource::Kernel {
-                        kernel,
-                        initrd,
-                        cmdline: cmdline.clone(),
-                    },
-                }
+                FetchedImage::Kernel(BootSource::Kernel {
+                    kernel,
+                    initrd,
+                    cmdline: cmdline.clone(),
+                })
             }
         })
     }
@@ -493,14 +448,14 @@ impl MachineManager {
         id: Uuid,
         name: &str,
         desired: DesiredPower,
-    ) -> Result<MachineState, AgentError> {
+    ) -> Result<MachineState, ManagerError> {
         let status = self.require_status(id, name).await?;
         match (desired, status.phase) {
             (DesiredPower::Running, DomainPhase::Stopped | DomainPhase::Crashed) => {
                 self.pause_point(CreateStep::Start).await;
                 self.start_domain(id, name)
                     .await
-                    .in_step(CreateStep::Start)?;
+                    .map_err(ManagerError::Start)?;
             }
             (DesiredPower::Stopped, DomainPhase::Running | DomainPhase::ShuttingDown) => {
                 self.stop_domain(id, name, self.cfg.graceful_timeout)
@@ -511,7 +466,11 @@ impl MachineManager {
         self.state_of(id).await
     }
 
-    async fn start_domain(&self, id: Uuid, name: &str) -> Result<(), AgentError> {
+    async fn start_domain(
+        &self,
+        id: Uuid,
+        name: &str,
+    ) -> Result<(), crate::hypervisor::HypervisorError> {
         let n = name.to_owned();
         blocking(&self.hv, move |hv| hv.start(&n)).await?;
         self.events.observe(id, MachinePhase::Running, "started");
@@ -519,9 +478,16 @@ impl MachineManager {
     }
 
     /// ACPI shutdown, polled until off or `timeout`, then forced off.
-    async fn stop_domain(&self, id: Uuid, name: &str, timeout: Duration) -> Result<(), AgentError> {
+    async fn stop_domain(
+        &self,
+        id: Uuid,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(), ManagerError> {
         let n = name.to_owned();
-        blocking(&self.hv, move |hv| hv.shutdown(&n)).await?;
+        blocking(&self.hv, move |hv| hv.shutdown(&n))
+            .await
+            .map_err(ManagerError::Stop)?;
         let deadline = Instant::now() + timeout;
         loop {
             let phase = self.require_status(id, name).await?.phase;
@@ -536,7 +502,9 @@ impl MachineManager {
             tokio::time::sleep(STOP_POLL).await;
         }
         let n = name.to_owned();
-        blocking(&self.hv, move |hv| hv.destroy(&n)).await?;
+        blocking(&self.hv, move |hv| hv.destroy(&n))
+            .await
+            .map_err(ManagerError::Stop)?;
         self.events.observe(
             id,
             MachinePhase::Stopped,
@@ -546,7 +514,7 @@ impl MachineManager {
     }
 
     /// Starts a stopped or crashed machine; a running one is left as it is.
-    pub async fn start(&self, id: Uuid) -> Result<MachineState, AgentError> {
+    pub async fn start(&self, id: Uuid) -> Result<MachineState, ManagerError> {
         let lock = self.machine_lock(id);
         let _guard = lock.lock().await;
         let name = self.domain_name(id);
@@ -554,7 +522,7 @@ impl MachineManager {
         if matches!(status.phase, DomainPhase::Stopped | DomainPhase::Crashed) {
             self.start_domain(id, &name)
                 .await
-                .in_step(CreateStep::Start)?;
+                .map_err(ManagerError::Start)?;
         }
         self.state_of(id).await
     }
@@ -565,7 +533,7 @@ impl MachineManager {
         &self,
         id: Uuid,
         timeout: Option<Duration>,
-    ) -> Result<MachineState, AgentError> {
+    ) -> Result<MachineState, ManagerError> {
         let lock = self.machine_lock(id);
         let _guard = lock.lock().await;
         let name = self.domain_name(id);
@@ -578,7 +546,9 @@ impl MachineManager {
             // A paused guest cannot see the ACPI button: waiting would only waste the timeout.
             DomainPhase::Paused => {
                 let n = name.clone();
-                blocking(&self.hv, move |hv| hv.destroy(&n)).await?;
+                blocking(&self.hv, move |hv| hv.destroy(&n))
+                    .await
+                    .map_err(ManagerError::Stop)?;
                 self.events.observe(
                     id,
                     MachinePhase::Stopped,
@@ -605,7 +575,7 @@ impl MachineManager {
         &self,
         id: Uuid,
         request_id: Option<&str>,
-    ) -> Result<MachineState, AgentError> {
+    ) -> Result<MachineState, ManagerError> {
         let lock = self.machine_lock(id);
         let _guard = lock.lock().await;
         let name = self.domain_name(id);
@@ -618,22 +588,24 @@ impl MachineManager {
         }
         let status = self.require_status(id, &name).await?;
         if status.phase != DomainPhase::Running {
-            return Err(AgentError::NotRunning(id));
+            return Err(ManagerError::NotRunning(id));
         }
         self.stop_domain(id, &name, self.cfg.graceful_timeout)
             .await?;
-        self.start_domain(id, &name).await?;
+        self.start_domain(id, &name)
+            .await
+            .map_err(ManagerError::Restart)?;
         if let Some(request_id) = request_id {
             let tmp = record.with_extension("tmp");
             std::fs::write(&tmp, request_id)
                 .and_then(|()| std::fs::rename(&tmp, &record))
-                .map_err(|e| io_err(&record, e))?;
+                .map_err(|e| ManagerError::files(FileOp::Writing, &record, e))?;
         }
         self.state_of(id).await
     }
 
     /// Removes the domain, overlay, seed and console log. Returns whether anything existed.
-    pub async fn delete(&self, id: Uuid) -> Result<bool, AgentError> {
+    pub async fn delete(&self, id: Uuid) -> Result<bool, ManagerError> {
         let lock = self.machine_lock(id);
         let _guard = lock.lock().await;
         let name = self.domain_name(id);
@@ -641,7 +613,8 @@ impl MachineManager {
         let dir = self.data.machine_dir(id);
         if had_domain && dir.is_dir() {
             // Should this process die between undefine and rm, the sweep finishes the job.
-            write_marker(&dir, "delete")?;
+            write_marker(&dir, "delete")
+                .map_err(|(path, e)| ManagerError::files(FileOp::Writing, path, e))?;
         }
         if had_domain {
             let n = name.clone();
@@ -649,14 +622,15 @@ impl MachineManager {
                 hv.destroy(&n)?;
                 hv.undefine(&n)
             })
-            .await?;
+            .await
+            .map_err(ManagerError::Delete)?;
         }
         // Overlays can be large: unlink them off the async workers.
-        let had_files = tokio::task::spawn_blocking(move || remove_dir_if_present(&dir))
+        let removing = dir.clone();
+        let had_files = tokio::task::spawn_blocking(move || remove_dir_if_present(&removing))
             .await
-            .map_err(|e| AgentError::Io {
-                path: "machine directory".into(),
-                source: std::io::Error::other(e.to_string()),
+            .map_err(|e| {
+                ManagerError::files(FileOp::Removing, &dir, std::io::Error::other(e.to_string()))
             })??;
         if had_domain || had_files {
             self.events.observe(id, MachinePhase::Absent, "deleted");
@@ -667,7 +641,7 @@ impl MachineManager {
     }
 
     /// The actual state of one machine; `Absent` when it has no domain here.
-    pub async fn state_of(&self, id: Uuid) -> Result<MachineState, AgentError> {
+    pub async fn state_of(&self, id: Uuid) -> Result<MachineState, ManagerError> {
         let name = self.domain_name(id);
         Ok(match self.get_status(&name).await? {
             Some(d) => self.describe(id, &d),
@@ -687,9 +661,8 @@ impl MachineManager {
     }
 
     /// Every machine with a domain of ours.
-    pub async fn list(&self) -> Result<Vec<MachineState>, AgentError> {
-        let prefix = self.cfg.domain_prefix.clone();
-        let domains = blocking(&self.hv, move |hv| hv.list(&prefix)).await?;
+    pub async fn list(&self) -> Result<Vec<MachineState>, ManagerError> {
+        let domains = self.list_domains().await?;
         Ok(domains
             .iter()
             .filter_map(|d| self.machine_of(&d.name).map(|id| self.describe(id, d)))
@@ -701,28 +674,29 @@ impl MachineManager {
         &self,
         id: Uuid,
         max_bytes: Option<u64>,
-    ) -> Result<(Vec<u8>, bool), AgentError> {
+    ) -> Result<(Vec<u8>, bool), ManagerError> {
         let max = max_bytes
             .unwrap_or(DEFAULT_CONSOLE_BYTES)
             .clamp(1, MAX_CONSOLE_BYTES);
         let name = self.domain_name(id);
         if self.get_status(&name).await?.is_none() {
-            return Err(AgentError::NotFound(id));
+            return Err(ManagerError::NotFound(id));
         }
         let path = self.data.console_log(id);
-        tokio::task::spawn_blocking(move || read_tail(&path, max))
+        let reading = path.clone();
+        tokio::task::spawn_blocking(move || read_tail(&reading, max))
             .await
-            .map_err(|e| AgentError::Io {
-                path: "console log".into(),
-                source: std::io::Error::other(e.to_string()),
+            .map_err(|e| {
+                ManagerError::files(FileOp::Reading, &path, std::io::Error::other(e.to_string()))
             })?
+            .map_err(|e| ManagerError::files(FileOp::Reading, &path, e))
     }
 
     /// One poll: reports every phase change of our domains (and disappearances) as events.
     /// A machine whose phase differs from the last one recorded is looked at again under its
     /// lock; a machine busy with an operation is skipped (the operation reports its own
     /// changes, and a poll must not interleave stale observations with them).
-    pub async fn poll_once(&self) -> Result<(), AgentError> {
+    pub async fn poll_once(&self) -> Result<(), ManagerError> {
         let states = self.list().await?;
         let mut seen = HashSet::new();
         for s in &states {
@@ -740,7 +714,7 @@ impl MachineManager {
     }
 
     /// Observes one machine's phase under its lock, unless an operation holds the lock.
-    async fn recheck(&self, id: Uuid) -> Result<(), AgentError> {
+    async fn recheck(&self, id: Uuid) -> Result<(), ManagerError> {
         let lock = self.machine_lock(id);
         let Ok(_guard) = lock.try_lock() else {
             return Ok(());
@@ -763,7 +737,7 @@ impl MachineManager {
             Err(e) => (0, 0, format!("unreadable metadata: {e}")),
         };
         let forwards = read_user_forwards(&d.xml).unwrap_or_default();
-        let phase = phase_of(d.phase);
+        let phase = machine_phase(d.phase);
         if phase == MachinePhase::Crashed && message.is_empty() {
             message = "the domain's QEMU exited unexpectedly".into();
         }
@@ -784,43 +758,72 @@ impl MachineManager {
         }
     }
 
-    fn metadata(&self, d: &DomainStatus) -> Result<MachineMetadata, AgentError> {
-        MachineMetadata::from_xml(&d.xml).map_err(|source| AgentError::ForeignDomain {
+    fn metadata(&self, d: &DomainStatus) -> Result<MachineMetadata, ManagerError> {
+        MachineMetadata::from_xml(&d.xml).map_err(|source| ManagerError::ForeignDomain {
             name: d.name.clone(),
             source,
         })
     }
 
-    async fn get_status(&self, name: &str) -> Result<Option<DomainStatus>, AgentError> {
-        let n = name.to_owned();
-        Ok(blocking(&self.hv, move |hv| hv.get(&n)).await?)
+    async fn list_domains(&self) -> Result<Vec<DomainStatus>, ManagerError> {
+        let prefix = self.cfg.domain_prefix.clone();
+        blocking(&self.hv, move |hv| hv.list(&prefix))
+            .await
+            .map_err(ManagerError::ReadDomains)
     }
 
-    async fn require_status(&self, id: Uuid, name: &str) -> Result<DomainStatus, AgentError> {
-        self.get_status(name).await?.ok_or(AgentError::NotFound(id))
+    async fn get_status(&self, name: &str) -> Result<Option<DomainStatus>, ManagerError> {
+        let n = name.to_owned();
+        blocking(&self.hv, move |hv| hv.get(&n))
+            .await
+            .map_err(ManagerError::ReadDomains)
+    }
+
+    async fn require_status(&self, id: Uuid, name: &str) -> Result<DomainStatus, ManagerError> {
+        self.get_status(name)
+            .await?
+            .ok_or(ManagerError::NotFound(id))
     }
 }
 
-/// The files an image resolved to in the cache.
-struct FetchedImage {
-    base: Option<std::path::PathBuf>,
-    source: BootSource,
+/// What an image resolved to in the cache.
+enum FetchedImage {
+    /// A base disk for the overlay.
+    Disk { base: PathBuf, format: DiskFormat },
+    /// A kernel (and initrd) to boot directly; [`BootSource::Kernel`].
+    Kernel(BootSource),
+}
+
+impl FetchedImage {
+    fn into_boot_source(self) -> BootSource {
+        match self {
+            FetchedImage::Disk { .. } => BootSource::Disk,
+            FetchedImage::Kernel(boot) => boot,
+        }
+    }
+}
+
+/// The files a creation made for the domain to use.
+struct MachineFiles {
+    overlay: PathBuf,
+    seed: PathBuf,
 }
 
 /// In a machine's directory: the id of the last reboot carried out.
 const LAST_REBOOT: &str = "last-reboot";
 
-fn write_marker(dir: &std::path::Path, what: &str) -> Result<(), AgentError> {
+/// Writes the [`INCOMPLETE_MARKER`]; on failure, its path and the cause.
+fn write_marker(dir: &Path, what: &str) -> Result<(), (PathBuf, std::io::Error)> {
     let path = dir.join(INCOMPLETE_MARKER);
-    std::fs::write(&path, what).map_err(|e| io_err(&path, e))
+    std::fs::write(&path, what).map_err(|e| (path, e))
 }
 
-fn remove_marker(dir: &std::path::Path) -> Result<(), AgentError> {
+fn remove_marker(dir: &Path) -> Result<(), ManagerError> {
     let path = dir.join(INCOMPLETE_MARKER);
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(&path, e)),
+        Err(e) => Err(ManagerError::files(FileOp::Removing, path, e)),
     }
 }
 
@@ -851,7 +854,9 @@ impl Drop for PortReservation {
     }
 }
 
-fn phase_of(p: DomainPhase) -> MachinePhase {
+/// The one conversion from what libvirt reports of a domain to what the agent reports of a
+/// machine (which adds `Absent`, for no domain).
+fn machine_phase(p: DomainPhase) -> MachinePhase {
     match p {
         DomainPhase::Stopped => MachinePhase::Stopped,
         DomainPhase::Running => MachinePhase::Running,
@@ -861,37 +866,27 @@ fn phase_of(p: DomainPhase) -> MachinePhase {
     }
 }
 
-fn io_err(path: &std::path::Path, source: std::io::Error) -> AgentError {
-    AgentError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
 /// `rm -r`, absent being fine; returns whether it existed.
-fn remove_dir_if_present(dir: &std::path::Path) -> Result<bool, AgentError> {
+fn remove_dir_if_present(dir: &Path) -> Result<bool, ManagerError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io_err(dir, e)),
+        Err(e) => Err(ManagerError::files(FileOp::Removing, dir, e)),
     }
 }
 
-fn read_tail(path: &std::path::Path, max: u64) -> Result<(Vec<u8>, bool), AgentError> {
+fn read_tail(path: &Path, max: u64) -> std::io::Result<(Vec<u8>, bool)> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         // Defined but never started: nothing printed yet.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((vec![], false)),
-        Err(e) => return Err(io_err(path, e)),
+        Err(e) => return Err(e),
     };
-    let len = file.metadata().map_err(|e| io_err(path, e))?.len();
+    let len = file.metadata()?.len();
     let start = len.saturating_sub(max);
-    file.seek(SeekFrom::Start(start))
-        .map_err(|e| io_err(path, e))?;
+    file.seek(SeekFrom::Start(start))?;
     let mut buf = Vec::with_capacity((len - start) as usize);
-    file.take(max)
-        .read_to_end(&mut buf)
-        .map_err(|e| io_err(path, e))?;
+    file.take(max).read_to_end(&mut buf)?;
     Ok((buf, start > 0))
 }
 

@@ -158,12 +158,15 @@ async fn older_generations_are_refused_and_newer_ones_redefine_keeping_the_port(
         .unwrap_err();
     assert!(matches!(
         err,
-        AgentError::StaleGeneration {
+        ManagerError::StaleGeneration {
             requested: 1,
             applied: 2
         }
     ));
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::FailedPrecondition
+    );
     let mut newer = h.spec(id, 3, DesiredPower::Stopped);
     newer.hostname = "renamed".into();
     let third = h.manager.ensure(newer).await.unwrap();
@@ -222,11 +225,10 @@ async fn a_failed_first_define_leaves_no_files_and_a_retry_builds_the_machine() 
         .unwrap_err();
     // The error names the step, with the hypervisor's error as its cause.
     match &err {
-        AgentError::Step { step, source } => {
-            assert_eq!(*step, CreateStep::Define);
-            assert!(matches!(**source, AgentError::Hypervisor(_)), "{source}");
+        ManagerError::Define(DefineError::Hypervisor(_)) => {
+            assert_eq!(err.step(), Some(CreateStep::Define));
         }
-        other => panic!("not a step error: {other}"),
+        other => panic!("not a define error: {other}"),
     }
     assert_eq!(
         tonic::Status::from(err)
@@ -410,7 +412,7 @@ async fn reboot_power_cycles_a_running_machine_and_refuses_a_stopped_one() {
         .unwrap();
     assert!(matches!(
         h.manager.reboot(id, None).await,
-        Err(AgentError::NotRunning(_))
+        Err(ManagerError::NotRunning(_))
     ));
     h.manager.start(id).await.unwrap();
     assert_eq!(
@@ -449,7 +451,7 @@ async fn delete_removes_domain_and_files_and_is_idempotent_even_after_a_fault() 
     assert_eq!(h.phases(id).last(), Some(&MachinePhase::Absent));
     assert!(matches!(
         h.manager.start(id).await,
-        Err(AgentError::NotFound(_))
+        Err(ManagerError::NotFound(_))
     ));
 }
 
@@ -524,6 +526,80 @@ async fn console_returns_the_tail_and_says_when_it_cut() {
     assert!(all.starts_with(b"booting") && !truncated);
     assert!(matches!(
         h.manager.console(Uuid::new_v4(), None).await,
-        Err(AgentError::NotFound(_))
+        Err(ManagerError::NotFound(_))
     ));
+}
+
+/// Issue 11: an equal generation with other content was taken for the applied spec and only
+/// powered; two writers of one generation went unnoticed.
+#[tokio::test]
+async fn an_equal_generation_with_other_content_is_refused_and_power_alone_is_not_content() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 2, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    // The same spec asking for other power: power only.
+    let running = h
+        .manager
+        .ensure(h.spec(id, 2, DesiredPower::Running))
+        .await
+        .unwrap();
+    assert_eq!(running.phase, MachinePhase::Running);
+    let mut renamed = h.spec(id, 2, DesiredPower::Running);
+    renamed.hostname = "renamed".into();
+    let err = h.manager.ensure(renamed).await.unwrap_err();
+    assert!(
+        matches!(err, ManagerError::GenerationConflict { generation: 2 }),
+        "{err}"
+    );
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        status.metadata().get(proto::REASON_METADATA).unwrap(),
+        proto::reason::GENERATION_CONFLICT
+    );
+    assert_eq!(h.fake.calls(HypervisorOp::Define), 1);
+    assert_eq!(h.fake.calls(HypervisorOp::Start), 1);
+}
+
+/// A domain defined before fingerprints were recorded has none: its generation is taken as
+/// the same spec, whatever the content (the upgrade path).
+#[tokio::test]
+async fn a_domain_without_a_fingerprint_is_taken_as_equal_at_its_generation() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 2, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    let name = h.manager.domain_name(id);
+    let xml = h.fake.get(&name).unwrap().unwrap().xml;
+    let start = xml.find("<skygate:spec-sha256>").expect("a fingerprint");
+    let end = xml.find("</skygate:spec-sha256>").unwrap() + "</skygate:spec-sha256>".len();
+    let old = format!("{}{}", &xml[..start], &xml[end..]);
+    h.fake.define(&old).unwrap();
+    assert_eq!(
+        MachineMetadata::from_xml(&h.fake.get(&name).unwrap().unwrap().xml)
+            .unwrap()
+            .fingerprint,
+        None
+    );
+    let mut renamed = h.spec(id, 2, DesiredPower::Running);
+    renamed.hostname = "renamed".into();
+    let state = h.manager.ensure(renamed).await.unwrap();
+    assert_eq!(state.phase, MachinePhase::Running);
+    // Powered, not redefined (the fake counts the test's own define too).
+    assert_eq!(h.fake.calls(HypervisorOp::Define), 2);
+    // A newer generation records the fingerprint again.
+    h.manager
+        .ensure(h.spec(id, 3, DesiredPower::Running))
+        .await
+        .unwrap();
+    let meta = MachineMetadata::from_xml(&h.fake.get(&name).unwrap().unwrap().xml).unwrap();
+    assert_eq!(
+        meta.fingerprint,
+        Some(h.spec(id, 3, DesiredPower::Running).fingerprint())
+    );
 }

@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use clap::Parser;
 
 use super::*;
+use crate::ports::parse_forward_ports;
 
 const TOKEN: &str = "0123456789abcdef";
 
@@ -554,8 +555,9 @@ fn messages_never_repeat_their_source_and_the_line_is_one_line() {
 }
 
 #[test]
-fn error_line_skips_sources_already_in_the_message() {
-    // Errors of other modules (paths.rs, disks.rs) embed their source's text.
+fn error_line_writes_each_source_once() {
+    // The agent's errors name their operation and leave the cause to the source; the line
+    // has each text once either way.
     let inner = io::Error::other("disk full");
     let outer = PathsError::Io {
         path: "/d".into(),

@@ -268,6 +268,18 @@ async fn ensure_twice_gives_one_domain_and_older_generations_are_refused() {
         .stdout;
     assert!(String::from_utf8_lossy(&xml).contains("<title>renamed</title>"));
     assert_eq!(fx.domains().len(), 1);
+    // libvirt keeps the spec's fingerprint: the same generation with other content is
+    // refused, not silently powered.
+    let conflict = client
+        .ensure_machine(ensure(3, "other"))
+        .await
+        .expect_err("equal generation, other content");
+    assert_eq!(conflict.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        conflict.metadata().get(proto::REASON_METADATA).unwrap(),
+        proto::reason::GENERATION_CONFLICT,
+        "{conflict:?}"
+    );
 
     let info = client
         .get_host_info(pb::GetHostInfoRequest {})
