@@ -25,11 +25,11 @@ pub struct RegisterImageParams {
     #[schema(pattern = r"^[0-9a-f]{64}$")]
     pub sha256: Option<String>,
     /// Direct kernel boot.
-    #[schema(value_type = Option<BootParams>)]
-    pub boot: Option<serde_json::Value>,
+    pub boot: Option<BootParams>,
 }
 
-/// Direct kernel boot (documentation of `RegisterImageParams::boot`, checked by the app).
+/// Direct kernel boot: what `RegisterImageParams::boot` takes (the app checks the URLs and
+/// digests) and administrators see. Absent fields are left out.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BootParams {
@@ -38,15 +38,19 @@ pub struct BootParams {
     pub kernel: String,
     /// URL of the initrd.
     #[schema(pattern = r"^(file|http|https)://")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
     /// Kernel command line, at most 4096 bytes.
     #[schema(max_length = 4096)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
     /// 64 lowercase hex digits.
     #[schema(pattern = r"^[0-9a-f]{64}$")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_sha256: Option<String>,
     /// 64 lowercase hex digits.
     #[schema(pattern = r"^[0-9a-f]{64}$")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd_sha256: Option<String>,
 }
 
@@ -71,8 +75,7 @@ pub struct ImageView {
     pub sha256: Option<String>,
     /// Direct kernel boot details; administrators only (absent for tenants).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
-    pub boot: Option<serde_json::Value>,
+    pub boot: Option<BootParams>,
     /// Whether the image boots a kernel directly (what a tenant needs to know of `boot`).
     pub direct_kernel_boot: bool,
     pub created_at: DateTime<Utc>,

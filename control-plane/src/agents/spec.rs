@@ -2,7 +2,7 @@
 //! The wire message stays inside `agents`: callers hold an [`AgentSpec`] and hand it to
 //! `AgentClient::ensure`.
 
-use crate::model::DesiredState;
+use crate::model::{DesiredState, KernelBoot};
 use crate::store::machines::{TaskImage, TaskMachine};
 use proto::agent::v1 as pb;
 
@@ -19,25 +19,20 @@ fn image_source(image: &TaskImage) -> Result<pb::ImageSource, SpecProblem> {
         image: image.name.clone(),
         reason: reason.into(),
     };
-    let text = |key: &str| {
-        image
-            .boot
-            .as_ref()
-            .and_then(|b| b.get(key))
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_owned()
+    let boot = image.boot.clone();
+    let text = |field: fn(&KernelBoot) -> Option<&String>| {
+        boot.as_ref().and_then(field).cloned().unwrap_or_default()
     };
     match image.format.as_str() {
         "kernel" => {
-            let kernel_sha256 = text("kernel_sha256");
+            let kernel_sha256 = text(|b| b.kernel_sha256.as_ref());
             if kernel_sha256.is_empty() {
                 return Err(problem(
                     "boot.kernel_sha256 is required to verify the kernel",
                 ));
             }
-            let initrd_url = text("initrd");
-            let initrd_sha256 = text("initrd_sha256");
+            let initrd_url = text(|b| b.initrd.as_ref());
+            let initrd_sha256 = text(|b| b.initrd_sha256.as_ref());
             if !initrd_url.is_empty() && initrd_sha256.is_empty() {
                 return Err(problem(
                     "boot.initrd_sha256 is required to verify the initrd",
@@ -49,11 +44,11 @@ fn image_source(image: &TaskImage) -> Result<pb::ImageSource, SpecProblem> {
                 format: pb::DiskFormat::Kernel as i32,
                 sha256: String::new(),
                 kernel_boot: Some(pb::KernelBoot {
-                    kernel_url: text("kernel"),
+                    kernel_url: text(|b| Some(&b.kernel)),
                     kernel_sha256,
                     initrd_url,
                     initrd_sha256,
-                    cmdline: text("cmdline"),
+                    cmdline: text(|b| b.cmdline.as_ref()),
                 }),
             })
         }
@@ -112,7 +107,6 @@ mod tests {
     use super::*;
     use crate::model::scheduler::Resources;
     use crate::model::{MachineId, MachineStatus};
-    use serde_json::json;
 
     fn machine(image: TaskImage) -> TaskMachine {
         TaskMachine {
@@ -142,11 +136,13 @@ mod tests {
             source: "file:///i/".into(),
             format: "kernel".into(),
             sha256: None,
-            boot: Some(
-                json!({"kernel": "file:///i/vmlinuz", "kernel_sha256": "a".repeat(64),
-                "initrd": "file:///i/initrd.img", "initrd_sha256": "b".repeat(64),
-                "cmdline": "console=ttyS0"}),
-            ),
+            boot: Some(KernelBoot {
+                kernel: "file:///i/vmlinuz".into(),
+                kernel_sha256: Some("a".repeat(64)),
+                initrd: Some("file:///i/initrd.img".into()),
+                initrd_sha256: Some("b".repeat(64)),
+                cmdline: Some("console=ttyS0".into()),
+            }),
         });
         let spec = machine_spec(&m).unwrap().0;
         assert_eq!(spec.generation, 3);
@@ -184,7 +180,13 @@ mod tests {
             source: "file:///k/".into(),
             format: "kernel".into(),
             sha256: None,
-            boot: Some(json!({"kernel": "file:///k/vmlinuz"})),
+            boot: Some(KernelBoot {
+                kernel: "file:///k/vmlinuz".into(),
+                initrd: None,
+                cmdline: None,
+                kernel_sha256: None,
+                initrd_sha256: None,
+            }),
         };
         assert!(machine_spec(&machine(kernel)).is_err());
     }

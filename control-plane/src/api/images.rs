@@ -1,12 +1,13 @@
 //! `/images`: the guest images machines are built from.
 
 use super::extract::{Admin, ApiJson, Caller};
-use super::params::RegisterImageParams;
+use super::params::{BootParams, RegisterImageParams};
 use super::problem::Problem;
 use super::views::{image_view, ImageList, ImageView};
 use crate::app::images::RegisterImage;
 use crate::app::App;
 use crate::error::Result;
+use crate::model::KernelBoot;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -48,9 +49,20 @@ pub async fn image_register(
                 source: p.source,
                 format: p.format,
                 sha256: p.sha256,
-                boot: p.boot,
+                boot: p.boot.map(kernel_boot),
             },
         )
         .await?;
     Ok((StatusCode::CREATED, Json(image_view(image, true))))
+}
+
+/// The request's boot details as the app takes them.
+fn kernel_boot(b: BootParams) -> KernelBoot {
+    KernelBoot {
+        kernel: b.kernel,
+        initrd: b.initrd,
+        cmdline: b.cmdline,
+        kernel_sha256: b.kernel_sha256,
+        initrd_sha256: b.initrd_sha256,
+    }
 }

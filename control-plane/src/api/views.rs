@@ -4,11 +4,12 @@
 
 use crate::app::hosts::Host;
 use crate::app::sessions::Account;
-use crate::model::{Image, Machine, MachineEvent, MachineNetwork, SavedSshKey};
+use crate::model::{Image, KernelBoot, Machine, MachineEvent, MachineNetwork, SavedSshKey};
 
 pub use skygate_api_types::{
-    CapacityView, EventPage, EventView, HostList, HostView, ImageList, ImageView, MachinePage,
-    MachineView, NetworkView, PortView, SshKeyList, SshKeyView, TokenPairView, UserView,
+    BootParams, CapacityView, EventPage, EventView, HostList, HostView, ImageList, ImageView,
+    MachinePage, MachineView, NetworkView, PortView, SshKeyList, SshKeyView, TokenPairView,
+    UserView,
 };
 
 impl From<Account> for UserView {
@@ -83,7 +84,7 @@ pub fn image_view(i: Image, admin: bool) -> ImageView {
         source: admin.then_some(i.source),
         format: i.format,
         sha256: i.sha256,
-        boot: if admin { i.boot } else { None },
+        boot: if admin { i.boot.map(boot_view) } else { None },
         created_at: i.created_at,
     }
 }
@@ -127,5 +128,16 @@ impl From<Host> for HostView {
             last_heartbeat_at: h.last_heartbeat_at,
             created_at: h.created_at,
         }
+    }
+}
+
+/// An image's boot details as administrators see them.
+fn boot_view(b: KernelBoot) -> BootParams {
+    BootParams {
+        kernel: b.kernel,
+        initrd: b.initrd,
+        cmdline: b.cmdline,
+        kernel_sha256: b.kernel_sha256,
+        initrd_sha256: b.initrd_sha256,
     }
 }

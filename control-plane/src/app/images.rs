@@ -2,7 +2,7 @@
 
 use super::{App, Principal};
 use crate::error::{Error, Result};
-use crate::model::Image;
+use crate::model::{Image, KernelBoot};
 
 /// Disk formats an image may have; `kernel` boots a kernel and initrd directly.
 pub const IMAGE_FORMATS: [&str; 3] = ["qcow2", "raw", "kernel"];
@@ -14,7 +14,7 @@ pub struct RegisterImage {
     pub source: String,
     pub format: String,
     pub sha256: Option<String>,
-    pub boot: Option<serde_json::Value>,
+    pub boot: Option<KernelBoot>,
 }
 
 fn is_sha256_hex(s: &str) -> bool {
@@ -107,31 +107,28 @@ pub fn validate(req: &RegisterImage) -> Result<()> {
     }
 }
 
-/// `boot` is `{kernel, initrd?, cmdline?, kernel_sha256?, initrd_sha256?}`.
-fn validate_boot(boot: &serde_json::Value) -> Result<()> {
+/// The kernel and initrd are image URLs, their digests hex, the command line bounded.
+fn validate_boot(boot: &KernelBoot) -> Result<()> {
     let invalid = |m: &str| Err(Error::Invalid(format!("boot: {m}")));
-    let Some(obj) = boot.as_object() else {
-        return invalid("must be an object");
-    };
-    for (k, v) in obj {
-        let Some(s) = v.as_str() else {
-            return invalid(&format!("{k} must be a string"));
-        };
-        match k.as_str() {
-            "kernel" | "initrd" if !is_image_url(s) => {
-                let why = check_image_url(s).err().unwrap_or_default();
-                return invalid(&format!("{k} {why}"));
-            }
-            "kernel_sha256" | "initrd_sha256" if !is_sha256_hex(s) => {
-                return invalid(&format!("{k} must be 64 lowercase hex digits"))
-            }
-            "cmdline" if s.len() > 4096 => return invalid("cmdline is too long"),
-            "kernel" | "initrd" | "kernel_sha256" | "initrd_sha256" | "cmdline" => {}
-            other => return invalid(&format!("unknown field {other}")),
+    for (k, url) in [
+        ("kernel", Some(&boot.kernel)),
+        ("initrd", boot.initrd.as_ref()),
+    ] {
+        if let Some(url) = url.filter(|u| !is_image_url(u)) {
+            let why = check_image_url(url).err().unwrap_or_default();
+            return invalid(&format!("{k} {why}"));
         }
     }
-    if !obj.contains_key("kernel") {
-        return invalid("kernel is required");
+    for (k, sum) in [
+        ("kernel_sha256", &boot.kernel_sha256),
+        ("initrd_sha256", &boot.initrd_sha256),
+    ] {
+        if sum.as_deref().is_some_and(|s| !is_sha256_hex(s)) {
+            return invalid(&format!("{k} must be 64 lowercase hex digits"));
+        }
+    }
+    if boot.cmdline.as_ref().is_some_and(|c| c.len() > 4096) {
+        return invalid("cmdline is too long");
     }
     Ok(())
 }
@@ -159,7 +156,16 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    fn boot(kernel: &str) -> KernelBoot {
+        KernelBoot {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: None,
+            kernel_sha256: None,
+            initrd_sha256: None,
+        }
+    }
 
     fn req() -> RegisterImage {
         RegisterImage {
@@ -208,19 +214,28 @@ mod tests {
                 ..req()
             },
             RegisterImage {
-                boot: Some(json!({"initrd": "file:///i"})),
+                boot: Some(boot("x")),
                 ..req()
             },
             RegisterImage {
-                boot: Some(json!({"kernel": "x"})),
+                boot: Some(KernelBoot {
+                    initrd: Some("ftp://i".into()),
+                    ..boot("file:///k")
+                }),
                 ..req()
             },
             RegisterImage {
-                boot: Some(json!({"kernel": "file:///k", "extra": "1"})),
+                boot: Some(KernelBoot {
+                    kernel_sha256: Some("B".repeat(64)),
+                    ..boot("file:///k")
+                }),
                 ..req()
             },
             RegisterImage {
-                boot: Some(json!("file:///k")),
+                boot: Some(KernelBoot {
+                    cmdline: Some("x".repeat(4097)),
+                    ..boot("file:///k")
+                }),
                 ..req()
             },
         ];
@@ -252,7 +267,7 @@ mod tests {
         }
         let err = validate(&RegisterImage {
             format: "kernel".into(),
-            boot: Some(json!({"kernel": "http://a:b@k.example/vmlinuz"})),
+            boot: Some(boot("http://a:b@k.example/vmlinuz")),
             ..req()
         })
         .unwrap_err()
@@ -275,12 +290,12 @@ mod tests {
         let ok = RegisterImage {
             format: "kernel".into(),
             sha256: None,
-            boot: Some(json!({
-                "kernel": "file:///var/lib/images/vmlinuz",
-                "initrd": "file:///var/lib/images/initrd.img",
-                "cmdline": "console=ttyS0",
-                "kernel_sha256": "b".repeat(64),
-            })),
+            boot: Some(KernelBoot {
+                initrd: Some("file:///var/lib/images/initrd.img".into()),
+                cmdline: Some("console=ttyS0".into()),
+                kernel_sha256: Some("b".repeat(64)),
+                ..boot("file:///var/lib/images/vmlinuz")
+            }),
             ..req()
         };
         assert!(validate(&ok).is_ok());

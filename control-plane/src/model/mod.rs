@@ -15,7 +15,7 @@ pub mod tasks;
 
 pub use hostname::Hostname;
 pub use ids::{ImageId, MachineId, UserId};
-pub use image::Image;
+pub use image::{Image, KernelBoot};
 pub use machine::{Machine, MachineEvent};
 pub use machine_on_host::{MachineChange, MachineOnHost, PhaseOnHost};
 pub use machine_state::{Action, DesiredState, MachineStatus, Transition};

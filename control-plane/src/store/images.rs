@@ -2,7 +2,7 @@
 
 use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
 use crate::error::{Error, Result};
-use crate::model::{Image, ImageId};
+use crate::model::{Image, ImageId, KernelBoot};
 use chrono::Utc;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -33,7 +33,7 @@ impl Store {
         source: &str,
         format: &str,
         sha256: Option<&str>,
-        boot: Option<&serde_json::Value>,
+        boot: Option<&KernelBoot>,
     ) -> Result<Image> {
         let id = ImageId::new();
         let res = sqlx::query(
@@ -45,7 +45,7 @@ impl Store {
         .bind(source)
         .bind(format)
         .bind(sha256)
-        .bind(boot.map(|b| b.to_string()))
+        .bind(boot.map(|b| serde_json::to_string(b).unwrap_or_default()))
         .bind(to_micros(Utc::now()))
         .execute(&self.write)
         .await;

@@ -18,8 +18,8 @@ use crate::model::machine_state::{self, Action};
 use crate::model::scheduler::Resources;
 use crate::model::tasks::{self, FollowUp, TaskKind};
 use crate::model::{
-    DesiredState, Hostname, ImageId, Machine, MachineId, MachineNetwork, MachineStatus, Quota,
-    Usage, UserId,
+    DesiredState, Hostname, ImageId, KernelBoot, Machine, MachineId, MachineNetwork, MachineStatus,
+    Quota, Usage, UserId,
 };
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
@@ -93,7 +93,7 @@ pub struct TaskImage {
     pub source: String,
     pub format: String,
     pub sha256: Option<String>,
-    pub boot: Option<serde_json::Value>,
+    pub boot: Option<KernelBoot>,
 }
 
 /// A machine's status as read, with the version a write based on that read must find.
@@ -524,11 +524,6 @@ impl Store {
         .fetch_optional(self.reader())
         .await?;
         let Some(r) = row else { return Ok(None) };
-        let json = |col: &str, text: Option<String>| -> Result<Option<serde_json::Value>> {
-            text.map(|t| serde_json::from_str(&t))
-                .transpose()
-                .map_err(|e| Error::Internal(format!("bad JSON in {col}: {e}")))
-        };
         let host = match r.try_get::<Option<String>, _>("host_id")? {
             Some(id) => Some(TaskHost {
                 id,
@@ -541,7 +536,6 @@ impl Store {
             }),
             None => None,
         };
-        let keys = json("machines.ssh_keys", r.try_get("ssh_keys")?)?;
         Ok(Some(TaskMachine {
             id,
             status: parse_col(&r.try_get::<String, _>("status")?, "machines.status")?,
@@ -558,11 +552,7 @@ impl Store {
                 memory_mib: r.try_get("memory_mib")?,
                 disk_gib: r.try_get("disk_gib")?,
             },
-            ssh_keys: keys
-                .map(serde_json::from_value)
-                .transpose()
-                .map_err(|e| Error::Internal(format!("bad machines.ssh_keys: {e}")))?
-                .unwrap_or_default(),
+            ssh_keys: json_col(r.try_get("ssh_keys")?, "machines.ssh_keys")?.unwrap_or_default(),
             user_data: r.try_get("user_data")?,
             host,
             image: TaskImage {
@@ -570,7 +560,7 @@ impl Store {
                 source: r.try_get("source")?,
                 format: r.try_get("format")?,
                 sha256: r.try_get("sha256")?,
-                boot: json("images.boot", r.try_get("boot")?)?,
+                boot: json_col(r.try_get("boot")?, "images.boot")?,
             },
         }))
     }

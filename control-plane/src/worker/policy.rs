@@ -38,7 +38,12 @@ pub enum ErrorClass {
 /// for a power action it fails the machine).
 pub fn classify(error: &AgentCallError) -> ErrorClass {
     match error {
-        AgentCallError::Refused { .. } => ErrorClass::Permanent,
+        // A generation conflict is the host holding other content at the generation we send:
+        // sending it again cannot change that, so the machine fails with the agent's words
+        // instead of waiting out its deadline.
+        AgentCallError::Refused { .. } | AgentCallError::GenerationConflict { .. } => {
+            ErrorClass::Permanent
+        }
         AgentCallError::StepFailed { .. } => ErrorClass::Step,
         // Not answering is the host's state, not the request's: the host monitor marks it
         // unreachable and the deadline bounds the wait.
@@ -46,13 +51,12 @@ pub fn classify(error: &AgentCallError) -> ErrorClass {
         // between a reset and its new credential, or joined a moment ago and has not taken its
         // credential up yet. The next try (or the host's repair) settles it.
         // A stale generation is a retry racing a later request: re-reading the machine and
-        // trying again resolves it; a generation conflict or another refusal without a
-        // reason ends at the deadline with the agent's words.
+        // trying again resolves it; a refusal without a reason ends at the deadline with the
+        // agent's words.
         AgentCallError::Setup { .. }
         | AgentCallError::Unreachable { .. }
         | AgentCallError::Gone { .. }
         | AgentCallError::Stale { .. }
-        | AgentCallError::GenerationConflict { .. }
         | AgentCallError::NotRunning { .. }
         | AgentCallError::ResumeLost { .. }
         | AgentCallError::Failed { .. } => ErrorClass::Transient,
@@ -134,18 +138,30 @@ mod tests {
     fn refusals_are_permanent_and_outages_transient() {
         use crate::agents::Call;
         use tonic::{Code, Status};
-        let classify = |code| {
-            classify(&AgentCallError::from_status(
-                Call::Ensure,
-                "h",
-                Status::new(code, "x"),
-            ))
-        };
+        let classify_status =
+            |status| classify(&AgentCallError::from_status(Call::Ensure, "h", status));
+        let classify = |code| classify_status(Status::new(code, "x"));
         assert_eq!(classify(Code::InvalidArgument), ErrorClass::Permanent);
         assert_eq!(classify(Code::Unauthenticated), ErrorClass::Transient);
         assert_eq!(classify(Code::Unavailable), ErrorClass::Transient);
         assert_eq!(classify(Code::DeadlineExceeded), ErrorClass::Transient);
         assert_eq!(classify(Code::FailedPrecondition), ErrorClass::Transient);
+        let with_reason = |reason: &'static str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert(
+                proto::REASON_METADATA,
+                tonic::metadata::MetadataValue::from_static(reason),
+            );
+            classify_status(Status::with_metadata(Code::FailedPrecondition, "x", m))
+        };
+        assert_eq!(
+            with_reason(proto::reason::GENERATION_CONFLICT),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            with_reason(proto::reason::STALE_GENERATION),
+            ErrorClass::Transient
+        );
     }
 
     #[test]

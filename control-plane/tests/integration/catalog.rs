@@ -50,6 +50,25 @@ async fn admins_register_images_and_everyone_lists_them(backend: Backend) {
         StatusCode::CONFLICT,
     )
     .await;
+    // Boot details of the wrong shape are refused before anything is stored: no kernel, a
+    // field that does not exist, a string instead of the object, a bad digest.
+    for boot in [
+        json!({"initrd": "file:///i"}),
+        json!({"kernel": "file:///k", "extra": "1"}),
+        json!("file:///k"),
+        json!({"kernel": "file:///k", "kernel_sha256": "XYZ"}),
+    ] {
+        let bad = json!({"name": "k", "source": "file:///k/", "format": "kernel", "boot": boot});
+        problem(
+            t.as_user(&root, Method::POST, "/images")
+                .json(&bad)
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+    }
     let bad = json!({"name": "x", "source": "ftp://example/x", "format": "qcow2"});
     problem(
         t.as_user(&root, Method::POST, "/images")

@@ -36,8 +36,8 @@ const USER_NETDEV_ID: &str = "net0";
 /// (i440fx) machine type, hence [`MACHINE_TYPE`].
 const USER_NIC_DEVICE: &str = "virtio-net-pci,netdev=net0,bus=pci.0,addr=0x10";
 /// Machine type for every domain. i440fx (`pc`) because the user-mode NIC's explicit address
-/// names its root bus `pci.0`; one machine type for TCG and KVM keeps "one attribute apart"
-/// (DESIGN.md) true.
+/// names its root bus `pci.0`; one machine type for TCG and KVM keeps the two domains one
+/// attribute (`type`) apart, so what is tested under TCG is what runs under KVM.
 const MACHINE_TYPE: &str = "pc";
 
 /// Which accelerator QEMU uses: `<domain type='kvm'>` or `<domain type='qemu'>` (TCG).
