@@ -11,8 +11,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use skygate_api_types::{
     AddSshKeyParams, CreateMachineParams, EventPage, HostList, HostView, ImageList, ImageView,
-    ListMachinesQuery, LoginParams, MachinePage, MachineView, PageQuery, Problem, RefreshParams,
-    RegisterImageParams, RegisterParams, SshKeyList, SshKeyView, TokenPairView, UserView,
+    ListMachinesQuery, LoginParams, MachinePage, MachineView, PageQuery, Problem, ReconcilerView,
+    RefreshParams, RegisterImageParams, RegisterParams, SshKeyList, SshKeyView, TokenPairView,
+    UserView,
 };
 use std::time::Duration;
 
@@ -281,6 +282,12 @@ impl Client {
     /// `DELETE /hosts/{id}`.
     pub async fn delete_host(&mut self, id: &str) -> Result<()> {
         self.call_empty(Method::DELETE, &format!("/hosts/{}", segment(id)))
+            .await
+    }
+
+    /// `GET /admin/reconciler` (administrators): the reconciler's last pass.
+    pub async fn reconciler(&mut self) -> Result<ReconcilerView> {
+        self.call(Method::GET, "/admin/reconciler", None::<&()>)
             .await
     }
 

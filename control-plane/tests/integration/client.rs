@@ -49,6 +49,18 @@ async fn the_typed_client_speaks_the_whole_tenant_api(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(client.profile().await.unwrap().id, user.id);
+    assert_eq!(client.reconciler().await.unwrap_err().status(), Some(403));
+    let root = app.admin("typed-root").await;
+    let mut admin = Client::new(
+        &app.base,
+        Some(Tokens {
+            access_token: root.access,
+            refresh_token: root.refresh,
+        }),
+    )
+    .unwrap();
+    // A control plane without hosts has no finished pass yet, and says so.
+    assert!(admin.reconciler().await.unwrap().last_pass.is_none());
 
     let key = client
         .add_ssh_key(&AddSshKeyParams {
