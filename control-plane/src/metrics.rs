@@ -74,12 +74,9 @@ pub async fn track(req: Request, next: Next) -> Response {
 }
 
 /// Sets the machines-by-status gauge from fresh counts (every status, zeros included).
-pub fn set_machine_counts(counts: &[(crate::model::MachineStatus, i64)]) {
+pub fn set_machine_counts(counts: &std::collections::HashMap<crate::model::MachineStatus, i64>) {
     for status in crate::model::MachineStatus::ALL {
-        let n = counts
-            .iter()
-            .find(|(s, _)| *s == status)
-            .map_or(0, |(_, n)| *n);
+        let n = counts.get(&status).copied().unwrap_or(0);
         metrics::gauge!(MACHINES, "status" => status.as_str()).set(n as f64);
     }
 }

@@ -8,6 +8,7 @@ use crate::store::machines::MachineTransition;
 use crate::store::Store;
 use crate::timing::WorkflowSettings;
 use crate::worker::policy;
+use std::collections::HashMap;
 
 /// Checks hosts every heartbeat interval until aborted.
 pub async fn run(store: Store, settings: WorkflowSettings) {
@@ -36,13 +37,13 @@ pub async fn check_once(store: &Store, settings: &WorkflowSettings) -> crate::Re
             settings.unreachable_after.as_secs()
         )
     };
-    for (_, name) in store
+    for name in store
         .host_mark_unreachable(store.clock().await? - silence, note)
         .await?
     {
         tracing::warn!(host = %name, "host missed its heartbeats; unreachable");
     }
-    let limits: Vec<_> = MachineStatus::ALL
+    let limits: HashMap<_, _> = MachineStatus::ALL
         .into_iter()
         .filter_map(|s| {
             let limit = policy::deadline(s, settings)?;

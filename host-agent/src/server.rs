@@ -280,7 +280,7 @@ async fn poll_forever(manager: Arc<MachineManager>, every: Duration) {
         tick.tick().await;
         if let Err(e) = manager.poll_once().await {
             // libvirtd down or restarting: the next tick reconnects.
-            tracing::warn!(error = %e, "polling domains failed");
+            tracing::warn!(error = %crate::report::chain(&e), "polling domains failed");
         }
     }
 }

@@ -14,7 +14,7 @@ pub async fn healthz() -> impl IntoResponse {
 
 /// Ready: the database answers too.
 pub async fn readyz(State(app): State<Arc<App>>) -> Result<impl IntoResponse> {
-    app.store.ping().await.map_err(|e| {
+    app.ready().await.map_err(|e| {
         tracing::warn!(error = ?e, "readiness check: database unreachable");
         crate::error::Error::Unavailable("database unreachable")
     })?;
@@ -23,7 +23,7 @@ pub async fn readyz(State(app): State<Arc<App>>) -> Result<impl IntoResponse> {
 
 /// Prometheus text exposition.
 pub async fn metrics(State(app): State<Arc<App>>) -> Result<impl IntoResponse> {
-    let counts = app.store.machine_count_by_status().await?;
+    let counts = app.machine_counts().await?;
     crate::metrics::set_machine_counts(&counts);
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -87,7 +87,7 @@ impl App {
             .await;
         let Err(e) = first else { return };
         if !e.is_store_unavailable() {
-            tracing::warn!(error = %e, "could not release idempotency key");
+            tracing::warn!(error = ?e, "could not release idempotency key");
             return;
         }
         let (store, user, key, claim_id) = (
@@ -107,7 +107,7 @@ impl App {
                     Ok(()) => return,
                     Err(e) if e.is_store_unavailable() => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not release idempotency key");
+                        tracing::warn!(error = ?e, "could not release idempotency key");
                         return;
                     }
                 }

@@ -11,12 +11,13 @@ pub mod sessions;
 pub mod ssh_keys;
 
 use crate::error::{Error, Result};
-use crate::model::{Quota, UserId};
+use crate::model::{MachineStatus, Quota, UserId};
 use crate::store::Store;
 use auth::token::AccessTokenIssuer;
 use auth::Role;
 use chrono::Duration;
 use governor::{DefaultKeyedRateLimiter, Quota as RateQuota, RateLimiter};
+use std::collections::HashMap;
 use std::error::Error as _;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -218,6 +219,23 @@ impl App {
         let c = self.store.task_purge_finished(now - TASK_RETENTION).await?;
         self.credentials_per_ip.retain_recent();
         Ok(a + b + c)
+    }
+}
+
+/// What the operations endpoints read.
+impl App {
+    /// Ready to serve: the database answers.
+    pub async fn ready(&self) -> Result<()> {
+        self.store.ping().await
+    }
+
+    /// Live machines per status (every status present), for `/metrics`.
+    pub async fn machine_counts(&self) -> Result<HashMap<MachineStatus, i64>> {
+        let mut counts = self.store.machine_count_by_status().await?;
+        for status in MachineStatus::ALL {
+            counts.entry(status).or_insert(0);
+        }
+        Ok(counts)
     }
 }
 

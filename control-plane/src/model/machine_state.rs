@@ -1,11 +1,20 @@
 //! The machine lifecycle as a pure state machine: what a tenant may ask in each status, and
 //! which observed transitions workers and the reconciler may record (docs/machine-lifecycle.md).
 
+use super::MachineId;
 use std::fmt;
 
 /// Statuses and desired states are the public API's words (`skygate-api-types`); their rules
 /// live here.
 pub use skygate_api_types::{DesiredState, MachineStatus, UnknownState};
+
+/// A machine's status as read, with the version a write based on that read must find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineSnapshot {
+    pub id: MachineId,
+    pub status: MachineStatus,
+    pub version: i64,
+}
 
 /// A tenant's lifecycle request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -18,7 +18,7 @@ pub use ids::{ImageId, MachineId, UserId};
 pub use image::{Image, KernelBoot};
 pub use machine::{Machine, MachineEvent};
 pub use machine_on_host::{MachineChange, MachineOnHost, PhaseOnHost};
-pub use machine_state::{Action, DesiredState, MachineStatus, Transition};
+pub use machine_state::{Action, DesiredState, MachineSnapshot, MachineStatus, Transition};
 pub use network::{MachineNetwork, PortForward};
 pub use quota::{Quota, Usage};
 pub use ssh_key::SavedSshKey;

@@ -30,7 +30,7 @@ pub enum InvalidSshKey {
     #[error("not an OpenSSH public key (expected e.g. 'ssh-ed25519 AAAA... comment')")]
     NotAKey,
     /// It parses, but breaks the rule agents apply before writing it into a guest.
-    #[error("{0}")]
+    #[error(transparent)]
     Line(#[from] proto::ssh_key::KeyLineError),
 }
 

@@ -12,82 +12,77 @@
 //!   has been seen for the grace period (a creation racing the listing is never an orphan for
 //!   that long).
 
-use crate::model::MachineStatus;
+use crate::model::machine_on_host::PhaseOnHost;
+use crate::model::{MachineId, MachineSnapshot, MachineStatus};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use uuid::Uuid;
-
-/// What the agent reports for one domain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Actual {
-    Running,
-    /// Defined and off (shut down normally).
-    Stopped,
-    /// Its QEMU died.
-    Crashed,
-    /// Paused or shutting down: in motion, not judged.
-    Other,
-}
 
 /// One repair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Repair {
     /// running → stopped (desired stopped), with why.
-    MarkStopped { id: Uuid, reason: String },
+    MarkStopped { id: MachineId, reason: String },
     /// stopped → running.
-    MarkRunning { id: Uuid },
+    MarkRunning { id: MachineId },
     /// → failed, with why.
-    MarkFailed { id: Uuid, reason: String },
+    MarkFailed { id: MachineId, reason: String },
     /// DeleteMachine of a domain no live machine owns.
-    RemoveOrphan { id: Uuid },
+    RemoveOrphan { id: MachineId },
 }
 
-/// Decides the repairs for one host. `machines` are the live machines placed on it with their
-/// status; `actual` what its agent lists; `orphans` remembers since when each unowned domain
-/// has been seen (updated here: entries for domains that are gone or owned are dropped).
+/// Decides the repairs for one host. `machines` are the live machines placed on it as the
+/// database has them; `domains` the phase of each domain its agent lists (`Absent` or missing:
+/// no domain); `orphans` remembers since when each unowned domain has been seen (updated here:
+/// entries for domains that are gone or owned are dropped).
 pub fn decide(
     host: &str,
-    machines: &[(Uuid, MachineStatus)],
-    actual: &[(Uuid, Actual)],
-    orphans: &mut HashMap<Uuid, Instant>,
+    machines: &[MachineSnapshot],
+    domains: &HashMap<MachineId, PhaseOnHost>,
+    orphans: &mut HashMap<MachineId, Instant>,
     now: Instant,
     grace: Duration,
 ) -> Vec<Repair> {
-    let reported: HashMap<Uuid, Actual> = actual.iter().copied().collect();
-    let owned: HashMap<Uuid, MachineStatus> = machines.iter().copied().collect();
+    let present = |id: &MachineId| domains.get(id).filter(|p| **p != PhaseOnHost::Absent);
     let mut repairs = Vec::new();
-    for (id, status) in machines {
-        let repair = match (status, reported.get(id)) {
-            (MachineStatus::Running, Some(Actual::Crashed)) => Some(Repair::MarkStopped {
-                id: *id,
+    for m in machines {
+        let id = m.id;
+        let repair = match (m.status, present(&id)) {
+            (MachineStatus::Running, Some(PhaseOnHost::Crashed)) => Some(Repair::MarkStopped {
+                id,
                 reason: format!(
                     "its QEMU on host {host} exited unexpectedly; the machine is stopped, start \
                      it to run it again"
                 ),
             }),
-            (MachineStatus::Running, Some(Actual::Stopped)) => Some(Repair::MarkStopped {
-                id: *id,
+            (MachineStatus::Running, Some(PhaseOnHost::Stopped)) => Some(Repair::MarkStopped {
+                id,
                 reason: "the guest powered itself off".into(),
             }),
-            (MachineStatus::Stopped, Some(Actual::Running)) => {
-                Some(Repair::MarkRunning { id: *id })
+            (MachineStatus::Stopped, Some(PhaseOnHost::Running)) => {
+                Some(Repair::MarkRunning { id })
             }
             (MachineStatus::Running | MachineStatus::Stopped, None) => Some(Repair::MarkFailed {
-                id: *id,
+                id,
                 reason: format!("its domain disappeared from host {host}"),
             }),
+            // Paused, shutting down or unknown: in motion, not judged.
             _ => None,
         };
         repairs.extend(repair);
     }
-    orphans.retain(|id, _| reported.contains_key(id) && !owned.contains_key(id));
-    for (id, _) in actual {
-        if owned.contains_key(id) {
-            continue;
-        }
-        let first_seen = *orphans.entry(*id).or_insert(now);
+    let owned = |id: &MachineId| machines.iter().any(|m| m.id == *id);
+    orphans.retain(|id, _| present(id).is_some() && !owned(id));
+    let mut unowned: Vec<MachineId> = domains
+        .iter()
+        .filter(|(id, phase)| **phase != PhaseOnHost::Absent && !owned(id))
+        .map(|(id, _)| *id)
+        .collect();
+    // One order whatever the map's: repairs are applied (and logged) in it.
+    unowned.sort_by_key(|id| id.0);
+    for id in unowned {
+        let first_seen = *orphans.entry(id).or_insert(now);
         if now.duration_since(first_seen) >= grace {
-            repairs.push(Repair::RemoveOrphan { id: *id });
+            repairs.push(Repair::RemoveOrphan { id });
         }
     }
     repairs
@@ -97,44 +92,61 @@ pub fn decide(
 mod tests {
     use super::*;
     use MachineStatus as S;
+    use PhaseOnHost as P;
+
+    fn machine(id: MachineId, status: MachineStatus) -> MachineSnapshot {
+        MachineSnapshot {
+            id,
+            status,
+            version: 1,
+        }
+    }
+
+    fn domains(list: &[(MachineId, PhaseOnHost)]) -> HashMap<MachineId, PhaseOnHost> {
+        list.iter().copied().collect()
+    }
 
     #[test]
     fn settled_machines_follow_their_domains() {
-        let (a, b, c, d) = (
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            Uuid::new_v4(),
+        let (a, b, c, d, e) = (
+            MachineId::new(),
+            MachineId::new(),
+            MachineId::new(),
+            MachineId::new(),
+            MachineId::new(),
         );
         let mut orphans = HashMap::new();
         let repairs = decide(
             "h1",
             &[
-                (a, S::Running),
-                (b, S::Stopped),
-                (c, S::Running),
-                (d, S::Running),
+                machine(a, S::Running),
+                machine(b, S::Stopped),
+                machine(c, S::Running),
+                machine(d, S::Running),
+                machine(e, S::Stopped),
             ],
-            &[
-                (a, Actual::Crashed),
-                (b, Actual::Running),
-                (d, Actual::Running),
-            ],
+            &domains(&[
+                (a, P::Crashed),
+                (b, P::Running),
+                (d, P::Running),
+                (e, P::Absent),
+            ]),
             &mut orphans,
             Instant::now(),
             Duration::from_secs(60),
         );
-        assert_eq!(repairs.len(), 3, "{repairs:?}");
+        assert_eq!(repairs.len(), 4, "{repairs:?}");
         assert!(
             matches!(&repairs[0], Repair::MarkStopped { id, reason } if *id == a && reason.contains("h1"))
         );
         assert_eq!(repairs[1], Repair::MarkRunning { id: b });
         assert!(matches!(&repairs[2], Repair::MarkFailed { id, .. } if *id == c));
+        assert!(matches!(&repairs[3], Repair::MarkFailed { id, .. } if *id == e));
     }
 
     #[test]
-    fn transitional_machines_are_left_to_their_workflows() {
-        let id = Uuid::new_v4();
+    fn transitional_machines_and_domains_in_motion_are_left_alone() {
+        let id = MachineId::new();
         let mut orphans = HashMap::new();
         for status in [
             S::Pending,
@@ -145,15 +157,11 @@ mod tests {
             S::Deleting,
             S::Failed,
         ] {
-            for actual in [
-                vec![],
-                vec![(id, Actual::Crashed)],
-                vec![(id, Actual::Running)],
-            ] {
+            for listed in [vec![], vec![(id, P::Crashed)], vec![(id, P::Running)]] {
                 let r = decide(
                     "h",
-                    &[(id, status)],
-                    &actual,
+                    &[machine(id, status)],
+                    &domains(&listed),
                     &mut orphans,
                     Instant::now(),
                     Duration::ZERO,
@@ -161,34 +169,45 @@ mod tests {
                 assert!(r.is_empty(), "{status}: {r:?}");
             }
         }
+        for phase in [P::Paused, P::ShuttingDown, P::Unknown] {
+            let r = decide(
+                "h",
+                &[machine(id, S::Running)],
+                &domains(&[(id, phase)]),
+                &mut orphans,
+                Instant::now(),
+                Duration::ZERO,
+            );
+            assert!(r.is_empty(), "{phase:?}: {r:?}");
+        }
     }
 
     #[test]
     fn orphans_are_removed_only_after_the_grace_period() {
-        let orphan = Uuid::new_v4();
+        let orphan = MachineId::new();
         let mut seen = HashMap::new();
         let t0 = Instant::now();
         let grace = Duration::from_secs(60);
-        let actual = [(orphan, Actual::Running)];
-        assert!(decide("h", &[], &actual, &mut seen, t0, grace).is_empty());
+        let listed = domains(&[(orphan, P::Running)]);
+        assert!(decide("h", &[], &listed, &mut seen, t0, grace).is_empty());
         assert!(decide(
             "h",
             &[],
-            &actual,
+            &listed,
             &mut seen,
             t0 + Duration::from_secs(30),
             grace
         )
         .is_empty());
         assert_eq!(
-            decide("h", &[], &actual, &mut seen, t0 + grace, grace),
+            decide("h", &[], &listed, &mut seen, t0 + grace, grace),
             vec![Repair::RemoveOrphan { id: orphan }]
         );
         // Claimed by a machine meanwhile (a creation that committed late): forgotten.
         assert!(decide(
             "h",
-            &[(orphan, S::Provisioning)],
-            &actual,
+            &[machine(orphan, S::Provisioning)],
+            &listed,
             &mut seen,
             t0 + grace,
             grace

@@ -14,17 +14,16 @@ pub mod drift;
 pub mod status;
 
 use crate::agents::{AgentCallError, AgentClient, AgentClients, AgentTarget};
-use crate::model::{DesiredState, MachineId, MachineStatus, PhaseOnHost};
+use crate::model::{DesiredState, MachineId, MachineSnapshot, MachineStatus, PhaseOnHost};
 use crate::store::hosts::HostRecord;
 use crate::store::machines::{MachineTransition, NewEvent};
 use crate::store::Store;
 use crate::timing::WorkflowSettings;
-use drift::{Actual, Repair};
+use drift::Repair;
 use status::{CheckOutcome, PassTally};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use uuid::Uuid;
 
 pub use status::{PassReport, ReconcilerStatus};
 
@@ -35,7 +34,7 @@ pub struct Reconciler {
     store: Store,
     agents: Arc<AgentClients>,
     settings: WorkflowSettings,
-    orphans: Mutex<HashMap<String, HashMap<Uuid, Instant>>>,
+    orphans: Mutex<HashMap<String, HashMap<MachineId, Instant>>>,
     status: Arc<ReconcilerStatus>,
 }
 
@@ -54,19 +53,6 @@ impl HostCheck {
             outcome,
             machines: 0,
             repairs: Vec::new(),
-        }
-    }
-}
-
-/// How the drift rules see a phase; `None` for no domain.
-fn actual_of(phase: PhaseOnHost) -> Option<Actual> {
-    match phase {
-        PhaseOnHost::Running => Some(Actual::Running),
-        PhaseOnHost::Stopped => Some(Actual::Stopped),
-        PhaseOnHost::Crashed => Some(Actual::Crashed),
-        PhaseOnHost::Absent => None,
-        PhaseOnHost::Paused | PhaseOnHost::ShuttingDown | PhaseOnHost::Unknown => {
-            Some(Actual::Other)
         }
     }
 }
@@ -189,19 +175,16 @@ impl Reconciler {
             }
         };
         note(&host.name, CheckOutcome::Compared, None);
-        let actual: Vec<(Uuid, Actual)> = listed
-            .iter()
-            .filter_map(|m| Some((m.id.0, actual_of(m.phase)?)))
-            .collect();
-        let machines: Vec<(Uuid, MachineStatus)> =
-            known.iter().map(|(id, (s, _))| (*id, *s)).collect();
+        let domains: HashMap<MachineId, PhaseOnHost> =
+            listed.iter().map(|m| (m.id, m.phase)).collect();
+        let machines: Vec<MachineSnapshot> = known.values().copied().collect();
         let repairs = {
             let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
             let seen = orphans.entry(host.id.clone()).or_default();
             drift::decide(
                 &host.name,
                 &machines,
-                &actual,
+                &domains,
                 seen,
                 Instant::now(),
                 self.settings.orphan_grace,
@@ -221,13 +204,13 @@ impl Reconciler {
     async fn known_machines(
         &self,
         host_id: &str,
-    ) -> crate::Result<HashMap<Uuid, (MachineStatus, i64)>> {
+    ) -> crate::Result<HashMap<MachineId, MachineSnapshot>> {
         Ok(self
             .store
             .machines_on_host(host_id)
             .await?
             .into_iter()
-            .map(|m| (m.id.0, (m.status, m.version)))
+            .map(|m| (m.id, m))
             .collect())
     }
 
@@ -236,7 +219,7 @@ impl Reconciler {
         &self,
         host: &HostRecord,
         repairs: Vec<Repair>,
-        known: &HashMap<Uuid, (MachineStatus, i64)>,
+        known: &HashMap<MachineId, MachineSnapshot>,
     ) -> Vec<CheckOutcome> {
         let mut outcomes = Vec::with_capacity(repairs.len());
         for repair in repairs {
@@ -263,11 +246,14 @@ impl Reconciler {
             Ok(k) => k,
             Err(e) => return note(&host.name, CheckOutcome::StoreFailed, Some(&e)),
         };
-        let Some(&(status, _)) = known.get(&id.0) else {
+        let Some(&snapshot) = known.get(&id) else {
             // Not a live machine here: orphans are the periodic pass's business.
             return;
         };
-        if !matches!(status, MachineStatus::Running | MachineStatus::Stopped) {
+        if !matches!(
+            snapshot.status,
+            MachineStatus::Running | MachineStatus::Stopped
+        ) {
             return;
         }
         let now = match self.client(host) {
@@ -280,13 +266,13 @@ impl Reconciler {
             Err(e) if e.is_gone() => PhaseOnHost::Absent,
             Err(e) => return note(&host.name, CheckOutcome::of_agent_error(&e), Some(&e)),
         };
-        let actual: Vec<(Uuid, Actual)> = actual_of(phase).map(|a| (id.0, a)).into_iter().collect();
+        let domains = HashMap::from([(id, phase)]);
         // A one-machine view: no orphan judgement here.
         let mut no_orphans = HashMap::new();
         let repairs = drift::decide(
             &host.name,
-            &[(id.0, status)],
-            &actual,
+            &[snapshot],
+            &domains,
             &mut no_orphans,
             Instant::now(),
             Duration::MAX,
@@ -299,26 +285,25 @@ impl Reconciler {
         &self,
         host: &HostRecord,
         repair: Repair,
-        known: &HashMap<Uuid, (MachineStatus, i64)>,
+        known: &HashMap<MachineId, MachineSnapshot>,
     ) -> Result<bool, RepairError> {
         use MachineStatus as S;
-        let generation = |id: &Uuid| known.get(id).map_or(-1, |(_, g)| *g);
+        // Every repair but an orphan's is of a machine read in this check; one that is not
+        // there any more has changed, and the next check judges it again.
+        let version = |id: &MachineId| known.get(id).map(|m| m.version);
         let applied = match repair {
             Repair::MarkStopped { id, reason } => {
                 let event = NewEvent {
                     action: "reconcile",
                     message: &reason,
                 };
+                let Some(version) = version(&id) else {
+                    return Ok(false);
+                };
                 self.store
                     .machine_transition(&MachineTransition {
                         desired: Some(DesiredState::Stopped),
-                        ..MachineTransition::new(
-                            MachineId(id),
-                            S::Running,
-                            generation(&id),
-                            S::Stopped,
-                            event,
-                        )
+                        ..MachineTransition::new(id, S::Running, version, S::Stopped, event)
                     })
                     .await?
                     .applied()
@@ -329,27 +314,24 @@ impl Reconciler {
                     action: "reconcile",
                     message: &message,
                 };
+                let Some(version) = version(&id) else {
+                    return Ok(false);
+                };
                 self.store
                     .machine_transition(&MachineTransition {
                         desired: Some(DesiredState::Running),
-                        ..MachineTransition::new(
-                            MachineId(id),
-                            S::Stopped,
-                            generation(&id),
-                            S::Running,
-                            event,
-                        )
+                        ..MachineTransition::new(id, S::Stopped, version, S::Running, event)
                     })
                     .await?
                     .applied()
             }
             Repair::MarkFailed { id, reason } => match known.get(&id) {
-                Some(&(from, generation)) => self
+                Some(m) => self
                     .store
                     .machine_transition(&MachineTransition::failed(
-                        MachineId(id),
-                        from,
-                        generation,
+                        id,
+                        m.status,
+                        m.version,
                         "reconcile",
                         &reason,
                     ))
@@ -358,15 +340,13 @@ impl Reconciler {
                 None => false,
             },
             Repair::RemoveOrphan { id } => {
-                self.client(host)?.delete(MachineId(id)).await?;
+                self.client(host)?.delete(id).await?;
                 tracing::warn!(host = %host.name, machine = %id, "removed an orphaned domain");
                 let note = format!(
                     "removed its leftover domain from host {} (no live machine owned it)",
                     host.name
                 );
-                self.store
-                    .machine_event_any(MachineId(id), "reconcile", &note)
-                    .await?;
+                self.store.machine_event_any(id, "reconcile", &note).await?;
                 true
             }
         };

@@ -403,13 +403,13 @@ impl Store {
 
     /// Marks ready hosts whose last heartbeat is older than `before` unreachable, in one
     /// statement (a heartbeat landing meanwhile is not overwritten, and of two replicas only
-    /// one reports each host); returns their ids and names. Each host's live machines get the
+    /// one reports each host); returns their names. Each host's live machines get the
     /// event `note(host name)` in the same transaction.
     pub async fn host_mark_unreachable(
         &self,
         before: DateTime<Utc>,
         note: impl Fn(&str) -> String,
-    ) -> Result<Vec<(String, String)>> {
+    ) -> Result<Vec<String>> {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
         let rows = sqlx::query(
@@ -420,15 +420,14 @@ impl Store {
         .bind(to_micros(before))
         .fetch_all(&mut *tx)
         .await?;
-        let hosts = rows
-            .iter()
-            .map(|r| Ok((r.try_get("id")?, r.try_get("name")?)))
-            .collect::<Result<Vec<(String, String)>>>()?;
-        for (id, name) in &hosts {
-            note_machines_on_host_in_txn(&mut tx, id, "reconcile", &note(name), now).await?;
+        let mut names = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let (id, name): (String, String) = (r.try_get("id")?, r.try_get("name")?);
+            note_machines_on_host_in_txn(&mut tx, &id, "reconcile", &note(&name), now).await?;
+            names.push(name);
         }
         tx.commit().await?;
-        Ok(hosts)
+        Ok(names)
     }
 
     /// Cordons (no new machines) or uncordons a host.

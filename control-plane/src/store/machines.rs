@@ -96,13 +96,7 @@ pub struct TaskImage {
     pub boot: Option<KernelBoot>,
 }
 
-/// A machine's status as read, with the version a write based on that read must find.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MachineSnapshot {
-    pub id: MachineId,
-    pub status: MachineStatus,
-    pub version: i64,
-}
+pub use crate::model::MachineSnapshot;
 
 /// The event written with a transition.
 #[derive(Debug, Clone, Copy)]
@@ -625,7 +619,7 @@ impl Store {
     /// status and version to fail them from). `limits` says how long each status may last.
     pub async fn machines_past_deadline(
         &self,
-        limits: &[(MachineStatus, chrono::Duration)],
+        limits: &std::collections::HashMap<MachineStatus, chrono::Duration>,
     ) -> Result<Vec<MachineSnapshot>> {
         let now = self.clock().await?;
         let mut out = Vec::new();
@@ -646,7 +640,9 @@ impl Store {
     }
 
     /// Live machines per status, for metrics.
-    pub async fn machine_count_by_status(&self) -> Result<Vec<(MachineStatus, i64)>> {
+    pub async fn machine_count_by_status(
+        &self,
+    ) -> Result<std::collections::HashMap<MachineStatus, i64>> {
         let rows = sqlx::query(
             "SELECT status, COUNT(*) AS n FROM machines WHERE deleted_at IS NULL GROUP BY status",
         )

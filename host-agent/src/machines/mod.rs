@@ -734,7 +734,11 @@ impl MachineManager {
     fn describe(&self, id: Uuid, d: &DomainStatus) -> MachineState {
         let (generation, disk_gib, mut message) = match MachineMetadata::from_xml(&d.xml) {
             Ok(m) => (m.generation, m.disk_gib.unwrap_or(0), String::new()),
-            Err(e) => (0, 0, format!("unreadable metadata: {e}")),
+            Err(e) => (
+                0,
+                0,
+                format!("unreadable metadata: {}", crate::report::chain(&e)),
+            ),
         };
         let forwards = read_user_forwards(&d.xml).unwrap_or_default();
         let phase = machine_phase(d.phase);
