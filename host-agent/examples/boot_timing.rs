@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use proto::agent::v1 as pb;
 use proto::agent::v1::host_agent_client::HostAgentClient;
 use skygate_test_support::ssh::{ssh_key, ssh_run};
-use skygate_test_support::tiny_image_json;
+use skygate_test_support::{tiny_image_dir, tiny_image_source};
 
 const TOKEN: &str = "boot-timing-agent-token";
 
@@ -39,23 +39,7 @@ async fn main() {
     let runs: usize = std::env::args()
         .nth(1)
         .map_or(3, |r| r.parse().expect("RUNS"));
-    let image_json = tiny_image_json();
-    let image: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&image_json).expect("image.json")).unwrap();
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
-    let boot = &image["boot"];
-    let source = pb::ImageSource {
-        name: "tiny".into(),
-        format: pb::DiskFormat::Kernel as i32,
-        kernel_boot: Some(pb::KernelBoot {
-            kernel_url: s(&boot["kernel"]),
-            kernel_sha256: s(&boot["kernel_sha256"]),
-            initrd_url: s(&boot["initrd"]),
-            initrd_sha256: s(&boot["initrd_sha256"]),
-            cmdline: s(&boot["cmdline"]),
-        }),
-        ..Default::default()
-    };
+    let source = tiny_image_source();
 
     let tmp = tempfile::Builder::new()
         .prefix("skygate-boot-timing-")
@@ -83,11 +67,7 @@ async fn main() {
         .arg("--data-dir")
         .arg(tmp.path().join("data"))
         .arg("--image-dir")
-        .arg(
-            std::path::Path::new(&image_json)
-                .parent()
-                .expect("image.json has a directory"),
-        )
+        .arg(tiny_image_dir())
         .env("SKYGATE_AGENT_TOKEN", TOKEN)
         .stderr(Stdio::piped())
         .spawn()
@@ -99,7 +79,7 @@ async fn main() {
         let line = line.unwrap();
         if line.contains("skygate-host-agent listening") {
             let json: serde_json::Value = serde_json::from_str(&line).unwrap();
-            addr = Some(s(&json["fields"]["listen"]));
+            addr = json["fields"]["listen"].as_str().map(str::to_owned);
             break;
         }
     }

@@ -299,8 +299,8 @@ async fn health_check_reports_serving_for_the_server_and_the_host_agent_without_
 }
 
 #[tokio::test]
-async fn ensure_vm_boots_a_kernel_spec_with_an_ssh_forward_and_repeating_it_returns_the_same_state()
-{
+async fn ensure_machine_boots_a_kernel_spec_with_an_ssh_forward_and_repeating_it_returns_the_same_state(
+) {
     let agent = Agent::start(None).await;
     let mut client = agent.client().await;
     let id = Uuid::new_v4().to_string();
@@ -349,7 +349,8 @@ async fn ensure_vm_boots_a_kernel_spec_with_an_ssh_forward_and_repeating_it_retu
 }
 
 #[tokio::test]
-async fn ensure_vm_refuses_a_zero_generation_a_non_uuid_id_or_a_missing_spec_naming_the_field() {
+async fn ensure_machine_refuses_a_zero_generation_a_non_uuid_id_or_a_missing_spec_naming_the_field()
+{
     let agent = Agent::start(None).await;
     let mut client = agent.client().await;
     let id = Uuid::new_v4().to_string();
@@ -381,7 +382,7 @@ async fn ensure_vm_refuses_a_zero_generation_a_non_uuid_id_or_a_missing_spec_nam
 }
 
 #[tokio::test]
-async fn ensure_vm_with_an_older_generation_than_the_applied_one_is_a_failed_precondition() {
+async fn ensure_machine_with_an_older_generation_than_the_applied_one_is_a_failed_precondition() {
     let agent = Agent::start(None).await;
     let mut client = agent.client().await;
     let id = Uuid::new_v4().to_string();

@@ -169,7 +169,7 @@ fn specs_round_trip_through_the_wire_format() {
 /// A control plane from before `RebootMachineRequest` sends a `MachineRef`; an agent from before reads
 /// one. Both must still name the machine.
 #[test]
-fn reboot_requests_are_wire_compatible_with_vm_refs() {
+fn reboot_requests_are_wire_compatible_with_machine_refs() {
     use prost::Message;
     let old = MachineRef {
         machine_id: "m-1".into(),

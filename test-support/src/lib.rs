@@ -57,3 +57,28 @@ pub fn tiny_image_dir() -> PathBuf {
         .expect("image.json has a directory")
         .to_path_buf()
 }
+
+/// The tiny image as an agent's `ImageSource` (direct kernel boot from its `file://` files),
+/// for tests that talk to an agent without a control plane.
+pub fn tiny_image_source() -> proto::agent::v1::ImageSource {
+    use proto::agent::v1 as pb;
+    let path = tiny_image_json();
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("{path}: {e}; build it with images/tiny/build.sh (scripts/test.sh does)")
+    });
+    let image: serde_json::Value = serde_json::from_str(&text).expect("image.json is JSON");
+    let field = |k: &str| image["boot"][k].as_str().unwrap_or_default().to_owned();
+    pb::ImageSource {
+        name: "tiny".into(),
+        url: String::new(),
+        format: pb::DiskFormat::Kernel as i32,
+        sha256: String::new(),
+        kernel_boot: Some(pb::KernelBoot {
+            kernel_url: field("kernel"),
+            kernel_sha256: field("kernel_sha256"),
+            initrd_url: field("initrd"),
+            initrd_sha256: field("initrd_sha256"),
+            cmdline: field("cmdline"),
+        }),
+    }
+}

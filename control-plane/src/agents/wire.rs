@@ -134,7 +134,7 @@ mod tests {
     }
 
     #[test]
-    fn every_wire_phase_has_a_domain_phase() {
+    fn every_wire_phase_has_a_phase_on_host() {
         assert_eq!(phase(pb::MachinePhase::Absent as i32), PhaseOnHost::Absent);
         assert_eq!(
             phase(pb::MachinePhase::ShuttingDown as i32),

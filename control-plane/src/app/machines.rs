@@ -279,10 +279,17 @@ impl App {
                 tracing::error!(host = %host.name, error = ?e, "no client for the machine's host");
                 Err(Error::Internal(e.to_string()))
             }
-            Err(e) => {
+            Err(e @ AgentCallError::Unreachable { .. }) => {
                 tracing::warn!(host = %host.name, error = ?e, "console read failed");
                 Err(Error::Unavailable(
                     "the machine's host did not answer; try again",
+                ))
+            }
+            Err(e) => {
+                // The agent answered with an error: the log has its words, the tenant a hint.
+                tracing::warn!(host = %host.name, error = ?e, "console read failed");
+                Err(Error::Unavailable(
+                    "the machine's host could not read its console; try again",
                 ))
             }
         }

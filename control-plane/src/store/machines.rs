@@ -182,10 +182,10 @@ impl TransitionOutcome {
     }
 }
 
-const SELECT: &str = "SELECT v.seq, v.id, v.owner_id, v.hostname, v.status, v.desired_state, \
-    h.name AS host_name, h.state AS host_state, i.name AS image_name, v.vcpus, v.memory_mib, v.disk_gib, v.ssh_keys, \
-    v.user_data, v.network, v.failure_reason, v.created_at, v.updated_at \
-    FROM machines v JOIN images i ON i.id = v.image_id LEFT JOIN hosts h ON h.id = v.host_id";
+const SELECT: &str = "SELECT m.seq, m.id, m.owner_id, m.hostname, m.status, m.desired_state, \
+    h.name AS host_name, h.state AS host_state, i.name AS image_name, m.vcpus, m.memory_mib, m.disk_gib, m.ssh_keys, \
+    m.user_data, m.network, m.failure_reason, m.created_at, m.updated_at \
+    FROM machines m JOIN images i ON i.id = m.image_id LEFT JOIN hosts h ON h.id = m.host_id";
 
 fn json_col<T: serde::de::DeserializeOwned>(text: Option<String>, col: &str) -> Result<Option<T>> {
     text.map(|t| serde_json::from_str(&t))
@@ -332,7 +332,7 @@ impl Store {
         )
         .await?;
         enqueue_in_txn(&mut tx, self.backend(), id, TaskKind::Provision).await?;
-        let sql = format!("{SELECT} WHERE v.id = $1");
+        let sql = format!("{SELECT} WHERE m.id = $1");
         let created = from_row(
             &sqlx::query(&sql)
                 .bind(id.to_string())
@@ -349,7 +349,7 @@ impl Store {
     /// A live (not deleted) machine the caller may see.
     pub async fn machine_get(&self, id: MachineId, who: Visibility) -> Result<Option<Machine>> {
         let sql = format!(
-            "{SELECT} WHERE v.id = $1 AND v.deleted_at IS NULL AND ($2 IS NULL OR v.owner_id = $2)"
+            "{SELECT} WHERE m.id = $1 AND m.deleted_at IS NULL AND ($2 IS NULL OR m.owner_id = $2)"
         );
         let row = sqlx::query(&sql)
             .bind(id.to_string())
@@ -362,7 +362,7 @@ impl Store {
     /// A machine whatever its state, deleted included: what an Idempotency-Key's request
     /// created is shown again on a replay even after it was deleted.
     pub async fn machine_history(&self, id: MachineId) -> Result<Option<Machine>> {
-        let sql = format!("{SELECT} WHERE v.id = $1");
+        let sql = format!("{SELECT} WHERE m.id = $1");
         let row = sqlx::query(&sql)
             .bind(id.to_string())
             .fetch_optional(self.reader())
@@ -381,7 +381,7 @@ impl Store {
         before_seq: Option<i64>,
         limit: i64,
     ) -> Result<Vec<Machine>> {
-        let mut filters = vec!["v.deleted_at IS NULL".to_owned()];
+        let mut filters = vec!["m.deleted_at IS NULL".to_owned()];
         let mut n = 0;
         let mut param = || {
             n += 1;
@@ -389,16 +389,16 @@ impl Store {
         };
         let owner = who.owner();
         if owner.is_some() {
-            filters.push(format!("v.owner_id = {}", param()));
+            filters.push(format!("m.owner_id = {}", param()));
         }
         if status.is_some() {
-            filters.push(format!("v.status = {}", param()));
+            filters.push(format!("m.status = {}", param()));
         }
         if before_seq.is_some() {
-            filters.push(format!("v.seq < {}", param()));
+            filters.push(format!("m.seq < {}", param()));
         }
         let sql = format!(
-            "{SELECT} WHERE {} ORDER BY v.seq DESC LIMIT {}",
+            "{SELECT} WHERE {} ORDER BY m.seq DESC LIMIT {}",
             filters.join(" AND "),
             param()
         );
@@ -472,7 +472,7 @@ impl Store {
         if let FollowUp::Queue(kind) = follow_up {
             enqueue_in_txn(&mut tx, self.backend(), id, kind).await?;
         }
-        let sql = format!("{SELECT} WHERE v.id = $1");
+        let sql = format!("{SELECT} WHERE m.id = $1");
         let requested = sqlx::query(&sql)
             .bind(id.to_string())
             .fetch_one(&mut *tx)
@@ -505,14 +505,14 @@ impl Store {
     /// The machine a task acts on, deleted ones included (a late task must see that).
     pub async fn machine_for_task(&self, id: MachineId) -> Result<Option<TaskMachine>> {
         let row = sqlx::query(
-            "SELECT v.id, v.status, v.desired_state, v.version, v.spec_generation, \
-             v.status_changed_at, \
-             v.hostname, v.vcpus, v.memory_mib, v.disk_gib, v.ssh_keys, v.user_data, \
+            "SELECT m.id, m.status, m.desired_state, m.version, m.spec_generation, \
+             m.status_changed_at, \
+             m.hostname, m.vcpus, m.memory_mib, m.disk_gib, m.ssh_keys, m.user_data, \
              h.id AS host_id, h.name AS host_name, h.grpc_address, h.state AS host_state, \
              h.credential_issued, h.credential_generation, \
              i.name AS image_name, i.source, i.format, i.sha256, i.boot \
-             FROM machines v JOIN images i ON i.id = v.image_id LEFT JOIN hosts h ON h.id = v.host_id \
-             WHERE v.id = $1",
+             FROM machines m JOIN images i ON i.id = m.image_id LEFT JOIN hosts h ON h.id = m.host_id \
+             WHERE m.id = $1",
         )
         .bind(id.to_string())
         .fetch_optional(self.reader())

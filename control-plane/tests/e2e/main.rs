@@ -376,11 +376,6 @@ async fn the_reconciler_notices_a_dead_domain_and_removes_an_orphan() {
     // define and the control plane's record could leave) is removed after the grace period.
     let stray = uuid::Uuid::new_v4();
     let mut agent = cluster.agent_client("a").await;
-    let image: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string("/var/lib/skygate-images/tiny/image.json").expect("image.json"),
-    )
-    .unwrap();
-    let text = |k: &str| image["boot"][k].as_str().unwrap_or_default().to_owned();
     agent
         .ensure_machine(proto::agent::v1::EnsureMachineRequest {
             spec: Some(proto::agent::v1::MachineSpec {
@@ -390,18 +385,7 @@ async fn the_reconciler_notices_a_dead_domain_and_removes_an_orphan() {
                 vcpus: 1,
                 memory_mib: 128,
                 disk_gib: 1,
-                image: Some(proto::agent::v1::ImageSource {
-                    name: "tiny".into(),
-                    format: proto::agent::v1::DiskFormat::Kernel as i32,
-                    kernel_boot: Some(proto::agent::v1::KernelBoot {
-                        kernel_url: text("kernel"),
-                        kernel_sha256: text("kernel_sha256"),
-                        initrd_url: text("initrd"),
-                        initrd_sha256: text("initrd_sha256"),
-                        cmdline: text("cmdline"),
-                    }),
-                    ..Default::default()
-                }),
+                image: Some(skygate_test_support::tiny_image_source()),
                 ssh_authorized_keys: vec![],
                 user_data: None,
                 desired_power: proto::agent::v1::PowerState::Stopped as i32,

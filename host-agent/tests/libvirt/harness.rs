@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 pub use skygate_test_support::libvirt::{ensure_libvirtd, start_libvirtd, virsh, URI};
 use skygate_test_support::process::LoggedChild;
 pub use skygate_test_support::ssh::{ssh_hostname, ssh_key, ssh_run};
-use skygate_test_support::{tiny_image_dir, tiny_image_json};
+use skygate_test_support::tiny_image_dir;
 
 /// One libvirt test at a time in this process: they share libvirtd (one restarts it) and
 /// two TCG guests at once would starve the 2-core CI machine. nextest (one process per test)
@@ -31,26 +31,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The tiny image built by images/tiny/build.sh (scripts/test.sh builds it).
 pub fn tiny_image() -> pb::ImageSource {
-    let path = tiny_image_json();
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("{path}: {e}; build it with images/tiny/build.sh (scripts/test.sh does)")
-    });
-    let json: serde_json::Value = serde_json::from_str(&text).expect("image.json is JSON");
-    let boot = &json["boot"];
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
-    pb::ImageSource {
-        name: "tiny".into(),
-        url: String::new(),
-        format: pb::DiskFormat::Kernel as i32,
-        sha256: String::new(),
-        kernel_boot: Some(pb::KernelBoot {
-            kernel_url: s(&boot["kernel"]),
-            kernel_sha256: s(&boot["kernel_sha256"]),
-            initrd_url: s(&boot["initrd"]),
-            initrd_sha256: s(&boot["initrd_sha256"]),
-            cmdline: s(&boot["cmdline"]),
-        }),
-    }
+    skygate_test_support::tiny_image_source()
 }
 
 pub type Client = HostAgentClient<InterceptedService<Channel, BearerToken>>;

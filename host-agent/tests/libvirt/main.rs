@@ -31,7 +31,7 @@ fn ssh_port(state: &pb::MachineState) -> u16 {
     u16::try_from(ports[0].host_port).expect("a port")
 }
 
-fn vm(id: Uuid) -> pb::MachineRef {
+fn machine_ref(id: Uuid) -> pb::MachineRef {
     pb::MachineRef {
         machine_id: id.to_string(),
     }
@@ -154,7 +154,7 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
     );
 
     let started = client
-        .start_machine(vm(id))
+        .start_machine(machine_ref(id))
         .await
         .expect("StartMachine")
         .into_inner();
@@ -179,7 +179,10 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
     assert_eq!(phase(&forced), pb::MachinePhase::Stopped);
     let reason = next_stop_reason(&mut events, id).await;
     assert!(reason.starts_with("forced off"), "{reason}");
-    client.start_machine(vm(id)).await.expect("StartMachine");
+    client
+        .start_machine(machine_ref(id))
+        .await
+        .expect("StartMachine");
     assert_eq!(ssh_hostname(&key, port, BOOT_TIMEOUT), "lifecycle-1");
 
     let qemu_before = qemu_pid(&state.domain_name);
@@ -200,7 +203,7 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
     assert_eq!(ssh_hostname(&key, port, BOOT_TIMEOUT), "lifecycle-1");
 
     let deleted = client
-        .delete_machine(vm(id))
+        .delete_machine(machine_ref(id))
         .await
         .expect("DeleteMachine")
         .into_inner();
@@ -208,14 +211,14 @@ async fn a_machine_boots_answers_ssh_survives_stop_start_reboot_and_leaves_nothi
     assert!(fx.domains().is_empty(), "domain left: {:?}", fx.domains());
     assert!(!dir.exists(), "machine files left in {dir:?}");
     let absent = client
-        .get_machine(vm(id))
+        .get_machine(machine_ref(id))
         .await
         .expect("GetMachine")
         .into_inner();
     assert_eq!(phase(&absent), pb::MachinePhase::Absent);
     assert!(
         !client
-            .delete_machine(vm(id))
+            .delete_machine(machine_ref(id))
             .await
             .expect("DeleteMachine again")
             .into_inner()
@@ -313,7 +316,7 @@ async fn ensure_twice_gives_one_domain_and_older_generations_are_refused() {
 
     assert!(
         client
-            .delete_machine(vm(id))
+            .delete_machine(machine_ref(id))
             .await
             .expect("DeleteMachine")
             .into_inner()
@@ -368,7 +371,7 @@ async fn kill_9_mid_create_then_restart_converges_without_leftovers() {
         assert_eq!(fx.domains(), vec![state.domain_name.clone()], "{step}");
         assert!(
             client
-                .delete_machine(vm(id))
+                .delete_machine(machine_ref(id))
                 .await
                 .expect("DeleteMachine")
                 .into_inner()
@@ -425,21 +428,21 @@ async fn a_killed_qemu_is_reported_within_10_s_and_can_be_started_again() {
         crashed.reason
     );
     let now = client
-        .get_machine(vm(id))
+        .get_machine(machine_ref(id))
         .await
         .expect("GetMachine")
         .into_inner();
     assert_eq!(phase(&now), pb::MachinePhase::Crashed);
     assert!(!now.message.is_empty());
     let restarted = client
-        .start_machine(vm(id))
+        .start_machine(machine_ref(id))
         .await
         .expect("StartMachine")
         .into_inner();
     assert_eq!(phase(&restarted), pb::MachinePhase::Running);
     assert!(
         client
-            .delete_machine(vm(id))
+            .delete_machine(machine_ref(id))
             .await
             .expect("DeleteMachine")
             .into_inner()
@@ -477,14 +480,14 @@ async fn the_agent_survives_a_libvirtd_restart() {
         .into_inner();
     assert_eq!(listed.machines.len(), 1);
     let started = client
-        .start_machine(vm(id))
+        .start_machine(machine_ref(id))
         .await
         .expect("StartMachine after restart")
         .into_inner();
     assert_eq!(phase(&started), pb::MachinePhase::Running);
     assert!(
         client
-            .delete_machine(vm(id))
+            .delete_machine(machine_ref(id))
             .await
             .expect("DeleteMachine")
             .into_inner()
