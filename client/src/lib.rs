@@ -6,6 +6,7 @@
 //! pair once and is sent again. Where the tokens are kept between runs is the caller's
 //! business ([`Client::tokens`]).
 
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -494,16 +495,16 @@ fn with_query<Q: Serialize>(path: &str, query: &Q) -> String {
     }
 }
 
+/// What stays as it is in a path segment: RFC 3986's unreserved characters.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// One path segment: an id typed by a user goes in escaped, never as more path.
 fn segment(id: &str) -> String {
-    id.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
+    utf8_percent_encode(id, SEGMENT).to_string()
 }
 
 fn machine_path(id: &str, rest: &str) -> String {

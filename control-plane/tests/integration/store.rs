@@ -214,8 +214,9 @@ async fn observed_transitions_are_checked_and_logged(backend: Backend) {
     t.stop().await;
 }
 
-/// A database as 0001–0006 left it (one user, image, host and machine, a finished
-/// Idempotency-Key) takes 0007: the machine is as it was, its spec generation is its former
+/// A database as 0.6.0 left it (migrations 0001–0005: one user, image, host and machine with
+/// an event and a queued task, a finished Idempotency-Key) takes 0006 (the renames) and 0007:
+/// the machine, its log and its task are as they were, its spec generation is its former
 /// generation (what its agent already holds), and the key still names the machine.
 async fn a_database_of_earlier_migrations_upgrades_with_its_machines_intact(backend: Backend) {
     use control_plane::model::{DesiredState, MachineId};
@@ -236,7 +237,8 @@ async fn a_database_of_earlier_migrations_upgrades_with_its_machines_intact(back
     earlier.migrations = earlier
         .migrations
         .iter()
-        .filter(|m| m.version <= 6)
+        // 0.6.0's schema: the tables were still `vms`, `vm_events` and `tasks.vm_id`.
+        .filter(|m| m.version <= 5)
         .cloned()
         .collect::<Vec<_>>()
         .into();
@@ -250,7 +252,7 @@ async fn a_database_of_earlier_migrations_upgrades_with_its_machines_intact(back
         uuid::Uuid::new_v4(),
     );
     let now = Utc::now().timestamp_micros();
-    let statements: [(&str, Vec<String>); 5] = [
+    let statements: [(&str, Vec<String>); 7] = [
         (
             "INSERT INTO users (id, username, email, password_hash, role, created_at, updated_at) \
              VALUES ($1, 'ann', 'ann@example.com', 'x', 'user', 1, 1)",
@@ -268,7 +270,7 @@ async fn a_database_of_earlier_migrations_upgrades_with_its_machines_intact(back
             vec![host.clone()],
         ),
         (
-            "INSERT INTO machines (id, owner_id, hostname, status, desired_state, host_id, \
+            "INSERT INTO vms (id, owner_id, hostname, status, desired_state, host_id, \
              image_id, vcpus, memory_mib, disk_gib, ssh_keys, network, generation, created_at, \
              updated_at, status_changed_at) \
              VALUES ($1, $2, 'web', 'running', 'running', $3, $4, 1, 256, 1, '[]', \
@@ -280,6 +282,16 @@ async fn a_database_of_earlier_migrations_upgrades_with_its_machines_intact(back
                 host.clone(),
                 image.clone(),
             ],
+        ),
+        (
+            "INSERT INTO vm_events (vm_id, action, status, message, created_at) \
+             VALUES ($1, 'create', 'pending', 'machine requested', 1)",
+            vec![machine.to_string()],
+        ),
+        (
+            "INSERT INTO tasks (id, vm_id, kind, state, attempts, run_after, created_at, \
+             updated_at) VALUES ('t1', $1, 'stop', 'queued', 0, 1, 1, 1)",
+            vec![machine.to_string()],
         ),
         (
             "INSERT INTO idempotency_keys (user_id, key, request_hash, claim_id, \
@@ -326,6 +338,11 @@ async fn a_database_of_earlier_migrations_upgrades_with_its_machines_intact(back
         .unwrap();
     assert_eq!(shown.owner_id.to_string(), user);
     assert_eq!(shown.network.unwrap().ports[0].host_port, 2222);
+    // Its log and its queued task came along with the renamed tables.
+    let log = store.machine_events(id, None, 10).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].message, "machine requested");
+    assert_eq!(store.task_pending_count(id).await.unwrap(), 1);
     // The finished key still answers with its machine.
     let claim = store
         .idempotency_claim(
