@@ -11,6 +11,7 @@ use auth::refresh::{hash_refresh_token, RefreshToken};
 use auth::Role;
 use chrono::Utc;
 use std::net::IpAddr;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// An account as its owner sees it: never its password hash or session version.
@@ -23,12 +24,12 @@ pub struct Account {
     pub created_at: chrono::DateTime<Utc>,
 }
 
-impl From<UserRecord> for Account {
-    fn from(u: UserRecord) -> Self {
+impl From<&UserRecord> for Account {
+    fn from(u: &UserRecord) -> Self {
         Self {
             id: u.id,
-            username: u.username,
-            email: u.email,
+            username: u.username.clone(),
+            email: u.email.clone(),
             role: u.role,
             created_at: u.created_at,
         }
@@ -154,7 +155,7 @@ impl App {
                 role,
             })
             .await
-            .map(Account::from)
+            .map(|u| Account::from(&*u))
     }
 
     /// Checks credentials and opens a session. Throttled per client address, per account and
@@ -307,10 +308,10 @@ impl App {
     }
 
     pub async fn profile(&self, who: Principal) -> Result<Account> {
-        self.user(who).await.map(Account::from)
+        self.user(who).await.map(|u| Account::from(&*u))
     }
 
-    async fn user(&self, who: Principal) -> Result<UserRecord> {
+    async fn user(&self, who: Principal) -> Result<Arc<UserRecord>> {
         self.store
             .user_get(who.user_id)
             .await?
@@ -353,7 +354,7 @@ impl App {
                 },
             )
             .await
-            .map(Account::from)
+            .map(|u| Account::from(&*u))
     }
 }
 

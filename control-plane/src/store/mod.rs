@@ -16,6 +16,7 @@ pub mod placement;
 pub mod sessions;
 pub mod ssh_keys;
 pub mod tasks;
+mod user_cache;
 pub mod users;
 
 use crate::error::{Error, Result};
@@ -50,6 +51,8 @@ pub struct Store {
     /// queueing here is kinder than `SQLITE_BUSY`. On PostgreSQL it is the same pool as `read`.
     write: AnyPool,
     backend: Backend,
+    /// Account rows kept between requests (see `user_cache`).
+    users: std::sync::Arc<user_cache::UserCache>,
 }
 
 impl Store {
@@ -104,10 +107,15 @@ impl Store {
                 (p.clone(), p)
             }
         };
+        let users = match backend {
+            Backend::Sqlite => user_cache::UserCache::local(),
+            Backend::Postgres => user_cache::listening(&url).await?,
+        };
         Ok(Self {
             read,
             write,
             backend,
+            users,
         })
     }
 

@@ -1,12 +1,14 @@
 //! Accounts: the `users` table.
 
-use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
+use super::user_cache::{self, NoticeWait};
+use super::{from_micros, is_unique_violation, parse_col, to_micros, Backend, Store};
 use crate::error::{Error, Result};
 use crate::model::UserId;
 use auth::Role;
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
-use sqlx::Row;
+use sqlx::{Any, Row, Transaction};
+use std::sync::Arc;
 
 /// A stored account. Never leaves the app layer as is: views drop the hash.
 #[derive(Debug, Clone)]
@@ -71,7 +73,7 @@ async fn taken_field(store: &Store, username: &str, email: &str) -> Result<Error
 
 impl Store {
     /// Creates an account; 409 when the username or email is taken.
-    pub async fn user_create(&self, new: NewUser<'_>) -> Result<UserRecord> {
+    pub async fn user_create(&self, new: NewUser<'_>) -> Result<Arc<UserRecord>> {
         let now = Utc::now();
         let id = UserId::new();
         let res = sqlx::query(
@@ -96,13 +98,48 @@ impl Store {
         self.user_get(id).await?.ok_or(Error::NotFound("user"))
     }
 
-    pub async fn user_get(&self, id: UserId) -> Result<Option<UserRecord>> {
+    /// One account, from the cache of rows this replica has read when it has it there.
+    pub async fn user_get(&self, id: UserId) -> Result<Option<Arc<UserRecord>>> {
+        if let Some(kept) = self.users.get(id) {
+            return Ok(Some(kept));
+        }
+        let ticket = self.users.ticket();
         let sql = format!("SELECT {COLUMNS} FROM users WHERE id = $1");
         let row = sqlx::query(&sql)
             .bind(id.to_string())
             .fetch_optional(&self.read)
             .await?;
-        row.as_ref().map(from_row).transpose()
+        let Some(row) = row else { return Ok(None) };
+        let user = Arc::new(from_row(&row)?);
+        self.users.keep(ticket, Arc::clone(&user));
+        Ok(Some(user))
+    }
+
+    /// Announces inside `tx` that account `id` changes (PostgreSQL: to every replica's cache).
+    async fn announce_in_txn(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        id: UserId,
+    ) -> Result<Option<NoticeWait>> {
+        if self.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        let (notice, wait) = self.users.expect_notice();
+        sqlx::query("SELECT 1 AS sent FROM (SELECT pg_notify($1, $2)) AS n")
+            .bind(user_cache::CHANNEL)
+            .bind(format!("{id} {notice}"))
+            .execute(&mut **tx)
+            .await?;
+        Ok(Some(wait))
+    }
+
+    /// After the announcing transaction committed: forget the row here, and (PostgreSQL) wait
+    /// until the notice has been handed to every replica.
+    async fn announced(&self, id: UserId, wait: Option<NoticeWait>) {
+        self.users.drop_row(id);
+        if let Some(wait) = wait {
+            wait.done().await;
+        }
     }
 
     pub async fn user_by_username(&self, username: &str) -> Result<Option<UserRecord>> {
@@ -122,20 +159,25 @@ impl Store {
         old_hash: &str,
         new_hash: &str,
     ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2 AND password_hash = $3")
             .bind(new_hash)
             .bind(id.to_string())
             .bind(old_hash)
-            .execute(&self.write)
+            .execute(&mut *tx)
             .await?;
+        let wait = self.announce_in_txn(&mut tx, id).await?;
+        tx.commit().await?;
+        self.announced(id, wait).await;
         Ok(())
     }
 
     /// Applies a profile change. A new password also bumps the session version and revokes
     /// every refresh-token family, in the same transaction, so no old session survives it.
-    pub async fn user_update(&self, id: UserId, update: UserUpdate) -> Result<UserRecord> {
+    pub async fn user_update(&self, id: UserId, update: UserUpdate) -> Result<Arc<UserRecord>> {
         let now = to_micros(Utc::now());
         let mut tx = self.begin_write().await?;
+        let wait = self.announce_in_txn(&mut tx, id).await?;
         if let Some(email) = &update.email {
             let res = sqlx::query("UPDATE users SET email = $1, updated_at = $2 WHERE id = $3")
                 .bind(email)
@@ -171,6 +213,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        self.announced(id, wait).await;
         self.user_get(id).await?.ok_or(Error::NotFound("user"))
     }
 }

@@ -23,6 +23,47 @@ both_stores!(
     login_upgrades_a_hash_made_with_older_parameters,
 );
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_change_ends_sessions_on_every_replica_at_once() {
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let b = TestApp::spawn_on(a.db.clone(), Settings::default(), HttpSettings::default()).await;
+    let mut s = a.user("ann").await;
+    let mut password = PASSWORD.to_owned();
+    // Several rounds: a change must reach the other replica before the answer to it does,
+    // every time, not just usually.
+    for round in 0..10 {
+        // Both replicas have served (and kept) the account.
+        for t in [&a, &b] {
+            let me = t.get_json(&s, "/auth/profile").await;
+            assert_eq!(me["username"], "ann", "{me}");
+        }
+        let new_password = format!("a brand new passphrase {round}");
+        let email = format!("ann{round}@new.example.com");
+        let res = a
+            .as_user(&s, Method::PATCH, "/auth/profile")
+            .json(&json!({"password": new_password, "email": email, "current_password": password}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let old = b
+            .as_user(&s, Method::GET, "/auth/profile")
+            .send()
+            .await
+            .unwrap();
+        problem(old, StatusCode::UNAUTHORIZED).await;
+        password = new_password;
+        let fresh: Value = b.login("ann", &password).await.json().await.unwrap();
+        s = crate::common::Session {
+            access: fresh["access_token"].as_str().unwrap().to_owned(),
+            refresh: fresh["refresh_token"].as_str().unwrap().to_owned(),
+        };
+        assert_eq!(b.get_json(&s, "/auth/profile").await["email"], email);
+    }
+    b.stop().await;
+    a.stop().await;
+}
+
 async fn login_upgrades_a_hash_made_with_older_parameters(backend: Backend) {
     use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
     let t = TestApp::spawn(backend).await;
