@@ -226,7 +226,9 @@ impl ServeArgs {
         );
         let queue = self
             .password_queue
-            .map_or(threads * 8, |n| usize::try_from(n).unwrap_or(0));
+            .map_or(threads * crate::app::password_work::QUEUE_PER_THREAD, |n| {
+                usize::try_from(n).unwrap_or(0)
+            });
         PasswordWorkSettings { threads, queue }
     }
 

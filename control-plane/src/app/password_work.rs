@@ -35,14 +35,19 @@ pub struct PasswordWorkSettings {
     pub queue: usize,
 }
 
+/// Checks that may wait per thread by default. A queued login waits at most about this many
+/// hash times (some 250 ms); longer waits are refused. Sixteen lets a pool of 32 client
+/// connections on two cores keep every core hashing without a 503 (issue 12: at eight, a third
+/// of such a load was refused, and the refusals took CPU from the hashes).
+pub const QUEUE_PER_THREAD: usize = 16;
+
 impl Default for PasswordWorkSettings {
-    /// One thread per core, and a queue of eight hashes per thread: a queued login waits at
-    /// most about eight hash times (a few hundred milliseconds), longer waits are refused.
+    /// One thread per core, [`QUEUE_PER_THREAD`] waiting checks per thread.
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
         Self {
             threads,
-            queue: threads * 8,
+            queue: threads * QUEUE_PER_THREAD,
         }
     }
 }

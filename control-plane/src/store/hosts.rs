@@ -4,6 +4,7 @@
 //! placed on it, computed in the same transaction that places the next one.
 
 use super::machine_events::note_machines_on_host_in_txn;
+use super::tasks::capacity_changed_in_txn;
 use super::{from_micros, is_unique_violation, to_micros, Backend, Store};
 use crate::error::{Error, Result};
 use crate::model::scheduler::{HostCandidate, Resources};
@@ -318,6 +319,8 @@ impl Store {
         if was_unreachable {
             note_machines_on_host_in_txn(&mut tx, &id, "reconcile", REACHABLE_AGAIN, now).await?;
         }
+        // A host joined, or came back with what it offers now.
+        capacity_changed_in_txn(&mut tx, self.backend()).await?;
         tx.commit().await?;
         Ok(Registered::Accepted {
             id,
@@ -369,15 +372,22 @@ impl Store {
     ) -> Result<Option<HeartbeatChange>> {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
-        let Some(row) = sqlx::query("SELECT state, problems FROM hosts WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
+        let Some(row) = sqlx::query(
+            "SELECT state, problems, vcpus, memory_mib, disk_gib FROM hosts WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
         else {
             return Ok(None);
         };
         let state: String = row.try_get("state")?;
         let before: String = row.try_get("problems")?;
+        let offered = Resources {
+            vcpus: row.try_get("vcpus")?,
+            memory_mib: row.try_get("memory_mib")?,
+            disk_gib: row.try_get("disk_gib")?,
+        };
         let problems = problems.join("\n");
         sqlx::query(
             "UPDATE hosts SET state = 'ready', last_heartbeat_at = $1, updated_at = $1, \
@@ -393,6 +403,9 @@ impl Store {
         .await?;
         if state == "unreachable" {
             note_machines_on_host_in_txn(&mut tx, id, "reconcile", REACHABLE_AGAIN, now).await?;
+        }
+        if state == "unreachable" || before != problems || offered != capacity {
+            capacity_changed_in_txn(&mut tx, self.backend()).await?;
         }
         tx.commit().await?;
         Ok(Some(HeartbeatChange {
@@ -432,15 +445,21 @@ impl Store {
 
     /// Cordons (no new machines) or uncordons a host.
     pub async fn host_set_cordoned(&self, id: &str, cordoned: bool) -> Result<HostRecord> {
+        let now = to_micros(self.clock().await?);
+        let mut tx = self.begin_write().await?;
         let res = sqlx::query("UPDATE hosts SET cordoned = $1, updated_at = $2 WHERE id = $3")
             .bind(i64::from(cordoned))
-            .bind(to_micros(self.clock().await?))
+            .bind(now)
             .bind(id)
-            .execute(&self.write)
+            .execute(&mut *tx)
             .await?;
         if res.rows_affected() == 0 {
             return Err(Error::NotFound("host"));
         }
+        if !cordoned {
+            capacity_changed_in_txn(&mut tx, self.backend()).await?;
+        }
+        tx.commit().await?;
         self.host_get(id).await?.ok_or(Error::NotFound("host"))
     }
 

@@ -11,7 +11,8 @@
 
 use super::idempotency::{complete_in_txn, ClaimedKey};
 use super::machine_events::event_in_txn;
-use super::tasks::enqueue_in_txn;
+use super::tasks::{capacity_changed_in_txn, enqueue_in_txn};
+use super::usage::{usage_add_in_txn, usage_lock_in_txn, usage_release_in_txn};
 use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
 use crate::error::{Error, Result};
 use crate::model::machine_state::{self, Action};
@@ -257,12 +258,9 @@ impl Store {
         let id = MachineId::new();
         let owner = new.owner_id.to_string();
         let mut tx = self.begin_write().await?;
-        // Serialises this owner's creations on PostgreSQL (a row lock; a no-op write on
-        // SQLite, whose single writer serialises already), so quota checks cannot race.
-        sqlx::query("UPDATE users SET updated_at = updated_at WHERE id = $1")
-            .bind(&owner)
-            .execute(&mut *tx)
-            .await?;
+        // First: it serialises this owner's creates, so neither the hostname check nor the
+        // quota check below can race.
+        let current = usage_lock_in_txn(&mut tx, self.backend(), new.owner_id).await?;
         if let Some(existing) =
             live_by_hostname_in_txn(&mut tx, new.owner_id, new.hostname.as_str()).await?
         {
@@ -271,25 +269,13 @@ impl Store {
                 existing,
             });
         }
-        let usage = sqlx::query(
-            "SELECT COUNT(*) AS machines, CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
-             CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib \
-             FROM machines WHERE owner_id = $1 AND deleted_at IS NULL",
-        )
-        .bind(&owner)
-        .fetch_one(&mut *tx)
-        .await?;
-        let current = Usage {
-            machines: usage.try_get("machines")?,
-            vcpus: usage.try_get("vcpus")?,
-            memory_mib: usage.try_get("memory_mib")?,
-        };
         let asked = Usage {
             machines: 1,
             vcpus: new.vcpus,
             memory_mib: new.memory_mib,
         };
         quota.admits(current, asked).map_err(Error::QuotaExceeded)?;
+        usage_add_in_txn(&mut tx, new.owner_id, asked).await?;
         let keys = serde_json::to_string(&new.ssh_keys)
             .map_err(|e| Error::Internal(format!("ssh keys to JSON: {e}")))?;
         let res = sqlx::query(
@@ -488,6 +474,7 @@ impl Store {
             .bind(id.to_string())
             .execute(&mut *tx)
             .await?;
+            usage_release_in_txn(&mut tx, id).await?;
             event_in_txn(
                 &mut tx,
                 id,
@@ -596,6 +583,11 @@ impl Store {
         .await?;
         if res.rows_affected() == 0 {
             return Ok(TransitionOutcome::Superseded);
+        }
+        if t.to == MachineStatus::Deleted {
+            usage_release_in_txn(&mut tx, t.id).await?;
+            // Its host has room again.
+            capacity_changed_in_txn(&mut tx, self.backend()).await?;
         }
         event_in_txn(&mut tx, t.id, t.event.action, t.to, t.event.message, now).await?;
         tx.commit().await?;

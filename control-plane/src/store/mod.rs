@@ -16,6 +16,7 @@ pub mod placement;
 pub mod sessions;
 pub mod ssh_keys;
 pub mod tasks;
+pub mod usage;
 mod user_cache;
 pub mod users;
 

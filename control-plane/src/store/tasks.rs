@@ -53,6 +53,15 @@ pub enum TaskOutcome {
         after: std::time::Duration,
         error: String,
     },
+    /// Placement found no room: wait until capacity may have changed (see
+    /// [`capacity_changed_in_txn`]), or `at_most`. `seen_epoch` is what
+    /// [`Store::capacity_epoch`] said before the attempt: if capacity changed since, the task
+    /// is due again at once instead.
+    WaitForCapacity {
+        seen_epoch: i64,
+        at_most: std::time::Duration,
+        error: String,
+    },
     /// An agent ran a step of the task and it failed: try again after a delay, counting it
     /// toward the task's bound on step failures.
     StepFailed {
@@ -79,6 +88,29 @@ pub(crate) async fn enqueue_in_txn(
     .bind(uuid::Uuid::now_v7().to_string())
     .bind(machine_id.to_string())
     .bind(kind.as_str())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Says, inside the transaction that changed it, that capacity may have grown: moves the epoch
+/// on and makes every task waiting for capacity due now.
+pub(crate) async fn capacity_changed_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    backend: Backend,
+) -> Result<()> {
+    // The epoch row first: a worker parking a task holds it shared (see `task_finish`), so the
+    // two take turns and the wake below sees every task parked before it.
+    sqlx::query("UPDATE capacity_epoch SET epoch = epoch + 1 WHERE id = 1")
+        .execute(&mut **tx)
+        .await?;
+    let now: i64 = sqlx::query_scalar(now_sql(backend))
+        .fetch_one(&mut **tx)
+        .await?;
+    sqlx::query(
+        "UPDATE tasks SET waiting_for_capacity = 0, run_after = $1          WHERE waiting_for_capacity = 1 AND state = 'queued'",
+    )
     .bind(now)
     .execute(&mut **tx)
     .await?;
@@ -181,6 +213,16 @@ impl Store {
         }))
     }
 
+    /// The capacity epoch now (read before a placement attempt; see
+    /// [`TaskOutcome::WaitForCapacity`]).
+    pub async fn capacity_epoch(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT epoch FROM capacity_epoch WHERE id = 1")
+                .fetch_one(self.reader())
+                .await?,
+        )
+    }
+
     /// Extends a lease this owner still holds for this attempt (`attempts` fences off a
     /// worker of the same process whose lease was taken over); false when it lost the task.
     pub async fn task_extend(
@@ -215,10 +257,12 @@ impl Store {
     ) -> Result<bool> {
         // Due times too: a retry scheduled by a replica with a fast clock would otherwise sit
         // out its backoff plus the skew.
-        let now = from_micros(self.database_now(&self.write).await?);
+        let mut tx = self.begin_write().await?;
+        let now = from_micros(self.database_now(&mut *tx).await?);
         let later = |after: &std::time::Duration| {
             now + Duration::from_std(*after).unwrap_or_else(|_| Duration::seconds(30))
         };
+        let mut waiting = 0_i64;
         let (state, run_after, error, step_failed) = match outcome {
             TaskOutcome::Done => ("done", now, None, 0_i64),
             TaskOutcome::Failed(e) => ("failed", now, Some(e.as_str()), 0),
@@ -228,11 +272,34 @@ impl Store {
             TaskOutcome::StepFailed { after, error } => {
                 ("queued", later(after), Some(error.as_str()), 1)
             }
+            TaskOutcome::WaitForCapacity {
+                seen_epoch,
+                at_most,
+                error,
+            } => {
+                let share = if self.backend() == Backend::Postgres {
+                    " FOR SHARE"
+                } else {
+                    ""
+                };
+                let epoch: i64 = sqlx::query_scalar(&format!(
+                    "SELECT epoch FROM capacity_epoch WHERE id = 1{share}"
+                ))
+                .fetch_one(&mut *tx)
+                .await?;
+                if epoch == *seen_epoch {
+                    waiting = 1;
+                    ("queued", later(at_most), Some(error.as_str()), 0)
+                } else {
+                    // Capacity changed during the attempt: look again now.
+                    ("queued", now, Some(error.as_str()), 0)
+                }
+            }
         };
         let res = sqlx::query(
             "UPDATE tasks SET state = $1, run_after = $2, last_error = COALESCE($3, last_error), \
              lease_owner = NULL, lease_expires_at = NULL, updated_at = $4, \
-             step_failures = step_failures + $8 \
+             step_failures = step_failures + $8, waiting_for_capacity = $9 \
              WHERE id = $5 AND lease_owner = $6 AND attempts = $7",
         )
         .bind(state)
@@ -243,8 +310,10 @@ impl Store {
         .bind(owner)
         .bind(attempt)
         .bind(step_failed)
-        .execute(&self.write)
+        .bind(waiting)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(res.rows_affected() == 1)
     }
 

@@ -201,6 +201,8 @@ impl Workers {
 
     async fn provision(&self, task: &TaskRecord, mut m: TaskMachine) -> Step {
         if m.status == MachineStatus::Pending {
+            // Read before the attempt: a change after it wakes the task (see WaitForCapacity).
+            let seen_epoch = self.store.capacity_epoch().await?;
             match self.store.machine_place(m.id).await? {
                 Placement::Placed { .. } | Placement::NotPending => {
                     match self.store.machine_for_task(m.id).await? {
@@ -211,8 +213,18 @@ impl Workers {
                 Placement::NoRoom(why) => {
                     let note = format!("waiting for capacity: {why}");
                     self.store.machine_note(m.id, "schedule", &note).await?;
-                    return Ok(TaskOutcome::Retry {
-                        after: Duration::from_secs(2),
+                    // Until capacity changes, or the placement deadline (checked on waking).
+                    let waited = (self.store.clock().await? - m.status_changed_at)
+                        .to_std()
+                        .unwrap_or_default();
+                    let at_most = self
+                        .settings
+                        .placement_timeout
+                        .saturating_sub(waited)
+                        .max(Duration::from_secs(1));
+                    return Ok(TaskOutcome::WaitForCapacity {
+                        seen_epoch,
+                        at_most,
                         error: note,
                     });
                 }

@@ -581,7 +581,7 @@ async fn quotas_limit_what_a_tenant_holds(backend: Backend) {
 async fn concurrent_creates_never_exceed_the_quota(backend: Backend) {
     let settings = Settings {
         quota: Quota {
-            max_machines: 3,
+            max_machines: 5,
             ..Quota::default()
         },
         ..Settings::default()
@@ -589,15 +589,52 @@ async fn concurrent_creates_never_exceed_the_quota(backend: Backend) {
     let t = TestApp::spawn_with(backend, settings, HttpSettings::default()).await;
     t.tiny_image().await;
     let ann = t.user("ann").await;
-    let names: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
-    let results = futures::future::join_all(names.iter().map(|n| t.create_machine(&ann, n))).await;
-    let accepted = results
-        .iter()
-        .filter(|r| r.status() == StatusCode::ACCEPTED)
-        .count();
-    assert_eq!(accepted, 3);
-    assert!(results
-        .iter()
-        .all(|r| r.status() == StatusCode::ACCEPTED || r.status() == StatusCode::FORBIDDEN));
+    // 32 at once, twice: the second round after two deletions frees exactly two places.
+    let mut accepted_ids = Vec::new();
+    for (round, expected) in [(0, 5), (1, 2)] {
+        let names: Vec<String> = (0..32).map(|i| format!("r{round}m{i}")).collect();
+        let results =
+            futures::future::join_all(names.iter().map(|n| t.create_machine(&ann, n))).await;
+        assert!(results
+            .iter()
+            .all(|r| r.status() == StatusCode::ACCEPTED || r.status() == StatusCode::FORBIDDEN));
+        let mut accepted = Vec::new();
+        for r in results {
+            if r.status() == StatusCode::ACCEPTED {
+                accepted.push(
+                    r.json::<Value>().await.unwrap()["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
+                );
+            }
+        }
+        assert_eq!(accepted.len(), expected, "round {round}");
+        accepted_ids.extend(accepted);
+        if round == 0 {
+            for id in accepted_ids.drain(..2) {
+                let res = t
+                    .as_user(&ann, Method::DELETE, &format!("/machines/{id}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), StatusCode::ACCEPTED);
+            }
+        }
+    }
+    // The kept total is what a fresh count of the live machines says.
+    let me = t.get_json(&ann, "/auth/profile").await;
+    let owner = me["id"].as_str().unwrap().parse().unwrap();
+    let kept = t.store.tenant_usage(owner).await.unwrap();
+    let listed = t.get_json(&ann, "/machines?limit=100").await["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(kept.machines, 5);
+    assert_eq!(listed, 5);
+    assert_eq!(
+        kept.memory_mib,
+        5 * machine_body("x")["memory_mib"].as_i64().unwrap()
+    );
     t.stop().await;
 }

@@ -1294,4 +1294,63 @@ both_stores!(
     two_replicas_placing_at_once_never_oversubscribe_a_host,
     faults_at_every_step_still_converge_and_steps_run_twice_change_nothing,
     a_silent_host_turns_unreachable_and_only_an_admin_may_forget_it,
+    machines_waiting_for_capacity_cost_nothing_until_room_appears,
 );
+
+/// Machines that find no room wait without retrying (their events do not grow), and start as
+/// soon as room appears: here, when a machine on the full host is deleted.
+async fn machines_waiting_for_capacity_cost_nothing_until_room_appears(backend: Backend) {
+    let app = TestApp::spawn_provisioning(backend, config()).await;
+    let host = FakeHost::start(app.grpc.unwrap(), "one", 1).await;
+    let (_admin, tenant) = ready_with_image(&app, &host, "waits").await;
+    let first = create(&app, &tenant, "first").await;
+    wait_for("the first machine running", async || {
+        is(status_of(&app, &tenant, &first).await, "running")
+    })
+    .await;
+    let waiting: Vec<String> = [
+        create(&app, &tenant, "second").await,
+        create(&app, &tenant, "third").await,
+    ]
+    .into();
+    let events = async |id: &str| {
+        app.get_json(&tenant, &format!("/machines/{id}/events?limit=200"))
+            .await["items"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    wait_for("both waiting machines to note that they wait", async || {
+        let mut noted = 0;
+        for id in &waiting {
+            noted += usize::from(events(id).await >= 2);
+        }
+        is(noted, 2)
+    })
+    .await;
+    let before = [events(&waiting[0]).await, events(&waiting[1]).await];
+    // Placement retried every 2 s before: three more attempts each in this time.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        [events(&waiting[0]).await, events(&waiting[1]).await],
+        before
+    );
+    for id in &waiting {
+        assert_eq!(status_of(&app, &tenant, id).await, "pending");
+    }
+    let res = app
+        .as_user(&tenant, Method::DELETE, &format!("/machines/{first}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    wait_for("one waiting machine to take the freed room", async || {
+        let mut running = 0;
+        for id in &waiting {
+            running += usize::from(status_of(&app, &tenant, id).await == "running");
+        }
+        is(running, 1)
+    })
+    .await;
+    drop(host);
+    app.stop().await;
+}
