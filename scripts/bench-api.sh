@@ -10,6 +10,9 @@
 #   POST /machines               one tenant owning 10, then one owning 10,000
 #   POST /auth/login             LOGIN_SECONDS of load; RSS before, after, and IDLE_SECONDS later
 #
+# The control plane runs without an agent registry (no hosts, no workers), as the peer had none:
+# creates are accepted and stay pending.
+#
 # plus the argon2 crate's own hash rate on the same cores (auth/examples/argon2_rate.rs). Only
 # 2xx answers are counted; anything else (and socket errors) is reported in the `bad` column.
 # The server and database are stopped/dropped by pid/name on exit.
@@ -30,7 +33,8 @@ PG_URL_BASE=${PG_URL_BASE:-postgres://postgres@127.0.0.1:5432}
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 if [[ " $STORES " == *" postgres "* ]]; then scripts/install-deps.sh --postgres >&2; else scripts/install-deps.sh >&2; fi
-cargo build --release --locked -p control-plane -p auth --example argon2_rate >&2
+cargo build --release --locked -p control-plane >&2
+cargo build --release --locked -p auth --example argon2_rate >&2
 bin=target/release/skygate-control-plane
 
 work=$(mktemp -d /tmp/skygate-bench-api.XXXXXX)
@@ -45,11 +49,22 @@ trap cleanup EXIT
 
 rss() { awk '/^VmRSS:/ {print int($2 / 1024)}' "/proc/$pid/status"; }
 
+# Scripted rows show the first answer that was not 2xx, to say why.
+cat >"$work/first-bad.lua" <<'LUA'
+local shown = false
+function response(status, headers, body)
+  if status >= 300 and not shown then
+    shown = true
+    print("first bad answer: " .. status .. " " .. string.sub(body or "", 1, 300))
+  end
+end
+LUA
 cat >"$work/login.lua" <<'LUA'
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
 wrk.body = '{"username":"small","password":"bench passphrase 1"}'
 LUA
+cat "$work/first-bad.lua" >>"$work/login.lua"
 # Each request a new hostname: the run id (argument) and a per-thread counter.
 cat >"$work/create.lua" <<'LUA'
 wrk.method = "POST"
@@ -62,6 +77,7 @@ function request()
     '","image":"tiny","vcpus":1,"memory_mib":256,"disk_gib":1}')
 end
 LUA
+cat "$work/first-bad.lua" >>"$work/create.lua"
 
 # One wrk run; prints "<ok_per_s> <p99_ms> <bad>" where bad counts non-2xx answers and socket
 # errors (never counted as done).
@@ -78,6 +94,9 @@ total, span = int(m.group(1)), float(m.group(2)) * {"ms": 0.001, "s": 1, "m": 60
 bad = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", text))
 bad += sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
 p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", text)
+first_bad = re.search(r"first bad answer: .*", text)
+if first_bad:
+    print(first_bad.group(0), file=sys.stderr)
 p99_ms = float(p99.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)] if p99 else float("nan")
 print(f"{max(total - bad, 0) / span:.0f} {p99_ms:.1f} {bad}")
 PY

@@ -72,7 +72,7 @@ cleanup() {
     for f in "${SKYGATE_DEV_DIR}"/control-plane.log "${SKYGATE_DEV_DIR}"/agent-1.log; do
       [[ -f ${f} ]] || continue
       echo "--- the end of ${f} (without access-log lines) ---" >&2
-      grep -v 'finished processing request' "${f}" | tail -n 20 >&2
+      grep -v 'skygate::access' "${f}" | tail -n 20 >&2
     done
   fi
   scripts/dev-cluster.sh purge >/dev/null 2>&1 || say "warning: 'scripts/dev-cluster.sh purge' failed"

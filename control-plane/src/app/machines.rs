@@ -163,6 +163,7 @@ impl App {
             owner_id: who.user_id,
             hostname,
             image_id: image.id,
+            image_name: image.name.clone(),
             vcpus: req.vcpus,
             memory_mib: req.memory_mib,
             disk_gib: req.disk_gib,
@@ -171,7 +172,7 @@ impl App {
         };
         let machine = self
             .store
-            .machine_create(&new, &self.settings.quota, key)
+            .machine_create(new, &self.settings.quota, key)
             .await?;
         tracing::info!(machine_id = %machine.id, owner = %who.user_id, "machine created");
         Ok(machine)

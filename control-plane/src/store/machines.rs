@@ -10,10 +10,11 @@
 //! rebuild a domain.
 
 use super::idempotency::{complete_in_txn, ClaimedKey};
+use super::machine_create::CREATED_MESSAGE;
 use super::machine_events::event_in_txn;
-use super::tasks::{capacity_changed_in_txn, enqueue_in_txn};
+use super::tasks::{capacity_changed_in_txn, enqueue_in_txn, now_sql};
 use super::usage::{usage_add_in_txn, usage_lock_in_txn, usage_release_in_txn};
-use super::{from_micros, is_unique_violation, parse_col, to_micros, Store};
+use super::{from_micros, is_unique_violation, parse_col, to_micros, Backend, Store};
 use crate::error::{Error, Result};
 use crate::model::machine_state::{self, Action};
 use crate::model::scheduler::Resources;
@@ -32,6 +33,8 @@ pub struct NewMachine {
     pub owner_id: UserId,
     pub hostname: Hostname,
     pub image_id: ImageId,
+    /// The image's name, as the created machine shows it.
+    pub image_name: String,
     pub vcpus: i64,
     pub memory_mib: i64,
     pub disk_gib: i64,
@@ -244,90 +247,103 @@ async fn live_by_hostname_in_txn(
         .transpose()
 }
 
+/// One create inside `tx` (see [`Store::machine_create`]): the owner's total locked first, so
+/// that neither the hostname check nor the quota check can race.
+pub(crate) async fn insert_one_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    backend: Backend,
+    new: &NewMachine,
+    quota: &Quota,
+) -> Result<Machine> {
+    let now: i64 = sqlx::query_scalar(now_sql(backend))
+        .fetch_one(&mut **tx)
+        .await?;
+    let id = MachineId::new();
+    let current = usage_lock_in_txn(tx, backend, new.owner_id).await?;
+    if let Some(existing) = live_by_hostname_in_txn(tx, new.owner_id, new.hostname.as_str()).await?
+    {
+        return Err(Error::HostnameTaken {
+            hostname: new.hostname.to_string(),
+            existing,
+        });
+    }
+    let asked = Usage {
+        machines: 1,
+        vcpus: new.vcpus,
+        memory_mib: new.memory_mib,
+    };
+    quota.admits(current, asked).map_err(Error::QuotaExceeded)?;
+    usage_add_in_txn(tx, new.owner_id, asked).await?;
+    let keys = serde_json::to_string(&new.ssh_keys)
+        .map_err(|e| Error::Internal(format!("ssh keys to JSON: {e}")))?;
+    let res = sqlx::query(
+        "INSERT INTO machines (id, owner_id, hostname, status, desired_state, image_id, vcpus, \
+         memory_mib, disk_gib, ssh_keys, user_data, created_at, updated_at, \
+         status_changed_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $12)",
+    )
+    .bind(id.to_string())
+    .bind(new.owner_id.to_string())
+    .bind(new.hostname.as_str())
+    .bind(MachineStatus::Pending.as_str())
+    .bind(DesiredState::Running.as_str())
+    .bind(new.image_id.to_string())
+    .bind(new.vcpus)
+    .bind(new.memory_mib)
+    .bind(new.disk_gib)
+    .bind(keys)
+    .bind(new.user_data.as_deref())
+    .bind(now)
+    .execute(&mut **tx)
+    .await;
+    if let Err(e) = res {
+        // Another replica took the name since the check above (the lock is per owner and
+        // replica-wide, so only a racing replica's create gets here); still 409, not 500.
+        if is_unique_violation(&e) {
+            return Err(Error::Conflict(format!(
+                "a machine named '{}' already exists",
+                new.hostname
+            )));
+        }
+        return Err(e.into());
+    }
+    event_in_txn(
+        tx,
+        id,
+        "create",
+        MachineStatus::Pending,
+        CREATED_MESSAGE,
+        now,
+    )
+    .await?;
+    enqueue_in_txn(tx, backend, id, TaskKind::Provision).await?;
+    let sql = format!("{SELECT} WHERE m.id = $1");
+    from_row(
+        &sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_one(&mut **tx)
+            .await?,
+    )
+}
+
 impl Store {
     /// Creates a machine in `pending`, within the owner's quota and with a hostname unique
-    /// among the owner's live machines, and writes its first event. With a claimed
-    /// Idempotency-Key, the key records the new machine in the same transaction.
+    /// among the owner's live machines, and writes its first event and its provision task.
+    /// Creates without a key are written many per transaction (`machine_create`'s queue);
+    /// with a claimed Idempotency-Key, the key records the new machine in the create's own
+    /// transaction.
     pub async fn machine_create(
         &self,
-        new: &NewMachine,
+        new: NewMachine,
         quota: &Quota,
         key: Option<ClaimedKey<'_>>,
     ) -> Result<Machine> {
-        let now = to_micros(self.clock().await?);
-        let id = MachineId::new();
-        let owner = new.owner_id.to_string();
-        let mut tx = self.begin_write().await?;
-        // First: it serialises this owner's creates, so neither the hostname check nor the
-        // quota check below can race.
-        let current = usage_lock_in_txn(&mut tx, self.backend(), new.owner_id).await?;
-        if let Some(existing) =
-            live_by_hostname_in_txn(&mut tx, new.owner_id, new.hostname.as_str()).await?
-        {
-            return Err(Error::HostnameTaken {
-                hostname: new.hostname.to_string(),
-                existing,
-            });
-        }
-        let asked = Usage {
-            machines: 1,
-            vcpus: new.vcpus,
-            memory_mib: new.memory_mib,
+        let Some(claimed) = key else {
+            return self.creates.create(new, *quota).await;
         };
-        quota.admits(current, asked).map_err(Error::QuotaExceeded)?;
-        usage_add_in_txn(&mut tx, new.owner_id, asked).await?;
-        let keys = serde_json::to_string(&new.ssh_keys)
-            .map_err(|e| Error::Internal(format!("ssh keys to JSON: {e}")))?;
-        let res = sqlx::query(
-            "INSERT INTO machines (id, owner_id, hostname, status, desired_state, image_id, vcpus, \
-             memory_mib, disk_gib, ssh_keys, user_data, created_at, updated_at, \
-             status_changed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $12)",
-        )
-        .bind(id.to_string())
-        .bind(&owner)
-        .bind(new.hostname.as_str())
-        .bind(MachineStatus::Pending.as_str())
-        .bind(DesiredState::Running.as_str())
-        .bind(new.image_id.to_string())
-        .bind(new.vcpus)
-        .bind(new.memory_mib)
-        .bind(new.disk_gib)
-        .bind(keys)
-        .bind(new.user_data.as_deref())
-        .bind(now)
-        .execute(&mut *tx)
-        .await;
-        if let Err(e) = res {
-            // Only reachable if the lock above were bypassed; still answer 409, not 500.
-            if is_unique_violation(&e) {
-                return Err(Error::Conflict(format!(
-                    "a machine named '{}' already exists",
-                    new.hostname
-                )));
-            }
-            return Err(e.into());
-        }
-        event_in_txn(
-            &mut tx,
-            id,
-            "create",
-            MachineStatus::Pending,
-            "machine requested; waiting for a host",
-            now,
-        )
-        .await?;
-        enqueue_in_txn(&mut tx, self.backend(), id, TaskKind::Provision).await?;
-        let sql = format!("{SELECT} WHERE m.id = $1");
-        let created = from_row(
-            &sqlx::query(&sql)
-                .bind(id.to_string())
-                .fetch_one(&mut *tx)
-                .await?,
-        )?;
-        if let Some(claimed) = key {
-            complete_in_txn(&mut tx, claimed, id).await?;
-        }
+        let mut tx = self.begin_write().await?;
+        let created = insert_one_in_txn(&mut tx, self.backend(), &new, quota).await?;
+        complete_in_txn(&mut tx, claimed, created.id).await?;
         tx.commit().await?;
         Ok(created)
     }

@@ -10,6 +10,7 @@
 pub mod hosts;
 pub mod idempotency;
 pub mod images;
+mod machine_create;
 pub mod machine_events;
 pub mod machines;
 pub mod placement;
@@ -54,6 +55,8 @@ pub struct Store {
     backend: Backend,
     /// Account rows kept between requests (see `user_cache`).
     users: std::sync::Arc<user_cache::UserCache>,
+    /// Creates waiting to be written together (see `machine_create`).
+    creates: machine_create::CreateQueue,
 }
 
 impl Store {
@@ -112,11 +115,13 @@ impl Store {
             Backend::Sqlite => user_cache::UserCache::local(),
             Backend::Postgres => user_cache::listening(&url).await?,
         };
+        let creates = machine_create::CreateQueue::start(write.clone(), backend);
         Ok(Self {
             read,
             write,
             backend,
             users,
+            creates,
         })
     }
 

@@ -117,7 +117,7 @@ pub(crate) async fn capacity_changed_in_txn(
     Ok(())
 }
 
-fn now_sql(backend: Backend) -> &'static str {
+pub(crate) fn now_sql(backend: Backend) -> &'static str {
     match backend {
         Backend::Postgres => POSTGRES_NOW,
         Backend::Sqlite => SQLITE_NOW,

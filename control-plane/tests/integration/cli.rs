@@ -116,7 +116,7 @@ async fn serve_and_admin_create_work_on_a_bare_data_dir() {
     // The access log names the route template, the client and the authenticated user.
     let profile_line = log
         .lines()
-        .find(|l| l.contains("\"route\":\"/api/v1/auth/profile\"") && l.contains("finished"))
+        .find(|l| l.contains("\"route\":\"/api/v1/auth/profile\"") && l.contains("answered"))
         .unwrap_or_else(|| panic!("no access log line for the profile route: {log}"));
     assert!(
         profile_line.contains(me["id"].as_str().unwrap()),

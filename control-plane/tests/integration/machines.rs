@@ -10,6 +10,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 both_stores!(
+    creates_written_together_are_each_judged_alone,
     create_read_list_and_delete_a_machine,
     machine_input_is_validated,
     duplicate_hostname_names_the_existing_machine_and_frees_after_delete,
@@ -318,6 +319,72 @@ async fn duplicate_hostname_names_the_existing_machine_and_frees_after_delete(ba
     );
     let again: Value = t.create_machine(&ann, "web").await.json().await.unwrap();
     assert_ne!(again["id"], first["id"]);
+    t.stop().await;
+}
+
+/// Creates that arrive together are written together (one transaction for many); each is
+/// still judged alone: of two with one name, one is made and the other names it; other
+/// tenants' creates in the same batch are not affected; what the answer shows is what a read
+/// shows.
+async fn creates_written_together_are_each_judged_alone(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let bob = t.user("bob").await;
+    let asks: Vec<(&crate::common::Session, String)> = (0..48)
+        .map(|i| match i % 3 {
+            0 | 1 => (&ann, format!("a{}", i / 3)),
+            _ => (&bob, format!("a{}", i / 3)),
+        })
+        .collect();
+    let creates = asks.iter().map(|(who, name)| t.create_machine(who, name));
+    let results = futures::future::join_all(creates).await;
+    let mut made: std::collections::HashMap<(bool, String), String> = Default::default();
+    let mut refused = Vec::new();
+    for (i, res) in results.into_iter().enumerate() {
+        let is_ann = i % 3 != 2;
+        match res.status() {
+            StatusCode::ACCEPTED => {
+                let m: Value = res.json().await.unwrap();
+                let shown = t
+                    .get_json(
+                        if is_ann { &ann } else { &bob },
+                        &format!("/machines/{}", m["id"].as_str().unwrap()),
+                    )
+                    .await;
+                assert_eq!(shown["hostname"], m["hostname"]);
+                assert_eq!(shown["status"], "pending");
+                assert_eq!(shown["image"], m["image"]);
+                assert_eq!(shown["created_at"], m["created_at"], "{shown} vs {m}");
+                let previous = made.insert(
+                    (is_ann, m["hostname"].as_str().unwrap().to_owned()),
+                    m["id"].as_str().unwrap().to_owned(),
+                );
+                assert!(previous.is_none(), "two machines named {}", m["hostname"]);
+            }
+            StatusCode::CONFLICT => {
+                assert!(is_ann, "bob's names are all distinct");
+                refused.push(problem(res, StatusCode::CONFLICT).await);
+            }
+            other => panic!("create {i}: {other}"),
+        }
+    }
+    // 16 names each for ann (asked twice) and bob (once).
+    assert_eq!(made.len(), 32);
+    assert_eq!(refused.len(), 16);
+    for p in refused {
+        let name = p["detail"]
+            .as_str()
+            .unwrap()
+            .split('\'')
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            p["existing_machine_id"].as_str(),
+            made.get(&(true, name)).map(String::as_str)
+        );
+    }
     t.stop().await;
 }
 

@@ -52,6 +52,8 @@ impl ServerProcess {
             ])
             .args(extra)
             .env("SKYGATE_DATA_DIR", data_dir)
+            // The full access log, as an operator enables it (successful answers are debug).
+            .env("RUST_LOG", "info,skygate::access=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
