@@ -390,29 +390,39 @@ impl Store {
             format!("${n}")
         };
         let owner = who.owner();
-        if owner.is_some() {
-            filters.push(format!("m.owner_id = {}", param()));
-        }
+        // A tenant's page is a range of the (owner_id, seq) index, said as a row comparison.
+        // Said as `owner_id = $1 ... ORDER BY seq DESC`, PostgreSQL walked the primary key
+        // backwards and filtered by owner instead, reading every newer machine of every other
+        // tenant: a tenant whose machines were older than a big neighbour's listed at 900/s
+        // (issue 12). This form keeps the owner in the order, so only that index serves it.
+        let order = if owner.is_some() {
+            let (o, before) = (param(), param());
+            filters.push(format!(
+                "(m.owner_id, m.seq) < ({o}, {before}) AND m.owner_id >= {o}"
+            ));
+            "m.owner_id DESC, m.seq DESC"
+        } else {
+            if before_seq.is_some() {
+                filters.push(format!("m.seq < {}", param()));
+            }
+            "m.seq DESC"
+        };
         if status.is_some() {
             filters.push(format!("m.status = {}", param()));
         }
-        if before_seq.is_some() {
-            filters.push(format!("m.seq < {}", param()));
-        }
         let sql = format!(
-            "{SELECT} WHERE {} ORDER BY m.seq DESC LIMIT {}",
+            "{SELECT} WHERE {} ORDER BY {order} LIMIT {}",
             filters.join(" AND "),
             param()
         );
         let mut query = sqlx::query(&sql);
         if let Some(owner) = owner {
-            query = query.bind(owner);
+            query = query.bind(owner).bind(before_seq.unwrap_or(i64::MAX));
+        } else if let Some(seq) = before_seq {
+            query = query.bind(seq);
         }
         if let Some(status) = status {
             query = query.bind(status.as_str());
-        }
-        if let Some(seq) = before_seq {
-            query = query.bind(seq);
         }
         let rows = query.bind(limit).fetch_all(self.reader()).await?;
         rows.iter().map(from_row).collect()
