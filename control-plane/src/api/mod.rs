@@ -274,7 +274,8 @@ pub fn router(app: Arc<App>, settings: &HttpSettings) -> Router {
         // failures warn.
         .on_response(
             |res: &axum::http::Response<_>, latency: Duration, _span: &tracing::Span| {
-                let (status, latency_ms) = (res.status().as_u16(), latency.as_millis());
+                let status = res.status().as_u16();
+                let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
                 if res.status().is_client_error() {
                     tracing::info!(target: "skygate::access", status, latency_ms, "refused");
                 } else if !res.status().is_server_error() {

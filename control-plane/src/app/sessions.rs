@@ -225,16 +225,13 @@ impl App {
                 .user_rehash_password(user.id, &user.password_hash, &hash)
                 .await?;
         }
-        self.store
-            .login_failures_clear(username, &client_key)
-            .await?;
         let family = Family {
             id: Uuid::new_v4(),
             created_at: now,
         };
         let refresh = RefreshToken::generate();
         self.store
-            .refresh_token_insert(user.id, &refresh.hash(), family, now)
+            .login_succeeded(username, &client_key, user.id, &refresh.hash(), family, now)
             .await?;
         tracing::info!(target: "skygate::auth", event = "login", %client, user_id = %user.id, family_id = %family.id, "logged in");
         self.access_pair(user.id, user.role, user.session_version, refresh)

@@ -47,14 +47,23 @@ pub struct LoginAttempts {
 }
 
 impl Store {
-    /// Stores a new refresh token (only its hash) in `family`.
-    pub async fn refresh_token_insert(
+    /// A successful login: forgets `client`'s failed attempts on `username` (others' stay) and
+    /// stores the new session's refresh token (only its hash) in `family`, in one transaction.
+    pub async fn login_succeeded(
         &self,
+        username: &str,
+        client: &str,
         user_id: UserId,
         token_hash: &str,
         family: Family,
         now: DateTime<Utc>,
     ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM login_failures WHERE username = $1 AND client = $2")
+            .bind(username)
+            .bind(client)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "INSERT INTO refresh_tokens (id, user_id, family_id, family_created_at, token_hash, \
              expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -66,8 +75,9 @@ impl Store {
         .bind(token_hash)
         .bind(to_micros(refresh::expires_at(now, family.created_at)))
         .bind(to_micros(now))
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -240,16 +250,6 @@ impl Store {
         .bind(client)
         .execute(&self.write)
         .await?;
-        Ok(())
-    }
-
-    /// Forgets `client`'s failed logins on `username` after a success (others' stay).
-    pub async fn login_failures_clear(&self, username: &str, client: &str) -> Result<()> {
-        sqlx::query("DELETE FROM login_failures WHERE username = $1 AND client = $2")
-            .bind(username)
-            .bind(client)
-            .execute(&self.write)
-            .await?;
         Ok(())
     }
 
