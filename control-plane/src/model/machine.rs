@@ -4,7 +4,9 @@
 use super::{DesiredState, MachineId, MachineNetwork, MachineStatus, UserId};
 use chrono::{DateTime, Utc};
 
-/// A stored machine (live, unless a caller asked for history).
+/// A stored machine (live, unless a caller asked for history), as tenants see it. What it
+/// boots with (keys, user data) is read only for its agent (`TaskMachine`): a list page does
+/// not carry up to 64 KiB of user data per row that no answer shows.
 #[derive(Debug, Clone)]
 pub struct Machine {
     /// Strictly increasing creation order; the keyset for pagination.
@@ -21,8 +23,6 @@ pub struct Machine {
     pub vcpus: i64,
     pub memory_mib: i64,
     pub disk_gib: i64,
-    pub ssh_keys: Vec<String>,
-    pub user_data: Option<String>,
     pub network: Option<MachineNetwork>,
     pub failure_reason: Option<String>,
     pub created_at: DateTime<Utc>,

@@ -386,8 +386,6 @@ fn created(new: &NewMachine, id: MachineId, seq: i64, now: i64) -> Machine {
         vcpus: new.vcpus,
         memory_mib: new.memory_mib,
         disk_gib: new.disk_gib,
-        ssh_keys: new.ssh_keys.clone(),
-        user_data: new.user_data.clone(),
         network: None,
         failure_reason: None,
         created_at: at,

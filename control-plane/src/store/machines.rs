@@ -187,8 +187,8 @@ impl TransitionOutcome {
 }
 
 const SELECT: &str = "SELECT m.seq, m.id, m.owner_id, m.hostname, m.status, m.desired_state, \
-    h.name AS host_name, h.state AS host_state, i.name AS image_name, m.vcpus, m.memory_mib, m.disk_gib, m.ssh_keys, \
-    m.user_data, m.network, m.failure_reason, m.created_at, m.updated_at \
+    h.name AS host_name, h.state AS host_state, i.name AS image_name, m.vcpus, m.memory_mib, m.disk_gib, \
+    m.network, m.failure_reason, m.created_at, m.updated_at \
     FROM machines m JOIN images i ON i.id = m.image_id LEFT JOIN hosts h ON h.id = m.host_id";
 
 fn json_col<T: serde::de::DeserializeOwned>(text: Option<String>, col: &str) -> Result<Option<T>> {
@@ -214,8 +214,6 @@ fn from_row(row: &AnyRow) -> Result<Machine> {
         vcpus: row.try_get("vcpus")?,
         memory_mib: row.try_get("memory_mib")?,
         disk_gib: row.try_get("disk_gib")?,
-        ssh_keys: json_col(row.try_get("ssh_keys")?, "machines.ssh_keys")?.unwrap_or_default(),
-        user_data: row.try_get("user_data")?,
         network: json_col(row.try_get("network")?, "machines.network")?,
         failure_reason: row.try_get("failure_reason")?,
         created_at: from_micros(row.try_get("created_at")?),
