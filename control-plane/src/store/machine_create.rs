@@ -229,16 +229,28 @@ fn placeholders(first: usize, n: usize) -> String {
 }
 
 /// Which of `names` are live machines of `owner` already, and their ids.
+///
+/// One exact lookup of the `(owner_id, hostname)` index per name, joined by `UNION ALL`.
+/// Asked as `hostname IN (...)`, PostgreSQL looked the owner up in that index and filtered
+/// every one of the owner's machines by name whenever its statistics said the owner had few
+/// (as they do while a new tenant creates thousands): each batch read them all, and creates
+/// slowed as the tenant grew (issue 12: 2,200/s, then 1,300/s, then 1,000/s in three
+/// six-second runs).
 async fn live_hostnames_in_txn(
     tx: &mut Transaction<'static, Any>,
     owner: UserId,
     names: &HashSet<&str>,
 ) -> Result<HashMap<String, MachineId>> {
-    let sql = format!(
-        "SELECT hostname, id FROM machines WHERE owner_id = $1 AND deleted_at IS NULL \
-         AND hostname IN {}",
-        placeholders(2, names.len())
-    );
+    let lookups: Vec<String> = (0..names.len())
+        .map(|n| {
+            format!(
+                "SELECT hostname, id FROM machines WHERE owner_id = $1 AND hostname = ${} \
+                 AND deleted_at IS NULL",
+                n + 2
+            )
+        })
+        .collect();
+    let sql = lookups.join(" UNION ALL ");
     let mut query = sqlx::query(&sql).bind(owner.to_string());
     for name in names {
         query = query.bind(*name);

@@ -281,12 +281,10 @@ async fn machine_input_is_validated(backend: Backend) {
         .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     let m: Value = res.json().await.unwrap();
+    // What the machine's agent will be sent.
     let rec = t
         .store
-        .machine_get(
-            m["id"].as_str().unwrap().parse().unwrap(),
-            control_plane::store::machines::Visibility::All,
-        )
+        .machine_for_task(m["id"].as_str().unwrap().parse().unwrap())
         .await
         .unwrap()
         .unwrap();
