@@ -14,6 +14,10 @@
 //!
 //! A read that raced a change must not put the old row back: every drop bumps an epoch, and a
 //! row read from the database is kept only if no drop happened since the read began.
+//!
+//! So every write to `users` (a role change, a disabled account, ...) goes through
+//! `users.rs`'s `announce_in_txn` and `announced`; a write that skipped them would leave other
+//! requests on this and other replicas with the old row.
 
 use super::users::UserRecord;
 use crate::model::UserId;
