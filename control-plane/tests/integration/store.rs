@@ -343,6 +343,10 @@ async fn a_database_of_earlier_migrations_upgrades_with_its_machines_intact(back
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].message, "machine requested");
     assert_eq!(store.task_pending_count(id).await.unwrap(), 1);
+    // Its owner's running total (migration 0008) holds what the machine holds, so quotas
+    // count it.
+    let usage = store.tenant_usage(user.parse().unwrap()).await.unwrap();
+    assert_eq!((usage.machines, usage.vcpus, usage.memory_mib), (1, 1, 256));
     // The finished key still answers with its machine.
     let claim = store
         .idempotency_claim(
