@@ -139,13 +139,13 @@ async fn try_batch(pool: &AnyPool, backend: Backend, jobs: &[Job]) -> Result<Vec
     let now: i64 = sqlx::query_scalar(now_sql(backend))
         .fetch_one(&mut *tx)
         .await?;
-    // Owners in arrival order, each locked once; then their hostnames in one query each.
+    // Each owner locked once, in id order (two replicas' batches locking the same owners in
+    // different orders would deadlock); then their hostnames in one query each.
+    let mut order: Vec<UserId> = jobs.iter().map(|j| j.new.owner_id).collect();
+    order.sort_by_key(ToString::to_string);
+    order.dedup();
     let mut owners: HashMap<UserId, OwnerState> = HashMap::new();
-    for job in jobs {
-        let owner = job.new.owner_id;
-        if owners.contains_key(&owner) {
-            continue;
-        }
+    for owner in order {
         let usage = usage_lock_in_txn(&mut tx, backend, owner).await?;
         let names: HashSet<&str> = jobs
             .iter()

@@ -91,8 +91,10 @@ impl Store {
                             // PostgreSQL re-planned the machine list on every execution (its
                             // generic plan looked dearer than the custom ones), and planning
                             // cost more than running it: 6,500 lists/s, 11,400 with this
-                            // (issue 12). Every statement here is written so that its plan
-                            // does not depend on the values bound (key ranges, exact lookups).
+                            // (issue 12). Statements are written so that their plan does
+                            // not depend on the values bound (key ranges, exact lookups); the
+                            // optional bounds (`$n IS NULL OR ...`) of small per-machine reads
+                            // such as events are filters on an index lookup either way.
                             conn.execute("SET plan_cache_mode = force_generic_plan")
                                 .await?;
                         }

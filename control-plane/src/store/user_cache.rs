@@ -7,17 +7,23 @@
 //!
 //! - on this replica, by the store's own writes, right after they commit;
 //! - on PostgreSQL, for every replica, by a `NOTIFY` sent inside the writing transaction (so it
-//!   is delivered exactly when the change commits) to a listener each replica keeps. The writer
-//!   answers only after its own listener has heard the notice, that is after PostgreSQL has
-//!   handed it to every listening replica. While a replica's listener is not connected, it could
-//!   miss a notice, so it keeps nothing and reads the row every time.
+//!   is delivered when the change commits) to a listener each replica keeps. The writer answers
+//!   only after its own listener has heard the notice: PostgreSQL signals every listening
+//!   session at that commit, so the other replicas have it then too, and drop the row as soon
+//!   as their listener reads it (on one machine, well before a client can send its next
+//!   request; not ordered with the answer, so "at once" here means that, not a guarantee).
+//!   A replica whose listener may miss a notice keeps nothing and reads the row every time:
+//!   while it is not connected, after a writer's own notice failed to come back (a connection
+//!   that died without closing, a pooler that drops `LISTEN`), and when the connection fails
+//!   the liveness query it is asked every 5 s.
 //!
 //! A read that raced a change must not put the old row back: every drop bumps an epoch, and a
 //! row read from the database is kept only if no drop happened since the read began.
 //!
-//! So every write to `users` (a role change, a disabled account, ...) goes through
-//! `users.rs`'s `announce_in_txn` and `announced`; a write that skipped them would leave other
-//! requests on this and other replicas with the old row.
+//! So every write that changes a `users` column (a role change, a disabled account, ...) goes
+//! through `users.rs`'s `announce_in_txn` and `announced`; a write that skipped them would
+//! leave other requests on this and other replicas with the old row. (Writes that only lock
+//! the row, `SET updated_at = updated_at`, change nothing.)
 
 use super::users::UserRecord;
 use crate::model::UserId;
@@ -25,7 +31,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 /// The PostgreSQL channel account changes are announced on; the payload is
 /// `<user id> <notice id>`.
@@ -37,6 +43,9 @@ const MAX_ROWS: usize = 100_000;
 
 /// How long a writer waits for its own notice before answering anyway.
 const NOTICE_WAIT: Duration = Duration::from_secs(2);
+
+/// How often the listener's connection is asked whether it is alive.
+const LIVENESS_EVERY: Duration = Duration::from_secs(5);
 
 /// How long the listener waits before connecting again after losing its connection.
 const RECONNECT_AFTER: Duration = Duration::from_millis(500);
@@ -57,6 +66,8 @@ pub(crate) struct UserCache {
     waiting: Mutex<HashMap<String, oneshot::Sender<()>>>,
     /// The listener task (PostgreSQL), ended with the cache.
     listener: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Tells the listener to connect again (see [`UserCache::distrust`]).
+    reconnect: Arc<Notify>,
 }
 
 impl Drop for UserCache {
@@ -85,6 +96,7 @@ impl UserCache {
             trusted: AtomicBool::new(trusted),
             waiting: Mutex::new(HashMap::new()),
             listener: Mutex::new(None),
+            reconnect: Arc::new(Notify::new()),
         }
     }
 
@@ -137,14 +149,19 @@ impl UserCache {
     }
 
     /// A notice id to send with a change, and the wait for it to come back.
-    pub(crate) fn expect_notice(&self) -> (String, NoticeWait) {
+    pub(crate) fn expect_notice(self: &Arc<Self>) -> (String, NoticeWait) {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let (tx, rx) = oneshot::channel();
         self.waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id.clone(), tx);
-        (id, NoticeWait(rx))
+        let wait = NoticeWait {
+            id: id.clone(),
+            heard: rx,
+            cache: Arc::clone(self),
+        };
+        (id, wait)
     }
 
     /// A notice arrived: drop the row, and release the writer waiting for it, if it is ours.
@@ -166,19 +183,46 @@ impl UserCache {
             }
         }
     }
+
+    /// The listener cannot be trusted (a notice it should have heard did not come): keep
+    /// nothing and have it connect again.
+    fn distrust(&self) {
+        self.reset(false);
+        self.reconnect.notify_one();
+    }
 }
 
-/// A writer's wait for its notice (see [`UserCache::expect_notice`]).
+/// A writer's wait for its notice (see [`UserCache::expect_notice`]); dropping it, waited for
+/// or not (a rolled-back change), forgets it.
 #[derive(Debug)]
-pub(crate) struct NoticeWait(oneshot::Receiver<()>);
+pub(crate) struct NoticeWait {
+    id: String,
+    heard: oneshot::Receiver<()>,
+    cache: Arc<UserCache>,
+}
 
 impl NoticeWait {
-    /// Waits, boundedly: a listener that is away keeps nothing cached, so waiting longer would
-    /// protect nothing.
-    pub(crate) async fn done(self) {
-        if tokio::time::timeout(NOTICE_WAIT, self.0).await.is_err() {
-            tracing::warn!("an account change's notice did not come back in time");
+    /// Waits, boundedly. A notice that does not come back means the listener is not hearing
+    /// what it should (a connection that died without closing, a pooler that drops `LISTEN`):
+    /// the cache stops keeping rows until the listener has connected again.
+    pub(crate) async fn done(mut self) {
+        if tokio::time::timeout(NOTICE_WAIT, &mut self.heard)
+            .await
+            .is_err()
+        {
+            tracing::warn!("an account change's notice did not come back in time; reading accounts uncached until the listener has connected again");
+            self.cache.distrust();
         }
+    }
+}
+
+impl Drop for NoticeWait {
+    fn drop(&mut self) {
+        self.cache
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
     }
 }
 
@@ -188,7 +232,13 @@ pub(crate) async fn listening(url: &str) -> Result<Arc<UserCache>, sqlx::Error> 
     let cache = Arc::new(UserCache::new(false));
     let listener = connect(url).await?;
     cache.reset(true);
-    let task = tokio::spawn(listen(url.to_owned(), Arc::downgrade(&cache), listener));
+    let reconnect = Arc::clone(&cache.reconnect);
+    let task = tokio::spawn(listen(
+        url.to_owned(),
+        Arc::downgrade(&cache),
+        reconnect,
+        listener,
+    ));
     *cache
         .listener
         .lock()
@@ -202,14 +252,47 @@ async fn connect(url: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
     Ok(listener)
 }
 
-async fn listen(url: String, cache: Weak<UserCache>, mut listener: sqlx::postgres::PgListener) {
+/// Why the listener stops hearing.
+enum Heard {
+    Notice(sqlx::postgres::PgNotification),
+    /// The connection dropped or did not answer: notices may have been lost.
+    Lost,
+}
+
+async fn listen(
+    url: String,
+    cache: Weak<UserCache>,
+    reconnect: Arc<Notify>,
+    mut listener: sqlx::postgres::PgListener,
+) {
+    let mut check = tokio::time::interval(LIVENESS_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        // `try_recv` answers `None` when the connection dropped: notices may have been lost.
-        let notice = listener.try_recv().await;
+        let heard = tokio::select! {
+            // `try_recv` answers `None` when the connection dropped.
+            notice = listener.try_recv() => match notice {
+                Ok(Some(n)) => Heard::Notice(n),
+                Ok(None) | Err(_) => Heard::Lost,
+            },
+            () = reconnect.notified() => Heard::Lost,
+            _ = check.tick() => {
+                // A connection that died without closing would wait here for ever: ask it
+                // something, boundedly (notices arriving meanwhile are kept for `try_recv`).
+                let alive = tokio::time::timeout(
+                    NOTICE_WAIT,
+                    sqlx::query("SELECT 1").execute(&mut listener),
+                )
+                .await;
+                if matches!(alive, Ok(Ok(_))) {
+                    continue;
+                }
+                Heard::Lost
+            }
+        };
         let Some(c) = cache.upgrade() else { return };
-        match notice {
-            Ok(Some(n)) => c.heard(n.payload()),
-            Ok(None) | Err(_) => {
+        match heard {
+            Heard::Notice(n) => c.heard(n.payload()),
+            Heard::Lost => {
                 c.reset(false);
                 drop(c);
                 tracing::warn!(
@@ -295,5 +378,23 @@ mod tests {
         cache.keep(cache.ticket(), row(id, 1));
         cache.heard("junk");
         assert!(cache.get(id).is_none());
+        // A wait given up (its change rolled back) is forgotten.
+        let (_, wait) = cache.expect_notice();
+        drop(wait);
+        assert!(cache.waiting.lock().unwrap().is_empty());
+    }
+
+    // Waits out NOTICE_WAIT (2 s) for real.
+    #[tokio::test]
+    async fn a_notice_that_does_not_come_back_distrusts_the_cache() {
+        let cache = UserCache::local();
+        let id = UserId::new();
+        cache.keep(cache.ticket(), row(id, 1));
+        let (_, wait) = cache.expect_notice();
+        wait.done().await;
+        assert!(cache.get(id).is_none());
+        cache.keep(cache.ticket(), row(id, 1));
+        assert!(cache.get(id).is_none(), "kept rows while distrusted");
+        assert!(cache.waiting.lock().unwrap().is_empty());
     }
 }
