@@ -5,18 +5,18 @@
 # (scripts/bench-api-seed.py), and drives every row with wrk at 32 connections on one thread:
 #
 #   GET /healthz                 the server's own ceiling for a request that touches nothing
-#   GET /auth/profile            authentication plus one account read
+#   GET /auth/profile            authentication plus the caller's account
 #   GET /machines?limit=10       from a tenant owning 2,200 machines
 #   POST /machines               one tenant owning 10 at the start, then one owning 10,000
 #   POST /auth/login             LOGIN_SECONDS of load; RSS before, after, and IDLE_SECONDS later
-#
-# The control plane runs without an agent registry (no hosts, no workers), as the peer had none:
-# creates are accepted and stay pending.
 #
 # plus the argon2 crate's own hash rate on the same cores (auth/examples/argon2_rate.rs). Only
 # 2xx answers are counted; anything else (and socket errors) is reported in the `bad` column.
 # (wrk's own counter is of answers >= 400; these routes have no redirects, so no 3xx can slip
 # through, and the scripted rows also print their first answer >= 300.)
+#
+# The control plane runs without an agent registry (no hosts, no workers), as the peer had none:
+# creates are accepted and stay pending.
 # The server and database are stopped/dropped by pid/name on exit.
 #
 #   scripts/bench-api.sh                    both stores, 15 s rows, 60 s login, 60 s rest
