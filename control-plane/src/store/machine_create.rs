@@ -12,7 +12,10 @@
 //!
 //! If a batch's transaction fails as a whole (a database error, or a hostname another replica
 //! took in the meantime), nothing of it was written and each create runs again alone, so one
-//! bad create cannot fail its neighbours.
+//! bad create cannot fail its neighbours. (A COMMIT that succeeded but whose answer was lost
+//! is the exception: the re-run finds each name taken by its own machine and answers 409 —
+//! clients that must know use an Idempotency-Key.) A create whose client went away while it
+//! waited in the queue is still written, as one whose answer was lost would be.
 
 use super::machines::{insert_one_in_txn, NewMachine};
 use super::tasks::now_sql;
