@@ -26,6 +26,17 @@ pub struct Usage {
     pub memory_mib: i64,
 }
 
+impl Usage {
+    /// Both held together.
+    pub fn plus(self, other: Usage) -> Usage {
+        Usage {
+            machines: self.machines.saturating_add(other.machines),
+            vcpus: self.vcpus.saturating_add(other.vcpus),
+            memory_mib: self.memory_mib.saturating_add(other.memory_mib),
+        }
+    }
+}
+
 impl Quota {
     /// Whether `current + request` stays within the limits; the error says which limit and by
     /// how much, so the tenant knows what to free.

@@ -17,10 +17,10 @@
 //! clients that must know use an Idempotency-Key.) A create whose client went away while it
 //! waited in the queue is still written, as one whose answer was lost would be.
 
-use super::machines::{insert_one_in_txn, NewMachine};
+use super::machines::NewMachine;
 use super::tasks::now_sql;
 use super::usage::{usage_add_in_txn, usage_lock_in_txn};
-use super::{is_unique_violation, Backend};
+use super::{begin_write_on, is_unique_violation, Backend};
 use crate::error::{Error, Result};
 use crate::model::{DesiredState, Machine, MachineId, MachineStatus, Quota, Usage, UserId};
 use sqlx::{Any, AnyPool, Row, Transaction};
@@ -90,7 +90,8 @@ async fn write(pool: AnyPool, backend: Backend, mut jobs: mpsc::Receiver<Job>) {
 /// One transaction for `jobs`; alone for each if it fails as a whole.
 async fn run_batch(pool: &AnyPool, backend: Backend, jobs: Vec<Job>) {
     if jobs.len() > 1 {
-        match try_batch(pool, backend, &jobs).await {
+        let creates: Vec<(&NewMachine, &Quota)> = jobs.iter().map(|j| (&j.new, &j.quota)).collect();
+        match in_own_txn(pool, backend, &creates).await {
             Ok(answers) => {
                 for (job, answer) in jobs.into_iter().zip(answers) {
                     let _ = job.answer.send(answer);
@@ -103,29 +104,30 @@ async fn run_batch(pool: &AnyPool, backend: Backend, jobs: Vec<Job>) {
         }
     }
     for job in jobs {
-        let answer = create_alone(pool, backend, &job.new, &job.quota).await;
+        let answer = in_own_txn(pool, backend, &[(&job.new, &job.quota)])
+            .await
+            .and_then(only);
         let _ = job.answer.send(answer);
     }
 }
 
-async fn begin(pool: &AnyPool, backend: Backend) -> Result<Transaction<'static, Any>> {
-    Ok(match backend {
-        Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
-        Backend::Postgres => pool.begin().await?,
-    })
-}
-
-/// A create in its own transaction (a batch of one, or a batch that failed).
-async fn create_alone(
+/// [`creates_in_txn`] in a transaction of its own, committed.
+async fn in_own_txn(
     pool: &AnyPool,
     backend: Backend,
-    new: &NewMachine,
-    quota: &Quota,
-) -> Result<Machine> {
-    let mut tx = begin(pool, backend).await?;
-    let machine = insert_one_in_txn(&mut tx, backend, new, quota).await?;
+    creates: &[(&NewMachine, &Quota)],
+) -> Result<Vec<Result<Machine>>> {
+    let mut tx = begin_write_on(pool, backend).await?;
+    let answers = creates_in_txn(&mut tx, backend, creates).await?;
     tx.commit().await?;
-    Ok(machine)
+    Ok(answers)
+}
+
+/// The answer of a batch of one.
+pub(crate) fn only(mut answers: Vec<Result<Machine>>) -> Result<Machine> {
+    answers
+        .pop()
+        .unwrap_or_else(|| Err(Error::Internal("a create was not answered".into())))
 }
 
 /// What one owner's creates in a batch hold: the locked total and the live hostnames met.
@@ -135,27 +137,31 @@ struct OwnerState {
     taken: HashMap<String, MachineId>,
 }
 
-/// The batch in one transaction: each job's answer, or an error for the whole (then nothing
-/// was written).
-async fn try_batch(pool: &AnyPool, backend: Backend, jobs: &[Job]) -> Result<Vec<Result<Machine>>> {
-    let mut tx = begin(pool, backend).await?;
+/// `creates` inside `tx`: each one's answer, in order, or an error for the whole (then `tx`
+/// must be dropped: what it wrote is not to be committed). A create with an Idempotency-Key
+/// is a batch of one in its key's transaction.
+pub(crate) async fn creates_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    backend: Backend,
+    creates: &[(&NewMachine, &Quota)],
+) -> Result<Vec<Result<Machine>>> {
     let now: i64 = sqlx::query_scalar(now_sql(backend))
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?;
     // Each owner locked once, in id order (two replicas' batches locking the same owners in
     // different orders would deadlock); then their hostnames in one query each.
-    let mut order: Vec<UserId> = jobs.iter().map(|j| j.new.owner_id).collect();
+    let mut order: Vec<UserId> = creates.iter().map(|(new, _)| new.owner_id).collect();
     order.sort_by_key(ToString::to_string);
     order.dedup();
     let mut owners: HashMap<UserId, OwnerState> = HashMap::new();
     for owner in order {
-        let usage = usage_lock_in_txn(&mut tx, backend, owner).await?;
-        let names: HashSet<&str> = jobs
+        let usage = usage_lock_in_txn(tx, backend, owner).await?;
+        let names: HashSet<&str> = creates
             .iter()
-            .filter(|j| j.new.owner_id == owner)
-            .map(|j| j.new.hostname.as_str())
+            .filter(|(new, _)| new.owner_id == owner)
+            .map(|(new, _)| new.hostname.as_str())
             .collect();
-        let taken = live_hostnames_in_txn(&mut tx, owner, &names).await?;
+        let taken = live_hostnames_in_txn(tx, owner, &names).await?;
         owners.insert(
             owner,
             OwnerState {
@@ -166,10 +172,9 @@ async fn try_batch(pool: &AnyPool, backend: Backend, jobs: &[Job]) -> Result<Vec
         );
     }
     // Judge each create in order against what the ones before it left.
-    let mut answers: Vec<Option<Result<Machine>>> = Vec::with_capacity(jobs.len());
+    let mut answers: Vec<Option<Result<Machine>>> = Vec::with_capacity(creates.len());
     let mut accepted: Vec<(usize, MachineId)> = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
-        let new = &job.new;
+    for (i, (new, quota)) in creates.iter().enumerate() {
         let Some(state) = owners.get_mut(&new.owner_id) else {
             return Err(Error::Internal("a create's owner was not locked".into()));
         };
@@ -185,40 +190,33 @@ async fn try_batch(pool: &AnyPool, backend: Backend, jobs: &[Job]) -> Result<Vec
             vcpus: new.vcpus,
             memory_mib: new.memory_mib,
         };
-        let current = Usage {
-            machines: state.usage.machines + state.added.machines,
-            vcpus: state.usage.vcpus + state.added.vcpus,
-            memory_mib: state.usage.memory_mib + state.added.memory_mib,
-        };
-        if let Err(why) = job.quota.admits(current, asked) {
+        if let Err(why) = quota.admits(state.usage.plus(state.added), asked) {
             answers.push(Some(Err(Error::QuotaExceeded(why))));
             continue;
         }
         let id = MachineId::new();
-        state.added.machines += 1;
-        state.added.vcpus += asked.vcpus;
-        state.added.memory_mib += asked.memory_mib;
+        state.added = state.added.plus(asked);
         state.taken.insert(new.hostname.to_string(), id);
         accepted.push((i, id));
         answers.push(None);
     }
+    if accepted.is_empty() {
+        return Ok(answers.into_iter().flatten().collect());
+    }
     for (owner, state) in &owners {
         if state.added.machines > 0 {
-            usage_add_in_txn(&mut tx, *owner, state.added).await?;
+            usage_add_in_txn(tx, *owner, state.added).await?;
         }
     }
-    if !accepted.is_empty() {
-        let seqs = insert_machines_in_txn(&mut tx, jobs, &accepted, now).await?;
-        insert_first_events_in_txn(&mut tx, &accepted, now).await?;
-        insert_provision_tasks_in_txn(&mut tx, &accepted, now).await?;
-        for (i, id) in &accepted {
-            let seq = *seqs
-                .get(id)
-                .ok_or_else(|| Error::Internal(format!("no seq returned for machine {id}")))?;
-            answers[*i] = Some(Ok(created(&jobs[*i].new, *id, seq, now)));
-        }
+    let seqs = insert_machines_in_txn(tx, creates, &accepted, now).await?;
+    insert_first_events_in_txn(tx, &accepted, now).await?;
+    insert_provision_tasks_in_txn(tx, &accepted, now).await?;
+    for (i, id) in &accepted {
+        let seq = *seqs
+            .get(id)
+            .ok_or_else(|| Error::Internal(format!("no seq returned for machine {id}")))?;
+        answers[*i] = Some(Ok(created(creates[*i].0, *id, seq, now)));
     }
-    tx.commit().await?;
     Ok(answers
         .into_iter()
         .map(|a| a.unwrap_or_else(|| Err(Error::Internal("a create was not answered".into()))))
@@ -274,7 +272,7 @@ const MACHINE_COLUMNS: usize = 12;
 /// The accepted machines in one statement; their `seq` by id.
 async fn insert_machines_in_txn(
     tx: &mut Transaction<'static, Any>,
-    jobs: &[Job],
+    creates: &[(&NewMachine, &Quota)],
     accepted: &[(usize, MachineId)],
     now: i64,
 ) -> Result<HashMap<MachineId, i64>> {
@@ -295,7 +293,7 @@ async fn insert_machines_in_txn(
     );
     let mut query = sqlx::query(&sql);
     for (i, id) in accepted {
-        let new = &jobs[*i].new;
+        let new = creates[*i].0;
         let keys = serde_json::to_string(&new.ssh_keys)
             .map_err(|e| Error::Internal(format!("ssh keys to JSON: {e}")))?;
         query = query
@@ -314,9 +312,17 @@ async fn insert_machines_in_txn(
     }
     let rows = match query.fetch_all(&mut **tx).await {
         Ok(rows) => rows,
-        // Another replica took a hostname since we looked: the batch runs again, alone each.
+        // Another replica took a hostname since we looked (the lock is per owner and per
+        // replica's transaction, not across replicas' creates): still 409, not 500. A batch
+        // of many runs again, alone each, to say which.
         Err(e) if is_unique_violation(&e) => {
-            return Err(Error::Conflict("a hostname was taken meanwhile".into()))
+            return Err(Error::Conflict(match accepted {
+                [(i, _)] => format!(
+                    "a machine named '{}' already exists",
+                    creates[*i].0.hostname
+                ),
+                _ => "a hostname was taken meanwhile".into(),
+            }))
         }
         Err(e) => return Err(e.into()),
     };

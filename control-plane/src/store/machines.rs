@@ -10,22 +10,22 @@
 //! rebuild a domain.
 
 use super::idempotency::{complete_in_txn, ClaimedKey};
-use super::machine_create::CREATED_MESSAGE;
+use super::machine_create::{creates_in_txn, only};
 use super::machine_events::event_in_txn;
-use super::tasks::{capacity_changed_in_txn, enqueue_in_txn, now_sql};
-use super::usage::{usage_add_in_txn, usage_lock_in_txn, usage_release_in_txn};
-use super::{from_micros, is_unique_violation, parse_col, to_micros, Backend, Store};
+use super::tasks::{capacity_changed_in_txn, enqueue_in_txn};
+use super::usage::usage_release_in_txn;
+use super::{from_micros, parse_col, to_micros, Store};
 use crate::error::{Error, Result};
 use crate::model::machine_state::{self, Action};
 use crate::model::scheduler::Resources;
-use crate::model::tasks::{self, FollowUp, TaskKind};
+use crate::model::tasks::{self, FollowUp};
 use crate::model::{
     DesiredState, Hostname, ImageId, KernelBoot, Machine, MachineId, MachineNetwork, MachineStatus,
-    Quota, Usage, UserId,
+    Quota, UserId,
 };
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
-use sqlx::{Any, Row, Transaction};
+use sqlx::Row;
 
 /// A validated request for a new machine.
 #[derive(Debug, Clone)]
@@ -229,101 +229,6 @@ fn snapshot_of(r: &AnyRow) -> Result<MachineSnapshot> {
     })
 }
 
-async fn live_by_hostname_in_txn(
-    tx: &mut Transaction<'static, Any>,
-    owner: UserId,
-    hostname: &str,
-) -> Result<Option<MachineId>> {
-    let row = sqlx::query(
-        "SELECT id FROM machines WHERE owner_id = $1 AND hostname = $2 AND deleted_at IS NULL",
-    )
-    .bind(owner.to_string())
-    .bind(hostname)
-    .fetch_optional(&mut **tx)
-    .await?;
-    row.map(|r| parse_col(&r.try_get::<String, _>("id")?, "machines.id"))
-        .transpose()
-}
-
-/// One create inside `tx` (see [`Store::machine_create`]): the owner's total locked first, so
-/// that neither the hostname check nor the quota check can race.
-pub(crate) async fn insert_one_in_txn(
-    tx: &mut Transaction<'static, Any>,
-    backend: Backend,
-    new: &NewMachine,
-    quota: &Quota,
-) -> Result<Machine> {
-    let now: i64 = sqlx::query_scalar(now_sql(backend))
-        .fetch_one(&mut **tx)
-        .await?;
-    let id = MachineId::new();
-    let current = usage_lock_in_txn(tx, backend, new.owner_id).await?;
-    if let Some(existing) = live_by_hostname_in_txn(tx, new.owner_id, new.hostname.as_str()).await?
-    {
-        return Err(Error::HostnameTaken {
-            hostname: new.hostname.to_string(),
-            existing,
-        });
-    }
-    let asked = Usage {
-        machines: 1,
-        vcpus: new.vcpus,
-        memory_mib: new.memory_mib,
-    };
-    quota.admits(current, asked).map_err(Error::QuotaExceeded)?;
-    usage_add_in_txn(tx, new.owner_id, asked).await?;
-    let keys = serde_json::to_string(&new.ssh_keys)
-        .map_err(|e| Error::Internal(format!("ssh keys to JSON: {e}")))?;
-    let res = sqlx::query(
-        "INSERT INTO machines (id, owner_id, hostname, status, desired_state, image_id, vcpus, \
-         memory_mib, disk_gib, ssh_keys, user_data, created_at, updated_at, \
-         status_changed_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $12)",
-    )
-    .bind(id.to_string())
-    .bind(new.owner_id.to_string())
-    .bind(new.hostname.as_str())
-    .bind(MachineStatus::Pending.as_str())
-    .bind(DesiredState::Running.as_str())
-    .bind(new.image_id.to_string())
-    .bind(new.vcpus)
-    .bind(new.memory_mib)
-    .bind(new.disk_gib)
-    .bind(keys)
-    .bind(new.user_data.as_deref())
-    .bind(now)
-    .execute(&mut **tx)
-    .await;
-    if let Err(e) = res {
-        // Another replica took the name since the check above (the lock is per owner and
-        // replica-wide, so only a racing replica's create gets here); still 409, not 500.
-        if is_unique_violation(&e) {
-            return Err(Error::Conflict(format!(
-                "a machine named '{}' already exists",
-                new.hostname
-            )));
-        }
-        return Err(e.into());
-    }
-    event_in_txn(
-        tx,
-        id,
-        "create",
-        MachineStatus::Pending,
-        CREATED_MESSAGE,
-        now,
-    )
-    .await?;
-    enqueue_in_txn(tx, backend, id, TaskKind::Provision).await?;
-    let sql = format!("{SELECT} WHERE m.id = $1");
-    from_row(
-        &sqlx::query(&sql)
-            .bind(id.to_string())
-            .fetch_one(&mut **tx)
-            .await?,
-    )
-}
-
 impl Store {
     /// Creates a machine in `pending`, within the owner's quota and with a hostname unique
     /// among the owner's live machines, and writes its first event and its provision task.
@@ -340,7 +245,8 @@ impl Store {
             return self.creates.create(new, *quota).await;
         };
         let mut tx = self.begin_write().await?;
-        let created = insert_one_in_txn(&mut tx, self.backend(), &new, quota).await?;
+        let answers = creates_in_txn(&mut tx, self.backend(), &[(&new, quota)]).await?;
+        let created = only(answers)?;
         complete_in_txn(&mut tx, claimed, created.id).await?;
         tx.commit().await?;
         Ok(created)

@@ -166,15 +166,24 @@ impl Store {
     /// Starts a write transaction. On SQLite it takes the write lock up front (`IMMEDIATE`) so
     /// a read-then-write never fails half-way with `SQLITE_BUSY`.
     pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
-        Ok(match self.backend {
-            Backend::Sqlite => self.write.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.write.begin().await?,
-        })
+        begin_write_on(&self.write, self.backend).await
     }
 
     pub(crate) fn reader(&self) -> &AnyPool {
         &self.read
     }
+}
+
+/// [`Store::begin_write`] on the write pool `pool` (for the create writer, which holds the
+/// pool rather than the store).
+pub(crate) async fn begin_write_on(
+    pool: &AnyPool,
+    backend: Backend,
+) -> Result<Transaction<'static, Any>> {
+    Ok(match backend {
+        Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
+        Backend::Postgres => pool.begin().await?,
+    })
 }
 
 /// Now, as stored: Unix microseconds.

@@ -201,19 +201,7 @@ async fn an_accepted_create_survives_kill_9_of_the_control_plane(backend: crate:
     let server = ServerProcess::start(&data_dir, &[], &serve).await;
     let base = format!("{}/api/v1", server.base);
     let client = reqwest::Client::new();
-    let login = async |username: &str| -> String {
-        let res: Value = client
-            .post(format!("{base}/auth/login"))
-            .json(&json!({"username": username, "password": PASSWORD}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        res["access_token"].as_str().unwrap().to_owned()
-    };
-    let root = login("root").await;
+    let root = login_at(&client, &base, "root").await;
     let res = client
         .post(format!("{base}/images"))
         .bearer_auth(&root)
@@ -229,7 +217,7 @@ async fn an_accepted_create_survives_kill_9_of_the_control_plane(backend: crate:
         .await
         .unwrap();
     assert_eq!(res.status(), reqwest::StatusCode::CREATED);
-    let ann = login("ann").await;
+    let ann = login_at(&client, &base, "ann").await;
     let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let clients: Vec<_> = (0..16)
         .map(|c| {
