@@ -158,9 +158,10 @@ for store in $STORES; do
   if [[ -n "$db" ]]; then psql -q "$PG_URL_BASE/postgres" -c "DROP DATABASE IF EXISTS $db"; db=""; fi
 done
 
-python3 - "$results" "$argon2_rate" "$CONNECTIONS" "$LOGIN_SECONDS" "$IDLE_SECONDS" <<'PY'
+python3 - "$results" "$argon2_rate" "$CONNECTIONS" "$LOGIN_SECONDS" "$IDLE_SECONDS" "$LISTED" "$OWNED" <<'PY'
 import sys
 rows, argon2, conns, login_s, idle_s = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+listed, owned = int(sys.argv[6]), int(sys.argv[7])
 PEER = {"profile": 1398, "list": 397, "create_small": 369, "login": 16}  # issue 12, NestJS + PostgreSQL
 got = {}
 for line in open(rows):
@@ -191,8 +192,8 @@ def cell(store, name):
         extra.append(f"**{bad} bad**")
     return text + (" (" + ", ".join(extra) + ")" if extra else "")
 labels = {"healthz": "GET /healthz", "profile": "GET /auth/profile",
-          "list": "GET /machines?limit=10 (2,200 owned)", "create_small": "POST /machines, tenant owning 10 at the start",
-          "create_big": "POST /machines, tenant owning 10,000 at the start", "login": f"POST /auth/login ({login_s} s)"}
+          "list": f"GET /machines?limit=10 ({listed:,} owned)", "create_small": "POST /machines, tenant owning 10 at the start",
+          "create_big": f"POST /machines, tenant owning {owned:,} at the start", "login": f"POST /auth/login ({login_s} s)"}
 for name, label in labels.items():
     peer = f"{PEER[name]:,}/s" if name in PEER else ""
     print(f"| {label} | " + " | ".join(cell(s, name) for s in stores) + f" | {peer} |")
