@@ -27,7 +27,7 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 use std::collections::{HashMap, HashSet};
 use tokio::sync::{mpsc, oneshot};
 
-/// Most creates in one transaction: bounds the statement size (14 parameters a machine) and
+/// Most creates in one transaction: bounds the statement size (12 parameters a machine) and
 /// how long the owner's total stays locked.
 const MAX_BATCH: usize = 64;
 
@@ -35,7 +35,7 @@ const MAX_BATCH: usize = 64;
 const QUEUE: usize = 1024;
 
 /// The first line of every machine's log.
-pub(crate) const CREATED_MESSAGE: &str = "machine requested; waiting for a host";
+const CREATED_MESSAGE: &str = "machine requested; waiting for a host";
 
 struct Job {
     new: NewMachine,
