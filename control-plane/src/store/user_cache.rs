@@ -7,15 +7,19 @@
 //!
 //! - on this replica, by the store's own writes, right after they commit;
 //! - on PostgreSQL, for every replica, by a `NOTIFY` sent inside the writing transaction (so it
-//!   is delivered when the change commits) to a listener each replica keeps. The writer answers
-//!   only after its own listener has heard the notice: PostgreSQL signals every listening
-//!   session at that commit, so the other replicas have it then too, and drop the row as soon
-//!   as their listener reads it (on one machine, well before a client can send its next
-//!   request; not ordered with the answer, so "at once" here means that, not a guarantee).
+//!   is delivered when the change commits) to a listener each replica keeps. Each listener,
+//!   once it has dropped the row, confirms with a notice of its own on a second channel. The
+//!   writer names, in its transaction, the listeners connected then (`pg_stat_activity`, by
+//!   the application name they set), and answers only when each of them has confirmed: so
+//!   when the answer to a password change reaches its client, no replica still holds the old
+//!   row (issue 12; a writer that answered when its own listener had heard the notice let the
+//!   other replica serve the old token once in ten CI runs).
 //!   A replica whose listener may miss a notice keeps nothing and reads the row every time:
-//!   while it is not connected, after a writer's own notice failed to come back (a connection
-//!   that died without closing, a pooler that drops `LISTEN`), and when the connection fails
-//!   the liveness query it is asked every 5 s.
+//!   while it is not connected, after a writer's own listener failed to confirm, and when the
+//!   connection fails the liveness query it is asked every 5 s. A writer waits for the others
+//!   at most 2 s, then answers and logs which did not confirm: a replica cut off from
+//!   PostgreSQL that way stops trusting its cache when its liveness query fails, at most
+//!   `LIVENESS_EVERY + NOTICE_WAIT` later.
 //!
 //! A read that raced a change must not put the old row back: every drop bumps an epoch, and a
 //! row read from the database is kept only if no drop happened since the read began.
@@ -27,8 +31,9 @@
 
 use super::users::UserRecord;
 use crate::model::UserId;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
@@ -36,6 +41,13 @@ use tokio::sync::{oneshot, Notify};
 /// The PostgreSQL channel account changes are announced on; the payload is
 /// `<user id> <notice id>`.
 pub(crate) const CHANNEL: &str = "skygate_users";
+
+/// The channel listeners confirm on, once they have dropped a row; the payload is the notice
+/// id, the sender the listener's backend pid.
+const CONFIRM_CHANNEL: &str = "skygate_users_confirm";
+
+/// The application name listeners' connections carry, so writers can name them.
+pub(crate) const LISTENER_NAME: &str = "skygate-user-cache";
 
 /// Most rows kept; past it the cache starts over (a bound, not an eviction policy: a fleet's
 /// active accounts fit many times over).
@@ -62,8 +74,10 @@ pub(crate) struct UserCache {
     /// Whether every change is known to reach `drop_row`: always on SQLite (one process
     /// writes), on PostgreSQL only while the listener is connected.
     trusted: AtomicBool,
-    /// Writers waiting for their own notice to come back, by notice id.
-    waiting: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    /// Writers waiting for listeners to confirm their notice, by notice id.
+    waiting: Mutex<HashMap<String, Waiter>>,
+    /// This replica's listener's backend pid; 0 while it is not connected.
+    own_listener: AtomicU32,
     /// The listener task (PostgreSQL), ended with the cache.
     listener: Mutex<Option<tokio::task::AbortHandle>>,
     /// Tells the listener to connect again (see [`UserCache::distrust`]).
@@ -95,6 +109,7 @@ impl UserCache {
             epoch: AtomicU64::new(0),
             trusted: AtomicBool::new(trusted),
             waiting: Mutex::new(HashMap::new()),
+            own_listener: AtomicU32::new(0),
             listener: Mutex::new(None),
             reconnect: Arc::new(Notify::new()),
         }
@@ -148,14 +163,20 @@ impl UserCache {
         self.trusted.store(trusted, Ordering::Release);
     }
 
-    /// A notice id to send with a change, and the wait for it to come back.
+    /// A notice id to send with a change, and the wait for listeners to confirm it.
     pub(crate) fn expect_notice(self: &Arc<Self>) -> (String, NoticeWait) {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let (tx, rx) = oneshot::channel();
+        let waiter = Waiter {
+            expected: HashSet::new(),
+            confirmed: HashSet::new(),
+            armed: false,
+            done: Some(tx),
+        };
         self.waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id.clone(), tx);
+            .insert(id.clone(), waiter);
         let wait = NoticeWait {
             id: id.clone(),
             heard: rx,
@@ -164,23 +185,23 @@ impl UserCache {
         (id, wait)
     }
 
-    /// A notice arrived: drop the row, and release the writer waiting for it, if it is ours.
-    fn heard(&self, payload: &str) {
+    /// A notice arrived: drop the row. Returns the notice id to confirm, if it has one.
+    fn heard<'p>(&self, payload: &'p str) -> Option<&'p str> {
         let mut parts = payload.split(' ');
         match parts.next().map(str::parse::<UserId>) {
             Some(Ok(user)) => self.drop_row(user),
             // Not ours to read: forget everything rather than keep a row that may have changed.
             _ => self.reset(true),
         }
-        if let Some(notice) = parts.next() {
-            let waiter = self
-                .waiting
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(notice);
-            if let Some(waiter) = waiter {
-                let _ = waiter.send(());
-            }
+        parts.next()
+    }
+
+    /// Listener `pid` confirmed `notice`: release its writer once every listener it named has.
+    fn confirmed(&self, notice: &str, pid: u32) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(waiter) = waiting.get_mut(notice) {
+            waiter.confirmed.insert(pid);
+            waiter.release_if_done();
         }
     }
 
@@ -189,6 +210,28 @@ impl UserCache {
     fn distrust(&self) {
         self.reset(false);
         self.reconnect.notify_one();
+    }
+}
+
+/// A writer's wait for its notice to be confirmed.
+#[derive(Debug)]
+struct Waiter {
+    /// The listeners connected when the change was written (this replica's own included).
+    expected: HashSet<u32>,
+    /// The listeners that have confirmed so far (confirmations may come first).
+    confirmed: HashSet<u32>,
+    /// Whether `expected` is known yet.
+    armed: bool,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl Waiter {
+    fn release_if_done(&mut self) {
+        if self.armed && self.expected.is_subset(&self.confirmed) {
+            if let Some(done) = self.done.take() {
+                let _ = done.send(());
+            }
+        }
     }
 }
 
@@ -202,15 +245,53 @@ pub(crate) struct NoticeWait {
 }
 
 impl NoticeWait {
-    /// Waits, boundedly. A notice that does not come back means the listener is not hearing
-    /// what it should (a connection that died without closing, a pooler that drops `LISTEN`):
-    /// the cache stops keeping rows until the listener has connected again.
+    /// Names the listeners that must confirm: `listeners`, as the writing transaction saw them
+    /// (a space-separated list of backend pids), and this replica's own.
+    pub(crate) fn expect_from(&self, listeners: Option<&str>) {
+        let own = self.cache.own_listener.load(Ordering::Acquire);
+        let mut waiting = self
+            .cache
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(waiter) = waiting.get_mut(&self.id) {
+            waiter.expected = listeners
+                .unwrap_or_default()
+                .split(' ')
+                .filter_map(|pid| u32::from_str(pid).ok())
+                .chain((own != 0).then_some(own))
+                .collect();
+            waiter.armed = true;
+            waiter.release_if_done();
+        }
+    }
+
+    /// Waits, boundedly, for every named listener to confirm. If this replica's own did not,
+    /// its listener is not hearing what it should (a connection that died without closing, a
+    /// pooler that drops `LISTEN`): the cache stops keeping rows until it has connected again.
+    /// Others that did not are logged; they distrust their own caches (module comment).
     pub(crate) async fn done(mut self) {
         if tokio::time::timeout(NOTICE_WAIT, &mut self.heard)
             .await
-            .is_err()
+            .is_ok()
         {
-            tracing::warn!("an account change's notice did not come back in time; reading accounts uncached until the listener has connected again");
+            return;
+        }
+        let own = self.cache.own_listener.load(Ordering::Acquire);
+        let missing: Vec<u32> = self
+            .cache
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&self.id)
+            .map(|w| w.expected.difference(&w.confirmed).copied().collect())
+            .unwrap_or_default();
+        tracing::warn!(
+            ?missing,
+            "listeners did not confirm an account change in time; answering anyway"
+        );
+        if own == 0 || missing.contains(&own) {
+            tracing::warn!("reading accounts uncached until the listener has connected again");
             self.cache.distrust();
         }
     }
@@ -230,7 +311,8 @@ impl Drop for NoticeWait {
 /// start) and keeps it connected in a task that ends with the cache.
 pub(crate) async fn listening(url: &str) -> Result<Arc<UserCache>, sqlx::Error> {
     let cache = Arc::new(UserCache::new(false));
-    let listener = connect(url).await?;
+    let (listener, pid) = connect(url).await?;
+    cache.own_listener.store(pid, Ordering::Release);
     cache.reset(true);
     let reconnect = Arc::clone(&cache.reconnect);
     let task = tokio::spawn(listen(
@@ -246,10 +328,37 @@ pub(crate) async fn listening(url: &str) -> Result<Arc<UserCache>, sqlx::Error> 
     Ok(cache)
 }
 
-async fn connect(url: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
-    let mut listener = sqlx::postgres::PgListener::connect(url).await?;
-    listener.listen(CHANNEL).await?;
-    Ok(listener)
+/// A listener connection named [`LISTENER_NAME`], listening on both channels, and its pid.
+async fn connect(url: &str) -> Result<(sqlx::postgres::PgListener, u32), sqlx::Error> {
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    let options = PgConnectOptions::from_str(url)?.application_name(LISTENER_NAME);
+    // One connection; a reconnect through this pool keeps the name.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_with(options)
+        .await?;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+    listener.ignore_pool_close_event(true);
+    listener.listen_all([CHANNEL, CONFIRM_CHANNEL]).await?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut listener)
+        .await?;
+    Ok((listener, u32::try_from(pid).unwrap_or_default()))
+}
+
+/// Confirms `notice` from the listener's connection (its pid is the sender).
+async fn confirm(
+    listener: &mut sqlx::postgres::PgListener,
+    notice: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1 AS sent FROM (SELECT pg_notify($1, $2)) AS n")
+        .bind(CONFIRM_CHANNEL)
+        .bind(notice)
+        .execute(listener)
+        .await
+        .map(drop)
 }
 
 /// Why the listener stops hearing.
@@ -290,29 +399,46 @@ async fn listen(
             }
         };
         let Some(c) = cache.upgrade() else { return };
-        match heard {
-            Heard::Notice(n) => c.heard(n.payload()),
-            Heard::Lost => {
-                c.reset(false);
-                drop(c);
-                tracing::warn!(
-                    "lost the account-change listener; reading accounts uncached until it is back"
-                );
-                listener = loop {
-                    tokio::time::sleep(RECONNECT_AFTER).await;
-                    match connect(&url).await {
-                        Ok(l) => break l,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "account-change listener: reconnecting")
-                        }
-                    }
-                };
-                if let Some(c) = cache.upgrade() {
-                    c.reset(true);
-                }
-                tracing::info!("account-change listener connected again");
+        let lost = match heard {
+            Heard::Notice(n) if n.channel() == CONFIRM_CHANNEL => {
+                c.confirmed(n.payload(), n.process_id());
+                false
             }
+            Heard::Notice(n) => match c.heard(n.payload()) {
+                // Confirmed only now, with the row dropped; boundedly, as the liveness query.
+                Some(notice) => !matches!(
+                    tokio::time::timeout(NOTICE_WAIT, confirm(&mut listener, notice)).await,
+                    Ok(Ok(()))
+                ),
+                None => false,
+            },
+            Heard::Lost => true,
+        };
+        if !lost {
+            continue;
         }
+        c.own_listener.store(0, Ordering::Release);
+        c.reset(false);
+        drop(c);
+        tracing::warn!(
+            "lost the account-change listener; reading accounts uncached until it is back"
+        );
+        listener = loop {
+            tokio::time::sleep(RECONNECT_AFTER).await;
+            match connect(&url).await {
+                Ok((l, pid)) => {
+                    if let Some(c) = cache.upgrade() {
+                        c.own_listener.store(pid, Ordering::Release);
+                        c.reset(true);
+                    }
+                    break l;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "account-change listener: reconnecting")
+                }
+            }
+        };
+        tracing::info!("account-change listener connected again");
     }
 }
 
@@ -364,19 +490,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_notice_drops_its_row_and_releases_its_writer() {
+    async fn a_writer_is_released_when_every_named_listener_has_confirmed() {
         let cache = UserCache::local();
+        cache.own_listener.store(7, Ordering::Release);
         let id = UserId::new();
         cache.keep(cache.ticket(), row(id, 1));
-        let (notice, wait) = cache.expect_notice();
-        cache.heard(&format!("{id} {notice}"));
+        let (notice, mut wait) = cache.expect_notice();
+        // Another replica's listener confirms before the writer has named who must.
+        cache.confirmed(&notice, 9);
+        wait.expect_from(Some("9 8"));
+        assert_eq!(
+            cache.heard(&format!("{id} {notice}")),
+            Some(notice.as_str())
+        );
         assert!(cache.get(id).is_none());
+        cache.confirmed(&notice, 7);
+        cache.confirmed("someone else's", 8);
+        assert!(
+            wait.heard.try_recv().is_err(),
+            "released before 8 confirmed"
+        );
+        cache.confirmed(&notice, 8);
         tokio::time::timeout(Duration::from_millis(100), wait.done())
             .await
             .unwrap();
         // A payload that is not ours forgets everything.
         cache.keep(cache.ticket(), row(id, 1));
-        cache.heard("junk");
+        assert_eq!(cache.heard("junk"), None);
         assert!(cache.get(id).is_none());
         // A wait given up (its change rolled back) is forgotten.
         let (_, wait) = cache.expect_notice();
@@ -386,11 +526,28 @@ mod tests {
 
     // Waits out NOTICE_WAIT (2 s) for real.
     #[tokio::test]
-    async fn a_notice_that_does_not_come_back_distrusts_the_cache() {
+    async fn another_replica_that_does_not_confirm_delays_but_does_not_distrust() {
         let cache = UserCache::local();
+        cache.own_listener.store(7, Ordering::Release);
         let id = UserId::new();
         cache.keep(cache.ticket(), row(id, 1));
-        let (_, wait) = cache.expect_notice();
+        let (notice, wait) = cache.expect_notice();
+        wait.expect_from(Some("7 8"));
+        cache.confirmed(&notice, 7);
+        wait.done().await;
+        assert!(cache.get(id).is_some(), "this replica's listener confirmed");
+    }
+
+    // Waits out NOTICE_WAIT (2 s) for real.
+    #[tokio::test]
+    async fn a_notice_its_own_listener_does_not_confirm_distrusts_the_cache() {
+        let cache = UserCache::local();
+        cache.own_listener.store(7, Ordering::Release);
+        let id = UserId::new();
+        cache.keep(cache.ticket(), row(id, 1));
+        let (notice, wait) = cache.expect_notice();
+        wait.expect_from(Some("8"));
+        cache.confirmed(&notice, 8);
         wait.done().await;
         assert!(cache.get(id).is_none());
         cache.keep(cache.ticket(), row(id, 1));

@@ -125,16 +125,24 @@ impl Store {
             return Ok(None);
         }
         let (notice, wait) = self.users.expect_notice();
-        sqlx::query("SELECT 1 AS sent FROM (SELECT pg_notify($1, $2)) AS n")
-            .bind(user_cache::CHANNEL)
-            .bind(format!("{id} {notice}"))
-            .execute(&mut **tx)
-            .await?;
+        // The listeners that will hear it: those connected now (one that connects later reads
+        // the row after this commits, or never kept it).
+        let listeners: Option<String> = sqlx::query_scalar(
+            "SELECT (SELECT string_agg(pid::text, ' ') FROM pg_stat_activity \
+             WHERE application_name = $3 AND datname = current_database()) AS listeners \
+             FROM (SELECT pg_notify($1, $2)) AS n",
+        )
+        .bind(user_cache::CHANNEL)
+        .bind(format!("{id} {notice}"))
+        .bind(user_cache::LISTENER_NAME)
+        .fetch_one(&mut **tx)
+        .await?;
+        wait.expect_from(listeners.as_deref());
         Ok(Some(wait))
     }
 
     /// After the announcing transaction committed: forget the row here, and (PostgreSQL) wait
-    /// until the notice has been handed to every replica.
+    /// until every replica's listener has confirmed it dropped the row.
     async fn announced(&self, id: UserId, wait: Option<NoticeWait>) {
         self.users.drop_row(id);
         if let Some(wait) = wait {
