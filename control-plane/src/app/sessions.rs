@@ -173,14 +173,14 @@ impl App {
             tracing::info!(target: "skygate::auth", event = "login-failed", %client, user = "none", "login failed: not a valid username");
             return Err(Error::BadCredentials);
         }
-        // The database's clock: failure windows are shared by every replica.
-        let now = self.store.clock().await?;
         let limits = self.settings.login;
         let client_key = client_key(client);
         let attempts = self
             .store
-            .login_attempt_record(username, &client_key, now, limits.failure_window)
+            .login_attempt_record(username, &client_key, limits.failure_window)
             .await?;
+        // The database's clock: failure windows are shared by every replica.
+        let now = attempts.now;
         if let Some(retry_after_secs) = login_throttle(&limits, &attempts, now) {
             tracing::info!(target: "skygate::auth", event = "login-throttled", %client, from_client = attempts.from_client, account = attempts.account, "login throttled");
             return Err(Error::RateLimited { retry_after_secs });
@@ -402,6 +402,7 @@ mod tests {
             window_start: Utc::now() - Duration::seconds(started_secs_ago),
             from_client,
             account,
+            now: Utc::now(),
         }
     }
 

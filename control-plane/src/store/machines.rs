@@ -14,7 +14,7 @@ use super::machine_create::{creates_in_txn, only};
 use super::machine_events::event_in_txn;
 use super::tasks::{capacity_changed_in_txn, enqueue_in_txn};
 use super::usage::usage_release_in_txn;
-use super::{from_micros, parse_col, to_micros, Store};
+use super::{from_micros, parse_col, to_micros, Backend, Store};
 use crate::error::{Error, Result};
 use crate::model::machine_state::{self, Action};
 use crate::model::scheduler::Resources;
@@ -186,39 +186,119 @@ impl TransitionOutcome {
     }
 }
 
-const SELECT: &str = "SELECT m.seq, m.id, m.owner_id, m.hostname, m.status, m.desired_state, \
-    h.name AS host_name, h.state AS host_state, i.name AS image_name, m.vcpus, m.memory_mib, m.disk_gib, \
-    m.network, m.failure_reason, m.created_at, m.updated_at \
+/// The columns a [`Machine`] is read from, in [`MachineColumns`]' order, as the inner query
+/// of [`machines_sql`] names them.
+const COLUMNS: &str = "m.seq, m.id, m.owner_id, m.hostname, m.status, m.desired_state, \
+    h.name AS host_name, h.state AS host_state, i.name AS image_name, m.vcpus, m.memory_mib, \
+    m.disk_gib, m.network, m.failure_reason, m.created_at, m.updated_at \
     FROM machines m JOIN images i ON i.id = m.image_id LEFT JOIN hosts h ON h.id = m.host_id";
+
+/// The same columns, as the outer query of [`machines_sql`] reads them.
+const NAMES: &str = "seq, id, owner_id, hostname, status, desired_state, host_name, host_state, \
+    image_name, vcpus, memory_mib, disk_gib, network, failure_reason, created_at, updated_at";
+
+/// A statement answering the machines `rest` selects (`WHERE ... ORDER BY ... LIMIT ...`) as
+/// one row holding one JSON array of [`MachineColumns`] (read back by [`machines_from`]).
+///
+/// One row, not one per machine: SQLite's driver steps every row on its connection thread and
+/// hands each to the async side through a channel, and that hand-off (a futex wake per row)
+/// cost as much as the query on a page of machines (issue 12). Aggregated, a page of ten costs
+/// one hand-off; PostgreSQL sends one `DataRow` instead of ten. The inner query, and so its
+/// plan, is what it was before.
+fn machines_sql(backend: Backend, rest: &str) -> String {
+    let outer = match backend {
+        Backend::Sqlite => format!("json_group_array(json_array({NAMES}))"),
+        Backend::Postgres => format!("json_agg(json_build_array({NAMES}))::text"),
+    };
+    format!("SELECT {outer} AS machines FROM (SELECT {COLUMNS} {rest}) page")
+}
+
+/// One machine as [`machines_sql`] writes it: a JSON array, read by position.
+#[derive(serde::Deserialize)]
+struct MachineColumns(
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+    i64,
+    i64,
+);
+
+/// The machines of a [`machines_sql`] answer, newest first.
+fn machines_from(row: &AnyRow) -> Result<Vec<Machine>> {
+    // PostgreSQL aggregates nothing to NULL, SQLite to `[]`.
+    let Some(text) = row.try_get::<Option<String>, _>("machines")? else {
+        return Ok(Vec::new());
+    };
+    let rows: Vec<MachineColumns> = serde_json::from_str(&text)
+        .map_err(|e| Error::Internal(format!("bad machines JSON: {e}")))?;
+    let mut machines = rows
+        .into_iter()
+        .map(
+            |MachineColumns(
+                seq,
+                id,
+                owner,
+                hostname,
+                status,
+                desired,
+                host_name,
+                host_state,
+                image_name,
+                vcpus,
+                memory_mib,
+                disk_gib,
+                network,
+                failure_reason,
+                created_at,
+                updated_at,
+            )| {
+                Ok(Machine {
+                    seq,
+                    id: parse_col(&id, "machines.id")?,
+                    owner_id: parse_col(&owner, "machines.owner_id")?,
+                    hostname,
+                    status: parse_col(&status, "machines.status")?,
+                    desired: parse_col(&desired, "machines.desired_state")?,
+                    host_name,
+                    host_state,
+                    image_name,
+                    vcpus,
+                    memory_mib,
+                    disk_gib,
+                    network: json_col(network, "machines.network")?,
+                    failure_reason,
+                    created_at: from_micros(created_at),
+                    updated_at: from_micros(updated_at),
+                })
+            },
+        )
+        .collect::<Result<Vec<_>>>()?;
+    // Neither aggregate promises its input's order (SQLite's keeps it in practice, PostgreSQL's
+    // only with an ORDER BY inside it); every page is newest first, and seq says which is.
+    machines.sort_unstable_by_key(|m| std::cmp::Reverse(m.seq));
+    Ok(machines)
+}
+
+/// The one machine a [`machines_sql`] answer holds, if any.
+fn machine_from(row: &AnyRow) -> Result<Option<Machine>> {
+    Ok(machines_from(row)?.into_iter().next())
+}
 
 fn json_col<T: serde::de::DeserializeOwned>(text: Option<String>, col: &str) -> Result<Option<T>> {
     text.map(|t| serde_json::from_str(&t))
         .transpose()
         .map_err(|e| Error::Internal(format!("bad JSON in {col}: {e}")))
-}
-
-fn from_row(row: &AnyRow) -> Result<Machine> {
-    Ok(Machine {
-        seq: row.try_get("seq")?,
-        id: parse_col(&row.try_get::<String, _>("id")?, "machines.id")?,
-        owner_id: parse_col(&row.try_get::<String, _>("owner_id")?, "machines.owner_id")?,
-        hostname: row.try_get("hostname")?,
-        status: parse_col(&row.try_get::<String, _>("status")?, "machines.status")?,
-        desired: parse_col(
-            &row.try_get::<String, _>("desired_state")?,
-            "machines.desired_state",
-        )?,
-        host_name: row.try_get("host_name")?,
-        host_state: row.try_get("host_state")?,
-        image_name: row.try_get("image_name")?,
-        vcpus: row.try_get("vcpus")?,
-        memory_mib: row.try_get("memory_mib")?,
-        disk_gib: row.try_get("disk_gib")?,
-        network: json_col(row.try_get("network")?, "machines.network")?,
-        failure_reason: row.try_get("failure_reason")?,
-        created_at: from_micros(row.try_get("created_at")?),
-        updated_at: from_micros(row.try_get("updated_at")?),
-    })
 }
 
 fn snapshot_of(r: &AnyRow) -> Result<MachineSnapshot> {
@@ -254,26 +334,27 @@ impl Store {
 
     /// A live (not deleted) machine the caller may see.
     pub async fn machine_get(&self, id: MachineId, who: Visibility) -> Result<Option<Machine>> {
-        let sql = format!(
-            "{SELECT} WHERE m.id = $1 AND m.deleted_at IS NULL AND ($2 IS NULL OR m.owner_id = $2)"
+        let sql = machines_sql(
+            self.backend(),
+            "WHERE m.id = $1 AND m.deleted_at IS NULL AND ($2 IS NULL OR m.owner_id = $2)",
         );
         let row = sqlx::query(&sql)
             .bind(id.to_string())
             .bind(who.owner())
-            .fetch_optional(self.reader())
+            .fetch_one(self.reader())
             .await?;
-        row.as_ref().map(from_row).transpose()
+        machine_from(&row)
     }
 
     /// A machine whatever its state, deleted included: what an Idempotency-Key's request
     /// created is shown again on a replay even after it was deleted.
     pub async fn machine_history(&self, id: MachineId) -> Result<Option<Machine>> {
-        let sql = format!("{SELECT} WHERE m.id = $1");
+        let sql = machines_sql(self.backend(), "WHERE m.id = $1");
         let row = sqlx::query(&sql)
             .bind(id.to_string())
-            .fetch_optional(self.reader())
+            .fetch_one(self.reader())
             .await?;
-        row.as_ref().map(from_row).transpose()
+        machine_from(&row)
     }
 
     /// Newest first, strictly older than `before_seq` when given, at most `limit`.
@@ -314,10 +395,13 @@ impl Store {
         if status.is_some() {
             filters.push(format!("m.status = {}", param()));
         }
-        let sql = format!(
-            "{SELECT} WHERE {} ORDER BY {order} LIMIT {}",
-            filters.join(" AND "),
-            param()
+        let sql = machines_sql(
+            self.backend(),
+            &format!(
+                "WHERE {} ORDER BY {order} LIMIT {}",
+                filters.join(" AND "),
+                param()
+            ),
         );
         let mut query = sqlx::query(&sql);
         if let Some(owner) = owner {
@@ -328,8 +412,8 @@ impl Store {
         if let Some(status) = status {
             query = query.bind(status.as_str());
         }
-        let rows = query.bind(limit).fetch_all(self.reader()).await?;
-        rows.iter().map(from_row).collect()
+        let row = query.bind(limit).fetch_one(self.reader()).await?;
+        machines_from(&row)
     }
 
     /// Applies a tenant's request through the state machine; 409 when it makes no sense now.
@@ -388,12 +472,12 @@ impl Store {
         if let FollowUp::Queue(kind) = follow_up {
             enqueue_in_txn(&mut tx, self.backend(), id, kind).await?;
         }
-        let sql = format!("{SELECT} WHERE m.id = $1");
+        let sql = machines_sql(self.backend(), "WHERE m.id = $1");
         let requested = sqlx::query(&sql)
             .bind(id.to_string())
             .fetch_one(&mut *tx)
             .await?;
-        let requested = from_row(&requested)?;
+        let requested = machine_from(&requested)?.ok_or(Error::NotFound("machine"))?;
         if follow_up == FollowUp::DeleteNow {
             sqlx::query(
                 "UPDATE machines SET status = $1, deleted_at = $2, updated_at = $2, \

@@ -1,7 +1,8 @@
 //! Sessions: refresh-token families (rotation, reuse detection) and the per-account count of
 //! failed logins that rate limiting reads (kept here so it holds across replicas).
 
-use super::{from_micros, to_micros, Store};
+use super::tasks::now_sql;
+use super::{from_micros, to_micros, Backend, Store};
 use crate::error::Result;
 use crate::model::UserId;
 use auth::refresh::{self, RefreshDecision, RefreshRecord};
@@ -44,6 +45,8 @@ pub struct LoginAttempts {
     pub from_client: i64,
     /// Attempts on this account by every client in their windows.
     pub account: i64,
+    /// The database's clock when they were counted.
+    pub now: DateTime<Utc>,
 }
 
 impl Store {
@@ -58,25 +61,43 @@ impl Store {
         family: Family,
         now: DateTime<Utc>,
     ) -> Result<()> {
+        const STORE: &str = "INSERT INTO refresh_tokens (id, user_id, family_id, \
+             family_created_at, token_hash, expires_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)";
+        let expires_at = refresh::expires_at(now, family.created_at);
+        let store = |sql| {
+            sqlx::query(sql)
+                .bind(Uuid::new_v4().to_string())
+                .bind(user_id.to_string())
+                .bind(family.id.to_string())
+                .bind(to_micros(family.created_at))
+                .bind(token_hash)
+                .bind(to_micros(expires_at))
+                .bind(to_micros(now))
+        };
+        if self.backend() == Backend::Postgres {
+            // One statement (a data-modifying CTE is atomic with its statement): BEGIN and
+            // COMMIT had been two more of a login's round trips, each CPU taken from password
+            // hashing on the same cores (issue 12).
+            let sql = format!(
+                "WITH forgotten AS (DELETE FROM login_failures WHERE username = $8 AND client = $9) \
+                 {STORE}"
+            );
+            store(&sql)
+                .bind(username)
+                .bind(client)
+                .execute(&self.write)
+                .await?;
+            return Ok(());
+        }
+        // SQLite has no data-modifying CTEs; its transaction costs no network round trip.
         let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM login_failures WHERE username = $1 AND client = $2")
             .bind(username)
             .bind(client)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "INSERT INTO refresh_tokens (id, user_id, family_id, family_created_at, token_hash, \
-             expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(Uuid::new_v4().to_string())
-        .bind(user_id.to_string())
-        .bind(family.id.to_string())
-        .bind(to_micros(family.created_at))
-        .bind(token_hash)
-        .bind(to_micros(refresh::expires_at(now, family.created_at)))
-        .bind(to_micros(now))
-        .execute(&mut *tx)
-        .await?;
+        store(STORE).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -198,44 +219,46 @@ impl Store {
 
     /// Counts one login attempt against `username` from `client` before its password is
     /// checked, and returns that pair's window and count with the account's count over every
-    /// client. A window older than `window` starts over at one. Counting first, in one
-    /// statement, means concurrent guesses cannot all slip under the limit; a success clears
-    /// the pair's count afterwards.
+    /// client, and the database's clock. A window older than `window` starts over at one.
+    /// Counting first, in one statement, means concurrent guesses cannot all slip under the
+    /// limit; a success clears the pair's count afterwards.
+    ///
+    /// One statement, clock read included: every round trip a login makes is CPU taken from
+    /// the password hashing on the same cores (issue 12: the clock read and the account's sum
+    /// had been two more). The sum of the other clients' counts is read in the statement's
+    /// snapshot; this pair's count is the one just written.
     pub async fn login_attempt_record(
         &self,
         username: &str,
         client: &str,
-        now: DateTime<Utc>,
         window: Duration,
     ) -> Result<LoginAttempts> {
-        let row = sqlx::query(
+        let now = now_sql(self.backend());
+        // `WHERE true`: SQLite needs it to read the `ON CONFLICT` after an `INSERT ... SELECT`.
+        let sql = format!(
             "INSERT INTO login_failures (username, client, window_start, failures) \
-             VALUES ($1, $2, $3, 1) \
+             SELECT $1, $2, ({now}), 1 WHERE true \
              ON CONFLICT (username, client) DO UPDATE SET \
-               failures = CASE WHEN login_failures.window_start <= $4 THEN 1 \
-                               ELSE login_failures.failures + 1 END, \
-               window_start = CASE WHEN login_failures.window_start <= $4 THEN $3 \
-                                   ELSE login_failures.window_start END \
-             RETURNING window_start, failures",
-        )
-        .bind(username)
-        .bind(client)
-        .bind(to_micros(now))
-        .bind(to_micros(now - window))
-        .fetch_one(&self.write)
-        .await?;
-        let account: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(failures), 0) AS BIGINT) FROM login_failures \
-             WHERE username = $1 AND window_start > $2",
-        )
-        .bind(username)
-        .bind(to_micros(now - window))
-        .fetch_one(&self.write)
-        .await?;
+               failures = CASE WHEN login_failures.window_start <= excluded.window_start - $3 \
+                               THEN 1 ELSE login_failures.failures + 1 END, \
+               window_start = CASE WHEN login_failures.window_start <= excluded.window_start - $3 \
+                                   THEN excluded.window_start ELSE login_failures.window_start END \
+             RETURNING window_start, failures, ({now}) AS now, \
+               (SELECT CAST(COALESCE(SUM(o.failures), 0) AS BIGINT) FROM login_failures o \
+                WHERE o.username = $1 AND o.client <> $2 AND o.window_start > ({now}) - $3) AS others"
+        );
+        let row = sqlx::query(&sql)
+            .bind(username)
+            .bind(client)
+            .bind(window.num_microseconds().unwrap_or(i64::MAX))
+            .fetch_one(&self.write)
+            .await?;
+        let from_client: i64 = row.try_get("failures")?;
         Ok(LoginAttempts {
             window_start: from_micros(row.try_get("window_start")?),
-            from_client: row.try_get("failures")?,
-            account,
+            from_client,
+            account: from_client + row.try_get::<i64, _>("others")?,
+            now: from_micros(row.try_get("now")?),
         })
     }
 

@@ -62,13 +62,27 @@ const LIVENESS_EVERY: Duration = Duration::from_secs(5);
 /// How long the listener waits before connecting again after losing its connection.
 const RECONNECT_AFTER: Duration = Duration::from_millis(500);
 
+/// The kept rows, by id and by username (usernames never change, so one row has one name).
+#[derive(Debug, Default)]
+struct Rows {
+    by_id: HashMap<UserId, Arc<UserRecord>>,
+    by_name: HashMap<String, Arc<UserRecord>>,
+}
+
+impl Rows {
+    fn clear(&mut self) {
+        self.by_id.clear();
+        self.by_name.clear();
+    }
+}
+
 /// Where a read began, to tell whether its result may be kept.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReadTicket(u64);
 
 #[derive(Debug)]
 pub(crate) struct UserCache {
-    rows: RwLock<HashMap<UserId, Arc<UserRecord>>>,
+    rows: RwLock<Rows>,
     /// Bumped by every drop; see the module comment.
     epoch: AtomicU64,
     /// Whether every change is known to reach `drop_row`: always on SQLite (one process
@@ -105,7 +119,7 @@ impl UserCache {
 
     fn new(trusted: bool) -> Self {
         Self {
-            rows: RwLock::new(HashMap::new()),
+            rows: RwLock::new(Rows::default()),
             epoch: AtomicU64::new(0),
             trusted: AtomicBool::new(trusted),
             waiting: Mutex::new(HashMap::new()),
@@ -123,7 +137,21 @@ impl UserCache {
         self.rows
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .by_id
             .get(&id)
+            .cloned()
+    }
+
+    /// The kept row of `username`, if it may be trusted.
+    pub(crate) fn get_by_name(&self, username: &str) -> Option<Arc<UserRecord>> {
+        if !self.trusted.load(Ordering::Acquire) {
+            return None;
+        }
+        self.rows
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_name
+            .get(username)
             .cloned()
     }
 
@@ -142,17 +170,20 @@ impl UserCache {
         if self.epoch.load(Ordering::Acquire) != ticket.0 {
             return;
         }
-        if rows.len() >= MAX_ROWS {
+        if rows.by_id.len() >= MAX_ROWS {
             rows.clear();
         }
-        rows.insert(row.id, row);
+        rows.by_name.insert(row.username.clone(), Arc::clone(&row));
+        rows.by_id.insert(row.id, row);
     }
 
     /// Forgets one account's row (it changed).
     pub(crate) fn drop_row(&self, id: UserId) {
         let mut rows = self.rows.write().unwrap_or_else(PoisonError::into_inner);
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        rows.remove(&id);
+        if let Some(row) = rows.by_id.remove(&id) {
+            rows.by_name.remove(&row.username);
+        }
     }
 
     /// Forgets everything and stops or starts trusting the cache.
@@ -473,6 +504,22 @@ mod tests {
         let ticket = cache.ticket();
         cache.keep(ticket, row(id, 2));
         assert_eq!(cache.get(id).unwrap().session_version, 2);
+    }
+
+    #[test]
+    fn a_row_is_found_by_its_name_until_it_is_dropped() {
+        let cache = UserCache::local();
+        let id = UserId::new();
+        cache.keep(cache.ticket(), row(id, 1));
+        assert_eq!(cache.get_by_name("u").unwrap().id, id);
+        cache.drop_row(id);
+        assert!(cache.get_by_name("u").is_none());
+        // The name taken again by a new account (the old one deleted) finds the new one.
+        let again = UserId::new();
+        cache.keep(cache.ticket(), row(again, 1));
+        assert_eq!(cache.get_by_name("u").unwrap().id, again);
+        cache.reset(false);
+        assert!(cache.get_by_name("u").is_none());
     }
 
     #[test]

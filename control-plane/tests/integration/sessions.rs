@@ -88,7 +88,8 @@ async fn login_upgrades_a_hash_made_with_older_parameters(backend: Backend) {
         .await
         .unwrap()
         .unwrap()
-        .password_hash;
+        .password_hash
+        .clone();
     assert!(
         upgraded.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
         "{upgraded}"
