@@ -46,6 +46,8 @@ pub enum Rejection {
     NotEnoughVcpus,
     NotEnoughMemory,
     NotEnoughDisk,
+    /// It fitted when read, but a concurrent placement spent the room first.
+    TakenMeanwhile,
 }
 
 impl fmt::Display for Rejection {
@@ -57,6 +59,7 @@ impl fmt::Display for Rejection {
             Rejection::NotEnoughVcpus => "not enough free vCPUs",
             Rejection::NotEnoughMemory => "not enough free memory",
             Rejection::NotEnoughDisk => "not enough free disk",
+            Rejection::TakenMeanwhile => "its room was taken by another placement meanwhile",
         })
     }
 }

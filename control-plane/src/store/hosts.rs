@@ -1,7 +1,9 @@
 //! Hypervisor hosts: the `hosts` table. Agents register (keyed by name, so a restarted agent
 //! keeps its identity and machines) and heartbeat; a host that stops heartbeating becomes
-//! `unreachable`. What a host has allocated is not stored: it is the sum of the live machines
-//! placed on it, computed in the same transaction that places the next one.
+//! `unreachable`. What a host has allocated (`allocated_*`) is kept on its row by the
+//! transactions that place a machine there (`allocation_claim_in_txn`) and that stamp one
+//! deleted (`allocation_release_in_txn`); `Store::allocation_drift` compares it with the sum
+//! of the live machines placed there.
 
 use super::machine_events::note_machines_on_host_in_txn;
 use super::tasks::capacity_changed_in_txn;
@@ -100,22 +102,14 @@ pub struct HeartbeatChange {
     pub problems_changed: bool,
 }
 
-/// Machines that hold a host's capacity: placed and not deleted.
-const ALLOCATIONS: &str = "SELECT host_id, COUNT(*) AS machines, \
-    CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
-    CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib, \
-    CAST(COALESCE(SUM(disk_gib), 0) AS BIGINT) AS disk_gib \
-    FROM machines WHERE host_id IS NOT NULL AND deleted_at IS NULL GROUP BY host_id";
-
 const SELECT: &str = "SELECT h.id, h.name, h.grpc_address, h.state, h.cordoned, h.hypervisor, \
-    h.agent_version, h.domain_prefix, h.problems, h.vcpus, h.memory_mib, h.disk_gib, h.last_heartbeat_at, \
-    h.created_at, h.credential_issued, h.credential_generation, \
-    COALESCE(a.machines, 0) AS machines, COALESCE(a.vcpus, 0) AS used_vcpus, \
-    COALESCE(a.memory_mib, 0) AS used_memory_mib, COALESCE(a.disk_gib, 0) AS used_disk_gib \
-    FROM hosts h LEFT JOIN (";
+    h.agent_version, h.domain_prefix, h.problems, h.vcpus, h.memory_mib, h.disk_gib, \
+    h.last_heartbeat_at, h.created_at, h.credential_issued, h.credential_generation, \
+    h.allocated_machines, h.allocated_vcpus, h.allocated_memory_mib, h.allocated_disk_gib \
+    FROM hosts h";
 
 fn select_sql(tail: &str) -> String {
-    format!("{SELECT}{ALLOCATIONS}) a ON a.host_id = h.id {tail}")
+    format!("{SELECT} {tail}")
 }
 
 fn from_row(r: &AnyRow) -> Result<HostRecord> {
@@ -139,11 +133,11 @@ fn from_row(r: &AnyRow) -> Result<HostRecord> {
             disk_gib: r.try_get("disk_gib")?,
         },
         allocated: Resources {
-            vcpus: r.try_get("used_vcpus")?,
-            memory_mib: r.try_get("used_memory_mib")?,
-            disk_gib: r.try_get("used_disk_gib")?,
+            vcpus: r.try_get("allocated_vcpus")?,
+            memory_mib: r.try_get("allocated_memory_mib")?,
+            disk_gib: r.try_get("allocated_disk_gib")?,
         },
-        machines: r.try_get("machines")?,
+        machines: r.try_get("allocated_machines")?,
         credential_generation: (r.try_get::<i64, _>("credential_issued")? != 0)
             .then(|| r.try_get("credential_generation"))
             .transpose()?,
@@ -169,22 +163,69 @@ impl HostRecord {
     }
 }
 
-/// Every host with its allocation, inside a placement transaction. On PostgreSQL the host rows
-/// are locked first, so two control-plane replicas placing at once take turns and never both
-/// spend the same free capacity; SQLite's single writer already serialises them.
+/// Every host with its allocation, read for a placement. Nothing is locked: the claim
+/// (`allocation_claim_in_txn`) checks again, on the one row it spends.
 pub(crate) async fn hosts_for_placement(
     tx: &mut Transaction<'static, Any>,
-    backend: Backend,
 ) -> Result<Vec<HostRecord>> {
-    if backend == Backend::Postgres {
-        sqlx::query("SELECT id FROM hosts ORDER BY id FOR UPDATE")
-            .fetch_all(&mut **tx)
-            .await?;
-    }
     let rows = sqlx::query(&select_sql("ORDER BY h.name"))
         .fetch_all(&mut **tx)
         .await?;
     rows.iter().map(from_row).collect()
+}
+
+/// Spends `need` of host `host_id`'s capacity for one machine, if it still fits there and the
+/// host still takes machines (ready, not cordoned, no problems), as committed now: one
+/// conditional update of one row, so two replicas placing on one host at once take turns on
+/// that row only and the second sees what the first spent. False when it no longer fits.
+pub(crate) async fn allocation_claim_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    host_id: &str,
+    need: Resources,
+) -> Result<bool> {
+    let claimed = sqlx::query(
+        "UPDATE hosts SET allocated_machines = allocated_machines + 1, \
+         allocated_vcpus = allocated_vcpus + $2, allocated_memory_mib = allocated_memory_mib + $3, \
+         allocated_disk_gib = allocated_disk_gib + $4 \
+         WHERE id = $1 AND state = 'ready' AND cordoned = 0 AND problems = '' \
+         AND allocated_vcpus + $2 <= vcpus AND allocated_memory_mib + $3 <= memory_mib \
+         AND allocated_disk_gib + $4 <= disk_gib",
+    )
+    .bind(host_id)
+    .bind(need.vcpus)
+    .bind(need.memory_mib)
+    .bind(need.disk_gib)
+    .execute(&mut **tx)
+    .await?;
+    Ok(claimed.rows_affected() == 1)
+}
+
+/// Gives back what one machine of size `size` held on host `host_id` (it was stamped deleted).
+pub(crate) async fn allocation_release_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    host_id: &str,
+    size: Resources,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE hosts SET allocated_machines = allocated_machines - 1, \
+         allocated_vcpus = allocated_vcpus - $2, allocated_memory_mib = allocated_memory_mib - $3, \
+         allocated_disk_gib = allocated_disk_gib - $4 WHERE id = $1",
+    )
+    .bind(host_id)
+    .bind(size.vcpus)
+    .bind(size.memory_mib)
+    .bind(size.disk_gib)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A host whose kept allocation differs from the sum of its live machines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationDrift {
+    pub host_name: String,
+    pub kept: (i64, Resources),
+    pub placed: (i64, Resources),
 }
 
 impl Store {
@@ -194,6 +235,52 @@ impl Store {
             .fetch_all(self.reader())
             .await?;
         rows.iter().map(from_row).collect()
+    }
+
+    /// Hosts whose kept allocation is not the sum of the live machines placed there; empty when
+    /// the books balance. It reads every live machine: for tests, benchmarks and audits, not
+    /// for a request path.
+    pub async fn allocation_drift(&self) -> Result<Vec<AllocationDrift>> {
+        let rows = sqlx::query(
+            "SELECT h.name, h.allocated_machines, h.allocated_vcpus, h.allocated_memory_mib, \
+             h.allocated_disk_gib, COALESCE(a.machines, 0) AS machines, \
+             COALESCE(a.vcpus, 0) AS vcpus, COALESCE(a.memory_mib, 0) AS memory_mib, \
+             COALESCE(a.disk_gib, 0) AS disk_gib FROM hosts h LEFT JOIN \
+             (SELECT host_id, COUNT(*) AS machines, CAST(SUM(vcpus) AS BIGINT) AS vcpus, \
+              CAST(SUM(memory_mib) AS BIGINT) AS memory_mib, \
+              CAST(SUM(disk_gib) AS BIGINT) AS disk_gib FROM machines \
+              WHERE host_id IS NOT NULL AND deleted_at IS NULL GROUP BY host_id) a \
+             ON a.host_id = h.id ORDER BY h.name",
+        )
+        .fetch_all(self.reader())
+        .await?;
+        let mut drift = Vec::new();
+        for r in &rows {
+            let kept = (
+                r.try_get("allocated_machines")?,
+                Resources {
+                    vcpus: r.try_get("allocated_vcpus")?,
+                    memory_mib: r.try_get("allocated_memory_mib")?,
+                    disk_gib: r.try_get("allocated_disk_gib")?,
+                },
+            );
+            let placed = (
+                r.try_get("machines")?,
+                Resources {
+                    vcpus: r.try_get("vcpus")?,
+                    memory_mib: r.try_get("memory_mib")?,
+                    disk_gib: r.try_get("disk_gib")?,
+                },
+            );
+            if kept != placed {
+                drift.push(AllocationDrift {
+                    host_name: r.try_get("name")?,
+                    kept,
+                    placed,
+                });
+            }
+        }
+        Ok(drift)
     }
 
     /// One host.
@@ -468,8 +555,8 @@ impl Store {
     pub async fn host_delete(&self, id: &str) -> Result<()> {
         let mut tx = self.begin_write().await?;
         if self.backend() == Backend::Postgres {
-            // Placement locks host rows too: no machine lands here between the count and the
-            // delete.
+            // A placement's claim updates this row: no machine lands here between the count
+            // and the delete.
             sqlx::query("SELECT id FROM hosts WHERE id = $1 FOR UPDATE")
                 .bind(id)
                 .fetch_optional(&mut *tx)

@@ -9,6 +9,7 @@
 //! moves only when what they build changes, so a status change never makes an agent
 //! rebuild a domain.
 
+use super::hosts::allocation_release_in_txn;
 use super::idempotency::{complete_in_txn, ClaimedKey};
 use super::machine_create::{creates_in_txn, only};
 use super::machine_events::event_in_txn;
@@ -578,12 +579,13 @@ impl Store {
             .map_err(|e| Error::Internal(format!("machine network to JSON: {e}")))?;
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
-        let res = sqlx::query(
+        let written = sqlx::query(
             "UPDATE machines SET status = $1, desired_state = COALESCE($2, desired_state), \
              network = COALESCE($3, network), failure_reason = $4, \
              status_changed_at = $5, updated_at = $5, version = version + 1, \
              deleted_at = CASE WHEN $1 = 'deleted' THEN $5 ELSE deleted_at END \
-             WHERE id = $6 AND status = $7 AND version = $8 AND deleted_at IS NULL",
+             WHERE id = $6 AND status = $7 AND version = $8 AND deleted_at IS NULL \
+             RETURNING host_id, vcpus, memory_mib, disk_gib",
         )
         .bind(t.to.as_str())
         .bind(t.desired.map(DesiredState::as_str))
@@ -593,13 +595,21 @@ impl Store {
         .bind(t.id.to_string())
         .bind(t.from.as_str())
         .bind(t.expected_version)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        if res.rows_affected() == 0 {
+        let Some(written) = written else {
             return Ok(TransitionOutcome::Superseded);
-        }
+        };
         if t.to == MachineStatus::Deleted {
             usage_release_in_txn(&mut tx, t.id).await?;
+            if let Some(host) = written.try_get::<Option<String>, _>("host_id")? {
+                let size = Resources {
+                    vcpus: written.try_get("vcpus")?,
+                    memory_mib: written.try_get("memory_mib")?,
+                    disk_gib: written.try_get("disk_gib")?,
+                };
+                allocation_release_in_txn(&mut tx, &host, size).await?;
+            }
             // Its host has room again.
             capacity_changed_in_txn(&mut tx, self.backend()).await?;
         }

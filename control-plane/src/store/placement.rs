@@ -1,11 +1,13 @@
 //! Placement: choosing a host for a pending machine and reserving its capacity there, in one
-//! transaction over the hosts and their live machines.
+//! transaction: the hosts' kept allocations are read (one row per host, whatever the number
+//! of machines), the scheduler chooses, and the claim spends the room on the chosen host's row
+//! only if it is still there.
 
-use super::hosts::hosts_for_placement;
+use super::hosts::{allocation_claim_in_txn, hosts_for_placement};
 use super::machine_events::event_in_txn;
 use super::{parse_col, to_micros, Store};
 use crate::error::Result;
-use crate::model::scheduler::{self, NoPlacement, Resources};
+use crate::model::scheduler::{self, NoPlacement, Rejection, Resources};
 use crate::model::{MachineId, MachineStatus};
 use sqlx::Row;
 
@@ -21,9 +23,11 @@ pub enum Placement {
 }
 
 impl Store {
-    /// Places a pending machine: runs the scheduler over every host's capacity and live
-    /// allocations and, when a host fits, records the host and `provisioning` in the same
-    /// transaction (the reservation). Hosts are locked for the transaction on PostgreSQL.
+    /// Places a pending machine: runs the scheduler over every host's capacity and kept
+    /// allocation and, when a host fits, claims the room on that host's row and records the
+    /// host and `provisioning` in the same transaction (the reservation). Only the chosen
+    /// host's row is locked (by the claim); a claim that finds the room taken by a concurrent
+    /// placement (another replica) chooses again among the other hosts, as they are then.
     pub async fn machine_place(&self, id: MachineId) -> Result<Placement> {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
@@ -48,11 +52,32 @@ impl Store {
             memory_mib: row.try_get("memory_mib")?,
             disk_gib: row.try_get("disk_gib")?,
         };
-        let hosts = hosts_for_placement(&mut tx, self.backend()).await?;
-        let candidates: Vec<_> = hosts.iter().map(|h| h.candidate()).collect();
-        let decision = match scheduler::place(need, &candidates) {
-            Ok(d) => d,
-            Err(no) => return Ok(Placement::NoRoom(no)),
+        let mut taken: Vec<String> = Vec::new();
+        let decision = loop {
+            let hosts = hosts_for_placement(&mut tx).await?;
+            let candidates: Vec<_> = hosts
+                .iter()
+                .filter(|h| !taken.contains(&h.id))
+                .map(|h| h.candidate())
+                .collect();
+            let decision = match scheduler::place(need, &candidates) {
+                Ok(d) => d,
+                Err(mut no) => {
+                    no.rejections.extend(
+                        hosts
+                            .iter()
+                            .filter(|h| taken.contains(&h.id))
+                            .map(|h| (h.name.clone(), Rejection::TakenMeanwhile)),
+                    );
+                    no.rejections.sort_by(|a, b| a.0.cmp(&b.0));
+                    return Ok(Placement::NoRoom(no));
+                }
+            };
+            if allocation_claim_in_txn(&mut tx, &decision.host_id, need).await? {
+                break decision;
+            }
+            // Each host is tried at most once, so this ends.
+            taken.push(decision.host_id);
         };
         let placed = sqlx::query(
             "UPDATE machines SET host_id = $1, status = $2, status_changed_at = $3, updated_at = $3, \

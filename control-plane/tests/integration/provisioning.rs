@@ -439,6 +439,38 @@ async fn two_replicas_placing_at_once_never_oversubscribe_a_host(backend: Backen
         "{h}"
     );
     assert_eq!(host.fake.domain_names().len(), 3);
+    assert_eq!(first.store.allocation_drift().await.unwrap(), vec![]);
+    // Deleting the three that run gives their room back, and the three that waited take it.
+    let mut running = Vec::new();
+    for id in &ids {
+        if status_of(&first, &tenant, id).await == "running" {
+            running.push(id.clone());
+        }
+    }
+    for (i, id) in running.iter().enumerate() {
+        let app = if i % 2 == 0 { &first } else { &second };
+        let res = app
+            .as_user(&tenant, Method::DELETE, &format!("/machines/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    wait_for("the three that waited running", async || {
+        let mut now_running = 0;
+        for id in ids.iter().filter(|id| !running.contains(id)) {
+            now_running += usize::from(status_of(&first, &tenant, id).await == "running");
+        }
+        is(now_running, 3)
+    })
+    .await;
+    let h = first.get_json(&admin, "/hosts").await["items"][0].clone();
+    assert_eq!(
+        (h["allocated"]["vcpus"].as_i64(), h["machines"].as_i64()),
+        (Some(3), Some(3)),
+        "{h}"
+    );
+    assert_eq!(first.store.allocation_drift().await.unwrap(), vec![]);
     drop(host);
     second.stop().await;
     first.stop().await;

@@ -15,7 +15,66 @@ both_stores!(
     idempotency_keys_are_kept_a_day_and_stale_claims_are_taken_over,
     observed_transitions_are_checked_and_logged,
     tasks_are_leased_to_one_owner_and_purged_once_finished,
+    placements_racing_on_two_replicas_spend_each_room_once,
 );
+
+/// Two stores (two replicas) place the same 30 pending machines at once, every machine from
+/// both, on three hosts with room for four each: twelve are placed, each once, no host holds
+/// more than it offers, and every host's kept allocation is the sum of what was placed there
+/// (issue 13: the claim locks only the host it spends, so this is what keeps it exact).
+async fn placements_racing_on_two_replicas_spend_each_room_once(backend: Backend) {
+    use control_plane::model::scheduler::Resources;
+    use control_plane::store::hosts::{HostRegistration, RegisterDecision};
+    use control_plane::store::placement::Placement;
+    use control_plane::store::Store;
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let m: Value = t
+            .create_machine(&ann, &format!("m{i}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        ids.push(m["id"].as_str().unwrap().parse().unwrap());
+    }
+    for h in ["h1", "h2", "h3"] {
+        let reg = HostRegistration {
+            name: h.into(),
+            grpc_address: "http://127.0.0.1:1".into(),
+            hypervisor: "fake".into(),
+            agent_version: "test".into(),
+            domain_prefix: "sg-".into(),
+            capacity: Resources {
+                vcpus: 4,
+                memory_mib: 1 << 20,
+                disk_gib: 1 << 10,
+            },
+        };
+        t.store
+            .host_register(&reg, |_| RegisterDecision::Join)
+            .await
+            .unwrap();
+    }
+    let other = Store::connect(&t.db.url, 4).await.unwrap();
+    let stores = [&t.store, &other];
+    let places = ids
+        .iter()
+        .flat_map(|id| stores.map(|s| s.machine_place(*id)));
+    let outcomes = futures::future::join_all(places).await;
+    let placed = outcomes
+        .iter()
+        .filter(|o| matches!(o.as_ref().unwrap(), Placement::Placed { .. }))
+        .count();
+    assert_eq!(placed, 12, "{outcomes:?}");
+    let hosts = t.store.host_list().await.unwrap();
+    for h in &hosts {
+        assert_eq!((h.machines, h.allocated.vcpus), (4, 4), "{}", h.name);
+    }
+    assert_eq!(t.store.allocation_drift().await.unwrap(), vec![]);
+}
 
 async fn tasks_are_leased_to_one_owner_and_purged_once_finished(backend: Backend) {
     use control_plane::store::tasks::{TaskKind, TaskOutcome};
@@ -347,6 +406,13 @@ async fn a_database_of_earlier_migrations_upgrades_with_its_machines_intact(back
     // count it.
     let usage = store.tenant_usage(user.parse().unwrap()).await.unwrap();
     assert_eq!((usage.machines, usage.vcpus, usage.memory_mib), (1, 1, 256));
+    // Its host's kept allocation (migration 0010) holds it too, so placement counts it.
+    let h1 = store.host_by_name("h1").await.unwrap().unwrap();
+    assert_eq!(
+        (h1.machines, h1.allocated.vcpus, h1.allocated.memory_mib),
+        (1, 1, 256)
+    );
+    assert_eq!(store.allocation_drift().await.unwrap(), vec![]);
     // The finished key still answers with its machine.
     let claim = store
         .idempotency_claim(
