@@ -20,12 +20,16 @@ use crate::store::machines::{MachineTransition, NewEvent};
 use crate::store::Store;
 use crate::timing::WorkflowSettings;
 use drift::Repair;
+use futures::StreamExt;
 use status::{CheckOutcome, PassTally};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use status::{PassReport, ReconcilerStatus};
+
+/// Hosts a periodic pass checks at once.
+const PASS_CONCURRENCY: usize = 32;
 
 /// The reconciler's state: when each orphan was first seen, per host, and the last pass's
 /// report.
@@ -115,16 +119,29 @@ impl Reconciler {
         let mut tally = PassTally::new(chrono::Utc::now());
         match self.store.host_list().await {
             Ok(hosts) => {
-                for host in hosts.iter().filter(|h| h.state == "ready") {
+                let ready: Vec<&HostRecord> = hosts.iter().filter(|h| h.state == "ready").collect();
+                for host in &ready {
                     if !watchers.contains_key(&host.id) {
                         let me = Arc::clone(self);
-                        let h = host.clone();
+                        let h = (*host).clone();
                         watchers.insert(
                             host.id.clone(),
                             tokio::spawn(async move { me.watch(h).await }),
                         );
                     }
-                    let check = self.pass_host(host).await;
+                }
+                // Hosts one after another made a pass as long as the sum of every agent's
+                // answer (issue 13: 1,000 hosts at 20 ms each is 20 s); a bounded number at once
+                // keeps the database and the agents' connections within limits.
+                // Owned hosts and an owned reconciler per check: a closure over borrowed ones
+                // did not compile as part of a spawned task (a higher-ranked lifetime error).
+                let mut checks = futures::stream::iter(ready.into_iter().cloned())
+                    .map(|host| {
+                        let me = Arc::clone(self);
+                        async move { me.pass_host(&host).await }
+                    })
+                    .buffer_unordered(PASS_CONCURRENCY);
+                while let Some(check) = checks.next().await {
                     tally.host(check.machines);
                     tally.outcome(check.outcome);
                     for repair in check.repairs {
