@@ -14,6 +14,15 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// Both together.
+    pub fn plus(self, other: Resources) -> Resources {
+        Resources {
+            vcpus: self.vcpus + other.vcpus,
+            memory_mib: self.memory_mib + other.memory_mib,
+            disk_gib: self.disk_gib + other.disk_gib,
+        }
+    }
+
     fn minus(self, other: Resources) -> Resources {
         Resources {
             vcpus: self.vcpus - other.vcpus,
@@ -159,6 +168,25 @@ pub fn place(need: Resources, hosts: &[HostCandidate]) -> Result<PlacementDecisi
     }
 }
 
+/// Places machines of sizes `needs`, in order, as [`place`] would one after another: each
+/// choice counts what the ones before it took. The answers are in the order of `needs`.
+pub fn place_batch(
+    needs: &[Resources],
+    hosts: &[HostCandidate],
+) -> Vec<Result<PlacementDecision, NoPlacement>> {
+    let mut hosts = hosts.to_vec();
+    needs
+        .iter()
+        .map(|&need| {
+            let decision = place(need, &hosts)?;
+            if let Some(h) = hosts.iter_mut().find(|h| h.id == decision.host_id) {
+                h.allocated = h.allocated.plus(need);
+            }
+            Ok(decision)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +297,36 @@ mod tests {
                     prop_assert!(h.allocated.disk_gib + need.disk_gib <= h.capacity.disk_gib);
                 }
                 Err(e) => prop_assert_eq!(e.rejections.len(), hosts.len()),
+            }
+        }
+
+        /// A batch is placed exactly as the same machines one after another, each seeing
+        /// what the ones before it took, and together never oversubscribes a host.
+        #[test]
+        fn a_batch_places_as_one_after_another(
+            needs in proptest::collection::vec((1i64..4, 1i64..2048, 1i64..20), 0..40),
+            caps in proptest::collection::vec((1i64..16, 1i64..16384, 1i64..200), 0..5),
+        ) {
+            let needs: Vec<Resources> = needs.into_iter().map(|n| res(n.0, n.1, n.2)).collect();
+            let hosts: Vec<HostCandidate> = caps
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| host(&format!("h{i}"), res(c.0, c.1, c.2), res(0, 0, 0)))
+                .collect();
+            let batch = place_batch(&needs, &hosts);
+            let mut one_by_one = hosts.clone();
+            for (need, got) in needs.iter().zip(&batch) {
+                let alone = place(*need, &one_by_one);
+                prop_assert_eq!(&alone, got);
+                if let Ok(d) = alone {
+                    let h = one_by_one.iter_mut().find(|h| h.id == d.host_id).unwrap();
+                    h.allocated = h.allocated.plus(*need);
+                }
+            }
+            for h in &one_by_one {
+                prop_assert!(h.allocated.vcpus <= h.capacity.vcpus);
+                prop_assert!(h.allocated.memory_mib <= h.capacity.memory_mib);
+                prop_assert!(h.allocated.disk_gib <= h.capacity.disk_gib);
             }
         }
     }

@@ -174,17 +174,18 @@ pub(crate) async fn hosts_for_placement(
     rows.iter().map(from_row).collect()
 }
 
-/// Spends `need` of host `host_id`'s capacity for one machine, if it still fits there and the
+/// Spends `need` of host `host_id`'s capacity for `machines` machines, if it still fits there and the
 /// host still takes machines (ready, not cordoned, no problems), as committed now: one
 /// conditional update of one row, so two replicas placing on one host at once take turns on
 /// that row only and the second sees what the first spent. False when it no longer fits.
 pub(crate) async fn allocation_claim_in_txn(
     tx: &mut Transaction<'static, Any>,
     host_id: &str,
+    machines: i64,
     need: Resources,
 ) -> Result<bool> {
     let claimed = sqlx::query(
-        "UPDATE hosts SET allocated_machines = allocated_machines + 1, \
+        "UPDATE hosts SET allocated_machines = allocated_machines + $5, \
          allocated_vcpus = allocated_vcpus + $2, allocated_memory_mib = allocated_memory_mib + $3, \
          allocated_disk_gib = allocated_disk_gib + $4 \
          WHERE id = $1 AND state = 'ready' AND cordoned = 0 AND problems = '' \
@@ -195,6 +196,7 @@ pub(crate) async fn allocation_claim_in_txn(
     .bind(need.vcpus)
     .bind(need.memory_mib)
     .bind(need.disk_gib)
+    .bind(machines)
     .execute(&mut **tx)
     .await?;
     Ok(claimed.rows_affected() == 1)
