@@ -617,7 +617,7 @@ pub async fn run_cli(args: crate::config::SimulateArgs) -> Result<(), SimulateCl
             while fleet.registered() < hosts {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            println!("simulate: {hosts} hosts registered");
+            say(&format!("simulate: {hosts} hosts registered"));
         }
     });
     // Stdin is read on a thread of its own (tokio's stdin is not among the crate's features,
@@ -639,10 +639,10 @@ pub async fn run_cli(args: crate::config::SimulateArgs) -> Result<(), SimulateCl
             }
             match line.parse::<FaultCommand>() {
                 Ok(c) => match fleet.apply(&c) {
-                    Ok(()) => println!("ok: {line}"),
-                    Err(e) => println!("error: {}", crate::report::chain(&e)),
+                    Ok(()) => say(&format!("ok: {line}")),
+                    Err(e) => say(&format!("error: {}", crate::report::chain(&e))),
                 },
-                Err(e) => println!("error: {e}"),
+                Err(e) => say(&format!("error: {e}")),
             }
         }
         std::future::pending::<()>().await;
@@ -660,6 +660,14 @@ pub async fn run_cli(args: crate::config::SimulateArgs) -> Result<(), SimulateCl
         Err(fleet) => drop(fleet),
     }
     Ok(())
+}
+
+/// Writes one line of the command's output to stdout, flushed at once (a script reading a
+/// pipe waits for it). A stdout that went away is ignored: the fleet keeps running.
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// Raises the soft limit of open files to the hard limit: every host holds a listener, its
