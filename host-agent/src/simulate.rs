@@ -1,4 +1,4 @@
-//! The simulated fleet: many host agents in one process, each the real gRPC service and manager over its own fake hypervisor, disk tool and seed writer, with faults injected by host name.
+//! The simulated fleet: many host agents in one process over fakes, faults injected by name.
 //!
 //! Each simulated host is what `server::run` builds for a real host, minus libvirt and the
 //! host's tools: its own data directory under the fleet's root, its own
@@ -15,6 +15,12 @@
 //! - User networking is the real one: each creation probes one port of the forward range by
 //!   binding it for an instant (`ports::pick_port`), then releases it. The fake QEMU binds
 //!   nothing, so a fleet holds no forwarded ports, only one listener per host.
+//!
+//! Faults: [`SimulatedFleet::silence`] / [`SimulatedFleet::resume`] (heartbeats),
+//! [`SimulatedFleet::crash_domain`], [`SimulatedFleet::slow`] and [`SimulatedFleet::refuse`]
+//! (every hypervisor call delayed or failing: the agent answers as over a slow or broken
+//! libvirt, which is what a real host's refusals look like; the gRPC server itself keeps
+//! accepting, and health keeps answering).
 
 use std::collections::HashMap;
 use std::path::PathBuf;

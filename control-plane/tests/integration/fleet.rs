@@ -1,7 +1,7 @@
 //! A simulated fleet (`host_agent::simulate`: real gRPC agents over fake hypervisors) against
 //! the real control plane: ten hosts of eight vCPUs take sixty machines from three tenants
-//! without oversubscribing one, the kept allocations match what is placed, a silenced host is
-//! noticed, and deleting everything leaves no domain on any host.
+//! without oversubscribing one, the kept allocations match what is placed, a crashed domain and
+//! a silenced host are noticed, and deleting everything leaves no domain on any host.
 
 use crate::both_stores;
 use crate::common::provisioning::{
@@ -127,6 +127,20 @@ async fn a_simulated_fleet_holds_sixty_machines_without_oversubscribing_and_noti
     }
     assert_eq!(allocated, MACHINES as u64);
     assert_eq!(app.store.allocation_drift().await.unwrap(), vec![]);
+
+    // A domain whose QEMU dies on a simulated host: the control plane hears of it from the
+    // host's events and marks the machine stopped.
+    let crashed_on = &names[1];
+    let domain = fleet.hypervisor(crashed_on).unwrap().domain_names()[0].clone();
+    let crashed: uuid::Uuid = domain.strip_prefix("skygate-").unwrap().parse().unwrap();
+    fleet.crash_domain(crashed_on, crashed).unwrap();
+    wait_for("the crashed machine stopped", async || {
+        is(
+            app.get_json(&admin, &format!("/machines/{crashed}")).await["status"].clone(),
+            "stopped",
+        )
+    })
+    .await;
 
     // A host that stops heartbeating is noticed (unreachable after 2 s of silence here), and
     // is ready again once it heartbeats.
