@@ -13,7 +13,12 @@ use crate::probe::HypervisorChoice;
 
 /// Flags of `skygate-host-agent`.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "skygate-host-agent", version, about)]
+#[command(
+    name = "skygate-host-agent",
+    version,
+    about,
+    after_help = "`skygate-host-agent simulate --help`: many simulated hosts in one process."
+)]
 pub struct AgentArgs {
     /// Address the gRPC server listens on (port 0 picks a free port, printed at start).
     #[arg(long, env = "SKYGATE_AGENT_LISTEN", default_value = "127.0.0.1:9091")]
@@ -176,6 +181,8 @@ pub struct TlsFiles {
 #[command(
     name = "skygate-host-agent simulate",
     version,
+    // The doc comment above is for readers of the code, not of --help.
+    long_about = None,
     about = "Runs many simulated hosts (real gRPC servers over a fake hypervisor) against a \
              control plane. Faults from stdin, one per line: `silence NAME`, `resume NAME`, \
              `crash NAME MACHINE_ID`, `slow NAME MS`, `refuse NAME`, `accept NAME`."
