@@ -180,6 +180,7 @@ pub struct TlsFiles {
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "skygate-host-agent simulate",
+    bin_name = "skygate-host-agent simulate",
     version,
     // The doc comment above is for readers of the code, not of --help.
     long_about = None,
