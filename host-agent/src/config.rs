@@ -13,7 +13,12 @@ use crate::probe::HypervisorChoice;
 
 /// Flags of `skygate-host-agent`.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "skygate-host-agent", version, about)]
+#[command(
+    name = "skygate-host-agent",
+    version,
+    about,
+    after_help = "`skygate-host-agent simulate --help`: many simulated hosts in one process."
+)]
 pub struct AgentArgs {
     /// Address the gRPC server listens on (port 0 picks a free port, printed at start).
     #[arg(long, env = "SKYGATE_AGENT_LISTEN", default_value = "127.0.0.1:9091")]
@@ -164,4 +169,73 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// PEM CA bundle; when set, clients must present a certificate it signed.
     pub client_ca: Option<PathBuf>,
+}
+
+/// Flags of `skygate-host-agent simulate`: many simulated hosts in this process (simulate.rs).
+///
+/// A mode of its own, parsed apart from [`AgentArgs`] (main.rs looks at the first argument):
+/// none of the real agent's flags (libvirt, TLS, network, overcommit) means anything to a
+/// simulated host, and a clap subcommand on [`AgentArgs`] would have made them all accepted,
+/// and checked by preflight, beside `simulate` too.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "skygate-host-agent simulate",
+    bin_name = "skygate-host-agent simulate",
+    version,
+    // The doc comment above is for readers of the code, not of --help.
+    long_about = None,
+    about = "Runs many simulated hosts (real gRPC servers over a fake hypervisor) against a \
+             control plane. Faults from stdin, one per line: `silence NAME`, `resume NAME`, \
+             `crash NAME MACHINE_ID`, `slow NAME MS`, `refuse NAME`, `accept NAME`."
+)]
+pub struct SimulateArgs {
+    /// How many hosts.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub hosts: u32,
+    /// Host names: this prefix and a four-digit number from 0001.
+    #[arg(long, default_value = "sim-")]
+    pub name_prefix: String,
+    /// gRPC URL of the control plane.
+    #[arg(
+        long,
+        env = "SKYGATE_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    pub control_plane: String,
+    /// The join token, as the real agent takes it. Prefer the environment variable or
+    /// `--join-token-file`; a flag shows in the process list.
+    #[arg(
+        long,
+        env = "SKYGATE_AGENT_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "join_token_file"
+    )]
+    pub agent_token: Option<String>,
+    /// A file holding the join token (surrounding whitespace ignored).
+    #[arg(long)]
+    pub join_token_file: Option<PathBuf>,
+    /// vCPUs each host offers.
+    #[arg(long, default_value_t = 8)]
+    pub vcpus: u32,
+    /// Memory each host offers, MiB.
+    #[arg(long, default_value_t = 16384)]
+    pub memory_mib: u64,
+    /// Disk each host offers, GiB.
+    #[arg(long, default_value_t = 200)]
+    pub disk_gib: u64,
+    /// Milliseconds a domain definition takes.
+    #[arg(long, default_value_t = 20)]
+    pub define_ms: u64,
+    /// Milliseconds a start takes.
+    #[arg(long, default_value_t = 50)]
+    pub start_ms: u64,
+    /// Milliseconds a stop's shutdown request takes.
+    #[arg(long, default_value_t = 50)]
+    pub stop_ms: u64,
+    /// Each host's data directory is `<data-dir>/<name>`.
+    #[arg(long, default_value = "/tmp/skygate-simulate")]
+    pub data_dir: PathBuf,
+    /// A directory `file://` image sources may come from; repeat it for more.
+    #[arg(long = "image-dir")]
+    pub image_dirs: Vec<PathBuf>,
 }

@@ -1,11 +1,13 @@
 //! SkyGate host agent library. Pure logic (domain XML, seeds, specs, hypervisor choice) is
 //! tested without a hypervisor; the I/O edges sit behind small traits (`DiskTool`,
-//! `Hypervisor`). The `skygate-host-agent` binary (main.rs) wires them to libvirt and gRPC.
+//! `Hypervisor`). The `skygate-host-agent` binary (main.rs) wires them to libvirt and gRPC, or, in its
+//! `simulate` mode, runs many hosts over fakes (simulate.rs).
 
 pub mod config;
 pub mod disks;
 pub mod domain_xml;
 pub mod events;
+pub mod fake_tools;
 pub mod hypervisor;
 pub mod identity;
 pub mod images;
@@ -20,4 +22,5 @@ pub mod report;
 pub mod seed;
 pub mod server;
 pub mod service;
+pub mod simulate;
 pub mod status;

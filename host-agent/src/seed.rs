@@ -286,6 +286,27 @@ fn boundary_for(data: &str) -> String {
     }
 }
 
+/// Writes a machine's seed: the manager's one way to make it, so the simulator can swap in
+/// [`crate::fake_tools::FakeSeedWriter`] where genisoimage is not wanted. The real agent uses
+/// [`GenIsoImage`].
+#[async_trait::async_trait]
+pub trait SeedWriter: Send + Sync + std::fmt::Debug {
+    /// Renders `spec` (refusing what [`SeedSpec::render`] refuses) and writes the seed to
+    /// `path`, whose parent exists.
+    async fn write(&self, spec: &SeedSpec, path: &Path) -> Result<(), SeedError>;
+}
+
+/// [`SeedWriter`] building the NoCloud ISO with genisoimage ([`write_seed_iso`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GenIsoImage;
+
+#[async_trait::async_trait]
+impl SeedWriter for GenIsoImage {
+    async fn write(&self, spec: &SeedSpec, path: &Path) -> Result<(), SeedError> {
+        write_seed_iso(spec, path).await
+    }
+}
+
 /// Renders `spec` and writes the seed ISO to `path` (`genisoimage -volid cidata -joliet
 /// -rock`), atomically: built as a temporary file next to `path`, made 0600, then renamed.
 /// The parent of `path` must exist (see `DataDir::prepare_machine`).

@@ -273,7 +273,7 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
     result
 }
 
-async fn poll_forever(manager: Arc<MachineManager>, every: Duration) {
+pub(crate) async fn poll_forever(manager: Arc<MachineManager>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -285,7 +285,7 @@ async fn poll_forever(manager: Arc<MachineManager>, every: Duration) {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

@@ -11,6 +11,7 @@ mod catalog;
 mod cli;
 mod client;
 mod faults;
+mod fleet;
 mod gateway;
 mod machines;
 mod pagination;

@@ -4,11 +4,11 @@
 //! for, running a step twice changes nothing, and nothing is left after a delete.
 
 use crate::both_stores;
+use crate::common::provisioning::{is, provisioning_config, register_fake_kernel_image, wait_for};
 use crate::common::{Backend, TestApp};
 use control_plane::model::MachineId;
 use control_plane::server::ProvisioningConfig;
 use control_plane::store::tasks::TaskKind;
-use control_plane::timing::WorkflowSettings;
 use host_agent::disks::QemuImg;
 use host_agent::domain_xml::HypervisorKind;
 use host_agent::events::EventLog;
@@ -22,7 +22,6 @@ use host_agent::service::{HostAgentService, HostIdentity};
 use proto::agent::v1 as pb;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -179,49 +178,7 @@ impl Drop for FakeHost {
 }
 
 fn config() -> ProvisioningConfig {
-    ProvisioningConfig {
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        agent_token: TOKEN.into(),
-        agent_tls: None,
-        registry_tls: None,
-        workflows: WorkflowSettings {
-            workers: 2,
-            lease: Duration::from_secs(5),
-            heartbeat_interval: Duration::from_secs(1),
-            stop_timeout: Duration::from_secs(1),
-            reconcile_interval: Duration::from_secs(1),
-            ..WorkflowSettings::default()
-        },
-    }
-}
-
-/// Polls `check` until it is Ok, at most 30 s; on timeout the panic names what it waited for
-/// and what `check` saw last.
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let last = match check().await {
-            Ok(()) => return,
-            Err(last) => last,
-        };
-        assert!(
-            Instant::now() < deadline,
-            "timed out after 30 s waiting for {what}; last seen: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Ok when `seen` is `want`; else what was seen.
-fn is<T: PartialEq<W> + std::fmt::Debug, W: std::fmt::Debug>(
-    seen: T,
-    want: W,
-) -> Result<(), String> {
-    if seen == want {
-        Ok(())
-    } else {
-        Err(format!("{seen:?}, not {want:?}"))
-    }
+    provisioning_config(TOKEN)
 }
 
 /// Ok when `seen` is at least `least`; else what was seen.
@@ -557,19 +514,7 @@ async fn ready_with_image(
         )
     })
     .await;
-    let kernel = b"a kernel for the fake hypervisor";
-    let kernel_path = host.tmp.path().join("vmlinuz");
-    std::fs::write(&kernel_path, kernel).unwrap();
-    let url = format!("file://{}", kernel_path.display());
-    let image = json!({"name": "fake", "source": url, "format": "kernel",
-        "boot": {"kernel": url, "kernel_sha256": hex::encode(Sha256::digest(kernel))}});
-    let res = app
-        .as_user(&admin, Method::POST, "/images")
-        .json(&image)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::CREATED);
+    register_fake_kernel_image(app, &admin, host.tmp.path()).await;
     let tenant = app.user(&format!("{name}-tenant")).await;
     (admin, tenant)
 }

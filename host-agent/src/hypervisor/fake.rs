@@ -1,6 +1,6 @@
 //! [`FakeHypervisor`]: an in-memory [`Hypervisor`] for tests that inject faults (a failing
 //! define, a start that errors, a guest that ignores ACPI, a QEMU that dies). Not used by the
-//! agent binary.
+//! agent binary except in its `simulate` mode (simulate.rs), where each simulated host has one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -25,6 +25,18 @@ pub enum HypervisorOp {
     Undefine,
 }
 
+impl HypervisorOp {
+    /// Every operation, for setting a fault on all of them at once.
+    pub const ALL: [HypervisorOp; 6] = [
+        HypervisorOp::Read,
+        HypervisorOp::Define,
+        HypervisorOp::Start,
+        HypervisorOp::Shutdown,
+        HypervisorOp::Destroy,
+        HypervisorOp::Undefine,
+    ];
+}
+
 #[derive(Debug, Clone)]
 struct FakeDomain {
     xml: String,
@@ -40,6 +52,7 @@ struct FakeState {
     in_flight: u32,
     max_in_flight: u32,
     ignore_acpi: bool,
+    fail_all: bool,
 }
 
 /// An in-memory hypervisor with failure injection.
@@ -75,6 +88,12 @@ impl FakeHypervisor {
         self.lock().delays.insert(op, delay);
     }
 
+    /// While `on`, every call fails (counted, after its delay), as with a libvirt daemon that
+    /// answers nothing but errors.
+    pub fn fail_all(&self, on: bool) {
+        self.lock().fail_all = on;
+    }
+
     /// The most calls that were ever in progress at once.
     pub fn max_in_flight(&self) -> u32 {
         self.lock().max_in_flight
@@ -85,10 +104,14 @@ impl FakeHypervisor {
         self.lock().ignore_acpi = true;
     }
 
-    /// Simulates QEMU dying under a running domain.
-    pub fn crash(&self, name: &str) {
-        if let Some(d) = self.lock().domains.get_mut(name) {
-            d.phase = DomainPhase::Crashed;
+    /// Simulates QEMU dying under a running domain. Returns whether the domain exists.
+    pub fn crash(&self, name: &str) -> bool {
+        match self.lock().domains.get_mut(name) {
+            Some(d) => {
+                d.phase = DomainPhase::Crashed;
+                true
+            }
+            None => false,
         }
     }
 
@@ -113,6 +136,12 @@ impl FakeHypervisor {
         let mut st = self.lock();
         st.in_flight -= 1;
         *st.calls.entry(op).or_default() += 1;
+        if st.fail_all {
+            return Err(HypervisorError::Failed {
+                op: "fake",
+                message: format!("{op:?} refused: every call fails (fail_all)"),
+            });
+        }
         if let Some(n) = st.failures.get_mut(&op) {
             if *n > 0 {
                 *n -= 1;

@@ -35,7 +35,7 @@ use crate::model::{
 };
 use crate::paths::{DataDir, ImageFileKind};
 use crate::ports::pick_port;
-use crate::seed::{write_seed_iso, SeedSpec};
+use crate::seed::{GenIsoImage, SeedSpec, SeedWriter};
 
 /// Present in a machine directory while a creation or deletion is under way: what the
 /// start-up sweep may remove when no domain owns the directory.
@@ -70,6 +70,7 @@ pub struct ManagerConfig {
 pub struct MachineManager {
     hv: Arc<dyn Hypervisor>,
     disks: Arc<dyn DiskTool>,
+    seeds: Arc<dyn SeedWriter>,
     images: ImageCache,
     data: DataDir,
     cfg: ManagerConfig,
@@ -94,6 +95,7 @@ impl MachineManager {
         MachineManager {
             hv,
             disks,
+            seeds: Arc::new(GenIsoImage),
             images,
             data,
             cfg,
@@ -102,6 +104,12 @@ impl MachineManager {
             reserved_ports: Arc::new(Mutex::new(HashSet::new())),
             port_pick: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Writes seeds with `seeds` instead of genisoimage (the simulator's fake).
+    pub fn with_seed_writer(mut self, seeds: Arc<dyn SeedWriter>) -> Self {
+        self.seeds = seeds;
+        self
     }
 
     /// The host's facts as the hypervisor reports them.
@@ -290,17 +298,18 @@ impl MachineManager {
             .map_err(|e| ManagerError::CreateDisk(e.into()))?;
         self.pause_point(CreateStep::Seed).await;
         let seed = self.data.seed(spec.id);
-        write_seed_iso(
-            &SeedSpec {
-                instance_id: spec.id.to_string(),
-                hostname: spec.hostname.clone(),
-                ssh_keys: spec.ssh_keys.clone(),
-                user_data: spec.user_data.clone(),
-            },
-            &seed,
-        )
-        .await
-        .map_err(ManagerError::WriteSeed)?;
+        self.seeds
+            .write(
+                &SeedSpec {
+                    instance_id: spec.id.to_string(),
+                    hostname: spec.hostname.clone(),
+                    ssh_keys: spec.ssh_keys.clone(),
+                    user_data: spec.user_data.clone(),
+                },
+                &seed,
+            )
+            .await
+            .map_err(ManagerError::WriteSeed)?;
         let files = MachineFiles { overlay, seed };
         self.define(spec, name, image.into_boot_source(), files, kept_forwards)
             .await

@@ -5,6 +5,7 @@
 
 pub mod faults;
 pub mod process;
+pub mod provisioning;
 
 use control_plane::api::HttpSettings;
 use control_plane::app::Settings;
