@@ -187,7 +187,7 @@ impl TransitionOutcome {
     }
 }
 
-/// The columns a [`Machine`] is read from, in [`MachineColumns`]' order, as the inner query
+/// The columns a [`Machine`] is read from, in [`MachineColumns`]' field order, as the inner query
 /// of [`machines_sql`] names them.
 const COLUMNS: &str = "m.seq, m.id, m.owner_id, m.hostname, m.status, m.desired_state, \
     h.name AS host_name, h.state AS host_state, i.name AS image_name, m.vcpus, m.memory_mib, \
@@ -214,26 +214,50 @@ fn machines_sql(backend: Backend, rest: &str) -> String {
     format!("SELECT {outer} AS machines FROM (SELECT {COLUMNS} {rest}) page")
 }
 
-/// One machine as [`machines_sql`] writes it: a JSON array, read by position.
+/// One machine as [`machines_sql`] writes it: a JSON array, read by position in field order
+/// (serde reads a struct from a sequence that way), which is [`NAMES`]' order.
 #[derive(serde::Deserialize)]
-struct MachineColumns(
-    i64,
-    String,
-    String,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    String,
-    i64,
-    i64,
-    i64,
-    Option<String>,
-    Option<String>,
-    i64,
-    i64,
-);
+struct MachineColumns {
+    seq: i64,
+    id: String,
+    owner_id: String,
+    hostname: String,
+    status: String,
+    desired_state: String,
+    host_name: Option<String>,
+    host_state: Option<String>,
+    image_name: String,
+    vcpus: i64,
+    memory_mib: i64,
+    disk_gib: i64,
+    network: Option<String>,
+    failure_reason: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl MachineColumns {
+    fn into_machine(self) -> Result<Machine> {
+        Ok(Machine {
+            seq: self.seq,
+            id: parse_col(&self.id, "machines.id")?,
+            owner_id: parse_col(&self.owner_id, "machines.owner_id")?,
+            hostname: self.hostname,
+            status: parse_col(&self.status, "machines.status")?,
+            desired: parse_col(&self.desired_state, "machines.desired_state")?,
+            host_name: self.host_name,
+            host_state: self.host_state,
+            image_name: self.image_name,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            disk_gib: self.disk_gib,
+            network: json_col(self.network, "machines.network")?,
+            failure_reason: self.failure_reason,
+            created_at: from_micros(self.created_at),
+            updated_at: from_micros(self.updated_at),
+        })
+    }
+}
 
 /// The machines of a [`machines_sql`] answer, newest first.
 fn machines_from(row: &AnyRow) -> Result<Vec<Machine>> {
@@ -245,45 +269,7 @@ fn machines_from(row: &AnyRow) -> Result<Vec<Machine>> {
         .map_err(|e| Error::Internal(format!("bad machines JSON: {e}")))?;
     let mut machines = rows
         .into_iter()
-        .map(
-            |MachineColumns(
-                seq,
-                id,
-                owner,
-                hostname,
-                status,
-                desired,
-                host_name,
-                host_state,
-                image_name,
-                vcpus,
-                memory_mib,
-                disk_gib,
-                network,
-                failure_reason,
-                created_at,
-                updated_at,
-            )| {
-                Ok(Machine {
-                    seq,
-                    id: parse_col(&id, "machines.id")?,
-                    owner_id: parse_col(&owner, "machines.owner_id")?,
-                    hostname,
-                    status: parse_col(&status, "machines.status")?,
-                    desired: parse_col(&desired, "machines.desired_state")?,
-                    host_name,
-                    host_state,
-                    image_name,
-                    vcpus,
-                    memory_mib,
-                    disk_gib,
-                    network: json_col(network, "machines.network")?,
-                    failure_reason,
-                    created_at: from_micros(created_at),
-                    updated_at: from_micros(updated_at),
-                })
-            },
-        )
+        .map(MachineColumns::into_machine)
         .collect::<Result<Vec<_>>>()?;
     // Neither aggregate promises its input's order (SQLite's keeps it in practice, PostgreSQL's
     // only with an ORDER BY inside it); every page is newest first, and seq says which is.

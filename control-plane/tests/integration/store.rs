@@ -19,18 +19,18 @@ both_stores!(
     one_placement_places_the_machines_waiting_with_it,
 );
 
-/// One host registered, with room for three.
-async fn one_host_with_room_for_three(t: &TestApp) {
+/// Registers host `name` with room for `vcpus` one-vCPU machines (memory and disk to spare).
+async fn register_host(t: &TestApp, name: &str, vcpus: i64) {
     use control_plane::model::scheduler::Resources;
     use control_plane::store::hosts::{HostRegistration, RegisterDecision};
     let reg = HostRegistration {
-        name: "h1".into(),
+        name: name.into(),
         grpc_address: "http://127.0.0.1:1".into(),
         hypervisor: "fake".into(),
         agent_version: "test".into(),
         domain_prefix: "sg-".into(),
         capacity: Resources {
-            vcpus: 3,
+            vcpus,
             memory_mib: 1 << 20,
             disk_gib: 1 << 10,
         },
@@ -60,7 +60,7 @@ async fn one_placement_places_the_machines_waiting_with_it(backend: Backend) {
             .unwrap();
         ids.push(m["id"].as_str().unwrap().parse().unwrap());
     }
-    one_host_with_room_for_three(&t).await;
+    register_host(&t, "h1", 3).await;
     // The newest asks; it and the two oldest fit.
     assert_eq!(
         t.store.machine_place(ids[4]).await.unwrap(),
@@ -99,8 +99,6 @@ async fn one_placement_places_the_machines_waiting_with_it(backend: Backend) {
 /// (issue 13: the claim locks only the hosts it spends, and each call places a batch of the
 /// waiting machines, so this is what keeps it exact).
 async fn placements_racing_on_two_replicas_spend_each_room_once(backend: Backend) {
-    use control_plane::model::scheduler::Resources;
-    use control_plane::store::hosts::{HostRegistration, RegisterDecision};
     use control_plane::store::machines::Visibility;
     use control_plane::store::placement::Placement;
     use control_plane::store::Store;
@@ -118,22 +116,7 @@ async fn placements_racing_on_two_replicas_spend_each_room_once(backend: Backend
         ids.push(m["id"].as_str().unwrap().parse().unwrap());
     }
     for h in ["h1", "h2", "h3"] {
-        let reg = HostRegistration {
-            name: h.into(),
-            grpc_address: "http://127.0.0.1:1".into(),
-            hypervisor: "fake".into(),
-            agent_version: "test".into(),
-            domain_prefix: "sg-".into(),
-            capacity: Resources {
-                vcpus: 4,
-                memory_mib: 1 << 20,
-                disk_gib: 1 << 10,
-            },
-        };
-        t.store
-            .host_register(&reg, |_| RegisterDecision::Join)
-            .await
-            .unwrap();
+        register_host(&t, h, 4).await;
     }
     let other = Store::connect(&t.db.url, 4).await.unwrap();
     let stores = [&t.store, &other];
