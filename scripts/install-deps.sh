@@ -4,9 +4,10 @@
 # one version), then every command the project runs is executed once; a command that does not
 # run stops the script with its name. Run as root (or with sudo).
 #
-#   scripts/install-deps.sh                     build the control plane
+#   scripts/install-deps.sh                     build the workspace (libvirt's headers included:
+#                                               the agent and the fleet simulator link it)
 #   scripts/install-deps.sh --host              also a KVM host: QEMU, libvirt (started), the
-#                                               guest image's tools, the agent's build deps
+#                                               guest image's tools
 #   scripts/install-deps.sh --postgres          also a PostgreSQL answering on 127.0.0.1:5432
 #   scripts/install-deps.sh --test              also what the test scripts run besides the
 #                                               build: Python's venv (schemathesis.sh)
@@ -47,6 +48,9 @@ BUILD=(
   "pkg-config|pkg-config --version"
   "ca-certificates|test -s /etc/ssl/certs/ca-certificates.crt"
   "curl|curl --version"
+  # Build-time deps of the `virt` crate: the workspace (the host agent, the fleet simulator)
+  # does not build without them, with or without a libvirt daemon.
+  "libvirt-dev|pkg-config --exists libvirt"
   # Host-agent tests run without libvirt too: disks (qemu-img under prlimit), seeds
   # (genisoimage; isoinfo reads them back), the guest's awk for the seed tests (busybox-static,
   # not busybox: the two conflict).
@@ -64,9 +68,6 @@ HOST=(
   "libvirt-daemon-system|libvirtd --version"
   "libvirt-daemon-system|virtlogd --version"
   "libvirt-clients|virsh --version"
-  # Build-time deps of the `virt` crate.
-  "libvirt-dev|pkg-config --exists libvirt"
-  "pkg-config|pkg-config --version"
   # images/tiny/build.sh: guest userland, initramfs packing, module deps.
   "busybox-static|busybox true"
   "dropbear-bin|test -x /usr/sbin/dropbear"
