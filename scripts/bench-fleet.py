@@ -4,7 +4,11 @@ running simulated fleet: tenants, creates, the wait until every machine runs, a 
 pass, API latency sampled during the storm, the hosts' books, deletes. Prints a table to
 stderr and, as its last line on stdout, one JSON object.
 
-    bench-fleet.py BASE_URLS ADMIN_PASSWORD IMAGE_DIR MACHINES TENANTS HOSTS STORE REPLICAS CP_PIDS
+    bench-fleet.py BASE_URLS ADMIN_PASSWORD IMAGE_DIR MACHINES TENANTS HOSTS STORE REPLICAS CP_PIDS \
+        FLEET_COMMANDS FLEET_OUT
+
+FLEET_COMMANDS is the fleet's stdin (a FIFO) and FLEET_OUT its stdout: the fleet's `census`
+answer is the other side of the control plane's books.
 """
 import hashlib
 import http.client
@@ -17,7 +21,8 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
-(bases, admin_password, image_dir, machines, tenants, hosts, store, replicas, pids) = sys.argv[1:10]
+(bases, admin_password, image_dir, machines, tenants, hosts, store, replicas, pids, fleet_commands,
+ fleet_out) = sys.argv[1:12]
 bases = bases.split(",")
 machines, tenants, hosts, replicas = int(machines), int(tenants), int(hosts), int(replicas)
 pids = [int(p) for p in pids.split(",")]
@@ -82,7 +87,35 @@ def metrics():
     counts = {m.group(1): float(m.group(2)) for m in re.finditer(r'^skygate_machines\{status="(\w+)"\} (\S+)', text, re.M)}
     last = re.search(r"^skygate_reconciler_last_pass_finished_seconds (\S+)", text, re.M)
     dur = re.search(r"^skygate_reconciler_last_pass_duration_seconds (\S+)", text, re.M)
+    unplaced = re.search(r"^skygate_machines_unplaced (\S+)", text, re.M)
+    counts["unplaced"] = float(unplaced.group(1)) if unplaced else float("nan")
     return counts, float(last.group(1)) if last else 0.0, float(dur.group(1)) if dur else float("nan")
+
+
+def live(counts):
+    return sum(v for k, v in counts.items() if k not in ("deleted", "unplaced"))
+
+
+census_lock = threading.Lock()
+
+
+def census():
+    """What the fleet's hypervisors hold: (domains, running), or None if it did not answer."""
+    with census_lock:
+        with open(fleet_out) as f:
+            seen = sum(1 for line in f if line.startswith("census:"))
+        with open(fleet_commands, "w") as f:
+            f.write("census\n")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with open(fleet_out) as f:
+                answers = [line for line in f if line.startswith("census:")]
+            if len(answers) > seen:
+                fields = dict(kv.split("=") for kv in answers[-1].split()[1:])
+                return int(fields["domains"]), int(fields["running"])
+            time.sleep(0.2)
+    note_error("the fleet did not answer `census` within 30 s")
+    return None
 
 
 def main():
@@ -142,7 +175,9 @@ def main():
     placed_s = running_s = None
     while time.monotonic() - first_post < WAIT_LIMIT_S:
         counts, _, _ = metrics()
-        if placed_s is None and counts.get("pending", 0) == 0:
+        # A placed machine stays pending until its provision task starts: placed is "no
+        # live machine without a host", read from skygate_machines_unplaced.
+        if placed_s is None and counts.get("unplaced") == 0:
             placed_s = time.monotonic() - first_post
         if counts.get("running", 0) >= len(created):
             running_s = time.monotonic() - first_post
@@ -174,23 +209,33 @@ def main():
     held = sum(h["machines"] for h in items)
     if held != len(created):
         note_error(f"hosts hold {held} machines, {len(created)} were created")
+    # The other side: what the hypervisors run.
+    seen = census()
+    if seen and seen != (len(created), len(created)):
+        note_error(f"the fleet holds {seen[0]} domains, {seen[1]} running; {len(created)} were created")
 
     print("  deletes...", file=sys.stderr)
     with ThreadPoolExecutor(THREADS) as ex:
         list(ex.map(lambda tm: call("DELETE", f"/api/v1/machines/{tm[1]}", tm[0], expect=(202, 204)), created))
+    # Done when the API lists no live machine, the hosts' books hold none and the fleet runs
+    # no domain; whichever side lags past the wait is an error.
     deleted_at = time.monotonic()
+    left = domains = deletes_s = None
     while time.monotonic() - deleted_at < WAIT_LIMIT_S:
         counts, _, _ = metrics()
-        live = sum(v for k, v in counts.items() if k != "deleted")
-        if live == 0:
-            break
+        if live(counts) == 0:
+            _, hs = call("GET", "/api/v1/hosts", admin)
+            left = sum(h["machines"] for h in (hs["items"] if hs else []))
+            seen = census()
+            domains = seen[0] if seen else None
+            if left == 0 and domains == 0:
+                deletes_s = time.monotonic() - deleted_at
+                break
         time.sleep(0.5)
     else:
-        note_error("machines still live after the deletes")
-    _, hs = call("GET", "/api/v1/hosts", admin)
-    left = sum(h["machines"] for h in (hs["items"] if hs else []))
-    if left:
-        note_error(f"hosts still hold {left} machines after the deletes")
+        counts, _, _ = metrics()
+        note_error(f"after the deletes: {live(counts)} machines live, hosts hold {left}, "
+                   f"the fleet holds {domains} domains")
 
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99)] if latencies else float("nan")
@@ -209,6 +254,7 @@ def main():
             ("reconcile pass after the storm", f"{result['reconcile_pass_s']} s"),
             ("GET /machines/{id} during the storm", f"p99 {result['api_p99_ms']} ms over {len(latencies)} samples"),
             ("control plane RSS (per replica)", f"{rss} MiB"),
+            ("all deleted, both sides", f"{deletes_s or float('nan'):.1f} s after the last DELETE was answered"),
             ("hosts oversubscribed", str(over)), ("unexpected answers and failures", str(errors))]
     for k, v in rows:
         print(f"| {k} | {v} |", file=sys.stderr)

@@ -4,8 +4,9 @@
 # (`skygate-host-agent simulate`: real gRPC agents over fake hypervisors, fake disk and seed
 # tools, define 20 ms / start 50 ms / stop 50 ms), then scripts/bench-fleet.py creates M
 # one-vCPU machines through the REST API from T tenants, waits until every one runs, waits for
-# a reconcile pass, samples GET /machines/{id} during the storm, checks the hosts' books and
-# deletes everything. Each host offers 10 % more vCPUs than its share of the machines.
+# a reconcile pass, samples GET /machines/{id} during the storm, checks the hosts' books against
+# what the fleet's hypervisors run (its `census`), deletes everything and checks both sides
+# again. Each host offers 10 % more vCPUs than its share of the machines.
 #
 #   scripts/bench-fleet.sh [--hosts N] [--machines M] [--tenants T] [--store sqlite|postgres] [--replicas R]
 #   (defaults: 50 hosts, 2,000 machines, 20 tenants, sqlite, 1 replica; WORKERS=64 per replica)
@@ -87,7 +88,8 @@ for r in $(seq 1 "$REPLICAS"); do
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$http/readyz" >/dev/null && break; sleep 0.1; done
 done
 mkdir -p "$work/images"
-# The fleet reads fault commands from stdin; none here, so it gets a pipe that stays open.
+# The fleet reads commands from stdin, a FIFO held open here (fd 3): the benchmark asks it for
+# its `census` there and reads the answer from fleet.out.
 mkfifo "$work/faults"
 SKYGATE_AGENT_TOKEN=$token "$bin/skygate-host-agent" simulate --hosts "$HOSTS" \
   --control-plane "http://127.0.0.1:$grpc" --vcpus "$vcpus" --memory-mib $((vcpus * 256)) \
@@ -101,7 +103,7 @@ grep -q "hosts registered" "$work/fleet.out" || { echo "bench-fleet: the fleet d
 
 IFS=, ; base_list="${bases[*]}" pid_list="${cp_pids[*]}"; unset IFS
 result=$(python3 scripts/bench-fleet.py "$base_list" "$admin_password" "$work/images" "$MACHINES" \
-  "$TENANTS" "$HOSTS" "$STORE" "$REPLICAS" "$pid_list")
+  "$TENANTS" "$HOSTS" "$STORE" "$REPLICAS" "$pid_list" "$work/faults" "$work/fleet.out")
 if [[ $STORE == postgres ]]; then
   db_mib=$(psql -tA "$PG_URL_BASE/postgres" -c "SELECT pg_database_size('$db') / 1048576")
 else

@@ -2,6 +2,7 @@
 //! a signal, with housekeeping in the background.
 
 use crate::agents::credentials::HostCredentials;
+use crate::agents::heartbeats::{self, SteadyHeartbeats};
 use crate::agents::{AgentClients, AgentTls, CallTiming, RegistryService};
 use crate::api::{self, HttpSettings};
 use crate::app::{App, Settings};
@@ -117,12 +118,14 @@ async fn start_provisioning(
         .with_context(|| format!("binding {}", config.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
     // The registry authenticates each call itself: the join token or a host's credential.
+    let steady = SteadyHeartbeats::new();
     let registry = AgentRegistryServer::new(RegistryService::new(
         store.clone(),
         &config.agent_token,
         HostCredentials::new(secret),
         config.workflows.heartbeat_interval,
         config.workflows.unreachable_after,
+        Arc::clone(&steady),
     ));
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = &config.registry_tls {
@@ -158,6 +161,11 @@ async fn start_provisioning(
     handles.push(tokio::spawn(monitor::run(
         store.clone(),
         config.workflows.clone(),
+    )));
+    handles.push(tokio::spawn(heartbeats::flush(
+        steady,
+        store.clone(),
+        heartbeats::flush_period(config.workflows.heartbeat_interval),
     )));
     Ok((grpc_addr, handles))
 }

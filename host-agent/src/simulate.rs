@@ -211,6 +211,26 @@ struct SimulatedHost {
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
+/// What every simulated host's hypervisor holds ([`SimulatedFleet::census`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Census {
+    pub hosts: usize,
+    /// Defined domains, whatever their phase.
+    pub domains: usize,
+    /// Domains that run.
+    pub running: usize,
+}
+
+impl std::fmt::Display for Census {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "census: hosts={} domains={} running={}",
+            self.hosts, self.domains, self.running
+        )
+    }
+}
+
 /// Many simulated hosts, each a real gRPC server registered with a real control plane.
 #[derive(Debug)]
 pub struct SimulatedFleet {
@@ -249,6 +269,21 @@ impl SimulatedFleet {
     /// A host's fake hypervisor, to look at its domains or inject other faults.
     pub fn hypervisor(&self, name: &str) -> Result<Arc<FakeHypervisor>, SimulateError> {
         Ok(Arc::clone(&self.host(name)?.fake))
+    }
+
+    /// What the fleet's hypervisors hold, summed over every host: the other side of the
+    /// control plane's books (a benchmark compares the two).
+    pub fn census(&self) -> Census {
+        let mut census = Census {
+            hosts: self.hosts.len(),
+            ..Census::default()
+        };
+        for host in &self.hosts {
+            let (domains, running) = host.fake.domain_counts();
+            census.domains += domains;
+            census.running += running;
+        }
+        census
     }
 
     /// How many hosts have joined (hold the credential the control plane issued).
@@ -577,7 +612,8 @@ impl SimulatedFleet {
 
 /// Runs `skygate-host-agent simulate` until SIGINT or SIGTERM: starts the fleet, prints
 /// `simulate: N hosts registered` once all have joined, and applies the faults read from
-/// stdin, one line of result each (`ok: LINE` or `error: ...`). The end of stdin ends the
+/// stdin, one line of result each (`ok: LINE` or `error: ...`); `census` prints what the
+/// hypervisors hold (`census: hosts=H domains=D running=R`). The end of stdin ends the
 /// reading, not the fleet, so a script may start it with stdin closed.
 pub async fn run_cli(args: crate::config::SimulateArgs) -> Result<(), SimulateCliError> {
     raise_open_files_limit();
@@ -641,6 +677,10 @@ pub async fn run_cli(args: crate::config::SimulateArgs) -> Result<(), SimulateCl
         while let Some(line) = lines.recv().await {
             let line = line.trim();
             if line.is_empty() {
+                continue;
+            }
+            if line == "census" {
+                say(&fleet.census().to_string());
                 continue;
             }
             match line.parse::<FaultCommand>() {

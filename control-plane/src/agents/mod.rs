@@ -8,6 +8,7 @@
 pub mod client;
 pub mod credentials;
 pub mod error;
+pub mod heartbeats;
 pub mod registry;
 pub mod spec;
 pub mod wire;

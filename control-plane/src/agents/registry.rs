@@ -4,12 +4,14 @@
 //! the store does the rest.
 
 use super::credentials::HostCredentials;
+use super::heartbeats::SteadyHeartbeats;
 use crate::model::scheduler::Resources;
 use crate::store::hosts::{HostIdentity, HostRegistration, Refusal, RegisterDecision, Registered};
 use crate::store::Store;
 use proto::agent::v1 as agent_pb;
 use proto::bearer::BearerAuth;
 use proto::controlplane::v1 as pb;
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
@@ -22,6 +24,8 @@ pub struct RegistryService {
     credentials: HostCredentials,
     heartbeat_interval: Duration,
     unreachable_after: Duration,
+    /// Heartbeats that change nothing but the time, written by [`super::heartbeats::flush`].
+    steady: Arc<SteadyHeartbeats>,
 }
 
 impl RegistryService {
@@ -31,6 +35,7 @@ impl RegistryService {
         credentials: HostCredentials,
         heartbeat_interval: Duration,
         unreachable_after: Duration,
+        steady: Arc<SteadyHeartbeats>,
     ) -> Self {
         Self {
             store,
@@ -38,6 +43,7 @@ impl RegistryService {
             credentials,
             heartbeat_interval,
             unreachable_after,
+            steady,
         }
     }
 }
@@ -234,11 +240,12 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
         let r = request.into_inner();
         // A heartbeat carries the host's credential; a host that never had one issued (it
         // joined before credentials existed) may still use the join token until it registers.
-        let identity = self
+        let found = self
             .store
-            .host_identity(&r.host_id)
+            .host_for_heartbeat(&r.host_id)
             .await
             .map_err(internal)?;
+        let (identity, report) = found.unzip();
         let admitted = match &identity {
             Some(host) if host.credential_issued => {
                 self.credentials
@@ -256,6 +263,12 @@ impl pb::agent_registry_server::AgentRegistry for RegistryService {
         }
         let capacity = capacity(r.capacity)?;
         let problems = problems(r.problems);
+        if report.is_some_and(|was| {
+            was.ready && was.capacity == capacity && was.problems == problems.join("\n")
+        }) {
+            self.steady.note(&r.host_id);
+            return Ok(Response::new(pb::HeartbeatResponse {}));
+        }
         let Some(change) = self
             .store
             .host_heartbeat(&r.host_id, capacity, &problems)

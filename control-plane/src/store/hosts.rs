@@ -50,6 +50,19 @@ pub struct HostIdentity {
     pub credential_generation: i64,
 }
 
+/// What a host's row says it last reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostReport {
+    pub ready: bool,
+    /// One per line, as [`Store::host_heartbeat`] stores them.
+    pub problems: String,
+    pub capacity: Resources,
+}
+
+/// Hosts per statement of [`Store::host_heartbeats_record`]: well under the bound parameters
+/// either back end allows in one statement (SQLite 32,766; PostgreSQL 65,535).
+const HEARTBEATS_PER_STATEMENT: usize = 500;
+
 /// What the registry decided about a registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegisterDecision {
@@ -418,22 +431,61 @@ impl Store {
         })
     }
 
-    /// A host's credential state by id, for checking a heartbeat's bearer.
-    pub async fn host_identity(&self, id: &str) -> Result<Option<HostIdentity>> {
+    /// A host's credential state by id, for checking a heartbeat's bearer, and what its row
+    /// says the host last reported: a heartbeat that reports the same of a ready host changes
+    /// nothing but the time ([`Store::host_heartbeats_record`]).
+    pub async fn host_for_heartbeat(&self, id: &str) -> Result<Option<(HostIdentity, HostReport)>> {
         let row = sqlx::query(
-            "SELECT id, credential_issued, credential_generation FROM hosts WHERE id = $1",
+            "SELECT id, credential_issued, credential_generation, state, problems, \
+             vcpus, memory_mib, disk_gib FROM hosts WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(self.reader())
         .await?;
         row.map(|r| {
-            Ok(HostIdentity {
-                id: r.try_get("id")?,
-                credential_issued: r.try_get::<i64, _>("credential_issued")? != 0,
-                credential_generation: r.try_get("credential_generation")?,
-            })
+            Ok((
+                HostIdentity {
+                    id: r.try_get("id")?,
+                    credential_issued: r.try_get::<i64, _>("credential_issued")? != 0,
+                    credential_generation: r.try_get("credential_generation")?,
+                },
+                HostReport {
+                    ready: r.try_get::<String, _>("state")? == "ready",
+                    problems: r.try_get("problems")?,
+                    capacity: Resources {
+                        vcpus: r.try_get("vcpus")?,
+                        memory_mib: r.try_get("memory_mib")?,
+                        disk_gib: r.try_get("disk_gib")?,
+                    },
+                },
+            ))
         })
         .transpose()
+    }
+
+    /// Records heartbeats that change nothing but the time, for many hosts in a few
+    /// statements (at most [`HEARTBEATS_PER_STATEMENT`] hosts each): a host no longer ready
+    /// (marked unreachable meanwhile) is left alone, and its next heartbeat goes through
+    /// [`Store::host_heartbeat`]. Returns how many hosts were recorded.
+    pub async fn host_heartbeats_record(&self, ids: &[String]) -> Result<u64> {
+        let now = to_micros(self.clock().await?);
+        let mut recorded = 0;
+        for chunk in ids.chunks(HEARTBEATS_PER_STATEMENT) {
+            let placeholders = (2..chunk.len() + 2)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "UPDATE hosts SET last_heartbeat_at = $1, updated_at = $1 \
+                 WHERE state = 'ready' AND id IN ({placeholders})"
+            );
+            let mut q = sqlx::query(&sql).bind(now);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            recorded += q.execute(&self.write).await?.rows_affected();
+        }
+        Ok(recorded)
     }
 
     /// Retires the host's credential (its generation goes up) and lets the join token

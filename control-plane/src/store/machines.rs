@@ -29,6 +29,14 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 /// A validated request for a new machine.
+/// Live machines by status, and how many pending ones have no host yet (the placement
+/// backlog: a placed machine stays pending until its provision task starts building it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineCounts {
+    pub by_status: std::collections::HashMap<MachineStatus, i64>,
+    pub unplaced: i64,
+}
+
 #[derive(Debug, Clone)]
 pub struct NewMachine {
     pub owner_id: UserId,
@@ -641,22 +649,23 @@ impl Store {
         Ok(out)
     }
 
-    /// Live machines per status, for metrics.
-    pub async fn machine_count_by_status(
-        &self,
-    ) -> Result<std::collections::HashMap<MachineStatus, i64>> {
+    /// Live machines per status (statuses without machines absent), for metrics.
+    pub async fn machine_count_by_status(&self) -> Result<MachineCounts> {
         let rows = sqlx::query(
-            "SELECT status, COUNT(*) AS n FROM machines WHERE deleted_at IS NULL GROUP BY status",
+            "SELECT status, COUNT(*) AS n, \
+             SUM(CASE WHEN host_id IS NULL THEN 1 ELSE 0 END) AS unplaced \
+             FROM machines WHERE deleted_at IS NULL GROUP BY status",
         )
         .fetch_all(self.reader())
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    parse_col(&r.try_get::<String, _>("status")?, "status")?,
-                    r.try_get("n")?,
-                ))
-            })
-            .collect()
+        let mut counts = MachineCounts::default();
+        for r in &rows {
+            let status: MachineStatus = parse_col(&r.try_get::<String, _>("status")?, "status")?;
+            counts.by_status.insert(status, r.try_get("n")?);
+            if status == MachineStatus::Pending {
+                counts.unplaced = r.try_get("unplaced")?;
+            }
+        }
+        Ok(counts)
     }
 }

@@ -196,14 +196,29 @@ impl Store {
 
 /// [`Store::begin_write`] on the write pool `pool` (for the create writer, which holds the
 /// pool rather than the store).
+///
+/// The BEGIN runs on a task of its own, which finishes it whatever happens to the caller.
+/// sqlx's begin is not cancel-safe (transact-rs/sqlx#4393 on PostgreSQL; on SQLite a custom
+/// BEGIN behaves alike): a caller dropped mid-BEGIN returns the connection to the pool inside
+/// a transaction nothing will end, and every later BEGIN on it fails
+/// (`InvalidSavePointStatement`). Callers are dropped mid-step by design (a worker that lost
+/// its lease abandons its step), and SQLite has one writer connection: a fleet storm in the
+/// test suite poisoned it and every write of the control plane failed from then on. Once
+/// the task holds a `Transaction`, dropping it rolls back as sqlx intends.
 pub(crate) async fn begin_write_on(
     pool: &AnyPool,
     backend: Backend,
 ) -> Result<Transaction<'static, Any>> {
-    Ok(match backend {
-        Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
-        Backend::Postgres => pool.begin().await?,
+    let pool = pool.clone();
+    let begun = tokio::spawn(async move {
+        match backend {
+            Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => pool.begin().await,
+        }
     })
+    .await
+    .map_err(|e| Error::Internal(format!("the task beginning a transaction failed: {e}")))?;
+    Ok(begun?)
 }
 
 /// Now, as stored: Unix microseconds.

@@ -1,22 +1,37 @@
 //! A simulated fleet (`host_agent::simulate`: real gRPC agents over fake hypervisors) against
-//! the real control plane: ten hosts of eight vCPUs take sixty machines from three tenants
-//! without oversubscribing one, the kept allocations match what is placed, a crashed domain and
-//! a silenced host are noticed, and deleting everything leaves no domain on any host.
+//! the real control plane: fifty hosts take 500 machines from ten tenants without
+//! oversubscribing one, the kept allocations match what is placed and what the hypervisors
+//! run, a crashed domain and a silenced host are noticed, and deleting everything leaves no
+//! domain on any host. Timing targets live in `scripts/bench-fleet.sh`, not here.
+//!
+//! Why 500 and not the 2,000 issue 13 suggests: this is a debug build sharing two cores with
+//! the rest of the suite, and at 2,000 both stores fell behind (database connections waited
+//! past their 5 s bound, hosts flapped unreachable) and were not all running after 300 s; the
+//! release build runs 2,000 in seconds (README, "Measured"). The gap is open work.
 
 use crate::both_stores;
 use crate::common::provisioning::{
     is, provisioning_config, register_fake_kernel_image, wait_for, wait_for_at_most,
 };
 use crate::common::{Backend, Session, TestApp};
-use host_agent::simulate::{SimulateConfig, SimulatedCapacity, SimulatedFleet};
+use control_plane::app::Settings;
+use control_plane::model::Quota;
+use futures::StreamExt;
+use host_agent::simulate::{Census, SimulateConfig, SimulatedCapacity, SimulatedFleet};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::Duration;
 
 const TOKEN: &str = "fleet-test-agent-token";
-const HOSTS: usize = 10;
-const VCPUS: u32 = 8;
-const MACHINES: usize = 60;
+const HOSTS: usize = 50;
+/// A tenth more than each host's share of the machines: the scheduler must spread them.
+const VCPUS: u32 = 11;
+const MACHINES: usize = 500;
+/// Each tenant's machines fit one page of `GET /machines` (200).
+const TENANTS: usize = 10;
+/// Requests in flight at once from the test.
+const CLIENTS: usize = 16;
 
 /// The hosts as an administrator sees them.
 async fn hosts(app: &TestApp, admin: &Session) -> Vec<Value> {
@@ -41,13 +56,38 @@ async fn statuses(app: &TestApp, who: &Session) -> Vec<(String, usize)> {
     counts.into_iter().collect()
 }
 
-async fn a_simulated_fleet_holds_sixty_machines_without_oversubscribing_and_notices_silence(
+/// Live machines by status, as the store counts them, sorted by status.
+async fn live_by_status(app: &TestApp) -> Vec<(&'static str, usize)> {
+    let counts = app.store.machine_count_by_status().await.unwrap();
+    let mut seen: Vec<_> = counts
+        .by_status
+        .into_iter()
+        .map(|(status, n)| (status.as_str(), usize::try_from(n).unwrap()))
+        .collect();
+    seen.sort();
+    seen
+}
+
+async fn a_simulated_fleet_holds_500_machines_without_oversubscribing_and_notices_silence(
     backend: Backend,
 ) {
     let mut cfg = provisioning_config(TOKEN);
-    cfg.workflows.workers = 4;
-    cfg.workflows.unreachable_after = Duration::from_secs(2);
-    let app = TestApp::spawn_provisioning(backend, cfg).await;
+    cfg.workflows.workers = 8;
+    // The product's lease (30 s) and four heartbeats of silence (the product allows four,
+    // 20 s at its 5 s interval): the storm runs in a debug build beside the rest of the suite,
+    // and a write can wait seconds for SQLite's one writer.
+    cfg.workflows.lease = Duration::from_secs(30);
+    cfg.workflows.unreachable_after = Duration::from_secs(4);
+    let settings = Settings {
+        quota: Quota {
+            max_machines: 1_000,
+            max_vcpus: 1_000,
+            max_memory_mib: 1_000_000,
+        },
+        ..Settings::default()
+    };
+    let db = Arc::new(crate::common::TestDb::new(backend).await);
+    let app = TestApp::spawn_full(db, settings, Default::default(), Some(cfg)).await;
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     std::fs::create_dir(&images).unwrap();
@@ -88,31 +128,38 @@ async fn a_simulated_fleet_holds_sixty_machines_without_oversubscribing_and_noti
     }
     register_fake_kernel_image(&app, &admin, &images).await;
 
-    let tenants = [
-        app.user("fleet-a").await,
-        app.user("fleet-b").await,
-        app.user("fleet-c").await,
-    ];
-    for i in 0..MACHINES {
-        let res = app
-            .as_user(&tenants[i % tenants.len()], Method::POST, "/machines")
-            .json(&json!({"hostname": format!("m-{i}"), "image": "fake",
-                "vcpus": 1, "memory_mib": 128, "disk_gib": 1}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::ACCEPTED, "machine {i}");
+    let mut tenants = Vec::new();
+    for i in 0..TENANTS {
+        tenants.push(app.user(&format!("fleet-{i}")).await);
     }
-    let per_tenant = MACHINES / tenants.len();
-    wait_for("every machine running", async || {
-        let mut seen = Vec::new();
-        for t in &tenants {
-            seen.push(statuses(&app, t).await);
-        }
-        let want = vec![("running".to_owned(), per_tenant)];
-        is(seen, vec![want.clone(), want.clone(), want])
-    })
+    let (app_ref, tenants_ref) = (&app, &tenants);
+    futures::stream::iter(0..MACHINES)
+        .for_each_concurrent(CLIENTS, |i| async move {
+            let res = app_ref
+                .as_user(&tenants_ref[i % TENANTS], Method::POST, "/machines")
+                .json(&json!({"hostname": format!("m-{i}"), "image": "fake",
+                    "vcpus": 1, "memory_mib": 128, "disk_gib": 1}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::ACCEPTED, "machine {i}");
+        })
+        .await;
+    // Waited for on the store's counts (one statement a poll: listing 2,000 machines ten
+    // times a second was most of the load), then checked as each tenant sees them.
+    wait_for_at_most(
+        "every machine running",
+        Duration::from_secs(300),
+        async || is(live_by_status(&app).await, [("running", MACHINES)]),
+    )
     .await;
+    let per_tenant = MACHINES / TENANTS;
+    for t in &tenants {
+        assert_eq!(
+            statuses(&app, t).await,
+            [("running".to_owned(), per_tenant)]
+        );
+    }
 
     // No host holds more than it offers; together they hold every machine, and each host's
     // hypervisor holds the domains the control plane counts there.
@@ -127,6 +174,14 @@ async fn a_simulated_fleet_holds_sixty_machines_without_oversubscribing_and_noti
     }
     assert_eq!(allocated, MACHINES as u64);
     assert_eq!(app.store.allocation_drift().await.unwrap(), vec![]);
+    assert_eq!(
+        fleet.census(),
+        Census {
+            hosts: HOSTS,
+            domains: MACHINES,
+            running: MACHINES,
+        }
+    );
 
     // A domain whose QEMU dies on a simulated host: the control plane hears of it from the
     // host's events and marks the machine stopped.
@@ -142,7 +197,7 @@ async fn a_simulated_fleet_holds_sixty_machines_without_oversubscribing_and_noti
     })
     .await;
 
-    // A host that stops heartbeating is noticed (unreachable after 2 s of silence here), and
+    // A host that stops heartbeating is noticed (unreachable after 4 s of silence here), and
     // is ready again once it heartbeats.
     let quiet = &names[0];
     fleet.silence(quiet).unwrap();
@@ -166,32 +221,33 @@ async fn a_simulated_fleet_holds_sixty_machines_without_oversubscribing_and_noti
     .await;
 
     // Everything deleted: gone from the API, from every host and from the allocations.
+    let mut owned = Vec::new();
     for t in &tenants {
         let items = app.get_json(t, "/machines?limit=200").await["items"]
             .as_array()
             .unwrap()
             .clone();
-        for m in items {
+        owned.extend(items.into_iter().map(|m| (t, m)));
+    }
+    assert_eq!(owned.len(), MACHINES);
+    futures::stream::iter(owned)
+        .for_each_concurrent(CLIENTS, |(t, m)| async move {
             let id = m["id"].as_str().unwrap();
-            let res = app
+            let res = app_ref
                 .as_user(t, Method::DELETE, &format!("/machines/{id}"))
                 .send()
                 .await
                 .unwrap();
             assert_eq!(res.status(), StatusCode::ACCEPTED, "{m}");
-        }
-    }
-    wait_for("every machine gone", async || {
-        let mut left = 0;
-        for t in &tenants {
-            left += app.get_json(t, "/machines?limit=200").await["items"]
-                .as_array()
-                .unwrap()
-                .len();
-        }
-        is(left, 0)
+        })
+        .await;
+    wait_for_at_most("every machine gone", Duration::from_secs(300), async || {
+        is(live_by_status(&app).await, [])
     })
     .await;
+    for t in &tenants {
+        assert_eq!(statuses(&app, t).await, []);
+    }
     for name in &names {
         let domains = fleet.hypervisor(name).unwrap().domain_names();
         assert!(domains.is_empty(), "{name} still has {domains:?}");
@@ -200,8 +256,15 @@ async fn a_simulated_fleet_holds_sixty_machines_without_oversubscribing_and_noti
         assert_eq!(h["allocated"]["vcpus"], 0, "{h}");
     }
     assert_eq!(app.store.allocation_drift().await.unwrap(), vec![]);
+    assert_eq!(
+        fleet.census(),
+        Census {
+            hosts: HOSTS,
+            ..Census::default()
+        }
+    );
     fleet.stop().await;
     app.stop().await;
 }
 
-both_stores!(a_simulated_fleet_holds_sixty_machines_without_oversubscribing_and_notices_silence);
+both_stores!(a_simulated_fleet_holds_500_machines_without_oversubscribing_and_notices_silence);

@@ -17,7 +17,35 @@ both_stores!(
     tasks_are_leased_to_one_owner_and_purged_once_finished,
     placements_racing_on_two_replicas_spend_each_room_once,
     one_placement_places_the_machines_waiting_with_it,
+    writes_abandoned_at_any_point_leave_the_store_writable,
 );
+
+/// A write dropped mid-flight (a worker abandoning its step when it loses its lease) at
+/// every point from before its BEGIN to after its COMMIT: the store's writes work afterwards.
+/// sqlx's BEGIN is not cancel-safe; dropped inside it, a connection went back to the pool
+/// inside a transaction, and on SQLite (one writer connection) every later write failed
+/// with `InvalidSavePointStatement`.
+async fn writes_abandoned_at_any_point_leave_the_store_writable(backend: Backend) {
+    use control_plane::store::tasks::TaskKind;
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let m: Value = t.create_machine(&ann, "web").await.json().await.unwrap();
+    let id = m["id"].as_str().unwrap().parse().unwrap();
+    let s = &t.store;
+    for i in 0..400u64 {
+        // Dropped after 0–399 µs: before, inside and after the BEGIN's round trip.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_micros(i),
+            s.task_enqueue(id, TaskKind::Provision),
+        )
+        .await;
+    }
+    let before = s.task_pending_count(id).await.unwrap();
+    s.task_enqueue(id, TaskKind::Provision).await.unwrap();
+    assert_eq!(s.task_pending_count(id).await.unwrap(), before + 1);
+    t.stop().await;
+}
 
 /// Registers host `name` with room for `vcpus` one-vCPU machines (memory and disk to spare).
 async fn register_host(t: &TestApp, name: &str, vcpus: i64) {

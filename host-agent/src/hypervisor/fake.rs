@@ -120,6 +120,17 @@ impl FakeHypervisor {
         self.lock().domains.keys().cloned().collect()
     }
 
+    /// How many domains are defined, and how many of them run.
+    pub fn domain_counts(&self) -> (usize, usize) {
+        let st = self.lock();
+        let running = st
+            .domains
+            .values()
+            .filter(|d| d.phase == DomainPhase::Running)
+            .count();
+        (st.domains.len(), running)
+    }
+
     fn enter(
         &self,
         op: HypervisorOp,
