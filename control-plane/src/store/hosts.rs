@@ -475,10 +475,20 @@ impl Store {
                 .map(|i| format!("${i}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let sql = format!(
-                "UPDATE hosts SET last_heartbeat_at = $1, updated_at = $1 \
-                 WHERE state = 'ready' AND id IN ({placeholders})"
-            );
+            // On PostgreSQL the rows are locked first, in id order, as placement claims lock
+            // them: an UPDATE alone locks in whatever order its scan takes, and could wait on
+            // a claim that waits on it.
+            let sql = match self.backend() {
+                Backend::Postgres => format!(
+                    "UPDATE hosts SET last_heartbeat_at = $1, updated_at = $1 \
+                     WHERE id IN (SELECT id FROM hosts WHERE state = 'ready' \
+                     AND id IN ({placeholders}) ORDER BY id FOR UPDATE) AND state = 'ready'"
+                ),
+                Backend::Sqlite => format!(
+                    "UPDATE hosts SET last_heartbeat_at = $1, updated_at = $1 \
+                     WHERE state = 'ready' AND id IN ({placeholders})"
+                ),
+            };
             let mut q = sqlx::query(&sql).bind(now);
             for id in chunk {
                 q = q.bind(id);
