@@ -175,8 +175,8 @@ def main():
     placed_s = running_s = None
     while time.monotonic() - first_post < WAIT_LIMIT_S:
         counts, _, _ = metrics()
-        # A placed machine stays pending until its provision task starts: placed is "no
-        # live machine without a host", read from skygate_machines_unplaced.
+        # Placed: no live machine without a host (placement moves a machine to
+        # provisioning in the write that gives it one, so this equals "none pending").
         if placed_s is None and counts.get("unplaced") == 0:
             placed_s = time.monotonic() - first_post
         if counts.get("running", 0) >= len(created):

@@ -28,15 +28,17 @@ use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-/// A validated request for a new machine.
-/// Live machines by status, and how many pending ones have no host yet (the placement
-/// backlog: a placed machine stays pending until its provision task starts building it).
+/// Live machines by status, and how many pending ones have no host yet. Placement moves a
+/// machine to `provisioning` in the write that gives it a host, so today `unplaced` equals
+/// the pending count; it was added on the wrong belief that placed machines stay pending
+/// and is due to go (README, Changelog).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MachineCounts {
     pub by_status: std::collections::HashMap<MachineStatus, i64>,
     pub unplaced: i64,
 }
 
+/// A validated request for a new machine.
 #[derive(Debug, Clone)]
 pub struct NewMachine {
     pub owner_id: UserId,

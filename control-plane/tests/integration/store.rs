@@ -41,6 +41,8 @@ async fn writes_abandoned_at_any_point_leave_the_store_writable(backend: Backend
         )
         .await;
     }
+    // A COMMIT already sent when its write was dropped still lands: let those settle.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let before = s.task_pending_count(id).await.unwrap();
     s.task_enqueue(id, TaskKind::Provision).await.unwrap();
     assert_eq!(s.task_pending_count(id).await.unwrap(), before + 1);
