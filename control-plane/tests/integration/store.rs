@@ -27,11 +27,7 @@ both_stores!(
 /// with `InvalidSavePointStatement`.
 async fn writes_abandoned_at_any_point_leave_the_store_writable(backend: Backend) {
     use control_plane::store::tasks::TaskKind;
-    let t = TestApp::spawn(backend).await;
-    t.tiny_image().await;
-    let ann = t.user("ann").await;
-    let m: Value = t.create_machine(&ann, "web").await.json().await.unwrap();
-    let id = m["id"].as_str().unwrap().parse().unwrap();
+    let (t, id) = with_one_machine(backend).await;
     let s = &t.store;
     for i in 0..400u64 {
         // Dropped after 0–399 µs: before, inside and after the BEGIN's round trip.
@@ -183,13 +179,19 @@ async fn placements_racing_on_two_replicas_spend_each_room_once(backend: Backend
     assert_eq!(t.store.allocation_drift().await.unwrap(), vec![]);
 }
 
-async fn tasks_are_leased_to_one_owner_and_purged_once_finished(backend: Backend) {
-    use control_plane::store::tasks::{TaskKind, TaskOutcome};
+/// A control plane with one machine, created through the API (its provision task queued).
+async fn with_one_machine(backend: Backend) -> (TestApp, control_plane::model::MachineId) {
     let t = TestApp::spawn(backend).await;
     t.tiny_image().await;
     let ann = t.user("ann").await;
     let m: Value = t.create_machine(&ann, "web").await.json().await.unwrap();
     let id = m["id"].as_str().unwrap().parse().unwrap();
+    (t, id)
+}
+
+async fn tasks_are_leased_to_one_owner_and_purged_once_finished(backend: Backend) {
+    use control_plane::store::tasks::{TaskKind, TaskOutcome};
+    let (t, id) = with_one_machine(backend).await;
     let s = &t.store;
     // The creation queued its provision task in the same transaction.
     assert_eq!(s.task_pending_count(id).await.unwrap(), 1);
