@@ -6,14 +6,17 @@
 //! writes per heartbeat period for nothing.
 
 use crate::store::Store;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Hosts heard from since the last flush.
+/// Hosts heard from since the last flush, each with when it was last heard. The time heard,
+/// not the time written, is what the row gets: a flush that failed and is retried later must
+/// not make a host that has since gone silent look alive (it kept a silenced host `ready`
+/// past the monitor's window while the database was slow).
 #[derive(Debug, Default)]
 pub struct SteadyHeartbeats {
-    heard: Mutex<HashSet<String>>,
+    heard: Mutex<HashMap<String, Instant>>,
 }
 
 impl SteadyHeartbeats {
@@ -21,16 +24,25 @@ impl SteadyHeartbeats {
         Arc::new(Self::default())
     }
 
-    /// A steady heartbeat from `host_id`, to be written at the next flush.
+    /// A steady heartbeat from `host_id` now, to be written at the next flush.
     pub fn note(&self, host_id: &str) {
+        self.note_at(host_id, Instant::now());
+    }
+
+    /// A heartbeat from `host_id` at `at`; an earlier one (a failed flush's, put back) never
+    /// replaces a later one.
+    fn note_at(&self, host_id: &str, at: Instant) {
         let mut heard = self.heard.lock().unwrap_or_else(PoisonError::into_inner);
-        if !heard.contains(host_id) {
-            heard.insert(host_id.to_owned());
+        match heard.get_mut(host_id) {
+            Some(last) => *last = (*last).max(at),
+            None => {
+                heard.insert(host_id.to_owned(), at);
+            }
         }
     }
 
     /// Everything noted since the last call.
-    fn take(&self) -> Vec<String> {
+    fn take(&self) -> Vec<(String, Instant)> {
         let mut heard = self.heard.lock().unwrap_or_else(PoisonError::into_inner);
         heard.drain().collect()
     }
@@ -56,8 +68,8 @@ pub async fn flush(heard: Arc<SteadyHeartbeats>, store: Store, period: Duration)
         }
         if let Err(e) = store.host_heartbeats_record(&hosts).await {
             tracing::warn!(error = ?e, hosts = hosts.len(), "could not record heartbeats; retrying");
-            for host in &hosts {
-                heard.note(host);
+            for (host, at) in &hosts {
+                heard.note_at(host, *at);
             }
         }
     }
@@ -68,15 +80,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_host_noted_twice_is_written_once_and_taken_once() {
+    fn a_host_noted_twice_is_taken_once_with_its_latest_time() {
         let heard = SteadyHeartbeats::default();
-        heard.note("a");
-        heard.note("b");
-        heard.note("a");
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        heard.note_at("a", t0);
+        heard.note_at("b", t0);
+        heard.note_at("a", t1);
         let mut hosts = heard.take();
         hosts.sort();
-        assert_eq!(hosts, ["a", "b"]);
+        assert_eq!(hosts, [("a".to_owned(), t1), ("b".to_owned(), t0)]);
         assert!(heard.take().is_empty());
+    }
+
+    #[test]
+    fn a_failed_flush_put_back_keeps_its_time_and_never_hides_a_later_one() {
+        let heard = SteadyHeartbeats::default();
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        heard.note_at("a", t1);
+        // The failed flush's note of "a" at t0 comes back after "a" was heard again at t1;
+        // "b", silent since, keeps t0.
+        heard.note_at("a", t0);
+        heard.note_at("b", t0);
+        let mut hosts = heard.take();
+        hosts.sort();
+        assert_eq!(hosts, [("a".to_owned(), t1), ("b".to_owned(), t0)]);
     }
 
     #[test]

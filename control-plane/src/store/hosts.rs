@@ -13,6 +13,7 @@ use crate::model::scheduler::{HostCandidate, Resources};
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
+use std::time::Instant;
 
 /// What a host's machines say when it answers again after being unreachable.
 const REACHABLE_AGAIN: &str = "its host is reachable again";
@@ -464,34 +465,46 @@ impl Store {
     }
 
     /// Records heartbeats that change nothing but the time, for many hosts in a few
-    /// statements (at most [`HEARTBEATS_PER_STATEMENT`] hosts each): a host no longer ready
-    /// (marked unreachable meanwhile) is left alone, and its next heartbeat goes through
+    /// statements (at most [`HEARTBEATS_PER_STATEMENT`] hosts each). Each host's time is when
+    /// it was heard (`heard`, on this process's monotonic clock, placed on the database's
+    /// clock), never later, and never moves a host's last heartbeat back. A host no longer
+    /// ready (marked unreachable meanwhile) is left alone, and its next heartbeat goes through
     /// [`Store::host_heartbeat`]. Returns how many hosts were recorded.
-    pub async fn host_heartbeats_record(&self, ids: &[String]) -> Result<u64> {
-        let now = to_micros(self.clock().await?);
+    pub async fn host_heartbeats_record(&self, heard: &[(String, Instant)]) -> Result<u64> {
+        let now = self.clock().await?;
+        let read_at = Instant::now();
         let mut recorded = 0;
-        for chunk in ids.chunks(HEARTBEATS_PER_STATEMENT) {
-            let placeholders = (2..chunk.len() + 2)
-                .map(|i| format!("${i}"))
+        for chunk in heard.chunks(HEARTBEATS_PER_STATEMENT) {
+            // $1 is now; each host takes $2k (its id) and $2k+1 (when it was heard).
+            let ids = (1..=chunk.len())
+                .map(|k| format!("${}", 2 * k))
                 .collect::<Vec<_>>()
                 .join(", ");
+            let times = (1..=chunk.len())
+                .map(|k| format!("WHEN ${} THEN ${}", 2 * k, 2 * k + 1))
+                .collect::<Vec<_>>()
+                .join(" ");
             // On PostgreSQL the rows are locked first, in id order, as placement claims lock
             // them: an UPDATE alone locks in whatever order its scan takes, and could wait on
             // a claim that waits on it.
             let sql = match self.backend() {
                 Backend::Postgres => format!(
-                    "UPDATE hosts SET last_heartbeat_at = $1, updated_at = $1 \
+                    "UPDATE hosts SET last_heartbeat_at = \
+                     GREATEST(last_heartbeat_at, CASE id {times} END), updated_at = $1 \
                      WHERE id IN (SELECT id FROM hosts WHERE state = 'ready' \
-                     AND id IN ({placeholders}) ORDER BY id FOR UPDATE) AND state = 'ready'"
+                     AND id IN ({ids}) ORDER BY id FOR UPDATE) AND state = 'ready'"
                 ),
                 Backend::Sqlite => format!(
-                    "UPDATE hosts SET last_heartbeat_at = $1, updated_at = $1 \
-                     WHERE state = 'ready' AND id IN ({placeholders})"
+                    "UPDATE hosts SET last_heartbeat_at = \
+                     MAX(COALESCE(last_heartbeat_at, 0), CASE id {times} END), updated_at = $1 \
+                     WHERE state = 'ready' AND id IN ({ids})"
                 ),
             };
-            let mut q = sqlx::query(&sql).bind(now);
-            for id in chunk {
-                q = q.bind(id);
+            let mut q = sqlx::query(&sql).bind(to_micros(now));
+            for (id, at) in chunk {
+                let ago = chrono::Duration::from_std(read_at.saturating_duration_since(*at))
+                    .unwrap_or_default();
+                q = q.bind(id).bind(to_micros(now - ago));
             }
             recorded += q.execute(&self.write).await?.rows_affected();
         }

@@ -18,7 +18,65 @@ both_stores!(
     placements_racing_on_two_replicas_spend_each_room_once,
     one_placement_places_the_machines_waiting_with_it,
     writes_abandoned_at_any_point_leave_the_store_writable,
+    gathered_heartbeats_record_when_heard_not_when_written,
 );
+
+/// A steady heartbeat written late (the flush waited on a slow database, or failed and was
+/// retried) records when it was heard: a host silent since is marked unreachable on time.
+/// Recording the write's time had kept a silenced host `ready` past the monitor's window in
+/// CI. An older heartbeat never moves a newer one back.
+async fn gathered_heartbeats_record_when_heard_not_when_written(backend: Backend) {
+    use std::time::{Duration as StdDuration, Instant};
+    let t = TestApp::spawn(backend).await;
+    let s = &t.store;
+    register_host(&t, "h1", 4).await;
+    let id = s.host_by_name("h1").await.unwrap().unwrap().id;
+    let heard = Instant::now();
+    let heard_clock = s.clock().await.unwrap();
+    tokio::time::sleep(StdDuration::from_millis(1500)).await;
+    assert_eq!(
+        s.host_heartbeats_record(&[(id.clone(), heard)])
+            .await
+            .unwrap(),
+        1
+    );
+    let last = s
+        .host_by_name("h1")
+        .await
+        .unwrap()
+        .unwrap()
+        .last_heartbeat_at
+        .unwrap();
+    let late = last - heard_clock;
+    assert!(
+        late < Duration::milliseconds(500),
+        "recorded {late} after it was heard"
+    );
+    // Older than the last heartbeat: kept as it was.
+    let older = heard
+        .checked_sub(StdDuration::from_secs(60))
+        .unwrap_or(heard);
+    s.host_heartbeats_record(&[(id.clone(), older)])
+        .await
+        .unwrap();
+    let kept = s
+        .host_by_name("h1")
+        .await
+        .unwrap()
+        .unwrap()
+        .last_heartbeat_at
+        .unwrap();
+    assert_eq!(kept, last);
+    // Silent for a second now: the monitor's query finds it.
+    let before = s.clock().await.unwrap() - Duration::seconds(1);
+    assert_eq!(
+        s.host_mark_unreachable(before, |_| String::new())
+            .await
+            .unwrap(),
+        ["h1"]
+    );
+    t.stop().await;
+}
 
 /// A write dropped mid-flight (a worker abandoning its step when it loses its lease) at
 /// every point from before its BEGIN to after its COMMIT: the store's writes work afterwards.
