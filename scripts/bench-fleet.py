@@ -87,13 +87,27 @@ def metrics():
     counts = {m.group(1): float(m.group(2)) for m in re.finditer(r'^skygate_machines\{status="(\w+)"\} (\S+)', text, re.M)}
     last = re.search(r"^skygate_reconciler_last_pass_finished_seconds (\S+)", text, re.M)
     dur = re.search(r"^skygate_reconciler_last_pass_duration_seconds (\S+)", text, re.M)
-    unplaced = re.search(r"^skygate_machines_unplaced (\S+)", text, re.M)
-    counts["unplaced"] = float(unplaced.group(1)) if unplaced else float("nan")
     return counts, float(last.group(1)) if last else 0.0, float(dur.group(1)) if dur else float("nan")
 
 
 def live(counts):
-    return sum(v for k, v in counts.items() if k not in ("deleted", "unplaced"))
+    return sum(v for k, v in counts.items() if k != "deleted")
+
+
+def placed(counts):
+    """Live machines with a host: placement moves a machine out of pending in the write that
+    gives it one."""
+    return live(counts) - counts.get("pending", 0)
+
+
+def rate_between(samples, low, high):
+    """Placements per second while the placed count went from `low` to `high`, from the
+    (seconds, placed) samples; None if the samples do not span it."""
+    start = next(((t, n) for t, n in samples if n >= low), None)
+    end = next(((t, n) for t, n in samples if n >= high), None)
+    if not start or not end or end[0] <= start[0]:
+        return None
+    return (end[1] - start[1]) / (end[0] - start[0])
 
 
 census_lock = threading.Lock()
@@ -165,19 +179,29 @@ def main():
                 latencies.append((time.monotonic() - started) * 1000)
             time.sleep(0.05)
 
+    # The placed count through the storm, for the placement rate early (few live machines)
+    # against late (nearly all of them live): issue 13 asks that it not fall with the count.
+    placements = []
+
+    def sample_placements():
+        while not storm_over.is_set():
+            counts, _, _ = metrics()
+            placements.append((time.monotonic(), placed(counts)))
+            time.sleep(0.25)
+
     print(f"  {machines} creates...", file=sys.stderr)
     sampler = threading.Thread(target=sample)
+    placement_sampler = threading.Thread(target=sample_placements)
     first_post = time.monotonic()
     sampler.start()
+    placement_sampler.start()
     with ThreadPoolExecutor(THREADS) as ex:
         list(ex.map(create, range(machines)))
     posted_s = time.monotonic() - first_post
     placed_s = running_s = None
     while time.monotonic() - first_post < WAIT_LIMIT_S:
         counts, _, _ = metrics()
-        # Placed: no live machine without a host (placement moves a machine to
-        # provisioning in the write that gives it one, so this equals "none pending").
-        if placed_s is None and counts.get("unplaced") == 0:
+        if placed_s is None and placed(counts) >= len(created):
             placed_s = time.monotonic() - first_post
         if counts.get("running", 0) >= len(created):
             running_s = time.monotonic() - first_post
@@ -188,6 +212,10 @@ def main():
         time.sleep(0.5)
     storm_over.set()
     sampler.join()
+    placement_sampler.join()
+    # Early: from 1 % to 10 % of the machines placed; late: from 80 % to 100 %.
+    early = rate_between(placements, 0.01 * machines, 0.10 * machines)
+    late = rate_between(placements, 0.80 * machines, len(created))
     placed_s = placed_s or running_s
     if running_s is None:
         note_error("not every machine ran within the wait")
@@ -243,6 +271,8 @@ def main():
         "hosts": hosts, "machines": machines, "tenants": tenants, "store": store, "replicas": replicas,
         "create_per_s": round(len(created) / posted_s, 1),
         "placements_per_s": round(len(created) / placed_s, 1) if placed_s else 0,
+        "placements_per_s_early": round(early, 1) if early else None,
+        "placements_per_s_late": round(late, 1) if late else None,
         "all_running_s": round(running_s, 1) if running_s else None,
         "reconcile_pass_s": round(reconcile_s, 2),
         "api_p99_ms": round(p99, 1), "cp_rss_mib": rss, "db_mib": None,
@@ -250,6 +280,9 @@ def main():
     }
     rows = [("creates accepted", f"{len(created)} in {posted_s:.1f} s ({result['create_per_s']}/s)"),
             ("placements", f"{result['placements_per_s']}/s (all placed {placed_s or float('nan'):.1f} s after the first POST)"),
+            ("placement rate, 1-10 % placed vs 80-100 %",
+             f"{result['placements_per_s_early']}/s vs {result['placements_per_s_late']}/s"
+             + (f" (late/early {late / early:.2f})" if early and late else "")),
             ("all running", f"{result['all_running_s']} s after the first POST"),
             ("reconcile pass after the storm", f"{result['reconcile_pass_s']} s"),
             ("GET /machines/{id} during the storm", f"p99 {result['api_p99_ms']} ms over {len(latencies)} samples"),

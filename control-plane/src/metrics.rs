@@ -12,8 +12,6 @@ use std::time::Instant;
 const REQUESTS: &str = "skygate_http_requests_total";
 const LATENCY: &str = "skygate_http_request_duration_seconds";
 const MACHINES: &str = "skygate_machines";
-/// Pending machines no host has been chosen for yet: the placement backlog.
-const MACHINES_UNPLACED: &str = "skygate_machines_unplaced";
 const AGENT_CALLS: &str = "skygate_agent_calls_total";
 const AGENT_LATENCY: &str = "skygate_agent_call_duration_seconds";
 const RECONCILER_CHECKS: &str = "skygate_reconciler_checks_total";
@@ -76,12 +74,11 @@ pub async fn track(req: Request, next: Next) -> Response {
 }
 
 /// Sets the machines-by-status gauge from fresh counts (every status, zeros included).
-pub fn set_machine_counts(counts: &crate::store::machines::MachineCounts) {
+pub fn set_machine_counts(counts: &std::collections::HashMap<crate::model::MachineStatus, i64>) {
     for status in crate::model::MachineStatus::ALL {
-        let n = counts.by_status.get(&status).copied().unwrap_or(0);
+        let n = counts.get(&status).copied().unwrap_or(0);
         metrics::gauge!(MACHINES, "status" => status.as_str()).set(n as f64);
     }
-    metrics::gauge!(MACHINES_UNPLACED).set(counts.unplaced as f64);
 }
 
 /// One agent call: `outcome` is `ok` or the `AgentCallError` kind (`unreachable`, `gone`, ...).

@@ -12,12 +12,12 @@ pub mod ssh_keys;
 
 use crate::error::{Error, Result};
 use crate::model::{MachineStatus, Quota, UserId};
-use crate::store::machines::MachineCounts;
 use crate::store::Store;
 use auth::token::AccessTokenIssuer;
 use auth::Role;
 use chrono::Duration;
 use governor::{DefaultKeyedRateLimiter, Quota as RateQuota, RateLimiter};
+use std::collections::HashMap;
 use std::error::Error as _;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -229,12 +229,11 @@ impl App {
         self.store.ping().await
     }
 
-    /// Live machines per status (every status present) and the placement backlog, for
-    /// `/metrics`.
-    pub async fn machine_counts(&self) -> Result<MachineCounts> {
+    /// Live machines per status (every status present), for `/metrics`.
+    pub async fn machine_counts(&self) -> Result<HashMap<MachineStatus, i64>> {
         let mut counts = self.store.machine_count_by_status().await?;
         for status in MachineStatus::ALL {
-            counts.by_status.entry(status).or_insert(0);
+            counts.entry(status).or_insert(0);
         }
         Ok(counts)
     }

@@ -28,16 +28,6 @@ use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-/// Live machines by status, and how many pending ones have no host yet. Placement moves a
-/// machine to `provisioning` in the write that gives it a host, so today `unplaced` equals
-/// the pending count; it was added on the wrong belief that placed machines stay pending
-/// and is due to go (README, Changelog).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MachineCounts {
-    pub by_status: std::collections::HashMap<MachineStatus, i64>,
-    pub unplaced: i64,
-}
-
 /// A validated request for a new machine.
 #[derive(Debug, Clone)]
 pub struct NewMachine {
@@ -651,23 +641,24 @@ impl Store {
         Ok(out)
     }
 
-    /// Live machines per status (statuses without machines absent), for metrics.
-    pub async fn machine_count_by_status(&self) -> Result<MachineCounts> {
+    /// Live machines per status (statuses without machines absent), for metrics. A pending
+    /// machine has no host: placement moves it to `provisioning` in the write that gives it
+    /// one, so the pending count is the placement backlog.
+    pub async fn machine_count_by_status(
+        &self,
+    ) -> Result<std::collections::HashMap<MachineStatus, i64>> {
         let rows = sqlx::query(
-            "SELECT status, COUNT(*) AS n, \
-             SUM(CASE WHEN host_id IS NULL THEN 1 ELSE 0 END) AS unplaced \
-             FROM machines WHERE deleted_at IS NULL GROUP BY status",
+            "SELECT status, COUNT(*) AS n FROM machines WHERE deleted_at IS NULL GROUP BY status",
         )
         .fetch_all(self.reader())
         .await?;
-        let mut counts = MachineCounts::default();
-        for r in &rows {
-            let status: MachineStatus = parse_col(&r.try_get::<String, _>("status")?, "status")?;
-            counts.by_status.insert(status, r.try_get("n")?);
-            if status == MachineStatus::Pending {
-                counts.unplaced = r.try_get("unplaced")?;
-            }
-        }
-        Ok(counts)
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    parse_col(&r.try_get::<String, _>("status")?, "status")?,
+                    r.try_get("n")?,
+                ))
+            })
+            .collect()
     }
 }

@@ -74,7 +74,6 @@ async fn retrying_unavailable(mut send: impl AsyncFnMut() -> StatusCode) -> Stat
 async fn live_by_status(app: &TestApp) -> Vec<(&'static str, usize)> {
     let counts = app.store.machine_count_by_status().await.unwrap();
     let mut seen: Vec<_> = counts
-        .by_status
         .into_iter()
         .map(|(status, n)| (status.as_str(), usize::try_from(n).unwrap()))
         .collect();
