@@ -18,7 +18,7 @@
 //! waited in the queue is still written, as one whose answer was lost would be.
 
 use super::machines::NewMachine;
-use super::tasks::now_sql;
+use super::tasks::database_now;
 use super::usage::{usage_add_in_txn, usage_lock_in_txn};
 use super::{begin_write_on, is_unique_violation, Backend};
 use crate::error::{Error, Result};
@@ -145,9 +145,7 @@ pub(crate) async fn creates_in_txn(
     backend: Backend,
     creates: &[(&NewMachine, &Quota)],
 ) -> Result<Vec<Result<Machine>>> {
-    let now: i64 = sqlx::query_scalar(now_sql(backend))
-        .fetch_one(&mut **tx)
-        .await?;
+    let now = database_now(backend, &mut **tx).await?;
     // Each owner locked once, in id order (two replicas' batches locking the same owners in
     // different orders would deadlock); then their hostnames in one query each.
     let mut order: Vec<UserId> = creates.iter().map(|(new, _)| new.owner_id).collect();
