@@ -133,8 +133,12 @@ def census():
 
 
 def main():
-    _, tok = call("POST", "/api/v1/auth/login", body={"username": "root", "password": admin_password})
-    admin = tok["access_token"]
+    def admin_token():
+        """A fresh admin token: a long storm outlives an access token's lifetime."""
+        _, tok = call("POST", "/api/v1/auth/login", body={"username": "root", "password": admin_password})
+        return tok["access_token"]
+
+    admin = admin_token()
     kernel = b"a kernel for the fake hypervisor"
     path = f"{image_dir}/vmlinuz"
     with open(path, "wb") as f:
@@ -231,7 +235,7 @@ def main():
         time.sleep(1)
     rss = sum(int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{p}/status").read()).group(1)) for p in pids) // 1024 // len(pids)
 
-    _, hs = call("GET", "/api/v1/hosts", admin)
+    _, hs = call("GET", "/api/v1/hosts", admin_token())
     items = hs["items"] if hs else []
     over = sum(1 for h in items if any(h["allocated"][k] > h["capacity"][k] for k in ("vcpus", "memory_mib", "disk_gib")))
     held = sum(h["machines"] for h in items)
@@ -252,7 +256,7 @@ def main():
     while time.monotonic() - deleted_at < WAIT_LIMIT_S:
         counts, _, _ = metrics()
         if live(counts) == 0:
-            _, hs = call("GET", "/api/v1/hosts", admin)
+            _, hs = call("GET", "/api/v1/hosts", admin_token())
             left = sum(h["machines"] for h in (hs["items"] if hs else []))
             seen = census()
             domains = seen[0] if seen else None

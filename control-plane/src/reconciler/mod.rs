@@ -31,6 +31,12 @@ pub use status::{PassReport, ReconcilerStatus};
 /// Hosts a periodic pass checks at once.
 const PASS_CONCURRENCY: usize = 32;
 
+/// Of those, how many read their machines from the database at once. The agents' listings
+/// may wait in parallel, but a pass holding 32 database connections left the API and the
+/// workers 8 of PostgreSQL's 40 during a 1,000-host storm (27 of them were seen reading
+/// machines by host at once, issue 13).
+const PASS_DATABASE_READS: usize = 4;
+
 /// The reconciler's state: when each orphan was first seen, per host, and the last pass's
 /// report.
 #[derive(Debug)]
@@ -40,6 +46,8 @@ pub struct Reconciler {
     settings: WorkflowSettings,
     orphans: Mutex<HashMap<String, HashMap<MachineId, Instant>>>,
     status: Arc<ReconcilerStatus>,
+    /// Bounds the pass's database reads ([`PASS_DATABASE_READS`]).
+    database_reads: tokio::sync::Semaphore,
 }
 
 /// What one host's check found: its outcome, how many machines it compared, and each
@@ -93,6 +101,7 @@ impl Reconciler {
             settings,
             orphans: Mutex::new(HashMap::new()),
             status,
+            database_reads: tokio::sync::Semaphore::new(PASS_DATABASE_READS),
         }
     }
 
@@ -222,6 +231,8 @@ impl Reconciler {
         &self,
         host_id: &str,
     ) -> crate::Result<HashMap<MachineId, MachineSnapshot>> {
+        // Never closed, so a permit always comes.
+        let _permit = self.database_reads.acquire().await;
         Ok(self
             .store
             .machines_on_host(host_id)
