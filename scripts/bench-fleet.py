@@ -136,6 +136,8 @@ def main():
     def admin_token():
         """A fresh admin token: a long storm outlives an access token's lifetime."""
         _, tok = call("POST", "/api/v1/auth/login", body={"username": "root", "password": admin_password})
+        if not tok:
+            sys.exit("bench-fleet: the administrator could not log in")
         return tok["access_token"]
 
     admin = admin_token()
@@ -189,8 +191,11 @@ def main():
 
     def sample_placements():
         while not storm_over.is_set():
-            counts, _, _ = metrics()
-            placements.append((time.monotonic(), placed(counts)))
+            try:
+                counts, _, _ = metrics()
+                placements.append((time.monotonic(), placed(counts)))
+            except (OSError, http.client.HTTPException) as e:
+                note_error(f"GET /metrics: {e}")
             time.sleep(0.25)
 
     print(f"  {machines} creates...", file=sys.stderr)

@@ -31,7 +31,8 @@ pub use status::{PassReport, ReconcilerStatus};
 /// Hosts a periodic pass checks at once.
 const PASS_CONCURRENCY: usize = 32;
 
-/// Of those, how many read their machines from the database at once. The agents' listings
+/// Of those, how many read their machines from the database at once (a watcher re-checking a
+/// whole host after its stream was lost counts as a pass). The agents' listings
 /// may wait in parallel, but a pass holding 32 database connections left the API and the
 /// workers 8 of PostgreSQL's 40 during a 1,000-host storm (27 of them were seen reading
 /// machines by host at once, issue 13).
@@ -179,7 +180,12 @@ impl Reconciler {
     /// generation read here: a workflow that settles meanwhile makes the repair a no-op
     /// instead of being judged against a listing older than its result.
     pub async fn pass_host(&self, host: &HostRecord) -> HostCheck {
-        let known = match self.known_machines(&host.id).await {
+        // Only the pass waits for a permit (never closed, so one always comes): a watcher's
+        // check of one machine must not queue behind a pass over 1,000 hosts.
+        let permit = self.database_reads.acquire().await;
+        let known = self.known_machines(&host.id).await;
+        drop(permit);
+        let known = match known {
             Ok(k) => k,
             Err(e) => {
                 note(&host.name, CheckOutcome::StoreFailed, Some(&e));
@@ -231,8 +237,6 @@ impl Reconciler {
         &self,
         host_id: &str,
     ) -> crate::Result<HashMap<MachineId, MachineSnapshot>> {
-        // Never closed, so a permit always comes.
-        let _permit = self.database_reads.acquire().await;
         Ok(self
             .store
             .machines_on_host(host_id)

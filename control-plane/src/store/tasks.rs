@@ -31,7 +31,8 @@ const SQLITE_NOW: &str = "SELECT CAST((julianday('now') - 2440587.5) * 864000000
 /// command's on the same machine), so there are no replicas to agree with and the time is
 /// read here, without asking the database. Asking was a round trip to SQLite's connection
 /// thread, some 15 per machine's life, a third of every statement a fleet storm ran (issue
-/// 13); `julianday('now')` also had millisecond precision only.
+/// 13). (`julianday('now')`, millisecond precision, is the same clock; the login-attempt
+/// statement still reads it inside its one statement, which costs no round trip.)
 pub(crate) async fn database_now<'e, E>(backend: Backend, executor: E) -> Result<i64>
 where
     E: sqlx::Executor<'e, Database = Any>,
@@ -143,7 +144,7 @@ pub(crate) async fn capacity_changed_in_txn(
     tx: &mut Transaction<'static, Any>,
     backend: Backend,
 ) -> Result<()> {
-    // The epoch row first: a worker parking a task holds it shared (see `task_finish`), so the
+    // The epoch row first: a worker parking a task holds it shared (see `task_park`), so the
     // two take turns and the wake below sees every task parked before it.
     sqlx::query("UPDATE capacity_epoch SET epoch = epoch + 1 WHERE id = 1")
         .execute(&mut **tx)
@@ -228,7 +229,10 @@ impl Store {
     pub async fn task_claim(&self, owner: &str, lease: Duration) -> Result<Option<TaskRecord>> {
         let postgres = self.backend() == Backend::Postgres;
         if !postgres {
-            let now = database_now(self.backend(), &self.write).await?;
+            // The connection first, then the time: a lease stamped before waiting for the
+            // writer would be short by the wait.
+            let mut conn = self.write.acquire().await?;
+            let now = database_now(self.backend(), &mut *conn).await?;
             let until = now + lease.num_microseconds().unwrap_or(i64::MAX / 4);
             let row = sqlx::query(&format!(
                 "UPDATE tasks SET lease_owner = $2, lease_expires_at = $3, \
@@ -238,7 +242,7 @@ impl Store {
             .bind(now)
             .bind(owner)
             .bind(until)
-            .fetch_optional(&self.write)
+            .fetch_optional(&mut *conn)
             .await?;
             return row.as_ref().map(task_record).transpose();
         }
@@ -306,7 +310,9 @@ impl Store {
         attempt: i64,
         lease: Duration,
     ) -> Result<bool> {
-        let now = database_now(self.backend(), &self.write).await?;
+        // The connection first, then the time (as in the claim).
+        let mut conn = self.write.acquire().await?;
+        let now = database_now(self.backend(), &mut *conn).await?;
         let until = now + lease.num_microseconds().unwrap_or(i64::MAX / 4);
         let res = sqlx::query(
             "UPDATE tasks SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 \
@@ -316,7 +322,7 @@ impl Store {
         .bind(id)
         .bind(owner)
         .bind(attempt)
-        .execute(&self.write)
+        .execute(&mut *conn)
         .await?;
         Ok(res.rows_affected() == 1)
     }
