@@ -48,6 +48,10 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+# A signal becomes an exit, so that the cleanup above runs (a benchmark stopped with kill left
+# its work directory behind).
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 rss() { awk '/^VmRSS:/ {print int($2 / 1024)}' "/proc/$pid/status"; }
 

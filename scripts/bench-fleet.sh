@@ -58,6 +58,10 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+# A signal becomes an exit, so that the cleanup above runs (a benchmark stopped with kill left
+# its work directory behind).
+trap 'exit 130' INT
+trap 'exit 143' TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 db_args=()
@@ -104,8 +108,14 @@ for _ in $(seq 1 600); do grep -q "hosts registered" "$work/fleet.out" && break;
 grep -q "hosts registered" "$work/fleet.out" || { echo "bench-fleet: the fleet did not register" >&2; tail -5 "$work/fleet.log" >&2; exit 1; }
 
 IFS=, ; base_list="${bases[*]}" pid_list="${cp_pids[*]}"; unset IFS
-result=$(python3 scripts/bench-fleet.py "$base_list" "$admin_password" "$work/images" "$MACHINES" \
-  "$TENANTS" "$HOSTS" "$STORE" "$REPLICAS" "$pid_list" "$work/faults" "$work/fleet.out")
+# In the background and waited for: bash runs a trap only between commands, and `wait` is
+# one that a signal interrupts (a foreground client would keep a stopped benchmark running).
+python3 scripts/bench-fleet.py "$base_list" "$admin_password" "$work/images" "$MACHINES" \
+  "$TENANTS" "$HOSTS" "$STORE" "$REPLICAS" "$pid_list" "$work/faults" "$work/fleet.out" \
+  >"$work/result" &
+pids+=($!)
+wait $!
+result=$(cat "$work/result")
 if [[ $STORE == postgres ]]; then
   db_mib=$(psql -tA "$PG_URL_BASE/postgres" -c "SELECT pg_database_size('$db') / 1048576")
 else
