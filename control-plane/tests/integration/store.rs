@@ -31,6 +31,10 @@ async fn gathered_heartbeats_record_when_heard_not_when_written(backend: Backend
     let s = &t.store;
     register_host(&t, "h1", 4).await;
     let id = s.host_by_name("h1").await.unwrap().unwrap().id;
+    let last_heartbeat = async || {
+        let host = s.host_by_name("h1").await.unwrap().unwrap();
+        host.last_heartbeat_at.unwrap()
+    };
     let heard = Instant::now();
     let heard_clock = s.clock().await.unwrap();
     tokio::time::sleep(StdDuration::from_millis(1500)).await;
@@ -40,13 +44,7 @@ async fn gathered_heartbeats_record_when_heard_not_when_written(backend: Backend
             .unwrap(),
         1
     );
-    let last = s
-        .host_by_name("h1")
-        .await
-        .unwrap()
-        .unwrap()
-        .last_heartbeat_at
-        .unwrap();
+    let last = last_heartbeat().await;
     let late = last - heard_clock;
     assert!(
         late < Duration::milliseconds(500),
@@ -59,13 +57,7 @@ async fn gathered_heartbeats_record_when_heard_not_when_written(backend: Backend
     s.host_heartbeats_record(&[(id.clone(), older)])
         .await
         .unwrap();
-    let kept = s
-        .host_by_name("h1")
-        .await
-        .unwrap()
-        .unwrap()
-        .last_heartbeat_at
-        .unwrap();
+    let kept = last_heartbeat().await;
     assert_eq!(kept, last);
     // Silent for a second now: the monitor's query finds it.
     let before = s.clock().await.unwrap() - Duration::seconds(1);
