@@ -16,8 +16,9 @@ pub use machines::{
     MachineStatus, MachineView, NetworkView, PortView, UnknownState,
 };
 pub use users::{
-    AddSshKeyParams, LoginParams, ProfilePatch, RefreshParams, RegisterParams, SshKeyList,
-    SshKeyView, TokenPairView, UserView,
+    AddSshKeyParams, ListUsersQuery, LoginParams, ProfilePatch, ProfileView, QuotaParams,
+    QuotaView, RefreshParams, RegisterParams, RoleName, SshKeyList, SshKeyView, TokenPairView,
+    UsageView, UserList, UserPatch, UserView,
 };
 
 use serde::{Deserialize, Serialize};

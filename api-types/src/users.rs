@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -52,7 +52,90 @@ pub struct UserView {
     pub email: String,
     /// `user` or `admin`.
     pub role: String,
+    /// When an administrator disabled the account; null while it is enabled.
+    #[serde(default)]
+    pub disabled_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+}
+
+/// The caller's account with its limits and what it holds against them.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProfileView {
+    #[serde(flatten)]
+    pub user: UserView,
+    pub quota: QuotaView,
+}
+
+/// A tenant's limits and usage (`GET /users/{id}/quota`, and in the profile).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct QuotaView {
+    /// The limits in force: the tenant's own where an administrator set one, else the
+    /// server's defaults.
+    pub max_machines: i64,
+    pub max_vcpus: i64,
+    pub max_memory_mib: i64,
+    /// What an administrator set for this tenant (null: the server default), as `PUT` takes it.
+    pub overrides: QuotaParams,
+    /// What the tenant's machines (not deleted) hold now.
+    pub usage: UsageView,
+}
+
+/// `PUT /users/{id}/quota`: each limit 0 or more, or null for the server-wide default.
+/// Every field is required, so a limit is never reset by leaving it out by mistake.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaParams {
+    #[schema(minimum = 0)]
+    pub max_machines: Option<i64>,
+    #[schema(minimum = 0)]
+    pub max_vcpus: Option<i64>,
+    #[schema(minimum = 0)]
+    pub max_memory_mib: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct UsageView {
+    pub machines: i64,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+}
+
+/// What an account may do: a tenant's own machines, or everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleName {
+    User,
+    Admin,
+}
+
+/// `PATCH /users/{id}` (administrators).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserPatch {
+    pub role: RoleName,
+}
+
+/// `GET /users` query.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListUsersQuery {
+    /// 1–200, default 50.
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Accounts whose username or e-mail address contains this text (any case).
+    #[param(max_length = 254)]
+    pub search: Option<String>,
+    pub role: Option<RoleName>,
+}
+
+/// A page of accounts, in username order.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UserList {
+    pub items: Vec<UserView>,
+    /// Pass as `cursor` for the next page; null on the last.
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use skygate_api_types::{
-    AddSshKeyParams, CreateMachineParams, MachineStatus, MachineView, PageQuery,
-    RegisterImageParams, RegisterParams,
+    AddSshKeyParams, CreateMachineParams, ListUsersQuery, MachineStatus, MachineView, PageQuery,
+    QuotaParams, RegisterImageParams, RegisterParams, RoleName,
 };
 use skygate_client::MachineAction;
 
@@ -71,6 +71,11 @@ enum Command {
     /// Hypervisor hosts (administrators).
     #[command(subcommand)]
     Hosts(HostsCmd),
+    /// Your account, its limits and what you hold against them.
+    Profile,
+    /// Accounts, their roles and limits (administrators).
+    #[command(subcommand)]
+    Users(UsersCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +181,91 @@ enum HostsCmd {
     Cordon { host: String },
     Uncordon { host: String },
     Delete { host: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCmd {
+    List {
+        /// Accounts whose username or e-mail address contains this text.
+        #[arg(long)]
+        search: Option<String>,
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
+    },
+    /// Disable an account: its sessions end at once, its machines keep running.
+    Disable {
+        user: String,
+    },
+    Enable {
+        user: String,
+    },
+    /// Give an account the role `user` or `admin`.
+    SetRole {
+        user: String,
+        #[arg(value_enum)]
+        role: RoleArg,
+    },
+    /// An account's limits and usage.
+    Quota {
+        user: String,
+    },
+    /// Change an account's limits; each takes a number or `default` (the server's), and a
+    /// limit not given keeps its value.
+    SetQuota {
+        user: String,
+        #[arg(long)]
+        machines: Option<Limit>,
+        #[arg(long)]
+        vcpus: Option<Limit>,
+        #[arg(long)]
+        memory_mib: Option<Limit>,
+    },
+}
+
+/// A role on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RoleArg {
+    User,
+    Admin,
+}
+
+impl From<RoleArg> for RoleName {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::User => RoleName::User,
+            RoleArg::Admin => RoleName::Admin,
+        }
+    }
+}
+
+/// A quota limit on the command line: a number, or `default` for the server-wide one.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Default,
+    Value(i64),
+}
+
+impl std::str::FromStr for Limit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "default" {
+            return Ok(Limit::Default);
+        }
+        s.parse()
+            .map(Limit::Value)
+            .map_err(|_| format!("expected a number or 'default', not {s:?}"))
+    }
+}
+
+impl Limit {
+    /// The value `PUT /users/{id}/quota` takes for it; `None` from the flag keeps `current`.
+    fn apply(flag: Option<Limit>, current: Option<i64>) -> Option<i64> {
+        match flag {
+            None => current,
+            Some(Limit::Default) => None,
+            Some(Limit::Value(n)) => Some(n),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -375,8 +465,82 @@ async fn command(api: &mut Api, out: Output, command: Command) -> CliResult<()> 
                 api.client().delete_host(&id).await?;
             }
         },
+        Command::Profile => {
+            let me = api.client().profile().await?;
+            output::print_profile(out, &me);
+        }
+        Command::Users(cmd) => users(api, out, cmd).await?,
     }
     Ok(())
+}
+
+async fn users(api: &mut Api, out: Output, cmd: UsersCmd) -> CliResult<()> {
+    match cmd {
+        UsersCmd::List { search, role } => {
+            let query = ListUsersQuery {
+                search,
+                role: role.map(Into::into),
+                ..ListUsersQuery::default()
+            };
+            let users = api.client().all_users(&query).await?;
+            print_rows(out, &users, output::USER);
+        }
+        UsersCmd::Disable { user } => {
+            let id = user_id(api, &user).await?;
+            let u = api.client().set_user_disabled(&id, true).await?;
+            print_one(out, &u, output::USER);
+        }
+        UsersCmd::Enable { user } => {
+            let id = user_id(api, &user).await?;
+            let u = api.client().set_user_disabled(&id, false).await?;
+            print_one(out, &u, output::USER);
+        }
+        UsersCmd::SetRole { user, role } => {
+            let id = user_id(api, &user).await?;
+            let u = api.client().set_user_role(&id, role.into()).await?;
+            print_one(out, &u, output::USER);
+        }
+        UsersCmd::Quota { user } => {
+            let id = user_id(api, &user).await?;
+            let q = api.client().quota(&id).await?;
+            print_one(out, &q, output::QUOTA);
+        }
+        UsersCmd::SetQuota {
+            user,
+            machines,
+            vcpus,
+            memory_mib,
+        } => {
+            let id = user_id(api, &user).await?;
+            let now = api.client().quota(&id).await?.overrides;
+            let limits = QuotaParams {
+                max_machines: Limit::apply(machines, now.max_machines),
+                max_vcpus: Limit::apply(vcpus, now.max_vcpus),
+                max_memory_mib: Limit::apply(memory_mib, now.max_memory_mib),
+            };
+            let q = api.client().set_quota(&id, &limits).await?;
+            print_one(out, &q, output::QUOTA);
+        }
+    }
+    Ok(())
+}
+
+/// An account's id from an id or a username.
+async fn user_id(api: &mut Api, user: &str) -> CliResult<String> {
+    if uuid::Uuid::parse_str(user).is_ok() {
+        return Ok(user.to_owned());
+    }
+    let query = ListUsersQuery {
+        search: Some(user.to_owned()),
+        ..ListUsersQuery::default()
+    };
+    api.client()
+        .all_users(&query)
+        .await?
+        .into_iter()
+        .find(|u| u.username == user)
+        .map(|u| u.id)
+        .ok_or_else(|| CliError(format!("no account named {user:?}")))
 }
 
 /// A host's id from an id or a name.

@@ -3,7 +3,9 @@
 
 use clap::ValueEnum;
 use serde::Serialize;
-use skygate_api_types::{EventView, HostView, ImageView, MachineView, SshKeyView, UserView};
+use skygate_api_types::{
+    EventView, HostView, ImageView, MachineView, ProfileView, QuotaView, SshKeyView, UserView,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -24,6 +26,44 @@ pub const USER: &[Column<UserView>] = &[
     ("username", |u| u.username.clone()),
     ("email", |u| u.email.clone()),
     ("role", |u| u.role.clone()),
+    ("disabled", |u| {
+        u.disabled_at.map_or_else(
+            || "-".into(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+    }),
+];
+
+/// A limit, marked when it is the tenant's own rather than the server default.
+fn limit(value: i64, own: Option<i64>) -> String {
+    match own {
+        Some(_) => format!("{value} (own)"),
+        None => value.to_string(),
+    }
+}
+
+pub const QUOTA: &[Column<QuotaView>] = &[
+    ("machines", |q| {
+        format!(
+            "{} of {}",
+            q.usage.machines,
+            limit(q.max_machines, q.overrides.max_machines)
+        )
+    }),
+    ("vcpus", |q| {
+        format!(
+            "{} of {}",
+            q.usage.vcpus,
+            limit(q.max_vcpus, q.overrides.max_vcpus)
+        )
+    }),
+    ("memory_mib", |q| {
+        format!(
+            "{} of {}",
+            q.usage.memory_mib,
+            limit(q.max_memory_mib, q.overrides.max_memory_mib)
+        )
+    }),
 ];
 
 pub const SSH_KEY: &[Column<SshKeyView>] = &[
@@ -137,6 +177,17 @@ pub fn print_one<T: Serialize>(out: Output, item: &T, columns: &[Column<T>]) {
             for (name, cell) in columns {
                 println!("{:<width$} {}", format!("{name}:"), cell(item));
             }
+        }
+    }
+}
+
+/// The caller's account, then its limits and usage.
+pub fn print_profile(out: Output, me: &ProfileView) {
+    match out {
+        Output::Json => println!("{}", json(me)),
+        Output::Table => {
+            print_one(out, &me.user, USER);
+            print_one(out, &me.quota, QUOTA);
         }
     }
 }

@@ -12,9 +12,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use skygate_api_types::{
     AddSshKeyParams, CreateMachineParams, EventPage, HostList, HostView, ImageList, ImageView,
-    ListMachinesQuery, LoginParams, MachinePage, MachineView, PageQuery, Problem, ReconcilerView,
-    RefreshParams, RegisterImageParams, RegisterParams, SshKeyList, SshKeyView, TokenPairView,
-    UserView,
+    ListMachinesQuery, ListUsersQuery, LoginParams, MachinePage, MachineView, PageQuery, Problem,
+    ProfileView, QuotaParams, QuotaView, ReconcilerView, RefreshParams, RegisterImageParams,
+    RegisterParams, RoleName, SshKeyList, SshKeyView, TokenPairView, UserList, UserPatch, UserView,
 };
 use std::time::Duration;
 
@@ -213,9 +213,65 @@ impl Client {
         Ok(())
     }
 
-    /// `GET /auth/profile`.
-    pub async fn profile(&mut self) -> Result<UserView> {
+    /// `GET /auth/profile`: the caller's account, limits and usage.
+    pub async fn profile(&mut self) -> Result<ProfileView> {
         self.call(Method::GET, "/auth/profile", None::<&()>).await
+    }
+
+    // --- accounts (administrators) ---------------------------------------------------------
+
+    /// `GET /users`, one page.
+    pub async fn users(&mut self, query: &ListUsersQuery) -> Result<UserList> {
+        self.call(Method::GET, &with_query("/users", query), None::<&()>)
+            .await
+    }
+
+    /// Every account matching `query`'s filters, page after page.
+    pub async fn all_users(&mut self, query: &ListUsersQuery) -> Result<Vec<UserView>> {
+        let mut items = Vec::new();
+        let mut query = ListUsersQuery {
+            limit: Some(MAX_PAGE),
+            cursor: None,
+            ..query.clone()
+        };
+        loop {
+            let list = self.users(&query).await?;
+            items.extend(list.items);
+            match list.next_cursor {
+                Some(c) => query.cursor = Some(c),
+                None => return Ok(items),
+            }
+        }
+    }
+
+    /// `POST /users/{id}/disable` or `enable`.
+    pub async fn set_user_disabled(&mut self, id: &str, disabled: bool) -> Result<UserView> {
+        let verb = if disabled { "disable" } else { "enable" };
+        let path = format!("/users/{}/{verb}", segment(id));
+        self.call(Method::POST, &path, None::<&()>).await
+    }
+
+    /// `PATCH /users/{id}`.
+    pub async fn set_user_role(&mut self, id: &str, role: RoleName) -> Result<UserView> {
+        let body = UserPatch { role };
+        self.call(
+            Method::PATCH,
+            &format!("/users/{}", segment(id)),
+            Some(&body),
+        )
+        .await
+    }
+
+    /// `GET /users/{id}/quota`.
+    pub async fn quota(&mut self, id: &str) -> Result<QuotaView> {
+        let path = format!("/users/{}/quota", segment(id));
+        self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    /// `PUT /users/{id}/quota`.
+    pub async fn set_quota(&mut self, id: &str, limits: &QuotaParams) -> Result<QuotaView> {
+        let path = format!("/users/{}/quota", segment(id));
+        self.call(Method::PUT, &path, Some(limits)).await
     }
 
     // --- SSH keys --------------------------------------------------------------------------

@@ -123,6 +123,8 @@ impl Modify for BearerAuth {
     paths(
         users::register, sessions::login, sessions::refresh, sessions::logout,
         users::profile, users::profile_update,
+        users::user_list, users::user_get, users::user_patch, users::user_disable,
+        users::user_enable, users::quota_get, users::quota_put,
         machines::create, machines::list, machines::get, machines::start, machines::stop,
         machines::reboot, machines::delete, machines::events, machines::console,
         images::image_list, images::image_register,
@@ -138,6 +140,7 @@ impl Modify for BearerAuth {
         (name = "images", description = "Guest images"),
         (name = "ssh-keys", description = "Saved SSH public keys"),
         (name = "hosts", description = "Hypervisor hosts (administrators)"),
+        (name = "users", description = "Accounts, their roles and limits (administrators)"),
         (name = "admin", description = "The control plane's background work (administrators)"),
     )
 )]
@@ -206,6 +209,14 @@ fn api_routes() -> Router<Arc<App>> {
             get(ssh_keys::ssh_key_list).post(ssh_keys::ssh_key_add),
         )
         .route("/ssh-keys/{id}", del(ssh_keys::ssh_key_delete))
+        .route("/users", get(users::user_list))
+        .route("/users/{id}", get(users::user_get).patch(users::user_patch))
+        .route("/users/{id}/disable", post(users::user_disable))
+        .route("/users/{id}/enable", post(users::user_enable))
+        .route(
+            "/users/{id}/quota",
+            get(users::quota_get).put(users::quota_put),
+        )
         .route("/hosts", get(hosts::host_list))
         .route("/hosts/{id}", del(hosts::delete))
         .route("/hosts/{id}/cordon", post(hosts::cordon))
@@ -221,7 +232,13 @@ fn cors(settings: &HttpSettings) -> CorsLayer {
     }
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(settings.cors_origins.clone()))
-        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
         .allow_headers([
             axum::http::header::AUTHORIZATION,
             axum::http::header::CONTENT_TYPE,

@@ -3,8 +3,9 @@
 //! silently ignored setting.
 
 pub use skygate_api_types::{
-    AddSshKeyParams, BootParams, CreateMachineParams, ImageFormat, ListMachinesQuery, LoginParams,
-    PageQuery, ProfilePatch, RefreshParams, RegisterImageParams, RegisterParams,
+    AddSshKeyParams, BootParams, CreateMachineParams, ImageFormat, ListMachinesQuery,
+    ListUsersQuery, LoginParams, PageQuery, ProfilePatch, QuotaParams, RefreshParams,
+    RegisterImageParams, RegisterParams, RoleName, UserPatch,
 };
 
 /// Page size: 1–200, default 50.

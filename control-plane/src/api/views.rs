@@ -4,12 +4,13 @@
 
 use crate::app::hosts::Host;
 use crate::app::sessions::Account;
+use crate::app::users::QuotaReport;
 use crate::model::{Image, KernelBoot, Machine, MachineEvent, MachineNetwork, SavedSshKey};
 
 pub use skygate_api_types::{
     BootParams, CapacityView, EventPage, EventView, HostList, HostView, ImageList, ImageView,
-    MachinePage, MachineView, NetworkView, PortView, SshKeyList, SshKeyView, TokenPairView,
-    UserView,
+    MachinePage, MachineView, NetworkView, PortView, ProfileView, QuotaParams, QuotaView,
+    SshKeyList, SshKeyView, TokenPairView, UsageView, UserList, UserView,
 };
 
 impl From<Account> for UserView {
@@ -19,7 +20,28 @@ impl From<Account> for UserView {
             username: u.username,
             email: u.email,
             role: u.role.as_str().to_owned(),
+            disabled_at: u.disabled_at,
             created_at: u.created_at,
+        }
+    }
+}
+
+impl From<QuotaReport> for QuotaView {
+    fn from(q: QuotaReport) -> Self {
+        Self {
+            max_machines: q.limits.max_machines,
+            max_vcpus: q.limits.max_vcpus,
+            max_memory_mib: q.limits.max_memory_mib,
+            overrides: QuotaParams {
+                max_machines: q.overrides.max_machines,
+                max_vcpus: q.overrides.max_vcpus,
+                max_memory_mib: q.overrides.max_memory_mib,
+            },
+            usage: UsageView {
+                machines: q.usage.machines,
+                vcpus: q.usage.vcpus,
+                memory_mib: q.usage.memory_mib,
+            },
         }
     }
 }

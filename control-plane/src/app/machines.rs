@@ -170,10 +170,15 @@ impl App {
             ssh_keys,
             user_data: req.user_data,
         };
-        let machine = self
+        // The owner's row is in this replica's account cache (authentication just read it).
+        let quota = self
             .store
-            .machine_create(new, &self.settings.quota, key)
-            .await?;
+            .user_get(who.user_id)
+            .await?
+            .ok_or(Error::NotFound("user"))?
+            .quota
+            .over(self.settings.quota);
+        let machine = self.store.machine_create(new, &quota, key).await?;
         tracing::info!(machine_id = %machine.id, owner = %who.user_id, "machine created");
         Ok(machine)
     }

@@ -9,6 +9,7 @@ pub mod machines;
 pub mod password_work;
 pub mod sessions;
 pub mod ssh_keys;
+pub mod users;
 
 use crate::error::{Error, Result};
 use crate::model::{MachineStatus, Quota, UserId};

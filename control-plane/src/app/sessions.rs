@@ -21,6 +21,8 @@ pub struct Account {
     pub username: String,
     pub email: String,
     pub role: Role,
+    /// Set while an administrator has the account disabled.
+    pub disabled_at: Option<chrono::DateTime<Utc>>,
     pub created_at: chrono::DateTime<Utc>,
 }
 
@@ -31,6 +33,7 @@ impl From<&UserRecord> for Account {
             username: u.username.clone(),
             email: u.email.clone(),
             role: u.role,
+            disabled_at: u.disabled_at,
             created_at: u.created_at,
         }
     }
@@ -216,6 +219,13 @@ impl App {
                 return Err(Error::BadCredentials);
             }
         };
+        if user.disabled_at.is_some() {
+            // Said only to whoever knows the password: a guesser learns nothing new.
+            tracing::info!(target: "skygate::auth", event = "login-refused", %client, user_id = %user.id, "login refused: account disabled");
+            return Err(Error::Forbidden(
+                "this account is disabled; ask an administrator",
+            ));
+        }
         if needs_rehash {
             let password = password.to_owned();
             let hash = self
@@ -295,7 +305,7 @@ impl App {
             .user_get(claims.user_id()?.into())
             .await?
             .ok_or(Error::Unauthenticated("invalid or expired access token"))?;
-        if claims.sv != user.session_version {
+        if claims.sv != user.session_version || user.disabled_at.is_some() {
             return Err(Error::Unauthenticated("invalid or expired access token"));
         }
         Ok(Principal {
@@ -304,8 +314,10 @@ impl App {
         })
     }
 
-    pub async fn profile(&self, who: Principal) -> Result<Account> {
-        self.user(who).await.map(|u| Account::from(&*u))
+    /// The caller's account, with its limits and what it holds against them.
+    pub async fn profile(&self, who: Principal) -> Result<(Account, super::users::QuotaReport)> {
+        let account = self.user(who).await.map(|u| Account::from(&*u))?;
+        Ok((account, self.quota(who, who.user_id).await?))
     }
 
     async fn user(&self, who: Principal) -> Result<Arc<UserRecord>> {

@@ -20,6 +20,6 @@ pub use machine::{Machine, MachineEvent};
 pub use machine_on_host::{MachineChange, MachineOnHost, PhaseOnHost};
 pub use machine_state::{Action, DesiredState, MachineSnapshot, MachineStatus, Transition};
 pub use network::{MachineNetwork, PortForward};
-pub use quota::{Quota, Usage};
+pub use quota::{Quota, QuotaOverride, Usage};
 pub use ssh_key::SavedSshKey;
 pub use tasks::{FollowUp, TaskKind};

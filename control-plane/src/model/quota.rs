@@ -37,6 +37,48 @@ impl Usage {
     }
 }
 
+/// The limits an administrator gave one tenant; `None` is the server-wide default for that
+/// limit, so a changed default still reaches everyone nobody gave a limit of their own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaOverride {
+    pub max_machines: Option<i64>,
+    pub max_vcpus: Option<i64>,
+    pub max_memory_mib: Option<i64>,
+}
+
+impl QuotaOverride {
+    /// The limits in force: each given one, else the default.
+    pub fn over(self, defaults: Quota) -> Quota {
+        Quota {
+            max_machines: self.max_machines.unwrap_or(defaults.max_machines),
+            max_vcpus: self.max_vcpus.unwrap_or(defaults.max_vcpus),
+            max_memory_mib: self.max_memory_mib.unwrap_or(defaults.max_memory_mib),
+        }
+    }
+
+    /// Whether every limit is the default.
+    pub fn is_default(self) -> bool {
+        self == Self::default()
+    }
+
+    /// Refuses a negative limit (zero is allowed: a tenant that may hold nothing).
+    pub fn validate(self) -> Result<Self, String> {
+        let limits = [
+            ("max_machines", self.max_machines),
+            ("max_vcpus", self.max_vcpus),
+            ("max_memory_mib", self.max_memory_mib),
+        ];
+        for (name, limit) in limits {
+            if limit.is_some_and(|n| n < 0) {
+                return Err(format!(
+                    "{name} must be 0 or more, or null for the server default"
+                ));
+            }
+        }
+        Ok(self)
+    }
+}
+
 impl Quota {
     /// Whether `current + request` stays within the limits; the error says which limit and by
     /// how much, so the tenant knows what to free.
@@ -114,6 +156,36 @@ mod tests {
             .admits(ONE, fat)
             .unwrap_err()
             .contains("memory MiB limit is 1024"));
+    }
+
+    #[test]
+    fn an_override_replaces_only_the_limits_it_gives() {
+        let some = QuotaOverride {
+            max_machines: Some(0),
+            max_vcpus: None,
+            max_memory_mib: Some(4096),
+        };
+        let q = some.over(Q);
+        assert_eq!(
+            (q.max_machines, q.max_vcpus, q.max_memory_mib),
+            (0, 4, 4096)
+        );
+        assert_eq!(QuotaOverride::default().over(Q), Q);
+        assert!(QuotaOverride::default().is_default() && !some.is_default());
+    }
+
+    #[test]
+    fn negative_limits_are_refused_and_zero_is_not() {
+        let zero = QuotaOverride {
+            max_machines: Some(0),
+            ..QuotaOverride::default()
+        };
+        assert!(zero.validate().is_ok());
+        let negative = QuotaOverride {
+            max_vcpus: Some(-1),
+            ..QuotaOverride::default()
+        };
+        assert!(negative.validate().unwrap_err().contains("max_vcpus"));
     }
 
     mod properties {

@@ -140,10 +140,18 @@ impl Store {
             .bind(user_id.to_string())
             .execute(&mut *tx)
             .await?;
-        let user = sqlx::query("SELECT role, session_version FROM users WHERE id = $1")
-            .bind(user_id.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
+        let user =
+            sqlx::query("SELECT role, session_version, disabled_at FROM users WHERE id = $1")
+                .bind(user_id.to_string())
+                .fetch_one(&mut *tx)
+                .await?;
+        if user.try_get::<Option<i64>, _>("disabled_at")?.is_some() {
+            // Disabling revoked every family, but a login that read the account just before
+            // may have added one since: it ends here.
+            revoke_family_in_txn(&mut tx, &family_id, now).await?;
+            tx.commit().await?;
+            return Ok(RefreshOutcome::Unknown);
+        }
         let mut decision = refresh::decide(&record, now);
         let new_id = Uuid::new_v4().to_string();
         if decision == RefreshDecision::Rotate {

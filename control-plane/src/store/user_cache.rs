@@ -487,6 +487,8 @@ mod tests {
             password_hash: String::new(),
             role: Role::User,
             session_version,
+            disabled_at: None,
+            quota: crate::model::QuotaOverride::default(),
             created_at: Utc::now(),
             updated_at: Utc::now(),
         })

@@ -3,7 +3,7 @@
 use super::user_cache::{self, NoticeWait};
 use super::{from_micros, is_unique_violation, parse_col, to_micros, Backend, Store};
 use crate::error::{Error, Result};
-use crate::model::UserId;
+use crate::model::{QuotaOverride, UserId};
 use auth::Role;
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
@@ -20,6 +20,10 @@ pub struct UserRecord {
     pub role: Role,
     /// Bumped when the password changes; access tokens carry it and die when it moves on.
     pub session_version: i64,
+    /// Set while an administrator has the account disabled.
+    pub disabled_at: Option<DateTime<Utc>>,
+    /// The limits an administrator gave this tenant.
+    pub quota: QuotaOverride,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -33,6 +37,25 @@ pub struct NewUser<'a> {
     pub role: Role,
 }
 
+/// What an administrator changes on someone's account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountChange {
+    /// Disabled: every session ends at once (the session version moves on and the refresh
+    /// families are revoked), and logins are refused until it is enabled again.
+    Disable,
+    Enable,
+    Role(Role),
+    Quota(QuotaOverride),
+}
+
+/// Which accounts a listing holds.
+#[derive(Debug, Default)]
+pub struct AccountFilter<'a> {
+    /// Part of the username or e-mail address, any case.
+    pub search: Option<&'a str>,
+    pub role: Option<Role>,
+}
+
 /// Changes to an account; `None` keeps the current value.
 #[derive(Debug, Default)]
 pub struct UserUpdate {
@@ -40,8 +63,8 @@ pub struct UserUpdate {
     pub password_hash: Option<String>,
 }
 
-const COLUMNS: &str =
-    "id, username, email, password_hash, role, session_version, created_at, updated_at";
+const COLUMNS: &str = "id, username, email, password_hash, role, session_version, \
+     disabled_at, max_machines, max_vcpus, max_memory_mib, created_at, updated_at";
 
 fn from_row(row: &AnyRow) -> Result<UserRecord> {
     Ok(UserRecord {
@@ -51,6 +74,14 @@ fn from_row(row: &AnyRow) -> Result<UserRecord> {
         password_hash: row.try_get("password_hash")?,
         role: parse_col(&row.try_get::<String, _>("role")?, "users.role")?,
         session_version: row.try_get("session_version")?,
+        disabled_at: row
+            .try_get::<Option<i64>, _>("disabled_at")?
+            .map(from_micros),
+        quota: QuotaOverride {
+            max_machines: row.try_get("max_machines")?,
+            max_vcpus: row.try_get("max_vcpus")?,
+            max_memory_mib: row.try_get("max_memory_mib")?,
+        },
         created_at: from_micros(row.try_get("created_at")?),
         updated_at: from_micros(row.try_get("updated_at")?),
     })
@@ -232,5 +263,130 @@ impl Store {
         tx.commit().await?;
         self.announced(id, wait).await;
         self.user_get(id).await?.ok_or(Error::NotFound("user"))
+    }
+
+    /// One page of accounts in username order, after `after_username`.
+    pub async fn user_list(
+        &self,
+        filter: &AccountFilter<'_>,
+        after_username: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<UserRecord>> {
+        let mut sql = format!("SELECT {COLUMNS} FROM users WHERE username > $1");
+        if filter.search.is_some() {
+            sql.push_str(" AND (username LIKE $2 ESCAPE '\\' OR LOWER(email) LIKE $2 ESCAPE '\\')");
+        } else {
+            // Keeps the parameters numbered alike: `$2` is always the pattern.
+            sql.push_str(" AND $2 = $2");
+        }
+        if filter.role.is_some() {
+            sql.push_str(" AND role = $3");
+        } else {
+            sql.push_str(" AND $3 = $3");
+        }
+        sql.push_str(" ORDER BY username LIMIT $4");
+        let pattern = filter.search.map_or_else(String::new, like_pattern);
+        let rows = sqlx::query(&sql)
+            .bind(after_username.unwrap_or(""))
+            .bind(pattern)
+            .bind(filter.role.as_ref().map_or("", Role::as_str))
+            .bind(limit)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// Applies an administrator's change; `None` when there is no such account. Announced
+    /// like every account write, so no replica keeps serving the old row (a disabled account's
+    /// tokens are refused everywhere once this returns).
+    pub async fn user_admin_change(
+        &self,
+        id: UserId,
+        change: AccountChange,
+    ) -> Result<Option<Arc<UserRecord>>> {
+        let now = to_micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let wait = self.announce_in_txn(&mut tx, id).await?;
+        let updated = match change {
+            AccountChange::Disable => {
+                sqlx::query(
+                    "UPDATE users SET disabled_at = COALESCE(disabled_at, $2), \
+                     session_version = session_version + 1, updated_at = $2 WHERE id = $1",
+                )
+                .bind(id.to_string())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+            }
+            AccountChange::Enable => {
+                sqlx::query("UPDATE users SET disabled_at = NULL, updated_at = $2 WHERE id = $1")
+                    .bind(id.to_string())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+            }
+            AccountChange::Role(role) => {
+                sqlx::query("UPDATE users SET role = $3, updated_at = $2 WHERE id = $1")
+                    .bind(id.to_string())
+                    .bind(now)
+                    .bind(role.as_str())
+                    .execute(&mut *tx)
+                    .await?
+            }
+            AccountChange::Quota(q) => {
+                sqlx::query(
+                    "UPDATE users SET max_machines = $3, max_vcpus = $4, max_memory_mib = $5, \
+                     updated_at = $2 WHERE id = $1",
+                )
+                .bind(id.to_string())
+                .bind(now)
+                .bind(q.max_machines)
+                .bind(q.max_vcpus)
+                .bind(q.max_memory_mib)
+                .execute(&mut *tx)
+                .await?
+            }
+        };
+        if updated.rows_affected() == 0 {
+            return Ok(None);
+        }
+        if change == AccountChange::Disable {
+            sqlx::query(
+                "UPDATE refresh_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+            )
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.announced(id, wait).await;
+        self.user_get(id).await
+    }
+}
+
+/// A `LIKE` pattern matching `text` anywhere, its wildcards taken literally, in lower case
+/// (usernames are lower case; e-mail addresses are compared lowered).
+fn like_pattern(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+#[cfg(test)]
+mod tests {
+    use super::like_pattern;
+
+    #[test]
+    fn like_patterns_take_wildcards_literally() {
+        assert_eq!(like_pattern("Ann"), "%ann%");
+        assert_eq!(like_pattern("a_b%c\\d"), "%a\\_b\\%c\\\\d%");
     }
 }

@@ -48,7 +48,7 @@ async fn the_typed_client_speaks_the_whole_tenant_api(backend: Backend) {
         })
         .await
         .unwrap();
-    assert_eq!(client.profile().await.unwrap().id, user.id);
+    assert_eq!(client.profile().await.unwrap().user.id, user.id);
     assert_eq!(client.reconciler().await.unwrap_err().status(), Some(403));
     let root = app.admin("typed-root").await;
     let mut admin = Client::new(

@@ -19,3 +19,4 @@ mod provisioning;
 mod sessions;
 mod skygate_cli;
 mod store;
+mod users;

@@ -181,4 +181,65 @@ async fn the_cli_logs_in_manages_machines_and_reports_failures_in_one_line(backe
     app.stop().await;
 }
 
-both_stores!(the_cli_logs_in_manages_machines_and_reports_failures_in_one_line);
+/// An administrator finds an account by name, gives it limits, disables and enables it; the
+/// tenant sees its limits and usage in `skygate profile`.
+async fn the_cli_administers_accounts_and_shows_a_tenant_its_limits(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.admin("root").await;
+    app.user("ann").await;
+    let admin = Cli::new(&app);
+    let login = admin.run(&["login", "-u", "root", "--password-stdin"], Some(PASSWORD));
+    assert!(login.status.success());
+    let tenant = Cli::new(&app);
+    let login = tenant.run(&["login", "-u", "ann", "--password-stdin"], Some(PASSWORD));
+    assert!(login.status.success());
+
+    let listed = admin.ok(&["users", "list", "--role", "user"]);
+    assert!(
+        listed.contains("ann") && !listed.contains("root"),
+        "{listed}"
+    );
+    let set = admin.ok(&[
+        "users",
+        "set-quota",
+        "ann",
+        "--machines",
+        "3",
+        "--vcpus",
+        "6",
+    ]);
+    assert!(set.contains("0 of 3 (own)"), "{set}");
+    // A limit left out keeps its value; `default` returns one to the server's.
+    let set = admin.ok(&[
+        "users",
+        "set-quota",
+        "ann",
+        "--vcpus",
+        "default",
+        "-o",
+        "json",
+    ]);
+    let q: serde_json::Value = serde_json::from_str(&set).unwrap();
+    assert_eq!(q["overrides"]["max_machines"], 3);
+    assert_eq!(q["overrides"]["max_vcpus"], serde_json::Value::Null);
+    let me = tenant.ok(&["profile"]);
+    assert!(me.contains("ann") && me.contains("0 of 3 (own)"), "{me}");
+
+    let disabled = admin.ok(&["users", "disable", "ann"]);
+    assert!(!disabled.contains("disabled: -"), "{disabled}");
+    let refused = tenant.run(&["profile"], None);
+    assert!(!refused.status.success());
+    admin.ok(&["users", "enable", "ann"]);
+    let bad = admin.run(&["users", "disable", "nobody"], None);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("no account named"), "{stderr}");
+    let bad = admin.run(&["users", "set-quota", "ann", "--machines", "lots"], None);
+    assert!(!bad.status.success());
+    app.stop().await;
+}
+
+both_stores!(
+    the_cli_logs_in_manages_machines_and_reports_failures_in_one_line,
+    the_cli_administers_accounts_and_shows_a_tenant_its_limits,
+);
