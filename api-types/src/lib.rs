@@ -35,6 +35,16 @@ pub struct PageQuery {
     pub cursor: Option<String>,
 }
 
+/// `DELETE /machines/{id}` and `DELETE /hosts/{id}` query.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ForceQuery {
+    /// Administrators: forget what a lost host held, without its word. A machine is stamped
+    /// deleted at once and its capacity released; a host is removed with every machine on it.
+    /// If the host comes back, its agent removes the leftovers.
+    pub force: Option<bool>,
+}
+
 /// The media type of problem documents.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 

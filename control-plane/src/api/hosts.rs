@@ -1,6 +1,7 @@
 //! `/hosts`: hypervisor hosts, for administrators. Hosts appear when their agent registers.
 
-use super::extract::{ApiPath, Caller};
+use super::extract::{ApiPath, ApiQuery, Caller};
+use super::params::ForceQuery;
 use super::problem::Problem;
 use super::views::{HostList, HostView};
 use crate::app::App;
@@ -50,9 +51,10 @@ pub async fn uncordon(
     Ok(Json(app.host_set_cordoned(who, id, false).await?.into()))
 }
 
-/// Forget a host; refused (409) while live machines are placed on it. A host whose agent is
-/// still running registers again at its next heartbeat.
-#[utoipa::path(delete, path = "/hosts/{id}", tag = "hosts", operation_id = "host_delete", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
+/// Forget a host; refused (409) while live machines are placed on it, unless `force=true`:
+/// then they are forgotten with it. A host whose agent is still running registers again at
+/// its next heartbeat, and its agent removes what is left of forgotten machines.
+#[utoipa::path(delete, path = "/hosts/{id}", tag = "hosts", operation_id = "host_delete", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)"), ForceQuery),
     security(("bearer" = [])),
     responses((status = 204), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem)))]
@@ -60,7 +62,8 @@ pub async fn delete(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
     ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<ForceQuery>,
 ) -> Result<StatusCode> {
-    app.host_delete(who, id).await?;
+    app.host_delete(who, id, q.force == Some(true)).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -2,7 +2,7 @@
 //! events, console.
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
-use super::params::{page_limit, CreateMachineParams, ListMachinesQuery, PageQuery};
+use super::params::{page_limit, CreateMachineParams, ForceQuery, ListMachinesQuery, PageQuery};
 use super::problem::Problem;
 use super::views::{EventPage, MachinePage, MachineView};
 use crate::app::idempotency::{request_hash, IdempotencyKey};
@@ -174,16 +174,24 @@ pub async fn reboot(
     act(&app, who, id, Action::Reboot).await
 }
 
-/// Delete a machine; it leaves the lists once deleted, and its hostname is free again.
-#[utoipa::path(delete, path = "/machines/{id}", tag = "machines", operation_id = "machine_delete", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
+/// Delete a machine; it leaves the lists once deleted, and its hostname is free again. With
+/// `force=true` (administrators) it is forgotten at once without its host's word: 200 with the
+/// machine as deleted.
+#[utoipa::path(delete, path = "/machines/{id}", tag = "machines", operation_id = "machine_delete", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)"), ForceQuery),
     security(("bearer" = [])),
-    responses((status = 202, body = MachineView), (status = 401, body = Problem),
+    responses((status = 202, body = MachineView), (status = 200, body = MachineView, description = "forgotten (force)"),
+        (status = 401, body = Problem), (status = 403, body = Problem, description = "force needs the admin role"),
         (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn delete(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
     ApiPath(id): ApiPath<MachineId>,
+    ApiQuery(q): ApiQuery<ForceQuery>,
 ) -> Result<Response> {
+    if q.force == Some(true) {
+        let machine = app.machine_forget(who, id).await?;
+        return Ok((StatusCode::OK, Json(MachineView::from(machine))).into_response());
+    }
     act(&app, who, id, Action::Delete).await
 }
 

@@ -3,7 +3,7 @@
 //! silently ignored setting.
 
 pub use skygate_api_types::{
-    AddSshKeyParams, BootParams, CreateMachineParams, ImageFormat, ListMachinesQuery,
+    AddSshKeyParams, BootParams, CreateMachineParams, ForceQuery, ImageFormat, ListMachinesQuery,
     ListUsersQuery, LoginParams, PageQuery, ProfilePatch, QuotaParams, RefreshParams,
     RegisterImageParams, RegisterParams, RoleName, UserPatch,
 };

@@ -84,9 +84,12 @@ impl App {
             .map(Host::from)
     }
 
-    pub async fn host_delete(&self, who: Principal, id: Uuid) -> Result<()> {
+    /// Removes a host; with `force`, forgets the machines still on it (see `store/forget.rs`).
+    pub async fn host_delete(&self, who: Principal, id: Uuid, force: bool) -> Result<()> {
         who.require_admin()?;
-        self.store.host_delete(&id.to_string()).await
+        let forgotten = self.store.host_delete(&id.to_string(), force).await?;
+        tracing::warn!(target: "skygate::audit", admin = %who.user_id, host_id = %id, force, forgotten, "host removed");
+        Ok(())
     }
 }
 

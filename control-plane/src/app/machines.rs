@@ -216,6 +216,20 @@ impl App {
             .ok_or(Error::NotFound("machine"))
     }
 
+    /// Forgets a machine without its host's word (administrators): for a machine whose host
+    /// is gone for good. Answers the machine as it is now, deleted.
+    pub async fn machine_forget(&self, who: Principal, id: MachineId) -> Result<Machine> {
+        who.require_admin()?;
+        if !self.store.machine_forget(id).await? {
+            return Err(Error::NotFound("machine"));
+        }
+        tracing::warn!(target: "skygate::audit", admin = %who.user_id, machine_id = %id, "machine forgotten");
+        self.store
+            .machine_history(id)
+            .await?
+            .ok_or(Error::NotFound("machine"))
+    }
+
     /// One page, newest first.
     pub async fn machine_list(
         &self,
@@ -251,7 +265,15 @@ impl App {
         after_seq: Option<i64>,
         limit: i64,
     ) -> Result<Page<MachineEvent>> {
-        self.machine_get(who, id).await?;
+        // Administrators read a deleted machine's log too: how it ended (forgotten, its
+        // leftovers removed) is what they look for.
+        let exists = match who.role {
+            Role::Admin => self.store.machine_history(id).await?.is_some(),
+            Role::User => self.store.machine_get(id, visibility(who)).await?.is_some(),
+        };
+        if !exists {
+            return Err(Error::NotFound("machine"));
+        }
         let rows = self.store.machine_events(id, after_seq, limit + 1).await?;
         Ok(Page::from_overfetch(rows, limit))
     }

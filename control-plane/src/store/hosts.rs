@@ -626,45 +626,4 @@ impl Store {
         tx.commit().await?;
         self.host_get(id).await?.ok_or(Error::NotFound("host"))
     }
-
-    /// Forgets a host, refused while live machines are placed on it. Deleted machines keep
-    /// their history; their host reference is cleared.
-    pub async fn host_delete(&self, id: &str) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        if self.backend() == Backend::Postgres {
-            // A placement's claim updates this row: no machine lands here between the count
-            // and the delete.
-            sqlx::query("SELECT id FROM hosts WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        }
-        let live: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM machines WHERE host_id = $1 AND deleted_at IS NULL",
-        )
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get("n")?;
-        if live > 0 {
-            return Err(Error::Conflict(format!(
-                "{live} machine(s) still live on this host: delete or move them first"
-            )));
-        }
-        sqlx::query(
-            "UPDATE machines SET host_id = NULL WHERE host_id = $1 AND deleted_at IS NOT NULL",
-        )
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        let res = sqlx::query("DELETE FROM hosts WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        if res.rows_affected() == 0 {
-            return Err(Error::NotFound("host"));
-        }
-        tx.commit().await?;
-        Ok(())
-    }
 }

@@ -77,22 +77,84 @@ impl FakeHost {
         registry_ca: Option<Vec<u8>>,
     ) -> FakeHost {
         let tmp = tempfile::tempdir().unwrap();
-        let data = DataDir::new(tmp.path().join("data")).unwrap();
-        data.prepare().unwrap();
         let fake = Arc::new(FakeHypervisor::new());
         let problems = Arc::new(FakeSelfCheck::default());
+        let agent = AgentParts {
+            dir: tmp.path(),
+            fake: &fake,
+            problems: &problems,
+            grpc,
+            name,
+            vcpus,
+        };
+        let tasks = agent.spawn(tls, disks, registry_ca).await;
+        FakeHost {
+            tmp,
+            fake,
+            problems,
+            tasks,
+        }
+    }
+
+    /// The agent stops answering and heartbeating; its domains stay (its QEMUs run on).
+    fn silence(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    /// The agent starts again on the same data and domains, as after a reboot of the agent.
+    async fn resume(&mut self, grpc: std::net::SocketAddr, name: &str, vcpus: u32) {
+        self.silence();
+        let agent = AgentParts {
+            dir: self.tmp.path(),
+            fake: &self.fake,
+            problems: &self.problems,
+            grpc,
+            name,
+            vcpus,
+        };
+        self.tasks = agent.spawn(None, QemuImg::new(), None).await;
+    }
+
+    fn machine_dirs(&self) -> usize {
+        std::fs::read_dir(self.tmp.path().join("data/machines"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+/// What an in-process agent is made of; `spawn` serves and registers it.
+struct AgentParts<'a> {
+    dir: &'a std::path::Path,
+    fake: &'a Arc<FakeHypervisor>,
+    problems: &'a Arc<FakeSelfCheck>,
+    grpc: std::net::SocketAddr,
+    name: &'a str,
+    vcpus: u32,
+}
+
+impl AgentParts<'_> {
+    async fn spawn(
+        &self,
+        tls: Option<host_agent::server::TlsFiles>,
+        disks: QemuImg,
+        registry_ca: Option<Vec<u8>>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let data = DataDir::new(self.dir.join("data")).unwrap();
+        data.prepare().unwrap();
         let events = Arc::new(EventLog::new(256));
         let manager = MachineManager::new(
-            fake.clone(),
+            self.fake.clone(),
             Arc::new(disks),
             ImageCache::new(
                 data.clone(),
-                SourcePolicy::with_file_dirs(&[tmp.path().to_path_buf()]).unwrap(),
+                SourcePolicy::with_file_dirs(&[self.dir.to_path_buf()]).unwrap(),
             )
             .unwrap(),
             data,
             ManagerConfig {
-                domain_prefix: format!("skygate-wf-{name}-"),
+                domain_prefix: format!("skygate-wf-{}-", self.name),
                 hypervisor_kind: HypervisorKind::Qemu,
                 network: NetworkMode::User {
                     address: std::net::Ipv4Addr::LOCALHOST,
@@ -104,7 +166,7 @@ impl FakeHost {
             events.clone(),
         );
         let capacity = pb::Capacity {
-            vcpus,
+            vcpus: self.vcpus,
             memory_mib: 8192,
             disk_gib: 100,
         };
@@ -112,7 +174,7 @@ impl FakeHost {
             Arc::new(manager),
             events,
             HostIdentity {
-                name: name.into(),
+                name: self.name.into(),
                 hypervisor: HypervisorKind::Qemu,
                 capacity,
             },
@@ -120,7 +182,7 @@ impl FakeHost {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         // Shared by the agent's server and its registration, as in the real agent.
-        let credentials = Credentials::new(TOKEN, Some(tmp.path().join("host-credential")));
+        let credentials = Credentials::new(TOKEN, Some(self.dir.join("host-credential")));
         let server = tokio::spawn({
             let credentials = credentials.clone();
             async move {
@@ -140,32 +202,21 @@ impl FakeHost {
             "http"
         };
         let joining = tokio::spawn(registration::run(Registration {
-            control_plane: format!("{scheme}://{grpc}"),
+            control_plane: format!("{scheme}://{}", self.grpc),
             token: TOKEN.into(),
             credentials,
             control_plane_ca: registry_ca,
             request: proto::controlplane::v1::RegisterRequest {
-                name: name.into(),
+                name: self.name.into(),
                 address,
                 capacity: Some(capacity),
                 hypervisor: pb::HypervisorKind::Qemu as i32,
                 agent_version: "test".into(),
-                domain_prefix: format!("skygate-wf-{name}-"),
+                domain_prefix: format!("skygate-wf-{}-", self.name),
             },
-            self_check: problems.clone(),
+            self_check: self.problems.clone(),
         }));
-        FakeHost {
-            tmp,
-            fake,
-            problems,
-            tasks: vec![server, joining],
-        }
-    }
-
-    fn machine_dirs(&self) -> usize {
-        std::fs::read_dir(self.tmp.path().join("data/machines"))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        vec![server, joining]
     }
 }
 
@@ -1271,6 +1322,7 @@ both_stores!(
     two_replicas_placing_at_once_never_oversubscribe_a_host,
     faults_at_every_step_still_converge_and_steps_run_twice_change_nothing,
     a_silent_host_turns_unreachable_and_only_an_admin_may_forget_it,
+    an_admin_forgets_a_lost_hosts_machines_and_the_host_cleans_up_when_it_returns,
     machines_waiting_for_capacity_cost_nothing_until_room_appears,
 );
 
@@ -1329,5 +1381,148 @@ async fn machines_waiting_for_capacity_cost_nothing_until_room_appears(backend: 
     })
     .await;
     drop(host);
+    app.stop().await;
+}
+
+/// Issue 14, forget: a host goes silent with two running machines. An administrator forgets
+/// one (`DELETE /machines/{id}?force=true`), then the host with the other
+/// (`DELETE /hosts/{id}?force=true`): capacity and the tenant's usage come back at once. When
+/// the agent returns, it registers again and what is left of both machines is removed, each
+/// with an event saying so.
+async fn an_admin_forgets_a_lost_hosts_machines_and_the_host_cleans_up_when_it_returns(
+    backend: Backend,
+) {
+    let mut cfg = config();
+    cfg.workflows.unreachable_after = Duration::from_secs(2);
+    cfg.workflows.orphan_grace = Duration::from_secs(1);
+    let app = TestApp::spawn_provisioning(backend, cfg).await;
+    let grpc = app.grpc.unwrap();
+    let (mut host, admin, tenant) = cluster_with_image(&app, "lost").await;
+    let ids = [
+        create(&app, &tenant, "one").await,
+        create(&app, &tenant, "two").await,
+    ];
+    for id in &ids {
+        wait_for_machine(
+            &app,
+            &tenant,
+            id,
+            "running",
+            Duration::from_secs(30),
+            |m, _| m["status"] == "running",
+        )
+        .await;
+    }
+    assert_eq!(host.fake.domain_names().len(), 2);
+    assert_eq!(host.machine_dirs(), 2);
+    let host_id = app.get_json(&admin, "/hosts").await["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    host.silence();
+    wait_for("unreachable", async || {
+        is(
+            app.get_json(&admin, "/hosts").await["items"][0]["state"].clone(),
+            "unreachable",
+        )
+    })
+    .await;
+
+    // The tenant's own delete cannot finish without the host; forcing is not the tenant's.
+    let one = format!("/machines/{}", ids[0]);
+    let res = app
+        .as_user(&tenant, Method::DELETE, &format!("{one}?force=true"))
+        .send()
+        .await
+        .unwrap();
+    crate::common::problem(res, StatusCode::FORBIDDEN).await;
+    let res = app
+        .as_user(&tenant, Method::DELETE, &one)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+
+    let res = app
+        .as_user(&admin, Method::DELETE, &format!("{one}?force=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json::<Value>().await.unwrap()["status"], "deleted");
+    let res = app
+        .as_user(&tenant, Method::GET, &one)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let h = app.get_json(&admin, "/hosts").await["items"][0].clone();
+    assert_eq!(h["allocated"]["vcpus"], 1, "{h}");
+    let me = app.get_json(&tenant, "/auth/profile").await;
+    assert_eq!(me["quota"]["usage"]["machines"], 1, "{me}");
+    // Forgetting it again: there is nothing live to forget.
+    let res = app
+        .as_user(&admin, Method::DELETE, &format!("{one}?force=true"))
+        .send()
+        .await
+        .unwrap();
+    crate::common::problem(res, StatusCode::NOT_FOUND).await;
+
+    // The host still holds the other machine: removing it needs force, which takes both.
+    let host_path = format!("/hosts/{host_id}");
+    let res = app
+        .as_user(&admin, Method::DELETE, &host_path)
+        .send()
+        .await
+        .unwrap();
+    let body = crate::common::problem(res, StatusCode::CONFLICT).await;
+    assert!(body["detail"].as_str().unwrap().contains("force"), "{body}");
+    let res = app
+        .as_user(&admin, Method::DELETE, &format!("{host_path}?force=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    let res = app
+        .as_user(&tenant, Method::GET, &format!("/machines/{}", ids[1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let me = app.get_json(&tenant, "/auth/profile").await;
+    assert_eq!(me["quota"]["usage"]["machines"], 0, "{me}");
+    let events = app
+        .get_json(&admin, &format!("/machines/{}/events?limit=200", ids[1]))
+        .await;
+    let last = events["items"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["action"], "forget", "{events}");
+    assert!(
+        last["message"].as_str().unwrap().contains("host lost"),
+        "{last}"
+    );
+
+    // The agent comes back: it joins again, and the leftovers of both machines go.
+    host.resume(grpc, "lost", 8).await;
+    wait_for("the leftovers to be removed", async || {
+        let left = (host.fake.domain_names().len(), host.machine_dirs());
+        is(left, (0, 0))
+    })
+    .await;
+    for id in &ids {
+        let events = app
+            .get_json(&admin, &format!("/machines/{id}/events?limit=200"))
+            .await;
+        let said = events["items"].as_array().unwrap().iter().any(|e| {
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("removed its leftover domain")
+        });
+        assert!(said, "no removal event for {id}: {events}");
+    }
+    let hosts = app.get_json(&admin, "/hosts").await;
+    assert_eq!(hosts["items"][0]["state"], "ready", "{hosts}");
+    assert_eq!(hosts["items"][0]["allocated"]["vcpus"], 0, "{hosts}");
     app.stop().await;
 }

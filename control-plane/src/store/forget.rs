@@ -1,0 +1,142 @@
+//! Forgetting what a lost host held (issue 14): an administrator stamps a machine deleted
+//! without its host's word, or removes a dead host with every machine on it. Capacity and the
+//! tenant's usage are released in the same transaction; nothing is asked of the host. If it
+//! comes back, the reconciler finds the machines' domains owned by no live machine and
+//! removes them after the orphan grace period, writing an event on each (`reconcile/drift.rs`).
+
+use super::hosts::allocation_release_in_txn;
+use super::machine_events::event_in_txn;
+use super::tasks::capacity_changed_in_txn;
+use super::usage::usage_release_in_txn;
+use super::{to_micros, Backend, Store};
+use crate::error::{Error, Result};
+use crate::model::scheduler::Resources;
+use crate::model::{MachineId, MachineStatus};
+use sqlx::{Any, Row, Transaction};
+
+/// Stamps one live machine deleted and gives back what it held; false when it was not live.
+async fn forget_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    id: MachineId,
+    message: &str,
+    now: i64,
+) -> Result<bool> {
+    let forgotten = sqlx::query(
+        "UPDATE machines SET status = $1, desired_state = $1, deleted_at = $2, updated_at = $2, \
+         status_changed_at = $2, version = version + 1 \
+         WHERE id = $3 AND deleted_at IS NULL \
+         RETURNING host_id, vcpus, memory_mib, disk_gib",
+    )
+    .bind(MachineStatus::Deleted.as_str())
+    .bind(now)
+    .bind(id.to_string())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = forgotten else {
+        return Ok(false);
+    };
+    usage_release_in_txn(tx, id).await?;
+    if let Some(host) = row.try_get::<Option<String>, _>("host_id")? {
+        let size = Resources {
+            vcpus: row.try_get("vcpus")?,
+            memory_mib: row.try_get("memory_mib")?,
+            disk_gib: row.try_get("disk_gib")?,
+        };
+        allocation_release_in_txn(tx, &host, size).await?;
+    }
+    event_in_txn(tx, id, "forget", MachineStatus::Deleted, message, now).await?;
+    Ok(true)
+}
+
+/// The message a forgotten machine's log ends with.
+fn forgotten_note(host: Option<&str>) -> String {
+    match host {
+        Some(host) => format!(
+            "forgotten by an administrator without word from host {host}; if the host comes \
+             back, what is left of the machine there is removed"
+        ),
+        None => "forgotten by an administrator; it was on no host".into(),
+    }
+}
+
+impl Store {
+    /// Forgets a live machine; false when there is no live machine with this id. A task still
+    /// queued for it ends without acting when it finds the machine deleted.
+    pub async fn machine_forget(&self, id: MachineId) -> Result<bool> {
+        let now = to_micros(self.clock().await?);
+        let mut tx = self.begin_write().await?;
+        let host: Option<String> = sqlx::query(
+            "SELECT h.name FROM machines m LEFT JOIN hosts h ON h.id = m.host_id \
+             WHERE m.id = $1 AND m.deleted_at IS NULL",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| row.try_get::<Option<String>, _>("name"))
+        .transpose()?
+        .flatten();
+        if !forget_in_txn(&mut tx, id, &forgotten_note(host.as_deref()), now).await? {
+            return Ok(false);
+        }
+        capacity_changed_in_txn(&mut tx, self.backend()).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Removes a host. Refused (409) while live machines are placed on it, unless `force`:
+    /// then every one of them is forgotten in the same transaction. Deleted machines keep
+    /// their history; their host reference is cleared. Returns how many were forgotten.
+    pub async fn host_delete(&self, id: &str, force: bool) -> Result<u64> {
+        let now = to_micros(self.clock().await?);
+        let mut tx = self.begin_write().await?;
+        let lock = if self.backend() == Backend::Postgres {
+            // A placement's claim updates this row: no machine lands here between the read
+            // of its machines and the delete.
+            " FOR UPDATE"
+        } else {
+            ""
+        };
+        let name: String = sqlx::query(&format!("SELECT name FROM hosts WHERE id = $1{lock}"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(Error::NotFound("host"))?
+            .try_get("name")?;
+        let live: Vec<String> =
+            sqlx::query("SELECT id FROM machines WHERE host_id = $1 AND deleted_at IS NULL")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|row| row.try_get("id"))
+                .collect::<std::result::Result<_, _>>()?;
+        if !live.is_empty() && !force {
+            return Err(Error::Conflict(format!(
+                "{} machine(s) still live on this host: delete or move them first, or forget \
+                 them with the host (?force=true)",
+                live.len()
+            )));
+        }
+        let note = forgotten_note(Some(&name));
+        let mut forgotten = 0;
+        for machine in &live {
+            let machine = super::parse_col(machine, "machines.id")?;
+            if forget_in_txn(&mut tx, machine, &note, now).await? {
+                forgotten += 1;
+            }
+        }
+        sqlx::query("UPDATE machines SET host_id = NULL WHERE host_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM hosts WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if forgotten > 0 {
+            capacity_changed_in_txn(&mut tx, self.backend()).await?;
+        }
+        tx.commit().await?;
+        Ok(forgotten)
+    }
+}
