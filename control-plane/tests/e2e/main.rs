@@ -413,6 +413,70 @@ async fn the_reconciler_notices_a_dead_domain_and_removes_an_orphan() {
     );
 }
 
+/// Issue 14, forget: the agent of a host is killed and stays away; an administrator forgets
+/// the machine it held (its QEMU still runs: nobody could ask it to stop). When the agent is
+/// started again, neither the domain nor any file of the machine survives, and the machine's
+/// log says what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_forgotten_while_its_host_is_lost_leaves_nothing_when_the_host_returns() {
+    let mut cluster = Cluster::start().await;
+    cluster.add_agent("a", vcpus(4)).await;
+    cluster.register_tiny_image().await;
+    let tenant = cluster.tenant("forget").await;
+    let id = cluster.create_machine(&tenant, "lost", 1, None).await;
+    cluster.wait_status(&tenant, &id, "running", BOOT).await;
+    assert_eq!(cluster.domains_of("a").len(), 1);
+    assert_eq!(cluster.machine_dirs_of("a").len(), 1);
+
+    cluster.kill_agent(0);
+    cluster
+        .wait_for_host("a", "unreachable", Duration::from_secs(30))
+        .await;
+    let admin = cluster.admin.clone();
+    let (status, body) = cluster
+        .call(
+            "DELETE",
+            &format!("/machines/{id}?force=true"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "deleted");
+    let (status, _) = cluster
+        .call("GET", &format!("/machines/{id}"), Some(&tenant), None)
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(cluster.host("a").await["allocated"]["vcpus"], 0);
+    // What the lost host still runs, nobody has touched.
+    assert_eq!(cluster.domains_of("a").len(), 1);
+
+    cluster.start_agent(0, vcpus(4)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(cluster.domains_of("a").is_empty() && cluster.machine_dirs_of("a").is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "leftovers survived: domains {:?}, files {:?}",
+            cluster.domains_of("a"),
+            cluster.machine_dirs_of("a")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let notes = event_messages(&cluster, &admin, &id).await;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("forgotten by an administrator")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("removed its leftover domain")),
+        "{notes:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_takes_a_tenant_from_login_to_an_ssh_session() {
     let mut cluster = Cluster::start().await;
