@@ -13,7 +13,7 @@ pub use hosts::{CapacityView, HostList, HostView};
 pub use images::{BootParams, ImageFormat, ImageList, ImageView, RegisterImageParams};
 pub use machines::{
     CreateMachineParams, DesiredState, EventPage, EventView, ListMachinesQuery, MachinePage,
-    MachineStatus, MachineView, NetworkView, PortView, UnknownState,
+    MachinePatch, MachineStatus, MachineView, NetworkView, PortView, RestartPolicy, UnknownState,
 };
 pub use users::{
     AddSshKeyParams, ListUsersQuery, LoginParams, ProfilePatch, ProfileView, QuotaParams,

@@ -139,6 +139,55 @@ pub struct CreateMachineParams {
     /// cloud-init user data: at most 65536 bytes of UTF-8, no NUL characters.
     #[schema(max_length = 65536, pattern = r"^[^\u0000]*$")]
     pub user_data: Option<String>,
+    /// What happens when the machine's QEMU dies; `never` when left out.
+    // Left out of the body when absent, so what an Idempotency-Key was bound to before this
+    // field existed hashes the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<RestartPolicy>,
+}
+
+/// What happens when a machine's QEMU dies. `never`: it reads `stopped` and waits for you.
+/// `on-failure`: it is started again after a backoff, at most a server-set number of times in
+/// a window (5 in 10 minutes by default), then stays stopped with an event saying why. A guest
+/// that powers itself off is never restarted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    #[default]
+    Never,
+    OnFailure,
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Never => "never",
+            RestartPolicy::OnFailure => "on-failure",
+        }
+    }
+}
+
+impl fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RestartPolicy {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [RestartPolicy::Never, RestartPolicy::OnFailure]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// `PATCH /machines/{id}`: the settings that change nothing on the host.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachinePatch {
+    pub restart_policy: Option<RestartPolicy>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
@@ -188,6 +237,8 @@ pub struct MachineView {
     pub host_state: Option<String>,
     pub network: NetworkView,
     pub failure_reason: Option<String>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

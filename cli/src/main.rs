@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use skygate_api_types::{
-    AddSshKeyParams, CreateMachineParams, ListUsersQuery, MachineStatus, MachineView, PageQuery,
-    QuotaParams, RegisterImageParams, RegisterParams, RoleName,
+    AddSshKeyParams, CreateMachineParams, ListUsersQuery, MachinePatch, MachineStatus, MachineView,
+    PageQuery, QuotaParams, RegisterImageParams, RegisterParams, RestartPolicy, RoleName,
 };
 use skygate_client::MachineAction;
 
@@ -97,9 +97,18 @@ enum MachinesCmd {
         /// A cloud-init user-data file.
         #[arg(long)]
         user_data: Option<std::path::PathBuf>,
+        /// What happens when its QEMU dies.
+        #[arg(long, value_enum, default_value_t = PolicyArg::Never)]
+        restart_policy: PolicyArg,
         /// Follow the machine until it runs.
         #[arg(long)]
         wait: bool,
+    },
+    /// Set what happens when the machine's QEMU dies.
+    SetRestartPolicy {
+        machine: String,
+        #[arg(value_enum)]
+        policy: PolicyArg,
     },
     /// Your machines (all of them for administrators).
     List {
@@ -220,6 +229,22 @@ enum UsersCmd {
         #[arg(long)]
         memory_mib: Option<Limit>,
     },
+}
+
+/// A restart policy on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PolicyArg {
+    Never,
+    OnFailure,
+}
+
+impl From<PolicyArg> for RestartPolicy {
+    fn from(p: PolicyArg) -> Self {
+        match p {
+            PolicyArg::Never => RestartPolicy::Never,
+            PolicyArg::OnFailure => RestartPolicy::OnFailure,
+        }
+    }
 }
 
 /// A role on the command line.
@@ -613,6 +638,7 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             disk_gib,
             ssh_keys,
             user_data,
+            restart_policy,
             wait,
         } => {
             let user_data = match user_data {
@@ -630,6 +656,7 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
                 disk_gib: i64::try_from(disk_gib).unwrap_or(i64::MAX),
                 ssh_keys: ssh_keys.iter().map(|k| key_argument(k)).collect(),
                 user_data,
+                restart_policy: Some(restart_policy.into()),
             };
             let mut machine = api.client().create_machine(&params).await?;
             if wait {
@@ -659,6 +686,14 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
         MachinesCmd::Reboot { machine, wait } => {
             let target = wait.then_some(Target::Running);
             action(api, out, &machine, MachineAction::Reboot, target).await?
+        }
+        MachinesCmd::SetRestartPolicy { machine, policy } => {
+            let id = machine_id(api, &machine).await?;
+            let patch = MachinePatch {
+                restart_policy: Some(policy.into()),
+            };
+            let m = api.client().patch_machine(&id, &patch).await?;
+            output::print_machine(out, &m);
         }
         MachinesCmd::Delete { machine, wait } => {
             let id = machine_id(api, &machine).await?;

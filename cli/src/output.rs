@@ -109,6 +109,7 @@ const MACHINE: &[Column<MachineView>] = &[
     ("desired_state", |m| m.desired_state.as_str().to_owned()),
     ("image", |m| m.image.clone()),
     ("host", |m| opt(&m.host)),
+    ("restart_policy", |m| m.restart_policy.as_str().to_owned()),
     ("failure_reason", |m| opt(&m.failure_reason)),
 ];
 

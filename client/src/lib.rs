@@ -12,9 +12,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use skygate_api_types::{
     AddSshKeyParams, CreateMachineParams, EventPage, HostList, HostView, ImageList, ImageView,
-    ListMachinesQuery, ListUsersQuery, LoginParams, MachinePage, MachineView, PageQuery, Problem,
-    ProfileView, QuotaParams, QuotaView, ReconcilerView, RefreshParams, RegisterImageParams,
-    RegisterParams, RoleName, SshKeyList, SshKeyView, TokenPairView, UserList, UserPatch, UserView,
+    ListMachinesQuery, ListUsersQuery, LoginParams, MachinePage, MachinePatch, MachineView,
+    PageQuery, Problem, ProfileView, QuotaParams, QuotaView, ReconcilerView, RefreshParams,
+    RegisterImageParams, RegisterParams, RoleName, SshKeyList, SshKeyView, TokenPairView, UserList,
+    UserPatch, UserView,
 };
 use std::time::Duration;
 
@@ -389,6 +390,12 @@ impl Client {
     pub async fn machine_action(&mut self, id: &str, action: MachineAction) -> Result<MachineView> {
         let path = machine_path(id, &format!("/{}", action.path()));
         self.call(Method::POST, &path, None::<&()>).await
+    }
+
+    /// `PATCH /machines/{id}`.
+    pub async fn patch_machine(&mut self, id: &str, patch: &MachinePatch) -> Result<MachineView> {
+        let path = format!("/machines/{}", segment(id));
+        self.call(Method::PATCH, &path, Some(patch)).await
     }
 
     /// `DELETE /machines/{id}`.

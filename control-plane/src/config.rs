@@ -5,7 +5,7 @@ use crate::api::serve::ConnectionLimits;
 use crate::api::HttpSettings;
 use crate::app::password_work::PasswordWorkSettings;
 use crate::app::{LoginLimits, MachineLimits, Settings};
-use crate::model::Quota;
+use crate::model::{Quota, RestartLimits};
 use crate::server::ProvisioningConfig;
 use crate::timing::WorkflowSettings;
 use axum::http::HeaderValue;
@@ -175,6 +175,17 @@ pub struct ServeArgs {
     /// Seconds a domain no machine owns must be seen before it is removed.
     #[arg(long, env = "SKYGATE_ORPHAN_GRACE_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub orphan_grace_secs: u64,
+    /// Restart policy `on-failure`: most automatic restarts of one machine within
+    /// `--restart-window-secs`; past it a crashed machine stays stopped.
+    #[arg(long, env = "SKYGATE_RESTART_MAX", default_value_t = RestartLimits::default().max, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub restart_max: u32,
+    /// The window `--restart-max` counts restarts in, seconds.
+    #[arg(long, env = "SKYGATE_RESTART_WINDOW_SECS", default_value_t = RestartLimits::default().window.as_secs(), value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub restart_window_secs: u64,
+    /// Wait before the first automatic restart in a window, seconds; each next one waits
+    /// twice as long (at most 300 s).
+    #[arg(long, env = "SKYGATE_RESTART_BACKOFF_SECS", default_value_t = RestartLimits::default().backoff.as_secs(), value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub restart_backoff_secs: u64,
     /// Login attempts one client address may make on one account per window before that
     /// client is paused on that account (the owner elsewhere is not).
     #[arg(long, env = "SKYGATE_LOGIN_MAX_FAILURES", default_value_t = LoginLimits::default().max_failures)]
@@ -286,6 +297,11 @@ impl ServeArgs {
                 stop_timeout: Duration::from_secs(self.stop_timeout_secs),
                 reconcile_interval: Duration::from_secs(self.reconcile_interval_secs),
                 orphan_grace: Duration::from_secs(self.orphan_grace_secs),
+                restart: RestartLimits {
+                    max: self.restart_max,
+                    window: Duration::from_secs(self.restart_window_secs),
+                    backoff: Duration::from_secs(self.restart_backoff_secs),
+                },
             },
         }))
     }

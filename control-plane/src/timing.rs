@@ -27,6 +27,8 @@ pub struct WorkflowSettings {
     pub reconcile_interval: Duration,
     /// How long an unowned domain must be seen before it is removed.
     pub orphan_grace: Duration,
+    /// How far the `on-failure` restart policy goes.
+    pub restart: crate::model::RestartLimits,
 }
 
 impl Default for WorkflowSettings {
@@ -41,6 +43,7 @@ impl Default for WorkflowSettings {
             stop_timeout: Duration::from_secs(30),
             reconcile_interval: Duration::from_secs(30),
             orphan_grace: Duration::from_secs(120),
+            restart: crate::model::RestartLimits::default(),
         }
     }
 }

@@ -2,7 +2,9 @@
 //! events, console.
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
-use super::params::{page_limit, CreateMachineParams, ForceQuery, ListMachinesQuery, PageQuery};
+use super::params::{
+    page_limit, CreateMachineParams, ForceQuery, ListMachinesQuery, MachinePatch, PageQuery,
+};
 use super::problem::Problem;
 use super::views::{EventPage, MachinePage, MachineView};
 use crate::app::idempotency::{request_hash, IdempotencyKey};
@@ -47,6 +49,7 @@ fn create_request(p: CreateMachineParams) -> CreateMachine {
         disk_gib: p.disk_gib,
         ssh_keys: p.ssh_keys,
         user_data: p.user_data,
+        restart_policy: p.restart_policy.unwrap_or_default(),
     }
 }
 
@@ -193,6 +196,22 @@ pub async fn delete(
         return Ok((StatusCode::OK, Json(MachineView::from(machine))).into_response());
     }
     act(&app, who, id, Action::Delete).await
+}
+
+/// Change a machine's settings that need nothing of its host: its restart policy.
+#[utoipa::path(patch, path = "/machines/{id}", tag = "machines", operation_id = "machine_patch", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
+    request_body = MachinePatch, security(("bearer" = [])),
+    responses((status = 200, body = MachineView), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 422, body = Problem)))]
+pub async fn patch(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<MachineId>,
+    ApiJson(p): ApiJson<MachinePatch>,
+) -> Result<Json<MachineView>> {
+    Ok(Json(
+        app.machine_patch(who, id, p.restart_policy).await?.into(),
+    ))
 }
 
 /// The machine's log, oldest first.

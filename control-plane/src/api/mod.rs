@@ -126,7 +126,7 @@ impl Modify for BearerAuth {
         users::user_list, users::user_get, users::user_patch, users::user_disable,
         users::user_enable, users::quota_get, users::quota_put,
         machines::create, machines::list, machines::get, machines::start, machines::stop,
-        machines::reboot, machines::delete, machines::events, machines::console,
+        machines::reboot, machines::delete, machines::patch, machines::events, machines::console,
         images::image_list, images::image_register,
         ssh_keys::ssh_key_list, ssh_keys::ssh_key_add, ssh_keys::ssh_key_delete,
         hosts::host_list, hosts::cordon, hosts::uncordon, hosts::delete,
@@ -193,7 +193,9 @@ fn api_routes() -> Router<Arc<App>> {
         .route("/machines", post(machines::create).get(machines::list))
         .route(
             "/machines/{id}",
-            get(machines::get).delete(machines::delete),
+            get(machines::get)
+                .patch(machines::patch)
+                .delete(machines::delete),
         )
         .route("/machines/{id}/start", post(machines::start))
         .route("/machines/{id}/stop", post(machines::stop))

@@ -4,7 +4,7 @@
 
 pub use skygate_api_types::{
     AddSshKeyParams, BootParams, CreateMachineParams, ForceQuery, ImageFormat, ListMachinesQuery,
-    ListUsersQuery, LoginParams, PageQuery, ProfilePatch, QuotaParams, RefreshParams,
+    ListUsersQuery, LoginParams, MachinePatch, PageQuery, ProfilePatch, QuotaParams, RefreshParams,
     RegisterImageParams, RegisterParams, RoleName, UserPatch,
 };
 

@@ -80,6 +80,7 @@ impl From<Machine> for MachineView {
             host_state: m.host_state,
             network: m.network.map(NetworkView::from).unwrap_or_default(),
             failure_reason: m.failure_reason,
+            restart_policy: m.restart_policy,
             created_at: m.created_at,
             updated_at: m.updated_at,
         }

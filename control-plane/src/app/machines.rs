@@ -8,7 +8,7 @@ use crate::agents::{AgentCallError, AgentTarget};
 use crate::error::{Error, Result};
 use crate::model::machine_state::Action;
 use crate::model::ssh_key::{InvalidSshKey, SshPublicKey};
-use crate::model::{Hostname, Machine, MachineEvent, MachineId, MachineStatus};
+use crate::model::{Hostname, Machine, MachineEvent, MachineId, MachineStatus, RestartPolicy};
 use crate::store::idempotency::ClaimedKey;
 use crate::store::machines::{NewMachine, Visibility};
 use auth::Role;
@@ -29,6 +29,7 @@ pub struct CreateMachine {
     /// Each entry is an OpenSSH public key or the name of one of the tenant's saved keys.
     pub ssh_keys: Vec<String>,
     pub user_data: Option<String>,
+    pub restart_policy: RestartPolicy,
 }
 
 /// What a create answered: the machine, and whether it was created by an earlier request
@@ -169,6 +170,7 @@ impl App {
             disk_gib: req.disk_gib,
             ssh_keys,
             user_data: req.user_data,
+            restart_policy: req.restart_policy,
         };
         // The owner's row is in this replica's account cache (authentication just read it).
         let quota = self
@@ -228,6 +230,23 @@ impl App {
             .machine_history(id)
             .await?
             .ok_or(Error::NotFound("machine"))
+    }
+
+    /// Changes a machine's settings that need nothing of its host (its restart policy).
+    pub async fn machine_patch(
+        &self,
+        who: Principal,
+        id: MachineId,
+        restart_policy: Option<RestartPolicy>,
+    ) -> Result<Machine> {
+        match restart_policy {
+            Some(policy) => self
+                .store
+                .machine_set_restart_policy(id, visibility(who), policy)
+                .await?
+                .ok_or(Error::NotFound("machine")),
+            None => self.machine_get(who, id).await,
+        }
     }
 
     /// One page, newest first.

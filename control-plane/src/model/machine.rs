@@ -25,6 +25,7 @@ pub struct Machine {
     pub disk_gib: i64,
     pub network: Option<MachineNetwork>,
     pub failure_reason: Option<String>,
+    pub restart_policy: super::RestartPolicy,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -14,6 +14,8 @@ pub struct MachineSnapshot {
     pub id: MachineId,
     pub status: MachineStatus,
     pub version: i64,
+    /// What to do when its QEMU dies.
+    pub restart_policy: super::RestartPolicy,
 }
 
 /// A tenant's lifecycle request.

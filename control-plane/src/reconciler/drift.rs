@@ -5,7 +5,9 @@
 //! Policy (written down in the README):
 //! - the domain of a `running` machine stopped or crashed (its QEMU died, or the guest powered
 //!   itself off) → the machine is `stopped`, and wants to be stopped: the tenant sees what
-//!   happened in its log and starts it again when it wants to;
+//!   happened in its log and starts it again when it wants to; except a crash of a machine
+//!   whose restart policy is `on-failure`, which is started again (within limits the writer
+//!   of the repair checks against the machine's recent restarts);
 //! - the domain of a `stopped` machine runs (started behind SkyGate's back) → `running`;
 //! - the domain of a settled machine is gone → `failed`, naming the host;
 //! - a domain with the agent's prefix that no live machine on this host owns → removed once it
@@ -13,7 +15,7 @@
 //!   that long).
 
 use crate::model::machine_on_host::PhaseOnHost;
-use crate::model::{MachineId, MachineSnapshot, MachineStatus};
+use crate::model::{MachineId, MachineSnapshot, MachineStatus, RestartPolicy};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,8 @@ use std::time::{Duration, Instant};
 pub enum Repair {
     /// running → stopped (desired stopped), with why.
     MarkStopped { id: MachineId, reason: String },
+    /// running → starting again after a crash (`on-failure`), or stopped past its limits.
+    RestartCrashed { id: MachineId, reason: String },
     /// stopped → running.
     MarkRunning { id: MachineId },
     /// → failed, with why.
@@ -47,13 +51,19 @@ pub fn decide(
     for m in machines {
         let id = m.id;
         let repair = match (m.status, present(&id)) {
-            (MachineStatus::Running, Some(PhaseOnHost::Crashed)) => Some(Repair::MarkStopped {
-                id,
-                reason: format!(
-                    "its QEMU on host {host} exited unexpectedly; the machine is stopped, start \
-                     it to run it again"
-                ),
-            }),
+            (MachineStatus::Running, Some(PhaseOnHost::Crashed)) => match m.restart_policy {
+                RestartPolicy::Never => Some(Repair::MarkStopped {
+                    id,
+                    reason: format!(
+                        "its QEMU on host {host} exited unexpectedly; the machine is stopped, \
+                         start it to run it again"
+                    ),
+                }),
+                RestartPolicy::OnFailure => Some(Repair::RestartCrashed {
+                    id,
+                    reason: format!("its QEMU on host {host} exited unexpectedly"),
+                }),
+            },
             (MachineStatus::Running, Some(PhaseOnHost::Stopped)) => Some(Repair::MarkStopped {
                 id,
                 reason: "the guest powered itself off".into(),
@@ -99,6 +109,7 @@ mod tests {
             id,
             status,
             version: 1,
+            restart_policy: RestartPolicy::Never,
         }
     }
 
@@ -142,6 +153,31 @@ mod tests {
         assert_eq!(repairs[1], Repair::MarkRunning { id: b });
         assert!(matches!(&repairs[2], Repair::MarkFailed { id, .. } if *id == c));
         assert!(matches!(&repairs[3], Repair::MarkFailed { id, .. } if *id == e));
+    }
+
+    #[test]
+    fn only_a_crash_restarts_a_machine_that_asks_for_it() {
+        let (crashed, powered_off) = (MachineId::new(), MachineId::new());
+        let on_failure = |id| MachineSnapshot {
+            restart_policy: RestartPolicy::OnFailure,
+            ..machine(id, S::Running)
+        };
+        let repairs = decide(
+            "h1",
+            &[on_failure(crashed), on_failure(powered_off)],
+            &domains(&[(crashed, P::Crashed), (powered_off, P::Stopped)]),
+            &mut HashMap::new(),
+            Instant::now(),
+            Duration::from_secs(60),
+        );
+        assert_eq!(repairs.len(), 2, "{repairs:?}");
+        assert!(repairs.iter().any(
+            |r| matches!(r, Repair::RestartCrashed { id, reason } if *id == crashed && reason.contains("h1"))
+        ));
+        // A guest that powered itself off meant to: it is not restarted.
+        assert!(repairs
+            .iter()
+            .any(|r| matches!(r, Repair::MarkStopped { id, .. } if *id == powered_off)));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::agents::{AgentCallError, AgentClient, AgentClients, AgentTarget};
 use crate::model::{DesiredState, MachineId, MachineSnapshot, MachineStatus, PhaseOnHost};
 use crate::store::hosts::HostRecord;
 use crate::store::machines::{MachineTransition, NewEvent};
+use crate::store::restarts::CrashOutcome;
 use crate::store::Store;
 use crate::timing::WorkflowSettings;
 use drift::Repair;
@@ -339,6 +340,17 @@ impl Reconciler {
                     })
                     .await?
                     .applied()
+            }
+            Repair::RestartCrashed { id, reason } => {
+                let Some(version) = version(&id) else {
+                    return Ok(false);
+                };
+                let outcome = self
+                    .store
+                    .machine_restart_after_crash(id, version, &reason, self.settings.restart)
+                    .await?;
+                tracing::info!(host = %host.name, machine = %id, ?outcome, "crashed machine with restart policy on-failure");
+                outcome != CrashOutcome::Superseded
             }
             Repair::MarkRunning { id } => {
                 let message = format!("found running on host {}", host.name);

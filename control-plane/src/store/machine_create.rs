@@ -265,7 +265,7 @@ async fn live_hostnames_in_txn(
     Ok(taken)
 }
 
-const MACHINE_COLUMNS: usize = 12;
+const MACHINE_COLUMNS: usize = 13;
 
 /// The accepted machines in one statement; their `seq` by id.
 async fn insert_machines_in_txn(
@@ -274,7 +274,7 @@ async fn insert_machines_in_txn(
     accepted: &[(usize, MachineId)],
     now: i64,
 ) -> Result<HashMap<MachineId, i64>> {
-    // Twelve parameters a row; the last (the time) also fills updated_at and status_changed_at.
+    // Thirteen parameters a row; the last (the time) also fills updated_at and status_changed_at.
     let rows: Vec<String> = (0..accepted.len())
         .map(|r| {
             let first = 1 + r * MACHINE_COLUMNS;
@@ -285,7 +285,8 @@ async fn insert_machines_in_txn(
         .collect();
     let sql = format!(
         "INSERT INTO machines (id, owner_id, hostname, status, desired_state, image_id, vcpus, \
-         memory_mib, disk_gib, ssh_keys, user_data, created_at, updated_at, status_changed_at) \
+         memory_mib, disk_gib, ssh_keys, user_data, restart_policy, created_at, updated_at, \
+         status_changed_at) \
          VALUES {} RETURNING id, seq",
         rows.join(", ")
     );
@@ -306,6 +307,7 @@ async fn insert_machines_in_txn(
             .bind(new.disk_gib)
             .bind(keys)
             .bind(new.user_data.clone())
+            .bind(new.restart_policy.as_str())
             .bind(now);
     }
     let rows = match query.fetch_all(&mut **tx).await {
@@ -407,6 +409,7 @@ fn created(new: &NewMachine, id: MachineId, seq: i64, now: i64) -> Machine {
         disk_gib: new.disk_gib,
         network: None,
         failure_reason: None,
+        restart_policy: new.restart_policy,
         created_at: at,
         updated_at: at,
     }

@@ -22,7 +22,7 @@ use crate::model::scheduler::Resources;
 use crate::model::tasks::{self, FollowUp};
 use crate::model::{
     DesiredState, Hostname, ImageId, KernelBoot, Machine, MachineId, MachineNetwork, MachineStatus,
-    Quota, UserId,
+    Quota, RestartPolicy, UserId,
 };
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
@@ -41,6 +41,7 @@ pub struct NewMachine {
     pub disk_gib: i64,
     pub ssh_keys: Vec<String>,
     pub user_data: Option<String>,
+    pub restart_policy: RestartPolicy,
 }
 
 /// Which machines a caller may see: a tenant its own, an administrator all.
@@ -191,12 +192,13 @@ impl TransitionOutcome {
 /// of [`machines_sql`] names them.
 const COLUMNS: &str = "m.seq, m.id, m.owner_id, m.hostname, m.status, m.desired_state, \
     h.name AS host_name, h.state AS host_state, i.name AS image_name, m.vcpus, m.memory_mib, \
-    m.disk_gib, m.network, m.failure_reason, m.created_at, m.updated_at \
+    m.disk_gib, m.network, m.failure_reason, m.restart_policy, m.created_at, m.updated_at \
     FROM machines m JOIN images i ON i.id = m.image_id LEFT JOIN hosts h ON h.id = m.host_id";
 
 /// The same columns, as the outer query of [`machines_sql`] reads them.
 const NAMES: &str = "seq, id, owner_id, hostname, status, desired_state, host_name, host_state, \
-    image_name, vcpus, memory_mib, disk_gib, network, failure_reason, created_at, updated_at";
+    image_name, vcpus, memory_mib, disk_gib, network, failure_reason, restart_policy, created_at, \
+    updated_at";
 
 /// A statement answering the machines `rest` selects (`WHERE ... ORDER BY ... LIMIT ...`) as
 /// one row holding one JSON array of [`MachineColumns`] (read back by [`machines_from`]).
@@ -232,6 +234,7 @@ struct MachineColumns {
     disk_gib: i64,
     network: Option<String>,
     failure_reason: Option<String>,
+    restart_policy: String,
     created_at: i64,
     updated_at: i64,
 }
@@ -253,6 +256,7 @@ impl MachineColumns {
             disk_gib: self.disk_gib,
             network: json_col(self.network, "machines.network")?,
             failure_reason: self.failure_reason,
+            restart_policy: parse_col(&self.restart_policy, "machines.restart_policy")?,
             created_at: from_micros(self.created_at),
             updated_at: from_micros(self.updated_at),
         })
@@ -293,6 +297,10 @@ fn snapshot_of(r: &AnyRow) -> Result<MachineSnapshot> {
         id: parse_col(&r.try_get::<String, _>("id")?, "machines.id")?,
         status: parse_col(&r.try_get::<String, _>("status")?, "machines.status")?,
         version: r.try_get("version")?,
+        restart_policy: parse_col(
+            &r.try_get::<String, _>("restart_policy")?,
+            "machines.restart_policy",
+        )?,
     })
 }
 
@@ -606,10 +614,51 @@ impl Store {
         })
     }
 
+    /// Sets a live machine's restart policy; `None` when the caller has no such machine. The
+    /// next crash is judged by it; its recent restarts still count.
+    pub async fn machine_set_restart_policy(
+        &self,
+        id: MachineId,
+        who: Visibility,
+        policy: RestartPolicy,
+    ) -> Result<Option<Machine>> {
+        let now = to_micros(self.clock().await?);
+        let mut tx = self.begin_write().await?;
+        let changed = sqlx::query(
+            "UPDATE machines SET restart_policy = $1, updated_at = $2, version = version + 1 \
+             WHERE id = $3 AND deleted_at IS NULL AND ($4 IS NULL OR owner_id = $4)",
+        )
+        .bind(policy.as_str())
+        .bind(now)
+        .bind(id.to_string())
+        .bind(who.owner())
+        .execute(&mut *tx)
+        .await?;
+        if changed.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let message = format!("restart policy set to {policy}");
+        let status: String = sqlx::query("SELECT status FROM machines WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("status")?;
+        let status = parse_col(&status, "machines.status")?;
+        event_in_txn(&mut tx, id, "update", status, &message, now).await?;
+        let sql = machines_sql(self.backend(), "WHERE m.id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        machine_from(&row)
+    }
+
     /// Live machines placed on a host, as read now.
     pub async fn machines_on_host(&self, host_id: &str) -> Result<Vec<MachineSnapshot>> {
         let rows = sqlx::query(
-            "SELECT id, status, version FROM machines WHERE host_id = $1 AND deleted_at IS NULL",
+            "SELECT id, status, version, restart_policy FROM machines \
+             WHERE host_id = $1 AND deleted_at IS NULL",
         )
         .bind(host_id)
         .fetch_all(self.reader())
@@ -627,7 +676,7 @@ impl Store {
         let mut out = Vec::new();
         for (status, limit) in limits {
             let rows = sqlx::query(
-                "SELECT id, status, version FROM machines WHERE status = $1 \
+                "SELECT id, status, version, restart_policy FROM machines WHERE status = $1 \
                  AND deleted_at IS NULL AND status_changed_at < $2",
             )
             .bind(status.as_str())

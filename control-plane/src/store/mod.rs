@@ -15,6 +15,7 @@ mod machine_create;
 pub mod machine_events;
 pub mod machines;
 pub mod placement;
+pub mod restarts;
 pub mod sessions;
 pub mod ssh_keys;
 pub mod tasks;

@@ -124,15 +124,28 @@ pub(crate) async fn enqueue_in_txn(
     machine_id: MachineId,
     kind: TaskKind,
 ) -> Result<()> {
+    enqueue_after_in_txn(tx, backend, machine_id, kind, std::time::Duration::ZERO).await
+}
+
+/// Queues a task due `delay` after now by the database's clock.
+pub(crate) async fn enqueue_after_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    backend: Backend,
+    machine_id: MachineId,
+    kind: TaskKind,
+    delay: std::time::Duration,
+) -> Result<()> {
     let now = database_now(backend, &mut **tx).await?;
+    let due = now.saturating_add(i64::try_from(delay.as_micros()).unwrap_or(i64::MAX));
     sqlx::query(
         "INSERT INTO tasks (id, machine_id, kind, state, attempts, run_after, created_at, updated_at) \
-         VALUES ($1, $2, $3, 'queued', 0, $4, $4, $4)",
+         VALUES ($1, $2, $3, 'queued', 0, $5, $4, $4)",
     )
     .bind(uuid::Uuid::now_v7().to_string())
     .bind(machine_id.to_string())
     .bind(kind.as_str())
     .bind(now)
+    .bind(due)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -146,6 +146,8 @@ impl Cluster {
                 "2",
             ])
             .args(["--orphan-grace-secs", "4"])
+            // Restart policy on-failure: two restarts a window, the first after 1 s.
+            .args(["--restart-max", "2", "--restart-backoff-secs", "1"])
             .env("SKYGATE_AGENT_TOKEN", &self.token);
         let proc = Proc::spawn(cmd);
         let grpc = proc.wait_for_log("agent registry listening", Duration::from_secs(30));

@@ -477,6 +477,79 @@ async fn a_machine_forgotten_while_its_host_is_lost_leaves_nothing_when_the_host
     );
 }
 
+/// The pid of the QEMU running machine `id` on agent `agent`.
+fn qemu_pid(cluster: &Cluster, agent: &str, id: &str) -> i32 {
+    let domain = format!("{}{id}", cluster.agent_prefix(agent));
+    std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid"))
+        .expect("qemu pid file")
+        .trim()
+        .parse()
+        .expect("pid")
+}
+
+/// Issue 14, restart policy: a machine with `on-failure` whose QEMU is killed runs again, on
+/// a new QEMU; the cluster allows two restarts a window, so the third kill leaves it stopped,
+/// and its log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_qemu_is_restarted_by_policy_until_the_cap() {
+    let mut cluster = Cluster::start().await;
+    cluster.add_agent("a", vcpus(4)).await;
+    cluster.register_tiny_image().await;
+    let tenant = cluster.tenant("phoenix").await;
+    let body = serde_json::json!({"hostname": "phoenix", "image": "tiny", "vcpus": 1, "memory_mib": 256,
+        "disk_gib": 1, "restart_policy": "on-failure"});
+    let (status, created) = cluster
+        .call("POST", "/machines", Some(&tenant), Some(body))
+        .await;
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_str().expect("id").to_owned();
+    cluster.wait_status(&tenant, &id, "running", BOOT).await;
+
+    for attempt in 1..=3 {
+        let pid = qemu_pid(&cluster, "a", &id);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill qemu");
+        let killed = Instant::now();
+        if attempt <= 2 {
+            let note = format!("restart {attempt} of at most 2");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let m = loop {
+                let m = cluster
+                    .wait_status(&tenant, &id, "running", Duration::from_secs(60))
+                    .await;
+                let notes = event_messages(&cluster, &tenant, &id).await;
+                if notes.iter().any(|n| n.contains(&note)) {
+                    break m;
+                }
+                assert!(Instant::now() < deadline, "no '{note}' in {notes:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            assert_eq!(m["desired_state"], "running");
+            let new_pid = qemu_pid(&cluster, "a", &id);
+            assert_ne!(new_pid, pid, "the same QEMU after a kill");
+            println!(
+                "QEMU killed -> running again ({note}): {:?}",
+                killed.elapsed()
+            );
+        } else {
+            let m = cluster
+                .wait_status(&tenant, &id, "stopped", Duration::from_secs(60))
+                .await;
+            assert_eq!(m["desired_state"], "stopped");
+        }
+    }
+    let notes = event_messages(&cluster, &tenant, &id).await;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("not restarted: it was restarted 2 times")),
+        "{notes:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_takes_a_tenant_from_login_to_an_ssh_session() {
     let mut cluster = Cluster::start().await;

@@ -6,7 +6,8 @@
 use crate::both_stores;
 use crate::common::{Backend, TestApp, ED25519, PASSWORD};
 use skygate_api_types::{
-    AddSshKeyParams, CreateMachineParams, LoginParams, MachineStatus, PageQuery, RegisterParams,
+    AddSshKeyParams, CreateMachineParams, LoginParams, MachinePatch, MachineStatus, PageQuery,
+    RegisterParams, RestartPolicy,
 };
 use skygate_client::{Client, ClientError, MachineAction, Tokens};
 
@@ -83,11 +84,30 @@ async fn the_typed_client_speaks_the_whole_tenant_api(backend: Backend) {
                 disk_gib: 1,
                 ssh_keys: vec!["laptop".into()],
                 user_data: None,
+                restart_policy: (i == 2).then_some(RestartPolicy::OnFailure),
             })
             .await
             .unwrap();
         assert_eq!(m.status, MachineStatus::Pending);
+        let policy = if i == 2 {
+            RestartPolicy::OnFailure
+        } else {
+            RestartPolicy::Never
+        };
+        assert_eq!(m.restart_policy, policy);
     }
+    // The policy is changed in place, and reads back.
+    let typed_0 = m_id(&mut client, "typed-0").await;
+    let patched = client
+        .patch_machine(
+            &typed_0,
+            &MachinePatch {
+                restart_policy: Some(RestartPolicy::OnFailure),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.restart_policy, RestartPolicy::OnFailure);
     let mut names: Vec<String> = client
         .all_machines(None)
         .await
@@ -186,4 +206,16 @@ async fn the_typed_client_speaks_the_whole_tenant_api(backend: Backend) {
         Err(ClientError::SessionExpired { .. })
     ));
     app.stop().await;
+}
+
+/// The id of the caller's machine `hostname`.
+async fn m_id(client: &mut Client, hostname: &str) -> String {
+    client
+        .all_machines(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.hostname == hostname)
+        .unwrap()
+        .id
 }

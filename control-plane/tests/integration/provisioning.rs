@@ -1323,6 +1323,7 @@ both_stores!(
     faults_at_every_step_still_converge_and_steps_run_twice_change_nothing,
     a_silent_host_turns_unreachable_and_only_an_admin_may_forget_it,
     an_admin_forgets_a_lost_hosts_machines_and_the_host_cleans_up_when_it_returns,
+    a_crashed_machine_that_asks_for_it_is_restarted_up_to_its_limit,
     machines_waiting_for_capacity_cost_nothing_until_room_appears,
 );
 
@@ -1524,5 +1525,123 @@ async fn an_admin_forgets_a_lost_hosts_machines_and_the_host_cleans_up_when_it_r
     let hosts = app.get_json(&admin, "/hosts").await;
     assert_eq!(hosts["items"][0]["state"], "ready", "{hosts}");
     assert_eq!(hosts["items"][0]["allocated"]["vcpus"], 0, "{hosts}");
+    app.stop().await;
+}
+
+/// Issue 14, restart policy: a machine created with `on-failure` whose QEMU dies is started
+/// again, with backoff, twice (the limit here); the third crash within the window leaves it
+/// stopped with an event saying why. A `never` machine that crashes stays stopped.
+async fn a_crashed_machine_that_asks_for_it_is_restarted_up_to_its_limit(backend: Backend) {
+    let mut cfg = config();
+    cfg.workflows.restart = control_plane::model::RestartLimits {
+        max: 2,
+        window: Duration::from_secs(600),
+        backoff: Duration::from_secs(1),
+    };
+    let app = TestApp::spawn_provisioning(backend, cfg).await;
+    let (host, _admin, tenant) = cluster_with_image(&app, "crashy").await;
+    let res = app
+        .as_user(&tenant, Method::POST, "/machines")
+        .json(
+            &json!({"hostname": "phoenix", "image": "fake", "vcpus": 1, "memory_mib": 128,
+            "disk_gib": 1, "restart_policy": "on-failure"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let phoenix: Value = res.json().await.unwrap();
+    assert_eq!(phoenix["restart_policy"], "on-failure");
+    let phoenix = phoenix["id"].as_str().unwrap().to_owned();
+    let plain = create(&app, &tenant, "plain").await;
+    for id in [&phoenix, &plain] {
+        wait_for_machine(
+            &app,
+            &tenant,
+            id,
+            "running",
+            Duration::from_secs(30),
+            |m, _| m["status"] == "running",
+        )
+        .await;
+    }
+    let domain = |id: &str| format!("skygate-wf-crashy-{id}");
+    let said = |events: &[Value], text: &str| {
+        events
+            .iter()
+            .any(|e| e["message"].as_str().unwrap_or_default().contains(text))
+    };
+
+    for attempt in 1..=2 {
+        assert!(host.fake.crash(&domain(&phoenix)), "crash {attempt}");
+        let note = format!("restart {attempt} of at most 2");
+        wait_for_machine(
+            &app,
+            &tenant,
+            &phoenix,
+            &note,
+            Duration::from_secs(30),
+            |m, events| m["status"] == "running" && said(events, &note),
+        )
+        .await;
+    }
+    assert!(host.fake.crash(&domain(&phoenix)));
+    let (m, events) = wait_for_machine(
+        &app,
+        &tenant,
+        &phoenix,
+        "stopped after the limit",
+        Duration::from_secs(30),
+        |m, _| m["status"] == "stopped",
+    )
+    .await;
+    assert_eq!(m["desired_state"], "stopped");
+    assert!(
+        said(&events, "not restarted: it was restarted 2 times"),
+        "{events:#?}"
+    );
+
+    // Without the policy, a crash is only reported.
+    assert!(host.fake.crash(&domain(&plain)));
+    let (_, events) = wait_for_machine(
+        &app,
+        &tenant,
+        &plain,
+        "stopped",
+        Duration::from_secs(30),
+        |m, _| m["status"] == "stopped",
+    )
+    .await;
+    assert!(said(&events, "exited unexpectedly"), "{events:#?}");
+    assert!(!said(&events, "restarting"), "{events:#?}");
+
+    // The tenant changes its mind: the policy is set in place, and a bad one is refused.
+    let res = app
+        .as_user(&tenant, Method::PATCH, &format!("/machines/{plain}"))
+        .json(&json!({"restart_policy": "on-failure"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["restart_policy"],
+        "on-failure"
+    );
+    let res = app
+        .as_user(&tenant, Method::PATCH, &format!("/machines/{plain}"))
+        .json(&json!({"restart_policy": "always"}))
+        .send()
+        .await
+        .unwrap();
+    crate::common::problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let stranger = app.user("stranger").await;
+    let res = app
+        .as_user(&stranger, Method::PATCH, &format!("/machines/{plain}"))
+        .json(&json!({"restart_policy": "never"}))
+        .send()
+        .await
+        .unwrap();
+    crate::common::problem(res, StatusCode::NOT_FOUND).await;
+    drop(host);
     app.stop().await;
 }
