@@ -1,4 +1,4 @@
-//! What administrators read about the control plane's own background work.
+//! What administrators read about the control plane's own background work, and the audit log.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -29,4 +29,31 @@ pub struct PassView {
     /// `store_failed` (inconclusive host checks), `repaired`, `machine_changed` (a repair
     /// found the machine changed meanwhile and wrote nothing), `repair_failed`.
     pub outcomes: BTreeMap<String, u64>,
+}
+
+/// One audited call.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditEventView {
+    pub at: DateTime<Utc>,
+    /// The authenticated caller, when there was one.
+    pub actor_id: Option<String>,
+    /// The username a login or registration named (no token yet).
+    pub actor_name: Option<String>,
+    /// `METHOD /route/{template}`, e.g. `POST /machines/{id}/stop`.
+    pub action: String,
+    /// The path called, e.g. `/api/v1/machines/0193.../stop`.
+    pub target: String,
+    /// The HTTP status answered.
+    pub outcome: u16,
+    pub request_id: String,
+    /// The client's address.
+    pub client: String,
+}
+
+/// A page of the audit log, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditEventPage {
+    pub items: Vec<AuditEventView>,
+    /// Pass as `cursor` for the next (older) page; null on the last.
+    pub next_cursor: Option<String>,
 }

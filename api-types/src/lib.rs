@@ -8,7 +8,7 @@ pub mod images;
 pub mod machines;
 pub mod users;
 
-pub use admin::{PassView, ReconcilerView};
+pub use admin::{AuditEventPage, AuditEventView, PassView, ReconcilerView};
 pub use hosts::{CapacityView, HostList, HostView};
 pub use images::{BootParams, ImageFormat, ImageList, ImageView, RegisterImageParams};
 pub use machines::{

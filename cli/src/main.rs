@@ -73,6 +73,12 @@ enum Command {
     Hosts(HostsCmd),
     /// Your account, its limits and what you hold against them.
     Profile,
+    /// The audit log, newest first (administrators: everyone's; otherwise your own).
+    Audit {
+        /// How many events, at most 200.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
     /// Accounts, their roles and limits (administrators).
     #[command(subcommand)]
     Users(UsersCmd),
@@ -495,6 +501,14 @@ async fn command(api: &mut Api, out: Output, command: Command) -> CliResult<()> 
             output::print_profile(out, &me);
         }
         Command::Users(cmd) => users(api, out, cmd).await?,
+        Command::Audit { limit } => {
+            let page = PageQuery {
+                limit: Some(limit),
+                cursor: None,
+            };
+            let events = api.client().audit_events(&page).await?;
+            print_rows(out, &events.items, output::AUDIT_EVENT);
+        }
     }
     Ok(())
 }

@@ -4,7 +4,8 @@
 use clap::ValueEnum;
 use serde::Serialize;
 use skygate_api_types::{
-    EventView, HostView, ImageView, MachineView, ProfileView, QuotaView, SshKeyView, UserView,
+    AuditEventView, EventView, HostView, ImageView, MachineView, ProfileView, QuotaView,
+    SshKeyView, UserView,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -111,6 +112,23 @@ const MACHINE: &[Column<MachineView>] = &[
     ("host", |m| opt(&m.host)),
     ("restart_policy", |m| m.restart_policy.as_str().to_owned()),
     ("failure_reason", |m| opt(&m.failure_reason)),
+];
+
+pub const AUDIT_EVENT: &[Column<AuditEventView>] = &[
+    ("at", |e| {
+        e.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    }),
+    ("who", |e| {
+        e.actor_id
+            .clone()
+            .or_else(|| e.actor_name.clone())
+            .unwrap_or_else(|| "-".into())
+    }),
+    ("action", |e| e.action.clone()),
+    ("outcome", |e| e.outcome.to_string()),
+    ("target", |e| e.target.clone()),
+    ("client", |e| e.client.clone()),
+    ("request_id", |e| e.request_id.clone()),
 ];
 
 pub const EVENT: &[Column<EventView>] = &[

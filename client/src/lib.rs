@@ -11,11 +11,11 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use skygate_api_types::{
-    AddSshKeyParams, CreateMachineParams, EventPage, HostList, HostView, ImageList, ImageView,
-    ListMachinesQuery, ListUsersQuery, LoginParams, MachinePage, MachinePatch, MachineView,
-    PageQuery, Problem, ProfileView, QuotaParams, QuotaView, ReconcilerView, RefreshParams,
-    RegisterImageParams, RegisterParams, RoleName, SshKeyList, SshKeyView, TokenPairView, UserList,
-    UserPatch, UserView,
+    AddSshKeyParams, AuditEventPage, CreateMachineParams, EventPage, HostList, HostView, ImageList,
+    ImageView, ListMachinesQuery, ListUsersQuery, LoginParams, MachinePage, MachinePatch,
+    MachineView, PageQuery, Problem, ProfileView, QuotaParams, QuotaView, ReconcilerView,
+    RefreshParams, RegisterImageParams, RegisterParams, RoleName, SshKeyList, SshKeyView,
+    TokenPairView, UserList, UserPatch, UserView,
 };
 use std::time::Duration;
 
@@ -340,6 +340,13 @@ impl Client {
     /// `DELETE /hosts/{id}`.
     pub async fn delete_host(&mut self, id: &str) -> Result<()> {
         self.call_empty(Method::DELETE, &format!("/hosts/{}", segment(id)))
+            .await
+    }
+
+    /// `GET /audit-events`, one page (newest first): all of it for administrators, your own
+    /// calls and the logins tried in your name otherwise.
+    pub async fn audit_events(&mut self, page: &PageQuery) -> Result<AuditEventPage> {
+        self.call(Method::GET, &with_query("/audit-events", page), None::<&()>)
             .await
     }
 

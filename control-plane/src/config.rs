@@ -4,7 +4,7 @@ use crate::agents::AgentTls;
 use crate::api::serve::ConnectionLimits;
 use crate::api::HttpSettings;
 use crate::app::password_work::PasswordWorkSettings;
-use crate::app::{LoginLimits, MachineLimits, Settings};
+use crate::app::{AuditRetention, LoginLimits, MachineLimits, Settings};
 use crate::model::{Quota, RestartLimits};
 use crate::server::ProvisioningConfig;
 use crate::timing::WorkflowSettings;
@@ -175,6 +175,9 @@ pub struct ServeArgs {
     /// Seconds a domain no machine owns must be seen before it is removed.
     #[arg(long, env = "SKYGATE_ORPHAN_GRACE_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub orphan_grace_secs: u64,
+    /// Days audit events are kept; older ones are removed by housekeeping.
+    #[arg(long, env = "SKYGATE_AUDIT_RETENTION_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub audit_retention_days: u32,
     /// Restart policy `on-failure`: most automatic restarts of one machine within
     /// `--restart-window-secs`; past it a crashed machine stays stopped.
     #[arg(long, env = "SKYGATE_RESTART_MAX", default_value_t = RestartLimits::default().max, value_parser = clap::value_parser!(u32).range(0..=1000))]
@@ -227,6 +230,9 @@ impl ServeArgs {
                 failure_window: chrono::Duration::seconds(self.login_failure_window_secs),
             },
             password_work: self.password_work(),
+            audit_retention: AuditRetention(chrono::Duration::days(i64::from(
+                self.audit_retention_days,
+            ))),
         }
     }
 

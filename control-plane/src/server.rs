@@ -199,6 +199,9 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let router = api::router(app.clone(), http);
     let (tx, mut rx) = tokio::sync::watch::channel(false);
+    // Stopped after the last request has been answered, so its event is written too.
+    let (audit_stop, audit_stopped) = tokio::sync::watch::channel(false);
+    let audit_writer = app.audit.start_writer(app.store.clone(), audit_stopped);
     let (grpc_addr, background) = match provisioning {
         Some(config) => {
             let agents = app.agents.clone().context("agent clients")?;
@@ -236,6 +239,10 @@ pub async fn start(
         })
         .await;
         housekeeping.abort();
+        let _ = audit_stop.send(true);
+        if let Some(writer) = audit_writer {
+            let _ = writer.await;
+        }
         Ok(())
     });
     Ok(Running {

@@ -101,6 +101,9 @@ impl FromRequestParts<Arc<App>> for Caller {
             ))?;
         let caller = app.authenticate(token).await?;
         tracing::Span::current().record("user", tracing::field::display(caller.user_id));
+        if let Some(actor) = parts.extensions.get::<super::audit::AuditActor>() {
+            actor.set_id(caller.user_id);
+        }
         Ok(Caller(caller))
     }
 }

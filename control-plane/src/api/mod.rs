@@ -3,6 +3,7 @@
 //! between HTTP and `app`.
 
 pub mod admin;
+pub mod audit;
 pub mod extract;
 pub mod health;
 pub mod hosts;
@@ -130,7 +131,7 @@ impl Modify for BearerAuth {
         images::image_list, images::image_register,
         ssh_keys::ssh_key_list, ssh_keys::ssh_key_add, ssh_keys::ssh_key_delete,
         hosts::host_list, hosts::cordon, hosts::uncordon, hosts::delete,
-        admin::reconciler,
+        admin::reconciler, audit::audit_events,
     ),
     components(schemas(problem::Problem)),
     modifiers(&BearerAuth, &ErrorResponses),
@@ -141,6 +142,7 @@ impl Modify for BearerAuth {
         (name = "ssh-keys", description = "Saved SSH public keys"),
         (name = "hosts", description = "Hypervisor hosts (administrators)"),
         (name = "users", description = "Accounts, their roles and limits (administrators)"),
+        (name = "audit", description = "Who did what: every mutating call and every login"),
         (name = "admin", description = "The control plane's background work (administrators)"),
     )
 )]
@@ -179,7 +181,7 @@ async fn serve_docs() -> impl IntoResponse {
     )
 }
 
-fn api_routes() -> Router<Arc<App>> {
+fn api_routes(app: &Arc<App>) -> Router<Arc<App>> {
     use axum::routing::delete as del;
     Router::new()
         .route("/auth/register", post(users::register))
@@ -224,6 +226,9 @@ fn api_routes() -> Router<Arc<App>> {
         .route("/hosts/{id}/cordon", post(hosts::cordon))
         .route("/hosts/{id}/uncordon", post(hosts::uncordon))
         .route("/admin/reconciler", get(admin::reconciler))
+        .route("/audit-events", get(audit::audit_events))
+        // Every mutating route is audited; it runs after routing, so it knows the route.
+        .route_layer(middleware::from_fn_with_state(app.clone(), audit::record))
         .route("/openapi.json", get(serve_openapi))
         .route("/docs", get(serve_docs))
 }
@@ -304,7 +309,7 @@ pub fn router(app: Arc<App>, settings: &HttpSettings) -> Router {
         )
         .on_failure(DefaultOnFailure::new().level(Level::WARN));
     Router::new()
-        .nest("/api/v1", api_routes())
+        .nest("/api/v1", api_routes(&app))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

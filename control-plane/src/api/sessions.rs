@@ -1,6 +1,7 @@
 //! `/auth/login`, `/auth/refresh` and `/auth/logout`: sessions (refresh-token families and
 //! the access tokens they hand out).
 
+use super::audit::AuditActor;
 use super::extract::{ApiJson, Caller};
 use super::params::{LoginParams, RefreshParams};
 use super::problem::Problem;
@@ -33,8 +34,10 @@ impl From<TokenPair> for TokenPairView {
 pub async fn login(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    actor: AuditActor,
     ApiJson(p): ApiJson<LoginParams>,
 ) -> Result<Json<TokenPairView>> {
+    actor.set_name(&p.username);
     let pair = app.login(peer.ip(), &p.username, &p.password).await?;
     Ok(Json(pair.into()))
 }

@@ -1,6 +1,7 @@
 //! Accounts: `/auth/register` and `/auth/profile` (a tenant's own), and `/users` (their
 //! administration).
 
+use super::audit::AuditActor;
 use super::extract::{Admin, ApiJson, ApiPath, ApiQuery, Caller};
 use super::params::{
     page_limit, ListUsersQuery, ProfilePatch, QuotaParams, RegisterParams, RoleName, UserPatch,
@@ -29,8 +30,10 @@ use uuid::Uuid;
 pub async fn register(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    actor: AuditActor,
     ApiJson(p): ApiJson<RegisterParams>,
 ) -> Result<(StatusCode, Json<UserView>)> {
+    actor.set_name(&p.username);
     app.throttle_credentials(peer.ip())?;
     let user = app
         .register(&p.username, &p.email, &p.password, Role::User)

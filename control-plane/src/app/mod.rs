@@ -1,6 +1,7 @@
 //! Use-cases: what the API may ask of SkyGate. Handlers translate HTTP to calls here; the
 //! decisions (validation, authorisation, rate limits, quotas) are made here; SQL is in `store`.
 
+pub mod audit;
 pub mod cursor;
 pub mod hosts;
 pub mod idempotency;
@@ -76,6 +77,18 @@ pub struct Settings {
     pub quota: Quota,
     pub login: LoginLimits,
     pub password_work: password_work::PasswordWorkSettings,
+    /// How long audit events are kept.
+    pub audit_retention: AuditRetention,
+}
+
+/// How long audit events are kept (`--audit-retention-days`).
+#[derive(Debug, Clone, Copy)]
+pub struct AuditRetention(pub Duration);
+
+impl Default for AuditRetention {
+    fn default() -> Self {
+        Self(Duration::days(90))
+    }
 }
 
 /// `iss` and `aud` of SkyGate access tokens.
@@ -118,6 +131,8 @@ pub struct App {
     pub agents: Option<std::sync::Arc<crate::agents::AgentClients>>,
     /// The reconciler's last pass, as it reports it (none without provisioning).
     pub reconciler: std::sync::Arc<crate::reconciler::ReconcilerStatus>,
+    /// Where requests leave their audit events.
+    pub audit: audit::AuditLog,
 }
 
 impl std::fmt::Debug for App {
@@ -166,6 +181,7 @@ impl App {
                 .map_err(|e| Error::Internal(format!("{e}: {:?}", e.source())))?,
             agents: None,
             reconciler: Default::default(),
+            audit: audit::AuditLog::default(),
         })
     }
 
@@ -205,7 +221,8 @@ impl App {
         })
     }
 
-    /// Periodic housekeeping: expired idempotency keys, login windows and refresh tokens.
+    /// Periodic housekeeping: expired idempotency keys, login windows, refresh tokens,
+    /// finished tasks, and audit events past their retention.
     pub async fn purge_expired(&self) -> Result<u64> {
         // The database's clock, as the windows were opened by it.
         let now = self.store.clock().await?;
@@ -218,8 +235,12 @@ impl App {
             .sessions_purge_expired(now, self.settings.login.failure_window)
             .await?;
         let c = self.store.task_purge_finished(now - TASK_RETENTION).await?;
+        let d = self
+            .store
+            .audit_purge(now - self.settings.audit_retention.0)
+            .await?;
         self.credentials_per_ip.retain_recent();
-        Ok(a + b + c)
+        Ok(a + b + c + d)
     }
 }
 

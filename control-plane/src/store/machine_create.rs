@@ -20,7 +20,7 @@
 use super::machines::NewMachine;
 use super::tasks::database_now;
 use super::usage::{usage_add_in_txn, usage_lock_in_txn};
-use super::{begin_write_on, is_unique_violation, Backend};
+use super::{begin_write_on, is_unique_violation, placeholders, Backend};
 use crate::error::{Error, Result};
 use crate::model::{DesiredState, Machine, MachineId, MachineStatus, Quota, Usage, UserId};
 use sqlx::{Any, AnyPool, Row, Transaction};
@@ -221,12 +221,6 @@ pub(crate) async fn creates_in_txn(
         .collect())
 }
 
-/// `$first, $first+1, ...` for `n` parameters, in parentheses.
-fn placeholders(first: usize, n: usize) -> String {
-    let list: Vec<String> = (first..first + n).map(|p| format!("${p}")).collect();
-    format!("({})", list.join(", "))
-}
-
 /// Which of `names` are live machines of `owner` already, and their ids.
 ///
 /// One exact lookup of the `(owner_id, hostname)` index per name, joined by `UNION ALL`.
@@ -412,16 +406,5 @@ fn created(new: &NewMachine, id: MachineId, seq: i64, now: i64) -> Machine {
         restart_policy: new.restart_policy,
         created_at: at,
         updated_at: at,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::placeholders;
-
-    #[test]
-    fn placeholders_number_from_the_first() {
-        assert_eq!(placeholders(3, 2), "($3, $4)");
-        assert_eq!(placeholders(1, 1), "($1)");
     }
 }

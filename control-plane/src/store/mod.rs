@@ -7,6 +7,7 @@
 //! The price is that PostgreSQL columns are plainer than they could be; the gain is one
 //! implementation and one test suite instead of two that drift apart.
 
+pub mod audit;
 pub mod forget;
 pub mod hosts;
 pub mod idempotency;
@@ -243,4 +244,21 @@ pub(crate) fn parse_col<T: FromStr>(value: &str, column: &str) -> Result<T> {
     value
         .parse()
         .map_err(|_| Error::Internal(format!("bad value in column {column}: {value:?}")))
+}
+
+/// `$first, $first+1, ...` for `n` parameters, in parentheses: one row of a multi-row INSERT.
+pub(crate) fn placeholders(first: usize, n: usize) -> String {
+    let list: Vec<String> = (first..first + n).map(|p| format!("${p}")).collect();
+    format!("({})", list.join(", "))
+}
+
+#[cfg(test)]
+mod placeholder_tests {
+    use super::placeholders;
+
+    #[test]
+    fn placeholders_number_from_the_first() {
+        assert_eq!(placeholders(3, 2), "($3, $4)");
+        assert_eq!(placeholders(1, 1), "($1)");
+    }
 }

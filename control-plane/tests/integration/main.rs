@@ -7,6 +7,7 @@
 mod common;
 
 mod abuse;
+mod audit;
 mod catalog;
 mod cli;
 mod client;

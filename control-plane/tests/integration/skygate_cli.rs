@@ -230,6 +230,16 @@ async fn the_cli_administers_accounts_and_shows_a_tenant_its_limits(backend: Bac
     let refused = tenant.run(&["profile"], None);
     assert!(!refused.status.success());
     admin.ok(&["users", "enable", "ann"]);
+    // The administrator's calls are in the audit log (written a moment after the answers).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let audit = admin.ok(&["audit", "--limit", "200"]);
+        if audit.contains("POST /users/{id}/disable") && audit.contains("PUT /users/{id}/quota") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{audit}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let bad = admin.run(&["users", "disable", "nobody"], None);
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
