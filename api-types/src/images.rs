@@ -78,6 +78,9 @@ pub struct ImageView {
     pub boot: Option<BootParams>,
     /// Whether the image boots a kernel directly (what a tenant needs to know of `boot`).
     pub direct_kernel_boot: bool,
+    /// When it was deprecated: new machines cannot use it; machines made from it keep working.
+    #[serde(default)]
+    pub deprecated_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
 }
 

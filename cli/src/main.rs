@@ -188,6 +188,14 @@ enum ImagesCmd {
     Register {
         file: std::path::PathBuf,
     },
+    /// New machines may no longer use it; machines made from it keep working (admin).
+    Deprecate {
+        image: String,
+    },
+    /// Undo `deprecate` (admin).
+    Undeprecate {
+        image: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -475,6 +483,16 @@ async fn command(api: &mut Api, out: Output, command: Command) -> CliResult<()> 
                 let image = api.client().register_image(&params).await?;
                 print_one(out, &image, output::IMAGE);
             }
+            ImagesCmd::Deprecate { image } => {
+                let id = image_id(api, &image).await?;
+                let image = api.client().set_image_deprecated(&id, true).await?;
+                print_one(out, &image, output::IMAGE);
+            }
+            ImagesCmd::Undeprecate { image } => {
+                let id = image_id(api, &image).await?;
+                let image = api.client().set_image_deprecated(&id, false).await?;
+                print_one(out, &image, output::IMAGE);
+            }
         },
         Command::Hosts(cmd) => match cmd {
             HostsCmd::List => {
@@ -580,6 +598,21 @@ async fn user_id(api: &mut Api, user: &str) -> CliResult<String> {
         .find(|u| u.username == user)
         .map(|u| u.id)
         .ok_or_else(|| CliError(format!("no account named {user:?}")))
+}
+
+/// An image's id from an id or a name.
+async fn image_id(api: &mut Api, image: &str) -> CliResult<String> {
+    if uuid::Uuid::parse_str(image).is_ok() {
+        return Ok(image.to_owned());
+    }
+    api.client()
+        .images()
+        .await?
+        .items
+        .into_iter()
+        .find(|i| i.name == image)
+        .map(|i| i.id)
+        .ok_or_else(|| CliError(format!("no image named {image:?}")))
 }
 
 /// A host's id from an id or a name.

@@ -84,6 +84,12 @@ pub const IMAGE: &[Column<ImageView>] = &[
     ("name", |i| i.name.clone()),
     ("format", |i| i.format.clone()),
     ("source", |i| opt(&i.source)),
+    ("deprecated", |i| {
+        i.deprecated_at.map_or_else(
+            || "-".into(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+    }),
 ];
 
 pub const HOST: &[Column<HostView>] = &[

@@ -323,6 +323,17 @@ impl Client {
         self.call(Method::POST, "/images", Some(params)).await
     }
 
+    /// `POST /images/{id}/deprecate` or `undeprecate` (administrators).
+    pub async fn set_image_deprecated(&mut self, id: &str, deprecated: bool) -> Result<ImageView> {
+        let verb = if deprecated {
+            "deprecate"
+        } else {
+            "undeprecate"
+        };
+        let path = format!("/images/{}/{verb}", segment(id));
+        self.call(Method::POST, &path, None::<&()>).await
+    }
+
     // --- hosts (administrators) ------------------------------------------------------------
 
     /// `GET /hosts`.

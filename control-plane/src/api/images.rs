@@ -1,13 +1,13 @@
 //! `/images`: the guest images machines are built from.
 
-use super::extract::{Admin, ApiJson, Caller};
+use super::extract::{Admin, ApiJson, ApiPath, Caller};
 use super::params::{BootParams, RegisterImageParams};
 use super::problem::Problem;
 use super::views::{image_view, ImageList, ImageView};
 use crate::app::images::RegisterImage;
 use crate::app::App;
 use crate::error::Result;
-use crate::model::KernelBoot;
+use crate::model::{ImageId, KernelBoot};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -54,6 +54,35 @@ pub async fn image_register(
         )
         .await?;
     Ok((StatusCode::CREATED, Json(image_view(image, true))))
+}
+
+/// Deprecate an image (administrators): new machines are refused it with a 422 naming it;
+/// machines made from it keep working. It stays listed, marked, and its name stays taken.
+#[utoipa::path(post, path = "/images/{id}/deprecate", tag = "images", operation_id = "image_deprecate",
+    params(("id" = uuid::Uuid, Path)), security(("bearer" = [])),
+    responses((status = 200, body = ImageView), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn image_deprecate(
+    State(app): State<Arc<App>>,
+    Admin(who): Admin,
+    ApiPath(id): ApiPath<ImageId>,
+) -> Result<Json<ImageView>> {
+    let image = app.image_deprecate(who, id, true).await?;
+    Ok(Json(image_view(image, true)))
+}
+
+/// Undo a deprecation (administrators).
+#[utoipa::path(post, path = "/images/{id}/undeprecate", tag = "images", operation_id = "image_undeprecate",
+    params(("id" = uuid::Uuid, Path)), security(("bearer" = [])),
+    responses((status = 200, body = ImageView), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn image_undeprecate(
+    State(app): State<Arc<App>>,
+    Admin(who): Admin,
+    ApiPath(id): ApiPath<ImageId>,
+) -> Result<Json<ImageView>> {
+    let image = app.image_deprecate(who, id, false).await?;
+    Ok(Json(image_view(image, true)))
 }
 
 /// The request's boot details as the app takes them.

@@ -128,7 +128,8 @@ impl Modify for BearerAuth {
         users::user_enable, users::quota_get, users::quota_put,
         machines::create, machines::list, machines::get, machines::start, machines::stop,
         machines::reboot, machines::delete, machines::patch, machines::events, machines::console,
-        images::image_list, images::image_register,
+        images::image_list, images::image_register, images::image_deprecate,
+        images::image_undeprecate,
         ssh_keys::ssh_key_list, ssh_keys::ssh_key_add, ssh_keys::ssh_key_delete,
         hosts::host_list, hosts::cordon, hosts::uncordon, hosts::delete,
         admin::reconciler, audit::audit_events,
@@ -208,6 +209,8 @@ fn api_routes(app: &Arc<App>) -> Router<Arc<App>> {
             "/images",
             get(images::image_list).post(images::image_register),
         )
+        .route("/images/{id}/deprecate", post(images::image_deprecate))
+        .route("/images/{id}/undeprecate", post(images::image_undeprecate))
         .route(
             "/ssh-keys",
             get(ssh_keys::ssh_key_list).post(ssh_keys::ssh_key_add),

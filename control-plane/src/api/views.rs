@@ -108,6 +108,7 @@ pub fn image_view(i: Image, admin: bool) -> ImageView {
         format: i.format,
         sha256: i.sha256,
         boot: if admin { i.boot.map(boot_view) } else { None },
+        deprecated_at: i.deprecated_at,
         created_at: i.created_at,
     }
 }

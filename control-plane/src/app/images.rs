@@ -151,6 +151,21 @@ impl App {
     pub async fn image_list(&self) -> Result<Vec<Image>> {
         self.store.image_list().await
     }
+
+    /// Deprecates an image (administrators): new machines are refused it; machines made from
+    /// it keep working. `false` restores it.
+    pub async fn image_deprecate(
+        &self,
+        who: Principal,
+        id: crate::model::ImageId,
+        deprecated: bool,
+    ) -> Result<Image> {
+        who.require_admin()?;
+        self.store
+            .image_set_deprecated(id, deprecated)
+            .await?
+            .ok_or(Error::NotFound("image"))
+    }
 }
 
 #[cfg(test)]

@@ -160,6 +160,13 @@ impl App {
             .image_by_name(&req.image)
             .await?
             .ok_or_else(unknown_image)?;
+        if image.deprecated_at.is_some() {
+            return Err(Error::Invalid(format!(
+                "image '{}' is deprecated: new machines cannot use it (GET /images lists the \
+                 others)",
+                image.name
+            )));
+        }
         let new = NewMachine {
             owner_id: who.user_id,
             hostname,

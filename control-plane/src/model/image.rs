@@ -14,6 +14,8 @@ pub struct Image {
     pub format: String,
     pub sha256: Option<String>,
     pub boot: Option<KernelBoot>,
+    /// Set while new machines may not use it.
+    pub deprecated_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
 }
 

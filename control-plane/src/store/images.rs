@@ -19,11 +19,14 @@ fn from_row(row: &AnyRow) -> Result<Image> {
             .map(|b| serde_json::from_str(&b))
             .transpose()
             .map_err(|e| Error::Internal(format!("bad images.boot: {e}")))?,
+        deprecated_at: row
+            .try_get::<Option<i64>, _>("deprecated_at")?
+            .map(from_micros),
         created_at: from_micros(row.try_get("created_at")?),
     })
 }
 
-const COLUMNS: &str = "id, name, source, format, sha256, boot, created_at";
+const COLUMNS: &str = "id, name, source, format, sha256, boot, deprecated_at, created_at";
 
 impl Store {
     /// Registers an image; 409 when the name is taken.
@@ -78,5 +81,33 @@ impl Store {
         let sql = format!("SELECT {COLUMNS} FROM images ORDER BY name");
         let rows = sqlx::query(&sql).fetch_all(&self.read).await?;
         rows.iter().map(from_row).collect()
+    }
+
+    /// Deprecates (or restores) an image; `None` when there is no such image. Deprecating
+    /// again keeps the first time.
+    pub async fn image_set_deprecated(
+        &self,
+        id: ImageId,
+        deprecated: bool,
+    ) -> Result<Option<Image>> {
+        let sql = if deprecated {
+            "UPDATE images SET deprecated_at = COALESCE(deprecated_at, $2) WHERE id = $1"
+        } else {
+            "UPDATE images SET deprecated_at = NULL WHERE id = $1 AND $2 = $2"
+        };
+        let res = sqlx::query(sql)
+            .bind(id.to_string())
+            .bind(to_micros(Utc::now()))
+            .execute(&self.write)
+            .await?;
+        if res.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let sql = format!("SELECT {COLUMNS} FROM images WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_one(&self.write)
+            .await?;
+        from_row(&row).map(Some)
     }
 }

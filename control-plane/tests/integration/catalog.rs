@@ -10,7 +10,94 @@ both_stores!(
     ssh_keys_are_per_user,
     ssh_keys_are_bounded_checked_like_the_agent_and_paged,
     hosts_are_for_admins,
+    a_deprecated_image_refuses_new_machines_and_keeps_the_old_ones,
 );
+
+/// Issue 14, images: once deprecated, an image refuses new machines with a 422 naming it, and
+/// machines made from it keep working and showing it; restoring it lets creates through.
+async fn a_deprecated_image_refuses_new_machines_and_keeps_the_old_ones(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let root = t.admin("root").await;
+    let ann = t.user("ann").await;
+    let res = t.create_machine(&ann, "old").await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let old: Value = res.json().await.unwrap();
+    let images = t.get_json(&ann, "/images").await;
+    let tiny = images["items"][0].clone();
+    assert_eq!(tiny["deprecated_at"], Value::Null);
+    let id = tiny["id"].as_str().unwrap();
+
+    let res = t
+        .as_user(&ann, Method::POST, &format!("/images/{id}/deprecate"))
+        .send()
+        .await
+        .unwrap();
+    problem(res, StatusCode::FORBIDDEN).await;
+    let res = t
+        .as_user(&root, Method::POST, &format!("/images/{id}/deprecate"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let deprecated: Value = res.json().await.unwrap();
+    let when = deprecated["deprecated_at"].clone();
+    assert!(when.is_string(), "{deprecated}");
+    // Again: nothing changes, the first time stays.
+    let again: Value = t
+        .as_user(&root, Method::POST, &format!("/images/{id}/deprecate"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["deprecated_at"], when);
+    // Tenants see it marked.
+    assert_eq!(
+        t.get_json(&ann, "/images").await["items"][0]["deprecated_at"],
+        when
+    );
+
+    let body = problem(
+        t.create_machine(&ann, "new").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("'tiny' is deprecated"), "{detail}");
+    let kept = t
+        .get_json(&ann, &format!("/machines/{}", old["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(kept["image"], "tiny");
+    assert_eq!(kept["status"], old["status"]);
+
+    let res = t
+        .as_user(&root, Method::POST, &format!("/images/{id}/undeprecate"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["deprecated_at"],
+        Value::Null
+    );
+    assert_eq!(
+        t.create_machine(&ann, "new").await.status(),
+        StatusCode::ACCEPTED
+    );
+    let res = t
+        .as_user(
+            &root,
+            Method::POST,
+            &format!("/images/{}/deprecate", uuid::Uuid::new_v4()),
+        )
+        .send()
+        .await
+        .unwrap();
+    problem(res, StatusCode::NOT_FOUND).await;
+    t.stop().await;
+}
 
 async fn admins_register_images_and_everyone_lists_them(backend: Backend) {
     let t = TestApp::spawn(backend).await;
