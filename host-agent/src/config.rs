@@ -114,6 +114,15 @@ pub struct AgentArgs {
         value_parser = clap::value_parser!(u64).range(100..=60_000)
     )]
     pub poll_interval_ms: u64,
+    /// Cached images (bases, kernels) no machine on this host uses are removed once nothing
+    /// has asked for them for this long, seconds; 0 keeps them forever.
+    #[arg(
+        long,
+        env = "SKYGATE_AGENT_IMAGE_GRACE_SECS",
+        default_value_t = 86_400,
+        value_parser = clap::value_parser!(u64).range(0..=31_536_000)
+    )]
+    pub image_grace_secs: u64,
     /// PEM certificate chain: serve TLS.
     #[arg(long, env = "SKYGATE_AGENT_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

@@ -379,6 +379,60 @@ impl ImageCache {
         self
     }
 
+    /// Removes verified cache files that `in_use` does not claim (by file name, e.g.
+    /// `<sha256>.qcow2`) and that nobody has ensured within `grace`; returns them. Each is
+    /// removed under its digest's lock, after checking its last use again, so an ensure
+    /// running meanwhile either finds it whole or fetches it anew.
+    pub async fn remove_unused(
+        &self,
+        in_use: &(dyn Fn(&str) -> bool + Sync),
+        grace: Duration,
+    ) -> Result<Vec<PathBuf>, ImageError> {
+        let dir = self.data.images_dir();
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ImageError::Io { path, source }
+        };
+        let mut files = Vec::new();
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        while let Some(entry) = entries.next_entry().await.map_err(io_err(&dir))? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name.ends_with(".size") || name.ends_with(".partial") {
+                continue;
+            }
+            if let Some(used) = last_used(&entry.path()).await {
+                files.push((name, used));
+            }
+        }
+        let now = std::time::SystemTime::now();
+        let mut removed = Vec::new();
+        for name in unused_files(&files, in_use, now, grace) {
+            let Some(digest) = name.split('.').next().and_then(|d| d.parse().ok()) else {
+                continue;
+            };
+            let flight: Arc<Mutex<()>> = {
+                let mut map = self.in_flight.lock().await;
+                map.entry(digest).or_default().clone()
+            };
+            let _guard = flight.lock().await;
+            let path = dir.join(&name);
+            // Used since the listing: kept.
+            let still_unused = last_used(&path)
+                .await
+                .is_some_and(|used| now.duration_since(used).unwrap_or_default() >= grace);
+            if still_unused && !in_use(&name) {
+                remove_if_exists(&path).await?;
+                remove_if_exists(&sidecar_path(&path)).await?;
+                removed.push(path);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Returns the path of the verified cache file for `spec`, fetching it first if needed.
     pub async fn ensure(&self, spec: &ImageSourceSpec) -> Result<PathBuf, ImageError> {
         let result = self.ensure_checked(spec).await;
@@ -492,6 +546,7 @@ impl ImageCache {
         if let Ok(meta) = tokio::fs::metadata(dest).await {
             let recorded = tokio::fs::read_to_string(&sidecar).await.ok();
             if recorded.and_then(|s| s.trim().parse::<u64>().ok()) == Some(meta.len()) {
+                mark_used(&sidecar).await;
                 return Ok(());
             }
             // Unknown or wrong size: re-hash what is there before trusting it.
@@ -885,6 +940,42 @@ fn parse_source(url: &str) -> Result<Source, ImageError> {
     }
 }
 
+/// Records that a cache file was just used: its sidecar's modification time is when it was
+/// last ensured, which [`ImageCache::remove_unused`] reads. Failing to record it is logged,
+/// not fatal: the file only becomes removable sooner, and only if nothing refers to it.
+async fn mark_used(sidecar: &Path) {
+    let sidecar = sidecar.to_path_buf();
+    let touched = tokio::task::spawn_blocking(move || {
+        std::fs::File::options()
+            .write(true)
+            .open(&sidecar)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+            .map_err(|e| (sidecar, e))
+    })
+    .await;
+    if let Ok(Err((path, e))) = touched {
+        tracing::warn!(path = %path.display(), error = %e, "could not record an image's use");
+    }
+}
+
+/// The cache files whose last use (see [`mark_used`]) is older than `grace` before `now` and
+/// that `in_use` does not claim, by file name. Files without a sidecar (never verified, or
+/// being written) are never candidates.
+pub fn unused_files(
+    files: &[(String, std::time::SystemTime)],
+    in_use: &dyn Fn(&str) -> bool,
+    now: std::time::SystemTime,
+    grace: Duration,
+) -> Vec<String> {
+    files
+        .iter()
+        .filter(|(name, last_used)| {
+            now.duration_since(*last_used).unwrap_or_default() >= grace && !in_use(name)
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
 fn sidecar_path(dest: &Path) -> PathBuf {
     let mut name = dest.as_os_str().to_owned();
     name.push(".size");
@@ -924,6 +1015,15 @@ async fn hash_file(path: &Path) -> Result<Sha256Digest, ImageError> {
     Ok(Sha256Digest::from_bytes(&hasher.finalize().into()))
 }
 
+/// When the verified cache file at `path` was last used: its sidecar's modification time;
+/// `None` without a sidecar.
+async fn last_used(path: &Path) -> Option<std::time::SystemTime> {
+    tokio::fs::metadata(sidecar_path(path))
+        .await
+        .and_then(|m| m.modified())
+        .ok()
+}
+
 async fn remove_if_exists(path: &Path) -> Result<(), ImageError> {
     match tokio::fs::remove_file(path).await {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(ImageError::Io {
@@ -937,6 +1037,20 @@ async fn remove_if_exists(path: &Path) -> Result<(), ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_are_unused_only_past_the_grace_and_unclaimed() {
+        let now = std::time::SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let files = vec![
+            ("old.qcow2".to_owned(), now - 2 * hour),
+            ("claimed.qcow2".to_owned(), now - 2 * hour),
+            ("fresh.qcow2".to_owned(), now - hour / 2),
+        ];
+        let claims = ["/data/images/claimed.qcow2"];
+        let in_use = |name: &str| claims.iter().any(|c| c.contains(name));
+        assert_eq!(unused_files(&files, &in_use, now, hour), ["old.qcow2"]);
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn sha256_hex(bytes: &[u8]) -> String {

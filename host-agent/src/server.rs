@@ -209,6 +209,12 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
         Arc::clone(&manager),
         Duration::from_millis(args.poll_interval_ms.max(100)),
     ));
+    let image_collector = (args.image_grace_secs > 0).then(|| {
+        tokio::spawn(collect_images_forever(
+            Arc::clone(&manager),
+            Duration::from_secs(args.image_grace_secs),
+        ))
+    });
 
     let capacity = CapacityPolicy {
         vcpus: args.capacity_vcpus.unwrap_or(facts.cpus),
@@ -267,6 +273,9 @@ pub async fn run(args: AgentArgs) -> Result<(), StartError> {
     )
     .await;
     poller.abort();
+    if let Some(collector) = image_collector {
+        collector.abort();
+    }
     if let Some(r) = registration {
         r.abort();
     }
@@ -281,6 +290,20 @@ pub(crate) async fn poll_forever(manager: Arc<MachineManager>, every: Duration) 
         if let Err(e) = manager.poll_once().await {
             // libvirtd down or restarting: the next tick reconnects.
             tracing::warn!(error = %crate::report::chain(&e), "polling domains failed");
+        }
+    }
+}
+
+/// Removes cached images nothing uses, every quarter of `grace` (at least a minute, at most an
+/// hour), so an unused base goes between one and 1.25 grace periods after its last use.
+pub(crate) async fn collect_images_forever(manager: Arc<MachineManager>, grace: Duration) {
+    let every = (grace / 4).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = manager.collect_unused_images(grace).await {
+            tracing::warn!(error = %crate::report::chain(&e), "removing unused cached images failed");
         }
     }
 }

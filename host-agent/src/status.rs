@@ -69,7 +69,7 @@ pub fn classify(e: &ManagerError) -> StatusKind {
         | ManagerError::Delete(e)
         | ManagerError::ReadDomains(e)
         | ManagerError::HostFacts(e) => hypervisor_code(e),
-        ManagerError::Files { .. } => Code::Internal,
+        ManagerError::Files { .. } | ManagerError::CollectImages(_) => Code::Internal,
     };
     StatusKind {
         code,

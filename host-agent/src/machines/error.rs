@@ -110,6 +110,9 @@ pub enum ManagerError {
     /// Reading the domains (one or all) from the hypervisor.
     #[error("reading domains failed")]
     ReadDomains(#[source] HypervisorError),
+    /// Finding which cached images machines use, or removing the others.
+    #[error("collect unused images failed")]
+    CollectImages(#[source] ImageError),
     /// Reading the host's facts (version, CPUs, memory) from the hypervisor.
     #[error("reading host facts failed")]
     HostFacts(#[source] HypervisorError),

@@ -613,6 +613,70 @@ impl MachineManager {
         self.state_of(id).await
     }
 
+    /// Removes cached image files (bases, kernels, initrds) that no machine here uses and that
+    /// no creation has asked for within `grace` (issue 14); returns them. In use: named by a
+    /// defined domain of ours (kernels, initrds) or the backing file of any machine's overlay
+    /// (a machine's directory counts even before its domain is defined). An overlay whose
+    /// backing cannot be read keeps every file: better a stale base than a broken disk.
+    pub async fn collect_unused_images(
+        &self,
+        grace: Duration,
+    ) -> Result<Vec<PathBuf>, ManagerError> {
+        let prefix = self.cfg.domain_prefix.clone();
+        let domains = blocking(&self.hv, move |hv| hv.list(&prefix))
+            .await
+            .map_err(ManagerError::ReadDomains)?;
+        let mut claims: Vec<String> = domains.into_iter().map(|d| d.xml).collect();
+        let dir = self.data.machines_dir();
+        let files_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ManagerError::Files {
+                op: FileOp::Reading,
+                path,
+                source,
+            }
+        };
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(e) => Some(e),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(files_err(&dir)(e)),
+        };
+        while let Some(entry) = match entries.as_mut() {
+            Some(e) => e.next_entry().await.map_err(files_err(&dir))?,
+            None => None,
+        } {
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| Uuid::parse_str(n).ok())
+            else {
+                continue;
+            };
+            let overlay = self.data.overlay(id);
+            if !tokio::fs::try_exists(&overlay).await.unwrap_or(true) {
+                continue;
+            }
+            match self.disks.info(&overlay).await {
+                Ok(info) => claims.extend(info.backing_file),
+                Err(e) => {
+                    tracing::warn!(overlay = %overlay.display(), error = %crate::report::chain(&e),
+                        "cannot read an overlay's backing file; keeping every cached image");
+                    return Ok(Vec::new());
+                }
+            }
+        }
+        let in_use = |name: &str| claims.iter().any(|c| c.contains(name));
+        let removed = self
+            .images
+            .remove_unused(&in_use, grace)
+            .await
+            .map_err(ManagerError::CollectImages)?;
+        for path in &removed {
+            tracing::info!(path = %path.display(), "removed a cached image no machine uses");
+        }
+        Ok(removed)
+    }
+
     /// Removes the domain, overlay, seed and console log. Returns whether anything existed.
     pub async fn delete(&self, id: Uuid) -> Result<bool, ManagerError> {
         let lock = self.machine_lock(id);

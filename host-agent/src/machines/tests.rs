@@ -603,3 +603,88 @@ async fn a_domain_without_a_fingerprint_is_taken_as_equal_at_its_generation() {
         Some(h.spec(id, 3, DesiredPower::Running).fingerprint())
     );
 }
+
+/// The cache files (not sidecars) in the data dir's image cache, by name.
+fn cached_images(h: &Harness) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(h.data.images_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".size") && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Issue 14: cached images go when no machine uses them and nobody asked for them within
+/// the grace period; a kernel named by a domain, and a base backing an overlay, stay.
+#[tokio::test]
+async fn unused_cached_images_are_removed_after_the_grace_and_used_ones_stay() {
+    let h = harness();
+    let dir = h.data.root().parent().unwrap().to_path_buf();
+    // A real qcow2 base, as an image publisher would ship it.
+    let base_path = dir.join("base.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base_path)
+        .arg("1M")
+        .status()
+        .expect("qemu-img");
+    assert!(made.success());
+    let bytes = std::fs::read(&base_path).unwrap();
+    let base = SourceFile {
+        url: format!("file://{}", base_path.display()),
+        sha256: hex::encode(Sha256::digest(&bytes)),
+    };
+    let (kernel_vm, disk_vm) = (Uuid::new_v4(), Uuid::new_v4());
+    h.manager
+        .ensure(h.spec(kernel_vm, 1, DesiredPower::Running))
+        .await
+        .unwrap();
+    let mut disk_spec = h.spec(disk_vm, 1, DesiredPower::Stopped);
+    disk_spec.image = ImagePlan::Disk {
+        base,
+        format: DiskFormat::Qcow2,
+    };
+    h.manager.ensure(disk_spec).await.unwrap();
+    let both = cached_images(&h);
+    assert_eq!(both.len(), 2, "{both:?}");
+
+    // Both in use: nothing goes, even with no grace at all.
+    let removed = h
+        .manager
+        .collect_unused_images(Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(removed.is_empty(), "{removed:?}");
+    assert_eq!(cached_images(&h), both);
+
+    // The kernel's machine goes: its kernel is unused, but was used within the hour.
+    h.manager.delete(kernel_vm).await.unwrap();
+    let removed = h
+        .manager
+        .collect_unused_images(Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(removed.is_empty(), "{removed:?}");
+    // Past the grace it goes, with its sidecar; the base still backs an overlay.
+    let removed = h
+        .manager
+        .collect_unused_images(Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert!(removed[0].to_string_lossy().ends_with(".vmlinuz"));
+    let left = cached_images(&h);
+    assert_eq!(left.len(), 1);
+    assert!(left[0].ends_with(".qcow2"), "{left:?}");
+    let sidecars = std::fs::read_dir(h.data.images_dir()).unwrap().count();
+    assert_eq!(sidecars, 2, "the base and its sidecar only");
+
+    // A new machine of the removed kernel fetches it again.
+    let again = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(again, 1, DesiredPower::Running))
+        .await
+        .unwrap();
+    assert_eq!(cached_images(&h).len(), 2);
+}
