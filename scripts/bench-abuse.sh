@@ -14,7 +14,7 @@ BURSTS=${BURSTS:-4}
 IDLE=${IDLE:-1000}
 scripts/install-deps.sh >&2
 cargo build --release --locked -p control-plane >&2
-bin=target/release/skygate-control-plane
+bin=${CARGO_TARGET_DIR:-target}/release/skygate-control-plane
 
 work=$(mktemp -d /tmp/skygate-bench-abuse.XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

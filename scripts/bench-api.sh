@@ -37,7 +37,7 @@ command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk 
 if [[ " $STORES " == *" postgres "* ]]; then scripts/install-deps.sh --postgres >&2; else scripts/install-deps.sh >&2; fi
 cargo build --release --locked -p control-plane >&2
 cargo build --release --locked -p auth --example argon2_rate >&2
-bin=target/release/skygate-control-plane
+bin=${CARGO_TARGET_DIR:-target}/release/skygate-control-plane
 
 work=$(mktemp -d /tmp/skygate-bench-api.XXXXXX)
 pid=""
@@ -113,7 +113,7 @@ results="$work/results"
 row() { echo "$*" >>"$results"; echo "  $*" >&2; }
 
 echo "== argon2 crate, raw" >&2
-argon2_rate=$(target/release/examples/argon2_rate 10 | awk '{print $2}')
+argon2_rate=$(${CARGO_TARGET_DIR:-target}/release/examples/argon2_rate 10 | awk '{print $2}')
 echo "  $argon2_rate hashes/s" >&2
 
 for store in $STORES; do

@@ -11,7 +11,7 @@ DURATION=${DURATION:-20s}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 scripts/install-deps.sh
 cargo build --release --locked -p control-plane
-bin=target/release/skygate-control-plane
+bin=${CARGO_TARGET_DIR:-target}/release/skygate-control-plane
 
 work=$(mktemp -d /tmp/skygate-bench.XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use utoipa::{IntoParams, ToSchema};
@@ -144,6 +145,10 @@ pub struct CreateMachineParams {
     // field existed hashes the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<RestartPolicy>,
+    /// Key/value labels, at most 64: keys 1–63 of `[a-z0-9._/-]` starting and ending with a
+    /// letter or digit, values 0–63 of `[A-Za-z0-9._-]` (else 422).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What happens when a machine's QEMU dies. `never`: it reads `stopped` and waits for you.
@@ -188,6 +193,9 @@ impl FromStr for RestartPolicy {
 #[serde(deny_unknown_fields)]
 pub struct MachinePatch {
     pub restart_policy: Option<RestartPolicy>,
+    /// Label changes, as a JSON merge patch (RFC 7396): a key with a string sets that label, a
+    /// key with `null` removes it, labels not named stay.
+    pub labels: Option<BTreeMap<String, Option<String>>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
@@ -202,6 +210,9 @@ pub struct ListMachinesQuery {
     /// Only machines in this status.
     #[param(value_type = Option<MachineStatus>)]
     pub status: Option<String>,
+    /// Only machines carrying this label: `KEY=VALUE` (e.g. `env=prod`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -239,6 +250,8 @@ pub struct MachineView {
     pub failure_reason: Option<String>,
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

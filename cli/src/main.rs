@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use skygate_api_types::{
-    AddSshKeyParams, CreateMachineParams, ListUsersQuery, MachinePatch, MachineStatus, MachineView,
-    PageQuery, QuotaParams, RegisterImageParams, RegisterParams, RestartPolicy, RoleName,
+    AddSshKeyParams, CreateMachineParams, ListMachinesQuery, ListUsersQuery, MachinePatch,
+    MachineStatus, MachineView, PageQuery, QuotaParams, RegisterImageParams, RegisterParams,
+    RestartPolicy, RoleName,
 };
 use skygate_client::MachineAction;
 
@@ -106,9 +107,22 @@ enum MachinesCmd {
         /// What happens when its QEMU dies.
         #[arg(long, value_enum, default_value_t = PolicyArg::Never)]
         restart_policy: PolicyArg,
+        /// A label, KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         /// Follow the machine until it runs.
         #[arg(long)]
         wait: bool,
+    },
+    /// Set or remove some of a machine's labels; the others stay.
+    Label {
+        machine: String,
+        /// KEY=VALUE to set.
+        #[arg(value_parser = parse_label)]
+        set: Vec<(String, String)>,
+        /// A key to remove (repeatable).
+        #[arg(long)]
+        remove: Vec<String>,
     },
     /// Set what happens when the machine's QEMU dies.
     SetRestartPolicy {
@@ -120,6 +134,9 @@ enum MachinesCmd {
     List {
         #[arg(long)]
         status: Option<String>,
+        /// Only machines with this label, KEY=VALUE.
+        #[arg(long)]
+        label: Option<String>,
     },
     /// One machine, by id or hostname.
     Show { machine: String },
@@ -243,6 +260,13 @@ enum UsersCmd {
         #[arg(long)]
         memory_mib: Option<Limit>,
     },
+}
+
+/// `KEY=VALUE` on the command line (the server checks the rules).
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, not {text:?}"))
 }
 
 /// A restart policy on the command line.
@@ -686,6 +710,7 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             ssh_keys,
             user_data,
             restart_policy,
+            labels,
             wait,
         } => {
             let user_data = match user_data {
@@ -704,6 +729,7 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
                 ssh_keys: ssh_keys.iter().map(|k| key_argument(k)).collect(),
                 user_data,
                 restart_policy: Some(restart_policy.into()),
+                labels: labels.into_iter().collect(),
             };
             let mut machine = api.client().create_machine(&params).await?;
             if wait {
@@ -713,8 +739,13 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             }
             output::print_machine(out, &machine);
         }
-        MachinesCmd::List { status } => {
-            let items = api.client().all_machines(status.as_deref()).await?;
+        MachinesCmd::List { status, label } => {
+            let query = ListMachinesQuery {
+                status,
+                label,
+                ..ListMachinesQuery::default()
+            };
+            let items = api.client().all_machines_matching(&query).await?;
             print_rows(out, &items, output::MACHINE_ROW);
         }
         MachinesCmd::Show { machine } => {
@@ -734,10 +765,27 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             let target = wait.then_some(Target::Running);
             action(api, out, &machine, MachineAction::Reboot, target).await?
         }
+        MachinesCmd::Label {
+            machine,
+            set,
+            remove,
+        } => {
+            let id = machine_id(api, &machine).await?;
+            let mut labels: std::collections::BTreeMap<String, Option<String>> =
+                remove.into_iter().map(|k| (k, None)).collect();
+            labels.extend(set.into_iter().map(|(k, v)| (k, Some(v))));
+            let patch = MachinePatch {
+                restart_policy: None,
+                labels: Some(labels),
+            };
+            let m = api.client().patch_machine(&id, &patch).await?;
+            output::print_machine(out, &m);
+        }
         MachinesCmd::SetRestartPolicy { machine, policy } => {
             let id = machine_id(api, &machine).await?;
             let patch = MachinePatch {
                 restart_policy: Some(policy.into()),
+                labels: None,
             };
             let m = api.client().patch_machine(&id, &patch).await?;
             output::print_machine(out, &m);

@@ -117,6 +117,16 @@ const MACHINE: &[Column<MachineView>] = &[
     ("image", |m| m.image.clone()),
     ("host", |m| opt(&m.host)),
     ("restart_policy", |m| m.restart_policy.as_str().to_owned()),
+    ("labels", |m| {
+        if m.labels.is_empty() {
+            return "-".into();
+        }
+        m.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }),
     ("failure_reason", |m| opt(&m.failure_reason)),
 ];
 

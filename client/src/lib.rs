@@ -382,11 +382,23 @@ impl Client {
 
     /// Every machine (in `status`, when given), page after page.
     pub async fn all_machines(&mut self, status: Option<&str>) -> Result<Vec<MachineView>> {
+        let query = ListMachinesQuery {
+            status: status.map(str::to_owned),
+            ..ListMachinesQuery::default()
+        };
+        self.all_machines_matching(&query).await
+    }
+
+    /// Every machine `query`'s filters (status, label) keep, page after page.
+    pub async fn all_machines_matching(
+        &mut self,
+        query: &ListMachinesQuery,
+    ) -> Result<Vec<MachineView>> {
         let mut items = Vec::new();
         let mut query = ListMachinesQuery {
             limit: Some(MAX_PAGE),
             cursor: None,
-            status: status.map(str::to_owned),
+            ..query.clone()
         };
         loop {
             let page = self.machines(&query).await?;
@@ -632,10 +644,11 @@ mod tests {
             limit: Some(200),
             cursor: None,
             status: Some("running".into()),
+            label: Some("env=prod".into()),
         };
         assert_eq!(
             with_query("/machines", &q),
-            "/machines?limit=200&status=running"
+            "/machines?limit=200&status=running&label=env%3Dprod"
         );
         assert_eq!(with_query("/ssh-keys", &PageQuery::default()), "/ssh-keys");
         assert_eq!(

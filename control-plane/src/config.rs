@@ -307,7 +307,9 @@ impl ServeArgs {
                     max: self.restart_max,
                     window: Duration::from_secs(self.restart_window_secs),
                     backoff: Duration::from_secs(self.restart_backoff_secs),
-                },
+                    ..RestartLimits::default()
+                }
+                .within(Duration::from_secs(self.transition_timeout_secs)),
             },
         }))
     }

@@ -115,12 +115,13 @@ pub struct AgentArgs {
     )]
     pub poll_interval_ms: u64,
     /// Cached images (bases, kernels) no machine on this host uses are removed once nothing
-    /// has asked for them for this long, seconds; 0 keeps them forever.
+    /// has asked for them for this long, seconds (at least 600: a creation between fetching
+    /// its image and making its disk must never lose it); 0 keeps them forever.
     #[arg(
         long,
         env = "SKYGATE_AGENT_IMAGE_GRACE_SECS",
         default_value_t = 86_400,
-        value_parser = clap::value_parser!(u64).range(0..=31_536_000)
+        value_parser = image_grace
     )]
     pub image_grace_secs: u64,
     /// PEM certificate chain: serve TLS.
@@ -247,4 +248,16 @@ pub struct SimulateArgs {
     /// A directory `file://` image sources may come from; repeat it for more.
     #[arg(long = "image-dir")]
     pub image_dirs: Vec<PathBuf>,
+}
+
+/// `--image-grace-secs`: 0, or 600 s to a year.
+fn image_grace(text: &str) -> Result<u64, String> {
+    let secs: u64 = text
+        .parse()
+        .map_err(|_| format!("expected seconds, not {text:?}"))?;
+    if secs == 0 || (600..=31_536_000).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err("must be 0 (keep cached images) or 600 to 31536000 seconds".into())
+    }
 }

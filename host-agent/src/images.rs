@@ -411,12 +411,14 @@ impl ImageCache {
         let now = std::time::SystemTime::now();
         let mut removed = Vec::new();
         for name in unused_files(&files, in_use, now, grace) {
-            let Some(digest) = name.split('.').next().and_then(|d| d.parse().ok()) else {
+            let Some(digest): Option<Sha256Digest> =
+                name.split('.').next().and_then(|d| d.parse().ok())
+            else {
                 continue;
             };
             let flight: Arc<Mutex<()>> = {
                 let mut map = self.in_flight.lock().await;
-                map.entry(digest).or_default().clone()
+                map.entry(digest.clone()).or_default().clone()
             };
             let _guard = flight.lock().await;
             let path = dir.join(&name);
@@ -428,6 +430,12 @@ impl ImageCache {
                 remove_if_exists(&path).await?;
                 remove_if_exists(&sidecar_path(&path)).await?;
                 removed.push(path);
+            }
+            drop(_guard);
+            // Forget the per-digest lock once nobody else holds it, as `ensure` does.
+            let mut map = self.in_flight.lock().await;
+            if Arc::strong_count(&flight) == 2 {
+                map.remove(&digest);
             }
         }
         Ok(removed)

@@ -62,6 +62,51 @@ fn mutates(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
+/// An audited call in progress. Dropped before it is finished (the client hung up, or the
+/// request timed out, after the handler may already have acted), it is still recorded, with
+/// outcome 499 (nginx's "client closed request"): a caller cannot keep a call out of the log
+/// by hanging up.
+struct InFlight {
+    app: Arc<App>,
+    actor: AuditActor,
+    event: Option<AuditEvent>,
+}
+
+impl InFlight {
+    /// Records the call with the status it was answered.
+    async fn answered(mut self, status: u16) {
+        if let Some(mut event) = self.event.take() {
+            event.outcome = status;
+            finish(&self.app, event, self.actor.take()).await;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(mut event) = self.event.take() {
+            event.outcome = 499;
+            let (app, who) = (Arc::clone(&self.app), self.actor.take());
+            tokio::spawn(async move { finish(&app, event, who).await });
+        }
+    }
+}
+
+/// Fills in who made the call and hands the event to the writer. A username named by a login
+/// or registration is kept only when such an account exists: a password typed into the
+/// username field must not become part of the log.
+async fn finish(app: &App, mut event: AuditEvent, who: Actor) {
+    event.actor_id = who.id;
+    event.actor_name = match (who.id, who.name) {
+        (None, Some(name)) => match app.store.user_by_username(&name).await {
+            Ok(Some(_)) => Some(name),
+            _ => None,
+        },
+        _ => None,
+    };
+    app.audit.record(event).await;
+}
+
 /// The layer: routes only (it runs after routing, so the route template is known; a path that
 /// names no route is not a call to anything).
 pub async fn record(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
@@ -95,20 +140,22 @@ pub async fn record(State(app): State<Arc<App>>, mut req: Request, next: Next) -
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip().to_string())
         .unwrap_or_default();
-    let response = next.run(req).await;
-    let who = actor.take();
-    app.audit
-        .record(AuditEvent {
+    let in_flight = InFlight {
+        app: Arc::clone(&app),
+        actor,
+        event: Some(AuditEvent {
             at: chrono::Utc::now(),
-            actor_id: who.id,
-            actor_name: who.name,
+            actor_id: None,
+            actor_name: None,
             action,
             target,
-            outcome: response.status().as_u16(),
+            outcome: 0,
             request_id,
             client,
-        })
-        .await;
+        }),
+    };
+    let response = next.run(req).await;
+    in_flight.answered(response.status().as_u16()).await;
     response
 }
 

@@ -50,6 +50,7 @@ fn create_request(p: CreateMachineParams) -> CreateMachine {
         ssh_keys: p.ssh_keys,
         user_data: p.user_data,
         restart_policy: p.restart_policy.unwrap_or_default(),
+        labels: p.labels,
     }
 }
 
@@ -110,7 +111,15 @@ pub async fn list(
         .cursor
         .map(|c| app.cursors.decode(MACHINES_CURSOR, &c))
         .transpose()?;
-    let page = app.machine_list(who, status, before, limit).await?;
+    let label = q
+        .label
+        .as_deref()
+        .map(crate::model::labels::parse_filter)
+        .transpose()
+        .map_err(Error::BadRequest)?;
+    let page = app
+        .machine_list(who, status, label.as_ref(), before, limit)
+        .await?;
     let next_cursor = match (page.more, page.items.last()) {
         (true, Some(last)) => Some(app.cursors.encode(MACHINES_CURSOR, last.seq)),
         _ => None,
@@ -198,7 +207,7 @@ pub async fn delete(
     act(&app, who, id, Action::Delete).await
 }
 
-/// Change a machine's settings that need nothing of its host: its restart policy.
+/// Change a machine's settings that need nothing of its host: its restart policy and labels.
 #[utoipa::path(patch, path = "/machines/{id}", tag = "machines", operation_id = "machine_patch", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
     request_body = MachinePatch, security(("bearer" = [])),
     responses((status = 200, body = MachineView), (status = 401, body = Problem),
@@ -209,9 +218,11 @@ pub async fn patch(
     ApiPath(id): ApiPath<MachineId>,
     ApiJson(p): ApiJson<MachinePatch>,
 ) -> Result<Json<MachineView>> {
-    Ok(Json(
-        app.machine_patch(who, id, p.restart_policy).await?.into(),
-    ))
+    let patch = crate::store::machines::MachinePatch {
+        restart_policy: p.restart_policy,
+        labels: p.labels,
+    };
+    Ok(Json(app.machine_patch(who, id, patch).await?.into()))
 }
 
 /// The machine's log, oldest first.

@@ -81,6 +81,7 @@ impl From<Machine> for MachineView {
             network: m.network.map(NetworkView::from).unwrap_or_default(),
             failure_reason: m.failure_reason,
             restart_policy: m.restart_policy,
+            labels: m.labels,
             created_at: m.created_at,
             updated_at: m.updated_at,
         }

@@ -5,8 +5,10 @@
 //! what has gathered, a batch per statement (a row per request, written on its own, cost as
 //! much database time as a machine create). What this costs, chosen: an event reaches the
 //! table a few milliseconds after its answer, and a process killed with -9 loses the events
-//! it had not yet written (at most one batch). A full channel makes requests wait for the
-//! writer rather than drop events.
+//! it had not yet written. A batch the database refuses is retried (backing off to 30 s)
+//! until it is written, so while the database is away the channel fills and requests wait
+//! for the writer rather than drop events; only a shutdown gives up on a batch, after one
+//! more try, and logs how many events it lost.
 
 use super::{App, Page, Principal};
 use crate::error::{Error, Result};
@@ -82,25 +84,32 @@ async fn write(
                 while let Ok(e) = receiver.try_recv() {
                     batch.push(e);
                 }
-                append(&store, &mut batch).await;
+                append(&store, &mut batch, &mut stop).await;
                 return;
             }
         }
-        append(&store, &mut batch).await;
+        append(&store, &mut batch, &mut stop).await;
     }
 }
 
-/// Writes `batch` (once more after a failure, a second later), then empties it.
-async fn append(store: &Store, batch: &mut Vec<AuditEvent>) {
-    if batch.is_empty() {
-        return;
-    }
-    if let Err(first) = store.audit_append(batch).await {
-        tracing::warn!(target: "skygate::audit", error = ?first, events = batch.len(), "writing audit events failed; retrying");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Err(e) = store.audit_append(batch).await {
-            tracing::error!(target: "skygate::audit", error = ?e, events = batch.len(), "writing audit events failed; they are lost");
+/// Writes `batch`, retrying with a growing pause until it is written (or, once `stop` says
+/// the server is shutting down, after one more try); then empties it.
+async fn append(store: &Store, batch: &mut Vec<AuditEvent>, stop: &mut watch::Receiver<bool>) {
+    let mut pause = Duration::from_millis(250);
+    while !batch.is_empty() {
+        let Err(e) = store.audit_append(batch).await else {
+            break;
+        };
+        if *stop.borrow() {
+            tracing::error!(target: "skygate::audit", error = ?e, events = batch.len(), "writing audit events failed while shutting down; they are lost");
+            break;
         }
+        tracing::warn!(target: "skygate::audit", error = ?e, events = batch.len(), retry_in_ms = pause.as_millis() as u64, "writing audit events failed; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
     }
     batch.clear();
 }

@@ -10,8 +10,9 @@ use crate::model::machine_state::Action;
 use crate::model::ssh_key::{InvalidSshKey, SshPublicKey};
 use crate::model::{Hostname, Machine, MachineEvent, MachineId, MachineStatus, RestartPolicy};
 use crate::store::idempotency::ClaimedKey;
-use crate::store::machines::{NewMachine, Visibility};
+use crate::store::machines::{MachinePatch, NewMachine, Visibility};
 use auth::Role;
+use std::collections::BTreeMap;
 
 /// Largest user_data accepted, in bytes (cloud-init's own practical limit is of this order).
 pub const MAX_USER_DATA_BYTES: usize = 64 * 1024;
@@ -30,6 +31,7 @@ pub struct CreateMachine {
     pub ssh_keys: Vec<String>,
     pub user_data: Option<String>,
     pub restart_policy: RestartPolicy,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What a create answered: the machine, and whether it was created by an earlier request
@@ -141,6 +143,7 @@ impl App {
                 )));
             }
         }
+        crate::model::labels::validate(&req.labels).map_err(Error::Invalid)?;
         if req.ssh_keys.len() > MAX_SSH_KEYS {
             return Err(Error::Invalid(format!("at most {MAX_SSH_KEYS} ssh_keys")));
         }
@@ -178,6 +181,7 @@ impl App {
             ssh_keys,
             user_data: req.user_data,
             restart_policy: req.restart_policy,
+            labels: req.labels,
         };
         // The owner's row is in this replica's account cache (authentication just read it).
         let quota = self
@@ -239,21 +243,34 @@ impl App {
             .ok_or(Error::NotFound("machine"))
     }
 
-    /// Changes a machine's settings that need nothing of its host (its restart policy).
+    /// Changes a machine's settings that need nothing of its host: restart policy, labels.
     pub async fn machine_patch(
         &self,
         who: Principal,
         id: MachineId,
-        restart_policy: Option<RestartPolicy>,
+        patch: MachinePatch,
     ) -> Result<Machine> {
-        match restart_policy {
-            Some(policy) => self
-                .store
-                .machine_set_restart_policy(id, visibility(who), policy)
-                .await?
-                .ok_or(Error::NotFound("machine")),
-            None => self.machine_get(who, id).await,
+        if let Some(labels) = &patch.labels {
+            // What is set is checked here; the merged set's size in the store, which sees it.
+            let set: BTreeMap<String, String> = labels
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+                .collect();
+            crate::model::labels::validate(&set).map_err(Error::Invalid)?;
+            if let Some(key) = labels.keys().find(|k| !crate::model::labels::is_key(k)) {
+                return Err(Error::Invalid(format!(
+                    "label key '{}' is not a valid key",
+                    key.chars().take(64).collect::<String>().escape_debug()
+                )));
+            }
         }
+        if patch.restart_policy.is_none() && patch.labels.is_none() {
+            return self.machine_get(who, id).await;
+        }
+        self.store
+            .machine_patch(id, visibility(who), &patch)
+            .await?
+            .ok_or(Error::NotFound("machine"))
     }
 
     /// One page, newest first.
@@ -261,12 +278,14 @@ impl App {
         &self,
         who: Principal,
         status: Option<MachineStatus>,
+        label: Option<&(String, String)>,
         before_seq: Option<i64>,
         limit: i64,
     ) -> Result<Page<Machine>> {
+        let label = label.map(|(k, v)| (k.as_str(), v.as_str()));
         let rows = self
             .store
-            .machine_list(visibility(who), status, before_seq, limit + 1)
+            .machine_list(visibility(who), status, label, before_seq, limit + 1)
             .await?;
         Ok(Page::from_overfetch(rows, limit))
     }

@@ -239,8 +239,9 @@ impl App {
             .store
             .audit_purge(now - self.settings.audit_retention.0)
             .await?;
+        let e = self.store.label_rows_purge_deleted().await?;
         self.credentials_per_ip.retain_recent();
-        Ok(a + b + c + d)
+        Ok(a + b + c + d + e)
     }
 }
 

@@ -240,9 +240,26 @@ impl App {
             created_at: now,
         };
         let refresh = RefreshToken::generate();
-        self.store
-            .login_succeeded(username, &client_key, user.id, &refresh.hash(), family, now)
+        let stored = self
+            .store
+            .login_succeeded(
+                username,
+                &client_key,
+                user.id,
+                user.session_version,
+                &refresh.hash(),
+                family,
+                now,
+            )
             .await?;
+        if !stored {
+            tracing::info!(target: "skygate::auth", event = "login-raced", %client, user_id = %user.id, "login refused: the account changed while it was checked");
+            return Err(Error::Conflict(
+                "the account changed while you logged in (disabled, or a new password); log in \
+                 again"
+                    .into(),
+            ));
+        }
         tracing::info!(target: "skygate::auth", event = "login", %client, user_id = %user.id, family_id = %family.id, "logged in");
         self.access_pair(user.id, user.role, user.session_version, refresh)
     }

@@ -26,6 +26,7 @@ pub struct Machine {
     pub network: Option<MachineNetwork>,
     pub failure_reason: Option<String>,
     pub restart_policy: super::RestartPolicy,
+    pub labels: std::collections::BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -4,6 +4,7 @@
 pub mod hostname;
 pub mod ids;
 pub mod image;
+pub mod labels;
 pub mod machine;
 pub mod machine_on_host;
 pub mod machine_state;

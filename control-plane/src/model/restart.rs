@@ -9,12 +9,15 @@ use std::time::Duration;
 pub use skygate_api_types::RestartPolicy;
 
 /// How far `on-failure` goes: at most `max` automatic restarts within any `window`, the n-th
-/// of them after `backoff × 2^(n-1)` (at most [`MAX_BACKOFF`]).
+/// of them after `backoff × 2^(n-1)`, at most `max_delay`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartLimits {
     pub max: u32,
     pub window: Duration,
     pub backoff: Duration,
+    /// The longest wait: [`MAX_BACKOFF`], or less when the deadline of `starting` (which the
+    /// machine is in while it waits) is short, so that no wait outlasts it.
+    pub max_delay: Duration,
 }
 
 impl Default for RestartLimits {
@@ -23,12 +26,23 @@ impl Default for RestartLimits {
             max: 5,
             window: Duration::from_secs(600),
             backoff: Duration::from_secs(5),
+            max_delay: MAX_BACKOFF,
         }
     }
 }
 
-/// The longest wait before a restart: well inside the deadline of `starting`, which the
-/// machine is in while it waits.
+impl RestartLimits {
+    /// These limits with waits kept under half of `transition_timeout`, the deadline after
+    /// which a machine still `starting` is failed.
+    pub fn within(self, transition_timeout: Duration) -> Self {
+        Self {
+            max_delay: self.max_delay.min(transition_timeout / 2),
+            ..self
+        }
+    }
+}
+
+/// The longest wait before a restart with the default deadlines.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// The decision after a crash.
@@ -62,7 +76,7 @@ pub fn after_crash(history: &[i64], now: i64, limits: RestartLimits) -> AfterCra
     let delay = limits
         .backoff
         .saturating_mul(2_u32.saturating_pow(restarts))
-        .min(MAX_BACKOFF);
+        .min(limits.max_delay);
     recent.push(now);
     AfterCrash::Restart {
         attempt: restarts + 1,
@@ -80,6 +94,7 @@ mod tests {
         max: 3,
         window: Duration::from_secs(600),
         backoff: Duration::from_secs(5),
+        max_delay: MAX_BACKOFF,
     };
 
     #[test]
@@ -128,6 +143,7 @@ mod tests {
             max: u32::MAX,
             window: Duration::from_secs(u64::MAX / 2),
             backoff: Duration::from_secs(60),
+            max_delay: MAX_BACKOFF,
         };
         let history: Vec<i64> = (0..40).collect();
         match after_crash(&history, 41, limits) {
@@ -135,6 +151,17 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let never = RestartLimits { max: 0, ..LIMITS };
+        // A short deadline shortens the longest wait.
+        let short = LIMITS.within(Duration::from_secs(60));
+        match after_crash(&[1, 2], 3, short) {
+            AfterCrash::Restart { delay, .. } => assert_eq!(delay, Duration::from_secs(20)),
+            other => panic!("{other:?}"),
+        }
+        let shorter = LIMITS.within(Duration::from_secs(20));
+        match after_crash(&[1, 2], 3, shorter) {
+            AfterCrash::Restart { delay, .. } => assert_eq!(delay, Duration::from_secs(10)),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             after_crash(&[], 0, never),
             AfterCrash::GiveUp { restarts: 0 }

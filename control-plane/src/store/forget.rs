@@ -48,6 +48,18 @@ async fn forget_in_txn(
     Ok(true)
 }
 
+/// Forgetting is for what a lost host held: a host that answers is asked instead (a normal
+/// delete), so a mistaken `force` cannot throw away machines that are fine.
+fn refuse_unless_lost(host: &str, state: &str) -> Result<()> {
+    if state == "unreachable" {
+        return Ok(());
+    }
+    Err(Error::Conflict(format!(
+        "host {host} is {state}, not lost: delete its machines normally (force is for machines \
+         whose host stopped answering)"
+    )))
+}
+
 /// The message a forgotten machine's log ends with.
 fn forgotten_note(host: Option<&str>) -> String {
     match host {
@@ -60,21 +72,28 @@ fn forgotten_note(host: Option<&str>) -> String {
 }
 
 impl Store {
-    /// Forgets a live machine; false when there is no live machine with this id. A task still
-    /// queued for it ends without acting when it finds the machine deleted.
+    /// Forgets a live machine whose host is lost (`unreachable`) or that is on no host; false
+    /// when there is no live machine with this id, 409 when its host answers (a normal delete
+    /// works there). A task still queued for it ends without acting when it finds the machine
+    /// deleted.
     pub async fn machine_forget(&self, id: MachineId) -> Result<bool> {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
-        let host: Option<String> = sqlx::query(
-            "SELECT h.name FROM machines m LEFT JOIN hosts h ON h.id = m.host_id \
+        let row = sqlx::query(
+            "SELECT h.name, h.state FROM machines m LEFT JOIN hosts h ON h.id = m.host_id \
              WHERE m.id = $1 AND m.deleted_at IS NULL",
         )
         .bind(id.to_string())
         .fetch_optional(&mut *tx)
-        .await?
-        .map(|row| row.try_get::<Option<String>, _>("name"))
-        .transpose()?
-        .flatten();
+        .await?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let host: Option<String> = row.try_get("name")?;
+        let state: Option<String> = row.try_get("state")?;
+        if let (Some(host), Some(state)) = (&host, &state) {
+            refuse_unless_lost(host, state)?;
+        }
         if !forget_in_txn(&mut tx, id, &forgotten_note(host.as_deref()), now).await? {
             return Ok(false);
         }
@@ -96,12 +115,14 @@ impl Store {
         } else {
             ""
         };
-        let name: String = sqlx::query(&format!("SELECT name FROM hosts WHERE id = $1{lock}"))
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(Error::NotFound("host"))?
-            .try_get("name")?;
+        let host = sqlx::query(&format!(
+            "SELECT name, state FROM hosts WHERE id = $1{lock}"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(Error::NotFound("host"))?;
+        let name: String = host.try_get("name")?;
         let live: Vec<String> =
             sqlx::query("SELECT id FROM machines WHERE host_id = $1 AND deleted_at IS NULL")
                 .bind(id)
@@ -112,10 +133,13 @@ impl Store {
                 .collect::<std::result::Result<_, _>>()?;
         if !live.is_empty() && !force {
             return Err(Error::Conflict(format!(
-                "{} machine(s) still live on this host: delete or move them first, or forget \
-                 them with the host (?force=true)",
+                "{} machine(s) still live on this host: delete or move them first, or, if the \
+                 host is lost, forget them with it (?force=true)",
                 live.len()
             )));
+        }
+        if !live.is_empty() {
+            refuse_unless_lost(&name, &host.try_get::<String, _>("state")?)?;
         }
         let note = forgotten_note(Some(&name));
         let mut forgotten = 0;

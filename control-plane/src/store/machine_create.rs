@@ -17,7 +17,7 @@
 //! clients that must know use an Idempotency-Key.) A create whose client went away while it
 //! waited in the queue is still written, as one whose answer was lost would be.
 
-use super::machines::NewMachine;
+use super::machines::{label_rows_insert_in_txn, labels_json, NewMachine};
 use super::tasks::database_now;
 use super::usage::{usage_add_in_txn, usage_lock_in_txn};
 use super::{begin_write_on, is_unique_violation, placeholders, Backend};
@@ -210,6 +210,9 @@ pub(crate) async fn creates_in_txn(
     insert_first_events_in_txn(tx, &accepted, now).await?;
     insert_provision_tasks_in_txn(tx, &accepted, now).await?;
     for (i, id) in &accepted {
+        label_rows_insert_in_txn(tx, *id, &creates[*i].0.labels).await?;
+    }
+    for (i, id) in &accepted {
         let seq = *seqs
             .get(id)
             .ok_or_else(|| Error::Internal(format!("no seq returned for machine {id}")))?;
@@ -259,7 +262,7 @@ async fn live_hostnames_in_txn(
     Ok(taken)
 }
 
-const MACHINE_COLUMNS: usize = 13;
+const MACHINE_COLUMNS: usize = 14;
 
 /// The accepted machines in one statement; their `seq` by id.
 async fn insert_machines_in_txn(
@@ -268,7 +271,7 @@ async fn insert_machines_in_txn(
     accepted: &[(usize, MachineId)],
     now: i64,
 ) -> Result<HashMap<MachineId, i64>> {
-    // Thirteen parameters a row; the last (the time) also fills updated_at and status_changed_at.
+    // Fourteen parameters a row; the last (the time) also fills updated_at and status_changed_at.
     let rows: Vec<String> = (0..accepted.len())
         .map(|r| {
             let first = 1 + r * MACHINE_COLUMNS;
@@ -279,8 +282,8 @@ async fn insert_machines_in_txn(
         .collect();
     let sql = format!(
         "INSERT INTO machines (id, owner_id, hostname, status, desired_state, image_id, vcpus, \
-         memory_mib, disk_gib, ssh_keys, user_data, restart_policy, created_at, updated_at, \
-         status_changed_at) \
+         memory_mib, disk_gib, ssh_keys, user_data, restart_policy, labels, created_at, \
+         updated_at, status_changed_at) \
          VALUES {} RETURNING id, seq",
         rows.join(", ")
     );
@@ -302,6 +305,7 @@ async fn insert_machines_in_txn(
             .bind(keys)
             .bind(new.user_data.clone())
             .bind(new.restart_policy.as_str())
+            .bind(labels_json(&new.labels)?)
             .bind(now);
     }
     let rows = match query.fetch_all(&mut **tx).await {
@@ -404,6 +408,7 @@ fn created(new: &NewMachine, id: MachineId, seq: i64, now: i64) -> Machine {
         network: None,
         failure_reason: None,
         restart_policy: new.restart_policy,
+        labels: new.labels.clone(),
         created_at: at,
         updated_at: at,
     }

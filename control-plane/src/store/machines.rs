@@ -26,7 +26,8 @@ use crate::model::{
 };
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
-use sqlx::Row;
+use sqlx::{Any, Row, Transaction};
+use std::collections::BTreeMap;
 
 /// A validated request for a new machine.
 #[derive(Debug, Clone)]
@@ -42,6 +43,63 @@ pub struct NewMachine {
     pub ssh_keys: Vec<String>,
     pub user_data: Option<String>,
     pub restart_policy: RestartPolicy,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What `PATCH /machines/{id}` changes; `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct MachinePatch {
+    pub restart_policy: Option<RestartPolicy>,
+    /// Label changes: `Some(value)` sets a label, `None` removes it, others stay.
+    pub labels: Option<BTreeMap<String, Option<String>>>,
+}
+
+/// A machine's labels as `machines.labels` keeps them.
+pub(crate) fn labels_json(labels: &BTreeMap<String, String>) -> Result<String> {
+    serde_json::to_string(labels).map_err(|e| Error::Internal(format!("labels to JSON: {e}")))
+}
+
+/// Writes a machine's labels, replacing what it had: the JSON shown and the rows filtered on.
+async fn labels_write_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    id: MachineId,
+    labels: &BTreeMap<String, String>,
+) -> Result<()> {
+    sqlx::query("DELETE FROM machine_labels WHERE machine_id = $1")
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await?;
+    label_rows_insert_in_txn(tx, id, labels).await?;
+    sqlx::query("UPDATE machines SET labels = $1 WHERE id = $2")
+        .bind(labels_json(labels)?)
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The rows a list filters on, for a machine that has none yet (a new one: its JSON is in its
+/// row already). Nothing at all for a machine without labels.
+pub(crate) async fn label_rows_insert_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    id: MachineId,
+    labels: &BTreeMap<String, String>,
+) -> Result<()> {
+    if !labels.is_empty() {
+        let rows: Vec<String> = (0..labels.len())
+            .map(|r| format!("($1, ${}, ${})", 2 + 2 * r, 3 + 2 * r))
+            .collect();
+        let sql = format!(
+            "INSERT INTO machine_labels (machine_id, key, value) VALUES {}",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(id.to_string());
+        for (key, value) in labels {
+            query = query.bind(key.clone()).bind(value.clone());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// Which machines a caller may see: a tenant its own, an administrator all.
@@ -192,13 +250,14 @@ impl TransitionOutcome {
 /// of [`machines_sql`] names them.
 const COLUMNS: &str = "m.seq, m.id, m.owner_id, m.hostname, m.status, m.desired_state, \
     h.name AS host_name, h.state AS host_state, i.name AS image_name, m.vcpus, m.memory_mib, \
-    m.disk_gib, m.network, m.failure_reason, m.restart_policy, m.created_at, m.updated_at \
+    m.disk_gib, m.network, m.failure_reason, m.restart_policy, m.labels, m.created_at, \
+    m.updated_at \
     FROM machines m JOIN images i ON i.id = m.image_id LEFT JOIN hosts h ON h.id = m.host_id";
 
 /// The same columns, as the outer query of [`machines_sql`] reads them.
 const NAMES: &str = "seq, id, owner_id, hostname, status, desired_state, host_name, host_state, \
-    image_name, vcpus, memory_mib, disk_gib, network, failure_reason, restart_policy, created_at, \
-    updated_at";
+    image_name, vcpus, memory_mib, disk_gib, network, failure_reason, restart_policy, labels, \
+    created_at, updated_at";
 
 /// A statement answering the machines `rest` selects (`WHERE ... ORDER BY ... LIMIT ...`) as
 /// one row holding one JSON array of [`MachineColumns`] (read back by [`machines_from`]).
@@ -235,6 +294,7 @@ struct MachineColumns {
     network: Option<String>,
     failure_reason: Option<String>,
     restart_policy: String,
+    labels: String,
     created_at: i64,
     updated_at: i64,
 }
@@ -257,6 +317,8 @@ impl MachineColumns {
             network: json_col(self.network, "machines.network")?,
             failure_reason: self.failure_reason,
             restart_policy: parse_col(&self.restart_policy, "machines.restart_policy")?,
+            labels: serde_json::from_str(&self.labels)
+                .map_err(|e| Error::Internal(format!("bad JSON in machines.labels: {e}")))?,
             created_at: from_micros(self.created_at),
             updated_at: from_micros(self.updated_at),
         })
@@ -360,6 +422,7 @@ impl Store {
         &self,
         who: Visibility,
         status: Option<MachineStatus>,
+        label: Option<(&str, &str)>,
         before_seq: Option<i64>,
         limit: i64,
     ) -> Result<Vec<Machine>> {
@@ -390,6 +453,16 @@ impl Store {
         if status.is_some() {
             filters.push(format!("m.status = {}", param()));
         }
+        if label.is_some() {
+            let (key, value) = (param(), param());
+            // Said as a set the (key, value) index answers: the planner may start from it
+            // (an administrator's list of every machine) or probe it per machine (a tenant's
+            // page, read from its own index range).
+            filters.push(format!(
+                "m.id IN (SELECT l.machine_id FROM machine_labels l \
+                 WHERE l.key = {key} AND l.value = {value})"
+            ));
+        }
         let sql = machines_sql(
             self.backend(),
             &format!(
@@ -406,6 +479,9 @@ impl Store {
         }
         if let Some(status) = status {
             query = query.bind(status.as_str());
+        }
+        if let Some((key, value)) = label {
+            query = query.bind(key).bind(value);
         }
         let row = query.bind(limit).fetch_one(self.reader()).await?;
         machines_from(&row)
@@ -614,37 +690,56 @@ impl Store {
         })
     }
 
-    /// Sets a live machine's restart policy; `None` when the caller has no such machine. The
-    /// next crash is judged by it; its recent restarts still count.
-    pub async fn machine_set_restart_policy(
+    /// Applies a tenant's PATCH (restart policy, labels) to a live machine; `None` when the
+    /// caller has no such machine. Nothing here needs the host: the next crash is judged by the
+    /// new policy, and labels are the control plane's alone.
+    pub async fn machine_patch(
         &self,
         id: MachineId,
         who: Visibility,
-        policy: RestartPolicy,
+        patch: &MachinePatch,
     ) -> Result<Option<Machine>> {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
-        let changed = sqlx::query(
-            "UPDATE machines SET restart_policy = $1, updated_at = $2, version = version + 1 \
-             WHERE id = $3 AND deleted_at IS NULL AND ($4 IS NULL OR owner_id = $4)",
+        let row = sqlx::query(
+            "UPDATE machines SET restart_policy = COALESCE($1, restart_policy), updated_at = $2, \
+             version = version + 1 \
+             WHERE id = $3 AND deleted_at IS NULL AND ($4 IS NULL OR owner_id = $4) \
+             RETURNING status, labels",
         )
-        .bind(policy.as_str())
+        .bind(patch.restart_policy.map(RestartPolicy::as_str))
         .bind(now)
         .bind(id.to_string())
         .bind(who.owner())
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        if changed.rows_affected() == 0 {
+        let Some(row) = row else {
             return Ok(None);
+        };
+        let status = parse_col(&row.try_get::<String, _>("status")?, "machines.status")?;
+        let mut changes = Vec::new();
+        if let Some(policy) = patch.restart_policy {
+            changes.push(format!("restart policy set to {policy}"));
         }
-        let message = format!("restart policy set to {policy}");
-        let status: String = sqlx::query("SELECT status FROM machines WHERE id = $1")
-            .bind(id.to_string())
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("status")?;
-        let status = parse_col(&status, "machines.status")?;
-        event_in_txn(&mut tx, id, "update", status, &message, now).await?;
+        if let Some(changed) = &patch.labels {
+            // Merged here, against the labels as this transaction sees them, so two PATCHes
+            // naming different labels both keep theirs.
+            let mut labels: BTreeMap<String, String> =
+                serde_json::from_str(&row.try_get::<String, _>("labels")?)
+                    .map_err(|e| Error::Internal(format!("bad JSON in machines.labels: {e}")))?;
+            for (key, value) in changed {
+                match value {
+                    Some(v) => labels.insert(key.clone(), v.clone()),
+                    None => labels.remove(key),
+                };
+            }
+            crate::model::labels::validate(&labels).map_err(Error::Invalid)?;
+            labels_write_in_txn(&mut tx, id, &labels).await?;
+            changes.push(format!("labels changed ({} now)", labels.len()));
+        }
+        if !changes.is_empty() {
+            event_in_txn(&mut tx, id, "update", status, &changes.join("; "), now).await?;
+        }
         let sql = machines_sql(self.backend(), "WHERE m.id = $1");
         let row = sqlx::query(&sql)
             .bind(id.to_string())
@@ -652,6 +747,18 @@ impl Store {
             .await?;
         tx.commit().await?;
         machine_from(&row)
+    }
+
+    /// Removes the label rows of deleted machines (lists never match them; this keeps the
+    /// table the size of the live fleet). The JSON stays on the row, for history.
+    pub async fn label_rows_purge_deleted(&self) -> Result<u64> {
+        let res = sqlx::query(
+            "DELETE FROM machine_labels WHERE EXISTS (SELECT 1 FROM machines m \
+             WHERE m.id = machine_labels.machine_id AND m.deleted_at IS NOT NULL)",
+        )
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected())
     }
 
     /// Live machines placed on a host, as read now.

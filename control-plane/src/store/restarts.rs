@@ -80,10 +80,10 @@ impl Store {
         };
         let history = serde_json::to_string(&history)
             .map_err(|e| Error::Internal(format!("restarts to JSON: {e}")))?;
-        sqlx::query(
+        let written = sqlx::query(
             "UPDATE machines SET status = $1, desired_state = $2, restarts = $3, \
              status_changed_at = $4, updated_at = $4, version = version + 1 \
-             WHERE id = $5 AND version = $6",
+             WHERE id = $5 AND version = $6 AND deleted_at IS NULL",
         )
         .bind(status.as_str())
         .bind(desired.as_str())
@@ -93,6 +93,11 @@ impl Store {
         .bind(version)
         .execute(&mut *tx)
         .await?;
+        if written.rows_affected() == 0 {
+            // A request moved it on between the read and this write (PostgreSQL reads take
+            // no lock): dropping the transaction writes nothing.
+            return Ok(CrashOutcome::Superseded);
+        }
         event_in_txn(&mut tx, id, "reconcile", status, &message, now).await?;
         let (outcome, delay) = outcome;
         if matches!(outcome, CrashOutcome::Restarting { .. }) {

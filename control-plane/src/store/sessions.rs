@@ -52,18 +52,27 @@ pub struct LoginAttempts {
 impl Store {
     /// A successful login: forgets `client`'s failed attempts on `username` (others' stay) and
     /// stores the new session's refresh token (only its hash) in `family`, in one transaction.
+    /// False (nothing stored) when the account changed since the login read it, at
+    /// `session_version`: disabled or given a new password meanwhile, so the session would
+    /// outlive the change that should have ended it.
+    #[allow(clippy::too_many_arguments)]
     pub async fn login_succeeded(
         &self,
         username: &str,
         client: &str,
         user_id: UserId,
+        session_version: i64,
         token_hash: &str,
         family: Family,
         now: DateTime<Utc>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        // The account row is share-locked by the check (PostgreSQL): a disable or password
+        // change either committed before it (then the check fails) or waits for this insert
+        // (then its revocation sees the new token).
         const STORE: &str = "INSERT INTO refresh_tokens (id, user_id, family_id, \
              family_created_at, token_hash, expires_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)";
+             SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM users \
+             WHERE id = $2 AND disabled_at IS NULL AND session_version = $8 LOCK_ROW)";
         let expires_at = refresh::expires_at(now, family.created_at);
         let store = |sql| {
             sqlx::query(sql)
@@ -74,21 +83,23 @@ impl Store {
                 .bind(token_hash)
                 .bind(to_micros(expires_at))
                 .bind(to_micros(now))
+                .bind(session_version)
         };
         if self.backend() == Backend::Postgres {
             // One statement (a data-modifying CTE is atomic with its statement): BEGIN and
             // COMMIT had been two more of a login's round trips, each CPU taken from password
             // hashing on the same cores (issue 12).
             let sql = format!(
-                "WITH forgotten AS (DELETE FROM login_failures WHERE username = $8 AND client = $9) \
-                 {STORE}"
+                "WITH forgotten AS (DELETE FROM login_failures WHERE username = $9 AND client = $10) \
+                 {}",
+                STORE.replace("LOCK_ROW", "FOR SHARE")
             );
-            store(&sql)
+            let stored = store(&sql)
                 .bind(username)
                 .bind(client)
                 .execute(&self.write)
                 .await?;
-            return Ok(());
+            return Ok(stored.rows_affected() == 1);
         }
         // SQLite has no data-modifying CTEs; its transaction costs no network round trip.
         let mut tx = self.begin_write().await?;
@@ -97,9 +108,14 @@ impl Store {
             .bind(client)
             .execute(&mut *tx)
             .await?;
-        store(STORE).execute(&mut *tx).await?;
+        // SQLite: the one writer connection serialises this with any change to the account.
+        let sql = STORE.replace(" LOCK_ROW", "");
+        let stored = store(&sql).execute(&mut *tx).await?;
+        if stored.rows_affected() != 1 {
+            return Ok(false);
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Spends the token whose hash is `presented_hash` and stores `new_hash` in its family, in

@@ -85,6 +85,7 @@ async fn the_typed_client_speaks_the_whole_tenant_api(backend: Backend) {
                 ssh_keys: vec!["laptop".into()],
                 user_data: None,
                 restart_policy: (i == 2).then_some(RestartPolicy::OnFailure),
+                labels: [("n".to_owned(), i.to_string())].into(),
             })
             .await
             .unwrap();
@@ -103,11 +104,16 @@ async fn the_typed_client_speaks_the_whole_tenant_api(backend: Backend) {
             &typed_0,
             &MachinePatch {
                 restart_policy: Some(RestartPolicy::OnFailure),
+                labels: None,
             },
         )
         .await
         .unwrap();
     assert_eq!(patched.restart_policy, RestartPolicy::OnFailure);
+    assert_eq!(
+        patched.labels["n"], "0",
+        "a PATCH without labels keeps them"
+    );
     let mut names: Vec<String> = client
         .all_machines(None)
         .await

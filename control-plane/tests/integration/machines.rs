@@ -21,7 +21,146 @@ both_stores!(
     concurrent_creates_never_exceed_the_quota,
     concurrent_stop_and_delete_never_undo_a_delete,
     hostile_strings_are_refused_not_500,
+    labels_are_set_changed_and_filter_the_list_a_page_at_a_time,
 );
+
+/// Issue 15, labels: set at create, changed with PATCH as a merge patch (a string sets, null
+/// removes, the rest stay), and `?label=KEY=VALUE` keeps only the machines carrying it, a page
+/// at a time like any list; another tenant's labels never match.
+async fn labels_are_set_changed_and_filter_the_list_a_page_at_a_time(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    t.tiny_image().await;
+    let ann = t.user("ann").await;
+    let bob = t.user("bob").await;
+    let mut prod = Vec::new();
+    for i in 0..5 {
+        let env = if i % 2 == 0 { "prod" } else { "dev" };
+        let mut body = machine_body(&format!("m{i}"));
+        body["labels"] = json!({"env": env, "team.io/owner": "ann"});
+        let res = t
+            .as_user(&ann, Method::POST, "/machines")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        let m: Value = res.json().await.unwrap();
+        assert_eq!(m["labels"]["env"], env);
+        if env == "prod" {
+            prod.push(m["id"].as_str().unwrap().to_owned());
+        }
+    }
+    let mut body = machine_body("bobs");
+    body["labels"] = json!({"env": "prod"});
+    let res = t
+        .as_user(&bob, Method::POST, "/machines")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+
+    // Ann's prod machines, two a page, newest first.
+    let mut seen = Vec::new();
+    let mut path = "/machines?label=env%3Dprod&limit=2".to_owned();
+    loop {
+        let page = t.get_json(&ann, &path).await;
+        for m in page["items"].as_array().unwrap() {
+            assert_eq!(m["labels"]["env"], "prod", "{m}");
+            seen.push(m["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/machines?label=env%3Dprod&limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    prod.reverse();
+    assert_eq!(seen, prod);
+
+    // PATCH changes what it names; the filter follows at once.
+    let first = &prod[0];
+    let patch = |body: Value| {
+        t.as_user(&ann, Method::PATCH, &format!("/machines/{first}"))
+            .json(&body)
+            .send()
+    };
+    let res = patch(json!({"labels": {"env": "staging", "tier": "web"}}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let m: Value = res.json().await.unwrap();
+    assert_eq!(
+        m["labels"],
+        json!({"env": "staging", "team.io/owner": "ann", "tier": "web"})
+    );
+    let page = t.get_json(&ann, "/machines?label=env%3Dprod").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), prod.len() - 1);
+    let page = t.get_json(&ann, "/machines?label=env%3Dstaging").await;
+    assert_eq!(page["items"][0]["id"], first.as_str());
+    let owned = "/machines?label=team.io%2Fowner%3Dann";
+    assert_eq!(
+        t.get_json(&ann, owned).await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    let res = patch(json!({"labels": {"team.io/owner": null}}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let m: Value = res.json().await.unwrap();
+    assert_eq!(m["labels"], json!({"env": "staging", "tier": "web"}));
+    assert_eq!(
+        t.get_json(&ann, owned).await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    // Bob's prod machine is never in Ann's lists, and Ann's never in his.
+    let bobs = t.get_json(&bob, "/machines?label=env%3Dprod").await;
+    assert_eq!(bobs["items"].as_array().unwrap().len(), 1);
+
+    // Bad labels and filters are refused with what is wrong.
+    let many: serde_json::Map<String, Value> =
+        (0..64).map(|i| (format!("k{i}"), json!("v"))).collect();
+    for bad in [
+        json!({"labels": {"Env": "x"}}),
+        json!({"labels": {"env": "a b"}}),
+        json!({"labels": {"env": 3}}),
+        json!({"labels": {"Bad": null}}),
+        // 64 more on top of the two it has: past the limit once merged.
+        json!({ "labels": many }),
+    ] {
+        let res = t
+            .as_user(&ann, Method::PATCH, &format!("/machines/{first}"))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+    }
+    let mut body = machine_body("badlabel");
+    body["labels"] = json!({"-x": "y"});
+    let res = t
+        .as_user(&ann, Method::POST, "/machines")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let p = problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert!(p["detail"].as_str().unwrap().contains("label key"), "{p}");
+    for filter in ["env", "Env%3Dx", "%3Dprod"] {
+        let res = t
+            .as_user(&ann, Method::GET, &format!("/machines?label={filter}"))
+            .send()
+            .await
+            .unwrap();
+        problem(res, StatusCode::BAD_REQUEST).await;
+    }
+    t.stop().await;
+}
 
 async fn concurrent_stop_and_delete_never_undo_a_delete(backend: Backend) {
     let t = TestApp::spawn(backend).await;

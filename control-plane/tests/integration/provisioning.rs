@@ -1420,6 +1420,31 @@ async fn an_admin_forgets_a_lost_hosts_machines_and_the_host_cleans_up_when_it_r
         .as_str()
         .unwrap()
         .to_owned();
+    // While the host answers, forcing is refused: a normal delete works there.
+    let res = app
+        .as_user(
+            &admin,
+            Method::DELETE,
+            &format!("/machines/{}?force=true", ids[0]),
+        )
+        .send()
+        .await
+        .unwrap();
+    let body = crate::common::problem(res, StatusCode::CONFLICT).await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("not lost"),
+        "{body}"
+    );
+    let res = app
+        .as_user(
+            &admin,
+            Method::DELETE,
+            &format!("/hosts/{host_id}?force=true"),
+        )
+        .send()
+        .await
+        .unwrap();
+    crate::common::problem(res, StatusCode::CONFLICT).await;
 
     host.silence();
     wait_for("unreachable", async || {
@@ -1537,6 +1562,7 @@ async fn a_crashed_machine_that_asks_for_it_is_restarted_up_to_its_limit(backend
         max: 2,
         window: Duration::from_secs(600),
         backoff: Duration::from_secs(1),
+        ..control_plane::model::RestartLimits::default()
     };
     let app = TestApp::spawn_provisioning(backend, cfg).await;
     let (host, _admin, tenant) = cluster_with_image(&app, "crashy").await;

@@ -626,7 +626,12 @@ impl MachineManager {
         let domains = blocking(&self.hv, move |hv| hv.list(&prefix))
             .await
             .map_err(ManagerError::ReadDomains)?;
+        let listed: HashSet<String> = domains.iter().map(|d| d.name.clone()).collect();
         let mut claims: Vec<String> = domains.into_iter().map(|d| d.xml).collect();
+        // A machine directory without a listed domain (being created, or a domain libvirt
+        // could not describe) may boot a kernel nobody here names: kernels and initrds are
+        // then all kept this time.
+        let mut undescribed = false;
         let dir = self.data.machines_dir();
         let files_err = |path: &Path| {
             let path = path.to_path_buf();
@@ -652,6 +657,7 @@ impl MachineManager {
             else {
                 continue;
             };
+            undescribed |= !listed.contains(&self.domain_name(id));
             let overlay = self.data.overlay(id);
             if !tokio::fs::try_exists(&overlay).await.unwrap_or(true) {
                 continue;
@@ -665,7 +671,11 @@ impl MachineManager {
                 }
             }
         }
-        let in_use = |name: &str| claims.iter().any(|c| c.contains(name));
+        let in_use = |name: &str| {
+            let boot_file = name.ends_with(ImageFileKind::Kernel.extension())
+                || name.ends_with(ImageFileKind::Initrd.extension());
+            (undescribed && boot_file) || claims.iter().any(|c| c.contains(name))
+        };
         let removed = self
             .images
             .remove_unused(&in_use, grace)
