@@ -16,9 +16,10 @@ pub use machines::{
     MachinePatch, MachineStatus, MachineView, NetworkView, PortView, RestartPolicy, UnknownState,
 };
 pub use users::{
-    AddSshKeyParams, ListUsersQuery, LoginParams, ProfilePatch, ProfileView, QuotaParams,
-    QuotaView, RefreshParams, RegisterParams, RoleName, SshKeyList, SshKeyView, TokenPairView,
-    UsageView, UserList, UserPatch, UserView,
+    AddSshKeyParams, CreateTokenParams, CreatedTokenView, ListUsersQuery, LoginParams,
+    ProfilePatch, ProfileView, QuotaParams, QuotaView, RefreshParams, RegisterParams, RoleName,
+    SshKeyList, SshKeyView, TokenList, TokenPairView, TokenScope, TokenView, UsageView, UserList,
+    UserPatch, UserView,
 };
 
 use serde::{Deserialize, Serialize};

@@ -175,3 +175,71 @@ pub struct SshKeyList {
     /// Pass as `cursor` for the next page; null on the last.
     pub next_cursor: Option<String>,
 }
+
+/// What an API token may do: `read` (GET only) or `full` (anything its owner may, except
+/// changing the password or minting tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenScope {
+    Read,
+    Full,
+}
+
+impl TokenScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenScope::Read => "read",
+            TokenScope::Full => "full",
+        }
+    }
+}
+
+impl std::str::FromStr for TokenScope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "read" => Ok(TokenScope::Read),
+            "full" => Ok(TokenScope::Full),
+            other => Err(format!("unknown token scope '{other}'")),
+        }
+    }
+}
+
+/// `POST /tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenParams {
+    /// 1–64 of letters, digits, '-', '_', '.', '@'; unique among your tokens.
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9._@-]{1,64}$")]
+    pub name: String,
+    pub scope: TokenScope,
+    /// 1–365.
+    #[schema(minimum = 1, maximum = 365)]
+    pub expires_in_days: i64,
+}
+
+/// An API token, without its secret.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    pub id: String,
+    pub name: String,
+    pub scope: TokenScope,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// When it last authenticated a request (to the minute); null if never.
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// A token just created: the only time its secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedTokenView {
+    #[serde(flatten)]
+    pub view: TokenView,
+    /// The bearer secret (`sgt_...`). Shown once; store it now.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenList {
+    pub items: Vec<TokenView>,
+}

@@ -5,6 +5,7 @@
 //! transport and calls in here for every decision that touches a secret, so that the security
 //! rules live in one place with their tests.
 
+pub mod api_token;
 pub mod error;
 pub mod password;
 pub mod refresh;

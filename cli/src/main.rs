@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use skygate_api_types::{
-    AddSshKeyParams, CreateMachineParams, ListMachinesQuery, ListUsersQuery, MachinePatch,
-    MachineStatus, MachineView, PageQuery, QuotaParams, RegisterImageParams, RegisterParams,
-    RestartPolicy, RoleName,
+    AddSshKeyParams, CreateMachineParams, CreateTokenParams, ListMachinesQuery, ListUsersQuery,
+    MachinePatch, MachineStatus, MachineView, PageQuery, QuotaParams, RegisterImageParams,
+    RegisterParams, RestartPolicy, RoleName, TokenScope,
 };
 use skygate_client::MachineAction;
 
@@ -74,6 +74,9 @@ enum Command {
     Hosts(HostsCmd),
     /// Your account, its limits and what you hold against them.
     Profile,
+    /// API tokens for scripts (use one with SKYGATE_TOKEN=sgt_...).
+    #[command(subcommand)]
+    Tokens(TokensCmd),
     /// The audit log, newest first (administrators: everyone's; otherwise your own).
     Audit {
         /// How many events, at most 200.
@@ -267,6 +270,30 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("expected KEY=VALUE, not {text:?}"))
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCmd {
+    /// Mint a token; its secret is printed once.
+    Create {
+        name: String,
+        #[arg(long, value_enum, default_value_t = ScopeArg::Read)]
+        scope: ScopeArg,
+        /// Days until it expires (1–365).
+        #[arg(long, default_value_t = 30)]
+        days: i64,
+    },
+    List,
+    /// Revoke a token, by id or name.
+    Delete {
+        token: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ScopeArg {
+    Read,
+    Full,
 }
 
 /// A restart policy on the command line.
@@ -543,6 +570,7 @@ async fn command(api: &mut Api, out: Output, command: Command) -> CliResult<()> 
             output::print_profile(out, &me);
         }
         Command::Users(cmd) => users(api, out, cmd).await?,
+        Command::Tokens(cmd) => tokens(api, out, cmd).await?,
         Command::Audit { limit } => {
             let page = PageQuery {
                 limit: Some(limit),
@@ -601,6 +629,44 @@ async fn users(api: &mut Api, out: Output, cmd: UsersCmd) -> CliResult<()> {
             };
             let q = api.client().set_quota(&id, &limits).await?;
             print_one(out, &q, output::QUOTA);
+        }
+    }
+    Ok(())
+}
+
+async fn tokens(api: &mut Api, out: Output, cmd: TokensCmd) -> CliResult<()> {
+    match cmd {
+        TokensCmd::Create { name, scope, days } => {
+            let scope = match scope {
+                ScopeArg::Read => TokenScope::Read,
+                ScopeArg::Full => TokenScope::Full,
+            };
+            let params = CreateTokenParams {
+                name,
+                scope,
+                expires_in_days: days,
+            };
+            let created = api.client().create_token(&params).await?;
+            output::print_created_token(out, &created);
+        }
+        TokensCmd::List => {
+            let tokens = api.client().tokens_list().await?;
+            print_rows(out, &tokens.items, output::TOKEN);
+        }
+        TokensCmd::Delete { token } => {
+            let id = if uuid::Uuid::parse_str(&token).is_ok() {
+                token
+            } else {
+                api.client()
+                    .tokens_list()
+                    .await?
+                    .items
+                    .into_iter()
+                    .find(|t| t.name == token)
+                    .map(|t| t.id)
+                    .ok_or_else(|| CliError(format!("no API token named {token:?}")))?
+            };
+            api.client().delete_token(&id).await?;
         }
     }
     Ok(())

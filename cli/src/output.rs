@@ -4,8 +4,8 @@
 use clap::ValueEnum;
 use serde::Serialize;
 use skygate_api_types::{
-    AuditEventView, EventView, HostView, ImageView, MachineView, ProfileView, QuotaView,
-    SshKeyView, UserView,
+    AuditEventView, CreatedTokenView, EventView, HostView, ImageView, MachineView, ProfileView,
+    QuotaView, SshKeyView, TokenView, UserView,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -129,6 +129,34 @@ const MACHINE: &[Column<MachineView>] = &[
     }),
     ("failure_reason", |m| opt(&m.failure_reason)),
 ];
+
+pub const TOKEN: &[Column<TokenView>] = &[
+    ("id", |t| t.id.clone()),
+    ("name", |t| t.name.clone()),
+    ("scope", |t| t.scope.as_str().to_owned()),
+    ("expires_at", |t| {
+        t.expires_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    }),
+    ("last_used_at", |t| {
+        t.last_used_at.map_or_else(
+            || "-".into(),
+            |at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+    }),
+];
+
+/// A token just minted, with its secret (shown this once).
+pub fn print_created_token(out: Output, created: &CreatedTokenView) {
+    match out {
+        Output::Json => println!("{}", json(created)),
+        Output::Table => {
+            print_one(out, &created.view, TOKEN);
+            println!("token:        {}", created.token);
+            eprintln!("this is the only time the token is shown: store it now");
+        }
+    }
+}
 
 pub const AUDIT_EVENT: &[Column<AuditEventView>] = &[
     ("at", |e| {

@@ -136,9 +136,26 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Api {
-    /// `api` from the flag, else the saved session's, else the default.
+    /// `api` from the flag, else the saved session's, else the default. With `SKYGATE_TOKEN`
+    /// set (an API token, for scripts), requests carry it instead of the saved session.
     pub fn new(api: Option<String>) -> CliResult<Api> {
         let creds = load_credentials()?;
+        if let Some(token) = std::env::var("SKYGATE_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+        {
+            let base = api
+                .or_else(|| creds.as_ref().map(|c| c.api.clone()))
+                .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+            let tokens = Tokens {
+                access_token: token,
+                refresh_token: String::new(),
+            };
+            return Ok(Api {
+                client: Client::new(&base, Some(tokens))?,
+                creds: None,
+            });
+        }
         let base = api
             .or_else(|| creds.as_ref().map(|c| c.api.clone()))
             .unwrap_or_else(|| "http://127.0.0.1:8080".into());

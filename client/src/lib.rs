@@ -11,11 +11,11 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use skygate_api_types::{
-    AddSshKeyParams, AuditEventPage, CreateMachineParams, EventPage, HostList, HostView, ImageList,
-    ImageView, ListMachinesQuery, ListUsersQuery, LoginParams, MachinePage, MachinePatch,
-    MachineView, PageQuery, Problem, ProfileView, QuotaParams, QuotaView, ReconcilerView,
-    RefreshParams, RegisterImageParams, RegisterParams, RoleName, SshKeyList, SshKeyView,
-    TokenPairView, UserList, UserPatch, UserView,
+    AddSshKeyParams, AuditEventPage, CreateMachineParams, CreateTokenParams, CreatedTokenView,
+    EventPage, HostList, HostView, ImageList, ImageView, ListMachinesQuery, ListUsersQuery,
+    LoginParams, MachinePage, MachinePatch, MachineView, PageQuery, Problem, ProfileView,
+    QuotaParams, QuotaView, ReconcilerView, RefreshParams, RegisterImageParams, RegisterParams,
+    RoleName, SshKeyList, SshKeyView, TokenList, TokenPairView, UserList, UserPatch, UserView,
 };
 use std::time::Duration;
 
@@ -217,6 +217,24 @@ impl Client {
     /// `GET /auth/profile`: the caller's account, limits and usage.
     pub async fn profile(&mut self) -> Result<ProfileView> {
         self.call(Method::GET, "/auth/profile", None::<&()>).await
+    }
+
+    // --- API tokens -----------------------------------------------------------------------
+
+    /// `POST /tokens`: the answer holds the secret, once.
+    pub async fn create_token(&mut self, params: &CreateTokenParams) -> Result<CreatedTokenView> {
+        self.call(Method::POST, "/tokens", Some(params)).await
+    }
+
+    /// `GET /tokens`.
+    pub async fn tokens_list(&mut self) -> Result<TokenList> {
+        self.call(Method::GET, "/tokens", None::<&()>).await
+    }
+
+    /// `DELETE /tokens/{id}`.
+    pub async fn delete_token(&mut self, id: &str) -> Result<()> {
+        self.call_empty(Method::DELETE, &format!("/tokens/{}", segment(id)))
+            .await
     }
 
     // --- accounts (administrators) ---------------------------------------------------------

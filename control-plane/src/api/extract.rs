@@ -100,6 +100,7 @@ impl FromRequestParts<Arc<App>> for Caller {
                 "expected 'Authorization: Bearer <token>'",
             ))?;
         let caller = app.authenticate(token).await?;
+        caller.require_scope_for(&parts.method)?;
         tracing::Span::current().record("user", tracing::field::display(caller.user_id));
         if let Some(actor) = parts.extensions.get::<super::audit::AuditActor>() {
             actor.set_id(caller.user_id);

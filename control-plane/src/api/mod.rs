@@ -15,6 +15,7 @@ pub mod problem;
 pub mod serve;
 pub mod sessions;
 pub mod ssh_keys;
+pub mod tokens;
 pub mod users;
 pub mod views;
 
@@ -132,7 +133,8 @@ impl Modify for BearerAuth {
         images::image_undeprecate,
         ssh_keys::ssh_key_list, ssh_keys::ssh_key_add, ssh_keys::ssh_key_delete,
         hosts::host_list, hosts::cordon, hosts::uncordon, hosts::delete,
-        admin::reconciler, audit::audit_events,
+        admin::reconciler, audit::audit_events, tokens::token_create, tokens::token_list,
+        tokens::token_delete,
     ),
     components(schemas(problem::Problem)),
     modifiers(&BearerAuth, &ErrorResponses),
@@ -143,6 +145,7 @@ impl Modify for BearerAuth {
         (name = "ssh-keys", description = "Saved SSH public keys"),
         (name = "hosts", description = "Hypervisor hosts (administrators)"),
         (name = "users", description = "Accounts, their roles and limits (administrators)"),
+        (name = "tokens", description = "API tokens for automation"),
         (name = "audit", description = "Who did what: every mutating call and every login"),
         (name = "admin", description = "The control plane's background work (administrators)"),
     )
@@ -216,6 +219,11 @@ fn api_routes(app: &Arc<App>) -> Router<Arc<App>> {
             get(ssh_keys::ssh_key_list).post(ssh_keys::ssh_key_add),
         )
         .route("/ssh-keys/{id}", del(ssh_keys::ssh_key_delete))
+        .route(
+            "/tokens",
+            post(tokens::token_create).get(tokens::token_list),
+        )
+        .route("/tokens/{id}", del(tokens::token_delete))
         .route("/users", get(users::user_list))
         .route("/users/{id}", get(users::user_get).patch(users::user_patch))
         .route("/users/{id}/disable", post(users::user_disable))

@@ -8,9 +8,10 @@ use crate::app::users::QuotaReport;
 use crate::model::{Image, KernelBoot, Machine, MachineEvent, MachineNetwork, SavedSshKey};
 
 pub use skygate_api_types::{
-    AuditEventPage, AuditEventView, BootParams, CapacityView, EventPage, EventView, HostList,
-    HostView, ImageList, ImageView, MachinePage, MachineView, NetworkView, PortView, ProfileView,
-    QuotaParams, QuotaView, SshKeyList, SshKeyView, TokenPairView, UsageView, UserList, UserView,
+    AuditEventPage, AuditEventView, BootParams, CapacityView, CreatedTokenView, EventPage,
+    EventView, HostList, HostView, ImageList, ImageView, MachinePage, MachineView, NetworkView,
+    PortView, ProfileView, QuotaParams, QuotaView, SshKeyList, SshKeyView, TokenList,
+    TokenPairView, TokenView, UsageView, UserList, UserView,
 };
 
 impl From<Account> for UserView {

@@ -88,6 +88,9 @@ impl App {
     pub async fn host_delete(&self, who: Principal, id: Uuid, force: bool) -> Result<()> {
         who.require_admin()?;
         let forgotten = self.store.host_delete(&id.to_string(), force).await?;
+        if forgotten > 0 {
+            self.shown_usage.forget_all();
+        }
         tracing::warn!(target: "skygate::audit", admin = %who.user_id, host_id = %id, force, forgotten, "host removed");
         Ok(())
     }

@@ -192,6 +192,7 @@ impl App {
             .quota
             .over(self.settings.quota);
         let machine = self.store.machine_create(new, &quota, key).await?;
+        self.shown_usage.forget(who.user_id);
         tracing::info!(machine_id = %machine.id, owner = %who.user_id, "machine created");
         Ok(machine)
     }
@@ -237,10 +238,13 @@ impl App {
             return Err(Error::NotFound("machine"));
         }
         tracing::warn!(target: "skygate::audit", admin = %who.user_id, machine_id = %id, "machine forgotten");
-        self.store
+        let machine = self
+            .store
             .machine_history(id)
             .await?
-            .ok_or(Error::NotFound("machine"))
+            .ok_or(Error::NotFound("machine"))?;
+        self.shown_usage.forget(machine.owner_id);
+        Ok(machine)
     }
 
     /// Changes a machine's settings that need nothing of its host: restart policy, labels.

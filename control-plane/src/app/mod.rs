@@ -10,6 +10,7 @@ pub mod machines;
 pub mod password_work;
 pub mod sessions;
 pub mod ssh_keys;
+pub mod tokens;
 pub mod users;
 
 use crate::error::{Error, Result};
@@ -99,14 +100,46 @@ pub const TOKEN_AUDIENCE: &str = "skygate-api";
 pub const IDEMPOTENCY_RETENTION: Duration = Duration::hours(24);
 pub const IDEMPOTENCY_LOCK: Duration = Duration::seconds(60);
 
-/// Who is calling: the authenticated user behind an access token.
+/// Who is calling: the authenticated user behind an access token or an API token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Principal {
     pub user_id: UserId,
     pub role: Role,
+    /// How the caller proved it: a session (an access token from a login) or an API token.
+    pub credential: Credential,
+}
+
+/// What authenticated a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// An access token from a login (or a refresh).
+    Session,
+    /// An API token of this scope.
+    ApiToken(skygate_api_types::TokenScope),
 }
 
 impl Principal {
+    /// 403 unless the caller logged in: changing the password and minting API tokens need a
+    /// session, so a leaked API token cannot take the account over or outlive its revocation.
+    pub fn require_session(&self, what: &'static str) -> Result<()> {
+        match self.credential {
+            Credential::Session => Ok(()),
+            Credential::ApiToken(_) => Err(Error::Forbidden(what)),
+        }
+    }
+
+    /// 403 when a read-only API token asks for anything but a read.
+    pub fn require_scope_for(&self, method: &axum::http::Method) -> Result<()> {
+        use axum::http::Method;
+        let read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+        match self.credential {
+            Credential::ApiToken(skygate_api_types::TokenScope::Read) if !read => Err(
+                Error::Forbidden("this API token is read-only: it may only read (GET)"),
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// 403 unless the caller is an administrator.
     pub fn require_admin(&self) -> Result<()> {
         match self.role {
@@ -133,6 +166,10 @@ pub struct App {
     pub reconciler: std::sync::Arc<crate::reconciler::ReconcilerStatus>,
     /// Where requests leave their audit events.
     pub audit: audit::AuditLog,
+    /// When this replica last recorded each API token's use.
+    token_use: tokens::TokenUse,
+    /// The usage profiles show, each kept a second.
+    shown_usage: users::ShownUsage,
 }
 
 impl std::fmt::Debug for App {
@@ -182,6 +219,8 @@ impl App {
             agents: None,
             reconciler: Default::default(),
             audit: audit::AuditLog::default(),
+            token_use: tokens::TokenUse::default(),
+            shown_usage: users::ShownUsage::default(),
         })
     }
 

@@ -313,9 +313,12 @@ impl App {
         Ok(())
     }
 
-    /// Resolves a bearer access token to its user. Tokens issued before the user's last
-    /// password change are refused.
+    /// Resolves a bearer token (an access token, or an API token) to its user. Access tokens
+    /// issued before the user's last password change are refused.
     pub async fn authenticate(&self, bearer: &str) -> Result<Principal> {
+        if auth::api_token::is_api_token(bearer) {
+            return self.authenticate_api_token(bearer).await;
+        }
         let claims = self.tokens.verify(bearer)?;
         let user = self
             .store
@@ -328,13 +331,14 @@ impl App {
         Ok(Principal {
             user_id: user.id,
             role: user.role,
+            credential: super::Credential::Session,
         })
     }
 
     /// The caller's account, with its limits and what it holds against them.
     pub async fn profile(&self, who: Principal) -> Result<(Account, super::users::QuotaReport)> {
         let account = self.user(who).await.map(|u| Account::from(&*u))?;
-        Ok((account, self.quota(who, who.user_id).await?))
+        Ok((account, self.own_quota(who).await?))
     }
 
     async fn user(&self, who: Principal) -> Result<Arc<UserRecord>> {
@@ -347,6 +351,7 @@ impl App {
     /// Changes e-mail and/or password after checking the current password. A new password
     /// ends every session of the user (refresh families and older access tokens).
     pub async fn profile_update(&self, who: Principal, change: ProfileChange) -> Result<Account> {
+        who.require_session("an API token cannot change the profile; log in")?;
         let user = self.user(who).await?;
         if let Some(email) = &change.email {
             validate_email(email)?;

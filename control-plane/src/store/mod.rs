@@ -7,6 +7,7 @@
 //! The price is that PostgreSQL columns are plainer than they could be; the gain is one
 //! implementation and one test suite instead of two that drift apart.
 
+pub mod api_tokens;
 pub mod audit;
 pub mod forget;
 pub mod hosts;

@@ -20,4 +20,5 @@ mod provisioning;
 mod sessions;
 mod skygate_cli;
 mod store;
+mod tokens;
 mod users;

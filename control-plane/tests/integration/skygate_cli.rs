@@ -222,6 +222,18 @@ async fn the_cli_administers_accounts_and_shows_a_tenant_its_limits(backend: Bac
     let q: serde_json::Value = serde_json::from_str(&set).unwrap();
     assert_eq!(q["overrides"]["max_machines"], 3);
     assert_eq!(q["overrides"]["max_vcpus"], serde_json::Value::Null);
+    // A tenant mints an API token (shown once) and finds it listed without its secret.
+    let minted = tenant.ok(&["tokens", "create", "ci", "--scope", "read", "-o", "json"]);
+    let minted: serde_json::Value = serde_json::from_str(&minted).unwrap();
+    let secret = minted["token"].as_str().unwrap();
+    assert!(secret.starts_with("sgt_"), "{minted}");
+    let listed = tenant.ok(&["tokens", "list"]);
+    assert!(
+        listed.contains("ci") && !listed.contains(secret),
+        "{listed}"
+    );
+    tenant.ok(&["tokens", "delete", "ci"]);
+    assert!(!tenant.ok(&["tokens", "list"]).contains("ci"));
     let me = tenant.ok(&["profile"]);
     assert!(me.contains("ann") && me.contains("0 of 3 (own)"), "{me}");
 
