@@ -14,6 +14,7 @@ pub use images::{BootParams, ImageFormat, ImageList, ImageView, RegisterImagePar
 pub use machines::{
     CreateMachineParams, DesiredState, EventPage, EventView, ListMachinesQuery, MachinePage,
     MachinePatch, MachineStatus, MachineView, NetworkView, PortView, RestartPolicy, UnknownState,
+    WaitQuery,
 };
 pub use users::{
     AddSshKeyParams, CreateTokenParams, CreatedTokenView, ListUsersQuery, LoginParams,

@@ -188,6 +188,19 @@ impl FromStr for RestartPolicy {
     }
 }
 
+/// `GET /machines/{id}/wait` query.
+#[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// The status to wait for; `failed` and `deleted` also end the wait.
+    #[param(value_type = MachineStatus)]
+    pub status: String,
+    /// How long to wait: seconds, or a number with `s` or `m` (`60s`, `2m`); at most 300 s,
+    /// default 60 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
 /// `PATCH /machines/{id}`: the settings that change nothing on the host.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

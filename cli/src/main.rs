@@ -405,16 +405,25 @@ async fn machine_id(api: &mut Api, machine: &str) -> CliResult<String> {
     }
 }
 
-/// Polls the machine until it reaches `target`, showing its status as it goes; fails when
-/// it fails.
+/// Follows the machine until it reaches `target`, showing its status as it goes; fails when
+/// it fails. The server answers the moment it gets there (`GET /machines/{id}/wait`); each
+/// wait is short so the status shown stays current.
 async fn wait_for(api: &mut Api, id: &str, target: Target) -> CliResult<Option<MachineView>> {
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
-    let spinner = ['|', '/', '-', '\\'];
-    let mut tick = 0usize;
+    let wanted = match target {
+        Target::Running => MachineStatus::Running,
+        Target::Stopped => MachineStatus::Stopped,
+        Target::Gone => MachineStatus::Deleted,
+    };
     loop {
-        let machine = match api.client().machine(id).await {
+        let answer = match api.client().wait_machine(id, wanted, "3s").await {
+            // Not there yet: show where it is.
+            Err(e) if e.status() == Some(408) => api.client().machine(id).await,
+            other => other,
+        };
+        let machine = match answer {
             Ok(m) => m,
             Err(e) if target == Target::Gone && e.status() == Some(404) => {
                 if tty {
@@ -437,15 +446,9 @@ async fn wait_for(api: &mut Api, id: &str, target: Target) -> CliResult<Option<M
                     .unwrap_or("no reason given")
             ));
         }
-        let done = match target {
-            Target::Running => status == MachineStatus::Running,
-            Target::Stopped => status == MachineStatus::Stopped,
-            Target::Gone => false,
-        };
         if tty {
             eprint!(
-                "\r{} {:<12} {:>5.1} s",
-                spinner[tick % spinner.len()],
+                "\r{:<12} {:>5.1} s",
                 status.as_str(),
                 started.elapsed().as_secs_f64()
             );
@@ -453,15 +456,13 @@ async fn wait_for(api: &mut Api, id: &str, target: Target) -> CliResult<Option<M
         } else if status.as_str() != last {
             eprintln!("{status} after {:.1} s", started.elapsed().as_secs_f64());
         }
-        if done {
+        if status == wanted {
             if tty {
                 eprintln!();
             }
-            return Ok(Some(machine));
+            return Ok((target != Target::Gone).then_some(machine));
         }
         last = status.as_str().to_owned();
-        tick += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -13,9 +13,10 @@ use serde::Serialize;
 use skygate_api_types::{
     AddSshKeyParams, AuditEventPage, CreateMachineParams, CreateTokenParams, CreatedTokenView,
     EventPage, HostList, HostView, ImageList, ImageView, ListMachinesQuery, ListUsersQuery,
-    LoginParams, MachinePage, MachinePatch, MachineView, PageQuery, Problem, ProfileView,
-    QuotaParams, QuotaView, ReconcilerView, RefreshParams, RegisterImageParams, RegisterParams,
-    RoleName, SshKeyList, SshKeyView, TokenList, TokenPairView, UserList, UserPatch, UserView,
+    LoginParams, MachinePage, MachinePatch, MachineStatus, MachineView, PageQuery, Problem,
+    ProfileView, QuotaParams, QuotaView, ReconcilerView, RefreshParams, RegisterImageParams,
+    RegisterParams, RoleName, SshKeyList, SshKeyView, TokenList, TokenPairView, UserList,
+    UserPatch, UserView, WaitQuery,
 };
 use std::time::Duration;
 
@@ -438,6 +439,22 @@ impl Client {
     pub async fn machine_action(&mut self, id: &str, action: MachineAction) -> Result<MachineView> {
         let path = machine_path(id, &format!("/{}", action.path()));
         self.call(Method::POST, &path, None::<&()>).await
+    }
+
+    /// `GET /machines/{id}/wait`: the machine once it reaches `status` (or `failed`/`deleted`);
+    /// an API error with status 408 when `timeout` (`30s`, `2m`) passes first.
+    pub async fn wait_machine(
+        &mut self,
+        id: &str,
+        status: MachineStatus,
+        timeout: &str,
+    ) -> Result<MachineView> {
+        let query = WaitQuery {
+            status: status.as_str().to_owned(),
+            timeout: Some(timeout.to_owned()),
+        };
+        let path = with_query(&format!("/machines/{}/wait", segment(id)), &query);
+        self.call(Method::GET, &path, None::<&()>).await
     }
 
     /// `PATCH /machines/{id}`.

@@ -45,6 +45,9 @@ pub enum Error {
     /// A request with this Idempotency-Key has not finished yet (409).
     #[error("a request with this Idempotency-Key is still in progress")]
     IdempotencyInFlight,
+    /// A wait's timeout passed before the machine got there (408).
+    #[error("{0}")]
+    WaitTimedOut(String),
     /// A dependency is down; try again later (503).
     #[error("{0}")]
     Unavailable(&'static str),

@@ -3,7 +3,8 @@
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::params::{
-    page_limit, CreateMachineParams, ForceQuery, ListMachinesQuery, MachinePatch, PageQuery,
+    page_limit, wait_timeout, CreateMachineParams, ForceQuery, ListMachinesQuery, MachinePatch,
+    PageQuery, WaitQuery,
 };
 use super::problem::Problem;
 use super::views::{EventPage, MachinePage, MachineView};
@@ -223,6 +224,35 @@ pub async fn patch(
         labels: p.labels,
     };
     Ok(Json(app.machine_patch(who, id, patch).await?.into()))
+}
+
+/// Wait until the machine reaches `status` (or `failed`/`deleted`, which end any wait), then
+/// answer it; 408 when `timeout` passes first. The server sleeps until the machine changes:
+/// it is woken by the machine's events, on every replica.
+#[utoipa::path(get, path = "/machines/{id}/wait", tag = "machines", operation_id = "machine_wait",
+    params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)"), WaitQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = MachineView), (status = 400, body = Problem),
+        (status = 401, body = Problem), (status = 404, body = Problem),
+        (status = 408, body = Problem, description = "the timeout passed first")))]
+pub async fn wait(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<MachineId>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
+) -> Result<Json<MachineView>> {
+    let status: MachineStatus = q
+        .status
+        .parse()
+        .map_err(|e| Error::BadRequest(format!("status: {e}")))?;
+    let timeout = wait_timeout(q.timeout.as_deref())?;
+    match app.machine_wait(who, id, status, timeout).await? {
+        Some(machine) => Ok(Json(machine.into())),
+        None => Err(Error::WaitTimedOut(format!(
+            "the machine did not reach {status} within {} s; ask again",
+            timeout.as_secs()
+        ))),
+    }
 }
 
 /// The machine's log, oldest first.

@@ -128,7 +128,8 @@ impl Modify for BearerAuth {
         users::user_list, users::user_get, users::user_patch, users::user_disable,
         users::user_enable, users::quota_get, users::quota_put,
         machines::create, machines::list, machines::get, machines::start, machines::stop,
-        machines::reboot, machines::delete, machines::patch, machines::events, machines::console,
+        machines::reboot, machines::delete, machines::patch, machines::wait, machines::events,
+        machines::console,
         images::image_list, images::image_register, images::image_deprecate,
         images::image_undeprecate,
         ssh_keys::ssh_key_list, ssh_keys::ssh_key_add, ssh_keys::ssh_key_delete,
@@ -185,7 +186,7 @@ async fn serve_docs() -> impl IntoResponse {
     )
 }
 
-fn api_routes(app: &Arc<App>) -> Router<Arc<App>> {
+fn api_routes(app: &Arc<App>, settings: &HttpSettings) -> Router<Arc<App>> {
     use axum::routing::delete as del;
     Router::new()
         .route("/auth/register", post(users::register))
@@ -242,6 +243,18 @@ fn api_routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route_layer(middleware::from_fn_with_state(app.clone(), audit::record))
         .route("/openapi.json", get(serve_openapi))
         .route("/docs", get(serve_docs))
+        .route_layer(request_timeout(settings))
+        // Not under the request timeout: a wait lasts what its `timeout` says (at most
+        // `params::MAX_WAIT`), and answers 408 itself.
+        .route("/machines/{id}/wait", get(machines::wait))
+}
+
+/// Requests running longer than the gateway's limit are answered 408 and dropped.
+fn request_timeout(settings: &HttpSettings) -> TimeoutLayer {
+    TimeoutLayer::with_status_code(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        settings.request_timeout,
+    )
 }
 
 fn cors(settings: &HttpSettings) -> CorsLayer {
@@ -319,11 +332,14 @@ pub fn router(app: Arc<App>, settings: &HttpSettings) -> Router {
             },
         )
         .on_failure(DefaultOnFailure::new().level(Level::WARN));
-    Router::new()
-        .nest("/api/v1", api_routes(&app))
+    let ops = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route_layer(request_timeout(settings));
+    Router::new()
+        .nest("/api/v1", api_routes(&app, settings))
+        .merge(ops)
         .layer(
             ServiceBuilder::new()
                 .layer(middleware::from_fn(sanitize_request_id))
@@ -339,10 +355,6 @@ pub fn router(app: Arc<App>, settings: &HttpSettings) -> Router {
                 .layer(CatchPanicLayer::new())
                 .layer(middleware::from_fn(crate::metrics::track))
                 .layer(cors(settings))
-                .layer(TimeoutLayer::with_status_code(
-                    axum::http::StatusCode::REQUEST_TIMEOUT,
-                    settings.request_timeout,
-                ))
                 .layer(middleware::from_fn(reject_oversized))
                 .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT)),
         )

@@ -55,6 +55,7 @@ impl IntoResponse for Error {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-mismatch")
             }
             Error::IdempotencyInFlight => (StatusCode::CONFLICT, "idempotency-key-in-flight"),
+            Error::WaitTimedOut(_) => (StatusCode::REQUEST_TIMEOUT, "wait-timed-out"),
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             e if e.is_store_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Error::Store(_) | Error::Migrate(_) | Error::Auth(_) | Error::Internal(_) => {

@@ -277,6 +277,50 @@ impl App {
             .ok_or(Error::NotFound("machine"))
     }
 
+    /// Waits until machine `id` reaches `status` (or a status it cannot leave on its own:
+    /// `failed`, `deleted`) and answers it; `None` at `timeout`. Sleeps between changes: it is
+    /// woken by the machine's events (see `store::machine_watch`), never by a timer.
+    pub async fn machine_wait(
+        &self,
+        who: Principal,
+        id: MachineId,
+        status: MachineStatus,
+        timeout: std::time::Duration,
+    ) -> Result<Option<Machine>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let changed = self.store.watch.subscribe(id);
+        loop {
+            // Armed before the read: a change between the read and the sleep still wakes it.
+            let woken = changed.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let machine = match self.store.machine_get(id, visibility(who)).await? {
+                Some(m) => m,
+                // Gone from the live machines: deleted since (if it was ever the caller's).
+                None => {
+                    let gone = self
+                        .store
+                        .machine_history(id)
+                        .await?
+                        .filter(|m| who.role == Role::Admin || m.owner_id == who.user_id);
+                    return gone.map(Some).ok_or(Error::NotFound("machine"));
+                }
+            };
+            if machine.status == status
+                || matches!(
+                    machine.status,
+                    MachineStatus::Failed | MachineStatus::Deleted
+                )
+            {
+                return Ok(Some(machine));
+            }
+            tokio::select! {
+                () = &mut woken => {}
+                () = tokio::time::sleep_until(deadline) => return Ok(None),
+            }
+        }
+    }
+
     /// One page, newest first.
     pub async fn machine_list(
         &self,

@@ -99,6 +99,7 @@ impl Store {
         }
         capacity_changed_in_txn(&mut tx, self.backend()).await?;
         tx.commit().await?;
+        self.machine_changed(id);
         Ok(true)
     }
 
@@ -161,6 +162,11 @@ impl Store {
             capacity_changed_in_txn(&mut tx, self.backend()).await?;
         }
         tx.commit().await?;
+        for machine in &live {
+            if let Ok(id) = super::parse_col(machine, "machines.id") {
+                self.machine_changed(id);
+            }
+        }
         Ok(forgotten)
     }
 }

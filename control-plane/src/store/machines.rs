@@ -571,6 +571,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        self.machine_changed(id);
         Ok(requested)
     }
 
@@ -685,6 +686,7 @@ impl Store {
         }
         event_in_txn(&mut tx, t.id, t.event.action, t.to, t.event.message, now).await?;
         tx.commit().await?;
+        self.machine_changed(t.id);
         Ok(TransitionOutcome::Applied {
             version: t.expected_version + 1,
         })

@@ -15,6 +15,7 @@ pub mod idempotency;
 pub mod images;
 mod machine_create;
 pub mod machine_events;
+pub mod machine_watch;
 pub mod machines;
 pub mod placement;
 pub mod restarts;
@@ -65,6 +66,8 @@ pub struct Store {
     users: std::sync::Arc<user_cache::UserCache>,
     /// Creates waiting to be written together (see `machine_create`).
     creates: machine_create::CreateQueue,
+    /// Who waits on which machine (see `machine_watch`).
+    pub watch: std::sync::Arc<machine_watch::MachineWatch>,
 }
 
 impl Store {
@@ -152,13 +155,26 @@ impl Store {
             Backend::Postgres => user_cache::listening(&url).await?,
         };
         let creates = machine_create::CreateQueue::start(write.clone(), backend);
+        let watch = std::sync::Arc::new(machine_watch::MachineWatch::default());
+        if backend == Backend::Postgres {
+            watch.listen(&url);
+        }
         Ok(Self {
             read,
             write,
             backend,
             users,
             creates,
+            watch,
         })
+    }
+
+    /// After a commit that changed machine `id`: wakes its waiters here (SQLite; on PostgreSQL
+    /// the event's `NOTIFY` reaches every replica's listener, this one's included).
+    pub(crate) fn machine_changed(&self, id: crate::model::MachineId) {
+        if self.backend == Backend::Sqlite {
+            self.watch.changed(id);
+        }
     }
 
     /// Applies the back end's pending migrations.

@@ -165,6 +165,11 @@ impl Store {
             }
         }
         tx.commit().await?;
+        for ((machine, _), chosen) in batch.iter().zip(&plan) {
+            if chosen.is_ok() {
+                self.machine_changed(*machine);
+            }
+        }
         Ok(match plan.into_iter().next() {
             Some(Ok(d)) => Placement::Placed {
                 host_name: d.host_name,
@@ -215,6 +220,7 @@ impl Store {
             return Ok(Placement::NotPending);
         }
         tx.commit().await?;
+        self.machine_changed(id);
         Ok(Placement::Placed {
             host_name: decision.host_name,
         })

@@ -104,6 +104,7 @@ impl Store {
             enqueue_after_in_txn(&mut tx, self.backend(), id, TaskKind::Start, delay).await?;
         }
         tx.commit().await?;
+        self.machine_changed(id);
         Ok(outcome)
     }
 }

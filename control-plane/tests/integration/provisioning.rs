@@ -1324,6 +1324,7 @@ both_stores!(
     a_silent_host_turns_unreachable_and_only_an_admin_may_forget_it,
     an_admin_forgets_a_lost_hosts_machines_and_the_host_cleans_up_when_it_returns,
     a_crashed_machine_that_asks_for_it_is_restarted_up_to_its_limit,
+    a_wait_answers_when_the_machine_gets_there_or_408_at_its_timeout,
     machines_waiting_for_capacity_cost_nothing_until_room_appears,
 );
 
@@ -1670,4 +1671,152 @@ async fn a_crashed_machine_that_asks_for_it_is_restarted_up_to_its_limit(backend
     crate::common::problem(res, StatusCode::NOT_FOUND).await;
     drop(host);
     app.stop().await;
+}
+
+/// Issue 15, wait: asked right after the create, `wait?status=running` answers once the
+/// machine runs (before its timeout); a wait for a status it will not reach answers 408 at its
+/// timeout; a wait ends early when the machine fails or is deleted.
+async fn a_wait_answers_when_the_machine_gets_there_or_408_at_its_timeout(backend: Backend) {
+    let app = TestApp::spawn_provisioning(backend, config()).await;
+    let (host, _admin, tenant) = cluster_with_image(&app, "waiter").await;
+    let id = create(&app, &tenant, "w1").await;
+    let asked = Instant::now();
+    let res = app
+        .as_user(
+            &tenant,
+            Method::GET,
+            &format!("/machines/{id}/wait?status=running&timeout=60s"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let m: Value = res.json().await.unwrap();
+    assert_eq!(m["status"], "running");
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // It will not stop by itself: 408 after the timeout, not before.
+    let asked = Instant::now();
+    let res = app
+        .as_user(
+            &tenant,
+            Method::GET,
+            &format!("/machines/{id}/wait?status=stopped&timeout=2"),
+        )
+        .send()
+        .await
+        .unwrap();
+    let body = crate::common::problem(res, StatusCode::REQUEST_TIMEOUT).await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("stopped"),
+        "{body}"
+    );
+    let waited = asked.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+
+    // A stop while someone waits for it: the wait answers when it is done.
+    let waiter = {
+        let url = app.url(&format!("/machines/{id}/wait?status=stopped&timeout=60s"));
+        let request = app.client.get(url).bearer_auth(&tenant.access);
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let res = app
+        .as_user(&tenant, Method::POST, &format!("/machines/{id}/stop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let res = waiter.await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json::<Value>().await.unwrap()["status"], "stopped");
+
+    // Deleted: a wait for anything ends with the machine as deleted.
+    let res = app
+        .as_user(&tenant, Method::DELETE, &format!("/machines/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let res = app
+        .as_user(
+            &tenant,
+            Method::GET,
+            &format!("/machines/{id}/wait?status=running&timeout=30s"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json::<Value>().await.unwrap()["status"], "deleted");
+
+    // Bad questions, and other tenants' machines.
+    for query in [
+        "status=sleeping",
+        "status=running&timeout=1h",
+        "status=running&timeout=301",
+        "timeout=5",
+    ] {
+        let res = app
+            .as_user(
+                &tenant,
+                Method::GET,
+                &format!("/machines/{id}/wait?{query}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        crate::common::problem(res, StatusCode::BAD_REQUEST).await;
+    }
+    let other = create(&app, &tenant, "w2").await;
+    let stranger = app.user("stranger").await;
+    let res = app
+        .as_user(
+            &stranger,
+            Method::GET,
+            &format!("/machines/{other}/wait?status=running"),
+        )
+        .send()
+        .await
+        .unwrap();
+    crate::common::problem(res, StatusCode::NOT_FOUND).await;
+    drop(host);
+    app.stop().await;
+}
+
+/// Issue 15, wait across replicas: the machine is driven by replica A's workers while the
+/// tenant waits on replica B, which runs none; B is woken by A's commits (PostgreSQL
+/// NOTIFY), not by a timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_on_one_replica_is_woken_by_another_replicas_work() {
+    let a = TestApp::spawn_provisioning(Backend::Postgres, config()).await;
+    let b = TestApp::spawn_on(
+        a.db.clone(),
+        control_plane::app::Settings::default(),
+        control_plane::api::HttpSettings::default(),
+    )
+    .await;
+    let (host, _admin, tenant) = cluster_with_image(&a, "twin").await;
+    let id = create(&a, &tenant, "far").await;
+    let res = b
+        .as_user(
+            &tenant,
+            Method::GET,
+            &format!("/machines/{id}/wait?status=running&timeout=60s"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json::<Value>().await.unwrap()["status"], "running");
+    drop(host);
+    b.stop().await;
+    a.stop().await;
 }
