@@ -77,26 +77,32 @@ async fn write(
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
+        // Checked here, not only by waiting for a change: `append` may have seen the stop
+        // already (a failing database), and a stop already seen never fires again.
+        if *stop.borrow() {
+            while let Ok(e) = receiver.try_recv() {
+                batch.push(e);
+            }
+            append(&store, &mut batch, &mut stop).await;
+            return;
+        }
         tokio::select! {
             n = receiver.recv_many(&mut batch, BATCH) => {
                 if n == 0 {
                     return;
                 }
             }
-            _ = stop.changed() => {
-                while let Ok(e) = receiver.try_recv() {
-                    batch.push(e);
-                }
-                append(&store, &mut batch, &mut stop).await;
-                return;
-            }
+            _ = stop.changed() => continue,
         }
         let full = batch.len() >= BATCH;
         append(&store, &mut batch, &mut stop).await;
         if !full {
             // Let a few milliseconds of events gather: under load a write per handful of
             // events took the single SQLite writer from the requests themselves.
-            tokio::time::sleep(GATHER).await;
+            tokio::select! {
+                () = tokio::time::sleep(GATHER) => {}
+                _ = stop.changed() => {}
+            }
         }
     }
 }
