@@ -198,6 +198,7 @@ pub struct WaitQuery {
     /// How long to wait: seconds, or a number with `s` or `m` (`60s`, `2m`); at most 300 s,
     /// default 60 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(pattern = r"^[0-9]{1,6}[sm]?$")]
     pub timeout: Option<String>,
 }
 

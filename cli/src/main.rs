@@ -462,6 +462,12 @@ async fn wait_for(api: &mut Api, id: &str, target: Target) -> CliResult<Option<M
             }
             return Ok((target != Target::Gone).then_some(machine));
         }
+        if status == MachineStatus::Deleted {
+            if tty {
+                eprintln!();
+            }
+            return fail(format!("machine {id} was deleted while waiting for it"));
+        }
         last = status.as_str().to_owned();
     }
 }

@@ -442,7 +442,8 @@ impl Client {
     }
 
     /// `GET /machines/{id}/wait`: the machine once it reaches `status` (or `failed`/`deleted`);
-    /// an API error with status 408 when `timeout` (`30s`, `2m`) passes first.
+    /// an API error with status 408 when `timeout` (`30s`) passes first. Keep `timeout` under
+    /// this client's 60 s request limit (ask again for longer waits).
     pub async fn wait_machine(
         &mut self,
         id: &str,

@@ -79,7 +79,7 @@ async fn write(
     loop {
         // Checked here, not only by waiting for a change: `append` may have seen the stop
         // already (a failing database), and a stop already seen never fires again.
-        if *stop.borrow() {
+        if stopping(&stop) {
             while let Ok(e) = receiver.try_recv() {
                 batch.push(e);
             }
@@ -107,6 +107,12 @@ async fn write(
     }
 }
 
+/// Whether the server is shutting down: it said so, or it is gone without a word (a stop
+/// channel whose sender was dropped would otherwise wake the writer forever).
+fn stopping(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
+}
+
 /// Writes `batch`, retrying with a growing pause until it is written (or, once `stop` says
 /// the server is shutting down, after one more try); then empties it.
 async fn append(store: &Store, batch: &mut Vec<AuditEvent>, stop: &mut watch::Receiver<bool>) {
@@ -115,7 +121,7 @@ async fn append(store: &Store, batch: &mut Vec<AuditEvent>, stop: &mut watch::Re
         let Err(e) = store.audit_append(batch).await else {
             break;
         };
-        if *stop.borrow() {
+        if stopping(stop) {
             tracing::error!(target: "skygate::audit", error = ?e, events = batch.len(), "writing audit events failed while shutting down; they are lost");
             break;
         }

@@ -279,8 +279,9 @@ impl App {
             .audit_purge(now - self.settings.audit_retention.0)
             .await?;
         let e = self.store.label_rows_purge_deleted().await?;
+        let f = self.store.api_token_purge_expired(now).await?;
         self.credentials_per_ip.retain_recent();
-        Ok(a + b + c + d + e)
+        Ok(a + b + c + d + e + f)
     }
 }
 

@@ -116,6 +116,11 @@ impl App {
         change: AccountChange,
     ) -> Result<Account> {
         who.require_admin()?;
+        if !matches!(change, AccountChange::Quota(_)) {
+            // Who holds which power is changed by a person who logged in, not by a token that
+            // may have leaked (and would outlive its own revocation through another account).
+            who.require_session("roles and disabling need a login, not an API token")?;
+        }
         let own = who.user_id == id;
         match change {
             AccountChange::Disable if own => {

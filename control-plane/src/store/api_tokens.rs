@@ -130,6 +130,16 @@ impl Store {
         row.as_ref().map(from_row).transpose()
     }
 
+    /// Removes tokens that expired before `before` (they authenticate nothing; this frees their
+    /// names and their place under the per-account limit).
+    pub async fn api_token_purge_expired(&self, before: DateTime<Utc>) -> Result<u64> {
+        let res = sqlx::query("DELETE FROM api_tokens WHERE expires_at < $1")
+            .bind(to_micros(before))
+            .execute(&self.write)
+            .await?;
+        Ok(res.rows_affected())
+    }
+
     /// Records that a token was used at `at`.
     pub async fn api_token_touch(&self, id: Uuid, at: DateTime<Utc>) -> Result<()> {
         sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE id = $2")

@@ -24,6 +24,11 @@ pub(crate) const CHANNEL: &str = "skygate_machines";
 /// How long the listener waits before connecting again after losing its connection.
 const RECONNECT_AFTER: Duration = Duration::from_millis(500);
 
+/// How often the listener's connection is asked whether it is alive (a half-open connection
+/// would otherwise leave waiters asleep until their timeouts), and how long it may take.
+const LIVENESS_EVERY: Duration = Duration::from_secs(5);
+const LIVENESS_WAIT: Duration = Duration::from_secs(2);
+
 /// Who waits on which machine.
 #[derive(Debug, Default)]
 pub struct MachineWatch {
@@ -74,48 +79,66 @@ impl MachineWatch {
         }
     }
 
-    /// Starts the PostgreSQL listener that wakes this replica's waiters.
-    pub(crate) fn listen(self: &Arc<Self>, url: &str) {
-        let task = tokio::spawn(listen(url.to_owned(), Arc::downgrade(self)));
+    /// Starts the PostgreSQL listener that wakes this replica's waiters, once it listens: a
+    /// wait that begins after the store is open misses nothing.
+    pub(crate) async fn listening(self: &Arc<Self>, url: &str) -> Result<(), sqlx::Error> {
+        let listener = connect(url).await?;
+        let task = tokio::spawn(listen(url.to_owned(), Arc::downgrade(self), listener));
         *self.listener.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
+        Ok(())
     }
 }
 
-async fn listen(url: String, watch: Weak<MachineWatch>) {
-    let mut listener = loop {
-        match sqlx::postgres::PgListener::connect(&url).await {
-            Ok(mut l) => match l.listen(CHANNEL).await {
-                Ok(()) => break l,
-                Err(e) => {
-                    tracing::warn!(error = ?e, "the machine-change listener cannot listen; retrying")
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = ?e, "the machine-change listener cannot connect; retrying")
-            }
-        }
-        if watch.strong_count() == 0 {
-            return;
-        }
-        tokio::time::sleep(RECONNECT_AFTER).await;
-    };
+async fn connect(url: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+    let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+    listener.ignore_pool_close_event(true);
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+/// Hears notices until the connection is lost or stops answering its liveness query, then
+/// connects again and wakes every waiter: whatever was announced meanwhile is gone.
+async fn listen(url: String, watch: Weak<MachineWatch>, mut listener: sqlx::postgres::PgListener) {
+    let mut check = tokio::time::interval(LIVENESS_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let heard = listener.try_recv().await;
-        let Some(w) = watch.upgrade() else { return };
-        match heard {
-            Ok(Some(notice)) => {
-                if let Ok(id) = MachineId::from_str(notice.payload()) {
-                    w.changed(id);
+        let lost = tokio::select! {
+            heard = listener.try_recv() => match heard {
+                Ok(Some(notice)) => {
+                    let Some(w) = watch.upgrade() else { return };
+                    if let Ok(id) = MachineId::from_str(notice.payload()) {
+                        w.changed(id);
+                    }
+                    false
+                }
+                Ok(None) | Err(_) => true,
+            },
+            _ = check.tick() => {
+                let alive = tokio::time::timeout(
+                    LIVENESS_WAIT,
+                    sqlx::query("SELECT 1").execute(&mut listener),
+                )
+                .await;
+                !matches!(alive, Ok(Ok(_)))
+            }
+        };
+        if !lost {
+            continue;
+        }
+        tracing::warn!("the machine-change listener lost its connection; reconnecting");
+        listener = loop {
+            if watch.strong_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(RECONNECT_AFTER).await;
+            match connect(&url).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!(error = ?e, "the machine-change listener cannot connect; retrying")
                 }
             }
-            // The connection was lost (the next call connects again): what was announced
-            // meanwhile is gone, so every waiter reads again.
-            Ok(None) => w.changed_all(),
-            Err(e) => {
-                drop(w);
-                tracing::warn!(error = ?e, "the machine-change listener failed; retrying");
-                tokio::time::sleep(RECONNECT_AFTER).await;
-            }
-        }
+        };
+        let Some(w) = watch.upgrade() else { return };
+        w.changed_all();
     }
 }

@@ -157,7 +157,7 @@ impl Store {
         let creates = machine_create::CreateQueue::start(write.clone(), backend);
         let watch = std::sync::Arc::new(machine_watch::MachineWatch::default());
         if backend == Backend::Postgres {
-            watch.listen(&url);
+            watch.listening(&url).await?;
         }
         Ok(Self {
             read,
