@@ -337,8 +337,8 @@ impl App {
 
     /// The caller's account, with its limits and what it holds against them.
     pub async fn profile(&self, who: Principal) -> Result<(Account, super::users::QuotaReport)> {
-        let account = self.user(who).await.map(|u| Account::from(&*u))?;
-        Ok((account, self.own_quota(who).await?))
+        let user = self.user(who).await?;
+        Ok((Account::from(&*user), self.own_quota(&user).await?))
     }
 
     async fn user(&self, who: Principal) -> Result<Arc<UserRecord>> {

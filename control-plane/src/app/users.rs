@@ -5,7 +5,7 @@ use super::sessions::Account;
 use super::{App, Page, Principal};
 use crate::error::{Error, Result};
 use crate::model::{Quota, QuotaOverride, Usage, UserId};
-use crate::store::users::{AccountChange, AccountFilter};
+use crate::store::users::{AccountChange, AccountFilter, UserRecord};
 use auth::Role;
 
 /// A tenant's limits: those in force, which of them an administrator set, and what it holds.
@@ -150,17 +150,12 @@ impl App {
 
     /// The caller's limits and usage for its profile: the usage as read at most
     /// [`USAGE_SHOWN_FOR`] ago (fresh after the caller's own creates on this replica).
-    pub async fn own_quota(&self, who: Principal) -> Result<QuotaReport> {
-        let user = self
-            .store
-            .user_get(who.user_id)
-            .await?
-            .ok_or(Error::NotFound("user"))?;
-        let usage = match self.shown_usage.get(who.user_id) {
+    pub(super) async fn own_quota(&self, user: &UserRecord) -> Result<QuotaReport> {
+        let usage = match self.shown_usage.get(user.id) {
             Some(usage) => usage,
             None => {
-                let usage = self.store.tenant_usage(who.user_id).await?;
-                self.shown_usage.keep(who.user_id, usage);
+                let usage = self.store.tenant_usage(user.id).await?;
+                self.shown_usage.keep(user.id, usage);
                 usage
             }
         };

@@ -124,14 +124,14 @@ impl Store {
         .await?
         .ok_or(Error::NotFound("host"))?;
         let name: String = host.try_get("name")?;
-        let live: Vec<String> =
+        let live: Vec<MachineId> =
             sqlx::query("SELECT id FROM machines WHERE host_id = $1 AND deleted_at IS NULL")
                 .bind(id)
                 .fetch_all(&mut *tx)
                 .await?
                 .iter()
-                .map(|row| row.try_get("id"))
-                .collect::<std::result::Result<_, _>>()?;
+                .map(|row| super::parse_col(&row.try_get::<String, _>("id")?, "machines.id"))
+                .collect::<Result<_>>()?;
         if !live.is_empty() && !force {
             return Err(Error::Conflict(format!(
                 "{} machine(s) still live on this host: delete or move them first, or, if the \
@@ -145,8 +145,7 @@ impl Store {
         let note = forgotten_note(Some(&name));
         let mut forgotten = 0;
         for machine in &live {
-            let machine = super::parse_col(machine, "machines.id")?;
-            if forget_in_txn(&mut tx, machine, &note, now).await? {
+            if forget_in_txn(&mut tx, *machine, &note, now).await? {
                 forgotten += 1;
             }
         }
@@ -163,9 +162,7 @@ impl Store {
         }
         tx.commit().await?;
         for machine in &live {
-            if let Ok(id) = super::parse_col(machine, "machines.id") {
-                self.machine_changed(id);
-            }
+            self.machine_changed(*machine);
         }
         Ok(forgotten)
     }
