@@ -107,6 +107,7 @@ async fn main() {
             ssh_authorized_keys: vec![public.trim().to_owned()],
             user_data: None,
             desired_power: pb::PowerState::Running as i32,
+            disk_generation: 0,
         };
         let t0 = Instant::now();
         let state = client

@@ -167,6 +167,15 @@ pub enum DiskError {
         /// The base's virtual size.
         base_bytes: u64,
     },
+    /// A disk would have to shrink to the requested size: what the guest wrote beyond it
+    /// would be lost, so disks only ever grow.
+    #[error("the disk is {size_bytes} bytes; it cannot shrink to {requested_bytes} bytes")]
+    WouldShrink {
+        /// Its virtual size now.
+        size_bytes: u64,
+        /// The size asked for.
+        requested_bytes: u64,
+    },
     /// A file already exists where the overlay goes but is not an overlay of this base; it
     /// is left alone (it may hold a tenant's data).
     #[error("{path:?} exists but is not the expected disk ({found})")]
@@ -215,6 +224,23 @@ pub trait DiskTool: Send + Sync + std::fmt::Debug {
     /// Checks that `path` is safe to use as a base: detected format equals `declared`, no
     /// backing file, no external data file. Returns its info.
     async fn check_base(&self, path: &Path, declared: DiskFormat) -> Result<ImageInfo, DiskError>;
+
+    /// Grows the qcow2 disk at `disk` to `size_gib` GiB (the guest sees the new size at its
+    /// next boot); true if it grew. Idempotent: a disk of that size already is left alone. A
+    /// smaller size is [`DiskError::WouldShrink`]. The disk must not be in use (QEMU holds
+    /// its write lock while the domain runs).
+    async fn grow(&self, disk: &Path, size_gib: u64) -> Result<bool, DiskError>;
+}
+
+/// Whether a disk of `size_bytes` must grow to reach `requested_bytes`; refuses a shrink.
+pub fn must_grow(size_bytes: u64, requested_bytes: u64) -> Result<bool, DiskError> {
+    if requested_bytes < size_bytes {
+        return Err(DiskError::WouldShrink {
+            size_bytes,
+            requested_bytes,
+        });
+    }
+    Ok(requested_bytes > size_bytes)
 }
 
 /// [`DiskTool`] running the real `qemu-img`, each run bounded.
@@ -462,6 +488,34 @@ impl DiskTool for QemuImg {
             .await
     }
 
+    async fn grow(&self, disk: &Path, size_gib: u64) -> Result<bool, DiskError> {
+        absolute_utf8("disk", disk)?;
+        let requested_bytes = check_size(size_gib)?;
+        let info = self.info(disk).await?;
+        if info.format != "qcow2" {
+            return Err(DiskError::Conflict {
+                path: disk.to_path_buf(),
+                found: format!("format {}", info.format),
+            });
+        }
+        if !must_grow(info.virtual_size_bytes, requested_bytes)? {
+            return Ok(false);
+        }
+        // qcow2 grows by rewriting its header in place: a run killed part-way leaves the old
+        // size or the new one, and the retry compares again.
+        let size = OsString::from(format!("{size_gib}G"));
+        self.run(&[
+            OsStr::new("resize"),
+            OsStr::new("-q"),
+            OsStr::new("-f"),
+            OsStr::new("qcow2"),
+            disk.as_os_str(),
+            &size,
+        ])
+        .await?;
+        Ok(true)
+    }
+
     async fn check_base(&self, path: &Path, declared: DiskFormat) -> Result<ImageInfo, DiskError> {
         let info = self.info(path).await?;
         if let Some(backing) = &info.backing_file {
@@ -706,6 +760,34 @@ mod tests {
         assert!(
             matches!(&err, DiskError::FormatMismatch { declared: "raw", detected, .. } if detected == "qcow2"),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_overlay_grows_once_and_never_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        qemu_img_create(&["-f", "qcow2", s(&base), "1G"]);
+        let overlay = dir.path().join("overlay.qcow2");
+        let tool = QemuImg::new();
+        tool.create_overlay(&base, DiskFormat::Qcow2, &overlay, 1)
+            .await
+            .unwrap();
+        assert!(tool.grow(&overlay, 3).await.unwrap());
+        let info = tool.info(&overlay).await.unwrap();
+        assert_eq!(info.virtual_size_bytes, 3 * GIB);
+        // Still backed by the same base: growing keeps the tenant's data.
+        assert_eq!(info.backing_file.as_deref(), Some(s(&base)));
+        assert!(!tool.grow(&overlay, 3).await.unwrap(), "same size: no-op");
+        let err = tool.grow(&overlay, 2).await.unwrap_err();
+        assert!(
+            matches!(err, DiskError::WouldShrink { size_bytes, requested_bytes }
+                if size_bytes == 3 * GIB && requested_bytes == 2 * GIB),
+            "{err:?}"
+        );
+        assert_eq!(
+            tool.info(&overlay).await.unwrap().virtual_size_bytes,
+            3 * GIB
         );
     }
 

@@ -104,6 +104,22 @@ impl DiskTool for FakeDiskTool {
         self.create(disk, size_gib, None)
     }
 
+    async fn grow(&self, disk: &Path, size_gib: u64) -> Result<bool, DiskError> {
+        if !(1..=MAX_DISK_GIB).contains(&size_gib) {
+            return Err(DiskError::BadSize(size_gib));
+        }
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(info) = made.get_mut(disk) else {
+            return Err(DiskError::Conflict {
+                path: disk.to_path_buf(),
+                found: "a file the fake did not make".into(),
+            });
+        };
+        let grew = crate::disks::must_grow(info.virtual_size_bytes, size_gib * GIB)?;
+        info.virtual_size_bytes = size_gib * GIB;
+        Ok(grew)
+    }
+
     /// Trusts the declared format: the fake cannot detect one, and a simulated host only
     /// ever sees images its test or benchmark registered.
     async fn check_base(&self, path: &Path, declared: DiskFormat) -> Result<ImageInfo, DiskError> {

@@ -136,6 +136,8 @@ pub struct MachineSpec {
     pub user_data: Option<String>,
     /// Power state to converge to.
     pub desired: DesiredPower,
+    /// Moves with every rebuild: above the recorded one, the disk is made again from `image`.
+    pub disk_generation: u64,
 }
 
 /// Why a spec was refused; names the field, never echoes tenant strings at length.
@@ -270,6 +272,10 @@ impl MachineSpec {
         }
         if let Some(user_data) = &self.user_data {
             c.field("user_data", user_data.as_bytes());
+        }
+        // Only once rebuilt: every fingerprint recorded before rebuilds existed stays valid.
+        if self.disk_generation > 0 {
+            c.field("disk_generation", &self.disk_generation.to_le_bytes());
         }
         SpecFingerprint(c.0.finalize().into())
     }
@@ -452,6 +458,7 @@ mod tests {
             ssh_keys: vec![],
             user_data: None,
             desired: DesiredPower::Running,
+            disk_generation: 0,
         }
     }
 

@@ -124,6 +124,7 @@ pub fn spec_from_wire(spec: Option<pb::MachineSpec>) -> Result<MachineSpec, Stat
         ssh_keys: spec.ssh_authorized_keys,
         user_data: spec.user_data,
         desired,
+        disk_generation: spec.disk_generation,
     })
 }
 

@@ -53,6 +53,7 @@ pub fn classify(e: &ManagerError) -> StatusKind {
             return refusal(Code::FailedPrecondition, reason::NOT_RUNNING)
         }
         ManagerError::InvalidSpec(_) => Code::InvalidArgument,
+        ManagerError::DiskInUse(_) => Code::FailedPrecondition,
         ManagerError::ForeignDomain { .. } => Code::FailedPrecondition,
         ManagerError::FetchImage(e) => image_code(e),
         ManagerError::CreateDisk(CreateDiskError::Disk(e)) => disk_code(e),

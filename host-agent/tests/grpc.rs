@@ -198,6 +198,7 @@ impl Agent {
             ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 test".into()],
             user_data: None,
             desired_power: pb::PowerState::Running as i32,
+            disk_generation: 0,
         }
     }
 }

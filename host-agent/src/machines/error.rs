@@ -70,6 +70,9 @@ pub enum ManagerError {
         /// The generation in the request and of the defined domain.
         generation: u64,
     },
+    /// A larger disk for a running machine: its QEMU holds the disk.
+    #[error("machine {0} is running; its disk grows only while it is stopped")]
+    DiskInUse(Uuid),
     /// The action needs a running machine.
     #[error("machine {0} is not running")]
     NotRunning(Uuid),

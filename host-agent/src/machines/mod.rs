@@ -31,7 +31,7 @@ use crate::hypervisor::{blocking, DomainPhase, DomainStatus, HostFacts, Hypervis
 use crate::images::{ImageCache, ImageSourceSpec};
 use crate::model::{
     check_generation, AppliedSpec, DesiredPower, DiskFormat, GenerationCheck, ImagePlan,
-    MachinePhase, MachineSpec, MachineState, PortForward, SourceFile,
+    MachinePhase, MachineSpec, MachineState, PortForward, SourceFile, SpecError,
 };
 use crate::paths::{DataDir, ImageFileKind};
 use crate::ports::pick_port;
@@ -254,7 +254,19 @@ impl MachineManager {
                     source,
                 })?;
         }
-        if let Err(e) = self.build(&spec, &name, kept_forwards).await {
+        let disk = match &existing {
+            None => DiskPlan::Create,
+            Some(d) => {
+                let plan = self.disk_plan(&spec, d)?;
+                if plan == DiskPlan::Replace && d.phase != DomainPhase::Stopped {
+                    // Its QEMU holds the old disk: off first, then a fresh disk.
+                    self.power_off(spec.id, &name, d.phase, self.cfg.graceful_timeout)
+                        .await?;
+                }
+                plan
+            }
+        };
+        if let Err(e) = self.build(&spec, &name, kept_forwards, disk).await {
             if existing.is_none() {
                 // Nothing was defined: leave no files behind either (a retry rebuilds them;
                 // the image cache keeps the download).
@@ -272,12 +284,87 @@ impl MachineManager {
         self.converge_power(spec.id, &name, spec.desired).await
     }
 
+    /// What a redefinition of the existing domain `d` does to its disk: a fresh one when the
+    /// spec's disk generation is above the recorded one (a rebuild), else the same one grown
+    /// to the spec's size if it is larger. Refuses a smaller disk (disks never shrink) and a
+    /// larger one while the domain runs (its QEMU holds the disk).
+    fn disk_plan(&self, spec: &MachineSpec, d: &DomainStatus) -> Result<DiskPlan, ManagerError> {
+        if spec.disk_generation > self.recorded_disk_generation(spec.id)? {
+            return Ok(DiskPlan::Replace);
+        }
+        let recorded_gib = self.metadata(d)?.disk_gib.unwrap_or(spec.disk_gib);
+        if spec.disk_gib < recorded_gib {
+            return Err(SpecError::new(
+                "disk_gib",
+                format!("the disk is {recorded_gib} GiB; disks never shrink"),
+            )
+            .into());
+        }
+        if spec.disk_gib > recorded_gib && d.phase != DomainPhase::Stopped {
+            return Err(ManagerError::DiskInUse(spec.id));
+        }
+        Ok(DiskPlan::Keep)
+    }
+
+    /// The disk generation recorded in the machine's directory (0 when none is: never
+    /// rebuilt).
+    fn recorded_disk_generation(&self, id: Uuid) -> Result<u64, ManagerError> {
+        let path = self.data.machine_dir(id).join(DISK_GENERATION);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse().map_err(|e| {
+                ManagerError::files(
+                    FileOp::Reading,
+                    &path,
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(ManagerError::files(FileOp::Reading, &path, e)),
+        }
+    }
+
+    /// Turns a domain in `phase` off: a graceful stop (forced after `timeout`) for a running
+    /// guest, a forced one at once for a paused guest, which cannot see the ACPI button
+    /// (waiting would only waste the timeout).
+    async fn power_off(
+        &self,
+        id: Uuid,
+        name: &str,
+        phase: DomainPhase,
+        timeout: Duration,
+    ) -> Result<(), ManagerError> {
+        match phase {
+            DomainPhase::Running | DomainPhase::ShuttingDown => {
+                self.stop_domain(id, name, timeout).await
+            }
+            DomainPhase::Paused => {
+                let n = name.to_owned();
+                blocking(&self.hv, move |hv| hv.destroy(&n))
+                    .await
+                    .map_err(ManagerError::Stop)?;
+                self.events.observe(
+                    id,
+                    MachinePhase::Stopped,
+                    "forced off: the machine was paused",
+                );
+                Ok(())
+            }
+            DomainPhase::Stopped | DomainPhase::Crashed => Ok(()),
+        }
+    }
+
     /// Image, overlay, seed, definition: each step idempotent, each failure named by its step.
+    ///
+    /// A rebuild ([`DiskPlan::Replace`]) removes the old overlay, makes the new one and records
+    /// the spec's disk generation before the domain is redefined: an agent killed before the
+    /// record makes the disk again on the retry (nothing of the tenant's is left in it yet),
+    /// one killed after it keeps the new disk.
     async fn build(
         &self,
         spec: &MachineSpec,
         name: &str,
         kept_forwards: Vec<PortForward>,
+        disk: DiskPlan,
     ) -> Result<(), ManagerError> {
         self.pause_point(CreateStep::Image).await;
         let image = self
@@ -293,9 +380,23 @@ impl MachineManager {
         })?;
         let overlay = self.data.overlay(spec.id);
         self.pause_point(CreateStep::Disk).await;
+        if disk == DiskPlan::Replace {
+            remove_file_if_present(&overlay)?;
+        }
         self.make_disk(spec.disk_gib, &image, &overlay)
             .await
             .map_err(|e| ManagerError::CreateDisk(e.into()))?;
+        if disk == DiskPlan::Keep {
+            self.disks
+                .grow(&overlay, spec.disk_gib)
+                .await
+                .map_err(|e| ManagerError::CreateDisk(e.into()))?;
+        }
+        if disk == DiskPlan::Replace || spec.disk_generation > 0 {
+            let record = dir.join(DISK_GENERATION);
+            write_atomically(&record, &spec.disk_generation.to_string())
+                .map_err(|e| ManagerError::files(FileOp::Writing, &record, e))?;
+        }
         self.pause_point(CreateStep::Seed).await;
         let seed = self.data.seed(spec.id);
         self.seeds
@@ -547,27 +648,15 @@ impl MachineManager {
         let _guard = lock.lock().await;
         let name = self.domain_name(id);
         let status = self.require_status(id, &name).await?;
-        match status.phase {
-            DomainPhase::Running | DomainPhase::ShuttingDown => {
-                self.stop_domain(id, &name, timeout.unwrap_or(self.cfg.graceful_timeout))
-                    .await?;
-            }
-            // A paused guest cannot see the ACPI button: waiting would only waste the timeout.
-            DomainPhase::Paused => {
-                let n = name.clone();
-                blocking(&self.hv, move |hv| hv.destroy(&n))
-                    .await
-                    .map_err(ManagerError::Stop)?;
-                self.events.observe(
-                    id,
-                    MachinePhase::Stopped,
-                    "forced off: the machine was paused",
-                );
-            }
-            // A crashed domain is shut off already; libvirt keeps saying "crashed" until its
-            // next start, and so does the agent.
-            DomainPhase::Stopped | DomainPhase::Crashed => {}
-        }
+        // A crashed domain is shut off already; libvirt keeps saying "crashed" until its next
+        // start, and so does the agent.
+        self.power_off(
+            id,
+            &name,
+            status.phase,
+            timeout.unwrap_or(self.cfg.graceful_timeout),
+        )
+        .await?;
         self.state_of(id).await
     }
 
@@ -605,9 +694,7 @@ impl MachineManager {
             .await
             .map_err(ManagerError::Restart)?;
         if let Some(request_id) = request_id {
-            let tmp = record.with_extension("tmp");
-            std::fs::write(&tmp, request_id)
-                .and_then(|()| std::fs::rename(&tmp, &record))
+            write_atomically(&record, request_id)
                 .map_err(|e| ManagerError::files(FileOp::Writing, &record, e))?;
         }
         self.state_of(id).await
@@ -905,6 +992,26 @@ struct MachineFiles {
 
 /// In a machine's directory: the id of the last reboot carried out.
 const LAST_REBOOT: &str = "last-reboot";
+/// In a machine's directory: the disk generation its overlay was made for (absent: 0).
+const DISK_GENERATION: &str = "disk-generation";
+
+/// What a build does to the machine's disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiskPlan {
+    /// A new machine: made from the image.
+    Create,
+    /// A redefinition: the disk is kept, grown to the spec's size.
+    Keep,
+    /// A rebuild: the old disk is removed and a fresh one made from the image.
+    Replace,
+}
+
+/// Writes `content` to a temporary file beside `path`, then renames it over `path`: a reader
+/// finds the old content or the new, never part of it.
+fn write_atomically(path: &Path, content: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).and_then(|()| std::fs::rename(&tmp, path))
+}
 
 /// Writes the [`INCOMPLETE_MARKER`]; on failure, its path and the cause.
 fn write_marker(dir: &Path, what: &str) -> Result<(), (PathBuf, std::io::Error)> {
@@ -913,8 +1020,12 @@ fn write_marker(dir: &Path, what: &str) -> Result<(), (PathBuf, std::io::Error)>
 }
 
 fn remove_marker(dir: &Path) -> Result<(), ManagerError> {
-    let path = dir.join(INCOMPLETE_MARKER);
-    match std::fs::remove_file(&path) {
+    remove_file_if_present(&dir.join(INCOMPLETE_MARKER))
+}
+
+/// `rm`, absent being fine.
+fn remove_file_if_present(path: &Path) -> Result<(), ManagerError> {
+    match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(ManagerError::files(FileOp::Removing, path, e)),

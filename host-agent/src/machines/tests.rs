@@ -91,6 +91,7 @@ impl Harness {
             ssh_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 unit@test".into()],
             user_data: None,
             desired,
+            disk_generation: 0,
         }
     }
 
@@ -687,4 +688,149 @@ async fn unused_cached_images_are_removed_after_the_grace_and_used_ones_stay() {
         .await
         .unwrap();
     assert_eq!(cached_images(&h).len(), 2);
+}
+
+fn disk_bytes(h: &Harness, id: Uuid) -> u64 {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(h.data.overlay(id))
+        .output()
+        .unwrap();
+    crate::disks::ImageInfo::from_json(&out.stdout)
+        .unwrap()
+        .virtual_size_bytes
+}
+
+#[tokio::test]
+async fn a_newer_generation_resizes_a_stopped_machine_and_its_disk_only_grows() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    let mut bigger = h.spec(id, 2, DesiredPower::Stopped);
+    (bigger.vcpus, bigger.memory_mib, bigger.disk_gib) = (3, 512, 4);
+    let state = h.manager.ensure(bigger.clone()).await.unwrap();
+    assert_eq!((state.vcpus, state.memory_mib, state.disk_gib), (3, 512, 4));
+    assert_eq!(
+        state.phase,
+        MachinePhase::Stopped,
+        "a resize does not start it"
+    );
+    assert_eq!(disk_bytes(&h, id), 4 << 30);
+    // Sent again (a retried task): nothing changes.
+    assert_eq!(h.manager.ensure(bigger).await.unwrap(), state);
+
+    let mut smaller = h.spec(id, 3, DesiredPower::Stopped);
+    smaller.disk_gib = 2;
+    let err = h.manager.ensure(smaller).await.unwrap_err();
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(disk_bytes(&h, id), 4 << 30);
+
+    // Running: new vCPUs are defined for its next boot, but its disk is held by QEMU.
+    h.manager.start(id).await.unwrap();
+    let mut running = h.spec(id, 4, DesiredPower::Running);
+    (running.vcpus, running.disk_gib) = (1, 4);
+    assert_eq!(h.manager.ensure(running).await.unwrap().vcpus, 1);
+    let mut grow_running = h.spec(id, 5, DesiredPower::Running);
+    grow_running.disk_gib = 8;
+    let err = h.manager.ensure(grow_running).await.unwrap_err();
+    assert!(
+        matches!(err, ManagerError::DiskInUse(m) if m == id),
+        "{err:?}"
+    );
+    assert_eq!(disk_bytes(&h, id), 4 << 30);
+}
+
+/// Writes a pattern of 1 MiB at offset 0 of the machine's disk, as a guest would.
+fn write_to_disk(h: &Harness, id: Uuid) {
+    let ok = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0xab 0 1M"])
+        .arg(h.data.overlay(id))
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(ok, "qemu-io write");
+}
+
+/// Whether the machine's disk holds what [`write_to_disk`] wrote.
+fn disk_has_the_write(h: &Harness, id: Uuid) -> bool {
+    std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-r", "-U", "-c", "read -P 0xab 0 1M"])
+        .arg(h.data.overlay(id))
+        .output()
+        .map(|o| {
+            o.status.success()
+                && !String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed")
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_newer_disk_generation_replaces_the_disk_once_stopping_a_running_machine_first() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    write_to_disk(&h, id);
+    assert!(disk_has_the_write(&h, id));
+    h.manager.start(id).await.unwrap();
+    let mut rebuild = h.spec(id, 2, DesiredPower::Running);
+    rebuild.disk_generation = 1;
+    let state = h.manager.ensure(rebuild.clone()).await.unwrap();
+    assert_eq!(state.phase, MachinePhase::Running);
+    assert!(!disk_has_the_write(&h, id), "the disk was made again");
+    assert_eq!(
+        h.phases(id),
+        [
+            MachinePhase::Stopped,
+            MachinePhase::Running,
+            MachinePhase::Stopped,
+            MachinePhase::Running
+        ],
+        "stopped before its disk was replaced, then started as desired"
+    );
+    // A retried rebuild (same generations) keeps the new disk, and so does a later change of
+    // another kind.
+    h.manager.stop(id, None).await.unwrap();
+    write_to_disk(&h, id);
+    h.manager.ensure(rebuild).await.unwrap();
+    h.manager.stop(id, None).await.unwrap();
+    let mut later = h.spec(id, 3, DesiredPower::Stopped);
+    later.disk_generation = 1;
+    h.manager.ensure(later).await.unwrap();
+    assert!(disk_has_the_write(&h, id));
+}
+
+#[tokio::test]
+async fn a_rebuild_killed_before_its_record_makes_the_disk_again_on_the_retry() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    let mut rebuild = h.spec(id, 2, DesiredPower::Stopped);
+    rebuild.disk_generation = 1;
+    // The first attempt's definition fails after the disk was made and recorded.
+    h.fake.fail_next(HypervisorOp::Define, 1);
+    h.manager.ensure(rebuild.clone()).await.unwrap_err();
+    assert_eq!(
+        std::fs::read_to_string(h.data.machine_dir(id).join(DISK_GENERATION)).unwrap(),
+        "1"
+    );
+    write_to_disk(&h, id);
+    let state = h.manager.ensure(rebuild).await.unwrap();
+    assert_eq!(state.generation, 2);
+    assert!(
+        disk_has_the_write(&h, id),
+        "recorded: the retry keeps the disk it made"
+    );
 }

@@ -170,6 +170,7 @@ impl Fixture {
             ssh_authorized_keys: key.map(|k| vec![k.to_owned()]).unwrap_or_default(),
             user_data: None,
             desired_power: power as i32,
+            disk_generation: 0,
         }
     }
 }
