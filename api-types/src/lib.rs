@@ -13,8 +13,8 @@ pub use hosts::{CapacityView, HostList, HostView};
 pub use images::{BootParams, ImageFormat, ImageList, ImageView, RegisterImageParams};
 pub use machines::{
     CreateMachineParams, DesiredState, EventPage, EventView, ListMachinesQuery, MachinePage,
-    MachinePatch, MachineStatus, MachineView, NetworkView, PortView, RestartPolicy, UnknownState,
-    WaitQuery,
+    MachinePatch, MachineStatus, MachineView, NetworkView, PortView, RebuildParams, ResizeParams,
+    RestartPolicy, UnknownState, WaitQuery,
 };
 pub use users::{
     AddSshKeyParams, CreateTokenParams, CreatedTokenView, ListUsersQuery, LoginParams,

@@ -18,6 +18,11 @@ pub enum MachineStatus {
     Stopped,
     Starting,
     Rebooting,
+    /// A stopped machine taking its new size (`POST /machines/{id}/resize`); stopped after.
+    Resizing,
+    /// Getting a fresh disk (`POST /machines/{id}/rebuild`); running or stopped after, as
+    /// it was.
+    Rebuilding,
     Deleting,
     Deleted,
     Failed,
@@ -34,7 +39,7 @@ pub enum DesiredState {
 
 impl MachineStatus {
     /// Every status, in lifecycle order (for metrics and validation).
-    pub const ALL: [MachineStatus; 10] = [
+    pub const ALL: [MachineStatus; 12] = [
         Self::Pending,
         Self::Provisioning,
         Self::Running,
@@ -42,6 +47,8 @@ impl MachineStatus {
         Self::Stopped,
         Self::Starting,
         Self::Rebooting,
+        Self::Resizing,
+        Self::Rebuilding,
         Self::Deleting,
         Self::Deleted,
         Self::Failed,
@@ -56,6 +63,8 @@ impl MachineStatus {
             Self::Stopped => "stopped",
             Self::Starting => "starting",
             Self::Rebooting => "rebooting",
+            Self::Resizing => "resizing",
+            Self::Rebuilding => "rebuilding",
             Self::Deleting => "deleting",
             Self::Deleted => "deleted",
             Self::Failed => "failed",
@@ -210,6 +219,30 @@ pub struct MachinePatch {
     /// Label changes, as a JSON merge patch (RFC 7396): a key with a string sets that label, a
     /// key with `null` removes it, labels not named stay.
     pub labels: Option<BTreeMap<String, Option<String>>>,
+}
+
+/// `POST /machines/{id}/resize`: the new size of a stopped machine; what is not named stays.
+/// The disk only grows (the guest sees the new size at its next boot).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeParams {
+    /// 1–32 (the server's `--max-vcpus`).
+    #[schema(minimum = 1, maximum = 32)]
+    pub vcpus: Option<i64>,
+    /// 64–262144 MiB (the server's `--max-memory-mib`).
+    #[schema(minimum = 64, maximum = 262144)]
+    pub memory_mib: Option<i64>,
+    /// At least the disk's size now, at most 2048 GiB (the server's `--max-disk-gib`).
+    #[schema(minimum = 1, maximum = 2048)]
+    pub disk_gib: Option<i64>,
+}
+
+/// `POST /machines/{id}/rebuild`: a fresh disk from `image` (default: the machine's own).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildParams {
+    /// Name of a registered image that is not deprecated (the machine's own image may be).
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]

@@ -157,6 +157,7 @@ fn specs_round_trip_through_the_wire_format() {
         ssh_authorized_keys: vec!["ssh-ed25519 AAAA k".into()],
         user_data: None,
         desired_power: PowerState::Running as i32,
+        disk_generation: 2,
     };
     let decoded = MachineSpec::decode(spec.encode_to_vec().as_slice()).unwrap();
     assert_eq!(decoded, spec);

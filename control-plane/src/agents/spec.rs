@@ -99,6 +99,7 @@ pub fn machine_spec(m: &TaskMachine) -> Result<AgentSpec, SpecProblem> {
             DesiredState::Running => pb::PowerState::Running,
             DesiredState::Stopped | DesiredState::Deleted => pb::PowerState::Stopped,
         } as i32,
+        disk_generation: u64_of(m.disk_generation),
     }))
 }
 
@@ -115,6 +116,7 @@ mod tests {
             desired: DesiredState::Stopped,
             version: 7,
             spec_generation: 3,
+            disk_generation: 0,
             status_changed_at: chrono::Utc::now(),
             hostname: "web-1".into(),
             size: Resources {

@@ -4,7 +4,7 @@
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::params::{
     page_limit, wait_timeout, CreateMachineParams, ForceQuery, ListMachinesQuery, MachinePatch,
-    PageQuery, WaitQuery,
+    PageQuery, RebuildParams, ResizeParams, WaitQuery,
 };
 use super::problem::Problem;
 use super::views::{EventPage, MachinePage, MachineView};
@@ -13,6 +13,7 @@ use crate::app::machines::{CreateMachine, Created};
 use crate::app::{App, Principal};
 use crate::error::{Error, Result};
 use crate::model::{Action, MachineId, MachineStatus};
+use crate::store::machine_reshape::{Resize, Resized};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -185,6 +186,53 @@ pub async fn reboot(
     ApiPath(id): ApiPath<MachineId>,
 ) -> Result<Response> {
     act(&app, who, id, Action::Reboot).await
+}
+
+/// Resize a stopped machine: vCPUs, memory, and a larger disk (the guest sees it at its next
+/// boot). What is not named stays. Checked against your quota (what grows) and the room on
+/// the machine's host; it is `resizing`, then `stopped` again. Asking for the size it already
+/// has changes nothing: 200.
+#[utoipa::path(post, path = "/machines/{id}/resize", tag = "machines", operation_id = "machine_resize", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
+    request_body = ResizeParams, security(("bearer" = [])),
+    responses((status = 202, body = MachineView), (status = 200, body = MachineView, description = "it already has that size"),
+        (status = 401, body = Problem), (status = 403, body = Problem, description = "quota exceeded"),
+        (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "not stopped, or its host has no room for it (the detail says what is short)"),
+        (status = 422, body = Problem, description = "no size named, a size out of range, or a smaller disk")))]
+pub async fn resize(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<MachineId>,
+    ApiJson(p): ApiJson<ResizeParams>,
+) -> Result<Response> {
+    let asked = Resize {
+        vcpus: p.vcpus,
+        memory_mib: p.memory_mib,
+        disk_gib: p.disk_gib,
+    };
+    Ok(match app.machine_resize(who, id, asked).await? {
+        Resized::Accepted(m) => (StatusCode::ACCEPTED, Json(MachineView::from(m))).into_response(),
+        Resized::Unchanged(m) => (StatusCode::OK, Json(MachineView::from(m))).into_response(),
+    })
+}
+
+/// Rebuild a running or stopped machine: a fresh disk from its image, or from `image`. It
+/// keeps its id, hostname, size, SSH keys, user data and address; what its old disk held is
+/// gone. It is `rebuilding`, then running or stopped as it was (a running one is shut down
+/// first).
+#[utoipa::path(post, path = "/machines/{id}/rebuild", tag = "machines", operation_id = "machine_rebuild", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
+    request_body = RebuildParams, security(("bearer" = [])),
+    responses((status = 202, body = MachineView), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem, description = "neither running nor stopped"),
+        (status = 422, body = Problem, description = "an unknown or deprecated image")))]
+pub async fn rebuild(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    ApiPath(id): ApiPath<MachineId>,
+    ApiJson(p): ApiJson<RebuildParams>,
+) -> Result<Response> {
+    let machine = app.machine_rebuild(who, id, p.image.as_deref()).await?;
+    Ok((StatusCode::ACCEPTED, Json(MachineView::from(machine))).into_response())
 }
 
 /// Delete a machine; it leaves the lists once deleted, and its hostname is free again. With

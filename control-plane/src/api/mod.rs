@@ -128,7 +128,8 @@ impl Modify for BearerAuth {
         users::user_list, users::user_get, users::user_patch, users::user_disable,
         users::user_enable, users::quota_get, users::quota_put,
         machines::create, machines::list, machines::get, machines::start, machines::stop,
-        machines::reboot, machines::delete, machines::patch, machines::wait, machines::events,
+        machines::reboot, machines::resize, machines::rebuild, machines::delete, machines::patch,
+        machines::wait, machines::events,
         machines::console,
         images::image_list, images::image_register, images::image_deprecate,
         images::image_undeprecate,
@@ -207,6 +208,8 @@ fn api_routes(app: &Arc<App>, settings: &HttpSettings) -> Router<Arc<App>> {
         .route("/machines/{id}/start", post(machines::start))
         .route("/machines/{id}/stop", post(machines::stop))
         .route("/machines/{id}/reboot", post(machines::reboot))
+        .route("/machines/{id}/resize", post(machines::resize))
+        .route("/machines/{id}/rebuild", post(machines::rebuild))
         .route("/machines/{id}/events", get(machines::events))
         .route("/machines/{id}/console", get(machines::console))
         .route(

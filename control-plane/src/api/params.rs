@@ -4,8 +4,9 @@
 
 pub use skygate_api_types::{
     AddSshKeyParams, BootParams, CreateMachineParams, ForceQuery, ImageFormat, ListMachinesQuery,
-    ListUsersQuery, LoginParams, MachinePatch, PageQuery, ProfilePatch, QuotaParams, RefreshParams,
-    RegisterImageParams, RegisterParams, RoleName, UserPatch, WaitQuery,
+    ListUsersQuery, LoginParams, MachinePatch, PageQuery, ProfilePatch, QuotaParams, RebuildParams,
+    RefreshParams, RegisterImageParams, RegisterParams, ResizeParams, RoleName, UserPatch,
+    WaitQuery,
 };
 
 /// The longest a `GET /machines/{id}/wait` waits, and how long without `timeout`.

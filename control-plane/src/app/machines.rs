@@ -10,6 +10,7 @@ use crate::model::machine_state::Action;
 use crate::model::ssh_key::{InvalidSshKey, SshPublicKey};
 use crate::model::{Hostname, Machine, MachineEvent, MachineId, MachineStatus, RestartPolicy};
 use crate::store::idempotency::ClaimedKey;
+use crate::store::machine_reshape::{RebuildImage, Resize, Resized};
 use crate::store::machines::{MachinePatch, NewMachine, Visibility};
 use auth::Role;
 use std::collections::BTreeMap;
@@ -47,6 +48,12 @@ fn visibility(who: Principal) -> Visibility {
         Role::Admin => Visibility::All,
         Role::User => Visibility::Owner(who.user_id),
     }
+}
+
+fn deprecated(image: &str) -> Error {
+    Error::Invalid(format!(
+        "image '{image}' is deprecated: new machines cannot use it (GET /images lists the others)"
+    ))
 }
 
 fn check_range(what: &str, value: i64, min: i64, max: i64) -> Result<()> {
@@ -151,24 +158,9 @@ impl App {
         for entry in &req.ssh_keys {
             ssh_keys.push(self.resolve_ssh_key(who, entry).await?);
         }
-        let unknown_image = || {
-            let shown: String = req.image.chars().take(64).collect();
-            Error::Invalid(format!("image '{shown}' does not exist"))
-        };
-        if !super::images::is_image_name(&req.image) {
-            return Err(unknown_image());
-        }
-        let image = self
-            .store
-            .image_by_name(&req.image)
-            .await?
-            .ok_or_else(unknown_image)?;
+        let image = self.image_for_machines(&req.image).await?;
         if image.deprecated_at.is_some() {
-            return Err(Error::Invalid(format!(
-                "image '{}' is deprecated: new machines cannot use it (GET /images lists the \
-                 others)",
-                image.name
-            )));
+            return Err(deprecated(&image.name));
         }
         let new = NewMachine {
             owner_id: who.user_id,
@@ -336,6 +328,86 @@ impl App {
             .machine_list(visibility(who), status, label, before_seq, limit + 1)
             .await?;
         Ok(Page::from_overfetch(rows, limit))
+    }
+
+    /// Resizes a stopped machine (the parts given; the disk only grows), within its owner's
+    /// quota and its host's room. `Unchanged` when it already has that size.
+    pub async fn machine_resize(
+        &self,
+        who: Principal,
+        id: MachineId,
+        asked: Resize,
+    ) -> Result<Resized> {
+        let l = self.settings.machine_limits;
+        if asked == Resize::default() {
+            return Err(Error::Invalid(
+                "name at least one of vcpus, memory_mib, disk_gib".into(),
+            ));
+        }
+        if let Some(v) = asked.vcpus {
+            check_range("vcpus", v, 1, l.max_vcpus)?;
+        }
+        if let Some(m) = asked.memory_mib {
+            check_range("memory_mib", m, l.min_memory_mib, l.max_memory_mib)?;
+        }
+        if let Some(d) = asked.disk_gib {
+            check_range("disk_gib", d, 1, l.max_disk_gib)?;
+        }
+        // The owner's limits (an administrator may resize a tenant's machine).
+        let owner = self.machine_get(who, id).await?.owner_id;
+        let quota = self
+            .store
+            .user_get(owner)
+            .await?
+            .ok_or(Error::NotFound("user"))?
+            .quota
+            .over(self.settings.quota);
+        let resized = self
+            .store
+            .machine_resize(id, visibility(who), asked, &quota)
+            .await?;
+        self.shown_usage.forget(owner);
+        Ok(resized)
+    }
+
+    /// Rebuilds a running or stopped machine from `image` (its own when `None`).
+    pub async fn machine_rebuild(
+        &self,
+        who: Principal,
+        id: MachineId,
+        image: Option<&str>,
+    ) -> Result<Machine> {
+        let image = match image {
+            None => None,
+            Some(name) => {
+                let image = self.image_for_machines(name).await?;
+                let current = self.machine_get(who, id).await?;
+                // Its own image stays usable for it: deprecation keeps new machines away.
+                if image.deprecated_at.is_some() && image.name != current.image_name {
+                    return Err(deprecated(&image.name));
+                }
+                Some(RebuildImage {
+                    id: image.id.to_string(),
+                    name: image.name,
+                })
+            }
+        };
+        self.store.machine_rebuild(id, visibility(who), image).await
+    }
+
+    /// The registered image named `name`, or 422 naming it.
+    async fn image_for_machines(&self, name: &str) -> Result<crate::model::Image> {
+        let unknown_image = || {
+            let shown: String = name.chars().take(64).collect();
+            Error::Invalid(format!("image '{shown}' does not exist"))
+        };
+        if !super::images::is_image_name(name) {
+            return Err(unknown_image());
+        }
+        self.store
+            .image_by_name(name)
+            .await?
+            .ok_or_else(unknown_image)
     }
 
     /// start / stop / reboot / delete. Without a host, a delete finishes at once.

@@ -25,6 +25,10 @@ pub enum Action {
     Stop,
     Reboot,
     Delete,
+    /// New vCPUs, memory or a larger disk for a stopped machine.
+    Resize,
+    /// A fresh disk from the machine's image (or another).
+    Rebuild,
 }
 
 /// The outcome of an accepted request: the status and desired state to write.
@@ -55,6 +59,8 @@ impl Action {
             Self::Stop => "stop",
             Self::Reboot => "reboot",
             Self::Delete => "delete",
+            Self::Resize => "resize",
+            Self::Rebuild => "rebuild",
         }
     }
 }
@@ -102,6 +108,18 @@ pub fn request(
             S::Running => to(S::Rebooting, DesiredState::Running),
             _ => Err(refuse(": only a running machine can reboot")),
         },
+        // Its QEMU holds the disk and the size while it runs.
+        Action::Resize => match status {
+            S::Stopped => to(S::Resizing, DesiredState::Stopped),
+            S::Running => Err(refuse(": stop it first")),
+            _ => Err(refuse(": only a stopped machine can be resized")),
+        },
+        // Running or stopped, it ends as it was (a running one is stopped for the new disk).
+        Action::Rebuild => match status {
+            S::Running | S::Stopped => to(S::Rebuilding, desired),
+            S::Failed => Err(refuse(": delete it and create it again")),
+            _ => Err(refuse(": wait until it is running or stopped")),
+        },
     }
 }
 
@@ -118,9 +136,11 @@ pub fn can_transition(from: MachineStatus, to: MachineStatus) -> bool {
         (_, S::Deleting) => true,
         (S::Pending, S::Provisioning | S::Failed) => true,
         (S::Provisioning, S::Running | S::Stopped | S::Failed) => true,
-        (S::Running, S::Stopping | S::Rebooting | S::Stopped | S::Failed) => true,
+        (S::Running, S::Stopping | S::Rebooting | S::Rebuilding | S::Stopped | S::Failed) => true,
         (S::Stopping, S::Stopped | S::Failed) => true,
-        (S::Stopped, S::Starting | S::Running | S::Failed) => true,
+        (S::Stopped, S::Starting | S::Running | S::Resizing | S::Rebuilding | S::Failed) => true,
+        (S::Resizing, S::Stopped | S::Failed) => true,
+        (S::Rebuilding, S::Running | S::Stopped | S::Failed) => true,
         (S::Starting, S::Running | S::Stopped | S::Failed) => true,
         (S::Rebooting, S::Running | S::Stopped | S::Failed) => true,
         _ => false,
@@ -408,5 +428,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_resize_needs_a_stopped_machine_and_a_rebuild_keeps_what_it_was_asked_to_be() {
+        assert_eq!(
+            request(Action::Resize, S::Stopped, D::Stopped),
+            Ok(Transition {
+                status: S::Resizing,
+                desired: D::Stopped
+            })
+        );
+        for status in [S::Running, S::Pending, S::Starting, S::Resizing, S::Failed] {
+            assert!(
+                request(Action::Resize, status, D::Stopped).is_err(),
+                "{status}"
+            );
+        }
+        for (status, desired) in [(S::Running, D::Running), (S::Stopped, D::Stopped)] {
+            assert_eq!(
+                request(Action::Rebuild, status, desired),
+                Ok(Transition {
+                    status: S::Rebuilding,
+                    desired
+                })
+            );
+        }
+        for status in [S::Provisioning, S::Rebooting, S::Rebuilding, S::Failed] {
+            assert!(
+                request(Action::Rebuild, status, D::Running).is_err(),
+                "{status}"
+            );
+        }
+        // Neither can be asked twice at once, and both end where the agent leaves them.
+        assert!(can_transition(S::Resizing, S::Stopped));
+        assert!(!can_transition(S::Resizing, S::Running));
+        assert!(can_transition(S::Rebuilding, S::Running));
+        assert!(can_transition(S::Rebuilding, S::Stopped));
+        assert!(can_transition(S::Rebuilding, S::Deleting));
     }
 }

@@ -23,7 +23,8 @@ impl Resources {
         }
     }
 
-    fn minus(self, other: Resources) -> Resources {
+    /// What is left of `self` once `other` is taken (negative where `other` is larger).
+    pub fn minus(self, other: Resources) -> Resources {
         Resources {
             vcpus: self.vcpus - other.vcpus,
             memory_mib: self.memory_mib - other.memory_mib,
@@ -187,6 +188,33 @@ pub fn place_batch(
         .collect()
 }
 
+/// Whether a machine can grow by `delta` on host `host` (a resize stays on its host), which
+/// offers `capacity` and has `allocated` to its machines. A part that shrinks always fits; a
+/// cordoned host still lets its machines change size (cordoning only keeps new ones away).
+/// The error names what is short and by how much.
+pub fn resize_fits(
+    host: &str,
+    capacity: Resources,
+    allocated: Resources,
+    delta: Resources,
+) -> Result<(), String> {
+    let free = capacity.minus(allocated);
+    let checks = [
+        ("vCPUs", free.vcpus, delta.vcpus),
+        ("MiB of memory", free.memory_mib, delta.memory_mib),
+        ("GiB of disk", free.disk_gib, delta.disk_gib),
+    ];
+    for (what, free, more) in checks {
+        if more > 0 && more > free {
+            return Err(format!(
+                "host {host} has {} {what} free and this resize needs {more} more",
+                free.max(0)
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,5 +357,47 @@ mod tests {
                 prop_assert!(h.allocated.disk_gib <= h.capacity.disk_gib);
             }
         }
+    }
+
+    #[test]
+    fn a_resize_fits_when_each_growing_part_has_room_and_a_shrinking_part_always() {
+        let capacity = Resources {
+            vcpus: 8,
+            memory_mib: 8192,
+            disk_gib: 100,
+        };
+        let allocated = Resources {
+            vcpus: 6,
+            memory_mib: 8192,
+            disk_gib: 40,
+        };
+        let delta = |vcpus, memory_mib, disk_gib| Resources {
+            vcpus,
+            memory_mib,
+            disk_gib,
+        };
+        assert_eq!(
+            resize_fits("h1", capacity, allocated, delta(2, 0, 60)),
+            Ok(())
+        );
+        assert_eq!(
+            resize_fits("h1", capacity, allocated, delta(3, 0, 0)),
+            Err("host h1 has 2 vCPUs free and this resize needs 3 more".into())
+        );
+        assert_eq!(
+            resize_fits("h1", capacity, allocated, delta(-2, 1, 0)),
+            Err("host h1 has 0 MiB of memory free and this resize needs 1 more".into())
+        );
+        // Fewer vCPUs and less memory on a full host: always.
+        assert_eq!(
+            resize_fits("h1", capacity, allocated, delta(-1, -512, 0)),
+            Ok(())
+        );
+        // A host already over (its capacity shrank): a shrinking resize still goes through.
+        let over = Resources {
+            vcpus: 12,
+            ..allocated
+        };
+        assert_eq!(resize_fits("h1", capacity, over, delta(-2, 0, 0)), Ok(()));
     }
 }

@@ -14,15 +14,21 @@ pub enum TaskKind {
     Stop,
     Reboot,
     Delete,
+    /// Sends a resized machine's new spec to its host.
+    Resize,
+    /// Sends a rebuilt machine's new spec (a newer disk generation) to its host.
+    Rebuild,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 5] = [
+    pub const ALL: [TaskKind; 7] = [
         TaskKind::Provision,
         TaskKind::Start,
         TaskKind::Stop,
         TaskKind::Reboot,
         TaskKind::Delete,
+        TaskKind::Resize,
+        TaskKind::Rebuild,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -32,6 +38,8 @@ impl TaskKind {
             TaskKind::Stop => "stop",
             TaskKind::Reboot => "reboot",
             TaskKind::Delete => "delete",
+            TaskKind::Resize => "resize",
+            TaskKind::Rebuild => "rebuild",
         }
     }
 }
@@ -78,6 +86,8 @@ pub fn follow_up(action: Action, status: MachineStatus, placed: bool) -> FollowU
         (Action::Start, S::Starting) => FollowUp::Queue(TaskKind::Start),
         (Action::Stop, S::Stopping) => FollowUp::Queue(TaskKind::Stop),
         (Action::Reboot, S::Rebooting) => FollowUp::Queue(TaskKind::Reboot),
+        (Action::Resize, S::Resizing) => FollowUp::Queue(TaskKind::Resize),
+        (Action::Rebuild, S::Rebuilding) => FollowUp::Queue(TaskKind::Rebuild),
         (Action::Delete, _) if placed => FollowUp::Queue(TaskKind::Delete),
         (Action::Delete, _) => FollowUp::DeleteNow,
         _ => FollowUp::Nothing,
@@ -95,8 +105,8 @@ mod tests {
             assert_eq!(k.as_str().parse::<TaskKind>(), Ok(k));
         }
         assert_eq!(
-            "resize".parse::<TaskKind>(),
-            Err(UnknownTaskKind("resize".into()))
+            "resize-disk".parse::<TaskKind>(),
+            Err(UnknownTaskKind("resize-disk".into()))
         );
     }
 

@@ -190,6 +190,8 @@ mod tests {
             S::Starting,
             S::Stopping,
             S::Rebooting,
+            S::Resizing,
+            S::Rebuilding,
             S::Deleting,
             S::Failed,
         ] {

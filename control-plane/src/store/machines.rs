@@ -110,7 +110,7 @@ pub enum Visibility {
 }
 
 impl Visibility {
-    fn owner(&self) -> Option<String> {
+    pub(super) fn owner(&self) -> Option<String> {
         match self {
             Visibility::Owner(u) => Some(u.to_string()),
             Visibility::All => None,
@@ -129,6 +129,8 @@ pub struct TaskMachine {
     pub version: i64,
     /// The generation of what agents build (sent in the spec).
     pub spec_generation: i64,
+    /// Moves with every rebuild (sent in the spec: the agent makes a fresh disk).
+    pub disk_generation: i64,
     pub status_changed_at: DateTime<Utc>,
     pub hostname: String,
     pub size: Resources,
@@ -273,6 +275,52 @@ fn machines_sql(backend: Backend, rest: &str) -> String {
         Backend::Postgres => format!("json_agg(json_build_array({NAMES}))::text"),
     };
     format!("SELECT {outer} AS machines FROM (SELECT {COLUMNS} {rest}) page")
+}
+
+/// Writes an accepted request's transition `t` over the status and version `read` (the
+/// state machine judged the request against them); a machine that changed since is a
+/// conflict: the request was judged against what it no longer is.
+pub(super) async fn swap_status_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    id: MachineId,
+    read: (MachineStatus, i64),
+    t: machine_state::Transition,
+    now: i64,
+) -> Result<()> {
+    let swapped = sqlx::query(
+        "UPDATE machines SET status = $1, desired_state = $2, updated_at = $3, \
+         status_changed_at = CASE WHEN status = $1 THEN status_changed_at ELSE $3 END, \
+         version = version + 1 \
+         WHERE id = $4 AND version = $5 AND status = $6 AND deleted_at IS NULL",
+    )
+    .bind(t.status.as_str())
+    .bind(t.desired.as_str())
+    .bind(now)
+    .bind(id.to_string())
+    .bind(read.1)
+    .bind(read.0.as_str())
+    .execute(&mut **tx)
+    .await?;
+    if swapped.rows_affected() == 0 {
+        return Err(Error::Conflict(
+            "the machine changed while this request was handled; look at it and retry".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Machine `id` as `tx` sees it (deleted ones included).
+pub(super) async fn machine_in_txn(
+    tx: &mut Transaction<'static, Any>,
+    backend: Backend,
+    id: MachineId,
+) -> Result<Machine> {
+    let sql = machines_sql(backend, "WHERE m.id = $1");
+    let row = sqlx::query(&sql)
+        .bind(id.to_string())
+        .fetch_one(&mut **tx)
+        .await?;
+    machine_from(&row)?.ok_or(Error::NotFound("machine"))
 }
 
 /// One machine as [`machines_sql`] writes it: a JSON array, read by position in field order
@@ -518,37 +566,14 @@ impl Store {
         let placed = row.try_get::<Option<String>, _>("host_id")?.is_some();
         let t = machine_state::request(action, status, desired)
             .map_err(|e| Error::Conflict(e.to_string()))?;
-        let swapped = sqlx::query(
-            "UPDATE machines SET status = $1, desired_state = $2, updated_at = $3, \
-             status_changed_at = CASE WHEN status = $1 THEN status_changed_at ELSE $3 END, \
-             version = version + 1 \
-             WHERE id = $4 AND version = $5 AND status = $6 AND deleted_at IS NULL",
-        )
-        .bind(t.status.as_str())
-        .bind(t.desired.as_str())
-        .bind(now)
-        .bind(id.to_string())
-        .bind(version)
-        .bind(status.as_str())
-        .execute(&mut *tx)
-        .await?;
-        if swapped.rows_affected() == 0 {
-            return Err(Error::Conflict(
-                "the machine changed while this request was handled; look at it and retry".into(),
-            ));
-        }
+        swap_status_in_txn(&mut tx, id, (status, version), t, now).await?;
         let message = format!("{action} requested");
         event_in_txn(&mut tx, id, action.as_str(), t.status, &message, now).await?;
         let follow_up = tasks::follow_up(action, t.status, placed);
         if let FollowUp::Queue(kind) = follow_up {
             enqueue_in_txn(&mut tx, self.backend(), id, kind).await?;
         }
-        let sql = machines_sql(self.backend(), "WHERE m.id = $1");
-        let requested = sqlx::query(&sql)
-            .bind(id.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
-        let requested = machine_from(&requested)?.ok_or(Error::NotFound("machine"))?;
+        let requested = machine_in_txn(&mut tx, self.backend(), id).await?;
         if follow_up == FollowUp::DeleteNow {
             sqlx::query(
                 "UPDATE machines SET status = $1, deleted_at = $2, updated_at = $2, \
@@ -579,7 +604,7 @@ impl Store {
     pub async fn machine_for_task(&self, id: MachineId) -> Result<Option<TaskMachine>> {
         let row = sqlx::query(
             "SELECT m.id, m.status, m.desired_state, m.version, m.spec_generation, \
-             m.status_changed_at, \
+             m.disk_generation, m.status_changed_at, \
              m.hostname, m.vcpus, m.memory_mib, m.disk_gib, m.ssh_keys, m.user_data, \
              h.id AS host_id, h.name AS host_name, h.grpc_address, h.state AS host_state, \
              h.credential_issued, h.credential_generation, \
@@ -612,6 +637,7 @@ impl Store {
             )?,
             version: r.try_get("version")?,
             spec_generation: r.try_get("spec_generation")?,
+            disk_generation: r.try_get("disk_generation")?,
             status_changed_at: from_micros(r.try_get("status_changed_at")?),
             hostname: r.try_get("hostname")?,
             size: Resources {

@@ -196,6 +196,44 @@ impl Workers {
                     .await
             }
             TaskKind::Delete => self.delete(task, m).await,
+            TaskKind::Resize => self.reshape(task, m, MachineStatus::Resizing).await,
+            TaskKind::Rebuild => self.reshape(task, m, MachineStatus::Rebuilding).await,
+        }
+    }
+
+    /// Resize and rebuild: the machine's new spec (a newer generation) sent to its host, which
+    /// redefines it (and grows or replaces its disk); it ends as the agent leaves it, stopped
+    /// or running as desired.
+    async fn reshape(&self, task: &TaskRecord, m: TaskMachine, during: MachineStatus) -> Step {
+        if m.status != during {
+            return Ok(TaskOutcome::Done);
+        }
+        let Some(host) = m.host.clone() else {
+            return self.fail(task, &m, "the machine has no host").await;
+        };
+        if !host.reachable {
+            return self.wait_for_host(task, &m, &host.name).await;
+        }
+        let spec = match machine_spec(&m) {
+            Ok(s) => s,
+            Err(problem) => return self.fail(task, &m, &problem.to_string()).await,
+        };
+        let ensured = match self.client(&host) {
+            Ok(client) => client.ensure(spec).await,
+            Err(e) => Err(e),
+        };
+        match ensured {
+            Ok(state) => {
+                let what = match task.kind {
+                    TaskKind::Rebuild => format!("rebuilt on host {}", host.name),
+                    _ => format!(
+                        "resized on host {} to {} vCPUs, {} MiB of memory, {} GiB of disk",
+                        host.name, m.size.vcpus, m.size.memory_mib, m.size.disk_gib
+                    ),
+                };
+                self.record_ensured(task, &m, &state, &what).await
+            }
+            Err(e) => self.agent_error(task, &m, &host.name, e).await,
         }
     }
 
@@ -249,33 +287,40 @@ impl Workers {
         };
         match ensured {
             Ok(state) => {
-                let to = if state.phase == crate::model::PhaseOnHost::Running {
-                    MachineStatus::Running
-                } else {
-                    MachineStatus::Stopped
-                };
-                let message = format!("provisioned on host {}; {}", host.name, to);
-                let event = NewEvent {
-                    action: "provision",
-                    message: &message,
-                };
-                Ok(self
-                    .store
-                    .machine_transition(&MachineTransition {
-                        network: Some(&state.network),
-                        ..MachineTransition::new(
-                            m.id,
-                            MachineStatus::Provisioning,
-                            m.version,
-                            to,
-                            event,
-                        )
-                    })
-                    .await
-                    .map(|settled| again_unless(settled.applied(), "provisioning"))?)
+                let what = format!("provisioned on host {}", host.name);
+                self.record_ensured(task, &m, &state, &what).await
             }
             Err(e) => self.agent_error(task, &m, &host.name, e).await,
         }
+    }
+
+    /// Records what an EnsureMachine left of machine `m`: from its status as read to running
+    /// or stopped, as the agent reports it, with `what` happened in the event.
+    async fn record_ensured(
+        &self,
+        task: &TaskRecord,
+        m: &TaskMachine,
+        state: &MachineOnHost,
+        what: &str,
+    ) -> Step {
+        let to = if state.phase == crate::model::PhaseOnHost::Running {
+            MachineStatus::Running
+        } else {
+            MachineStatus::Stopped
+        };
+        let message = format!("{what}; {to}");
+        let event = NewEvent {
+            action: task.kind.as_str(),
+            message: &message,
+        };
+        Ok(self
+            .store
+            .machine_transition(&MachineTransition {
+                network: Some(&state.network),
+                ..MachineTransition::new(m.id, m.status, m.version, to, event)
+            })
+            .await
+            .map(|settled| again_unless(settled.applied(), m.status.as_str()))?)
     }
 
     /// Start, stop and reboot: one agent call from `during` to `to`.

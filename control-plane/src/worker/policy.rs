@@ -11,9 +11,13 @@ pub fn deadline(status: MachineStatus, s: &WorkflowSettings) -> Option<Duration>
     use MachineStatus as S;
     match status {
         S::Pending => Some(s.placement_timeout),
-        S::Provisioning | S::Starting | S::Stopping | S::Rebooting | S::Deleting => {
-            Some(s.transition_timeout)
-        }
+        S::Provisioning
+        | S::Starting
+        | S::Stopping
+        | S::Rebooting
+        | S::Resizing
+        | S::Rebuilding
+        | S::Deleting => Some(s.transition_timeout),
         S::Running | S::Stopped | S::Deleted | S::Failed => None,
     }
 }

@@ -1822,3 +1822,223 @@ async fn a_wait_on_one_replica_is_woken_by_another_replicas_work() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Writes a pattern at the start of machine `id`'s disk on `host`, as its guest would.
+fn write_to_disk(host: &FakeHost, id: &str) -> std::path::PathBuf {
+    let data = DataDir::new(host.tmp.path().join("data")).unwrap();
+    let overlay = data.overlay(id.parse().unwrap());
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0xab 0 1M"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    overlay
+}
+
+/// Whether the disk at `overlay` still holds what [`write_to_disk`] wrote.
+fn disk_has_the_write(overlay: &std::path::Path) -> bool {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-r", "-U", "-c", "read -P 0xab 0 1M"])
+        .arg(overlay)
+        .output()
+        .unwrap();
+    out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("verification failed")
+}
+
+fn virtual_size(overlay: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(overlay)
+        .output()
+        .unwrap();
+    serde_json::from_slice::<Value>(&out.stdout).unwrap()["virtual-size"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Issue 15, resize and rebuild through the API and a real agent (fake hypervisor, real
+/// qemu-img): what is refused says why (running, no room on the host, quota, a shrinking
+/// disk); an accepted resize reaches the host's definition and disk, the tenant's usage and
+/// the host's allocation; a rebuild leaves a fresh disk and the machine as it was.
+async fn resize_and_rebuild_reach_the_host_and_say_why_when_refused(backend: Backend) {
+    let app = TestApp::spawn_provisioning(backend, config()).await;
+    let host = FakeHost::start(app.grpc.unwrap(), "resizer", 4).await;
+    let (admin, tenant) = ready_with_image(&app, &host, "resizer").await;
+    let id = create(&app, &tenant, "r1").await;
+    let wait = |status: &'static str| {
+        let path = format!("/machines/{id}/wait?status={status}&timeout=60");
+        let (app, tenant) = (&app, &tenant);
+        async move {
+            let m = app.get_json(tenant, &path).await;
+            assert_eq!(m["status"], status, "{m:#}");
+            m
+        }
+    };
+    let post = |path: String, body: Value| {
+        let (app, tenant) = (&app, &tenant);
+        async move {
+            app.as_user(tenant, Method::POST, &path)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let resize = format!("/machines/{id}/resize");
+    let rebuild = format!("/machines/{id}/rebuild");
+    wait("running").await;
+
+    let res = post(resize.clone(), json!({"vcpus": 2})).await;
+    let body = crate::common::problem(res, StatusCode::CONFLICT).await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("stop it first"),
+        "{body}"
+    );
+    post(format!("/machines/{id}/stop"), json!({})).await;
+    wait("stopped").await;
+
+    for bad in [
+        json!({}),
+        json!({"vcpus": 0}),
+        json!({"disk_gib": 99999}),
+        json!({"cpus": 2}),
+    ] {
+        let res = post(resize.clone(), bad.clone()).await;
+        crate::common::problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+    }
+    // The size it has: nothing to do.
+    let res = post(resize.clone(), json!({"vcpus": 1, "disk_gib": 1})).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json::<Value>().await.unwrap()["status"], "stopped");
+    // The host offers 4 vCPUs and this machine holds 1.
+    let res = post(resize.clone(), json!({"vcpus": 5})).await;
+    let body = crate::common::problem(res, StatusCode::CONFLICT).await;
+    assert_eq!(
+        body["detail"], "host resizer has 3 vCPUs free and this resize needs 4 more",
+        "{body}"
+    );
+    let tenant_id = app.get_json(&tenant, "/auth/profile").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let quota = |max_vcpus: Value| {
+        let (app, admin, path) = (&app, &admin, format!("/users/{tenant_id}/quota"));
+        async move {
+            let res = app
+                .as_user(admin, Method::PUT, &path)
+                .json(
+                    &json!({"max_machines": null, "max_vcpus": max_vcpus, "max_memory_mib": null}),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+    };
+    quota(json!(2)).await;
+    let res = post(resize.clone(), json!({"vcpus": 3})).await;
+    let body = crate::common::problem(res, StatusCode::FORBIDDEN).await;
+    assert!(body["detail"].as_str().unwrap().contains("vCPUs"), "{body}");
+    quota(Value::Null).await;
+
+    let overlay = write_to_disk(&host, &id);
+    let res = post(
+        resize.clone(),
+        json!({"vcpus": 2, "memory_mib": 256, "disk_gib": 3}),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(res.json::<Value>().await.unwrap()["status"], "resizing");
+    let m = wait("stopped").await;
+    assert_eq!(
+        (
+            m["vcpus"].as_i64(),
+            m["memory_mib"].as_i64(),
+            m["disk_gib"].as_i64()
+        ),
+        (Some(2), Some(256), Some(3))
+    );
+    let xml = host
+        .fake
+        .domain_xml(&format!("skygate-wf-resizer-{id}"))
+        .unwrap();
+    assert!(
+        xml.contains(">2</vcpu>") && xml.contains(">256</memory>"),
+        "{xml}"
+    );
+    assert_eq!(virtual_size(&overlay), 3 << 30);
+    assert!(
+        disk_has_the_write(&overlay),
+        "a resize keeps the disk's data"
+    );
+    let profile = app.get_json(&tenant, "/auth/profile").await;
+    assert_eq!(profile["quota"]["usage"]["vcpus"], 2, "{profile:#}");
+    let hosts = app.get_json(&admin, "/hosts").await;
+    assert_eq!(hosts["items"][0]["allocated"]["vcpus"], 2, "{hosts:#}");
+    let res = post(resize.clone(), json!({"disk_gib": 2})).await;
+    let body = crate::common::problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("only grows"),
+        "{body}"
+    );
+
+    // Rebuild a running machine: stopped for its fresh disk, running again.
+    post(format!("/machines/{id}/start"), json!({})).await;
+    wait("running").await;
+    for (body, status) in [
+        (
+            json!({"image": "no-such-image"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (json!({"image": 7}), StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let res = post(rebuild.clone(), body).await;
+        crate::common::problem(res, status).await;
+    }
+    let stranger = app.user("stranger").await;
+    let res = app
+        .as_user(&stranger, Method::POST, &rebuild)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    crate::common::problem(res, StatusCode::NOT_FOUND).await;
+    let res = post(rebuild.clone(), json!({})).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(res.json::<Value>().await.unwrap()["status"], "rebuilding");
+    let m = wait("running").await;
+    assert_eq!(m["vcpus"], 2, "a rebuild keeps the size");
+    assert!(!disk_has_the_write(&overlay), "the old disk is gone");
+    assert_eq!(virtual_size(&overlay), 3 << 30);
+    let events = app
+        .get_json(&tenant, &format!("/machines/{id}/events?limit=200"))
+        .await;
+    let said: Vec<String> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e["action"].as_str().unwrap(),
+                e["message"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for expected in [
+        "resize: resize requested: 1 to 2 vCPUs, 128 to 256 MiB of memory, 1 to 3 GiB of disk",
+        "resize: resized on host resizer to 2 vCPUs, 256 MiB of memory, 3 GiB of disk; stopped",
+        "rebuild: rebuild requested from its image",
+        "rebuild: rebuilt on host resizer; running",
+    ] {
+        assert!(
+            said.iter().any(|s| s == expected),
+            "{expected:?} not in {said:#?}"
+        );
+    }
+    drop(host);
+    app.stop().await;
+}
+
+both_stores!(resize_and_rebuild_reach_the_host_and_say_why_when_refused);

@@ -115,6 +115,11 @@ impl FakeHypervisor {
         }
     }
 
+    /// The definition of domain `name`, as last defined.
+    pub fn domain_xml(&self, name: &str) -> Option<String> {
+        self.lock().domains.get(name).map(|d| d.xml.clone())
+    }
+
     /// Names of every defined domain.
     pub fn domain_names(&self) -> Vec<String> {
         self.lock().domains.keys().cloned().collect()
