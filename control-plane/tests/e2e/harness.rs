@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use skygate_test_support::libvirt::virsh;
 pub use skygate_test_support::libvirt::{ensure_libvirtd, kill_libvirtd};
 use skygate_test_support::process::LoggedChild;
-pub use skygate_test_support::ssh::{ssh_hostname, ssh_key};
+pub use skygate_test_support::ssh::{ssh_hostname, ssh_key, ssh_run};
 use skygate_test_support::{tiny_image_json, workspace_bin};
 
 const ADMIN_PASSWORD: &str = "an e2e admin passphrase";

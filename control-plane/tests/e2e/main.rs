@@ -10,7 +10,7 @@ mod harness;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use harness::{ssh_hostname, ssh_key, ssh_port, Capacity, Cluster};
+use harness::{ssh_hostname, ssh_key, ssh_port, ssh_run, Capacity, Cluster};
 
 const BOOT: Duration = Duration::from_secs(120);
 const SMALL: Capacity = Capacity {
@@ -102,6 +102,88 @@ async fn a_tenant_creates_a_machine_reaches_it_over_ssh_and_nothing_is_left_afte
     let (_, events) = cluster.call("GET", "/machines", Some(&tenant), None).await;
     assert_eq!(events["items"].as_array().map(Vec::len), Some(0));
     assert_eq!(cluster.host("a").await["allocated"]["vcpus"], 0);
+}
+
+/// Issue 15 on real QEMU: a resized machine's guest sees its new vCPUs, memory and disk
+/// size and keeps what it wrote; a rebuilt one has a fresh disk and still takes the same SSH
+/// key (the seed is written again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resized_guest_sees_its_new_size_and_a_rebuilt_one_a_fresh_disk_with_the_same_key() {
+    let mut cluster = Cluster::start().await;
+    cluster.add_agent("a", SMALL).await;
+    cluster.register_tiny_image().await;
+    let tenant = cluster.tenant("rea").await;
+    let (key, public) = ssh_key(cluster.tmp.path());
+    let id = cluster
+        .create_machine(&tenant, "web-1", 1, Some(&public))
+        .await;
+    let port = ssh_port(&cluster.wait_status(&tenant, &id, "running", BOOT).await);
+    let guest = |command: &str| ssh_run(&key, port, command, BOOT);
+    // What the guest reads of itself: vCPUs, MemTotal in kB, the disk in 512-byte sectors.
+    let size = "nproc; awk '/MemTotal/ {print $2}' /proc/meminfo; cat /sys/block/vda/size";
+    let seen =
+        |text: String| -> Vec<u64> { text.lines().map(|l| l.trim().parse().expect(l)).collect() };
+    let before = seen(guest(size));
+    assert_eq!((before[0], before[2]), (1, 2 << 20), "{before:?}");
+    assert!(before[1] <= 256 << 10, "{before:?}");
+    const MARK: &str = "SKYGATE-MARK";
+    guest(&format!(
+        "printf {MARK} | dd of=/dev/vda conv=fsync 2>/dev/null"
+    ));
+    let act = |action: &'static str, body: serde_json::Value| {
+        let (cluster, tenant, id) = (&cluster, &tenant, &id);
+        async move {
+            let path = format!("/machines/{id}/{action}");
+            let (status, m) = cluster.call("POST", &path, Some(tenant), Some(body)).await;
+            assert_eq!(status, 202, "{action}: {m}");
+        }
+    };
+
+    act("stop", serde_json::json!({})).await;
+    cluster.wait_status(&tenant, &id, "stopped", BOOT).await;
+    act(
+        "resize",
+        serde_json::json!({"vcpus": 2, "memory_mib": 512, "disk_gib": 2}),
+    )
+    .await;
+    cluster.wait_status(&tenant, &id, "stopped", BOOT).await;
+    act("start", serde_json::json!({})).await;
+    cluster.wait_status(&tenant, &id, "running", BOOT).await;
+    let after = seen(guest(size));
+    assert_eq!((after[0], after[2]), (2, 4 << 20), "{after:?}");
+    assert!(
+        after[1] > 256 << 10,
+        "MemTotal {} kB after 512 MiB",
+        after[1]
+    );
+    assert_eq!(
+        guest("head -c 12 /dev/vda"),
+        MARK,
+        "a resize keeps the disk"
+    );
+    assert_eq!(cluster.host("a").await["allocated"]["vcpus"], 2);
+
+    act("rebuild", serde_json::json!({})).await;
+    let m = cluster.wait_status(&tenant, &id, "running", BOOT).await;
+    assert_eq!(ssh_port(&m), port, "the address stays");
+    assert_eq!(ssh_hostname(&key, port, BOOT), "web-1");
+    assert_ne!(guest("head -c 12 /dev/vda"), MARK, "the old disk is gone");
+    assert_eq!(seen(guest(size))[2], 4 << 20, "a rebuild keeps the size");
+    let said = event_messages(&cluster, &tenant, &id).await;
+    assert!(
+        said.iter().any(|m| m.starts_with("rebuilt on host a")),
+        "{said:?}"
+    );
+
+    let (status, _) = cluster
+        .call("DELETE", &format!("/machines/{id}"), Some(&tenant), None)
+        .await;
+    assert_eq!(status, 202);
+    cluster
+        .wait_machine(&tenant, &id, "gone", BOOT, |m| m["status"] == 404)
+        .await;
+    assert!(cluster.domains_of("a").is_empty());
+    assert!(cluster.machine_dirs_of("a").is_empty());
 }
 
 fn vcpus(n: u32) -> Capacity {
