@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use skygate_api_types::{
-    AddSshKeyParams, CreateMachineParams, CreateTokenParams, ListMachinesQuery, ListUsersQuery,
-    MachinePatch, MachineStatus, MachineView, PageQuery, QuotaParams, RegisterImageParams,
-    RegisterParams, RestartPolicy, RoleName, TokenScope,
+    AddSshKeyParams, CreateMachineParams, CreateTokenParams, DesiredState, ListMachinesQuery,
+    ListUsersQuery, MachinePatch, MachineStatus, MachineView, PageQuery, QuotaParams,
+    RebuildParams, RegisterImageParams, RegisterParams, ResizeParams, RestartPolicy, RoleName,
+    TokenScope,
 };
 use skygate_client::MachineAction;
 
@@ -126,6 +127,45 @@ enum MachinesCmd {
         /// A key to remove (repeatable).
         #[arg(long)]
         remove: Vec<String>,
+    },
+    /// Wait until the machine reaches a status (or fails, or is deleted).
+    Wait {
+        machine: String,
+        /// pending, provisioning, running, stopping, stopped, starting, rebooting, resizing,
+        /// rebuilding, deleting, deleted or failed.
+        #[arg(long, default_value = "running")]
+        status: String,
+        /// Give up after this many seconds (exit status 1).
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Change a stopped machine's vCPUs, memory or disk (the disk only grows; the guest sees
+    /// it at its next boot).
+    Resize {
+        machine: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        #[arg(long)]
+        disk_gib: Option<u64>,
+        /// Follow the machine until it is stopped again.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Give the machine a fresh disk from its image (or --image): what its disk holds is
+    /// erased. It keeps its id, hostname, size, address and SSH keys.
+    Rebuild {
+        machine: String,
+        /// Another image to make the disk from.
+        #[arg(long)]
+        image: Option<String>,
+        /// Confirm that the disk's contents may be erased.
+        #[arg(long)]
+        yes: bool,
+        /// Follow the machine until it runs (or is stopped, if it was).
+        #[arg(long)]
+        wait: bool,
     },
     /// Set what happens when the machine's QEMU dies.
     SetRestartPolicy {
@@ -358,11 +398,17 @@ impl Limit {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
-    Running,
-    Stopped,
+    /// The machine in this status.
+    Status(MachineStatus),
+    /// The machine deleted and gone.
     Gone,
+}
+
+impl Target {
+    const RUNNING: Target = Target::Status(MachineStatus::Running);
+    const STOPPED: Target = Target::Status(MachineStatus::Stopped);
 }
 
 fn read_password(from_stdin: bool) -> CliResult<String> {
@@ -406,18 +452,33 @@ async fn machine_id(api: &mut Api, machine: &str) -> CliResult<String> {
 }
 
 /// Follows the machine until it reaches `target`, showing its status as it goes; fails when
-/// it fails. The server answers the moment it gets there (`GET /machines/{id}/wait`); each
-/// wait is short so the status shown stays current.
-async fn wait_for(api: &mut Api, id: &str, target: Target) -> CliResult<Option<MachineView>> {
+/// it fails (unless `failed` is the target), and after `limit` when one is given. The server
+/// answers the moment it gets there (`GET /machines/{id}/wait`); each wait is short so the
+/// status shown stays current.
+async fn wait_for(
+    api: &mut Api,
+    id: &str,
+    target: Target,
+    limit: Option<Duration>,
+) -> CliResult<Option<MachineView>> {
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     let wanted = match target {
-        Target::Running => MachineStatus::Running,
-        Target::Stopped => MachineStatus::Stopped,
+        Target::Status(status) => status,
         Target::Gone => MachineStatus::Deleted,
     };
     loop {
+        if let Some(limit) = limit.filter(|l| started.elapsed() >= *l) {
+            if tty {
+                eprintln!();
+            }
+            return fail(format!(
+                "machine {id} did not become {wanted} within {} s (it is {})",
+                limit.as_secs(),
+                if last.is_empty() { "unknown" } else { &last }
+            ));
+        }
         let answer = match api.client().wait_machine(id, wanted, "3s").await {
             // Not there yet: show where it is.
             Err(e) if e.status() == Some(408) => api.client().machine(id).await,
@@ -434,7 +495,7 @@ async fn wait_for(api: &mut Api, id: &str, target: Target) -> CliResult<Option<M
             Err(e) => return Err(e.into()),
         };
         let status = machine.status;
-        if status == MachineStatus::Failed {
+        if status == MachineStatus::Failed && wanted != MachineStatus::Failed {
             if tty {
                 eprintln!();
             }
@@ -806,7 +867,7 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             };
             let mut machine = api.client().create_machine(&params).await?;
             if wait {
-                if let Some(m) = wait_for(api, &machine.id.clone(), Target::Running).await? {
+                if let Some(m) = wait_for(api, &machine.id.clone(), Target::RUNNING, None).await? {
                     machine = m;
                 }
             }
@@ -827,15 +888,15 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
             output::print_machine(out, &m);
         }
         MachinesCmd::Start { machine, wait } => {
-            let target = wait.then_some(Target::Running);
+            let target = wait.then_some(Target::RUNNING);
             action(api, out, &machine, MachineAction::Start, target).await?
         }
         MachinesCmd::Stop { machine, wait } => {
-            let target = wait.then_some(Target::Stopped);
+            let target = wait.then_some(Target::STOPPED);
             action(api, out, &machine, MachineAction::Stop, target).await?
         }
         MachinesCmd::Reboot { machine, wait } => {
-            let target = wait.then_some(Target::Running);
+            let target = wait.then_some(Target::RUNNING);
             action(api, out, &machine, MachineAction::Reboot, target).await?
         }
         MachinesCmd::Label {
@@ -852,6 +913,81 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
                 labels: Some(labels),
             };
             let m = api.client().patch_machine(&id, &patch).await?;
+            output::print_machine(out, &m);
+        }
+        MachinesCmd::Wait {
+            machine,
+            status,
+            timeout,
+        } => {
+            let wanted: MachineStatus = status
+                .parse()
+                .map_err(|e| CliError(format!("--status: {e}")))?;
+            let id = machine_id(api, &machine).await?;
+            let limit = Some(Duration::from_secs(timeout));
+            let target = if wanted == MachineStatus::Deleted {
+                Target::Gone
+            } else {
+                Target::Status(wanted)
+            };
+            match wait_for(api, &id, target, limit).await? {
+                Some(m) => output::print_machine(out, &m),
+                None => eprintln!("deleted"),
+            }
+        }
+        MachinesCmd::Resize {
+            machine,
+            vcpus,
+            memory_mib,
+            disk_gib,
+            wait,
+        } => {
+            let id = machine_id(api, &machine).await?;
+            let size = ResizeParams {
+                vcpus: vcpus.map(i64::from),
+                memory_mib: memory_mib.map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+                disk_gib: disk_gib.map(|d| i64::try_from(d).unwrap_or(i64::MAX)),
+            };
+            let mut m = api.client().resize_machine(&id, &size).await?;
+            if wait {
+                if let Some(settled) = wait_for(api, &id, Target::STOPPED, None).await? {
+                    m = settled;
+                }
+            }
+            output::print_machine(out, &m);
+        }
+        MachinesCmd::Rebuild {
+            machine,
+            image,
+            yes,
+            wait,
+        } => {
+            if !yes {
+                return fail(format!(
+                    "a rebuild erases what {machine}'s disk holds; add --yes to go ahead"
+                ));
+            }
+            let id = machine_id(api, &machine).await?;
+            let mut m = api
+                .client()
+                .rebuild_machine(&id, &RebuildParams { image })
+                .await?;
+            // A fresh disk makes new host keys: the pinned ones would refuse the machine. The
+            // next `machines ssh` pins the new ones from its console.
+            if let Err(e) =
+                KnownHosts::in_config_dir().and_then(|k| k.forget(&host_keys::alias(&id)))
+            {
+                eprintln!("skygate: warning: could not unpin the machine's host keys: {e}");
+            }
+            if wait {
+                let target = Target::Status(match m.desired_state {
+                    DesiredState::Running => MachineStatus::Running,
+                    _ => MachineStatus::Stopped,
+                });
+                if let Some(settled) = wait_for(api, &id, target, None).await? {
+                    m = settled;
+                }
+            }
             output::print_machine(out, &m);
         }
         MachinesCmd::SetRestartPolicy { machine, policy } => {
@@ -874,7 +1010,7 @@ async fn machines(api: &mut Api, out: Output, cmd: MachinesCmd) -> CliResult<()>
                 eprintln!("skygate: warning: could not unpin the machine's host keys: {e}");
             }
             if wait {
-                wait_for(api, &id, Target::Gone).await?;
+                wait_for(api, &id, Target::Gone, None).await?;
                 eprintln!("deleted");
             } else {
                 output::print_machine(out, &m);
@@ -960,7 +1096,7 @@ async fn action(
     let id = machine_id(api, machine).await?;
     let mut m = api.client().machine_action(&id, verb).await?;
     if let Some(target) = wait {
-        if let Some(settled) = wait_for(api, &id, target).await? {
+        if let Some(settled) = wait_for(api, &id, target, None).await? {
             m = settled;
         }
     }

@@ -14,9 +14,9 @@ use skygate_api_types::{
     AddSshKeyParams, AuditEventPage, CreateMachineParams, CreateTokenParams, CreatedTokenView,
     EventPage, HostList, HostView, ImageList, ImageView, ListMachinesQuery, ListUsersQuery,
     LoginParams, MachinePage, MachinePatch, MachineStatus, MachineView, PageQuery, Problem,
-    ProfileView, QuotaParams, QuotaView, ReconcilerView, RefreshParams, RegisterImageParams,
-    RegisterParams, RoleName, SshKeyList, SshKeyView, TokenList, TokenPairView, UserList,
-    UserPatch, UserView, WaitQuery,
+    ProfileView, QuotaParams, QuotaView, RebuildParams, ReconcilerView, RefreshParams,
+    RegisterImageParams, RegisterParams, ResizeParams, RoleName, SshKeyList, SshKeyView, TokenList,
+    TokenPairView, UserList, UserPatch, UserView, WaitQuery,
 };
 use std::time::Duration;
 
@@ -456,6 +456,22 @@ impl Client {
         };
         let path = with_query(&format!("/machines/{}/wait", segment(id)), &query);
         self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    /// `POST /machines/{id}/resize` (a stopped machine; the disk only grows).
+    pub async fn resize_machine(&mut self, id: &str, size: &ResizeParams) -> Result<MachineView> {
+        self.call(Method::POST, &machine_path(id, "/resize"), Some(size))
+            .await
+    }
+
+    /// `POST /machines/{id}/rebuild`: a fresh disk from its image, or `params.image`.
+    pub async fn rebuild_machine(
+        &mut self,
+        id: &str,
+        params: &RebuildParams,
+    ) -> Result<MachineView> {
+        self.call(Method::POST, &machine_path(id, "/rebuild"), Some(params))
+            .await
     }
 
     /// `PATCH /machines/{id}`.

@@ -808,6 +808,65 @@ async fn the_cli_takes_a_tenant_from_login_to_an_ssh_session() {
     );
     assert_eq!(rebooted.stdout.trim(), "cli-vm");
     assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), pinned);
+
+    // Resize and rebuild (issue 15). A rebuild erases the disk, so it asks for --yes; the
+    // fresh disk makes new host keys, which the next ssh pins from the console (the old pin
+    // is dropped, and the old keys are no longer on the console).
+    skygate(&["machines", "stop", "cli-vm", "--wait"], "");
+    let resized = skygate(
+        &["machines", "resize", "cli-vm", "--disk-gib", "2", "--wait"],
+        "",
+    );
+    assert!(resized.contains("stopped"), "{resized}");
+    let waited = skygate(
+        &[
+            "-o",
+            "json",
+            "machines",
+            "wait",
+            "cli-vm",
+            "--status",
+            "stopped",
+            "--timeout",
+            "5",
+        ],
+        "",
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&waited).unwrap()["disk_gib"],
+        2,
+        "{waited}"
+    );
+    skygate(&["machines", "start", "cli-vm", "--wait"], "");
+    let unconfirmed = run_bounded(
+        std::process::Command::new(skygate_test_support::workspace_bin(
+            "skygate",
+            "skygate-cli",
+        ))
+        .args(["machines", "rebuild", "cli-vm"])
+        .env("SKYGATE_API", &cluster.http)
+        .env("SKYGATE_CONFIG_DIR", &config),
+        BOOT,
+        "skygate machines rebuild without --yes",
+    );
+    assert!(!unconfirmed.status.success());
+    assert!(
+        unconfirmed.stderr.contains("--yes"),
+        "{}",
+        unconfirmed.stderr
+    );
+    let rebuilt = skygate(&["machines", "rebuild", "cli-vm", "--yes", "--wait"], "");
+    assert!(rebuilt.contains("running"), "{rebuilt}");
+    let after_rebuild = cli_ssh(&[]);
+    assert!(
+        after_rebuild.status.success(),
+        "ssh after a rebuild: {}",
+        after_rebuild.stderr
+    );
+    assert_eq!(after_rebuild.stdout.trim(), "cli-vm");
+    let repinned = std::fs::read_to_string(&known_hosts).unwrap();
+    assert_ne!(repinned, pinned, "the fresh disk's host key is pinned");
+
     skygate(&["machines", "stop", "cli-vm", "--wait"], "");
     skygate(&["machines", "delete", "cli-vm", "--wait"], "");
     assert!(cluster.all_domains().is_empty());

@@ -156,6 +156,38 @@ async fn the_cli_logs_in_manages_machines_and_reports_failures_in_one_line(backe
         .run(&["machines", "show", "no-such-machine"], None)
         .status
         .success());
+    // No host here, so it stays pending: a resize is refused by the server, a wait gives up
+    // at its timeout saying where the machine is, and a rebuild needs --yes before anything.
+    let out = cli.run(&["machines", "resize", "cli-1", "--vcpus", "2"], None);
+    let line = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        line.contains("HTTP 409") && line.contains("stopped"),
+        "{line}"
+    );
+    let out = cli.run(
+        &[
+            "machines",
+            "wait",
+            "cli-1",
+            "--status",
+            "running",
+            "--timeout",
+            "1",
+        ],
+        None,
+    );
+    let line = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        line.contains("did not become running within 1 s (it is pending)"),
+        "{line}"
+    );
+    let out = cli.run(&["machines", "rebuild", "cli-1"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    let out = cli.run(&["machines", "wait", "cli-1", "--status", "asleep"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--status"));
 
     // An access token that no longer works is refreshed on the way (and saved).
     let saved: serde_json::Value =

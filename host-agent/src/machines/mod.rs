@@ -355,7 +355,7 @@ impl MachineManager {
 
     /// Image, overlay, seed, definition: each step idempotent, each failure named by its step.
     ///
-    /// A rebuild ([`DiskPlan::Replace`]) removes the old overlay, makes the new one and records
+    /// A rebuild ([`DiskPlan::Replace`]) removes the old overlay (and console log), makes the new one and records
     /// the spec's disk generation before the domain is redefined: an agent killed before the
     /// record makes the disk again on the retry (nothing of the tenant's is left in it yet),
     /// one killed after it keeps the new disk.
@@ -382,6 +382,9 @@ impl MachineManager {
         self.pause_point(CreateStep::Disk).await;
         if disk == DiskPlan::Replace {
             remove_file_if_present(&overlay)?;
+            // The console shows the new disk's life only: a client pinning host keys from it
+            // must never find the keys the old disk made.
+            remove_file_if_present(&self.data.console_log(spec.id))?;
         }
         self.make_disk(spec.disk_gib, &image, &overlay)
             .await

@@ -782,11 +782,16 @@ async fn a_newer_disk_generation_replaces_the_disk_once_stopping_a_running_machi
     write_to_disk(&h, id);
     assert!(disk_has_the_write(&h, id));
     h.manager.start(id).await.unwrap();
+    std::fs::write(h.data.console_log(id), "old host keys\n").unwrap();
     let mut rebuild = h.spec(id, 2, DesiredPower::Running);
     rebuild.disk_generation = 1;
     let state = h.manager.ensure(rebuild.clone()).await.unwrap();
     assert_eq!(state.phase, MachinePhase::Running);
     assert!(!disk_has_the_write(&h, id), "the disk was made again");
+    assert!(
+        !h.data.console_log(id).exists(),
+        "the console starts with the new disk"
+    );
     assert_eq!(
         h.phases(id),
         [
