@@ -101,7 +101,11 @@ run() {
   [[ -n ${token} ]] && auth=(-H "Authorization: Bearer ${token}")
   started=${SECONDS}
   # From the scratch dir: schemathesis keeps a cache (.schemathesis/) in its working directory.
+  # GET /events is a stream that stays open by design (15 minutes): schemathesis would wait
+  # on every case until its own timeout. The integration tests cover it
+  # (the_event_stream_shows_each_tenant_its_own_events_resumably_and_skips_none).
   (cd "${WORK}" && "${ST}" --config-file "${CONFIG}" run "${BASE}/openapi.json" \
+    --exclude-operation-id event_stream \
     --checks all --seed "${SEED}" --max-examples "${EXAMPLES}" --workers 1 \
     --suppress-health-check all --no-color \
     "${auth[@]}") >"${out}.log" 2>&1 || status=$?

@@ -12,9 +12,9 @@ pub use admin::{AuditEventPage, AuditEventView, PassView, ReconcilerView};
 pub use hosts::{CapacityView, HostList, HostView};
 pub use images::{BootParams, ImageFormat, ImageList, ImageView, RegisterImageParams};
 pub use machines::{
-    CreateMachineParams, DesiredState, EventPage, EventView, ListMachinesQuery, MachinePage,
-    MachinePatch, MachineStatus, MachineView, NetworkView, PortView, RebuildParams, ResizeParams,
-    RestartPolicy, UnknownState, WaitQuery,
+    CreateMachineParams, DesiredState, EventPage, EventView, ListMachinesQuery, LostEventsView,
+    MachinePage, MachinePatch, MachineStatus, MachineView, NetworkView, PortView, RebuildParams,
+    ResizeParams, RestartPolicy, StreamEventView, UnknownState, WaitQuery,
 };
 pub use users::{
     AddSshKeyParams, CreateTokenParams, CreatedTokenView, ListUsersQuery, LoginParams,

@@ -310,6 +310,30 @@ pub struct MachinePage {
     pub next_cursor: Option<String>,
 }
 
+/// One event of `GET /events` (the `data` of an SSE event named `machine`, whose `id` is
+/// `seq`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StreamEventView {
+    /// Increases with every event; pass the last one seen as `Last-Event-ID` to resume.
+    pub seq: i64,
+    pub machine_id: String,
+    pub hostname: String,
+    pub action: String,
+    pub status: MachineStatus,
+    pub message: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The `data` of an SSE event named `lost`: the stream could not go on from `last_event_id`
+/// (this server never wrote it) and goes on from `resume_from`; what came between is in
+/// each machine's `GET /machines/{id}/events`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LostEventsView {
+    pub last_event_id: i64,
+    pub resume_from: i64,
+    pub detail: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct EventView {
     pub action: String,

@@ -36,6 +36,9 @@ pub enum Error {
     /// Too many attempts; try again after the given number of seconds (429).
     #[error("too many attempts, retry in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    /// The account holds as many long requests (waits, event streams) open as it may (429).
+    #[error("{0}")]
+    TooManyOpen(String),
     /// A per-user quota would be exceeded (403).
     #[error("{0}")]
     QuotaExceeded(String),

@@ -188,8 +188,9 @@ pub async fn reboot(
     act(&app, who, id, Action::Reboot).await
 }
 
-/// Resize a stopped machine: vCPUs, memory, and a larger disk (the guest sees it at its next
-/// boot). What is not named stays. Checked against your quota (what grows) and the room on
+/// Resize a stopped machine: vCPUs, memory, a larger disk.
+///
+/// The guest sees the new size at its next boot. What is not named stays. Checked against your quota (what grows) and the room on
 /// the machine's host; it is `resizing`, then `stopped` again. Asking for the size it already
 /// has changes nothing: 200.
 #[utoipa::path(post, path = "/machines/{id}/resize", tag = "machines", operation_id = "machine_resize", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),
@@ -216,8 +217,9 @@ pub async fn resize(
     })
 }
 
-/// Rebuild a running or stopped machine: a fresh disk from its image, or from `image`. It
-/// keeps its id, hostname, size, SSH keys, user data and address; what its old disk held is
+/// Rebuild a running or stopped machine: a fresh disk from its image, or from `image`.
+///
+/// It keeps its id, hostname, size, SSH keys, user data and address; what its old disk held is
 /// gone. It is `rebuilding`, then running or stopped as it was (a running one is shut down
 /// first).
 #[utoipa::path(post, path = "/machines/{id}/rebuild", tag = "machines", operation_id = "machine_rebuild", params(("id" = uuid::Uuid, Path, description = "the resource's id (a UUID; anything else names nothing: 404)")),

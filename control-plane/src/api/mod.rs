@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod hosts;
@@ -129,7 +130,7 @@ impl Modify for BearerAuth {
         users::user_enable, users::quota_get, users::quota_put,
         machines::create, machines::list, machines::get, machines::start, machines::stop,
         machines::reboot, machines::resize, machines::rebuild, machines::delete, machines::patch,
-        machines::wait, machines::events,
+        machines::wait, machines::events, events::event_stream,
         machines::console,
         images::image_list, images::image_register, images::image_deprecate,
         images::image_undeprecate,
@@ -138,7 +139,7 @@ impl Modify for BearerAuth {
         admin::reconciler, audit::audit_events, tokens::token_create, tokens::token_list,
         tokens::token_delete,
     ),
-    components(schemas(problem::Problem)),
+    components(schemas(problem::Problem, skygate_api_types::LostEventsView)),
     modifiers(&BearerAuth, &ErrorResponses),
     tags(
         (name = "auth", description = "Accounts and sessions"),
@@ -250,6 +251,7 @@ fn api_routes(app: &Arc<App>, settings: &HttpSettings) -> Router<Arc<App>> {
         // Not under the request timeout: a wait lasts what its `timeout` says (at most
         // `params::MAX_WAIT`), and answers 408 itself.
         .route("/machines/{id}/wait", get(machines::wait))
+        .route("/events", get(events::event_stream))
 }
 
 /// Requests running longer than the gateway's limit are answered 408 and dropped.
@@ -278,6 +280,7 @@ fn cors(settings: &HttpSettings) -> CorsLayer {
             axum::http::header::CONTENT_TYPE,
             HeaderName::from_static("idempotency-key"),
             HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("last-event-id"),
         ])
         .expose_headers([
             axum::http::header::LOCATION,

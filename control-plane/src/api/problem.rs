@@ -50,6 +50,7 @@ impl IntoResponse for Error {
             }
             Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Error::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited"),
+            Error::TooManyOpen(_) => (StatusCode::TOO_MANY_REQUESTS, "too-many-open-requests"),
             Error::QuotaExceeded(_) => (StatusCode::FORBIDDEN, "quota-exceeded"),
             Error::IdempotencyMismatch => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-mismatch")
@@ -78,8 +79,9 @@ impl IntoResponse for Error {
             Error::RateLimited { retry_after_secs } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
-            // The request holding the key may finish (or be released) any moment.
-            Error::IdempotencyInFlight => {
+            // The request holding the key may finish (or be released) any moment; so may one
+            // of the account's open waits.
+            Error::IdempotencyInFlight | Error::TooManyOpen(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             }
             _ if status == StatusCode::SERVICE_UNAVAILABLE => {

@@ -279,6 +279,7 @@ impl App {
         status: MachineStatus,
         timeout: std::time::Duration,
     ) -> Result<Option<Machine>> {
+        let _open = self.long_requests.open(who.user_id)?;
         let deadline = tokio::time::Instant::now() + timeout;
         let changed = self.store.watch.subscribe(id);
         loop {

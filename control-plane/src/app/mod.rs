@@ -3,9 +3,11 @@
 
 pub mod audit;
 pub mod cursor;
+pub mod event_stream;
 pub mod hosts;
 pub mod idempotency;
 pub mod images;
+pub mod long_requests;
 pub mod machines;
 pub mod password_work;
 pub mod sessions;
@@ -170,6 +172,8 @@ pub struct App {
     token_use: tokens::TokenUse,
     /// The usage profiles show, each kept a second.
     shown_usage: users::ShownUsage,
+    /// Waits and event streams each account holds open here.
+    long_requests: std::sync::Arc<long_requests::LongRequests>,
 }
 
 impl std::fmt::Debug for App {
@@ -221,6 +225,7 @@ impl App {
             audit: audit::AuditLog::default(),
             token_use: tokens::TokenUse::default(),
             shown_usage: users::ShownUsage::default(),
+            long_requests: std::sync::Arc::default(),
         })
     }
 

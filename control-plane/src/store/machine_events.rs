@@ -3,7 +3,8 @@
 
 use super::{from_micros, parse_col, to_micros, Store};
 use crate::error::Result;
-use crate::model::{MachineEvent, MachineId, MachineStatus};
+use crate::model::{MachineEvent, MachineId, MachineStatus, UserId};
+use chrono::{DateTime, Utc};
 use sqlx::{Any, Row, Transaction};
 
 /// Writes one line of a machine's log inside `tx`.
@@ -29,7 +30,62 @@ pub(crate) async fn event_in_txn(
     Ok(())
 }
 
+/// One event of any machine, for the event stream (`GET /events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamedEvent {
+    pub seq: i64,
+    pub machine_id: MachineId,
+    pub owner_id: UserId,
+    pub hostname: String,
+    pub action: String,
+    pub status: MachineStatus,
+    pub message: String,
+    pub created_at: DateTime<Utc>,
+}
+
 impl Store {
+    /// Every machine's events after `after_seq`, oldest first, at most `limit`; only
+    /// `owner`'s machines' when given. Deleted machines' too: how a machine ended is news.
+    pub async fn events_after(
+        &self,
+        after_seq: i64,
+        owner: Option<UserId>,
+        limit: i64,
+    ) -> Result<Vec<StreamedEvent>> {
+        let rows = sqlx::query(
+            "SELECT e.seq, e.machine_id, m.owner_id, m.hostname, e.action, e.status, e.message, \
+             e.created_at FROM machine_events e JOIN machines m ON m.id = e.machine_id \
+             WHERE e.seq > $1 AND ($2 IS NULL OR m.owner_id = $2) ORDER BY e.seq LIMIT $3",
+        )
+        .bind(after_seq)
+        .bind(owner.map(|o| o.to_string()))
+        .bind(limit)
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StreamedEvent {
+                    seq: r.try_get("seq")?,
+                    machine_id: parse_col(&r.try_get::<String, _>("machine_id")?, "machine_id")?,
+                    owner_id: parse_col(&r.try_get::<String, _>("owner_id")?, "owner_id")?,
+                    hostname: r.try_get("hostname")?,
+                    action: r.try_get("action")?,
+                    status: parse_col(&r.try_get::<String, _>("status")?, "machine_events.status")?,
+                    message: r.try_get("message")?,
+                    created_at: from_micros(r.try_get("created_at")?),
+                })
+            })
+            .collect()
+    }
+
+    /// The newest event's sequence number (0 before the first).
+    pub async fn events_last_seq(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM machine_events")
+            .fetch_one(self.reader())
+            .await?;
+        Ok(row.try_get("seq")?)
+    }
+
     /// A machine's log, oldest first, after `after_seq` when given. Deleted machines have none
     /// to show (they are gone for the tenant).
     pub async fn machine_events(
@@ -73,6 +129,7 @@ impl Store {
         let status: MachineStatus = parse_col(&row.try_get::<String, _>("status")?, "status")?;
         note_in_txn(&mut tx, id, status, action, message, now).await?;
         tx.commit().await?;
+        self.machine_changed(id);
         Ok(())
     }
 
@@ -95,6 +152,7 @@ impl Store {
             event_in_txn(&mut tx, id, action, status, message, now).await?;
         }
         tx.commit().await?;
+        self.machine_changed(id);
         Ok(())
     }
 }

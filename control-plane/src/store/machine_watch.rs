@@ -29,10 +29,12 @@ const RECONNECT_AFTER: Duration = Duration::from_millis(500);
 const LIVENESS_EVERY: Duration = Duration::from_secs(5);
 const LIVENESS_WAIT: Duration = Duration::from_secs(2);
 
-/// Who waits on which machine.
+/// Who waits on which machine, and on any.
 #[derive(Debug, Default)]
 pub struct MachineWatch {
     waiting: Mutex<HashMap<MachineId, Weak<Notify>>>,
+    /// Woken on every change of any machine (event streams, `GET /events`).
+    any: Arc<Notify>,
     listener: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
@@ -63,8 +65,14 @@ impl MachineWatch {
         notify
     }
 
-    /// Wakes the waiters on `id`, if any.
+    /// What a waiter on any machine's change sleeps on (arm it before reading, as above).
+    pub fn subscribe_all(&self) -> Arc<Notify> {
+        Arc::clone(&self.any)
+    }
+
+    /// Wakes the waiters on `id`, if any, and those on any machine.
     pub fn changed(&self, id: MachineId) {
+        self.any.notify_waiters();
         let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(notify) = waiting.get(&id).and_then(Weak::upgrade) {
             notify.notify_waiters();
@@ -73,6 +81,7 @@ impl MachineWatch {
 
     /// Wakes every waiter (they read again).
     fn changed_all(&self) {
+        self.any.notify_waiters();
         let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         for notify in waiting.values().filter_map(Weak::upgrade) {
             notify.notify_waiters();

@@ -1806,6 +1806,7 @@ async fn a_wait_on_one_replica_is_woken_by_another_replicas_work() {
     )
     .await;
     let (host, _admin, tenant) = cluster_with_image(&a, "twin").await;
+    let mut stream = EventStream::start(&b, &tenant, None).await;
     let id = create(&a, &tenant, "far").await;
     let res = b
         .as_user(
@@ -1818,6 +1819,13 @@ async fn a_wait_on_one_replica_is_woken_by_another_replicas_work() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.json::<Value>().await.unwrap()["status"], "running");
+    // B's event stream carries what A's workers wrote, in order.
+    let seen = stream
+        .until(Duration::from_secs(30), |e| e.data["status"] == "running")
+        .await;
+    assert!(seen.windows(2).all(|w| w[0].id < w[1].id), "{seen:#?}");
+    assert!(seen.iter().all(|e| e.data["machine_id"] == id.as_str()));
+    drop(stream);
     drop(host);
     b.stop().await;
     a.stop().await;
@@ -2042,3 +2050,260 @@ async fn resize_and_rebuild_reach_the_host_and_say_why_when_refused(backend: Bac
 }
 
 both_stores!(resize_and_rebuild_reach_the_host_and_say_why_when_refused);
+
+/// One server-sent event as a client reads it.
+#[derive(Debug, Clone)]
+struct Sse {
+    event: String,
+    id: i64,
+    data: Value,
+}
+
+/// A client's end of `GET /events`: frames are read as they arrive.
+struct EventStream {
+    res: reqwest::Response,
+    buffer: String,
+}
+
+impl EventStream {
+    async fn open(
+        app: &TestApp,
+        who: &crate::common::Session,
+        last: Option<&str>,
+    ) -> reqwest::Response {
+        let mut req = app.client.get(app.url("/events")).bearer_auth(&who.access);
+        if let Some(id) = last {
+            req = req.header("last-event-id", id);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn start(app: &TestApp, who: &crate::common::Session, last: Option<&str>) -> EventStream {
+        let res = Self::open(app, who, last).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        EventStream {
+            res,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event (keep-alive comments skipped), or `None` if none comes within `limit`.
+    async fn next(&mut self, limit: Duration) -> Option<Sse> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let frame: String = self.buffer.drain(..end + 2).collect();
+                let (mut event, mut id, mut data) = (String::new(), None, String::new());
+                for line in frame.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().parse().ok();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if let Some(id) = id {
+                    return Some(Sse {
+                        event,
+                        id,
+                        data: serde_json::from_str(&data).unwrap(),
+                    });
+                }
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.res.chunk())
+                .await
+                .ok()?;
+            let chunk = chunk.unwrap().expect("the stream ended");
+            self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+
+    /// Events until one matches `done` (that one included), each within `limit`.
+    async fn until(&mut self, limit: Duration, done: impl Fn(&Sse) -> bool) -> Vec<Sse> {
+        let mut seen = Vec::new();
+        loop {
+            let e = self
+                .next(limit)
+                .await
+                .unwrap_or_else(|| panic!("no further event within {limit:?}; so far {seen:#?}"));
+            let last = done(&e);
+            seen.push(e);
+            if last {
+                return seen;
+            }
+        }
+    }
+}
+
+/// Issue 15, the event stream: a tenant sees its own machines' events as they happen (never
+/// another's; an administrator sees all), in order, resumes after the last one it saw with
+/// `Last-Event-ID`, is told when it asks for an event that was never written, and a reader
+/// that did not read for a while still gets every event, none skipped.
+async fn the_event_stream_shows_each_tenant_its_own_events_resumably_and_skips_none(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_provisioning(backend, config()).await;
+    let host = FakeHost::start(app.grpc.unwrap(), "streamer", 64).await;
+    let (admin, tenant) = ready_with_image(&app, &host, "streamer").await;
+    let other = app.user("other-tenant").await;
+    let mut mine = EventStream::start(&app, &tenant, None).await;
+    let mut all = EventStream::start(&app, &admin, None).await;
+    let id = create(&app, &tenant, "s1").await;
+    let theirs = create(&app, &other, "s2").await;
+    let short = Duration::from_secs(30);
+    let is_running = |id: &str| {
+        let id = id.to_owned();
+        move |e: &Sse| e.data["machine_id"] == id.as_str() && e.data["status"] == "running"
+    };
+    let seen = mine.until(short, is_running(&id)).await;
+    assert!(
+        seen.iter()
+            .all(|e| e.event == "machine" && e.data["machine_id"] == id.as_str()),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].id < w[1].id),
+        "in order: {seen:#?}"
+    );
+    assert!(seen.iter().all(|e| e.id == e.data["seq"]), "{seen:#?}");
+    assert_eq!(seen[0].data["hostname"], "s1");
+    assert_eq!(
+        seen[0].data["message"],
+        "machine requested; waiting for a host"
+    );
+    // Every event of the machine's own log, in the same order.
+    let log = app
+        .get_json(&tenant, &format!("/machines/{id}/events?limit=200"))
+        .await;
+    let logged: Vec<&Value> = log["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["message"])
+        .collect();
+    let streamed: Vec<&Value> = seen.iter().map(|e| &e.data["message"]).collect();
+    assert_eq!(streamed, logged[..streamed.len()].to_vec());
+    // The administrator's stream carries both tenants' machines.
+    let admin_seen = all.until(short, is_running(&theirs)).await;
+    assert!(admin_seen
+        .iter()
+        .any(|e| e.data["machine_id"] == id.as_str()));
+    // The tenant's never showed the other machine, even once it ran.
+    let res = app
+        .as_user(&tenant, Method::POST, &format!("/machines/{id}/stop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let stopped = mine.until(short, |e| e.data["status"] == "stopped").await;
+    assert!(
+        stopped.iter().all(|e| e.data["machine_id"] == id.as_str()),
+        "{stopped:#?}"
+    );
+    drop(mine);
+
+    // Resumed after the first event: the same events follow, from the second on.
+    let first = seen[0].id.to_string();
+    let mut resumed = EventStream::start(&app, &tenant, Some(&first)).await;
+    let again = resumed.until(short, is_running(&id)).await;
+    let ids = |v: &[Sse]| v.iter().map(|e| e.id).collect::<Vec<_>>();
+    assert_eq!(ids(&again), ids(&seen[1..]));
+    drop(resumed);
+
+    // An id never written: told so, and where the stream goes on from.
+    let mut lost = EventStream::start(&app, &tenant, Some("999999999")).await;
+    let told = lost.next(short).await.unwrap();
+    assert_eq!(told.event, "lost", "{told:?}");
+    assert_eq!(told.data["last_event_id"], 999_999_999);
+    assert!(
+        told.id < 999_999_999 && told.data["resume_from"] == told.id,
+        "{told:?}"
+    );
+    drop(lost);
+    for bad in ["-3", "soon"] {
+        let res = EventStream::open(&app, &tenant, Some(bad)).await;
+        crate::common::problem(res, StatusCode::BAD_REQUEST).await;
+    }
+    let res = app.client.get(app.url("/events")).send().await.unwrap();
+    crate::common::problem(res, StatusCode::UNAUTHORIZED).await;
+
+    // A reader that reads nothing while 30 machines are made (more events than the server
+    // reads at once) loses nothing: what it then reads is every event of theirs, as each
+    // machine's log has it.
+    let mut slow = EventStream::start(&app, &other, None).await;
+    let mut made = Vec::new();
+    for i in 0..30 {
+        made.push(create(&app, &other, &format!("slow-{i}")).await);
+    }
+    for m in &made {
+        wait_for("each machine to run", async || {
+            is(
+                app.get_json(&other, &format!("/machines/{m}")).await["status"].clone(),
+                "running",
+            )
+        })
+        .await;
+    }
+    let mut expected = Vec::new();
+    for m in &made {
+        let log = app
+            .get_json(&other, &format!("/machines/{m}/events?limit=200"))
+            .await;
+        for e in log["items"].as_array().unwrap() {
+            expected.push((m.clone(), e["message"].as_str().unwrap().to_owned()));
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        let e = slow
+            .next(short)
+            .await
+            .unwrap_or_else(|| panic!("{} of {} events came: {got:#?}", got.len(), expected.len()));
+        got.push((
+            e.data["machine_id"].as_str().unwrap().to_owned(),
+            e.data["message"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let sorted = |mut v: Vec<(String, String)>| {
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(got), sorted(expected));
+
+    // At most 16 waits and streams per account on a server.
+    let mut open = Vec::new();
+    for _ in 0..15 {
+        open.push(EventStream::start(&app, &other, None).await);
+    }
+    let res = EventStream::open(&app, &other, None).await;
+    let body = crate::common::problem(res, StatusCode::TOO_MANY_REQUESTS).await;
+    assert!(body["detail"].as_str().unwrap().contains("16"), "{body}");
+    let res = app
+        .as_user(
+            &other,
+            Method::GET,
+            &format!("/machines/{theirs}/wait?status=running"),
+        )
+        .send()
+        .await
+        .unwrap();
+    crate::common::problem(res, StatusCode::TOO_MANY_REQUESTS).await;
+    drop(slow);
+    // The closed one's place is free again (the server notices the close when it next
+    // writes to it: at once here, as a keep-alive or event would otherwise).
+    wait_for("a closed stream to free its place", async || {
+        let res = EventStream::open(&app, &other, None).await;
+        if res.status() == StatusCode::OK {
+            Ok(())
+        } else {
+            Err(format!("{}", res.status()))
+        }
+    })
+    .await;
+    drop(host);
+    app.stop().await;
+}
+
+both_stores!(the_event_stream_shows_each_tenant_its_own_events_resumably_and_skips_none);
