@@ -230,6 +230,16 @@ pub trait DiskTool: Send + Sync + std::fmt::Debug {
     /// smaller size is [`DiskError::WouldShrink`]. The disk must not be in use (QEMU holds
     /// its write lock while the domain runs).
     async fn grow(&self, disk: &Path, size_gib: u64) -> Result<bool, DiskError>;
+
+    /// Points the qcow2 overlay at `disk` at `base` (format `base_format`) without touching
+    /// its data (`qemu-img rebase -u`): for a disk moved from another host, whose base is the
+    /// same image (same SHA-256) at another path.
+    async fn rebase(
+        &self,
+        disk: &Path,
+        base: &Path,
+        base_format: DiskFormat,
+    ) -> Result<(), DiskError>;
 }
 
 /// Whether a disk of `size_bytes` must grow to reach `requested_bytes`; refuses a shrink.
@@ -514,6 +524,29 @@ impl DiskTool for QemuImg {
         ])
         .await?;
         Ok(true)
+    }
+
+    async fn rebase(
+        &self,
+        disk: &Path,
+        base: &Path,
+        base_format: DiskFormat,
+    ) -> Result<(), DiskError> {
+        absolute_utf8("disk", disk)?;
+        let base = absolute_utf8("base", base)?;
+        self.run(&[
+            OsStr::new("rebase"),
+            OsStr::new("-u"),
+            OsStr::new("-f"),
+            OsStr::new("qcow2"),
+            OsStr::new("-F"),
+            OsStr::new(base_format.as_str()),
+            OsStr::new("-b"),
+            OsStr::new(base),
+            disk.as_os_str(),
+        ])
+        .await?;
+        Ok(())
     }
 
     async fn check_base(&self, path: &Path, declared: DiskFormat) -> Result<ImageInfo, DiskError> {

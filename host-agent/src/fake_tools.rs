@@ -120,6 +120,23 @@ impl DiskTool for FakeDiskTool {
         Ok(grew)
     }
 
+    async fn rebase(
+        &self,
+        disk: &Path,
+        base: &Path,
+        _base_format: DiskFormat,
+    ) -> Result<(), DiskError> {
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        let info = made.entry(disk.to_path_buf()).or_insert_with(|| ImageInfo {
+            format: "qcow2".into(),
+            virtual_size_bytes: GIB,
+            backing_file: None,
+            data_file: None,
+        });
+        info.backing_file = Some(base.display().to_string());
+        Ok(())
+    }
+
     /// Trusts the declared format: the fake cannot detect one, and a simulated host only
     /// ever sees images its test or benchmark registered.
     async fn check_base(&self, path: &Path, declared: DiskFormat) -> Result<ImageInfo, DiskError> {

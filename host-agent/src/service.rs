@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain_xml::HypervisorKind;
 use crate::events::{EventLog, MachineEvent};
-use crate::machines::{MachineManager, ManagerError};
+use crate::machines::{ExportPart, ImportError, MachineManager, ManagerError};
 use crate::model::{
     parse_machine_id, DesiredPower, DiskFormat, ImagePlan, MachinePhase, MachineSpec, MachineState,
     SourceFile, SpecError,
@@ -84,10 +84,33 @@ fn source(url: String, sha256: String) -> SourceFile {
 /// Wire spec → validated spec.
 pub fn spec_from_wire(spec: Option<pb::MachineSpec>) -> Result<MachineSpec, Status> {
     let spec = spec.ok_or_else(|| invalid("spec", "is required"))?;
-    let image = spec.image.ok_or_else(|| invalid("image", "is required"))?;
+    let plan = image_from_wire(spec.image)?;
+    let desired = match pb::PowerState::try_from(spec.desired_power) {
+        Ok(pb::PowerState::Running) => DesiredPower::Running,
+        Ok(pb::PowerState::Stopped) => DesiredPower::Stopped,
+        _ => return Err(invalid("desired_power", "must be RUNNING or STOPPED")),
+    };
+    Ok(MachineSpec {
+        id: parse_machine_id(&spec.machine_id).map_err(refused)?,
+        generation: spec.generation,
+        hostname: spec.hostname,
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        disk_gib: spec.disk_gib,
+        image: plan,
+        ssh_keys: spec.ssh_authorized_keys,
+        user_data: spec.user_data,
+        desired,
+        disk_generation: spec.disk_generation,
+    })
+}
+
+/// Wire image → the agent's plan for it.
+fn image_from_wire(image: Option<pb::ImageSource>) -> Result<ImagePlan, Status> {
+    let image = image.ok_or_else(|| invalid("image", "is required"))?;
     let format = pb::DiskFormat::try_from(image.format)
         .map_err(|_| invalid("image.format", "unknown format"))?;
-    let plan = match format {
+    Ok(match format {
         pb::DiskFormat::Qcow2 | pb::DiskFormat::Raw => ImagePlan::Disk {
             base: source(image.url, image.sha256),
             format: if format == pb::DiskFormat::Qcow2 {
@@ -107,24 +130,6 @@ pub fn spec_from_wire(spec: Option<pb::MachineSpec>) -> Result<MachineSpec, Stat
             }
         }
         pb::DiskFormat::Unspecified => return Err(invalid("image.format", "is required")),
-    };
-    let desired = match pb::PowerState::try_from(spec.desired_power) {
-        Ok(pb::PowerState::Running) => DesiredPower::Running,
-        Ok(pb::PowerState::Stopped) => DesiredPower::Stopped,
-        _ => return Err(invalid("desired_power", "must be RUNNING or STOPPED")),
-    };
-    Ok(MachineSpec {
-        id: parse_machine_id(&spec.machine_id).map_err(refused)?,
-        generation: spec.generation,
-        hostname: spec.hostname,
-        vcpus: spec.vcpus,
-        memory_mib: spec.memory_mib,
-        disk_gib: spec.disk_gib,
-        image: plan,
-        ssh_keys: spec.ssh_authorized_keys,
-        user_data: spec.user_data,
-        desired,
-        disk_generation: spec.disk_generation,
     })
 }
 
@@ -309,5 +314,54 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
         let max = (req.max_bytes > 0).then_some(u64::from(req.max_bytes));
         let (data, truncated) = self.manager.console(id, max).await?;
         Ok(Response::new(pb::ConsoleTail { data, truncated }))
+    }
+
+    type ExportDiskStream = Pin<Box<dyn Stream<Item = Result<pb::DiskChunk, Status>> + Send>>;
+
+    async fn export_disk(
+        &self,
+        request: Request<pb::MachineRef>,
+    ) -> Result<Response<Self::ExportDiskStream>, Status> {
+        let id = machine_id(&request.into_inner().machine_id)?;
+        let parts = self.manager.export_disk(id).await?;
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(parts).map(|part| {
+            Ok(match part? {
+                ExportPart::Data(data) => pb::DiskChunk {
+                    data,
+                    sha256: String::new(),
+                },
+                ExportPart::Done { sha256 } => pb::DiskChunk {
+                    data: Vec::new(),
+                    sha256,
+                },
+            })
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn import_disk(
+        &self,
+        request: Request<tonic::Streaming<pb::ImportDiskRequest>>,
+    ) -> Result<Response<pb::ImportDiskResponse>, Status> {
+        use pb::import_disk_request::Part;
+        let mut parts = request.into_inner();
+        let header = match parts.message().await?.and_then(|m| m.part) {
+            Some(Part::Header(h)) => h,
+            _ => return Err(invalid("header", "must come first")),
+        };
+        let id = machine_id(&header.machine_id)?;
+        let image = image_from_wire(header.image)?;
+        let mut import = self.manager.import_begin(id, &image).await?;
+        while let Some(message) = parts.message().await? {
+            let Some(Part::Chunk(chunk)) = message.part else {
+                return Err(invalid("header", "comes once, first"));
+            };
+            if !chunk.sha256.is_empty() {
+                let bytes = self.manager.import_finish(import, &chunk.sha256).await?;
+                return Ok(Response::new(pb::ImportDiskResponse { bytes }));
+            }
+            import.write(&chunk.data).await?;
+        }
+        Err(ManagerError::ImportDisk(ImportError::Truncated).into())
     }
 }

@@ -16,7 +16,7 @@ use crate::disks::DiskError;
 use crate::events::ResumeError;
 use crate::hypervisor::HypervisorError;
 use crate::images::ImageError;
-use crate::machines::{CreateDiskError, CreateStep, DefineError, ManagerError};
+use crate::machines::{CreateDiskError, CreateStep, DefineError, ImportError, ManagerError};
 use crate::report;
 use crate::seed::SeedError;
 
@@ -53,7 +53,13 @@ pub fn classify(e: &ManagerError) -> StatusKind {
             return refusal(Code::FailedPrecondition, reason::NOT_RUNNING)
         }
         ManagerError::InvalidSpec(_) => Code::InvalidArgument,
-        ManagerError::DiskInUse(_) => Code::FailedPrecondition,
+        ManagerError::DiskInUse(_) | ManagerError::StillRunning(_) => Code::FailedPrecondition,
+        ManagerError::ImportDisk(e) => match e {
+            ImportError::AlreadyDefined(_) => Code::AlreadyExists,
+            ImportError::Digest { .. } | ImportError::Truncated => Code::DataLoss,
+            ImportError::NotADisk(_) => Code::InvalidArgument,
+            ImportError::Disk(e) => disk_code(e),
+        },
         ManagerError::ForeignDomain { .. } => Code::FailedPrecondition,
         ManagerError::FetchImage(e) => image_code(e),
         ManagerError::CreateDisk(CreateDiskError::Disk(e)) => disk_code(e),

@@ -91,6 +91,19 @@ impl HostAgent for Probe {
     ) -> Result<Response<ConsoleTail>, Status> {
         Err(Status::unimplemented("probe"))
     }
+    type ExportDiskStream = Pin<Box<dyn Stream<Item = Result<DiskChunk, Status>> + Send>>;
+    async fn export_disk(
+        &self,
+        _: Request<MachineRef>,
+    ) -> Result<Response<Self::ExportDiskStream>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+    async fn import_disk(
+        &self,
+        _: Request<tonic::Streaming<ImportDiskRequest>>,
+    ) -> Result<Response<ImportDiskResponse>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
 }
 
 #[tokio::test]

@@ -73,6 +73,12 @@ pub enum ManagerError {
     /// A larger disk for a running machine: its QEMU holds the disk.
     #[error("machine {0} is running; its disk grows only while it is stopped")]
     DiskInUse(Uuid),
+    /// The action needs the machine shut off (moving its disk).
+    #[error("machine {0} is running; stop it first")]
+    StillRunning(Uuid),
+    /// Importing a moved machine's disk.
+    #[error("import disk failed")]
+    ImportDisk(#[source] super::moving::ImportError),
     /// The action needs a running machine.
     #[error("machine {0} is not running")]
     NotRunning(Uuid),

@@ -9,6 +9,7 @@
 //! removes at the next start (nothing else could own it) and a retried EnsureMachine rebuilds.
 
 mod error;
+mod moving;
 mod network;
 
 use std::collections::{HashMap, HashSet};
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 pub use error::{CreateDiskError, CreateStep, DefineError, FileOp, ManagerError};
+pub use moving::{DiskImport, ExportPart, ImportError};
 pub use network::NetworkMode;
 
 use crate::disks::DiskTool;

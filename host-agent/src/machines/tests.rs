@@ -839,3 +839,123 @@ async fn a_rebuild_killed_before_its_record_makes_the_disk_again_on_the_retry() 
         "recorded: the retry keeps the disk it made"
     );
 }
+
+/// A 64 MiB qcow2 base image in `h`'s source directory, as the image cache would fetch it.
+fn qcow2_base(h: &Harness) -> SourceFile {
+    let dir = h.data.root().parent().unwrap().to_path_buf();
+    let path = dir.join("base.qcow2");
+    if !path.exists() {
+        let ok = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg("64M")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    SourceFile {
+        url: format!("file://{}", path.display()),
+        sha256: hex::encode(Sha256::digest(&bytes)),
+    }
+}
+
+fn disk_spec(h: &Harness, id: Uuid, base: SourceFile, desired: DesiredPower) -> MachineSpec {
+    MachineSpec {
+        image: ImagePlan::Disk {
+            base,
+            format: DiskFormat::Qcow2,
+        },
+        ..h.spec(id, 1, desired)
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_machines_disk_moves_to_another_host_with_its_data_and_digest_checked() {
+    let (a, b) = (harness(), harness());
+    let id = Uuid::new_v4();
+    let base_a = qcow2_base(&a);
+    // The same image at another URL on the target (its cache is keyed by the digest).
+    std::fs::copy(
+        base_a.url.trim_start_matches("file://"),
+        b.data.root().parent().unwrap().join("base.qcow2"),
+    )
+    .unwrap();
+    let base_b = qcow2_base(&b);
+    assert_eq!(base_a.sha256, base_b.sha256);
+    a.manager
+        .ensure(disk_spec(&a, id, base_a, DesiredPower::Running))
+        .await
+        .unwrap();
+    let err = a.manager.export_disk(id).await.unwrap_err();
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::FailedPrecondition
+    );
+    a.manager.stop(id, None).await.unwrap();
+    write_to_disk(&a, id);
+
+    let mut parts = a.manager.export_disk(id).await.unwrap();
+    let mut import = b
+        .manager
+        .import_begin(
+            id,
+            &disk_spec(&b, id, base_b.clone(), DesiredPower::Running).image,
+        )
+        .await
+        .unwrap();
+    let bytes = loop {
+        match parts.recv().await.unwrap().unwrap() {
+            ExportPart::Data(data) => import.write(&data).await.unwrap(),
+            ExportPart::Done { sha256 } => {
+                break b.manager.import_finish(import, &sha256).await.unwrap();
+            }
+        }
+    };
+    assert_eq!(bytes, std::fs::metadata(a.data.overlay(id)).unwrap().len());
+    let info = QemuImg::new().info(&b.data.overlay(id)).await.unwrap();
+    let backing = info.backing_file.unwrap();
+    assert!(
+        backing.starts_with(b.data.root().to_str().unwrap()),
+        "pointed at the target's own base: {backing}"
+    );
+    assert!(disk_has_the_write(&b, id), "the data moved");
+    // Defined over the imported disk, not a new one.
+    let state = b
+        .manager
+        .ensure(disk_spec(&b, id, base_b.clone(), DesiredPower::Running))
+        .await
+        .unwrap();
+    assert_eq!(state.phase, MachinePhase::Running);
+    assert!(disk_has_the_write(&b, id));
+    // Defined here now: another import would overwrite a disk in use.
+    let err = b
+        .manager
+        .import_begin(
+            id,
+            &disk_spec(&b, id, base_b.clone(), DesiredPower::Running).image,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::AlreadyExists);
+
+    // A disk whose bytes do not match the sender's digest is not kept.
+    let other = Uuid::new_v4();
+    let mut import = b
+        .manager
+        .import_begin(
+            other,
+            &disk_spec(&b, other, base_b, DesiredPower::Running).image,
+        )
+        .await
+        .unwrap();
+    import.write(b"not what was sent").await.unwrap();
+    let err = b
+        .manager
+        .import_finish(import, &"0".repeat(64))
+        .await
+        .unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::DataLoss);
+    assert!(!b.data.overlay(other).exists());
+}
