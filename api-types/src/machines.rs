@@ -311,11 +311,12 @@ pub struct MachinePage {
 }
 
 /// One event of `GET /events` (the `data` of an SSE event named `machine`, whose `id` is
-/// `seq`).
+/// `position`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StreamEventView {
-    /// Increases with every event; pass the last one seen as `Last-Event-ID` to resume.
-    pub seq: i64,
+    /// Where the event is in the stream: increases with every event, in the order they were
+    /// committed; pass the last one seen as `Last-Event-ID` to resume.
+    pub position: i64,
     pub machine_id: String,
     pub hostname: String,
     pub action: String,

@@ -1,7 +1,7 @@
 //! `/events`: every event of the caller's machines (an administrator's: all) as server-sent
 //! events, resumable with `Last-Event-ID` (`app::event_stream`).
 
-use super::extract::Caller;
+use super::extract::{bearer_token, Caller};
 use super::problem::Problem;
 use crate::app::event_stream::StreamItem;
 use crate::app::App;
@@ -23,9 +23,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 fn sse_event(item: StreamItem) -> Event {
     let (event, id, data) = match item {
         StreamItem::Event(e) => {
-            let seq = e.seq;
+            let position = e.position;
             let view = StreamEventView {
-                seq,
+                position,
                 machine_id: e.machine_id.to_string(),
                 hostname: e.hostname,
                 action: e.action,
@@ -33,7 +33,7 @@ fn sse_event(item: StreamItem) -> Event {
                 message: e.message,
                 created_at: e.created_at,
             };
-            ("machine", seq, serde_json::to_string(&view))
+            ("machine", position, serde_json::to_string(&view))
         }
         StreamItem::Lost {
             last_event_id,
@@ -78,13 +78,14 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>> {
 /// Your machines' events as they happen, as server-sent events.
 ///
 /// Administrators get every machine's. Each is `event: machine` with `id` = the event's
-/// `seq` and a JSON `data`. Without
-/// `Last-Event-ID` the stream starts with the next event; with it, it goes on after that
-/// event (an id this server never wrote gets an `event: lost` first, saying where it goes on
-/// from). Events come in `seq` order and none is skipped: the server reads the next ones only
-/// when the client has taken the last, so a slow reader falls behind and loses nothing. A
-/// comment line every 15 s keeps an idle stream open; the stream ends after 15 minutes (or
-/// when the account is disabled): reconnect with `Last-Event-ID`. An account may hold 16
+/// `position` and a JSON `data`. Without `Last-Event-ID` the stream starts with the next
+/// event; with it, it goes on after that event (an id this server never wrote gets an `event:
+/// lost` first, saying where it goes on from). Events come in the order they were committed
+/// and none is skipped: the server reads the next ones only when the client has taken the
+/// last, so a slow reader falls behind and loses nothing. A comment line every 15 s keeps an
+/// idle stream open. The stream ends when its credential no longer holds (checked every 30
+/// s: an expired access token, a password change, a revoked API token, a disabled account, a
+/// changed role): reconnect with a valid one and `Last-Event-ID`. An account may hold 16
 /// waits and streams open per server (429 beyond).
 #[utoipa::path(get, path = "/events", tag = "machines", operation_id = "event_stream",
     params(("Last-Event-ID" = Option<i64>, Header, minimum = 0,
@@ -101,7 +102,9 @@ pub async fn event_stream(
     headers: HeaderMap,
 ) -> Result<Response> {
     let after = last_event_id(&headers)?;
-    let items = app.event_stream(who, after).await?;
+    // What `Caller` authenticated, kept to check again while the stream lasts.
+    let bearer = bearer_token(&headers)?.to_owned();
+    let items = app.event_stream(who, bearer, after).await?;
     let events = items.map(|item| Ok::<_, Infallible>(sse_event(item)));
     let mut response = Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))

@@ -76,6 +76,25 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
 #[derive(Debug, Clone, Copy)]
 pub struct Caller(pub Principal);
 
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<&str, Error> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(Error::Unauthenticated("missing bearer token"))?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(Error::Unauthenticated(
+            "expected 'Authorization: Bearer <token>'",
+        ))
+}
+
 impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = Error;
 
@@ -83,23 +102,7 @@ impl FromRequestParts<Arc<App>> for Caller {
         parts: &mut Parts,
         app: &Arc<App>,
     ) -> Result<Self, Self::Rejection> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or(Error::Unauthenticated("missing bearer token"))?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(Error::Unauthenticated(
-                "expected 'Authorization: Bearer <token>'",
-            ))?;
-        let caller = app.authenticate(token).await?;
+        let caller = app.authenticate(bearer_token(&parts.headers)?).await?;
         caller.require_scope_for(&parts.method)?;
         tracing::Span::current().record("user", tracing::field::display(caller.user_id));
         if let Some(actor) = parts.extensions.get::<super::audit::AuditActor>() {

@@ -1,7 +1,7 @@
 //! Machines' logs: the `machine_events` table. Status changes write their event in their own
 //! transaction (see `machines`); notes say what happens without a status change, once.
 
-use super::{from_micros, parse_col, to_micros, Store};
+use super::{from_micros, parse_col, to_micros, Backend, Store};
 use crate::error::Result;
 use crate::model::{MachineEvent, MachineId, MachineStatus, UserId};
 use chrono::{DateTime, Utc};
@@ -33,7 +33,9 @@ pub(crate) async fn event_in_txn(
 /// One event of any machine, for the event stream (`GET /events`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamedEvent {
-    pub seq: i64,
+    /// Where it is in the stream: events are streamed in this order, which is the order their
+    /// transactions committed (SQLite: `seq`; PostgreSQL: `position`, migration 0021).
+    pub position: i64,
     pub machine_id: MachineId,
     pub owner_id: UserId,
     pub hostname: String,
@@ -44,28 +46,40 @@ pub struct StreamedEvent {
 }
 
 impl Store {
-    /// Every machine's events after `after_seq`, oldest first, at most `limit`; only
-    /// `owner`'s machines' when given. Deleted machines' too: how a machine ended is news.
+    /// The events' stream position column.
+    fn position_column(&self) -> &'static str {
+        match self.backend() {
+            Backend::Sqlite => "e.seq",
+            Backend::Postgres => "e.position",
+        }
+    }
+
+    /// Every machine's events after stream position `after`, in stream order, at most `limit`;
+    /// only `owner`'s machines' when given. Deleted machines' too: how a machine ended is news.
     pub async fn events_after(
         &self,
-        after_seq: i64,
+        after: i64,
         owner: Option<UserId>,
         limit: i64,
     ) -> Result<Vec<StreamedEvent>> {
-        let rows = sqlx::query(
-            "SELECT e.seq, e.machine_id, m.owner_id, m.hostname, e.action, e.status, e.message, \
-             e.created_at FROM machine_events e JOIN machines m ON m.id = e.machine_id \
-             WHERE e.seq > $1 AND ($2 IS NULL OR m.owner_id = $2) ORDER BY e.seq LIMIT $3",
-        )
-        .bind(after_seq)
-        .bind(owner.map(|o| o.to_string()))
-        .bind(limit)
-        .fetch_all(self.reader())
-        .await?;
+        let position = self.position_column();
+        let sql = format!(
+            "SELECT {position} AS position, e.machine_id, m.owner_id, m.hostname, e.action, \
+             e.status, e.message, e.created_at FROM machine_events e \
+             JOIN machines m ON m.id = e.machine_id \
+             WHERE {position} > $1 AND ($2 IS NULL OR m.owner_id = $2) \
+             ORDER BY {position} LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after)
+            .bind(owner.map(|o| o.to_string()))
+            .bind(limit)
+            .fetch_all(self.reader())
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(StreamedEvent {
-                    seq: r.try_get("seq")?,
+                    position: r.try_get("position")?,
                     machine_id: parse_col(&r.try_get::<String, _>("machine_id")?, "machine_id")?,
                     owner_id: parse_col(&r.try_get::<String, _>("owner_id")?, "owner_id")?,
                     hostname: r.try_get("hostname")?,
@@ -78,12 +92,14 @@ impl Store {
             .collect()
     }
 
-    /// The newest event's sequence number (0 before the first).
-    pub async fn events_last_seq(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM machine_events")
-            .fetch_one(self.reader())
-            .await?;
-        Ok(row.try_get("seq")?)
+    /// The last stream position given so far (0 before the first event).
+    pub async fn events_last_position(&self) -> Result<i64> {
+        let sql = format!(
+            "SELECT COALESCE(MAX({}), 0) AS position FROM machine_events e",
+            self.position_column()
+        );
+        let row = sqlx::query(&sql).fetch_one(self.reader()).await?;
+        Ok(row.try_get("position")?)
     }
 
     /// A machine's log, oldest first, after `after_seq` when given. Deleted machines have none

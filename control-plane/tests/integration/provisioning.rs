@@ -2167,7 +2167,7 @@ async fn the_event_stream_shows_each_tenant_its_own_events_resumably_and_skips_n
         seen.windows(2).all(|w| w[0].id < w[1].id),
         "in order: {seen:#?}"
     );
-    assert!(seen.iter().all(|e| e.id == e.data["seq"]), "{seen:#?}");
+    assert!(seen.iter().all(|e| e.id == e.data["position"]), "{seen:#?}");
     assert_eq!(seen[0].data["hostname"], "s1");
     assert_eq!(
         seen[0].data["message"],
@@ -2307,3 +2307,62 @@ async fn the_event_stream_shows_each_tenant_its_own_events_resumably_and_skips_n
 }
 
 both_stores!(the_event_stream_shows_each_tenant_its_own_events_resumably_and_skips_none);
+
+/// Issue 15 on PostgreSQL: an event whose transaction commits after a later-numbered one is
+/// still streamed (events go in commit order; an identity number taken earlier but committed
+/// later was the case a stream could skip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_late_is_still_streamed_on_postgres() {
+    use sqlx::Connection;
+    let app = TestApp::spawn_provisioning(Backend::Postgres, config()).await;
+    let (host, admin, tenant) = cluster_with_image(&app, "late").await;
+    let (quiet, busy) = (
+        create(&app, &tenant, "late-1").await,
+        create(&app, &tenant, "late-2").await,
+    );
+    for id in [&quiet, &busy] {
+        wait_for("it to run", async || {
+            is(
+                app.get_json(&tenant, &format!("/machines/{id}")).await["status"].clone(),
+                "running",
+            )
+        })
+        .await;
+    }
+    let mut stream = EventStream::start(&app, &admin, None).await;
+    // A transaction takes its event number now and commits last (on the other machine: it
+    // holds a key-share lock on its machine's row, which a worker's step would wait for).
+    let mut slow = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut slow).await.unwrap();
+    sqlx::query(
+        "INSERT INTO machine_events (machine_id, action, status, message, created_at) \
+         VALUES ($1, 'note', 'running', 'written first, committed last', 0)",
+    )
+    .bind(&quiet)
+    .execute(&mut slow)
+    .await
+    .unwrap();
+    let res = app
+        .as_user(&tenant, Method::POST, &format!("/machines/{busy}/stop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let short = Duration::from_secs(30);
+    let before = stream.until(short, |e| e.data["status"] == "stopped").await;
+    assert!(
+        before.iter().all(|e| e.data["machine_id"] == busy.as_str()),
+        "{before:#?}"
+    );
+    sqlx::query("COMMIT").execute(&mut slow).await.unwrap();
+    let late = stream
+        .until(short, |e| {
+            e.data["message"] == "written first, committed last"
+        })
+        .await;
+    assert_eq!(late.len(), 1, "{late:#?}");
+    assert!(late[0].id > before.last().unwrap().id, "{late:#?}");
+    drop(stream);
+    drop(host);
+    app.stop().await;
+}
