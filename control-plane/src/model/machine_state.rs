@@ -91,8 +91,9 @@ pub fn request(
             s if is_unprovisioned(s) && desired == DesiredState::Stopped => {
                 to(status, DesiredState::Running)
             }
-            S::Failed => Err(refuse(": delete it and create it again")),
+            S::Failed => Err(refuse(": rebuild it or delete it")),
             S::Stopping => Err(refuse(": wait until it is stopped")),
+            S::Resizing | S::Rebuilding => Err(refuse(": wait until it is stopped or running")),
             _ => Err(refuse(": it is already running or about to run")),
         },
         Action::Stop => match status {
@@ -101,7 +102,8 @@ pub fn request(
                 to(status, DesiredState::Stopped)
             }
             S::Starting | S::Rebooting => Err(refuse(": wait until it is running")),
-            S::Failed => Err(refuse(": delete it and create it again")),
+            S::Resizing | S::Rebuilding => Err(refuse(": wait until it is stopped or running")),
+            S::Failed => Err(refuse(": rebuild it or delete it")),
             _ => Err(refuse(": it is already stopped or about to stop")),
         },
         Action::Reboot => match status {
@@ -114,10 +116,11 @@ pub fn request(
             S::Running => Err(refuse(": stop it first")),
             _ => Err(refuse(": only a stopped machine can be resized")),
         },
-        // Running or stopped, it ends as it was (a running one is stopped for the new disk).
+        // Running or stopped, it ends as it was (a running one is stopped for the new disk). A
+        // failed machine may be rebuilt too (the store checks it was built on a host): a
+        // rebuild that failed, from an image that did not fit, is not a dead end.
         Action::Rebuild => match status {
-            S::Running | S::Stopped => to(S::Rebuilding, desired),
-            S::Failed => Err(refuse(": delete it and create it again")),
+            S::Running | S::Stopped | S::Failed => to(S::Rebuilding, desired),
             _ => Err(refuse(": wait until it is running or stopped")),
         },
     }
@@ -139,6 +142,7 @@ pub fn can_transition(from: MachineStatus, to: MachineStatus) -> bool {
         (S::Running, S::Stopping | S::Rebooting | S::Rebuilding | S::Stopped | S::Failed) => true,
         (S::Stopping, S::Stopped | S::Failed) => true,
         (S::Stopped, S::Starting | S::Running | S::Resizing | S::Rebuilding | S::Failed) => true,
+        (S::Failed, S::Rebuilding) => true,
         (S::Resizing, S::Stopped | S::Failed) => true,
         (S::Rebuilding, S::Running | S::Stopped | S::Failed) => true,
         (S::Starting, S::Running | S::Stopped | S::Failed) => true,
@@ -454,12 +458,18 @@ mod tests {
                 })
             );
         }
-        for status in [S::Provisioning, S::Rebooting, S::Rebuilding, S::Failed] {
+        for status in [S::Provisioning, S::Rebooting, S::Rebuilding, S::Resizing] {
             assert!(
                 request(Action::Rebuild, status, D::Running).is_err(),
                 "{status}"
             );
         }
+        // A failed machine may be rebuilt (out of a failed rebuild, say).
+        assert_eq!(
+            request(Action::Rebuild, S::Failed, D::Running).map(|t| t.status),
+            Ok(S::Rebuilding)
+        );
+        assert!(can_transition(S::Failed, S::Rebuilding));
         // Neither can be asked twice at once, and both end where the agent leaves them.
         assert!(can_transition(S::Resizing, S::Stopped));
         assert!(!can_transition(S::Resizing, S::Running));

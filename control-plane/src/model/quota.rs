@@ -80,8 +80,8 @@ impl QuotaOverride {
 }
 
 impl Quota {
-    /// Whether `current + request` stays within the limits; the error says which limit and by
-    /// how much, so the tenant knows what to free.
+    /// Whether `current + request` stays within the limits, for each part `request` adds to;
+    /// the error says which limit and by how much, so the tenant knows what to free.
     pub fn admits(&self, current: Usage, request: Usage) -> Result<(), String> {
         let checks = [
             (
@@ -99,7 +99,8 @@ impl Quota {
             ),
         ];
         for (what, used, asked, limit) in checks {
-            if used.saturating_add(asked) > limit {
+            // Only what grows is checked: a tenant over a lowered limit may still shrink.
+            if asked > 0 && used.saturating_add(asked) > limit {
                 return Err(format!(
                     "quota exceeded: {what} limit is {limit}, you use {used} and asked for {asked} more"
                 ));
@@ -214,10 +215,11 @@ mod tests {
 
         proptest! {
             /// Never panics, whatever the numbers (overflow saturates), and admits exactly when
-            /// every total stays within its limit.
+            /// every total that grows stays within its limit.
             #[test]
             fn admits_exactly_what_fits(current in usage(), request in usage()) {
-                let fits = |used: i64, asked: i64, limit: i64| used.saturating_add(asked) <= limit;
+                let fits =
+                    |used: i64, asked: i64, limit: i64| asked <= 0 || used.saturating_add(asked) <= limit;
                 let expected = fits(current.machines, request.machines, Q.max_machines)
                     && fits(current.vcpus, request.vcpus, Q.max_vcpus)
                     && fits(current.memory_mib, request.memory_mib, Q.max_memory_mib);
@@ -239,5 +241,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn only_what_grows_is_checked() {
+        let over = Usage {
+            machines: 3,
+            vcpus: 6,
+            memory_mib: 2048,
+        };
+        // Already over every limit: a change that adds nothing (or gives back) is admitted.
+        let shrink = Usage {
+            machines: 0,
+            vcpus: -1,
+            memory_mib: 0,
+        };
+        assert_eq!(Q.admits(over, shrink), Ok(()));
+        let grow = Usage {
+            memory_mib: 1,
+            ..shrink
+        };
+        assert!(Q.admits(over, grow).unwrap_err().contains("memory MiB"));
     }
 }

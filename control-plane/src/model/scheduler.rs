@@ -188,12 +188,11 @@ pub fn place_batch(
         .collect()
 }
 
-/// Whether a machine can grow by `delta` on host `host` (a resize stays on its host), which
+/// Whether a machine can grow by `delta` on its host (a resize stays on its host), which
 /// offers `capacity` and has `allocated` to its machines. A part that shrinks always fits; a
 /// cordoned host still lets its machines change size (cordoning only keeps new ones away).
-/// The error names what is short and by how much.
+/// The error names what is short, for the tenant: not the host, nor how loaded it is.
 pub fn resize_fits(
-    host: &str,
     capacity: Resources,
     allocated: Resources,
     delta: Resources,
@@ -207,8 +206,7 @@ pub fn resize_fits(
     for (what, free, more) in checks {
         if more > 0 && more > free {
             return Err(format!(
-                "host {host} has {} {what} free and this resize needs {more} more",
-                free.max(0)
+                "the machine's host has no room for {more} more {what}; try a smaller size"
             ));
         }
     }
@@ -376,28 +374,25 @@ mod tests {
             memory_mib,
             disk_gib,
         };
+        assert_eq!(resize_fits(capacity, allocated, delta(2, 0, 60)), Ok(()));
         assert_eq!(
-            resize_fits("h1", capacity, allocated, delta(2, 0, 60)),
-            Ok(())
+            resize_fits(capacity, allocated, delta(3, 0, 0)),
+            Err("the machine's host has no room for 3 more vCPUs; try a smaller size".into())
         );
         assert_eq!(
-            resize_fits("h1", capacity, allocated, delta(3, 0, 0)),
-            Err("host h1 has 2 vCPUs free and this resize needs 3 more".into())
-        );
-        assert_eq!(
-            resize_fits("h1", capacity, allocated, delta(-2, 1, 0)),
-            Err("host h1 has 0 MiB of memory free and this resize needs 1 more".into())
+            resize_fits(capacity, allocated, delta(-2, 1, 0)),
+            Err(
+                "the machine's host has no room for 1 more MiB of memory; try a smaller size"
+                    .into()
+            )
         );
         // Fewer vCPUs and less memory on a full host: always.
-        assert_eq!(
-            resize_fits("h1", capacity, allocated, delta(-1, -512, 0)),
-            Ok(())
-        );
+        assert_eq!(resize_fits(capacity, allocated, delta(-1, -512, 0)), Ok(()));
         // A host already over (its capacity shrank): a shrinking resize still goes through.
         let over = Resources {
             vcpus: 12,
             ..allocated
         };
-        assert_eq!(resize_fits("h1", capacity, over, delta(-2, 0, 0)), Ok(()));
+        assert_eq!(resize_fits(capacity, over, delta(-2, 0, 0)), Ok(()));
     }
 }

@@ -5,7 +5,7 @@
 
 use super::machine_events::event_in_txn;
 use super::machines::{machine_in_txn, swap_status_in_txn, Visibility};
-use super::tasks::enqueue_in_txn;
+use super::tasks::{capacity_changed_in_txn, enqueue_in_txn};
 use super::usage::{usage_add_in_txn, usage_lock_in_txn};
 use super::{parse_col, to_micros, Store};
 use crate::error::{Error, Result};
@@ -109,7 +109,7 @@ async fn host_resize_in_txn(
     }
     // Refused: read the host to say why.
     let host = sqlx::query(
-        "SELECT name, vcpus, memory_mib, disk_gib, allocated_vcpus, allocated_memory_mib, \
+        "SELECT vcpus, memory_mib, disk_gib, allocated_vcpus, allocated_memory_mib, \
          allocated_disk_gib FROM hosts WHERE id = $1",
     )
     .bind(host_id)
@@ -122,10 +122,9 @@ async fn host_resize_in_txn(
             disk_gib: host.try_get(format!("{prefix}disk_gib").as_str())?,
         })
     };
-    let name: String = host.try_get("name")?;
-    let why = resize_fits(&name, resources("")?, resources("allocated_")?, delta)
+    let why = resize_fits(resources("")?, resources("allocated_")?, delta)
         .err()
-        .unwrap_or_else(|| format!("host {name} changed meanwhile; try again"));
+        .unwrap_or_else(|| "the machine's host changed meanwhile; try again".to_owned());
     Err(Error::Conflict(why))
 }
 
@@ -181,22 +180,21 @@ impl Store {
             .map_err(|e| Error::Conflict(e.to_string()))?;
         let delta = new.minus(old);
         let usage = usage_lock_in_txn(&mut tx, self.backend(), read.owner).await?;
-        let grows = Usage {
-            machines: 0,
-            vcpus: delta.vcpus.max(0),
-            memory_mib: delta.memory_mib.max(0),
-        };
-        quota.admits(usage, grows).map_err(Error::QuotaExceeded)?;
-        let Some(host) = &read.host_id else {
-            // A stopped machine was built on a host; without one the records disagree.
-            return Err(Error::Internal(format!("stopped machine {id} has no host")));
-        };
-        host_resize_in_txn(&mut tx, host, delta).await?;
         let change = Usage {
             machines: 0,
             vcpus: delta.vcpus,
             memory_mib: delta.memory_mib,
         };
+        quota.admits(usage, change).map_err(Error::QuotaExceeded)?;
+        let Some(host) = &read.host_id else {
+            // A stopped machine was built on a host; without one the records disagree.
+            return Err(Error::Internal(format!("stopped machine {id} has no host")));
+        };
+        host_resize_in_txn(&mut tx, host, delta).await?;
+        if delta.vcpus < 0 || delta.memory_mib < 0 || delta.disk_gib < 0 {
+            // Room given back: machines waiting for capacity look again.
+            capacity_changed_in_txn(&mut tx, self.backend()).await?;
+        }
         usage_add_in_txn(&mut tx, read.owner, change).await?;
         sqlx::query(
             "UPDATE machines SET vcpus = $2, memory_mib = $3, disk_gib = $4, \
@@ -227,7 +225,7 @@ impl Store {
         Ok(Resized::Accepted(machine))
     }
 
-    /// Rebuilds a running or stopped machine: a fresh disk from `image` (its own when `None`)
+    /// Rebuilds a running, stopped or failed machine (one a host built): a fresh disk from `image` (its own when `None`)
     /// by its next spec, whose disk generation moves on; id, hostname, size, SSH keys and user
     /// data stay. It ends running or stopped, as it was.
     pub async fn machine_rebuild(
@@ -241,10 +239,18 @@ impl Store {
         let read = read_in_txn(&mut tx, id, &who).await?;
         let t = machine_state::request(Action::Rebuild, read.status, read.desired)
             .map_err(|e| Error::Conflict(e.to_string()))?;
+        if read.host_id.is_none() {
+            // Failed before any host built it: there is no disk to rebuild.
+            return Err(Error::Conflict(
+                "cannot rebuild a machine that was never built on a host: delete it and create \
+                 it again"
+                    .into(),
+            ));
+        }
         let image_id = image.as_ref().map_or(read.image_id.as_str(), |i| &i.id);
         sqlx::query(
             "UPDATE machines SET image_id = $2, disk_generation = disk_generation + 1, \
-             spec_generation = spec_generation + 1 WHERE id = $1",
+             spec_generation = spec_generation + 1, failure_reason = NULL WHERE id = $1",
         )
         .bind(id.to_string())
         .bind(image_id)

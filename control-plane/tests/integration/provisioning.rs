@@ -1923,7 +1923,7 @@ async fn resize_and_rebuild_reach_the_host_and_say_why_when_refused(backend: Bac
     let res = post(resize.clone(), json!({"vcpus": 5})).await;
     let body = crate::common::problem(res, StatusCode::CONFLICT).await;
     assert_eq!(
-        body["detail"], "host resizer has 3 vCPUs free and this resize needs 4 more",
+        body["detail"], "the machine's host has no room for 4 more vCPUs; try a smaller size",
         "{body}"
     );
     let tenant_id = app.get_json(&tenant, "/auth/profile").await["id"]
@@ -1990,6 +1990,19 @@ async fn resize_and_rebuild_reach_the_host_and_say_why_when_refused(backend: Bac
         body["detail"].as_str().unwrap().contains("only grows"),
         "{body}"
     );
+    // A tenant over a lowered limit may still shrink (only what grows is checked).
+    quota(json!(1)).await;
+    let res = post(resize.clone(), json!({"memory_mib": 192})).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    wait("stopped").await;
+    let res = post(resize.clone(), json!({"memory_mib": 256})).await;
+    assert_eq!(
+        res.status(),
+        StatusCode::ACCEPTED,
+        "growing memory only: vCPUs are not asked for"
+    );
+    wait("stopped").await;
+    quota(Value::Null).await;
 
     // Rebuild a running machine: stopped for its fresh disk, running again.
     post(format!("/machines/{id}/start"), json!({})).await;
@@ -2019,6 +2032,45 @@ async fn resize_and_rebuild_reach_the_host_and_say_why_when_refused(backend: Bac
     assert_eq!(m["vcpus"], 2, "a rebuild keeps the size");
     assert!(!disk_has_the_write(&overlay), "the old disk is gone");
     assert_eq!(virtual_size(&overlay), 3 << 30);
+
+    // A rebuild from an image that does not fit the disk fails at the disk step, leaves the
+    // disk as it was, and the failed machine may be rebuilt again from one that fits.
+    let big = host.tmp.path().join("big.qcow2");
+    assert!(std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&big)
+        .arg("8G")
+        .status()
+        .unwrap()
+        .success());
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        std::fs::read(&big).unwrap(),
+    ));
+    let res = app
+        .as_user(&admin, Method::POST, "/images")
+        .json(
+            &json!({"name": "big", "source": format!("file://{}", big.display()),
+            "format": "qcow2", "sha256": digest}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    write_to_disk(&host, &id);
+    let res = post(rebuild.clone(), json!({"image": "big"})).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let failed = wait("failed").await;
+    let reason = failed["failure_reason"].as_str().unwrap();
+    assert!(reason.contains("disk"), "{reason}");
+    assert!(
+        disk_has_the_write(&overlay),
+        "the disk a failed rebuild leaves is the old one"
+    );
+    let res = post(rebuild.clone(), json!({"image": "fake"})).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let again = wait("running").await;
+    assert_eq!(again["failure_reason"], Value::Null);
+    assert!(!disk_has_the_write(&overlay));
     let events = app
         .get_json(&tenant, &format!("/machines/{id}/events?limit=200"))
         .await;

@@ -357,10 +357,12 @@ impl MachineManager {
 
     /// Image, overlay, seed, definition: each step idempotent, each failure named by its step.
     ///
-    /// A rebuild ([`DiskPlan::Replace`]) removes the old overlay (and console log), makes the new one and records
-    /// the spec's disk generation before the domain is redefined: an agent killed before the
-    /// record makes the disk again on the retry (nothing of the tenant's is left in it yet),
-    /// one killed after it keeps the new disk.
+    /// A rebuild ([`DiskPlan::Replace`]) makes the new overlay beside the old one, renames it
+    /// over the old one (and removes the console log), and records the spec's disk generation
+    /// before the domain is redefined: a rebuild that fails before the rename leaves the old
+    /// disk; an agent killed after the rename but before the record makes the disk again on
+    /// the retry (nothing of the tenant's is in it yet); one killed after the record keeps the
+    /// new disk.
     async fn build(
         &self,
         spec: &MachineSpec,
@@ -383,14 +385,26 @@ impl MachineManager {
         let overlay = self.data.overlay(spec.id);
         self.pause_point(CreateStep::Disk).await;
         if disk == DiskPlan::Replace {
-            remove_file_if_present(&overlay)?;
+            // The new disk is made beside the old one and takes its place only once made: a
+            // base that does not fit the disk, or any other failure, leaves the old disk as it
+            // was. A leftover from an attempt that died before the rename is made again.
+            let fresh = dir.join(REBUILT_DISK);
+            remove_file_if_present(&fresh)?;
+            self.make_disk(spec.disk_gib, &image, &fresh)
+                .await
+                .map_err(|e| ManagerError::CreateDisk(e.into()))?;
+            sync_file(&fresh).map_err(|e| ManagerError::files(FileOp::Writing, &fresh, e))?;
+            std::fs::rename(&fresh, &overlay)
+                .and_then(|()| sync_dir(&dir))
+                .map_err(|e| ManagerError::files(FileOp::Writing, &overlay, e))?;
             // The console shows the new disk's life only: a client pinning host keys from it
             // must never find the keys the old disk made.
             remove_file_if_present(&self.data.console_log(spec.id))?;
+        } else {
+            self.make_disk(spec.disk_gib, &image, &overlay)
+                .await
+                .map_err(|e| ManagerError::CreateDisk(e.into()))?;
         }
-        self.make_disk(spec.disk_gib, &image, &overlay)
-            .await
-            .map_err(|e| ManagerError::CreateDisk(e.into()))?;
         if disk == DiskPlan::Keep {
             self.disks
                 .grow(&overlay, spec.disk_gib)
@@ -1011,11 +1025,31 @@ enum DiskPlan {
     Replace,
 }
 
-/// Writes `content` to a temporary file beside `path`, then renames it over `path`: a reader
-/// finds the old content or the new, never part of it.
+/// In a machine's directory while a rebuild makes its new disk.
+const REBUILT_DISK: &str = "disk.rebuilt.qcow2";
+
+/// Writes `content` to a temporary file beside `path`, then renames it over `path`, each step
+/// synced: a reader finds the old content or the new, never part of it, even after a power
+/// cut.
 fn write_atomically(path: &Path, content: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content).and_then(|()| std::fs::rename(&tmp, path))
+    std::fs::write(&tmp, content)?;
+    sync_file(&tmp)?;
+    std::fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+/// fsync of a file's content.
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
+/// fsync of a directory: its entries (a rename into it) survive a power cut.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Writes the [`INCOMPLETE_MARKER`]; on failure, its path and the cause.

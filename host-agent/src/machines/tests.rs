@@ -815,7 +815,7 @@ async fn a_newer_disk_generation_replaces_the_disk_once_stopping_a_running_machi
 }
 
 #[tokio::test]
-async fn a_rebuild_killed_before_its_record_makes_the_disk_again_on_the_retry() {
+async fn a_rebuild_that_fails_after_its_record_keeps_the_new_disk_on_the_retry() {
     let h = harness();
     let id = Uuid::new_v4();
     h.manager
@@ -958,4 +958,39 @@ async fn a_stopped_machines_disk_moves_to_another_host_with_its_data_and_digest_
         .unwrap_err();
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::DataLoss);
     assert!(!b.data.overlay(other).exists());
+}
+
+#[tokio::test]
+async fn a_rebuild_whose_image_does_not_fit_the_disk_leaves_the_old_disk() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Stopped))
+        .await
+        .unwrap();
+    write_to_disk(&h, id);
+    // A 2 GiB base for a 1 GiB disk.
+    let dir = h.data.root().parent().unwrap().to_path_buf();
+    let big = dir.join("big.qcow2");
+    assert!(std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&big)
+        .arg("2G")
+        .status()
+        .unwrap()
+        .success());
+    let base = SourceFile {
+        url: format!("file://{}", big.display()),
+        sha256: hex::encode(Sha256::digest(std::fs::read(&big).unwrap())),
+    };
+    let mut rebuild = MachineSpec {
+        generation: 2,
+        ..disk_spec(&h, id, base, DesiredPower::Stopped)
+    };
+    rebuild.disk_generation = 1;
+    let err = h.manager.ensure(rebuild).await.unwrap_err();
+    assert_eq!(err.step(), Some(CreateStep::Disk), "{err:?}");
+    assert!(disk_has_the_write(&h, id), "the old disk is untouched");
+    assert!(!h.data.machine_dir(id).join(DISK_GENERATION).exists());
+    assert!(!h.data.machine_dir(id).join(REBUILT_DISK).exists());
 }
