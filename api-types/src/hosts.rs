@@ -35,6 +35,20 @@ pub struct HostView {
     pub agent_version: String,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// Set once an administrator asked to evacuate it (`POST /hosts/{id}/evacuate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evacuation: Option<EvacuationView>,
+}
+
+/// How an evacuation goes: done when no machine is left on the host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EvacuationView {
+    pub requested_at: DateTime<Utc>,
+    /// Live machines still on the host (those being moved included).
+    pub machines_left: i64,
+    /// Of those, the ones being moved now; the others could not be moved (their events say
+    /// why) or were busy when it was asked (ask again).
+    pub moving: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

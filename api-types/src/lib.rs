@@ -9,7 +9,7 @@ pub mod machines;
 pub mod users;
 
 pub use admin::{AuditEventPage, AuditEventView, PassView, ReconcilerView};
-pub use hosts::{CapacityView, HostList, HostView};
+pub use hosts::{CapacityView, EvacuationView, HostList, HostView};
 pub use images::{BootParams, ImageFormat, ImageList, ImageView, RegisterImageParams};
 pub use machines::{
     CreateMachineParams, DesiredState, EventPage, EventView, ListMachinesQuery, LostEventsView,

@@ -23,6 +23,9 @@ pub enum MachineStatus {
     /// Getting a fresh disk (`POST /machines/{id}/rebuild`); running or stopped after, as
     /// it was.
     Rebuilding,
+    /// Being moved to another host (its host is being evacuated); running or stopped after,
+    /// as it was, on the new host or, if the move failed, on the old one.
+    Moving,
     Deleting,
     Deleted,
     Failed,
@@ -39,7 +42,7 @@ pub enum DesiredState {
 
 impl MachineStatus {
     /// Every status, in lifecycle order (for metrics and validation).
-    pub const ALL: [MachineStatus; 12] = [
+    pub const ALL: [MachineStatus; 13] = [
         Self::Pending,
         Self::Provisioning,
         Self::Running,
@@ -49,6 +52,7 @@ impl MachineStatus {
         Self::Rebooting,
         Self::Resizing,
         Self::Rebuilding,
+        Self::Moving,
         Self::Deleting,
         Self::Deleted,
         Self::Failed,
@@ -65,6 +69,7 @@ impl MachineStatus {
             Self::Rebooting => "rebooting",
             Self::Resizing => "resizing",
             Self::Rebuilding => "rebuilding",
+            Self::Moving => "moving",
             Self::Deleting => "deleting",
             Self::Deleted => "deleted",
             Self::Failed => "failed",

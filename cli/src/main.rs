@@ -261,9 +261,28 @@ enum ImagesCmd {
 #[derive(Debug, Subcommand)]
 enum HostsCmd {
     List,
-    Cordon { host: String },
-    Uncordon { host: String },
-    Delete { host: String },
+    /// One host, with its evacuation's progress.
+    Show {
+        host: String,
+    },
+    /// Cordon the host and move each of its machines to another host with room (a running
+    /// one is stopped, moved and started again; its disk goes with it).
+    Evacuate {
+        host: String,
+        /// Follow the evacuation until no machine is left on the host (or some could not
+        /// be moved).
+        #[arg(long)]
+        wait: bool,
+    },
+    Cordon {
+        host: String,
+    },
+    Uncordon {
+        host: String,
+    },
+    Delete {
+        host: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -533,6 +552,41 @@ async fn wait_for(
     }
 }
 
+/// Follows an evacuation until no machine is left on the host; fails when the moves are
+/// over and some machines could not be moved (their events say why).
+async fn evacuation_done(
+    api: &mut Api,
+    id: &str,
+    name: &str,
+) -> CliResult<skygate_api_types::HostView> {
+    let started = Instant::now();
+    let mut last = (-1, -1);
+    loop {
+        let h = api.client().host(id).await?;
+        let (left, moving) = h
+            .evacuation
+            .as_ref()
+            .map_or((0, 0), |e| (e.machines_left, e.moving));
+        if (left, moving) != last {
+            eprintln!(
+                "{left} machine(s) left on {name}, {moving} moving, after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            last = (left, moving);
+        }
+        if left == 0 {
+            return Ok(h);
+        }
+        if moving == 0 {
+            return fail(format!(
+                "{left} machine(s) could not be moved off {name}: see their events \
+                 (skygate machines events ...), or evacuate again once they settle"
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 async fn run(cli: Cli) -> CliResult<()> {
     let mut api = Api::new(cli.api)?;
     let result = command(&mut api, cli.output, cli.command).await;
@@ -617,6 +671,19 @@ async fn command(api: &mut Api, out: Output, command: Command) -> CliResult<()> 
             HostsCmd::List => {
                 let hosts = api.client().hosts().await?;
                 print_rows(out, &hosts.items, output::HOST);
+            }
+            HostsCmd::Show { host } => {
+                let id = host_id(api, &host).await?;
+                let h = api.client().host(&id).await?;
+                print_one(out, &h, output::HOST);
+            }
+            HostsCmd::Evacuate { host, wait } => {
+                let id = host_id(api, &host).await?;
+                let mut h = api.client().evacuate_host(&id).await?;
+                if wait {
+                    h = evacuation_done(api, &id, &host).await?;
+                }
+                print_one(out, &h, output::HOST);
             }
             HostsCmd::Cordon { host } => {
                 let id = host_id(api, &host).await?;

@@ -98,6 +98,12 @@ pub const HOST: &[Column<HostView>] = &[
     ("hypervisor", |h| h.hypervisor.clone()),
     ("machines", |h| h.machines.to_string()),
     ("address", |h| h.address.clone()),
+    ("evacuation", |h| {
+        h.evacuation.as_ref().map_or_else(
+            || "-".to_owned(),
+            |e| format!("{} left, {} moving", e.machines_left, e.moving),
+        )
+    }),
 ];
 
 pub const MACHINE_ROW: &[Column<MachineView>] = &[

@@ -360,6 +360,18 @@ impl Client {
         self.call(Method::GET, "/hosts", None::<&()>).await
     }
 
+    /// `GET /hosts/{id}`: one host, with its evacuation's progress.
+    pub async fn host(&mut self, id: &str) -> Result<HostView> {
+        let path = format!("/hosts/{}", segment(id));
+        self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    /// `POST /hosts/{id}/evacuate`: cordons the host and moves its machines elsewhere.
+    pub async fn evacuate_host(&mut self, id: &str) -> Result<HostView> {
+        let path = format!("/hosts/{}/evacuate", segment(id));
+        self.call(Method::POST, &path, None::<&()>).await
+    }
+
     /// `POST /hosts/{id}/cordon` or `uncordon`.
     pub async fn set_cordoned(&mut self, id: &str, cordoned: bool) -> Result<HostView> {
         let verb = if cordoned { "cordon" } else { "uncordon" };

@@ -45,6 +45,9 @@ pub async fn check_once(store: &Store, settings: &WorkflowSettings) -> crate::Re
     }
     let limits: HashMap<_, _> = MachineStatus::ALL
         .into_iter()
+        // A move past its deadline is undone by its task (the machine stays on its host),
+        // never failed.
+        .filter(|s| *s != MachineStatus::Moving)
         .filter_map(|s| {
             let limit = policy::deadline(s, settings)?;
             Some((s, chrono::Duration::from_std(limit).ok()?))

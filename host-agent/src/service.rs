@@ -259,6 +259,15 @@ impl pb::host_agent_server::HostAgent for HostAgentService {
         Ok(Response::new(pb::DeleteMachineResponse { existed }))
     }
 
+    async fn release_machine(
+        &self,
+        request: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::DeleteMachineResponse>, Status> {
+        let id = machine_id(&request.into_inner().machine_id)?;
+        let existed = self.manager.release(id).await?;
+        Ok(Response::new(pb::DeleteMachineResponse { existed }))
+    }
+
     async fn get_machine(
         &self,
         request: Request<pb::MachineRef>,

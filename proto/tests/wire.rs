@@ -91,6 +91,12 @@ impl HostAgent for Probe {
     ) -> Result<Response<ConsoleTail>, Status> {
         Err(Status::unimplemented("probe"))
     }
+    async fn release_machine(
+        &self,
+        _: Request<MachineRef>,
+    ) -> Result<Response<DeleteMachineResponse>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
     type ExportDiskStream = Pin<Box<dyn Stream<Item = Result<DiskChunk, Status>> + Send>>;
     async fn export_disk(
         &self,

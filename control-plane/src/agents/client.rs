@@ -99,9 +99,10 @@ fn deadline(call: Call, timing: &CallTiming) -> Option<Duration> {
     match call {
         Call::HostInfo | Call::Console => Some(secs(10)),
         Call::Get | Call::List => Some(secs(15)),
-        // Fetching a multi-GiB image can take a while; the deadline covers the worst case.
-        Call::Ensure => Some(timing.transition_timeout),
-        Call::Start | Call::Delete => Some(secs(120)),
+        // Fetching a multi-GiB image can take a while; the deadline covers the worst case. So
+        // does moving a disk: the export lasts as long as the import reads it.
+        Call::Ensure | Call::ExportDisk | Call::ImportDisk => Some(timing.transition_timeout),
+        Call::Start | Call::Delete | Call::Release => Some(secs(120)),
         // The graceful stop, then the forced one.
         Call::Stop => Some(timing.stop_timeout + secs(60)),
         // A reboot stops the guest (gracefully first), then starts it.
@@ -317,6 +318,17 @@ impl AgentClient {
         Ok(reply.existed)
     }
 
+    /// ReleaseMachine: undefines the machine's domain and keeps its disk (a move gives up the
+    /// name and UUID on its source); whether there was a domain.
+    pub async fn release(&self, id: MachineId) -> Result<bool, AgentCallError> {
+        let reply = self
+            .call(Call::Release, machine_ref(id), |mut c, r| async move {
+                c.release_machine(r).await
+            })
+            .await?;
+        Ok(reply.existed)
+    }
+
     /// GetMachine: the machine's state as the hypervisor reports it now.
     pub async fn get(&self, id: MachineId) -> Result<MachineOnHost, AgentCallError> {
         let reply = self
@@ -367,6 +379,71 @@ impl AgentClient {
             })
             .await?;
         Ok(reply.data)
+    }
+}
+
+/// Moves machine `id`'s disk from `source` to `target`: ExportDisk's chunks are relayed into
+/// ImportDisk as they come (two in flight: a slow side slows the other, nothing piles up
+/// here), ending with the source's SHA-256, which the target checks. `spec` is the machine's
+/// (the target fetches its image's base). Returns the bytes moved. A failure on the source's
+/// side is reported as the source's, not as the truncated import it causes.
+pub async fn move_disk(
+    source: &AgentClient,
+    target: &AgentClient,
+    id: MachineId,
+    spec: &AgentSpec,
+) -> Result<u64, AgentCallError> {
+    use pb::import_disk_request::Part;
+    let mut chunks = source
+        .call(Call::ExportDisk, machine_ref(id), |mut c, r| async move {
+            c.export_disk(r).await
+        })
+        .await?;
+    let header = pb::ImportDiskRequest {
+        part: Some(Part::Header(pb::ImportDiskHeader {
+            machine_id: id.to_string(),
+            image: spec.0.image.clone(),
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ImportDiskRequest>(2);
+    let source_host = source.host.clone();
+    let relay = tokio::spawn(async move {
+        if tx.send(header).await.is_err() {
+            return Ok(());
+        }
+        loop {
+            match chunks.message().await {
+                Ok(Some(chunk)) => {
+                    let last = !chunk.sha256.is_empty();
+                    let part = Some(Part::Chunk(chunk));
+                    if tx.send(pb::ImportDiskRequest { part }).await.is_err() || last {
+                        return Ok(());
+                    }
+                }
+                // Ended without its digest: the import sees the stream end and refuses.
+                Ok(None) => return Ok(()),
+                Err(status) => {
+                    return Err(AgentCallError::from_status(
+                        Call::ExportDisk,
+                        &source_host,
+                        status,
+                    ))
+                }
+            }
+        }
+    });
+    let imported = target
+        .call(
+            Call::ImportDisk,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            |mut c, r| async move { c.import_disk(r).await },
+        )
+        .await;
+    let relayed = relay.await.unwrap_or(Ok(()));
+    match (imported, relayed) {
+        (Ok(done), _) => Ok(done.bytes),
+        (Err(_), Err(source_side)) => Err(source_side),
+        (Err(target_side), Ok(())) => Err(target_side),
     }
 }
 

@@ -22,10 +22,13 @@ pub enum Call {
     List,
     Watch,
     Console,
+    ExportDisk,
+    ImportDisk,
+    Release,
 }
 
 impl Call {
-    pub const ALL: [Call; 10] = [
+    pub const ALL: [Call; 13] = [
         Call::HostInfo,
         Call::Ensure,
         Call::Start,
@@ -36,6 +39,9 @@ impl Call {
         Call::List,
         Call::Watch,
         Call::Console,
+        Call::ExportDisk,
+        Call::ImportDisk,
+        Call::Release,
     ];
 
     /// The gRPC method's name.
@@ -51,6 +57,9 @@ impl Call {
             Call::List => "ListMachines",
             Call::Watch => "WatchEvents",
             Call::Console => "GetConsole",
+            Call::ExportDisk => "ExportDisk",
+            Call::ImportDisk => "ImportDisk",
+            Call::Release => "ReleaseMachine",
         }
     }
 }

@@ -127,6 +127,7 @@ mod tests {
             ssh_keys: vec!["ssh-ed25519 AAAA k".into()],
             user_data: Some("#cloud-config\n".into()),
             host: None,
+            move_to: None,
             image,
         }
     }

@@ -135,7 +135,8 @@ impl Modify for BearerAuth {
         images::image_list, images::image_register, images::image_deprecate,
         images::image_undeprecate,
         ssh_keys::ssh_key_list, ssh_keys::ssh_key_add, ssh_keys::ssh_key_delete,
-        hosts::host_list, hosts::cordon, hosts::uncordon, hosts::delete,
+        hosts::host_list, hosts::host_get, hosts::evacuate, hosts::cordon, hosts::uncordon,
+        hosts::delete,
         admin::reconciler, audit::audit_events, tokens::token_create, tokens::token_list,
         tokens::token_delete,
     ),
@@ -238,7 +239,8 @@ fn api_routes(app: &Arc<App>, settings: &HttpSettings) -> Router<Arc<App>> {
             get(users::quota_get).put(users::quota_put),
         )
         .route("/hosts", get(hosts::host_list))
-        .route("/hosts/{id}", del(hosts::delete))
+        .route("/hosts/{id}", get(hosts::host_get).delete(hosts::delete))
+        .route("/hosts/{id}/evacuate", post(hosts::evacuate))
         .route("/hosts/{id}/cordon", post(hosts::cordon))
         .route("/hosts/{id}/uncordon", post(hosts::uncordon))
         .route("/admin/reconciler", get(admin::reconciler))

@@ -8,9 +8,9 @@ use crate::app::users::QuotaReport;
 use crate::model::{Image, KernelBoot, Machine, MachineEvent, MachineNetwork, SavedSshKey};
 
 pub use skygate_api_types::{
-    AuditEventPage, AuditEventView, BootParams, CapacityView, CreatedTokenView, EventPage,
-    EventView, HostList, HostView, ImageList, ImageView, MachinePage, MachineView, NetworkView,
-    PortView, ProfileView, QuotaParams, QuotaView, SshKeyList, SshKeyView, TokenList,
+    AuditEventPage, AuditEventView, BootParams, CapacityView, CreatedTokenView, EvacuationView,
+    EventPage, EventView, HostList, HostView, ImageList, ImageView, MachinePage, MachineView,
+    NetworkView, PortView, ProfileView, QuotaParams, QuotaView, SshKeyList, SshKeyView, TokenList,
     TokenPairView, TokenView, UsageView, UserList, UserView,
 };
 
@@ -153,6 +153,11 @@ impl From<Host> for HostView {
             agent_version: h.agent_version,
             last_heartbeat_at: h.last_heartbeat_at,
             created_at: h.created_at,
+            evacuation: h.evacuation.map(|e| EvacuationView {
+                requested_at: e.requested_at,
+                machines_left: e.machines_left,
+                moving: e.moving,
+            }),
         }
     }
 }

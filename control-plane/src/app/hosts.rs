@@ -26,6 +26,17 @@ pub struct Host {
     pub agent_version: String,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    pub evacuation: Option<Evacuation>,
+}
+
+/// How a host's evacuation goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evacuation {
+    pub requested_at: DateTime<Utc>,
+    /// Live machines still on the host.
+    pub machines_left: i64,
+    /// Of those, the ones being moved now.
+    pub moving: i64,
 }
 
 /// The one state shown for a host, worst first: `unreachable` (or any other reachability
@@ -60,7 +71,27 @@ impl From<HostRecord> for Host {
             agent_version: h.agent_version,
             last_heartbeat_at: h.last_heartbeat_at,
             created_at: h.created_at,
+            evacuation: h.evacuation_requested_at.map(|requested_at| Evacuation {
+                requested_at,
+                machines_left: 0,
+                moving: 0,
+            }),
         }
+    }
+}
+
+impl Host {
+    /// Fills in the evacuation's progress: machines still on the host, and being moved.
+    fn with_progress(mut self, moving: &std::collections::HashMap<String, i64>) -> Self {
+        let machines = self.machines;
+        let moving = moving.get(&self.id).copied().unwrap_or(0);
+        if let Some(e) = &mut self.evacuation {
+            e.moving = moving;
+            // Its books count each machine until its move is done (a cordoned host is never
+            // a move's target, so none is counted for moving here).
+            e.machines_left = machines;
+        }
+        self
     }
 }
 
@@ -68,7 +99,36 @@ impl App {
     pub async fn host_list(&self, who: Principal) -> Result<Vec<Host>> {
         who.require_admin()?;
         let hosts = self.store.host_list().await?;
-        Ok(hosts.into_iter().map(Host::from).collect())
+        let moving = self.store.moving_per_host().await?;
+        Ok(hosts
+            .into_iter()
+            .map(|h| Host::from(h).with_progress(&moving))
+            .collect())
+    }
+
+    /// One host, with its evacuation's progress.
+    pub async fn host_get(&self, who: Principal, id: Uuid) -> Result<Host> {
+        who.require_admin()?;
+        let host = self
+            .store
+            .host_get(&id.to_string())
+            .await?
+            .ok_or(crate::error::Error::NotFound("host"))?;
+        let moving = self.store.moving_per_host().await?;
+        Ok(Host::from(host).with_progress(&moving))
+    }
+
+    /// Evacuates a host: cordoned, and each of its running or stopped machines moved to
+    /// another host with room by a `move` task. Answers the host with its progress.
+    pub async fn host_evacuate(&self, who: Principal, id: Uuid) -> Result<Host> {
+        who.require_admin()?;
+        let started = self
+            .store
+            .host_evacuate(&id.to_string())
+            .await?
+            .ok_or(crate::error::Error::NotFound("host"))?;
+        tracing::warn!(target: "skygate::audit", admin = %who.user_id, host_id = %id, machines = started, "host evacuation requested");
+        self.host_get(who, id).await
     }
 
     pub async fn host_set_cordoned(

@@ -84,6 +84,13 @@ pub fn request(
     if matches!(status, S::Deleting | S::Deleted) {
         return Err(refuse(""));
     }
+    // A move ends on one host or the other by itself (undone at its deadline at the latest);
+    // until then the machine is on two hosts' books.
+    if status == S::Moving {
+        return Err(refuse(
+            ": it is being moved to another host; wait until it is running or stopped",
+        ));
+    }
     match action {
         Action::Delete => to(S::Deleting, DesiredState::Deleted),
         Action::Start => match status {
@@ -139,10 +146,19 @@ pub fn can_transition(from: MachineStatus, to: MachineStatus) -> bool {
         (_, S::Deleting) => true,
         (S::Pending, S::Provisioning | S::Failed) => true,
         (S::Provisioning, S::Running | S::Stopped | S::Failed) => true,
-        (S::Running, S::Stopping | S::Rebooting | S::Rebuilding | S::Stopped | S::Failed) => true,
+        (
+            S::Running,
+            S::Stopping | S::Rebooting | S::Rebuilding | S::Moving | S::Stopped | S::Failed,
+        ) => true,
         (S::Stopping, S::Stopped | S::Failed) => true,
-        (S::Stopped, S::Starting | S::Running | S::Resizing | S::Rebuilding | S::Failed) => true,
+        (
+            S::Stopped,
+            S::Starting | S::Running | S::Resizing | S::Rebuilding | S::Moving | S::Failed,
+        ) => true,
         (S::Failed, S::Rebuilding) => true,
+        // A move never fails the machine: it ends on its new host or stays on its old one.
+        (S::Moving, S::Running | S::Stopped | S::Starting) => true,
+        (S::Moving, _) => false,
         (S::Resizing, S::Stopped | S::Failed) => true,
         (S::Rebuilding, S::Running | S::Stopped | S::Failed) => true,
         (S::Starting, S::Running | S::Stopped | S::Failed) => true,

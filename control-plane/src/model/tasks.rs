@@ -18,10 +18,12 @@ pub enum TaskKind {
     Resize,
     /// Sends a rebuilt machine's new spec (a newer disk generation) to its host.
     Rebuild,
+    /// Moves a machine to another host (evacuating its host).
+    Move,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 7] = [
+    pub const ALL: [TaskKind; 8] = [
         TaskKind::Provision,
         TaskKind::Start,
         TaskKind::Stop,
@@ -29,6 +31,7 @@ impl TaskKind {
         TaskKind::Delete,
         TaskKind::Resize,
         TaskKind::Rebuild,
+        TaskKind::Move,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,6 +43,7 @@ impl TaskKind {
             TaskKind::Delete => "delete",
             TaskKind::Resize => "resize",
             TaskKind::Rebuild => "rebuild",
+            TaskKind::Move => "move",
         }
     }
 }

@@ -21,9 +21,17 @@ async fn forget_in_txn(
     message: &str,
     now: i64,
 ) -> Result<bool> {
+    let moving_to: Option<String> =
+        sqlx::query("SELECT move_to_host_id FROM machines WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|r| r.try_get("move_to_host_id"))
+            .transpose()?
+            .flatten();
     let forgotten = sqlx::query(
         "UPDATE machines SET status = $1, desired_state = $1, deleted_at = $2, updated_at = $2, \
-         status_changed_at = $2, version = version + 1 \
+         status_changed_at = $2, version = version + 1, move_to_host_id = NULL \
          WHERE id = $3 AND deleted_at IS NULL \
          RETURNING host_id, vcpus, memory_mib, disk_gib",
     )
@@ -36,12 +44,16 @@ async fn forget_in_txn(
         return Ok(false);
     };
     usage_release_in_txn(tx, id).await?;
-    if let Some(host) = row.try_get::<Option<String>, _>("host_id")? {
-        let size = Resources {
-            vcpus: row.try_get("vcpus")?,
-            memory_mib: row.try_get("memory_mib")?,
-            disk_gib: row.try_get("disk_gib")?,
-        };
+    let size = Resources {
+        vcpus: row.try_get("vcpus")?,
+        memory_mib: row.try_get("memory_mib")?,
+        disk_gib: row.try_get("disk_gib")?,
+    };
+    // Its host's room, and the room a move had claimed (read before the update cleared it).
+    for host in [row.try_get::<Option<String>, _>("host_id")?, moving_to]
+        .into_iter()
+        .flatten()
+    {
         allocation_release_in_txn(tx, &host, size).await?;
     }
     event_in_txn(tx, id, "forget", MachineStatus::Deleted, message, now).await?;
@@ -150,6 +162,11 @@ impl Store {
             }
         }
         sqlx::query("UPDATE machines SET host_id = NULL WHERE host_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        // A move to this host looks for another (its claim goes with the host's row).
+        sqlx::query("UPDATE machines SET move_to_host_id = NULL WHERE move_to_host_id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;

@@ -39,6 +39,8 @@ pub struct HostRecord {
     pub created_at: DateTime<Utc>,
     /// The generation of the host's credential once its agent joined (`None`: the join token).
     pub credential_generation: Option<i64>,
+    /// When an administrator asked to evacuate it.
+    pub evacuation_requested_at: Option<DateTime<Utc>>,
 }
 
 /// Who a host is, as far as its credential goes.
@@ -119,8 +121,8 @@ pub struct HeartbeatChange {
 const SELECT: &str = "SELECT h.id, h.name, h.grpc_address, h.state, h.cordoned, h.hypervisor, \
     h.agent_version, h.domain_prefix, h.problems, h.vcpus, h.memory_mib, h.disk_gib, \
     h.last_heartbeat_at, h.created_at, h.credential_issued, h.credential_generation, \
-    h.allocated_machines, h.allocated_vcpus, h.allocated_memory_mib, h.allocated_disk_gib \
-    FROM hosts h";
+    h.allocated_machines, h.allocated_vcpus, h.allocated_memory_mib, h.allocated_disk_gib, \
+    h.evacuation_requested_at FROM hosts h";
 
 fn select_sql(tail: &str) -> String {
     format!("{SELECT} {tail}")
@@ -159,6 +161,9 @@ fn from_row(r: &AnyRow) -> Result<HostRecord> {
             .try_get::<Option<i64>, _>("last_heartbeat_at")?
             .map(from_micros),
         created_at: from_micros(r.try_get("created_at")?),
+        evacuation_requested_at: r
+            .try_get::<Option<i64>, _>("evacuation_requested_at")?
+            .map(from_micros),
     })
 }
 
@@ -607,16 +612,20 @@ impl Store {
         Ok(names)
     }
 
-    /// Cordons (no new machines) or uncordons a host.
+    /// Cordons (no new machines) or uncordons a host; uncordoning ends an evacuation (moves
+    /// under way finish, none is started).
     pub async fn host_set_cordoned(&self, id: &str, cordoned: bool) -> Result<HostRecord> {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
-        let res = sqlx::query("UPDATE hosts SET cordoned = $1, updated_at = $2 WHERE id = $3")
-            .bind(i64::from(cordoned))
-            .bind(now)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        let res = sqlx::query(
+            "UPDATE hosts SET cordoned = $1, updated_at = $2, evacuation_requested_at = \
+             CASE WHEN $1 = 0 THEN NULL ELSE evacuation_requested_at END WHERE id = $3",
+        )
+        .bind(i64::from(cordoned))
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         if res.rows_affected() == 0 {
             return Err(Error::NotFound("host"));
         }

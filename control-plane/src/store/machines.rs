@@ -137,6 +137,8 @@ pub struct TaskMachine {
     pub ssh_keys: Vec<String>,
     pub user_data: Option<String>,
     pub host: Option<TaskHost>,
+    /// Where it is being moved (status `moving`, once a host with room was found).
+    pub move_to: Option<TaskHost>,
     pub image: TaskImage,
 }
 
@@ -606,28 +608,40 @@ impl Store {
             "SELECT m.id, m.status, m.desired_state, m.version, m.spec_generation, \
              m.disk_generation, m.status_changed_at, \
              m.hostname, m.vcpus, m.memory_mib, m.disk_gib, m.ssh_keys, m.user_data, \
-             h.id AS host_id, h.name AS host_name, h.grpc_address, h.state AS host_state, \
-             h.credential_issued, h.credential_generation, \
+             h.id AS host_id, h.name AS host_name, h.grpc_address AS host_address, \
+             h.state AS host_state, h.credential_issued AS host_credential_issued, \
+             h.credential_generation AS host_credential_generation, \
+             t.id AS to_id, t.name AS to_name, t.grpc_address AS to_address, \
+             t.state AS to_state, t.credential_issued AS to_credential_issued, \
+             t.credential_generation AS to_credential_generation, \
              i.name AS image_name, i.source, i.format, i.sha256, i.boot \
              FROM machines m JOIN images i ON i.id = m.image_id LEFT JOIN hosts h ON h.id = m.host_id \
+             LEFT JOIN hosts t ON t.id = m.move_to_host_id \
              WHERE m.id = $1",
         )
         .bind(id.to_string())
         .fetch_optional(self.reader())
         .await?;
         let Some(r) = row else { return Ok(None) };
-        let host = match r.try_get::<Option<String>, _>("host_id")? {
-            Some(id) => Some(TaskHost {
+        // The host joined as `{prefix}_...`, if any.
+        let task_host = |prefix: &str| -> Result<Option<TaskHost>> {
+            let col = |name: &str| format!("{prefix}_{name}");
+            let Some(id) = r.try_get::<Option<String>, _>(col("id").as_str())? else {
+                return Ok(None);
+            };
+            Ok(Some(TaskHost {
                 id,
-                name: r.try_get("host_name")?,
-                address: r.try_get("grpc_address")?,
-                reachable: r.try_get::<String, _>("host_state")? == "ready",
-                credential_generation: (r.try_get::<i64, _>("credential_issued")? != 0)
-                    .then(|| r.try_get("credential_generation"))
+                name: r.try_get(col("name").as_str())?,
+                address: r.try_get(col("address").as_str())?,
+                reachable: r.try_get::<String, _>(col("state").as_str())? == "ready",
+                credential_generation: (r.try_get::<i64, _>(col("credential_issued").as_str())?
+                    != 0)
+                    .then(|| r.try_get(col("credential_generation").as_str()))
                     .transpose()?,
-            }),
-            None => None,
+            }))
         };
+        let host = task_host("host")?;
+        let move_to = task_host("to")?;
         Ok(Some(TaskMachine {
             id,
             status: parse_col(&r.try_get::<String, _>("status")?, "machines.status")?,
@@ -648,6 +662,7 @@ impl Store {
             ssh_keys: json_col(r.try_get("ssh_keys")?, "machines.ssh_keys")?.unwrap_or_default(),
             user_data: r.try_get("user_data")?,
             host,
+            move_to,
             image: TaskImage {
                 name: r.try_get("image_name")?,
                 source: r.try_get("source")?,
@@ -791,9 +806,10 @@ impl Store {
 
     /// Live machines placed on a host, as read now.
     pub async fn machines_on_host(&self, host_id: &str) -> Result<Vec<MachineSnapshot>> {
+        // A machine being moved here counts too: its copy is not an orphan.
         let rows = sqlx::query(
             "SELECT id, status, version, restart_policy FROM machines \
-             WHERE host_id = $1 AND deleted_at IS NULL",
+             WHERE (host_id = $1 OR move_to_host_id = $1) AND deleted_at IS NULL",
         )
         .bind(host_id)
         .fetch_all(self.reader())

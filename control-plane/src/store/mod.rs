@@ -15,6 +15,7 @@ pub mod idempotency;
 pub mod images;
 mod machine_create;
 pub mod machine_events;
+pub mod machine_move;
 pub mod machine_reshape;
 pub mod machine_watch;
 pub mod machines;

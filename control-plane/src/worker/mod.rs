@@ -6,8 +6,10 @@
 
 pub mod policy;
 
+use crate::agents::client::move_disk;
 use crate::agents::{machine_spec, AgentCallError, AgentClient, AgentClients, AgentTarget};
 use crate::model::{MachineOnHost, MachineStatus};
+use crate::store::machine_move::{MoveEnd, MovePlacement};
 use crate::store::machines::{MachineTransition, NewEvent, TaskHost, TaskMachine};
 use crate::store::placement::Placement;
 use crate::store::tasks::{TaskKind, TaskOutcome, TaskRecord};
@@ -178,6 +180,10 @@ impl Workers {
                 .unwrap_or_default();
             if age > limit {
                 let reason = policy::timeout_reason(m.status, limit);
+                // A move never fails its machine: it stays on its host.
+                if m.status == MachineStatus::Moving {
+                    return self.undo_move(task, &m, &reason).await;
+                }
                 return self.fail(task, &m, &reason).await;
             }
         }
@@ -198,7 +204,201 @@ impl Workers {
             TaskKind::Delete => self.delete(task, m).await,
             TaskKind::Resize => self.reshape(task, m, MachineStatus::Resizing).await,
             TaskKind::Rebuild => self.reshape(task, m, MachineStatus::Rebuilding).await,
+            TaskKind::Move => self.move_machine(task, m).await,
         }
+    }
+
+    /// Moves a machine to another host, one idempotent step after another, each attempt
+    /// starting from what the hosts say: room claimed on a target; unless the target has the
+    /// machine already, stopped on its source and its disk streamed across (checked by
+    /// SHA-256 there); defined on the target and powered as desired; removed from the source;
+    /// recorded. A failure before it is recorded undoes the move: the target's copy is removed
+    /// and the machine stays on its source as it was.
+    async fn move_machine(&self, task: &TaskRecord, mut m: TaskMachine) -> Step {
+        if m.status != MachineStatus::Moving {
+            return Ok(TaskOutcome::Done);
+        }
+        let Some(source) = m.host.clone() else {
+            return self.undo_move(task, &m, "the machine has no host").await;
+        };
+        if m.move_to.is_none() {
+            match self.store.machine_move_place(m.id).await? {
+                MovePlacement::Placed { .. } => match self.store.machine_for_task(m.id).await? {
+                    Some(again) => m = again,
+                    None => return Ok(TaskOutcome::Done),
+                },
+                MovePlacement::NoRoom(why) => {
+                    let note = format!("waiting for room on another host: {why}");
+                    self.store.machine_note(m.id, "move", &note).await?;
+                    return Ok(TaskOutcome::Retry {
+                        after: Duration::from_secs(5),
+                        error: note,
+                    });
+                }
+                MovePlacement::NotMoving => return Ok(TaskOutcome::Done),
+            }
+        }
+        let Some(target) = m.move_to.clone() else {
+            return Ok(TaskOutcome::Done);
+        };
+        for host in [&source, &target] {
+            if !host.reachable {
+                return self.wait_for_host(task, &m, &host.name).await;
+            }
+        }
+        let spec = match machine_spec(&m) {
+            Ok(s) => s,
+            Err(problem) => return self.undo_move(task, &m, &problem.to_string()).await,
+        };
+        let (from, to) = match (self.client(&source), self.client(&target)) {
+            (Ok(from), Ok(to)) => (from, to),
+            (Err(e), _) | (_, Err(e)) => return self.move_error(task, &m, e).await,
+        };
+        let defined_there = match to.get(m.id).await {
+            Ok(state) => state.phase != crate::model::PhaseOnHost::Absent,
+            Err(e) if e.is_gone() => false,
+            Err(e) => return self.move_error(task, &m, e).await,
+        };
+        if !defined_there {
+            // Released by an earlier attempt: its disk is still there, without a domain.
+            let defined_here = match from.get(m.id).await {
+                Ok(state) => state.phase != crate::model::PhaseOnHost::Absent,
+                Err(e) if e.is_gone() => false,
+                Err(e) => return self.move_error(task, &m, e).await,
+            };
+            if defined_here {
+                if let Err(e) = from.stop(m.id).await {
+                    return self.move_error(task, &m, e).await;
+                }
+            }
+            let note = format!(
+                "copying its disk from host {} to host {}",
+                source.name, target.name
+            );
+            self.store.machine_note(m.id, "move", &note).await?;
+            match move_disk(&from, &to, m.id, &spec).await {
+                Ok(bytes) => tracing::info!(machine = %m.id, bytes, from = %source.name,
+                    to = %target.name, "disk moved"),
+                Err(e) => return self.move_error(task, &m, e).await,
+            }
+            // The source gives up the machine's name and UUID, which a hypervisor it shares
+            // with the target would not define twice; its disk stays until the move is done
+            // (an undo defines it there again).
+            if let Err(e) = from.release(m.id).await {
+                return self.move_error(task, &m, e).await;
+            }
+        }
+        let state = match to.ensure(spec).await {
+            Ok(state) => state,
+            Err(e) => return self.move_error(task, &m, e).await,
+        };
+        // Defined on the target now. An old copy the source could not remove is left there
+        // (a directory without a domain, which its agent keeps and reports).
+        if let Err(e) = from.delete(m.id).await {
+            tracing::warn!(machine = %m.id, host = %source.name, error = ?e,
+                "could not remove the moved machine's old copy; the reconciler will");
+        }
+        let to_status = if state.phase == crate::model::PhaseOnHost::Running {
+            MachineStatus::Running
+        } else {
+            MachineStatus::Stopped
+        };
+        let message = format!(
+            "moved from host {} to host {}; {to_status}",
+            source.name, target.name
+        );
+        let recorded = self
+            .store
+            .machine_move_done(&MoveEnd {
+                id: m.id,
+                version: m.version,
+                to: to_status,
+                network: Some(&state.network),
+                message: &message,
+            })
+            .await?;
+        Ok(again_unless(recorded, "moving"))
+    }
+
+    /// An agent's error during a move: written where the tenant reads it, then tried again (a
+    /// refusal at once, anything else after [`policy::MAX_STEP_FAILURES`] failures or the
+    /// status's deadline undoes the move).
+    async fn move_error(&self, task: &TaskRecord, m: &TaskMachine, error: AgentCallError) -> Step {
+        let said = policy::tenant_text(&error.to_string());
+        let cause = policy::tenant_text(&error.said());
+        tracing::warn!(task = %task.id, machine = %m.id, error = ?error, "move step failed");
+        let what = format!("{said}: {cause}");
+        if policy::classify(&error) == ErrorClass::Permanent {
+            return self.undo_move(task, m, &what).await;
+        }
+        let failures = task.step_failures + 1;
+        match policy::step_retry(failures) {
+            Some(after) => {
+                let note = format!(
+                    "{what}; attempt {failures} of {}, trying again in {} s",
+                    policy::MAX_STEP_FAILURES,
+                    after.as_secs()
+                );
+                self.store.machine_note(m.id, "move", &note).await?;
+                Ok(TaskOutcome::StepFailed { after, error: what })
+            }
+            None => {
+                let reason = format!("{what}; gave up after {failures} attempts");
+                self.undo_move(task, m, &reason).await
+            }
+        }
+    }
+
+    /// Undoes a move: the target's copy removed (or left to the target's reconciler as an
+    /// orphan), the claim there given back, and the machine left on its source, defined there
+    /// again if it was released and powered as desired.
+    async fn undo_move(&self, task: &TaskRecord, m: &TaskMachine, reason: &str) -> Step {
+        if let Some(target) = m.move_to.as_ref().filter(|t| t.reachable) {
+            if let Ok(client) = self.client(target) {
+                if let Err(e) = client.delete(m.id).await {
+                    tracing::warn!(machine = %m.id, host = %target.name, error = ?e,
+                        "could not remove an undone move's copy; the reconciler will");
+                }
+            }
+        }
+        // The source defines the machine again if it released it, and powers it as desired.
+        let restored = match (m.host.as_ref().filter(|h| h.reachable), machine_spec(m)) {
+            (Some(source), Ok(spec)) => match self.client(source) {
+                Ok(client) => client.ensure(spec).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            (None, _) => Err("its host does not answer".to_owned()),
+            (_, Err(problem)) => Err(problem.to_string()),
+        };
+        let (to, network, after) = match &restored {
+            Ok(state) if state.phase == crate::model::PhaseOnHost::Running => {
+                (MachineStatus::Running, Some(&state.network), String::new())
+            }
+            Ok(state) => (MachineStatus::Stopped, Some(&state.network), String::new()),
+            // Left stopped: the reconciler sees what its host has once it answers.
+            Err(e) => (
+                MachineStatus::Stopped,
+                None,
+                format!(" (not powered again there: {})", policy::tenant_text(e)),
+            ),
+        };
+        let source = m.host.as_ref().map_or("?", |h| h.name.as_str());
+        let message = format!("move failed: {reason}; the machine stays on host {source}{after}");
+        let recorded = self
+            .store
+            .machine_move_undo(&MoveEnd {
+                id: m.id,
+                version: m.version,
+                to,
+                network,
+                message: &message,
+            })
+            .await?;
+        if !recorded {
+            return Ok(again_unless(false, "moving"));
+        }
+        tracing::warn!(task = %task.id, machine = %m.id, reason, "move undone");
+        Ok(TaskOutcome::Failed(reason.to_owned()))
     }
 
     /// Resize and rebuild: the machine's new spec (a newer generation) sent to its host, which

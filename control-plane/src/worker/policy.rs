@@ -17,6 +17,7 @@ pub fn deadline(status: MachineStatus, s: &WorkflowSettings) -> Option<Duration>
         | S::Rebooting
         | S::Resizing
         | S::Rebuilding
+        | S::Moving
         | S::Deleting => Some(s.transition_timeout),
         S::Running | S::Stopped | S::Deleted | S::Failed => None,
     }

@@ -20,7 +20,7 @@ use skygate_test_support::process::LoggedChild;
 pub use skygate_test_support::ssh::{ssh_hostname, ssh_key, ssh_run};
 use skygate_test_support::{tiny_image_json, workspace_bin};
 
-const ADMIN_PASSWORD: &str = "an e2e admin passphrase";
+pub const ADMIN_PASSWORD: &str = "an e2e admin passphrase";
 
 /// One cluster at a time per process (they boot TCG guests); nextest runs these tests one at a
 /// time through the `libvirt` test group.

@@ -186,6 +186,99 @@ async fn a_resized_guest_sees_its_new_size_and_a_rebuilt_one_a_fresh_disk_with_t
     assert!(cluster.machine_dirs_of("a").is_empty());
 }
 
+/// Issue 14 on real QEMU with two agents: evacuating the host of a running machine moves it,
+/// disk and all, to the other agent, where it runs again: what was written to its disk over
+/// SSH before the move is read back over SSH after it, through its new forwarded port, and the
+/// old host keeps nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evacuating_a_host_moves_a_running_machine_and_its_data_to_the_other_host() {
+    let mut cluster = Cluster::start().await;
+    cluster.add_agent("a", SMALL).await;
+    cluster.add_agent("b", SMALL).await;
+    cluster.register_tiny_image().await;
+    let admin = cluster.admin.clone();
+    let b = cluster.host("b").await["id"]
+        .as_str()
+        .expect("host id")
+        .to_owned();
+    let post = |path: String| {
+        let (cluster, admin) = (&cluster, &admin);
+        async move { cluster.call("POST", &path, Some(admin), None).await }
+    };
+    assert_eq!(post(format!("/hosts/{b}/cordon")).await.0, 200);
+    let tenant = cluster.tenant("eve").await;
+    let (key, public) = ssh_key(cluster.tmp.path());
+    let id = cluster
+        .create_machine(&tenant, "web-1", 1, Some(&public))
+        .await;
+    let before = cluster.wait_status(&tenant, &id, "running", BOOT).await;
+    assert_eq!(before["host"], "a");
+    // The tiny image keeps no filesystem on its disk: the tenant's bytes go at 1 MiB.
+    const MARK: &str = "SKYGATE-MOVED";
+    let read_mark = "dd if=/dev/vda bs=1M skip=1 count=1 2>/dev/null | head -c 13";
+    let old_port = ssh_port(&before);
+    ssh_run(
+        &key,
+        old_port,
+        &format!("printf {MARK} | dd of=/dev/vda bs=1M seek=1 conv=fsync,notrunc 2>/dev/null"),
+        BOOT,
+    );
+    assert_eq!(ssh_run(&key, old_port, read_mark, BOOT), MARK);
+    assert_eq!(post(format!("/hosts/{b}/uncordon")).await.0, 200);
+
+    // The operator's way: `skygate hosts evacuate a --wait`.
+    let config = cluster.tmp.path().join("cli-admin");
+    let skygate = |args: &[&str], stdin: &str| skygate_cli(&cluster.http, &config, args, stdin);
+    let login = skygate(
+        &["login", "-u", "root", "--password-stdin"],
+        harness::ADMIN_PASSWORD,
+    );
+    assert!(login.status.success(), "{}", login.stderr);
+    let t0 = Instant::now();
+    let evacuated = skygate(&["-o", "json", "hosts", "evacuate", "a", "--wait"], "");
+    assert!(
+        evacuated.status.success(),
+        "{}\nevents: {:?}",
+        evacuated.stderr,
+        event_messages(&cluster, &tenant, &id).await
+    );
+    let h: serde_json::Value = serde_json::from_str(&evacuated.stdout).expect("host JSON");
+    assert_eq!(h["evacuation"]["machines_left"], 0, "{h}");
+    assert_eq!(h["cordoned"], true);
+    let moved = cluster.wait_status(&tenant, &id, "running", BOOT).await;
+    println!("evacuate -> running on b: {:?}", t0.elapsed());
+    assert_eq!(moved["host"], "b");
+    let new_port = ssh_port(&moved);
+    assert_eq!(ssh_hostname(&key, new_port, BOOT), "web-1");
+    assert_eq!(
+        ssh_run(&key, new_port, read_mark, BOOT),
+        MARK,
+        "the disk moved"
+    );
+    assert!(
+        cluster.domains_of("a").is_empty(),
+        "{:?}",
+        cluster.domains_of("a")
+    );
+    assert!(cluster.machine_dirs_of("a").is_empty());
+    assert_eq!(cluster.domains_of("b").len(), 1);
+    let said = event_messages(&cluster, &tenant, &id).await;
+    assert!(
+        said.iter()
+            .any(|m| m.starts_with("moved from host a to host b; running")),
+        "{said:?}"
+    );
+
+    let (status, _) = cluster
+        .call("DELETE", &format!("/machines/{id}"), Some(&tenant), None)
+        .await;
+    assert_eq!(status, 202);
+    cluster
+        .wait_machine(&tenant, &id, "gone", BOOT, |m| m["status"] == 404)
+        .await;
+    assert!(cluster.all_domains().is_empty());
+}
+
 fn vcpus(n: u32) -> Capacity {
     Capacity {
         vcpus: n,
@@ -643,18 +736,7 @@ async fn the_cli_takes_a_tenant_from_login_to_an_ssh_session() {
     let pubfile = cluster.tmp.path().join("id_ed25519.pub");
     let config = cluster.tmp.path().join("cli-config");
     let skygate = |args: &[&str], stdin: &str| {
-        let out = run_bounded_with_input(
-            std::process::Command::new(skygate_test_support::workspace_bin(
-                "skygate",
-                "skygate-cli",
-            ))
-            .args(args)
-            .env("SKYGATE_API", &cluster.http)
-            .env("SKYGATE_CONFIG_DIR", &config),
-            stdin,
-            BOOT,
-            &format!("skygate {args:?}"),
-        );
+        let out = skygate_cli(&cluster.http, &config, args, stdin);
         assert!(out.status.success(), "skygate {args:?}: {}", out.stderr);
         out.stdout
     };
@@ -872,6 +954,22 @@ async fn the_cli_takes_a_tenant_from_login_to_an_ssh_session() {
     assert!(cluster.all_domains().is_empty());
     // A deleted machine's keys are unpinned (its id, and so its alias, never comes back).
     assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), "");
+}
+
+/// `skygate ARGS` against the cluster at `http` with its session in `config`, bounded.
+fn skygate_cli(http: &str, config: &std::path::Path, args: &[&str], stdin: &str) -> Finished {
+    run_bounded_with_input(
+        std::process::Command::new(skygate_test_support::workspace_bin(
+            "skygate",
+            "skygate-cli",
+        ))
+        .args(args)
+        .env("SKYGATE_API", http)
+        .env("SKYGATE_CONFIG_DIR", config),
+        stdin,
+        BOOT,
+        &format!("skygate {args:?}"),
+    )
 }
 
 /// What a finished command printed.

@@ -4,7 +4,9 @@
 //! for, running a step twice changes nothing, and nothing is left after a delete.
 
 use crate::both_stores;
-use crate::common::provisioning::{is, provisioning_config, register_fake_kernel_image, wait_for};
+use crate::common::provisioning::{
+    is, provisioning_config, register_fake_kernel_image, wait_for, wait_for_at_most,
+};
 use crate::common::{Backend, TestApp};
 use control_plane::model::MachineId;
 use control_plane::server::ProvisioningConfig;
@@ -149,7 +151,9 @@ impl AgentParts<'_> {
             Arc::new(disks),
             ImageCache::new(
                 data.clone(),
-                SourcePolicy::with_file_dirs(&[self.dir.to_path_buf()]).unwrap(),
+                // Every fake host's directory is under the temporary directory: an image one
+                // test host registered is fetched by the others too (a moved machine's).
+                SourcePolicy::with_file_dirs(&[std::env::temp_dir()]).unwrap(),
             )
             .unwrap(),
             data,
@@ -2418,3 +2422,190 @@ async fn an_event_committed_late_is_still_streamed_on_postgres() {
     drop(host);
     app.stop().await;
 }
+
+/// The messages of machine `id`'s log, oldest first.
+async fn messages(app: &TestApp, who: &crate::common::Session, id: &str) -> Vec<String> {
+    app.get_json(who, &format!("/machines/{id}/events?limit=200"))
+        .await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The host named `name` as `admin` sees it (null before it registered).
+async fn host_named(app: &TestApp, admin: &crate::common::Session, name: &str) -> Value {
+    app.get_json(admin, "/hosts").await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Issue 14, evacuate: a host's machines move to another host with their disks (a running one
+/// runs again there, a stopped one stays stopped), the source is left empty and cordoned, the
+/// books follow; a move whose target keeps failing is undone and the machine stays whole on
+/// its host.
+async fn evacuating_a_host_moves_its_machines_with_their_disks_or_leaves_them_whole(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_provisioning(backend, config()).await;
+    let a = FakeHost::start(app.grpc.unwrap(), "evac-a", 8).await;
+    let (admin, tenant) = ready_with_image(&app, &a, "evac-a").await;
+    let b = FakeHost::start(app.grpc.unwrap(), "evac-b", 8).await;
+    wait_for("evac-b to register", async || {
+        is(
+            host_named(&app, &admin, "evac-b").await["state"].clone(),
+            "ready",
+        )
+    })
+    .await;
+    let host_id = |name: &'static str| {
+        let (app, admin) = (&app, &admin);
+        async move {
+            host_named(app, admin, name).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let (a_id, b_id) = (host_id("evac-a").await, host_id("evac-b").await);
+    let admin_post = |path: String| {
+        let (app, admin) = (&app, &admin);
+        async move {
+            app.as_user(admin, Method::POST, &path)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Everything on a first.
+    admin_post(format!("/hosts/{b_id}/cordon")).await;
+    let running = create(&app, &tenant, "mover-1").await;
+    let stopped = create(&app, &tenant, "mover-2").await;
+    let status = |id: &str, want: &'static str| {
+        let (app, tenant, path) = (&app, &tenant, format!("/machines/{id}"));
+        async move {
+            wait_for(&format!("{path} to be {want}"), async || {
+                is(app.get_json(tenant, &path).await["status"].clone(), want)
+            })
+            .await;
+            app.get_json(tenant, &path).await
+        }
+    };
+    status(&running, "running").await;
+    status(&stopped, "running").await;
+    let res = app
+        .as_user(&tenant, Method::POST, &format!("/machines/{stopped}/stop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    status(&stopped, "stopped").await;
+    let overlays_a: Vec<_> = [&running, &stopped]
+        .into_iter()
+        .map(|id| write_to_disk(&a, id))
+        .collect();
+    admin_post(format!("/hosts/{b_id}/uncordon")).await;
+
+    // Tenants may not evacuate.
+    let res = app
+        .as_user(&tenant, Method::POST, &format!("/hosts/{a_id}/evacuate"))
+        .send()
+        .await
+        .unwrap();
+    crate::common::problem(res, StatusCode::FORBIDDEN).await;
+    let res = admin_post(format!("/hosts/{a_id}/evacuate")).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let h: Value = res.json().await.unwrap();
+    assert_eq!(h["cordoned"], true);
+    assert_eq!(h["evacuation"]["machines_left"], 2, "{h:#}");
+    wait_for("evac-a to be empty", async || {
+        let h = app.get_json(&admin, &format!("/hosts/{a_id}")).await;
+        is(h["evacuation"]["machines_left"].clone(), 0)
+    })
+    .await;
+    let m = status(&running, "running").await;
+    assert_eq!(m["host"], "evac-b");
+    let m = status(&stopped, "stopped").await;
+    assert_eq!(m["host"], "evac-b");
+    for (id, on_a) in [&running, &stopped].into_iter().zip(&overlays_a) {
+        let data = DataDir::new(b.tmp.path().join("data")).unwrap();
+        assert!(
+            disk_has_the_write(&data.overlay(id.parse().unwrap())),
+            "{id}'s disk moved"
+        );
+        assert!(!on_a.exists(), "nothing of {id} left on evac-a");
+        let said = messages(&app, &tenant, id).await;
+        for step in [
+            "move requested: host evac-a is being evacuated",
+            "moving to host evac-b",
+            "copying its disk from host evac-a to host evac-b",
+        ] {
+            assert!(said.iter().any(|s| s == step), "{step:?} not in {said:#?}");
+        }
+        assert!(
+            said.iter()
+                .any(|s| s.starts_with("moved from host evac-a to host evac-b")),
+            "{said:#?}"
+        );
+    }
+    assert_eq!(a.machine_dirs(), 0);
+    assert!(a.fake.domain_names().is_empty());
+    assert_eq!(
+        host_named(&app, &admin, "evac-a").await["allocated"]["vcpus"],
+        0
+    );
+    assert_eq!(
+        host_named(&app, &admin, "evac-b").await["allocated"]["vcpus"],
+        2
+    );
+
+    // Back to a, whose hypervisor now refuses every definition: each move is undone, the
+    // machine stays whole on b as it was, and a keeps nothing of it.
+    admin_post(format!("/hosts/{a_id}/uncordon")).await;
+    a.fake.fail_next(HypervisorOp::Define, 1000);
+    let res = admin_post(format!("/hosts/{b_id}/evacuate")).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    wait_for_at_most(
+        "the moves to be undone",
+        Duration::from_secs(90),
+        async || {
+            let h = app.get_json(&admin, &format!("/hosts/{b_id}")).await;
+            is(h["evacuation"]["moving"].clone(), 0)
+        },
+    )
+    .await;
+    let m = status(&running, "running").await;
+    assert_eq!(m["host"], "evac-b");
+    let m = status(&stopped, "stopped").await;
+    assert_eq!(m["host"], "evac-b");
+    // Stopped and released on b for its copy, then undone: defined and running there again.
+    let said = messages(&app, &tenant, &running).await;
+    let last = said.last().unwrap();
+    assert!(
+        last.starts_with("move failed: ") && last.ends_with("; the machine stays on host evac-b"),
+        "{said:#?}"
+    );
+    assert!(last.contains("define"), "the failed step is named: {last}");
+    let data = DataDir::new(b.tmp.path().join("data")).unwrap();
+    assert!(disk_has_the_write(&data.overlay(running.parse().unwrap())));
+    assert_eq!(a.machine_dirs(), 0, "the undone copies are removed");
+    assert_eq!(
+        host_named(&app, &admin, "evac-a").await["allocated"]["vcpus"],
+        0
+    );
+    assert_eq!(
+        host_named(&app, &admin, "evac-b").await["allocated"]["vcpus"],
+        2
+    );
+    let h = app.get_json(&admin, &format!("/hosts/{b_id}")).await;
+    assert_eq!(h["evacuation"]["machines_left"], 2, "{h:#}");
+    drop((a, b));
+    app.stop().await;
+}
+
+both_stores!(evacuating_a_host_moves_its_machines_with_their_disks_or_leaves_them_whole);

@@ -268,8 +268,14 @@ impl MachineManager {
                 plan
             }
         };
-        if let Err(e) = self.build(&spec, &name, kept_forwards, disk).await {
-            if existing.is_none() {
+        // Files without a domain: a released machine (a move undone) or an imported disk (a
+        // move's target), which a failed definition must not throw away.
+        let had_files = self.data.machine_dir(spec.id).exists();
+        if let Err(e) = self
+            .build(&spec, &name, kept_forwards, disk, had_files)
+            .await
+        {
+            if existing.is_none() && !had_files {
                 // Nothing was defined: leave no files behind either (a retry rebuilds them;
                 // the image cache keeps the download).
                 remove_dir_if_present(&self.data.machine_dir(spec.id))?;
@@ -369,6 +375,7 @@ impl MachineManager {
         name: &str,
         kept_forwards: Vec<PortForward>,
         disk: DiskPlan,
+        had_files: bool,
     ) -> Result<(), ManagerError> {
         self.pause_point(CreateStep::Image).await;
         let image = self
@@ -379,9 +386,13 @@ impl MachineManager {
             .data
             .prepare_machine(spec.id)
             .map_err(|e| ManagerError::CreateDisk(e.into()))?;
-        write_marker(&dir, "create").map_err(|(path, source)| {
-            ManagerError::CreateDisk(CreateDiskError::Marker { path, source })
-        })?;
+        if disk == DiskPlan::Create && !had_files {
+            // A new machine: until it is defined, the sweep may remove what a crash left. Not
+            // for files already here (a released machine's disk may be the only copy).
+            write_marker(&dir, "create").map_err(|(path, source)| {
+                ManagerError::CreateDisk(CreateDiskError::Marker { path, source })
+            })?;
+        }
         let overlay = self.data.overlay(spec.id);
         self.pause_point(CreateStep::Disk).await;
         if disk == DiskPlan::Replace {

@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::{write_marker, FetchedImage, FileOp, MachineManager, ManagerError};
-use crate::hypervisor::DomainPhase;
-use crate::model::ImagePlan;
+use crate::hypervisor::{blocking, DomainPhase};
+use crate::model::{ImagePlan, MachinePhase};
 
 /// Bytes per exported chunk (gRPC's default message limit is 4 MiB).
 const CHUNK: usize = 1 << 20;
@@ -74,23 +74,57 @@ impl DiskImport {
 }
 
 impl MachineManager {
-    /// Streams machine `id`'s overlay, then its digest. Refused while the domain runs; the
-    /// machine's lock is held until the stream is read to the end or dropped, so nothing
-    /// starts it meanwhile.
+    /// Undefines machine `id`'s domain (forced off first, should it run) and keeps its files;
+    /// whether there was a domain. See ReleaseMachine.
+    pub async fn release(&self, id: Uuid) -> Result<bool, ManagerError> {
+        let _lock = self.machine_lock(id).lock_owned().await;
+        let name = self.domain_name(id);
+        let Some(domain) = self.get_status(&name).await? else {
+            return Ok(false);
+        };
+        let running = !matches!(domain.phase, DomainPhase::Stopped | DomainPhase::Crashed);
+        let n = name.clone();
+        blocking(&self.hv, move |hv| {
+            if running {
+                hv.destroy(&n)?;
+            }
+            hv.undefine(&n)
+        })
+        .await
+        .map_err(ManagerError::Delete)?;
+        self.events.observe(
+            id,
+            MachinePhase::Absent,
+            "released: its disk stays here for its move",
+        );
+        Ok(true)
+    }
+
+    /// Streams machine `id`'s overlay, then its digest, from its shut-off or released domain.
+    /// Refused while the domain runs; the machine's lock is held until the stream is read to
+    /// the end or dropped, so nothing starts it meanwhile.
     pub async fn export_disk(
         &self,
         id: Uuid,
     ) -> Result<mpsc::Receiver<Result<ExportPart, ManagerError>>, ManagerError> {
         let lock = self.machine_lock(id).lock_owned().await;
         let name = self.domain_name(id);
-        let status = self.require_status(id, &name).await?;
-        if !matches!(status.phase, DomainPhase::Stopped | DomainPhase::Crashed) {
+        let defined = self.get_status(&name).await?;
+        if defined
+            .as_ref()
+            .is_some_and(|d| !matches!(d.phase, DomainPhase::Stopped | DomainPhase::Crashed))
+        {
             return Err(ManagerError::StillRunning(id));
         }
         let path = self.data.overlay(id);
-        let mut file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| ManagerError::files(FileOp::Reading, &path, e))?;
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            // Neither a domain nor a disk: nothing of this machine here.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && defined.is_none() => {
+                return Err(ManagerError::NotFound(id))
+            }
+            Err(e) => return Err(ManagerError::files(FileOp::Reading, &path, e)),
+        };
         // Two chunks in flight: the sender keeps ahead of a slow link without buffering the
         // disk.
         let (tx, rx) = mpsc::channel(2);
