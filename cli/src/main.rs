@@ -563,10 +563,12 @@ async fn evacuation_done(
     let mut last = (-1, -1);
     loop {
         let h = api.client().host(id).await?;
-        let (left, moving) = h
-            .evacuation
-            .as_ref()
-            .map_or((0, 0), |e| (e.machines_left, e.moving));
+        let Some(e) = h.evacuation.as_ref() else {
+            return fail(format!(
+                "the evacuation of {name} was ended (it was uncordoned)"
+            ));
+        };
+        let (left, moving) = (e.machines_left, e.moving);
         if (left, moving) != last {
             eprintln!(
                 "{left} machine(s) left on {name}, {moving} moving, after {:.1} s",

@@ -108,6 +108,7 @@ async fn main() {
             user_data: None,
             desired_power: pb::PowerState::Running as i32,
             disk_generation: 0,
+            disk_must_exist: false,
         };
         let t0 = Instant::now();
         let state = client

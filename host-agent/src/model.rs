@@ -138,6 +138,9 @@ pub struct MachineSpec {
     pub desired: DesiredPower,
     /// Moves with every rebuild: above the recorded one, the disk is made again from `image`.
     pub disk_generation: u64,
+    /// The disk must be here already (a moved or released machine): never made anew. Not
+    /// content (not in the fingerprint): a precondition of this request.
+    pub disk_must_exist: bool,
 }
 
 /// Why a spec was refused; names the field, never echoes tenant strings at length.
@@ -459,6 +462,7 @@ mod tests {
             user_data: None,
             desired: DesiredPower::Running,
             disk_generation: 0,
+            disk_must_exist: false,
         }
     }
 

@@ -102,6 +102,7 @@ pub fn spec_from_wire(spec: Option<pb::MachineSpec>) -> Result<MachineSpec, Stat
         user_data: spec.user_data,
         desired,
         disk_generation: spec.disk_generation,
+        disk_must_exist: spec.disk_must_exist,
     })
 }
 

@@ -53,7 +53,9 @@ pub fn classify(e: &ManagerError) -> StatusKind {
             return refusal(Code::FailedPrecondition, reason::NOT_RUNNING)
         }
         ManagerError::InvalidSpec(_) => Code::InvalidArgument,
-        ManagerError::DiskInUse(_) | ManagerError::StillRunning(_) => Code::FailedPrecondition,
+        ManagerError::DiskInUse(_)
+        | ManagerError::StillRunning(_)
+        | ManagerError::DiskMissing(_) => Code::FailedPrecondition,
         ManagerError::ImportDisk(e) => match e {
             ImportError::AlreadyDefined(_) => Code::AlreadyExists,
             ImportError::Digest { .. } | ImportError::Truncated => Code::DataLoss,

@@ -199,6 +199,7 @@ impl Agent {
             user_data: None,
             desired_power: pb::PowerState::Running as i32,
             disk_generation: 0,
+            disk_must_exist: false,
         }
     }
 }

@@ -177,6 +177,7 @@ fn specs_round_trip_through_the_wire_format() {
         user_data: None,
         desired_power: PowerState::Running as i32,
         disk_generation: 2,
+        disk_must_exist: true,
     };
     let decoded = MachineSpec::decode(spec.encode_to_vec().as_slice()).unwrap();
     assert_eq!(decoded, spec);

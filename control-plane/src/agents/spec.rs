@@ -78,6 +78,16 @@ fn image_source(image: &TaskImage) -> Result<pb::ImageSource, SpecProblem> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentSpec(pub(super) pb::MachineSpec);
 
+impl AgentSpec {
+    /// The same spec, for a host that must have the machine's disk already (a moved machine's
+    /// target, or its source defining it again): the agent refuses rather than make a blank
+    /// disk.
+    pub fn with_existing_disk(mut self) -> Self {
+        self.0.disk_must_exist = true;
+        self
+    }
+}
+
 /// The spec for `m`, with its power as the tenant wants it now. Its generation is the
 /// machine's `spec_generation`, which moves only when what the agent builds changes: a
 /// status change (another `version`) sends the same generation, and the agent only
@@ -100,6 +110,7 @@ pub fn machine_spec(m: &TaskMachine) -> Result<AgentSpec, SpecProblem> {
             DesiredState::Stopped | DesiredState::Deleted => pb::PowerState::Stopped,
         } as i32,
         disk_generation: u64_of(m.disk_generation),
+        disk_must_exist: false,
     }))
 }
 

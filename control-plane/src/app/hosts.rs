@@ -87,8 +87,8 @@ impl Host {
         let moving = moving.get(&self.id).copied().unwrap_or(0);
         if let Some(e) = &mut self.evacuation {
             e.moving = moving;
-            // Its books count each machine until its move is done (a cordoned host is never
-            // a move's target, so none is counted for moving here).
+            // Its books count each machine until its move is done, and a machine whose move
+            // here was placed before the cordon (it then stays; evacuate again for it).
             e.machines_left = machines;
         }
         self

@@ -272,10 +272,25 @@ mod tests {
             D::Stopped,
         );
         for s in S::ALL {
-            if !matches!(s, S::Deleting | S::Deleted) {
+            if !matches!(s, S::Deleting | S::Deleted | S::Moving) {
                 ok(Action::Delete, s, D::Running, S::Deleting, D::Deleted);
             }
         }
+        // A machine being moved ends on one host or the other first: nothing is accepted.
+        for a in [
+            Action::Start,
+            Action::Stop,
+            Action::Reboot,
+            Action::Resize,
+            Action::Rebuild,
+            Action::Delete,
+        ] {
+            assert!(request(a, S::Moving, D::Running).is_err(), "{a}");
+        }
+        assert!(
+            !can_transition(S::Moving, S::Failed),
+            "a move never fails its machine"
+        );
     }
 
     #[test]
@@ -346,7 +361,14 @@ mod tests {
         // Every tenant-accepted request is also a legal observed transition (or no change).
         for s in S::ALL {
             for d in [D::Running, D::Stopped] {
-                for a in [Action::Start, Action::Stop, Action::Reboot, Action::Delete] {
+                for a in [
+                    Action::Start,
+                    Action::Stop,
+                    Action::Reboot,
+                    Action::Resize,
+                    Action::Rebuild,
+                    Action::Delete,
+                ] {
                     if let Ok(t) = request(a, s, d) {
                         assert!(t.status == s || can_transition(s, t.status), "{a:?} {s:?}");
                     }

@@ -17,18 +17,27 @@ use sqlx::{Any, Row, Transaction};
 /// Stamps one live machine deleted and gives back what it held; false when it was not live.
 async fn forget_in_txn(
     tx: &mut Transaction<'static, Any>,
+    backend: Backend,
     id: MachineId,
     message: &str,
     now: i64,
 ) -> Result<bool> {
-    let moving_to: Option<String> =
-        sqlx::query("SELECT move_to_host_id FROM machines WHERE id = $1")
-            .bind(id.to_string())
-            .fetch_optional(&mut **tx)
-            .await?
-            .map(|r| r.try_get("move_to_host_id"))
-            .transpose()?
-            .flatten();
+    let lock = if backend == Backend::Postgres {
+        " FOR UPDATE"
+    } else {
+        ""
+    };
+    // Locked until the end (PostgreSQL), so a move that ends meanwhile cannot give the same
+    // room back too.
+    let moving_to: Option<String> = sqlx::query(&format!(
+        "SELECT move_to_host_id FROM machines WHERE id = $1{lock}"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(&mut **tx)
+    .await?
+    .map(|r| r.try_get("move_to_host_id"))
+    .transpose()?
+    .flatten();
     let forgotten = sqlx::query(
         "UPDATE machines SET status = $1, desired_state = $1, deleted_at = $2, updated_at = $2, \
          status_changed_at = $2, version = version + 1, move_to_host_id = NULL \
@@ -106,7 +115,15 @@ impl Store {
         if let (Some(host), Some(state)) = (&host, &state) {
             refuse_unless_lost(host, state)?;
         }
-        if !forget_in_txn(&mut tx, id, &forgotten_note(host.as_deref()), now).await? {
+        if !forget_in_txn(
+            &mut tx,
+            self.backend(),
+            id,
+            &forgotten_note(host.as_deref()),
+            now,
+        )
+        .await?
+        {
             return Ok(false);
         }
         capacity_changed_in_txn(&mut tx, self.backend()).await?;
@@ -154,10 +171,27 @@ impl Store {
         if !live.is_empty() {
             refuse_unless_lost(&name, &host.try_get::<String, _>("state")?)?;
         }
+        // Machines being moved here: a host that answers finishes or undoes those moves first
+        // (removing it would drop their claims mid-copy); a lost one sends them elsewhere.
+        let incoming: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM machines WHERE move_to_host_id = $1 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
+        if incoming > 0 {
+            refuse_unless_lost(&name, &host.try_get::<String, _>("state")?).map_err(|_| {
+                Error::Conflict(format!(
+                    "{incoming} machine(s) are being moved to host {name}: wait until their \
+                     moves end"
+                ))
+            })?;
+        }
         let note = forgotten_note(Some(&name));
         let mut forgotten = 0;
         for machine in &live {
-            if forget_in_txn(&mut tx, *machine, &note, now).await? {
+            if forget_in_txn(&mut tx, self.backend(), *machine, &note, now).await? {
                 forgotten += 1;
             }
         }

@@ -6,8 +6,8 @@
 use super::hosts::{allocation_claim_in_txn, allocation_release_in_txn, hosts_for_placement};
 use super::machine_events::event_in_txn;
 use super::tasks::{capacity_changed_in_txn, enqueue_in_txn};
-use super::{parse_col, to_micros, Store};
-use crate::error::Result;
+use super::{parse_col, to_micros, Backend, Store};
+use crate::error::{Error, Result};
 use crate::model::scheduler::{self, NoPlacement, Resources};
 use crate::model::{MachineId, MachineNetwork, MachineStatus, TaskKind};
 use sqlx::Row;
@@ -44,21 +44,29 @@ impl Store {
     pub async fn host_evacuate(&self, host_id: &str) -> Result<Option<usize>> {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
-        let updated = sqlx::query(
-            "UPDATE hosts SET cordoned = 1, evacuation_requested_at = $2 WHERE id = $1",
+        let Some(host) = sqlx::query("SELECT name, state FROM hosts WHERE id = $1")
+            .bind(host_id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let name: String = host.try_get("name")?;
+        if host.try_get::<String, _>("state")? != "ready" {
+            // Its disks cannot be read from a host that does not answer.
+            return Err(Error::Conflict(format!(
+                "host {name} does not answer, so its machines' disks cannot be copied: wait \
+                 for it, or, if it is lost, forget its machines (DELETE /hosts/{{id}}?force=true)"
+            )));
+        }
+        sqlx::query(
+            "UPDATE hosts SET cordoned = 1, evacuation_requested_at = $2, updated_at = $2 \
+             WHERE id = $1",
         )
         .bind(host_id)
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        if updated.rows_affected() == 0 {
-            return Ok(None);
-        }
-        let name: String = sqlx::query("SELECT name FROM hosts WHERE id = $1")
-            .bind(host_id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("name")?;
         let ids: Vec<MachineId> = sqlx::query(
             "UPDATE machines SET status = $2, status_changed_at = $3, updated_at = $3, \
              version = version + 1 \
@@ -132,11 +140,18 @@ impl Store {
             // Taken meanwhile by another placement; each host is tried once.
             passed_over.push(decision.host_id);
         };
-        sqlx::query("UPDATE machines SET move_to_host_id = $2 WHERE id = $1")
-            .bind(id.to_string())
-            .bind(&decision.host_id)
-            .execute(&mut *tx)
-            .await?;
+        let claimed = sqlx::query(
+            "UPDATE machines SET move_to_host_id = $2 WHERE id = $1 AND status = 'moving' \
+             AND move_to_host_id IS NULL AND deleted_at IS NULL",
+        )
+        .bind(id.to_string())
+        .bind(&decision.host_id)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() == 0 {
+            // Forgotten or settled meanwhile: the claim goes with the rolled-back transaction.
+            return Ok(MovePlacement::NotMoving);
+        }
         let message = format!("moving to host {}", decision.host_name);
         event_in_txn(&mut tx, id, "move", MachineStatus::Moving, &message, now).await?;
         tx.commit().await?;
@@ -162,10 +177,17 @@ impl Store {
     async fn move_end(&self, end: &MoveEnd<'_>, done: bool) -> Result<bool> {
         let now = to_micros(self.clock().await?);
         let mut tx = self.begin_write().await?;
-        let Some(row) = sqlx::query(
+        // Locked (PostgreSQL) until the end: a forget or a tenant's change meanwhile waits, and
+        // then finds it settled (SQLite's one writer does this already).
+        let lock = if self.backend() == Backend::Postgres {
+            " FOR UPDATE"
+        } else {
+            ""
+        };
+        let Some(row) = sqlx::query(&format!(
             "SELECT host_id, move_to_host_id, vcpus, memory_mib, disk_gib FROM machines \
-             WHERE id = $1 AND status = 'moving' AND version = $2 AND deleted_at IS NULL",
-        )
+             WHERE id = $1 AND status = 'moving' AND version = $2 AND deleted_at IS NULL{lock}"
+        ))
         .bind(end.id.to_string())
         .bind(end.version)
         .fetch_optional(&mut *tx)
@@ -189,7 +211,7 @@ impl Store {
             .network
             .map(serde_json::to_string)
             .transpose()
-            .map_err(|e| crate::error::Error::Internal(format!("machine network to JSON: {e}")))?;
+            .map_err(|e| Error::Internal(format!("machine network to JSON: {e}")))?;
         sqlx::query(
             "UPDATE machines SET host_id = $2, move_to_host_id = NULL, status = $3, \
              network = COALESCE($4, network), status_changed_at = $5, updated_at = $5, \

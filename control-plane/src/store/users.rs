@@ -102,6 +102,10 @@ async fn taken_field(store: &Store, username: &str, email: &str) -> Result<Error
     })
 }
 
+/// The PostgreSQL advisory lock taken by changes that may remove an administrator
+/// (0x53474144, "SGAD").
+const ADMINS_LOCK: i64 = 0x5347_4144;
+
 impl Store {
     /// Creates an account; 409 when the username or email is taken.
     pub async fn user_create(&self, new: NewUser<'_>) -> Result<Arc<UserRecord>> {
@@ -306,6 +310,19 @@ impl Store {
     ) -> Result<Option<Arc<UserRecord>>> {
         let now = to_micros(Utc::now());
         let mut tx = self.begin_write().await?;
+        let takes_power = matches!(
+            change,
+            AccountChange::Disable | AccountChange::Role(Role::User)
+        );
+        if takes_power && self.backend() == Backend::Postgres {
+            // Changes that may remove an administrator take turns (SQLite's one writer does
+            // this already), so two administrators demoting each other at once cannot both see
+            // the other still there.
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(ADMINS_LOCK)
+                .execute(&mut *tx)
+                .await?;
+        }
         let wait = self.announce_in_txn(&mut tx, id).await?;
         let updated = match change {
             AccountChange::Disable => {
@@ -349,6 +366,19 @@ impl Store {
         };
         if updated.rows_affected() == 0 {
             return Ok(None);
+        }
+        if takes_power {
+            let admins: i64 = sqlx::query(
+                "SELECT COUNT(*) AS n FROM users WHERE role = 'admin' AND disabled_at IS NULL",
+            )
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+            if admins == 0 {
+                return Err(Error::Conflict(
+                    "this is the last enabled administrator: make another one first".into(),
+                ));
+            }
         }
         if change == AccountChange::Disable {
             sqlx::query(

@@ -210,10 +210,11 @@ impl Workers {
 
     /// Moves a machine to another host, one idempotent step after another, each attempt
     /// starting from what the hosts say: room claimed on a target; unless the target has the
-    /// machine already, stopped on its source and its disk streamed across (checked by
-    /// SHA-256 there); defined on the target and powered as desired; removed from the source;
-    /// recorded. A failure before it is recorded undoes the move: the target's copy is removed
-    /// and the machine stays on its source as it was.
+    /// machine already, stopped on its source, its disk streamed across (checked by SHA-256
+    /// there) and its definition released on the source (its disk stays); defined on the
+    /// target over the copied disk (never a new one) and powered as desired; recorded; and
+    /// only then removed from the source. Until it is recorded, the source keeps the disk and
+    /// an undo ([`Workers::undo_move`]) puts the machine back there as it was.
     async fn move_machine(&self, task: &TaskRecord, mut m: TaskMachine) -> Step {
         if m.status != MachineStatus::Moving {
             return Ok(TaskOutcome::Done);
@@ -239,7 +240,12 @@ impl Workers {
             }
         }
         let Some(target) = m.move_to.clone() else {
-            return Ok(TaskOutcome::Done);
+            // Its target went away between the claim and this read (a host deleted): choose
+            // again.
+            return Ok(TaskOutcome::Retry {
+                after: Duration::from_millis(200),
+                error: "the move's target is gone; choosing another".into(),
+            });
         };
         for host in [&source, &target] {
             if !host.reachable {
@@ -254,6 +260,8 @@ impl Workers {
             (Ok(from), Ok(to)) => (from, to),
             (Err(e), _) | (_, Err(e)) => return self.move_error(task, &m, e).await,
         };
+        // Defined there by an earlier attempt of this move (an undone move removes its copy
+        // before it is recorded, so no other move's copy is left there).
         let defined_there = match to.get(m.id).await {
             Ok(state) => state.phase != crate::model::PhaseOnHost::Absent,
             Err(e) if e.is_gone() => false,
@@ -270,6 +278,8 @@ impl Workers {
                 if let Err(e) = from.stop(m.id).await {
                     return self.move_error(task, &m, e).await;
                 }
+                let note = format!("stopped on host {} for its move", source.name);
+                self.store.machine_note(m.id, "move", &note).await?;
             }
             let note = format!(
                 "copying its disk from host {} to host {}",
@@ -282,22 +292,21 @@ impl Workers {
                 Err(e) => return self.move_error(task, &m, e).await,
             }
             // The source gives up the machine's name and UUID, which a hypervisor it shares
-            // with the target would not define twice; its disk stays until the move is done
-            // (an undo defines it there again).
+            // with the target would not define twice; its disk stays until the move is
+            // recorded (an undo defines it there again).
             if let Err(e) = from.release(m.id).await {
                 return self.move_error(task, &m, e).await;
             }
+            let note = format!(
+                "released on host {} (its disk stays there until the move is done)",
+                source.name
+            );
+            self.store.machine_note(m.id, "move", &note).await?;
         }
-        let state = match to.ensure(spec).await {
+        let state = match to.ensure(spec.with_existing_disk()).await {
             Ok(state) => state,
             Err(e) => return self.move_error(task, &m, e).await,
         };
-        // Defined on the target now. An old copy the source could not remove is left there
-        // (a directory without a domain, which its agent keeps and reports).
-        if let Err(e) = from.delete(m.id).await {
-            tracing::warn!(machine = %m.id, host = %source.name, error = ?e,
-                "could not remove the moved machine's old copy; the reconciler will");
-        }
         let to_status = if state.phase == crate::model::PhaseOnHost::Running {
             MachineStatus::Running
         } else {
@@ -317,7 +326,21 @@ impl Workers {
                 message: &message,
             })
             .await?;
-        Ok(again_unless(recorded, "moving"))
+        if !recorded {
+            return Ok(again_unless(false, "moving"));
+        }
+        // Recorded on the target: the source's copy may go. One it cannot remove now stays
+        // there as files without a domain, which its agent keeps and reports (never a disk
+        // removed before the move is recorded).
+        match from.delete(m.id).await {
+            Ok(_) => {
+                let note = format!("removed from host {}", source.name);
+                self.store.machine_event_any(m.id, "move", &note).await?;
+            }
+            Err(e) => tracing::warn!(machine = %m.id, host = %source.name, error = ?e,
+                "could not remove a moved machine's old copy; its files stay on that host"),
+        }
+        Ok(TaskOutcome::Done)
     }
 
     /// An agent's error during a move: written where the tenant reads it, then tried again (a
@@ -349,48 +372,78 @@ impl Workers {
         }
     }
 
-    /// Undoes a move: the target's copy removed (or left to the target's reconciler as an
-    /// orphan), the claim there given back, and the machine left on its source, defined there
-    /// again if it was released and powered as desired.
+    /// Undoes a move, in an order that never loses the machine: the target's copy removed
+    /// (confirmed by the target: a copy left there could run beside the original), then the
+    /// machine defined again on its source over its own disk if it was released, and powered
+    /// as desired, then recorded there with the target's claim given back. A host that does
+    /// not answer, or a step that fails, leaves the machine `moving` and the undo is tried
+    /// again (the task's next attempt moves it, or undoes it, from what the hosts say then).
     async fn undo_move(&self, task: &TaskRecord, m: &TaskMachine, reason: &str) -> Step {
-        if let Some(target) = m.move_to.as_ref().filter(|t| t.reachable) {
-            if let Ok(client) = self.client(target) {
-                if let Err(e) = client.delete(m.id).await {
-                    tracing::warn!(machine = %m.id, host = %target.name, error = ?e,
-                        "could not remove an undone move's copy; the reconciler will");
-                }
+        let undoing = format!("undoing the move: {reason}");
+        self.store.machine_note(m.id, "move", &undoing).await?;
+        let again = |what: String| TaskOutcome::Retry {
+            after: policy::backoff(task.attempts),
+            error: what,
+        };
+        if let Some(target) = &m.move_to {
+            if !target.reachable {
+                return self.wait_for_host(task, m, &target.name).await;
+            }
+            let removed = match self.client(target) {
+                Ok(client) => client.delete(m.id).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = removed {
+                let note = format!(
+                    "could not remove its copy from host {}: {}; trying again",
+                    target.name,
+                    policy::tenant_text(&e.said())
+                );
+                self.store.machine_note(m.id, "move", &note).await?;
+                return Ok(again(note));
             }
         }
-        // The source defines the machine again if it released it, and powers it as desired.
-        let restored = match (m.host.as_ref().filter(|h| h.reachable), machine_spec(m)) {
-            (Some(source), Ok(spec)) => match self.client(source) {
-                Ok(client) => client.ensure(spec).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-            (None, _) => Err("its host does not answer".to_owned()),
+        let Some(source) = m.host.clone() else {
+            return Ok(again("the machine has no host".into()));
+        };
+        if !source.reachable {
+            return self.wait_for_host(task, m, &source.name).await;
+        }
+        let restored = match (self.client(&source), machine_spec(m)) {
+            (Ok(client), Ok(spec)) => client
+                .ensure(spec.with_existing_disk())
+                .await
+                .map_err(|e| policy::tenant_text(&e.said())),
+            (Err(e), _) => Err(policy::tenant_text(&e.said())),
             (_, Err(problem)) => Err(problem.to_string()),
         };
-        let (to, network, after) = match &restored {
-            Ok(state) if state.phase == crate::model::PhaseOnHost::Running => {
-                (MachineStatus::Running, Some(&state.network), String::new())
+        let state = match restored {
+            Ok(state) => state,
+            Err(why) => {
+                let note = format!(
+                    "could not define it again on host {}: {why}; trying again",
+                    source.name
+                );
+                self.store.machine_note(m.id, "move", &note).await?;
+                return Ok(again(note));
             }
-            Ok(state) => (MachineStatus::Stopped, Some(&state.network), String::new()),
-            // Left stopped: the reconciler sees what its host has once it answers.
-            Err(e) => (
-                MachineStatus::Stopped,
-                None,
-                format!(" (not powered again there: {})", policy::tenant_text(e)),
-            ),
         };
-        let source = m.host.as_ref().map_or("?", |h| h.name.as_str());
-        let message = format!("move failed: {reason}; the machine stays on host {source}{after}");
+        let to = if state.phase == crate::model::PhaseOnHost::Running {
+            MachineStatus::Running
+        } else {
+            MachineStatus::Stopped
+        };
+        let message = format!(
+            "move failed: {reason}; the machine stays on host {}",
+            source.name
+        );
         let recorded = self
             .store
             .machine_move_undo(&MoveEnd {
                 id: m.id,
                 version: m.version,
                 to,
-                network,
+                network: Some(&state.network),
                 message: &message,
             })
             .await?;

@@ -565,6 +565,7 @@ async fn the_reconciler_notices_a_dead_domain_and_removes_an_orphan() {
                 user_data: None,
                 desired_power: proto::agent::v1::PowerState::Stopped as i32,
                 disk_generation: 0,
+                disk_must_exist: false,
             }),
         })
         .await

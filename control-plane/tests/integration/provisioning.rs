@@ -2544,6 +2544,8 @@ async fn evacuating_a_host_moves_its_machines_with_their_disks_or_leaves_them_wh
             "move requested: host evac-a is being evacuated",
             "moving to host evac-b",
             "copying its disk from host evac-a to host evac-b",
+            "released on host evac-a (its disk stays there until the move is done)",
+            "removed from host evac-a",
         ] {
             assert!(said.iter().any(|s| s == step), "{step:?} not in {said:#?}");
         }

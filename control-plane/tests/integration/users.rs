@@ -13,6 +13,7 @@ both_stores!(
     a_disabled_account_loses_its_sessions_at_once_and_keeps_its_machines,
     a_role_change_takes_effect_on_the_next_request,
     a_tenants_own_limits_bound_its_creates_and_show_in_its_profile,
+    two_administrators_demoting_each_other_at_once_leave_one,
 );
 
 /// The id of the account `username`, as the profile tells its owner.
@@ -471,4 +472,47 @@ async fn disabling_an_account_ends_its_sessions_on_every_replica_at_once() {
     }
     b.stop().await;
     a.stop().await;
+}
+
+/// The last enabled administrator cannot be demoted or disabled, even by two administrators
+/// demoting each other at the same moment (each request alone sees the other still there).
+async fn two_administrators_demoting_each_other_at_once_leave_one(backend: Backend) {
+    for round in 0..3 {
+        let t = TestApp::spawn(backend).await;
+        let (a, b) = (t.admin("first").await, t.admin("second").await);
+        let (a_id, b_id) = (id_of(&t, &a).await, id_of(&t, &b).await);
+        let demote = |who: &Session, id: &str| {
+            t.as_user(who, Method::PATCH, &format!("/users/{id}"))
+                .json(&json!({"role": "user"}))
+                .send()
+        };
+        let (first, second) = tokio::join!(demote(&a, &b_id), demote(&b, &a_id));
+        let (first, second) = (first.unwrap(), second.unwrap());
+        let statuses = [first.status(), second.status()];
+        assert!(
+            statuses.contains(&StatusCode::OK) && statuses.contains(&StatusCode::CONFLICT),
+            "round {round}: {statuses:?}"
+        );
+        let refused = if first.status() == StatusCode::CONFLICT {
+            first
+        } else {
+            second
+        };
+        let body = problem(refused, StatusCode::CONFLICT).await;
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("last enabled administrator"),
+            "{body}"
+        );
+        let left = if statuses[0] == StatusCode::OK {
+            &a
+        } else {
+            &b
+        };
+        let admins = t.get_json(left, "/users?role=admin").await;
+        assert_eq!(admins["items"].as_array().unwrap().len(), 1, "{admins:#}");
+        t.stop().await;
+    }
 }

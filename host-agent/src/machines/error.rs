@@ -73,6 +73,9 @@ pub enum ManagerError {
     /// A larger disk for a running machine: its QEMU holds the disk.
     #[error("machine {0} is running; its disk grows only while it is stopped")]
     DiskInUse(Uuid),
+    /// The spec says the disk is here already, and it is not.
+    #[error("machine {0} has no disk on this host to define it over")]
+    DiskMissing(Uuid),
     /// The action needs the machine shut off (moving its disk).
     #[error("machine {0} is running; stop it first")]
     StillRunning(Uuid),

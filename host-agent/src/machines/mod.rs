@@ -256,6 +256,9 @@ impl MachineManager {
                     source,
                 })?;
         }
+        if existing.is_none() && spec.disk_must_exist && !self.data.overlay(spec.id).exists() {
+            return Err(ManagerError::DiskMissing(spec.id));
+        }
         let disk = match &existing {
             None => DiskPlan::Create,
             Some(d) => {
@@ -1059,7 +1062,7 @@ fn sync_file(path: &Path) -> std::io::Result<()> {
 }
 
 /// fsync of a directory: its entries (a rename into it) survive a power cut.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 

@@ -255,6 +255,8 @@ impl MachineManager {
             .temp
             .persist(&overlay)
             .map_err(|e| ManagerError::files(FileOp::Writing, &overlay, e.error))?;
+        let dir = self.data.machine_dir(import.id);
+        super::sync_dir(&dir).map_err(|e| ManagerError::files(FileOp::Writing, &dir, e))?;
         Ok(import.bytes)
     }
 }

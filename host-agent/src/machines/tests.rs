@@ -92,6 +92,7 @@ impl Harness {
             user_data: None,
             desired,
             disk_generation: 0,
+            disk_must_exist: false,
         }
     }
 
@@ -993,4 +994,48 @@ async fn a_rebuild_whose_image_does_not_fit_the_disk_leaves_the_old_disk() {
     assert!(disk_has_the_write(&h, id), "the old disk is untouched");
     assert!(!h.data.machine_dir(id).join(DISK_GENERATION).exists());
     assert!(!h.data.machine_dir(id).join(REBUILT_DISK).exists());
+}
+
+#[tokio::test]
+async fn a_released_machine_keeps_its_disk_and_is_defined_again_over_it_never_a_new_one() {
+    let h = harness();
+    let id = Uuid::new_v4();
+    // A disk that must be here already and is not: refused, nothing made.
+    let must = MachineSpec {
+        disk_must_exist: true,
+        ..h.spec(id, 1, DesiredPower::Running)
+    };
+    let err = h.manager.ensure(must.clone()).await.unwrap_err();
+    assert!(
+        matches!(err, ManagerError::DiskMissing(m) if m == id),
+        "{err:?}"
+    );
+    assert!(!h.files_exist(id));
+
+    h.manager
+        .ensure(h.spec(id, 1, DesiredPower::Running))
+        .await
+        .unwrap();
+    h.manager.stop(id, None).await.unwrap();
+    write_to_disk(&h, id);
+    assert!(h.manager.release(id).await.unwrap());
+    assert!(h.fake.domain_names().is_empty(), "released: no domain");
+    assert!(
+        !h.manager.release(id).await.unwrap(),
+        "releasing again: nothing to do"
+    );
+    // Its disk can still be exported (a move resumed after the release).
+    let mut parts = h.manager.export_disk(id).await.unwrap();
+    while let Some(part) = parts.recv().await {
+        if let ExportPart::Done { .. } = part.unwrap() {
+            break;
+        }
+    }
+    drop(parts);
+    // A restart of the agent keeps it: no marker, so the sweep leaves the directory alone.
+    assert!(h.manager.sweep().await.unwrap().is_empty());
+    // Defined again over the same disk (a move undone), powered as asked.
+    let state = h.manager.ensure(must).await.unwrap();
+    assert_eq!(state.phase, MachinePhase::Running);
+    assert!(disk_has_the_write(&h, id), "the same disk, not a new one");
 }

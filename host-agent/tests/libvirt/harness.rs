@@ -171,6 +171,7 @@ impl Fixture {
             user_data: None,
             desired_power: power as i32,
             disk_generation: 0,
+            disk_must_exist: false,
         }
     }
 }

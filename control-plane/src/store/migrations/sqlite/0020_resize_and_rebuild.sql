@@ -1,15 +1,14 @@
 -- Resize and rebuild (issue 15). A machine's disk generation moves with every rebuild: the
--- agent makes a fresh disk when the spec's is above the one it recorded. Tasks gain the kinds
--- that carry them out, and `move` (evacuating a host, issue 14: 0021); SQLite cannot change a
--- CHECK in place, so the table is made again with its data, columns and indexes as they are
--- (nothing references tasks).
+-- agent makes a fresh disk when the spec's is above the one it recorded. Tasks gain the two
+-- kinds that carry them out; SQLite cannot change a CHECK in place, so the table is made
+-- again with its data, columns and indexes as they are (nothing references tasks).
 ALTER TABLE machines ADD COLUMN disk_generation BIGINT NOT NULL DEFAULT 0;
 
 CREATE TABLE tasks_new (
     id                   TEXT PRIMARY KEY,
     machine_id           TEXT NOT NULL REFERENCES machines (id),
     kind                 TEXT NOT NULL CHECK (kind IN ('provision', 'start', 'stop', 'reboot',
-                                                       'delete', 'resize', 'rebuild', 'move')),
+                                                       'delete', 'resize', 'rebuild')),
     -- queued (claimable when run_after has passed and no live lease), done, failed.
     state                TEXT NOT NULL CHECK (state IN ('queued', 'done', 'failed')),
     attempts             BIGINT NOT NULL DEFAULT 0,
