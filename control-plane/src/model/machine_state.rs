@@ -212,6 +212,16 @@ mod tests {
     use DesiredState as D;
     use MachineStatus as S;
 
+    /// Every tenant request.
+    const ACTIONS: [Action; 6] = [
+        Action::Start,
+        Action::Stop,
+        Action::Reboot,
+        Action::Resize,
+        Action::Rebuild,
+        Action::Delete,
+    ];
+
     #[test]
     fn status_text_round_trips() {
         for s in S::ALL {
@@ -277,14 +287,7 @@ mod tests {
             }
         }
         // A machine being moved ends on one host or the other first: nothing is accepted.
-        for a in [
-            Action::Start,
-            Action::Stop,
-            Action::Reboot,
-            Action::Resize,
-            Action::Rebuild,
-            Action::Delete,
-        ] {
+        for a in ACTIONS {
             assert!(request(a, S::Moving, D::Running).is_err(), "{a}");
         }
         assert!(
@@ -361,14 +364,7 @@ mod tests {
         // Every tenant-accepted request is also a legal observed transition (or no change).
         for s in S::ALL {
             for d in [D::Running, D::Stopped] {
-                for a in [
-                    Action::Start,
-                    Action::Stop,
-                    Action::Reboot,
-                    Action::Resize,
-                    Action::Rebuild,
-                    Action::Delete,
-                ] {
+                for a in ACTIONS {
                     if let Ok(t) = request(a, s, d) {
                         assert!(t.status == s || can_transition(s, t.status), "{a:?} {s:?}");
                     }
