@@ -104,11 +104,13 @@ pub fn request(
             _ => Err(refuse(": it is already running or about to run")),
         },
         Action::Stop => match status {
-            S::Running => to(S::Stopping, DesiredState::Stopped),
+            // A start may be waiting (a restart after a crash waits out its backoff): the
+            // stop goes after it, and the start, finding the machine stopping, does nothing.
+            S::Running | S::Starting => to(S::Stopping, DesiredState::Stopped),
             s if is_unprovisioned(s) && desired == DesiredState::Running => {
                 to(status, DesiredState::Stopped)
             }
-            S::Starting | S::Rebooting => Err(refuse(": wait until it is running")),
+            S::Rebooting => Err(refuse(": wait until it is running")),
             S::Resizing | S::Rebuilding => Err(refuse(": wait until it is stopped or running")),
             S::Failed => Err(refuse(": rebuild it or delete it")),
             _ => Err(refuse(": it is already stopped or about to stop")),
@@ -157,11 +159,11 @@ pub fn can_transition(from: MachineStatus, to: MachineStatus) -> bool {
         ) => true,
         (S::Failed, S::Rebuilding) => true,
         // A move never fails the machine: it ends on its new host or stays on its old one.
-        (S::Moving, S::Running | S::Stopped | S::Starting) => true,
+        (S::Moving, S::Running | S::Stopped) => true,
         (S::Moving, _) => false,
         (S::Resizing, S::Stopped | S::Failed) => true,
         (S::Rebuilding, S::Running | S::Stopped | S::Failed) => true,
-        (S::Starting, S::Running | S::Stopped | S::Failed) => true,
+        (S::Starting, S::Running | S::Stopping | S::Stopped | S::Failed) => true,
         (S::Rebooting, S::Running | S::Stopped | S::Failed) => true,
         _ => false,
     }
@@ -305,7 +307,7 @@ mod tests {
         refused(Action::Start, S::Failed, D::Running);
         refused(Action::Stop, S::Stopped, D::Stopped);
         refused(Action::Stop, S::Pending, D::Stopped);
-        refused(Action::Stop, S::Starting, D::Running);
+        refused(Action::Stop, S::Rebooting, D::Running);
         refused(Action::Reboot, S::Stopped, D::Stopped);
         refused(Action::Reboot, S::Pending, D::Running);
         for a in [Action::Start, Action::Stop, Action::Reboot, Action::Delete] {

@@ -229,9 +229,6 @@ impl Store {
             capacity_changed_in_txn(&mut tx, self.backend()).await?;
         }
         event_in_txn(&mut tx, end.id, "move", end.to, end.message, now).await?;
-        if end.to == MachineStatus::Starting {
-            enqueue_in_txn(&mut tx, self.backend(), end.id, TaskKind::Start).await?;
-        }
         tx.commit().await?;
         self.machine_changed(end.id);
         Ok(true)

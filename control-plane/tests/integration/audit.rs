@@ -7,7 +7,10 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-both_stores!(every_mutating_call_and_login_is_audited_and_tenants_see_their_own);
+both_stores!(
+    every_mutating_call_and_login_is_audited_and_tenants_see_their_own,
+    a_call_the_client_hangs_up_on_is_still_audited_as_499,
+);
 
 /// The audit log as `who` reads it, polled until `done` holds for its items (the writer
 /// appends a few milliseconds after the answers).
@@ -180,5 +183,51 @@ async fn every_mutating_call_and_login_is_audited_and_tenants_see_their_own(back
     assert!(removed >= all.len() as u64, "{removed}");
     let left = t.get_json(&root, "/audit-events").await;
     assert_eq!(left["items"], json!([]));
+    t.stop().await;
+}
+
+/// A caller cannot keep a call out of the log by hanging up before the answer: a login whose
+/// client leaves during the password check is recorded with outcome 499.
+async fn a_call_the_client_hangs_up_on_is_still_audited_as_499(backend: Backend) {
+    let t = TestApp::spawn(backend).await;
+    let root = t.admin("root").await;
+    t.user("quitter").await;
+    // The whole request is written, then the connection reset: the password check (argon2id,
+    // tens of milliseconds) is still running when the server sees the client gone and drops
+    // the call. (Reset, not closed: a half-closed connection still gets its answer.) The
+    // reset must come after the server read the request, and before the check ends; under
+    // load that window can be missed, so the client tries a few times.
+    let url = reqwest::Url::parse(&t.url("/auth/login")).unwrap();
+    let body = json!({"username": "quitter", "password": PASSWORD}).to_string();
+    let request = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        url.path(),
+        url.authority(),
+        body.len()
+    );
+    let address = url.socket_addrs(|| None).unwrap()[0];
+    let mut items = Vec::new();
+    for _ in 0..5 {
+        let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut socket, request.as_bytes())
+            .await
+            .unwrap();
+        // Deprecated for a linger that makes drop wait; a zero one makes drop reset at once.
+        #[allow(deprecated)]
+        socket.set_linger(Some(Duration::ZERO)).unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(socket);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        items = t.get_json(&root, "/audit-events?limit=200").await["items"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if find(&items, "POST /auth/login", 499).is_some() {
+            break;
+        }
+    }
+    let abandoned = find(&items, "POST /auth/login", 499).unwrap();
+    assert_eq!(abandoned["actor_name"], "quitter", "{abandoned:#}");
     t.stop().await;
 }

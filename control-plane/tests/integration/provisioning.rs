@@ -1667,6 +1667,48 @@ async fn a_crashed_machine_that_asks_for_it_is_restarted_up_to_its_limit(backend
         .await
         .unwrap();
     crate::common::problem(res, StatusCode::UNPROCESSABLE_ENTITY).await;
+
+    // A crash with the policy: while its restart waits out the backoff the machine is
+    // `starting`, and a stop then is accepted and keeps it down.
+    let res = app
+        .as_user(&tenant, Method::POST, &format!("/machines/{plain}/start"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let running = app
+        .get_json(
+            &tenant,
+            &format!("/machines/{plain}/wait?status=running&timeout=60"),
+        )
+        .await;
+    assert_eq!(running["status"], "running");
+    assert!(host.fake.crash(&domain(&plain)));
+    let starting = app
+        .get_json(
+            &tenant,
+            &format!("/machines/{plain}/wait?status=starting&timeout=60"),
+        )
+        .await;
+    assert_eq!(starting["status"], "starting", "{starting:#}");
+    let res = app
+        .as_user(&tenant, Method::POST, &format!("/machines/{plain}/stop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let stopped = app
+        .get_json(
+            &tenant,
+            &format!("/machines/{plain}/wait?status=stopped&timeout=60"),
+        )
+        .await;
+    assert_eq!(stopped["status"], "stopped", "{stopped:#}");
+    // Past the backoff: the restart that was waiting did nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = app.get_json(&tenant, &format!("/machines/{plain}")).await;
+    assert_eq!(still["status"], "stopped", "{still:#}");
+    assert_eq!(still["desired_state"], "stopped");
     let stranger = app.user("stranger").await;
     let res = app
         .as_user(&stranger, Method::PATCH, &format!("/machines/{plain}"))
