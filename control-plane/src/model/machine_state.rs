@@ -288,6 +288,14 @@ mod tests {
                 ok(Action::Delete, s, D::Running, S::Deleting, D::Deleted);
             }
         }
+        // A stop while a start waits (a restart's backoff) goes first.
+        ok(
+            Action::Stop,
+            S::Starting,
+            D::Running,
+            S::Stopping,
+            D::Stopped,
+        );
         // A machine being moved ends on one host or the other first: nothing is accepted.
         for a in ACTIONS {
             assert!(request(a, S::Moving, D::Running).is_err(), "{a}");

@@ -200,10 +200,13 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         // A move to this host looks for another (its claim goes with the host's row).
-        sqlx::query("UPDATE machines SET move_to_host_id = NULL WHERE move_to_host_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE machines SET move_to_host_id = NULL, version = version + 1 \
+             WHERE move_to_host_id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("DELETE FROM hosts WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)

@@ -30,6 +30,10 @@ pub struct MoveEnd<'a> {
     pub id: MachineId,
     /// The row's version as the task read it.
     pub version: i64,
+    /// The hosts the task moved between: the end is recorded only if the row still names
+    /// them (a host deleted or a claim cleared meanwhile makes the task read it again).
+    pub source: &'a str,
+    pub target: Option<&'a str>,
     pub to: MachineStatus,
     /// The machine's network on the host it ends on (`None`: keep what is recorded).
     pub network: Option<&'a MachineNetwork>,
@@ -186,10 +190,13 @@ impl Store {
         };
         let Some(row) = sqlx::query(&format!(
             "SELECT host_id, move_to_host_id, vcpus, memory_mib, disk_gib FROM machines \
-             WHERE id = $1 AND status = 'moving' AND version = $2 AND deleted_at IS NULL{lock}"
+             WHERE id = $1 AND status = 'moving' AND version = $2 AND deleted_at IS NULL \
+             AND host_id = $3 AND (move_to_host_id = $4 OR ($4 IS NULL AND move_to_host_id IS NULL)){lock}"
         ))
         .bind(end.id.to_string())
         .bind(end.version)
+        .bind(end.source)
+        .bind(end.target)
         .fetch_optional(&mut *tx)
         .await?
         else {

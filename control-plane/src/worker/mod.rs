@@ -247,27 +247,33 @@ impl Workers {
                 error: "the move's target is gone; choosing another".into(),
             });
         };
-        for host in [&source, &target] {
-            if !host.reachable {
-                return self.wait_for_host(task, &m, &host.name).await;
-            }
+        if !target.reachable {
+            return self.wait_for_host(task, &m, &target.name).await;
         }
         let spec = match machine_spec(&m) {
             Ok(s) => s,
             Err(problem) => return self.undo_move(task, &m, &problem.to_string()).await,
         };
-        let (from, to) = match (self.client(&source), self.client(&target)) {
-            (Ok(from), Ok(to)) => (from, to),
-            (Err(e), _) | (_, Err(e)) => return self.move_error(task, &m, e).await,
+        let to = match self.client(&target) {
+            Ok(to) => to,
+            Err(e) => return self.move_error(task, &m, e).await,
         };
-        // Defined there by an earlier attempt of this move (an undone move removes its copy
-        // before it is recorded, so no other move's copy is left there).
+        // Defined there by an earlier attempt of this move (an undone move leaves no domain
+        // there): the copy is made and the source released, so the move is finished from the
+        // target alone, whatever the source says or whether it answers.
         let defined_there = match to.get(m.id).await {
             Ok(state) => state.phase != crate::model::PhaseOnHost::Absent,
             Err(e) if e.is_gone() => false,
             Err(e) => return self.move_error(task, &m, e).await,
         };
         if !defined_there {
+            if !source.reachable {
+                return self.wait_for_host(task, &m, &source.name).await;
+            }
+            let from = match self.client(&source) {
+                Ok(from) => from,
+                Err(e) => return self.move_error(task, &m, e).await,
+            };
             // Released by an earlier attempt: its disk is still there, without a domain.
             let defined_here = match from.get(m.id).await {
                 Ok(state) => state.phase != crate::model::PhaseOnHost::Absent,
@@ -303,9 +309,25 @@ impl Workers {
             );
             self.store.machine_note(m.id, "move", &note).await?;
         }
-        let state = match to.ensure(spec.with_existing_disk()).await {
-            Ok(state) => state,
-            Err(e) => return self.move_error(task, &m, e).await,
+        match self.finish_move(&m, &source, &target, spec).await {
+            Ok(step) => step,
+            Err(e) => self.move_error(task, &m, e).await,
+        }
+    }
+
+    /// Defines a moved machine on its target over the copied disk (never a new one), records
+    /// the move, and only then removes the source's copy. The target's refusal is the
+    /// caller's to judge.
+    async fn finish_move(
+        &self,
+        m: &TaskMachine,
+        source: &TaskHost,
+        target: &TaskHost,
+        spec: crate::agents::AgentSpec,
+    ) -> Result<Step, AgentCallError> {
+        let state = match self.client(target) {
+            Ok(to) => to.ensure(spec.with_existing_disk()).await?,
+            Err(e) => return Err(e),
         };
         let to_status = if state.phase == crate::model::PhaseOnHost::Running {
             MachineStatus::Running
@@ -316,31 +338,51 @@ impl Workers {
             "moved from host {} to host {}; {to_status}",
             source.name, target.name
         );
-        let recorded = self
+        let recorded = match self
             .store
             .machine_move_done(&MoveEnd {
                 id: m.id,
                 version: m.version,
+                source: &source.id,
+                target: Some(&target.id),
                 to: to_status,
                 network: Some(&state.network),
                 message: &message,
             })
-            .await?;
+            .await
+        {
+            Ok(recorded) => recorded,
+            Err(e) => return Ok(Err(e.into())),
+        };
         if !recorded {
-            return Ok(again_unless(false, "moving"));
+            return Ok(Ok(again_unless(false, "moving")));
         }
-        // Recorded on the target: the source's copy may go. One it cannot remove now stays
-        // there as files without a domain, which its agent keeps and reports (never a disk
-        // removed before the move is recorded).
-        match from.delete(m.id).await {
-            Ok(_) => {
-                let note = format!("removed from host {}", source.name);
-                self.store.machine_event_any(m.id, "move", &note).await?;
+        // Recorded on the target: the source's copy may go. One it cannot remove now (it does
+        // not answer, say) stays there as files without a domain, which its agent keeps and
+        // reports (never a disk removed before the move is recorded).
+        let removed: Result<(), String> = if source.reachable {
+            match self.client(source) {
+                Ok(from) => from
+                    .delete(m.id)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
             }
-            Err(e) => tracing::warn!(machine = %m.id, host = %source.name, error = ?e,
+        } else {
+            Err("its host does not answer".to_owned())
+        };
+        match removed {
+            Ok(()) => {
+                let note = format!("removed from host {}", source.name);
+                if let Err(e) = self.store.machine_event_any(m.id, "move", &note).await {
+                    return Ok(Err(e.into()));
+                }
+            }
+            Err(e) => tracing::warn!(machine = %m.id, host = %source.name, error = %e,
                 "could not remove a moved machine's old copy; its files stay on that host"),
         }
-        Ok(TaskOutcome::Done)
+        Ok(Ok(TaskOutcome::Done))
     }
 
     /// An agent's error during a move: written where the tenant reads it, then tried again (a
@@ -372,12 +414,13 @@ impl Workers {
         }
     }
 
-    /// Undoes a move, in an order that never loses the machine: the target's copy removed
-    /// (confirmed by the target: a copy left there could run beside the original), then the
-    /// machine defined again on its source over its own disk if it was released, and powered
-    /// as desired, then recorded there with the target's claim given back. A host that does
-    /// not answer, or a step that fails, leaves the machine `moving` and the undo is tried
-    /// again (the task's next attempt moves it, or undoes it, from what the hosts say then).
+    /// Undoes a move, in an order that never loses the machine nor runs it twice: a target
+    /// that has the machine defined already has a complete copy, which may have run and been
+    /// written to, so the move is finished instead; otherwise the source defines the machine
+    /// again over its own disk (never a new one) and powers it as desired, the undo is
+    /// recorded, and then the target's files (an import, no domain) are removed. A host that
+    /// does not answer, or a step that fails, leaves the machine `moving` and the undo is
+    /// tried again (the task's next attempt moves it, or undoes it, from what the hosts say).
     async fn undo_move(&self, task: &TaskRecord, m: &TaskMachine, reason: &str) -> Step {
         let undoing = format!("undoing the move: {reason}");
         self.store.machine_note(m.id, "move", &undoing).await?;
@@ -385,27 +428,37 @@ impl Workers {
             after: policy::backoff(task.attempts),
             error: what,
         };
+        let Some(source) = m.host.clone() else {
+            return Ok(again("the machine has no host".into()));
+        };
         if let Some(target) = &m.move_to {
             if !target.reachable {
                 return self.wait_for_host(task, m, &target.name).await;
             }
-            let removed = match self.client(target) {
-                Ok(client) => client.delete(m.id).await,
+            let defined_there = match self.client(target) {
+                Ok(to) => to.get(m.id).await,
                 Err(e) => Err(e),
             };
-            if let Err(e) = removed {
-                let note = format!(
-                    "could not remove its copy from host {}: {}; trying again",
-                    target.name,
-                    policy::tenant_text(&e.said())
-                );
-                self.store.machine_note(m.id, "move", &note).await?;
-                return Ok(again(note));
+            match defined_there {
+                Ok(state) if state.phase != crate::model::PhaseOnHost::Absent => {
+                    let note = format!(
+                        "its copy on host {} is complete: finishing the move instead",
+                        target.name
+                    );
+                    self.store.machine_note(m.id, "move", &note).await?;
+                    return match machine_spec(m) {
+                        Ok(spec) => match self.finish_move(m, &source, target, spec).await {
+                            Ok(step) => step,
+                            Err(e) => Ok(again(policy::tenant_text(&e.said()))),
+                        },
+                        Err(problem) => Ok(again(problem.to_string())),
+                    };
+                }
+                Ok(_) => {}
+                Err(e) if e.is_gone() => {}
+                Err(e) => return Ok(again(policy::tenant_text(&e.said()))),
             }
         }
-        let Some(source) = m.host.clone() else {
-            return Ok(again("the machine has no host".into()));
-        };
         if !source.reachable {
             return self.wait_for_host(task, m, &source.name).await;
         }
@@ -442,6 +495,8 @@ impl Workers {
             .machine_move_undo(&MoveEnd {
                 id: m.id,
                 version: m.version,
+                source: &source.id,
+                target: m.move_to.as_ref().map(|t| t.id.as_str()),
                 to,
                 network: Some(&state.network),
                 message: &message,
@@ -449,6 +504,16 @@ impl Workers {
             .await?;
         if !recorded {
             return Ok(again_unless(false, "moving"));
+        }
+        // The target's leftovers (an imported disk, no domain): one it cannot remove now stays
+        // there as files, which its agent keeps and reports; nothing there can run.
+        if let Some(target) = m.move_to.as_ref().filter(|t| t.reachable) {
+            if let Ok(to) = self.client(target) {
+                if let Err(e) = to.delete(m.id).await {
+                    tracing::warn!(machine = %m.id, host = %target.name, error = ?e,
+                        "could not remove an undone move's copy; its files stay on that host");
+                }
+            }
         }
         tracing::warn!(task = %task.id, machine = %m.id, reason, "move undone");
         Ok(TaskOutcome::Failed(reason.to_owned()))

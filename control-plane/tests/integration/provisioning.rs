@@ -1704,11 +1704,24 @@ async fn a_crashed_machine_that_asks_for_it_is_restarted_up_to_its_limit(backend
         )
         .await;
     assert_eq!(stopped["status"], "stopped", "{stopped:#}");
-    // Past the backoff: the restart that was waiting did nothing.
+    // Past the backoff: the restart that was waiting did nothing, and it never ran after the
+    // crash (a stop that came after the restart would pass the checks above too).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let still = app.get_json(&tenant, &format!("/machines/{plain}")).await;
     assert_eq!(still["status"], "stopped", "{still:#}");
     assert_eq!(still["desired_state"], "stopped");
+    let log = app
+        .get_json(&tenant, &format!("/machines/{plain}/events?limit=200"))
+        .await;
+    let events = log["items"].as_array().unwrap();
+    let crash = events
+        .iter()
+        .rposition(|e| e["status"] == "starting")
+        .expect("the restart's starting");
+    assert!(
+        events[crash..].iter().all(|e| e["status"] != "running"),
+        "{events:#?}"
+    );
     let stranger = app.user("stranger").await;
     let res = app
         .as_user(&stranger, Method::PATCH, &format!("/machines/{plain}"))
@@ -2637,7 +2650,11 @@ async fn evacuating_a_host_moves_its_machines_with_their_disks_or_leaves_them_wh
     assert!(last.contains("define"), "the failed step is named: {last}");
     let data = DataDir::new(b.tmp.path().join("data")).unwrap();
     assert!(disk_has_the_write(&data.overlay(running.parse().unwrap())));
-    assert_eq!(a.machine_dirs(), 0, "the undone copies are removed");
+    // Removed right after each undo is recorded.
+    wait_for("the undone copies to be removed", async || {
+        is(a.machine_dirs(), 0)
+    })
+    .await;
     assert_eq!(
         host_named(&app, &admin, "evac-a").await["allocated"]["vcpus"],
         0

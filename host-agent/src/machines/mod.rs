@@ -1072,7 +1072,7 @@ fn write_marker(dir: &Path, what: &str) -> Result<(), (PathBuf, std::io::Error)>
     std::fs::write(&path, what).map_err(|e| (path, e))
 }
 
-fn remove_marker(dir: &Path) -> Result<(), ManagerError> {
+pub(super) fn remove_marker(dir: &Path) -> Result<(), ManagerError> {
     remove_file_if_present(&dir.join(INCOMPLETE_MARKER))
 }
 

@@ -92,6 +92,11 @@ impl MachineManager {
         })
         .await
         .map_err(ManagerError::Delete)?;
+        // Without a domain, a marker left by an earlier crash would let the start-up sweep
+        // take the directory for an unfinished creation and remove the disk.
+        let dir = self.data.machine_dir(id);
+        super::remove_marker(&dir)?;
+        super::sync_dir(&dir).map_err(|e| ManagerError::files(FileOp::Writing, &dir, e))?;
         self.events.observe(
             id,
             MachinePhase::Absent,

@@ -1018,6 +1018,8 @@ async fn a_released_machine_keeps_its_disk_and_is_defined_again_over_it_never_a_
         .unwrap();
     h.manager.stop(id, None).await.unwrap();
     write_to_disk(&h, id);
+    // A marker an earlier crash left behind (between a definition and its marker's removal).
+    std::fs::write(h.data.machine_dir(id).join(INCOMPLETE_MARKER), "create").unwrap();
     assert!(h.manager.release(id).await.unwrap());
     assert!(h.fake.domain_names().is_empty(), "released: no domain");
     assert!(
