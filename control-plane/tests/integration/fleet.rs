@@ -133,7 +133,13 @@ async fn a_simulated_fleet_holds_500_machines_without_oversubscribing_and_notice
         is(ready, HOSTS)
     })
     .await;
-    assert_eq!(fleet.registered(), HOSTS);
+    // A host is ready once its registration is written, a moment before its agent reads the
+    // answer and counts itself registered.
+    wait_for(
+        "every simulated agent to count itself registered",
+        async || is(fleet.registered(), HOSTS),
+    )
+    .await;
     for h in hosts(&app, &admin).await {
         assert_eq!(h["capacity"]["vcpus"], VCPUS, "{h}");
         assert!(

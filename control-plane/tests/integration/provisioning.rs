@@ -2587,6 +2587,14 @@ async fn evacuating_a_host_moves_its_machines_with_their_disks_or_leaves_them_wh
     assert_eq!(m["host"], "evac-b");
     let m = status(&stopped, "stopped").await;
     assert_eq!(m["host"], "evac-b");
+    // The source's copy is removed right after each move is recorded.
+    for id in [&running, &stopped] {
+        wait_for("the source's copy to be removed", async || {
+            let said = messages(&app, &tenant, id).await;
+            is(said.iter().any(|m| m == "removed from host evac-a"), true)
+        })
+        .await;
+    }
     for (id, on_a) in [&running, &stopped].into_iter().zip(&overlays_a) {
         let data = DataDir::new(b.tmp.path().join("data")).unwrap();
         assert!(
