@@ -529,29 +529,39 @@ impl Workers {
         let Some(host) = m.host.clone() else {
             return self.fail(task, &m, "the machine has no host").await;
         };
-        if !host.reachable {
-            return self.wait_for_host(task, &m, &host.name).await;
-        }
-        let spec = match machine_spec(&m) {
-            Ok(s) => s,
-            Err(problem) => return self.fail(task, &m, &problem.to_string()).await,
+        let what = match task.kind {
+            TaskKind::Rebuild => format!("rebuilt on host {}", host.name),
+            _ => format!(
+                "resized on host {} to {} vCPUs, {} MiB of memory, {} GiB of disk",
+                host.name, m.size.vcpus, m.size.memory_mib, m.size.disk_gib
+            ),
         };
-        let ensured = match self.client(&host) {
+        self.ensure_and_record(task, &m, &host, &what).await
+    }
+
+    /// Sends machine `m`'s spec to its host and records what the agent left (`what` happened,
+    /// in the event); an agent's failure is judged by [`Workers::agent_error`].
+    async fn ensure_and_record(
+        &self,
+        task: &TaskRecord,
+        m: &TaskMachine,
+        host: &TaskHost,
+        what: &str,
+    ) -> Step {
+        if !host.reachable {
+            return self.wait_for_host(task, m, &host.name).await;
+        }
+        let spec = match machine_spec(m) {
+            Ok(s) => s,
+            Err(problem) => return self.fail(task, m, &problem.to_string()).await,
+        };
+        let ensured = match self.client(host) {
             Ok(client) => client.ensure(spec).await,
             Err(e) => Err(e),
         };
         match ensured {
-            Ok(state) => {
-                let what = match task.kind {
-                    TaskKind::Rebuild => format!("rebuilt on host {}", host.name),
-                    _ => format!(
-                        "resized on host {} to {} vCPUs, {} MiB of memory, {} GiB of disk",
-                        host.name, m.size.vcpus, m.size.memory_mib, m.size.disk_gib
-                    ),
-                };
-                self.record_ensured(task, &m, &state, &what).await
-            }
-            Err(e) => self.agent_error(task, &m, &host.name, e).await,
+            Ok(state) => self.record_ensured(task, m, &state, what).await,
+            Err(e) => self.agent_error(task, m, &host.name, e).await,
         }
     }
 
@@ -592,24 +602,8 @@ impl Workers {
         let Some(host) = m.host.clone() else {
             return Err(StepError::NoHost);
         };
-        if !host.reachable {
-            return self.wait_for_host(task, &m, &host.name).await;
-        }
-        let spec = match machine_spec(&m) {
-            Ok(s) => s,
-            Err(problem) => return self.fail(task, &m, &problem.to_string()).await,
-        };
-        let ensured = match self.client(&host) {
-            Ok(client) => client.ensure(spec).await,
-            Err(e) => Err(e),
-        };
-        match ensured {
-            Ok(state) => {
-                let what = format!("provisioned on host {}", host.name);
-                self.record_ensured(task, &m, &state, &what).await
-            }
-            Err(e) => self.agent_error(task, &m, &host.name, e).await,
-        }
+        let what = format!("provisioned on host {}", host.name);
+        self.ensure_and_record(task, &m, &host, &what).await
     }
 
     /// Records what an EnsureMachine left of machine `m`: from its status as read to running
